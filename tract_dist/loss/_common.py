@@ -1,0 +1,85 @@
+"""Input checks and target resolution shared by the reference and the fused path.
+
+Kept in one place so that both implementations agree on the *definition* of the objective
+(which rows count for CE, which score token is the gold one); the numerics are independent.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64 (for gradcheck); everything else is reduced in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def nearest_score_token(
+    score_targets: torch.Tensor, score_token_ids: torch.Tensor, score_values: torch.Tensor
+) -> torch.Tensor:
+    """Token id of the score value nearest to each (possibly non-integer) gold score.
+
+    Ties (e.g. 2.5 between 2 and 3) go to the first score token in ``score_token_ids`` order,
+    i.e. to the lower value when the scale is listed in ascending order.
+    """
+    dist = (score_targets.double()[:, None] - score_values.double()[None, :]).abs()
+    return score_token_ids[dist.argmin(dim=1)]
+
+
+def effective_targets(
+    targets: torch.Tensor,
+    score_rows: torch.Tensor,
+    score_targets: torch.Tensor,
+    score_token_ids: torch.Tensor,
+    score_values: torch.Tensor,
+    ce_on_score_token: bool,
+) -> torch.Tensor:
+    """CE targets after applying ``ce_on_score_token`` (score rows get their gold score token)."""
+    if not ce_on_score_token or score_rows.numel() == 0:
+        return targets
+    tgt = targets.clone()
+    tgt[score_rows] = nearest_score_token(score_targets, score_token_ids, score_values).to(tgt.dtype)
+    return tgt
+
+
+def resolve_denominator(given: float | int | torch.Tensor | None, count: int, name: str) -> float:
+    """Local count by default; a global count (grad accumulation / data parallel) if given."""
+    if given is None:
+        return float(max(count, 1))  # count == 0 -> numerator is 0 too, value 0 not NaN
+    value = float(given)
+    if value <= 0:
+        if count == 0:
+            return 1.0
+        raise ValueError(f"{name}={value} must be positive when this call has {count} items")
+    return value
+
+
+def validate_inputs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    score_rows: torch.Tensor,
+    score_targets: torch.Tensor,
+    score_token_ids: torch.Tensor,
+    score_values: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> None:
+    """Shape checks; duplicate score rows / score tokens are rejected (ambiguous semantics)."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be (N,H), (V,H)")
+    if targets.shape != (hidden.shape[0],):
+        raise ValueError(f"targets must have shape ({hidden.shape[0]},), got {tuple(targets.shape)}")
+    if score_rows.dim() != 1 or score_targets.shape != score_rows.shape:
+        raise ValueError("score_rows and score_targets must be 1-D of equal length")
+    if score_token_ids.dim() != 1 or score_values.shape != score_token_ids.shape:
+        raise ValueError("score_token_ids and score_values must be 1-D of equal length")
+    if score_rows.numel() and score_token_ids.numel() == 0:
+        raise ValueError("score rows given but no score tokens")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},)")
+    if score_rows.numel() and torch.unique(score_rows).numel() != score_rows.numel():
+        raise ValueError("score_rows must be unique")
+    if torch.unique(score_token_ids).numel() != score_token_ids.numel():
+        raise ValueError("score_token_ids must be unique")

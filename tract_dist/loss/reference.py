@@ -1,0 +1,65 @@
+"""Plain reference of the CoT-RAFT loss: materialises all N x V logits and relies on autograd.
+
+This is the definition the fused kernel is tested against; it is deliberately naive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ._common import IGNORE_INDEX, compute_dtype, effective_targets, resolve_denominator
+
+
+@dataclass
+class ReferenceParts:
+    loss: torch.Tensor
+    ce: torch.Tensor
+    mse: torch.Tensor
+    yhat: torch.Tensor
+    n_ce_tokens: int
+    n_score_rows: int
+
+
+def reference_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    score_rows: torch.Tensor,
+    score_targets: torch.Tensor,
+    score_token_ids: torch.Tensor,
+    score_values: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    lam: float = 1.0,
+    rail_normalize: bool = False,
+    ce_on_score_token: bool = False,
+    ce_denominator: float | int | torch.Tensor | None = None,
+    mse_denominator: float | int | torch.Tensor | None = None,
+) -> ReferenceParts:
+    """CE (sum NLL / ce_denominator) + lam * sum (yhat - y)^2 / mse_denominator, via full logits."""
+    cdt = compute_dtype(hidden.dtype)
+    logits = hidden.to(cdt) @ weight.to(cdt).T
+    if bias is not None:
+        logits = logits + bias.to(cdt)
+    logp = F.log_softmax(logits, dim=-1)
+
+    tgt = effective_targets(targets, score_rows, score_targets, score_token_ids, score_values, ce_on_score_token)
+    valid = tgt != IGNORE_INDEX
+    n_ce = int(valid.sum())
+    nll = -logp[valid].gather(1, tgt[valid].long()[:, None]).squeeze(1)
+    ce = nll.sum() / resolve_denominator(ce_denominator, n_ce, "ce_denominator")
+
+    n_sc = int(score_rows.numel())
+    values = score_values.to(cdt)
+    if rail_normalize:
+        probs = torch.softmax(logits[score_rows][:, score_token_ids], dim=-1)
+    else:
+        probs = logp[score_rows][:, score_token_ids].exp()
+    yhat = probs @ values
+    sq = (yhat - score_targets.to(cdt)) ** 2
+    mse = sq.sum() / resolve_denominator(mse_denominator, n_sc, "mse_denominator")
+    loss = ce + lam * mse
+    return ReferenceParts(loss, ce.detach(), mse.detach(), yhat.detach(), n_ce, n_sc)
