@@ -1,0 +1,148 @@
+"""Test-only helpers for tests/models: batches, an independent loss from HF's full logits, loss impls.
+
+The reference here is written per example and per position (Python loops over HF's (B, T, V) logits),
+so it shares no row-selection code with ``tract_dist.models.cot_raft``.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+SCORE_TOKEN_IDS = [11, 12, 13, 14, 15]  # stand-ins for the digits "1".."5"
+SCORE_VALUES = [1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+def make_batch(seed: int, batch: int = 3, seq: int = 16, vocab: int = 512, with_unscored: bool = False) -> dict:
+    """Right-padded batch: prompt (-100 labels), CoT tokens, the score token, one trailing token, padding."""
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(20, vocab, (batch, seq), generator=gen)
+    attention_mask = torch.zeros(batch, seq, dtype=torch.long)
+    labels = torch.full((batch, seq), IGNORE)
+    score_positions = torch.empty(batch, dtype=torch.long)
+    score_targets = torch.empty(batch, dtype=torch.float32)
+    for b in range(batch):
+        length = int(torch.randint(seq - 5, seq + 1, (1,), generator=gen))
+        prompt = int(torch.randint(2, 5, (1,), generator=gen))
+        attention_mask[b, :length] = 1
+        labels[b, prompt:length] = input_ids[b, prompt:length]
+        pos = length - 3  # predicts the score token at length - 2; one token (think EOS) follows it
+        gold = float(torch.randint(2, 10, (1,), generator=gen)) / 2.0  # 1.0 .. 4.5, halves included
+        nearest = SCORE_TOKEN_IDS[min(range(5), key=lambda k: abs(SCORE_VALUES[k] - gold))]
+        input_ids[b, pos + 1] = nearest
+        labels[b, pos + 1] = nearest
+        score_positions[b] = pos
+        score_targets[b] = gold
+    if with_unscored:
+        score_positions[-1] = -1
+    input_ids[attention_mask == 0] = 0
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "score_positions": score_positions,
+        "score_targets": score_targets,
+    }
+
+
+def concat_batches(*batches: dict) -> dict:
+    return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+
+
+def _nearest_token(gold: float) -> int:
+    dist = [abs(v - gold) for v in SCORE_VALUES]
+    return SCORE_TOKEN_IDS[dist.index(min(dist))]  # ties go to the first (lower) value
+
+
+def loss_from_full_logits(
+    logits: torch.Tensor,
+    batch: dict,
+    *,
+    lam: float = 1.0,
+    rail_normalize: bool = False,
+    ce_on_score_token: bool = False,
+    ce_denominator: float | None = None,
+    mse_denominator: float | None = None,
+) -> SimpleNamespace:
+    """The CoT-RAFT objective written out per example from HF's (B, T, V) logits, in float64."""
+    logits = logits.double()
+    labels, positions, golds = batch["labels"], batch["score_positions"], batch["score_targets"]
+    nll, sq, yhat = [], [], []
+    ids = torch.tensor(SCORE_TOKEN_IDS)
+    values = torch.tensor(SCORE_VALUES, dtype=torch.float64)
+    batch_size, seq = labels.shape
+    for b in range(batch_size):
+        s = int(positions[b])
+        for t in range(seq):
+            target = int(labels[b, t + 1]) if t + 1 < seq else IGNORE
+            if t == s:
+                target = _nearest_token(float(golds[b])) if ce_on_score_token else IGNORE
+            if target != IGNORE:
+                nll.append(-F.log_softmax(logits[b, t], dim=-1)[target])
+        if s >= 0:
+            if rail_normalize:
+                p = torch.softmax(logits[b, s, ids], dim=-1)
+            else:
+                p = torch.softmax(logits[b, s], dim=-1)[ids]
+            yhat.append((p * values).sum())
+            sq.append((yhat[-1] - float(golds[b])) ** 2)
+    ce = torch.stack(nll).sum() / (ce_denominator if ce_denominator is not None else len(nll))
+    mse = torch.stack(sq).sum() / (mse_denominator if mse_denominator is not None else len(sq))
+    return SimpleNamespace(loss=ce + lam * mse, ce=ce, mse=mse, yhat=torch.stack(yhat), n_ce=len(nll), n_sc=len(sq))
+
+
+def standin_cot_raft_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    score_rows: torch.Tensor,
+    score_targets: torch.Tensor,
+    score_token_ids: torch.Tensor,
+    score_values: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    lam: float = 1.0,
+    rail_normalize: bool = False,
+    ce_on_score_token: bool = False,
+    ce_denominator: Any = None,
+    mse_denominator: Any = None,
+    impl: str = "reference",
+) -> SimpleNamespace:
+    """Stand-in for ``tract_dist.loss.cot_raft_loss`` (same signature): materialised logits + autograd."""
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    logp = F.log_softmax(logits, dim=-1)
+    tgt = targets.clone()
+    if ce_on_score_token and score_rows.numel():
+        tgt[score_rows] = torch.tensor([_nearest_token(float(g)) for g in score_targets], dtype=tgt.dtype)
+    valid = tgt != IGNORE
+    nll = -logp[valid].gather(1, tgt[valid][:, None]).squeeze(1)
+    ce = nll.sum() / (float(ce_denominator) if ce_denominator is not None else max(int(valid.sum()), 1))
+    if rail_normalize:
+        p = torch.softmax(logits[score_rows][:, score_token_ids], dim=-1)
+    else:
+        p = logp[score_rows][:, score_token_ids].exp()
+    yhat = p @ score_values.to(p.dtype)
+    sq = (yhat - score_targets.to(p.dtype)) ** 2
+    mse = sq.sum() / (float(mse_denominator) if mse_denominator is not None else max(score_rows.numel(), 1))
+    return SimpleNamespace(loss=ce + lam * mse, ce=ce.detach(), mse=mse.detach(), yhat=yhat.detach())
+
+
+
+
+def loss_impls() -> list[tuple[str, Any]]:
+    """(impl, loss_fn) pairs to run: the real ``cot_raft_loss`` (both impls) once it exists, else the stand-in."""
+    try:
+        from tract_dist.loss import cot_raft_loss
+    except ImportError:
+        return [("reference", standin_cot_raft_loss)]
+    return [("fused", cot_raft_loss), ("reference", cot_raft_loss)]
+
+
+def grads(model: torch.nn.Module) -> dict[str, torch.Tensor | None]:
+    return {n: (None if p.grad is None else p.grad.detach().clone()) for n, p in model.named_parameters()}
