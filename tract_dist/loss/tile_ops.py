@@ -16,14 +16,13 @@ from . import triton_kernels
 def use_triton(tile: torch.Tensor) -> bool:
     """Triton on CUDA for fp32/bf16/fp16 tiles; float64 and CPU use PyTorch.
 
-    ``TRACT_LOSS_TRITON=0`` forces the PyTorch path (debugging, A/B timing).
+    ``TRACT_LOSS_TRITON``: ``0`` forces PyTorch (debugging, A/B timing); ``force`` uses Triton for
+    any non-fp64 tile, which on CPU needs ``TRITON_INTERPRET=1`` (used by the tests).
     """
-    return (
-        triton_kernels.HAS_TRITON
-        and tile.is_cuda
-        and tile.dtype != torch.float64
-        and os.environ.get("TRACT_LOSS_TRITON", "1") != "0"
-    )
+    mode = os.environ.get("TRACT_LOSS_TRITON", "1")
+    if not triton_kernels.HAS_TRITON or mode == "0" or tile.dtype == torch.float64:
+        return False
+    return tile.is_cuda or mode == "force"
 
 
 def torch_tile_stats(tile: torch.Tensor, cdt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
