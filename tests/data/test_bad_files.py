@@ -1,0 +1,106 @@
+"""Hand-made bad inputs give errors naming file, record and field, or counts when skipping."""
+
+import json
+
+import pytest
+
+from tract_dist.cli import main
+from tract_dist.data.formats import read_examples
+from tract_dist.data.schema import DataError
+
+
+def _fc_record(**over):
+    rec = {"orig_instruction": "Say hi.", "orig_response": "Hi!", "orig_reference_answer": "Hello!",
+           "orig_criteria": "Is it friendly?", "output": "Friendly and short. [RESULT] 4", "orig_score": 4}
+    rec.update({f"orig_score{k}_description": f"level {k}" for k in range(1, 6)})
+    rec.update(over)
+    return rec
+
+
+def _write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_good_feedback_collection(tmp_path):
+    p = _write_jsonl(tmp_path / "fc.jsonl", [_fc_record(), _fc_record(orig_score="2", output="Meh. So the overall score is 2")])
+    r = read_examples(p, "feedback-collection")
+    assert [e.score for e in r.examples] == [4.0, 2.0]
+    assert [e.feedback for e in r.examples] == ["Friendly and short.", "Meh."]
+    assert r.examples[0].reference_answer == "Hello!"
+
+
+def test_truncated_json_names_the_file(tmp_path):
+    p = tmp_path / "broken.json"
+    p.write_text(json.dumps([_fc_record(), _fc_record()])[:-40])
+    with pytest.raises(DataError, match=r"broken\.json: cannot be parsed"):
+        read_examples(str(p), "feedback-collection")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match="nope.json: file not found"):
+        read_examples(str(tmp_path / "nope.json"), "jsonl")
+
+
+@pytest.mark.parametrize("bad,field,msg", [
+    ({"orig_criteria": None}, "orig_criteria", "missing"),
+    ({"orig_score": 7}, "orig_score", "outside the scale 1..5"),
+    ({"output": "[RESULT] 3"}, "output", "empty feedback"),
+    ({"orig_response": "   "}, "orig_response", "empty"),
+    ({"orig_score": 2.5}, "orig_score", "not an integer"),
+])
+def test_bad_record_names_index_and_field(tmp_path, bad, field, msg):
+    p = _write_jsonl(tmp_path / "bad.jsonl", [_fc_record(), _fc_record(), _fc_record(**bad)])
+    with pytest.raises(DataError) as ei:
+        read_examples(p, "feedback-collection")
+    assert ei.value.index == 2 and ei.value.field == field
+    assert f"bad.jsonl, record 2, field '{field}': " in str(ei.value) and msg in str(ei.value)
+    r = read_examples(p, "feedback-collection", skip_invalid=True)
+    assert r.records == 3 and len(r.examples) == 2 and [(x.index, x.field) for x in r.invalid] == [(2, field)]
+
+
+def test_missing_key_in_some_records(tmp_path):
+    rec = _fc_record()
+    del rec["orig_instruction"]
+    p = _write_jsonl(tmp_path / "m.jsonl", [_fc_record(), rec])
+    with pytest.raises(DataError, match=r"record 1, field 'orig_instruction': missing"):
+        read_examples(p, "feedback-collection")
+
+
+def test_prometheus_eval_bad_score_list(tmp_path, vicuna_path):
+    recs = json.loads(vicuna_path.read_text())[:3]
+    recs[1]["gpt4_score"] = []
+    p = tmp_path / "pe.json"
+    p.write_text(json.dumps(recs))
+    with pytest.raises(DataError, match=r"record 1, field 'gpt4_score'"):
+        read_examples(str(p), "prometheus-eval")
+
+
+def test_duplicate_ids_in_jsonl(tmp_path):
+    rec = {"id": "x", "instruction": "i", "response": "r", "criteria": "c", "feedback": "f", "score": 3,
+           "score_descriptions": ["a", "b", "c", "d", "e"]}
+    p = _write_jsonl(tmp_path / "d.jsonl", [rec, rec])
+    with pytest.raises(DataError, match=r"record 1, field 'id': duplicate id 'x'"):
+        read_examples(p, "jsonl")
+
+
+def test_cli_inspect_counts_and_errors(tmp_path, capsys):
+    long = _fc_record(orig_response="word " * 3000)
+    p = _write_jsonl(tmp_path / "mix.jsonl", [_fc_record(), _fc_record(orig_score=7), long, _fc_record(output="")])
+    assert main(["data", "inspect", p, "--format", "feedback-collection", "--tokenizer", "llama3"]) == 2
+    assert "mix.jsonl, record 1, field 'orig_score'" in capsys.readouterr().err
+
+    rc = main(["data", "inspect", p, "--format", "feedback-collection", "--tokenizer", "llama3",
+               "--max-length", "512", "--skip-invalid", "--compact"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["records"], out["valid"], out["invalid"], out["truncated"], out["dropped"]) == (4, 2, 2, 1, 0)
+    assert out["score_token_ids"] == [16, 17, 18, 19, 20] and out["label_mean"] == 4.0
+
+    rc = main(["data", "inspect", p, "--format", "feedback-collection", "--tokenizer", "llama3",
+               "--max-length", "512", "--skip-invalid", "--truncation", "drop", "--compact"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and (out["truncated"], out["dropped"], out["drop_reasons"]) == (0, 1, {"too_long": 1})
+
+    assert main(["data", "inspect", str(tmp_path / "absent.json"), "--format", "jsonl", "--tokenizer", "llama3"]) == 2
+    assert "absent.json: file not found" in capsys.readouterr().err

@@ -1,0 +1,116 @@
+"""``tract-dist``: one subcommand per stage. Thin: it parses arguments, then calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable
+
+from tract_dist.config import ConfigError, dump_config, load_config
+
+
+def _add_config_args(p: argparse.ArgumentParser, *, required: bool) -> None:
+    if required:
+        p.add_argument("config", help="YAML config file")
+    else:
+        p.add_argument("--config", default=None, help="YAML config file (optional)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+
+
+def _cmd_score_tokens(args: argparse.Namespace) -> int:
+    from tract_dist.data.assets import load_tokenizer
+    from tract_dist.data.score_tokens import derive_score_tokens
+
+    cfg = _optional_config(args)
+    tokenizer = args.tokenizer or (cfg and (cfg.model.tokenizer or cfg.model.name_or_path))
+    if not tokenizer:
+        raise ConfigError("--tokenizer is required (or a config with model.name_or_path)")
+    scale = args.scale or (cfg.data.scale if cfg else "1-5")
+    st = derive_score_tokens(load_tokenizer(tokenizer), scale)
+    print(json.dumps(st.as_dict()))
+    return 0
+
+
+def _cmd_data_inspect(args: argparse.Namespace) -> int:
+    from tract_dist.data.inspect import inspect_data
+
+    cfg = _optional_config(args)
+    data = cfg.data if cfg else None
+    tokenizer = args.tokenizer or (cfg and (cfg.model.tokenizer or cfg.model.name_or_path))
+    if not tokenizer:
+        raise ConfigError("--tokenizer is required (or a config with model.name_or_path)")
+    summary = inspect_data(
+        args.path,
+        args.format or (data.train_format if data else "jsonl"),
+        tokenizer,
+        max_length=args.max_length or (data.max_length if data else 3000),
+        scale=args.scale or (data.scale if data else "1-5"),
+        skip_invalid=args.skip_invalid or bool(data and data.skip_invalid),
+        truncation=args.truncation or (data.truncation if data else "truncate"),
+    )
+    print(json.dumps(summary, indent=None if args.compact else 2))
+    return 0
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    print(dump_config(cfg), end="")
+    return 0
+
+
+def _optional_config(args: argparse.Namespace) -> Any:
+    if getattr(args, "config", None) is None and not getattr(args, "overrides", None):
+        return None
+    base = None if args.config else {"model": {"name_or_path": "unset"}}
+    return load_config(args.config, args.overrides, base=base)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tract-dist", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("score-tokens", help="print the score token ids a tokenizer gives a scale")
+    p.add_argument("--tokenizer", help="HF name/path or alias: mistral, llama3, smollm2")
+    p.add_argument("--scale", help="MIN-MAX, default 1-5")
+    _add_config_args(p, required=False)
+    p.set_defaults(func=_cmd_score_tokens)
+
+    data = sub.add_parser("data", help="data utilities").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("inspect", help="validate, render and tokenise a data file; print a JSON summary")
+    p.add_argument("path")
+    p.add_argument("--format", choices=["feedback-collection", "prometheus-eval", "jsonl"])
+    p.add_argument("--tokenizer")
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--scale")
+    p.add_argument("--truncation", choices=["truncate", "drop"])
+    p.add_argument("--skip-invalid", action="store_true", help="skip (and count) malformed records")
+    p.add_argument("--compact", action="store_true", help="one-line JSON")
+    _add_config_args(p, required=False)
+    p.set_defaults(func=_cmd_data_inspect)
+
+    cfg = sub.add_parser("config", help="configuration utilities").add_subparsers(dest="config_command",
+                                                                                   required=True)
+    p = cfg.add_parser("show", help="validate a config (with overrides) and print it in full")
+    _add_config_args(p, required=True)
+    p.set_defaults(func=_cmd_config_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from tract_dist.data.assets import AssetError
+    from tract_dist.data.schema import DataError
+    from tract_dist.data.score_tokens import ScoreTokenError
+
+    handled: tuple[type[BaseException], ...] = (ConfigError, DataError, ScoreTokenError, AssetError)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except handled as e:
+        print(f"tract-dist: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Tokenisation of judge examples: chat-templated prompt, masked labels, and the score position by construction.
+
+A training sequence is ``prompt_ids + cot_ids + [score_id] + [eos]`` where ``cot_ids`` are the tokens of
+``"{feedback} So the overall score is"`` up to (not including) the score token. Because the pieces are
+concatenated here, the index of the score token is known exactly; nothing is inferred from the sequence's
+end. Labels are -100 on the prompt and on the score token (TRACT's CE covers CoT tokens and EOS; the score
+is learnt through the regression term), and equal the input ids elsewhere (Hugging Face alignment: the
+model shifts them).
+
+Over-long examples are never cut in the target: the response text inside the prompt (then the reference
+answer, then the instruction) is shortened until the sequence fits, or the example is dropped; both are
+counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from tract_dist.data.prompts import ABS_SYSTEM_PROMPT, render_prompt, render_target, score_text
+from tract_dist.data.schema import JudgeExample
+from tract_dist.data.score_tokens import ScoreTokens, split_at_score
+
+IGNORE_INDEX = -100
+_MIN_FIELD_TOKENS = 16  # a truncated response/instruction keeps at least this many tokens
+
+
+@dataclass
+class EncodeOptions:
+    max_length: int = 3000
+    truncation: Literal["truncate", "drop"] = "truncate"
+    system_prompt: str | None = ABS_SYSTEM_PROMPT
+    scale: tuple[int, int] = (1, 5)
+
+
+@dataclass
+class Encoded:
+    """One tokenised example. ``score_position`` is the row whose next-token logits predict the score."""
+
+    id: str
+    input_ids: list[int]
+    labels: list[int]
+    score_position: int
+    score_token_id: int
+    score: float
+    truncated: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class EncodeStats:
+    examples: int = 0
+    encoded: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    drop_reasons: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class DroppedExample(Exception):
+    """The example cannot fit ``max_length`` without cutting the target."""
+
+
+def chat_messages(user_text: str, system_prompt: str | None) -> list[dict[str, str]]:
+    msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return msgs + [{"role": "user", "content": user_text}]
+
+
+def prompt_ids(tokenizer: Any, ex: JudgeExample, opts: EncodeOptions) -> list[int]:
+    """The Prometheus prompt rendered through the model's chat template, ending at the assistant turn."""
+    user = render_prompt(ex, *opts.scale)
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(chat_messages(user, opts.system_prompt), tokenize=False,
+                                             add_generation_prompt=True)
+        return tokenizer.encode(text, add_special_tokens=False)
+    # No template (a base model): system text, then the prompt, with the tokenizer's own specials.
+    text = f"{opts.system_prompt}\n\n{user}" if opts.system_prompt else user
+    return tokenizer.encode(text, add_special_tokens=True)
+
+
+def target_ids(tokenizer: Any, feedback: str, score: float, st: ScoreTokens,
+               scale: tuple[int, int]) -> tuple[list[int], int]:
+    """(ids of the CoT up to the score position, score token id) for ``{feedback} So the overall score is {k}``."""
+    k = int(score_text(score, *scale))
+    cot = split_at_score(tokenizer, render_target(feedback, score, *scale), st, k)
+    return cot, st.id_for(k)
+
+
+def _shorten(tokenizer: Any, text: str, remove: int) -> str | None:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    keep = len(ids) - remove
+    if keep < _MIN_FIELD_TOKENS:
+        return None
+    return tokenizer.decode(ids[:keep]).rstrip()
+
+
+def fit_prompt(tokenizer: Any, ex: JudgeExample, budget: int, opts: EncodeOptions) -> tuple[list[int], bool]:
+    """Prompt ids within ``budget`` tokens, shortening the response then the instruction; raises DroppedExample."""
+    ids = prompt_ids(tokenizer, ex, opts)
+    if len(ids) <= budget:
+        return ids, False
+    if opts.truncation == "drop":
+        raise DroppedExample("too_long")
+    for fld in ("response", "reference_answer", "instruction"):
+        if not getattr(ex, fld):
+            continue
+        for _ in range(4):  # re-tokenising the shortened text can shift a few tokens; retry with the new excess
+            excess = len(ids) - budget
+            shorter = _shorten(tokenizer, getattr(ex, fld), excess + 2)
+            if shorter is None:
+                break
+            ex = JudgeExample(**{**ex.to_dict(), fld: shorter})
+            ids = prompt_ids(tokenizer, ex, opts)
+            if len(ids) <= budget:
+                return ids, True
+    raise DroppedExample("prompt_cannot_fit")
+
+
+def encode_example(tokenizer: Any, ex: JudgeExample, st: ScoreTokens, opts: EncodeOptions) -> Encoded:
+    """Tokenise one example with feedback into input ids, labels and the score position."""
+    if ex.feedback is None:
+        raise ValueError(f"example {ex.id} has no feedback to train on")
+    cot, score_id = target_ids(tokenizer, ex.feedback, ex.score, st, opts.scale)
+    eos = tokenizer.eos_token_id
+    budget = opts.max_length - len(cot) - 2
+    if budget < _MIN_FIELD_TOKENS:
+        raise DroppedExample("target_too_long")
+    p_ids, truncated = fit_prompt(tokenizer, ex, budget, opts)
+    input_ids = p_ids + cot + [score_id, eos]
+    labels = [IGNORE_INDEX] * len(p_ids) + cot + [IGNORE_INDEX, eos]
+    return Encoded(id=ex.id, input_ids=input_ids, labels=labels, score_position=len(p_ids) + len(cot) - 1,
+                   score_token_id=score_id, score=float(ex.score), truncated=truncated)
+
+
+def encode_examples(tokenizer: Any, examples: list[JudgeExample], st: ScoreTokens,
+                    opts: EncodeOptions) -> tuple[list[Encoded], EncodeStats]:
+    """Encode many examples; dropped ones are counted by reason, truncated ones are counted and flagged."""
+    stats = EncodeStats(examples=len(examples))
+    out = []
+    for ex in examples:
+        try:
+            enc = encode_example(tokenizer, ex, st, opts)
+        except DroppedExample as e:
+            stats.dropped += 1
+            stats.drop_reasons[str(e)] = stats.drop_reasons.get(str(e), 0) + 1
+            continue
+        stats.truncated += enc.truncated
+        out.append(enc)
+    stats.encoded = len(out)
+    return out, stats

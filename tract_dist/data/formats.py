@@ -1,0 +1,206 @@
+"""Readers: Feedback Collection / Feedback Bench, prometheus-eval benchmark JSON, the project's JSONL.
+
+Every reader loads through ``datasets`` and validates record by record into the normalised schema of
+:class:`JudgeExample`. A malformed record raises :class:`DataError` naming file, record and field, unless
+``skip_invalid`` is set, in which case it is skipped and counted (never dropped silently).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from tract_dist.data.prompts import normalize_feedback, parse_prompt
+from tract_dist.data.schema import DataError, JudgeExample
+
+FORMATS = ("feedback-collection", "prometheus-eval", "jsonl")
+
+
+@dataclass
+class InvalidRecord:
+    index: int
+    field: str | None
+    message: str
+
+
+@dataclass
+class ReadResult:
+    """Valid examples plus an account of everything that was not valid."""
+
+    path: str
+    format: str
+    records: int
+    examples: list[JudgeExample]
+    invalid: list[InvalidRecord] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {"path": self.path, "format": self.format, "records": self.records,
+                "valid": len(self.examples), "invalid": len(self.invalid)}
+
+
+class _RecordError(Exception):
+    def __init__(self, field_name: str | None, message: str):
+        super().__init__(message)
+        self.field = field_name
+        self.message = message
+
+
+def _str(rec: dict[str, Any], key: str, *, required: bool = True) -> str | None:
+    v = rec.get(key)
+    if v is None:
+        if required:
+            raise _RecordError(key, "missing")
+        return None
+    if not isinstance(v, str):
+        raise _RecordError(key, f"expected a string, got {type(v).__name__}")
+    if required and not v.strip():
+        raise _RecordError(key, "empty")
+    return v
+
+
+def _score(v: Any, key: str, lo: int, hi: int, *, integer: bool) -> float:
+    if v is None:
+        raise _RecordError(key, "missing")
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        raise _RecordError(key, f"not a number: {v!r}") from None
+    if math.isnan(x) or not lo <= x <= hi:
+        raise _RecordError(key, f"score {v!r} is outside the scale {lo}..{hi}")
+    if integer and x != int(x):
+        raise _RecordError(key, f"score {v!r} is not an integer")
+    return x
+
+
+def _feedback(text: str | None, key: str, required: bool) -> str | None:
+    if text is None:
+        if required:
+            raise _RecordError(key, "missing")
+        return None
+    fb = normalize_feedback(text)
+    if not fb:
+        if required:
+            raise _RecordError(key, "empty feedback (nothing left once the score statement is removed)")
+        return None
+    return fb
+
+
+def _from_feedback_collection(rec: dict[str, Any], i: int, lo: int, hi: int, need_fb: bool) -> JudgeExample:
+    descs = [_str(rec, f"orig_score{k}_description") for k in range(lo, hi + 1)]
+    return JudgeExample(
+        id=str(rec.get("id") if rec.get("id") is not None else i),
+        instruction=_str(rec, "orig_instruction"),
+        response=_str(rec, "orig_response"),
+        reference_answer=_str(rec, "orig_reference_answer", required=False) or None,
+        criteria=_str(rec, "orig_criteria"),
+        score_descriptions=descs,
+        feedback=_feedback(_str(rec, "output", required=need_fb), "output", need_fb),
+        score=_score(rec.get("orig_score"), "orig_score", lo, hi, integer=True),
+    )
+
+
+def _from_prometheus_eval(rec: dict[str, Any], i: int, lo: int, hi: int, need_fb: bool) -> JudgeExample:
+    prompt = _str(rec, "instruction")
+    try:
+        p = parse_prompt(prompt)
+    except ValueError as e:
+        raise _RecordError("instruction", str(e)) from None
+    if (p["scale_min"], p["scale_max"]) != (lo, hi):
+        raise _RecordError("instruction", f"rubric scale {p['scale_min']}-{p['scale_max']} != configured {lo}-{hi}")
+    scores = rec.get("gpt4_score")
+    if not isinstance(scores, list) or not scores:
+        raise _RecordError("gpt4_score", "expected a non-empty list of scores")
+    label = sum(_score(s, "gpt4_score", lo, hi, integer=False) for s in scores) / len(scores)
+    fbs = rec.get("gpt4_feedback")
+    fb_text = fbs[0] if isinstance(fbs, list) and fbs else (fbs if isinstance(fbs, str) else None)
+    return JudgeExample(
+        id=str(rec.get("id") if rec.get("id") is not None else i),  # benchmark "idx" repeats per response
+        instruction=p["instruction"], response=p["response"], reference_answer=p["reference_answer"],
+        criteria=p["criteria"], score_descriptions=p["score_descriptions"],
+        feedback=_feedback(fb_text, "gpt4_feedback", need_fb), score=label,
+        category=rec.get("category") if isinstance(rec.get("category"), str) else None,
+    )
+
+
+def _from_jsonl(rec: dict[str, Any], i: int, lo: int, hi: int, need_fb: bool) -> JudgeExample:
+    descs = rec.get("score_descriptions")
+    if not isinstance(descs, list) or len(descs) != hi - lo + 1 or not all(isinstance(d, str) and d for d in descs):
+        raise _RecordError("score_descriptions", f"expected {hi - lo + 1} non-empty strings")
+    return JudgeExample(
+        id=str(rec.get("id") if rec.get("id") is not None else i),
+        instruction=_str(rec, "instruction"), response=_str(rec, "response"),
+        reference_answer=_str(rec, "reference_answer", required=False) or None,
+        criteria=_str(rec, "criteria"), score_descriptions=descs,
+        feedback=_feedback(_str(rec, "feedback", required=need_fb), "feedback", need_fb),
+        score=_score(rec.get("score"), "score", lo, hi, integer=False),
+        category=rec.get("category") if isinstance(rec.get("category"), str) else None,
+    )
+
+
+_CONVERTERS: dict[str, Callable[[dict[str, Any], int, int, int, bool], JudgeExample]] = {
+    "feedback-collection": _from_feedback_collection,
+    "prometheus-eval": _from_prometheus_eval,
+    "jsonl": _from_jsonl,
+}
+
+
+def load_records(source: str, split: str = "train") -> Iterator[dict[str, Any]] | Any:
+    """Raw records through ``datasets``: a local .json/.jsonl/.parquet file, or ``hf:NAME`` from the hub."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    if source.startswith("hf:"):
+        return datasets.load_dataset(source[3:], split=split)
+    path = Path(source)
+    if not path.is_file():
+        raise DataError(source, "file not found" if not path.exists() else "not a regular file")
+    builder = "parquet" if path.suffix == ".parquet" else "json"
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True)
+    except Exception as e:  # datasets wraps the parser's error; keep its message, name the file
+        cause = e.__cause__ or e
+        raise DataError(source, f"cannot be parsed as {builder}: {type(cause).__name__}: {cause}") from e
+
+
+def read_examples(source: str, fmt: str, *, scale: tuple[int, int] = (1, 5), skip_invalid: bool = False,
+                  require_feedback: bool = True, limit: int | None = None, split: str = "train") -> ReadResult:
+    """Read and validate every record of ``source`` in format ``fmt``."""
+    if fmt not in _CONVERTERS:
+        raise ValueError(f"unknown data format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    convert = _CONVERTERS[fmt]
+    lo, hi = scale
+    ds = load_records(source, split)
+    n = len(ds) if limit is None else min(limit, len(ds))
+    examples: list[JudgeExample] = []
+    invalid: list[InvalidRecord] = []
+    seen: set[str] = set()
+    for i, rec in enumerate(ds):
+        if i >= n:
+            break
+        try:
+            ex = convert(rec, i, lo, hi, require_feedback)
+            if ex.id in seen:
+                raise _RecordError("id", f"duplicate id {ex.id!r}")
+            seen.add(ex.id)
+            examples.append(ex)
+        except _RecordError as e:
+            if not skip_invalid:
+                raise DataError(source, e.message, index=i, field_name=e.field) from None
+            invalid.append(InvalidRecord(i, e.field, e.message))
+    return ReadResult(path=source, format=fmt, records=n, examples=examples, invalid=invalid)
+
+
+def write_jsonl(examples: list[JudgeExample], path: str | Path) -> None:
+    """Write examples in the project's normalised JSONL schema, atomically."""
+    import json
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for ex in examples:
+            f.write(json.dumps(ex.to_dict(), ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
