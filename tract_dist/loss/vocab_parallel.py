@@ -43,10 +43,10 @@ def combine_row_stats(
     m_glob = m.clone()
     dist.all_reduce(m_glob, op=dist.ReduceOp.MAX, group=group)
     scale = torch.exp(m - m_glob)  # m = -inf on an empty shard -> 0
-    n, k = z_score.shape
+    n = s.numel()
     packed = torch.cat([s * scale, z_target, z_score.reshape(-1)])
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-    return m_glob, packed[:n], packed[n : 2 * n], packed[2 * n :].view(n, k)
+    return m_glob, packed[:n], packed[n : 2 * n], packed[2 * n :].view(z_score.shape)
 
 
 def all_reduce_sum_(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
