@@ -1,0 +1,33 @@
+import pytest
+
+from tract_dist.tracking import log_artifact, log_metrics, log_params, start_run
+
+
+def test_parent_child_status_and_logging(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    with start_run(uri, "exp", "parent") as parent:
+        with start_run(uri, "exp", "child", parent=parent) as child:
+            log_metrics(child, {"loss": 1.5}, step=3)
+            log_params(child, {f"p{i}": i for i in range(150)})
+            (tmp_path / "a.txt").write_text("x")
+            log_artifact(child, tmp_path / "a.txt")
+        with pytest.raises(RuntimeError):
+            with start_run(uri, "exp", "bad", parent=parent) as bad:
+                raise RuntimeError("boom")
+    c = MlflowClient(parent.tracking_uri)
+    run = c.get_run(child.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent.run_id
+    assert run.data.metrics["loss"] == 1.5 and len(run.data.params) == 150
+    assert [a.path for a in c.list_artifacts(child.run_id)] == ["a.txt"]
+    assert str(tmp_path) in run.info.artifact_uri
+    assert c.get_run(bad.run_id).info.status == "FAILED"
+    assert c.get_run(parent.run_id).info.status == "FINISHED"
+
+
+def test_disabled_is_a_no_op():
+    with start_run("sqlite:///unused.db", "exp", enabled=False) as h:
+        assert not h.enabled
+        log_metrics(h, {"a": 1.0})
