@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from typing import Any, Callable
 
 from tract_dist.config import ConfigError, dump_config, load_config
+
+
+class UsageError(ValueError):
+    """A command was given arguments it cannot act on; the message says what to change."""
 
 
 def _add_config_args(p: argparse.ArgumentParser, *, required: bool) -> None:
@@ -66,6 +71,17 @@ def _optional_config(args: argparse.Namespace) -> Any:
     return load_config(args.config, args.overrides, base=base)
 
 
+# Each stage contributes its subcommands through ``register(subparsers, add_config_args)`` in these modules;
+# they import their heavy dependencies (torch, ray, deepspeed) inside the command functions only.
+_STAGE_COMMANDS = (
+    "tract_dist.train.commands",
+    "tract_dist.generate.commands",
+    "tract_dist.judge.commands",
+    "tract_dist.evaluate.commands",
+    "tract_dist.pipeline_commands",
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tract-dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = cfg.add_parser("show", help="validate a config (with overrides) and print it in full")
     _add_config_args(p, required=True)
     p.set_defaults(func=_cmd_config_show)
+
+    for module in _STAGE_COMMANDS:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:  # a stage not built yet; anything else is a real error
+            if e.name != module:
+                raise
+            continue
+        mod.register(sub, _add_config_args)
     return parser
 
 
@@ -103,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     from tract_dist.data.schema import DataError
     from tract_dist.data.score_tokens import ScoreTokenError
 
-    handled: tuple[type[BaseException], ...] = (ConfigError, DataError, ScoreTokenError, AssetError)
+    handled: tuple[type[BaseException], ...] = (ConfigError, DataError, ScoreTokenError, AssetError,
+                                                 UsageError)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
