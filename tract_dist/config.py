@@ -90,6 +90,9 @@ class GenerationSection(_Section):
     batch_size: int = Field(8, gt=0)
     stop: list[str] = ["So the overall", "[RESULT]"]
     output_dir: str | None = None
+    ray: bool = True  # False: generate in-process (machines without Ray, e.g. one GPU)
+    num_replicas: int | None = Field(None, gt=0)  # model replicas in the actor pool; None: cluster.num_workers
+    shard_size: int = Field(64, gt=0)  # CoTs per committed output shard (the unit of resumption)
 
 
 class BenchmarkSpec(_Section):
@@ -105,6 +108,9 @@ class EvaluationSection(_Section):
     num_cots: int = Field(1, gt=0)
     rail_normalize: bool = False
     batch_size: int = Field(8, gt=0)
+    mode: Literal["cot_rail", "decode", "rail"] = "cot_rail"  # decode / rail: the paper's baselines
+    ray: bool = True  # False: score in-process; True: the generation actor pool (generation.num_replicas)
+    output_dir: str | None = None
 
 
 class TrackingSection(_Section):
