@@ -109,7 +109,7 @@ def test_everything_ignored_gives_zero_and_is_differentiable(impl):
     p = make_problem(score_rows=[], ignore_frac=1.0, seed=8)
     assert bool((p.targets == -100).all())
     out, g = run(p, impl)
-    assert float(out.loss) == 0.0 and float(out.ce) == 0.0 and float(out.mse) == 0.0
+    assert out.loss.item() == 0.0 and float(out.ce) == 0.0 and float(out.mse) == 0.0
     assert out.loss.requires_grad and out.n_ce_tokens == 0
     assert all(bool((t == 0).all()) for t in g)
 
@@ -138,7 +138,7 @@ def test_ce_on_score_token_uses_nearest_value_and_counts_it():
     tgt[p.score_rows] = p.score_token_ids[torch.tensor([0, 1, 4])]
     logits = p.hidden.detach() @ p.weight.detach().T + p.bias.detach()
     expected = torch.nn.functional.cross_entropy(logits, tgt, ignore_index=-100)
-    assert abs(float(out.loss) - float(expected)) < 1e-13
+    assert abs(out.loss.item() - float(expected)) < 1e-13
 
 
 def test_gradient_accumulation_equals_big_batch():
@@ -156,10 +156,10 @@ def test_gradient_accumulation_equals_big_batch():
             p.hidden[lo:hi], p.weight, p.targets[lo:hi], p.score_rows[sel] - lo, p.score_targets[sel],
             p.score_token_ids, p.score_values, ce_denominator=n_ce, mse_denominator=n_sc, **kw,
         )
-        total += float(out.loss)
+        total += out.loss.item()
         for acc, g in zip(g_acc, torch.autograd.grad(out.loss, p.leaves())):
             acc += g
-    assert abs(total - float(big.loss)) < 1e-13
+    assert abs(total - big.loss.item()) < 1e-13
     for a, b in zip(g_acc, g_big):
         assert rel_err(a, b) < 1e-12
 

@@ -64,7 +64,7 @@ def test_mistral_score_tokens_by_hand(impl, rail):
     assert float(out.yhat[0]) == pytest.approx(yhat, rel=1e-13)
     assert float(out.ce) == pytest.approx(ce, rel=1e-13)
     assert float(out.mse) == pytest.approx(mse, rel=1e-12)
-    assert float(out.loss) == pytest.approx(ce + lam * mse, rel=1e-13)
+    assert out.loss.item() == pytest.approx(ce + lam * mse, rel=1e-13)
     (gh,) = torch.autograd.grad(out.loss, [hidden])
     assert float(gh[0, 0]) == pytest.approx(g00, rel=1e-12)
     assert float(gh[1, 0]) == pytest.approx(g10, rel=1e-12)

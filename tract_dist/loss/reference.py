@@ -49,15 +49,15 @@ def reference_loss(
     tgt = effective_targets(targets, score_rows, score_targets, score_token_ids, score_values, ce_on_score_token)
     valid = tgt != IGNORE_INDEX
     n_ce = int(valid.sum())
-    nll = -logp[valid].gather(1, tgt[valid].long()[:, None]).squeeze(1)
-    ce = nll.sum() / resolve_denominator(ce_denominator, n_ce, "ce_denominator")
+    nll = -logp.gather(1, tgt.clamp_min(0).long()[:, None]).squeeze(1)
+    ce = torch.where(valid, nll, 0.0).sum() / resolve_denominator(ce_denominator, n_ce, "ce_denominator")
 
     n_sc = int(score_rows.numel())
     values = score_values.to(cdt)
     if rail_normalize:
-        probs = torch.softmax(logits[score_rows][:, score_token_ids], dim=-1)
+        probs = torch.softmax(logits[score_rows[:, None], score_token_ids[None, :]], dim=-1)
     else:
-        probs = logp[score_rows][:, score_token_ids].exp()
+        probs = logp[score_rows[:, None], score_token_ids[None, :]].exp()
     yhat = probs @ values
     sq = (yhat - score_targets.to(cdt)) ** 2
     mse = sq.sum() / resolve_denominator(mse_denominator, n_sc, "mse_denominator")

@@ -29,7 +29,7 @@ def torch_tile_stats(tile: torch.Tensor, cdt: torch.dtype) -> tuple[torch.Tensor
     """Row max and sum-exp relative to it, in ``cdt``."""
     z = tile.to(cdt)
     m = z.amax(dim=1)
-    s = torch.exp(z - m[:, None]).sum(dim=1)
+    s = (z - m[:, None]).exp_().sum(dim=1)  # one tile-sized temporary
     return m, s
 
 
