@@ -123,7 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may follow options too (``train CONFIG --launcher inline a.b=1``): argparse's positional
+    # list stops at the first option, so the rest arrive as unknown arguments.
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = list(args.overrides or []) + extra
     from tract_dist.data.assets import AssetError
     from tract_dist.data.schema import DataError
     from tract_dist.data.score_tokens import ScoreTokenError

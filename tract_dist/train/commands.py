@@ -1,0 +1,30 @@
+"""``tract-dist train``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Callable
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from tract_dist.config import load_config
+    from tract_dist.train.trainer import run_training
+
+    cfg = load_config(args.config, args.overrides)
+    r = run_training(cfg, config_path=args.config, run_name=args.run_name, launcher=args.launcher,
+                     address=args.address)
+    print(f"[train] checkpoint: {r.checkpoint_dir}")
+    print(f"[train] exported model: {r.export_dir / 'model'}")
+    if r.mlflow_run_id:
+        print(f"[train] MLflow run: {r.mlflow_run_id} in {r.tracking_uri} (mlflow ui --backend-store-uri {r.tracking_uri})")
+    return 0
+
+
+def register(sub: Any, add_config_args: Callable[..., None]) -> None:
+    p = sub.add_parser("train", help="run one CoT-RAFT training stage (Ray Train + DeepSpeed ZeRO-3)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--launcher", choices=["ray", "torchrun", "inline"], default="ray",
+                   help="ray (default), torchrun (no Ray needed), inline (one process)")
+    p.add_argument("--run-name", help="name of the run (default: train-<config fingerprint>; same name resumes)")
+    add_config_args(p, required=True)
+    p.set_defaults(func=_cmd_train)

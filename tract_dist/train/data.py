@@ -1,0 +1,138 @@
+"""Training data for the worker: encode once in the driver, then a deterministic global sample order.
+
+Encoding happens before any worker starts (so a file with zero valid records fails fast, in the driver) and
+is saved with ``datasets.save_to_disk``; every rank then loads the same Arrow table. The order of samples is
+a pure function of (seed, epoch), and the samples of optimizer step ``s`` are a pure function of ``s``, so
+resuming at a step restores the exact data position (nothing skipped or repeated) and every rank knows the
+global token counts of a step without communicating.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tract_dist.data.encode import IGNORE_INDEX, EncodeOptions, encode_examples
+from tract_dist.data.formats import read_examples
+from tract_dist.data.score_tokens import ScoreTokens, derive_score_tokens, parse_scale
+
+
+class EmptyDatasetError(ValueError):
+    """No example survived reading and encoding; training cannot start."""
+
+
+def prepare_dataset(cfg: Any, tokenizer: Any, out_dir: str | Path) -> dict[str, Any]:
+    """Read, validate and encode ``cfg.data.train_path``; save it to ``out_dir``; return the summary.
+
+    Raises EmptyDatasetError (naming the file and what happened to its records) when nothing is left.
+    """
+    import datasets
+
+    d = cfg.data
+    if not d.train_path:
+        raise EmptyDatasetError("data.train_path is not set: point it at a training file (or hf:NAME)")
+    scale = parse_scale(d.scale)
+    st = derive_score_tokens(tokenizer, scale)
+    read = read_examples(d.train_path, d.train_format, scale=scale, skip_invalid=d.skip_invalid,
+                         limit=d.max_examples, split=d.split)
+    opts = EncodeOptions(max_length=d.max_length, truncation=d.truncation, system_prompt=d.system_prompt,
+                         scale=scale)
+    encoded, stats = encode_examples(tokenizer, read.examples, st, opts)
+    summary = {**read.summary(), **{f"encode_{k}": v for k, v in stats.as_dict().items()},
+               "score_token_ids": st.token_ids, "scores": st.scores}
+    if not encoded:
+        raise EmptyDatasetError(
+            f"{d.train_path}: no trainable example: {read.records} records, {len(read.invalid)} invalid, "
+            f"{stats.dropped} dropped as too long ({stats.drop_reasons}); raise data.max_length or fix the file")
+    rows = [{**e.to_dict(), "n_ce": sum(1 for x in e.labels if x != IGNORE_INDEX)} for e in encoded]
+    out = Path(out_dir)
+    datasets.Dataset.from_list(rows).save_to_disk(str(out / "encoded"))
+    (out / "data_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def load_encoded(out_dir: str | Path) -> Any:
+    import datasets
+
+    return datasets.load_from_disk(str(Path(out_dir) / "encoded"))
+
+
+def load_score_tokens(out_dir: str | Path) -> ScoreTokens:
+    s = json.loads((Path(out_dir) / "data_summary.json").read_text())
+    return ScoreTokens(scores=s["scores"], token_ids=s["score_token_ids"])
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Which samples each rank's micro-batches hold at every optimizer step."""
+
+    n_examples: int
+    micro_batch_size: int
+    grad_accum: int
+    world_size: int
+    seed: int
+    epochs: float
+    max_steps: int | None = None
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch_size * self.grad_accum * self.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, math.ceil(self.n_examples / self.global_batch))
+
+    @property
+    def total_steps(self) -> int:
+        if self.max_steps is not None:
+            return self.max_steps
+        return max(1, math.ceil(self.epochs * self.steps_per_epoch))
+
+    @property
+    def padded_per_epoch(self) -> int:
+        """Samples repeated to fill the last global batch of an epoch (as DistributedSampler pads)."""
+        return self.steps_per_epoch * self.global_batch - self.n_examples
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.n_examples, generator=g)
+        need = self.steps_per_epoch * self.global_batch
+        if need > self.n_examples:  # wrap around to fill the last step
+            order = torch.cat([order, order.repeat(math.ceil(need / self.n_examples))[: need - self.n_examples]])
+        return order
+
+    def step_indices(self, step: int) -> torch.Tensor:
+        """Global sample indices of optimizer step ``step`` (0-based), laid out [micro][rank][sample]."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        return self.epoch_order(epoch)[i * self.global_batch:(i + 1) * self.global_batch]
+
+    def micro_indices(self, step: int, micro: int, rank: int) -> list[int]:
+        idx = self.step_indices(step)
+        start = (micro * self.world_size + rank) * self.micro_batch_size
+        return idx[start:start + self.micro_batch_size].tolist()
+
+
+def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch; the score position is unaffected by right padding."""
+    length = max(len(r["input_ids"]) for r in rows)
+    n = len(rows)
+    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
+    labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((n, length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        t = len(r["input_ids"])
+        input_ids[i, :t] = torch.tensor(r["input_ids"])
+        labels[i, :t] = torch.tensor(r["labels"])
+        mask[i, :t] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "score_positions": torch.tensor([r["score_position"] for r in rows], dtype=torch.long),
+        "score_targets": torch.tensor([r["score"] for r in rows], dtype=torch.float32),
+    }

@@ -1,0 +1,95 @@
+"""Export a trained model as a Hugging Face directory, consolidated from the ZeRO-3 shards.
+
+``_zero3_consolidated_16bit_state_dict`` is DeepSpeed's own all-gather of a partitioned model (a collective:
+every rank calls it, rank 0 receives the dict). Rank 0 then writes safetensors + config + tokenizer into a
+temporary folder and renames it into place, so a crash never leaves a half-written export. For LoRA the
+adapter is written with PEFT, and the merged model (W + alpha/r * B @ A) beside it when asked.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_WRAPPER_PREFIX = "lm."  # CotRaftCausalLM keeps the HF model as .lm
+
+
+def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
+    """Full state dict of the wrapped HF model on rank 0 (None elsewhere). Collective under ZeRO-3."""
+    if engine.zero_optimization_partition_weights():
+        sd = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        sd = engine.module.state_dict() if engine.global_rank == 0 else None
+    if sd is None:
+        return None
+    return {k[len(_WRAPPER_PREFIX):]: v.detach().cpu().contiguous() for k, v in sd.items()
+            if k.startswith(_WRAPPER_PREFIX)}
+
+
+def save_hf_dir(state_dict: dict[str, torch.Tensor], config: Any, tokenizer: Any, out: Path,
+                generation_config: Any = None) -> None:
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    if getattr(config, "tie_word_embeddings", False):
+        state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
+    # Clone so tensors never share storage (safetensors refuses shared tensors).
+    save_file({k: v.clone() for k, v in state_dict.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    config.save_pretrained(out)
+    if generation_config is not None:
+        generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def merge_lora(state_dict: dict[str, torch.Tensor], peft_config: Any,
+               adapter: str = "default") -> dict[str, torch.Tensor]:
+    """Base-model state dict with every LoRA delta folded in: W + (alpha / r) * B @ A."""
+    if getattr(peft_config, "use_rslora", False) or getattr(peft_config, "use_dora", False):
+        raise NotImplementedError("merging rsLoRA/DoRA adapters is not supported; export the adapter only")
+    scaling = peft_config.lora_alpha / peft_config.r
+    merged: dict[str, torch.Tensor] = {}
+    base_prefix = "base_model.model."
+    for key, value in state_dict.items():
+        if ".lora_" in key:
+            continue
+        name = key[len(base_prefix):] if key.startswith(base_prefix) else key
+        name = name.replace(".base_layer.", ".")
+        if key.endswith(".base_layer.weight"):
+            stem = key[: -len(".base_layer.weight")]
+            a = state_dict[f"{stem}.lora_A.{adapter}.weight"].float()
+            b = state_dict[f"{stem}.lora_B.{adapter}.weight"].float()
+            value = (value.float() + scaling * (b @ a)).to(value.dtype)
+        merged[name] = value
+    return merged
+
+
+def export_model(engine: Any, model: Any, tokenizer: Any, cfg: Any, out_dir: Path, rank: int) -> None:
+    """Write ``out_dir/model`` (full HF model; merged for LoRA when ``merge_on_export``) and, for LoRA,
+    ``out_dir/adapter``. Collective: every rank must call it."""
+    sd = consolidated_state_dict(engine)
+    if rank != 0:
+        return
+    assert sd is not None
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    peft_config = getattr(model, "peft_config", None)
+    if peft_config:
+        from peft import get_peft_model_state_dict
+
+        pc = peft_config["default"]
+        adapter_sd = get_peft_model_state_dict(model, state_dict=sd)
+        model.save_pretrained(str(tmp / "adapter"), state_dict=adapter_sd)
+        tokenizer.save_pretrained(tmp / "adapter")
+        base = model.get_base_model()
+        if cfg.model.lora.merge_on_export:
+            save_hf_dir(merge_lora(sd, pc), base.config, tokenizer, tmp / "model",
+                        getattr(base, "generation_config", None))
+    else:
+        save_hf_dir(sd, model.config, tokenizer, tmp / "model", getattr(model, "generation_config", None))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)

@@ -1,0 +1,69 @@
+"""Build the model a training worker fine-tunes: partitioned at load time under ZeRO-3, LoRA optional.
+
+Under ZeRO-3 the caller keeps an ``HfDeepSpeedConfig`` alive while this runs, so ``from_pretrained`` /
+``from_config`` enter ``deepspeed.zero.Init`` and no rank ever materialises the whole model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import torch
+
+TINY_ALIAS = "tiny-llama"
+
+
+def attn_implementation(requested: str | None, use_cuda: bool) -> str:
+    """flash_attention_2 when flash-attn is importable on CUDA, else sdpa; an explicit setting wins."""
+    if requested:
+        return requested
+    if use_cuda and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def training_dtype(setting: str, use_cuda: bool) -> torch.dtype:
+    """auto: bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow and lose the fp32 equivalence checks)."""
+    if setting == "auto":
+        return torch.bfloat16 if use_cuda else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[setting]
+
+
+def load_training_model(cfg: Any, tokenizer: Any, *, use_cuda: bool) -> torch.nn.Module:
+    """The seed model named by ``cfg.model`` (HF path/name, ``smollm2``, or ``tiny-llama`` for smoke runs)."""
+    from transformers import AutoModelForCausalLM
+
+    from tract_dist.data.assets import model_source
+
+    m = cfg.model
+    attn = attn_implementation(m.attn_implementation, use_cuda)
+    if m.name_or_path == TINY_ALIAS:
+        from tract_dist.models.tiny import build_tiny_model, tiny_llama_config
+
+        config = tiny_llama_config(len(tokenizer), tie=True, max_position_embeddings=max(256, cfg.data.max_length),
+                                   attn_implementation=attn)
+        config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+        config.pad_token_id = tokenizer.pad_token_id
+        model = build_tiny_model(config, seed=cfg.training.seed)
+    else:
+        path, extra = model_source(m.name_or_path)
+        # fp32 master weights under DeepSpeed; its bf16 setting casts the working copy.
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn,
+                                                     trust_remote_code=m.trust_remote_code, **extra)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if m.lora.enabled:
+        model = _wrap_lora(model, m.lora)
+    return model
+
+
+def _wrap_lora(model: torch.nn.Module, lora: Any) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora.target_modules
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
+                        target_modules=targets if targets != "all-linear" else "all-linear")
+    return get_peft_model(model, config)

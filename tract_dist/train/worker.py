@@ -1,0 +1,235 @@
+"""The training recipe, one worker process: setup -> resume -> train loop -> checkpoint -> export.
+
+A plain function of a picklable dict, so Ray Train (``TorchTrainer(train_loop_per_worker=train_worker)``)
+and torchrun (``python -m tract_dist.train.torchrun_main``) run the same code; the GPU machines used for
+checks have no Ray. DeepSpeed ZeRO-3 partitions the model from load time; the loss is the fused CoT-RAFT
+loss over the final hidden states, normalised by the token / score counts of the whole global batch so that
+any split into micro-batches and ranks gives the gradient of one big batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from tract_dist.config import Config
+from tract_dist.tracking import RunHandle, log_metrics
+
+# Dense bf16 peak of common cards, for MFU (FLOP/s per GPU).
+_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def train_worker(loop: dict[str, Any]) -> None:
+    """Train one stage. ``loop``: config (dict), run_dir (prepared data), tracking (RunHandle fields),
+    launcher ("ray" | "local"), and optionally fail_at_step (fault-injection for tests)."""
+    cfg = Config.model_validate(loop["config"])
+    run_dir = Path(loop["run_dir"])
+    handle = RunHandle(**loop["tracking"])
+    use_cuda = torch.cuda.is_available() and cfg.cluster.use_gpu
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_cuda else "cpu")
+
+    import deepspeed
+    from torch.optim.lr_scheduler import LambdaLR
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from tract_dist.data.assets import load_tokenizer
+    from tract_dist.models import CotRaftCausalLM
+    from tract_dist.train.data import StepPlan, collate, load_encoded, load_score_tokens
+    from tract_dist.train.ds_config import build_ds_config
+    from tract_dist.train.export import export_model
+    from tract_dist.train.model_init import load_training_model, training_dtype
+    from tract_dist.train.schedule import lr_lambda
+    from tract_dist.train.session import LocalSession, RaySession
+
+    # ---- setup: process group, data, model, engine -------------------------------------------------
+    # DeepSpeed 0.19 calls the torch collectives that torch 2.13 renamed; the notice is not ours to act on.
+    warnings.filterwarnings("ignore", message=r"`torch.distributed.(all_gather_into_tensor|reduce_scatter_tensor)`")
+    _ensure_env_for_single_process()
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    session = RaySession() if loop.get("launcher") == "ray" else LocalSession(run_dir / "checkpoints")
+    t = cfg.training
+    torch.manual_seed(t.seed)  # identical initialisation on every rank
+
+    tokenizer = load_tokenizer(cfg.model.tokenizer or _tokenizer_source(cfg))
+    data = load_encoded(run_dir)
+    score_tokens = load_score_tokens(run_dir)
+    n_ce = data["n_ce"]
+    plan = StepPlan(len(data), t.micro_batch_size, t.gradient_accumulation_steps, world, t.seed, t.epochs,
+                    t.max_steps)
+
+    bf16 = training_dtype(cfg.model.dtype, use_cuda) == torch.bfloat16
+    ds_config = build_ds_config(cfg, world, bf16=bf16, gpu=use_cuda)
+    hf_ds = HfDeepSpeedConfig(ds_config) if t.zero_stage == 3 else None  # noqa: F841 (alive = zero.Init)
+    model = load_training_model(cfg, tokenizer, use_cuda=use_cuda)
+    wrapper = CotRaftCausalLM(model, score_token_ids=score_tokens.token_ids, score_values=score_tokens.scores,
+                              lam=cfg.loss.lam, rail_normalize=cfg.loss.rail_normalize,
+                              ce_on_score_token=cfg.loss.ce_on_score_token, impl=cfg.loss.impl)
+    schedule = lr_lambda(t.lr_scheduler, plan.total_steps, t.warmup_ratio)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=wrapper, model_parameters=[p for p in wrapper.parameters() if p.requires_grad], config=ds_config,
+        lr_scheduler=lambda opt: LambdaLR(opt, schedule))
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in wrapper.parameters())
+    local_params = sum(getattr(p, "ds_tensor", p).numel() for p in wrapper.parameters())
+
+    # ---- resume: model, optimiser, scheduler, RNG and the data position ---------------------------
+    start_step = 0
+    with session.resume_dir() as resume:
+        if resume is not None:
+            _, client = engine.load_checkpoint(resume, load_module_strict=True)
+            start_step = int(client["step"])
+            _restore_rng(Path(resume) / f"rng_rank{rank}.pt")
+        else:
+            torch.manual_seed(t.seed + 1 + rank)  # per-rank stream for dropout and the like
+    if rank == 0:
+        where = f"resumed at step {start_step}" if start_step else "from the seed model"
+        print(f"[train] {plan.total_steps} steps x {plan.global_batch} samples ({plan.n_examples} examples, "
+              f"{plan.padded_per_epoch} repeated per epoch to fill the last batch), world {world}, {where}; "
+              f"{n_params / 1e6:.1f}M params, {local_params / 1e6:.2f}M on this rank", flush=True)
+
+    # ---- train loop ---------------------------------------------------------------------------------
+    fail_at = loop.get("fail_at_step")
+    pad_id = tokenizer.pad_token_id
+    window = _Window()
+    metrics: dict[str, float] = {}
+    for step in range(start_step, plan.total_steps):
+        if fail_at is not None and step == fail_at and rank == 0 and _first_failure(run_dir):
+            raise RuntimeError(f"injected failure at step {step} (fault-tolerance test)")
+        idx = plan.step_indices(step)
+        ce_den = sum(n_ce[i] for i in idx.tolist()) + (len(idx) if cfg.loss.ce_on_score_token else 0)
+        sc_den = len(idx)
+        lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
+        t0 = time.perf_counter()
+        sums = torch.zeros(5, dtype=torch.float64)  # loss, ce, mse (all x world), |yhat-y| sum, tokens
+        for micro in range(t.gradient_accumulation_steps):
+            rows = [data[i] for i in plan.micro_indices(step, micro, rank)]
+            batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+            # DeepSpeed averages gradients over ranks: scale the global denominators by 1/world.
+            out = engine(**batch, ce_denominator=ce_den / world, mse_denominator=sc_den / world)
+            engine.backward(out.loss, scale_wrt_gas=False)
+            engine.step()
+            sums += torch.tensor([out.loss.item(), out.ce.item(), out.mse.item(),
+                                  (out.yhat.double().cpu() - batch["score_targets"].double().cpu()).abs().sum().item(),
+                                  batch["attention_mask"].sum().item()], dtype=torch.float64)
+        dist.all_reduce(sums)
+        elapsed = time.perf_counter() - t0
+        window.add(sums[4].item(), elapsed)
+        metrics = {
+            "loss": sums[0].item() / world, "ce": sums[1].item() / world, "mse": sums[2].item() / world,
+            "mae": sums[3].item() / sc_den, "lr": lr,
+            "grad_norm": _float(engine.get_global_grad_norm()), "tokens_per_s": window.rate(),
+            "tokens_per_s_per_worker": window.rate() / world, "epoch": (step + 1) / plan.steps_per_epoch,
+        }
+        if use_cuda:
+            metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            metrics["mfu"] = _mfu(n_params, window.rate() / world)
+        done = step + 1
+        save = done % t.save_steps == 0 or done == plan.total_steps
+        if rank == 0 and (done % t.logging_steps == 0 or save):
+            log_metrics(handle, metrics, step=done)
+            print(f"[train] step {done}/{plan.total_steps} " + " ".join(
+                f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"), flush=True)
+        if save:
+            with session.checkpoint_dir(done) as ckpt:
+                engine.save_checkpoint(ckpt, tag=f"step-{done}", client_state={"step": done})
+                torch.save(_rng_state(), Path(ckpt) / f"rng_rank{rank}.pt")
+                session.report({**metrics, "step": done}, checkpoint_dir=ckpt)
+        elif done % t.logging_steps == 0:
+            session.report({**metrics, "step": done})
+
+    # ---- export: a Hugging Face directory consolidated from the ZeRO-3 shards ----------------------
+    export_dir = Path(loop.get("export_dir") or run_dir / "export")
+    export_model(engine, model, tokenizer, cfg, export_dir, rank)
+    dist.barrier()
+    if rank == 0:
+        (run_dir / "train_result.json").write_text(json.dumps(
+            {"export_dir": str(export_dir), "steps": plan.total_steps, "final_metrics": metrics}, indent=2))
+
+
+class _Window:
+    """Tokens per second over the last few steps (the first step includes warm-up)."""
+
+    def __init__(self, size: int = 10):
+        self.items: list[tuple[float, float]] = []
+        self.size = size
+
+    def add(self, tokens: float, seconds: float) -> None:
+        self.items = (self.items + [(tokens, seconds)])[-self.size:]
+
+    def rate(self) -> float:
+        tok, sec = (sum(x) for x in zip(*self.items))
+        return tok / sec if sec > 0 else 0.0
+
+
+def _mfu(n_params: int, tokens_per_s_per_gpu: float) -> float:
+    """Model FLOPs utilisation with the 6N FLOPs/token estimate (attention FLOPs ignored)."""
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in _PEAK_FLOPS.items() if k in name), None)
+    return 6 * n_params * tokens_per_s_per_gpu / peak if peak else float("nan")
+
+
+def _float(x: Any) -> float:
+    if x is None:
+        return float("nan")
+    return float(x.item() if hasattr(x, "item") else x)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _restore_rng(path: Path) -> None:
+    if not path.exists():
+        return
+    state = torch.load(path, weights_only=True)
+    torch.set_rng_state(state["torch"])
+    random.setstate(_tuplify(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _tuplify(x: Any) -> Any:
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _first_failure(run_dir: Path) -> bool:
+    """True the first time only (a marker survives the restart), so the injected fault fires once."""
+    marker = run_dir / ".injected_failure"
+    if marker.exists():
+        return False
+    marker.write_text("1")
+    return True
+
+
+def _tokenizer_source(cfg: Config) -> str:
+    from tract_dist.train.model_init import TINY_ALIAS
+
+    if cfg.model.name_or_path == TINY_ALIAS:
+        raise ValueError("model.tokenizer must be set for the tiny-llama model")
+    return cfg.model.name_or_path
+
+
+def _ensure_env_for_single_process() -> None:
+    """Let a plain ``python`` process (no torchrun, no Ray) form a world of one."""
+    if "RANK" in os.environ or dist.is_initialized():
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)})
