@@ -10,7 +10,8 @@ Implementations, run side by side in one process on identical inputs:
   compile       torch.compile(naive), with --compile.
 
 Batches: "uniform" (every row has a CE target) and "realistic" (80 % of each sequence is prompt, ignored).
-Time: median of --iters fwd+bwd after --warmup (CUDA events on GPU, perf_counter on CPU). Peak memory:
+Time: median of --iters fwd+bwd after --warmup, implementations interleaved round-robin (CUDA events
+on GPU, perf_counter on CPU). Peak memory:
 one extra fwd+bwd per implementation, measured by tract_dist.loss.memory_probe (torch.cuda
 max_memory_allocated on GPU; on CPU the profiler's allocator events = exact peak of live torch tensor
 bytes, gradients included, inputs excluded).
@@ -128,24 +129,19 @@ def _zero_grads(b: dict) -> None:
     b["weight"].grad = None
 
 
-def time_fwd_bwd(fn: LossFn, b: dict, device: torch.device, warmup: int, iters: int) -> list[float]:
-    times = []
-    for i in range(warmup + iters):
-        _zero_grads(b)
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(b).backward()
-            end.record()
-            torch.cuda.synchronize()
-            ms = start.elapsed_time(end)
-        else:
-            t0 = time.perf_counter()
-            fn(b).backward()
-            ms = (time.perf_counter() - t0) * 1e3
-        if i >= warmup:
-            times.append(ms)
-    return times
+def time_once(fn: LossFn, b: dict, device: torch.device) -> float:
+    """Milliseconds of one fwd+bwd."""
+    _zero_grads(b)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(b).backward()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn(b).backward()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def peak_mib(fn: LossFn, b: dict, device: torch.device) -> float:
@@ -155,37 +151,51 @@ def peak_mib(fn: LossFn, b: dict, device: torch.device) -> float:
 
 
 def run_config(args, device, dtype, n, v, kind, impls: dict[str, LossFn | None], notes: dict[str, str]) -> list[dict]:
+    """Warm up and measure memory per implementation, then time them *interleaved* (round-robin), so
+    that load from other processes on a shared machine hits every implementation alike."""
     b = make_batch(n, args.hidden, v, dtype, device, kind)
     n_active = int(((b["targets"] != -100).sum() + b["score_rows"].numel()).item())
-    rows = []
+    rows: dict[str, dict] = {}
+    ready: list[str] = []
     for name, fn in impls.items():
         row = dict(batch=kind, tokens=n, active_rows=n_active, hidden=args.hidden, vocab=v,
                    dtype=str(dtype).replace("torch.", ""), impl=name)
+        rows[name] = row
         if fn is None:
-            rows.append(dict(row, status=notes[name]))
+            row["status"] = notes[name]
             continue
         try:
             with torch.no_grad():
-                loss_value = float(fn(b))
-            times = time_fwd_bwd(fn, b, device, args.warmup, args.iters)
-            mem = peak_mib(fn, b, device)
+                row["loss"] = float(fn(b))
+            for _ in range(args.warmup):
+                time_once(fn, b, device)
+            row["peak_mib"] = peak_mib(fn, b, device)
+            row["status"] = "ok"
+            ready.append(name)
         except Exception as exc:  # noqa: BLE001 - report (e.g. OOM, compile failure) and go on
-            rows.append(dict(row, status=f"failed: {type(exc).__name__}: {str(exc)[:200]}"))
+            row["status"] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            continue
-        rows.append(dict(row, status="ok", loss=loss_value, median_ms=statistics.median(times),
-                         min_ms=min(times), max_ms=max(times), iters=len(times), peak_mib=mem))
-        print(f"  {kind:9s} N={n:<6d} V={v:<7d} {name:13s} {statistics.median(times):10.1f} ms "
-              f"{mem:10.1f} MiB  loss={loss_value:.6f}", flush=True)
+    times: dict[str, list[float]] = {name: [] for name in ready}
+    for i in range(args.iters):
+        for j in range(len(ready)):
+            name = ready[(i + j) % len(ready)]
+            times[name].append(time_once(impls[name], b, device))  # type: ignore[arg-type]
+    for name in ready:
+        t = times[name]
+        rows[name].update(median_ms=statistics.median(t), min_ms=min(t), max_ms=max(t), iters=len(t))
+        print(f"  {kind:9s} N={n:<6d} V={v:<7d} {name:13s} {rows[name]['median_ms']:10.1f} ms "
+              f"{rows[name]['peak_mib']:10.1f} MiB  loss={rows[name]['loss']:.6f}", flush=True)
     for base in ("naive", "liger"):
-        ref = next((r for r in rows if r["impl"] == base and r["status"] == "ok"), None)
-        for r in rows:
-            if ref is not None and r["status"] == "ok":
+        ref = rows.get(base)
+        if ref is None or ref["status"] != "ok":
+            continue
+        for r in rows.values():
+            if r["status"] == "ok":
                 r[f"time_vs_{base}"] = r["median_ms"] / ref["median_ms"]
                 r[f"mem_vs_{base}"] = r["peak_mib"] / ref["peak_mib"] if ref["peak_mib"] else None
     del b
-    return rows
+    return list(rows.values())
 
 
 def format_table(rows: list[dict]) -> str:
@@ -292,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     out.with_suffix(".md").write_text(
         f"# CoT-RAFT loss benchmark: {machine}\n\n"
         f"torch {meta['torch']}, {args.dtype}, hidden {args.hidden}, {meta['threads']} threads, "
-        f"{meta['date']}. Time: median of {args.iters} fwd+bwd after {args.warmup} warm-up ({meta['timer']}). "
+        f"{meta['date']}. Time: median of {args.iters} fwd+bwd after {args.warmup} warm-up, implementations "
+        f"interleaved ({meta['timer']}). "
         f"Memory: {meta['memory']}. Load average at start/end: {meta['loadavg_start']} / "
         f"{meta['loadavg_end']} (shared machine: other processes may inflate times).\n\n{md}\n"
     )
