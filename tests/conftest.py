@@ -30,3 +30,19 @@ def tokenizers():
     from tract_dist.data.assets import load_tokenizer
 
     return {name: load_tokenizer(name) for name in ("mistral", "llama3", "smollm2")}
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole suite, sized for a 2-core machine (logical CPUs; see STACK-NOTES)."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, object_store_memory=256 << 20, include_dashboard=False,
+                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+                                           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+                                           "TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    ray.shutdown()

