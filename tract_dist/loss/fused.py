@@ -84,11 +84,91 @@ class FusedResult:
     grad_bias: torch.Tensor | None
 
 
+@dataclass
+class _Rows:
+    """Active rows (CE target or score row) and their targets in this rank's local vocab coordinates."""
+
+    active: torch.Tensor  # (A,) row indices into hidden
+    ce: torch.Tensor  # (A,) bool: row has a CE target
+    tgt_local: torch.Tensor  # (A,) target - vocab_start if this rank owns it and the row is CE, else -1
+    score_of: torch.Tensor  # (A,) index into score_rows, -1 for non-score rows
+    score_local: torch.Tensor  # (K,) score token id - vocab_start if owned, else -1
+    n_ce: int
+
+
+def _plan_rows(n_rows: int, inp: FusedInputs, values: torch.Tensor, y: torch.Tensor, v_start: int, v_loc: int,
+               v_glob: int, dev: torch.device) -> _Rows:
+    score_rows = inp.score_rows.to(dev, torch.long)
+    ids = inp.score_token_ids.to(dev, torch.long)
+    tgt = effective_targets(inp.targets.to(dev), score_rows, y, ids, values, inp.ce_on_score_token).long()
+    ce_mask = tgt != IGNORE_INDEX
+    if bool((ce_mask & ((tgt < 0) | (tgt >= v_glob))).any()) or bool(((ids < 0) | (ids >= v_glob)).any()):
+        raise ValueError(f"target or score token id outside the vocabulary [0, {v_glob})")
+    active_mask = ce_mask.clone()
+    active_mask[score_rows] = True
+    active = torch.nonzero(active_mask).squeeze(1)
+    pos = torch.full((n_rows,), -1, dtype=torch.long, device=dev)
+    pos[active] = torch.arange(active.numel(), device=dev)
+    score_of = torch.full((active.numel(),), -1, dtype=torch.long, device=dev)
+    score_of[pos[score_rows]] = torch.arange(score_rows.numel(), device=dev)
+    tgt_act, ce_act = tgt[active], ce_mask[active]
+    own_t = ce_act & (tgt_act >= v_start) & (tgt_act < v_start + v_loc)
+    own_s = (ids >= v_start) & (ids < v_start + v_loc)
+    return _Rows(
+        active=active,
+        ce=ce_act,
+        tgt_local=torch.where(own_t, tgt_act - v_start, -1),
+        score_of=score_of,
+        score_local=torch.where(own_s, ids - v_start, -1),
+        n_ce=int(ce_mask.sum()),
+    )
+
+
 def _logits_tile(hc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, v0: int, v1: int) -> torch.Tensor:
     w = weight[v0:v1]
     if bias is None:
         return hc @ w.T
     return torch.addmm(bias[v0:v1].to(hc.dtype), hc, w.T)
+
+
+def _in_tile(local: torch.Tensor, v0: int, v1: int) -> torch.Tensor:
+    """Tile-local column of each local id, -1 outside [v0, v1)."""
+    return torch.where((local >= v0) & (local < v1), local - v0, -1)
+
+
+def _chunk_stats(
+    hc: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    shards: list[tuple[int, int]],
+    t_loc: torch.Tensor,
+    s_loc: torch.Tensor,
+    sr: torch.Tensor,
+    cdt: torch.dtype,
+    keep_tile: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Pass 1 over the local shards: (row max, row sum-exp, target logit, score logits, kept tile)."""
+    n, dev = hc.shape[0], hc.device
+    m = torch.full((n,), float("-inf"), dtype=cdt, device=dev)
+    s = torch.zeros((n,), dtype=cdt, device=dev)
+    zt = torch.zeros((n,), dtype=cdt, device=dev)
+    zs = torch.zeros((sr.numel(), s_loc.numel()), dtype=cdt, device=dev)
+    kept = None
+    for v0, v1 in shards:
+        tile = _logits_tile(hc, weight, bias, v0, v1)
+        mt, st = tile_stats(tile, cdt)
+        m_new = torch.maximum(m, mt)
+        s = s * torch.exp(m - m_new) + st * torch.exp(mt - m_new)  # online merge
+        m = m_new
+        t_col = _in_tile(t_loc, v0, v1)
+        rows = torch.nonzero(t_col >= 0).squeeze(1)
+        zt[rows] = tile[rows, t_col[rows]].to(cdt)
+        s_col = _in_tile(s_loc, v0, v1)
+        ks = torch.nonzero(s_col >= 0).squeeze(1)
+        if ks.numel() and sr.numel():
+            zs[:, ks] = tile[sr[:, None], s_col[ks][None, :]].to(cdt)
+        kept = tile if keep_tile else None
+    return m, s, zt, zs, kept
 
 
 def _add_grad_weight(gw: torch.Tensor, dl: torch.Tensor, hc: torch.Tensor, rows_per_step: int) -> None:
@@ -116,43 +196,22 @@ def fused_forward(
     dev, dt = hidden.device, hidden.dtype
     cdt = compute_dtype(dt)
     group = inp.process_group
-    n_rows, h_dim = hidden.shape
-    v_loc = weight.shape[0]
+    h_dim, v_loc = hidden.shape[1], weight.shape[0]
     v_start, v_glob, v_max = shard_layout(v_loc, group, dev)
-    if inp.vocab_start is not None and group is not None and inp.vocab_start != v_start:
-        raise ValueError(f"vocab_start={inp.vocab_start} disagrees with gathered shard layout ({v_start})")
+    if inp.vocab_start is not None and inp.vocab_start != v_start:
+        raise ValueError(f"vocab_start={inp.vocab_start} disagrees with the shard layout (start {v_start})")
     chunk, shard = default_tiles(v_max, inp.chunk_size, inp.vocab_shard)
+    shards = [(v0, min(v0 + shard, v_loc)) for v0 in range(0, v_loc, shard)]
 
-    score_rows = inp.score_rows.to(dev, torch.long)
-    ids = inp.score_token_ids.to(dev, torch.long)
     values = inp.score_values.to(dev, cdt)
     y_all = inp.score_targets.to(dev, cdt)
-    n_sc, k_sc = score_rows.numel(), ids.numel()
-    tgt = effective_targets(inp.targets.to(dev), score_rows, y_all, ids, values, inp.ce_on_score_token).long()
-    if bool(((tgt != IGNORE_INDEX) & ((tgt < 0) | (tgt >= v_glob))).any()) or bool(((ids < 0) | (ids >= v_glob)).any()):
-        raise ValueError(f"target or score token id outside the vocabulary [0, {v_glob})")
-
-    # Gather active rows: ignored prompt rows cost no matmuls at all.
-    ce_mask = tgt != IGNORE_INDEX
-    active_mask = ce_mask.clone()
-    active_mask[score_rows] = True
-    active = torch.nonzero(active_mask).squeeze(1)
-    n_act = active.numel()
-    pos = torch.full((n_rows,), -1, dtype=torch.long, device=dev)
-    pos[active] = torch.arange(n_act, device=dev)
-    score_of_active = torch.full((n_act,), -1, dtype=torch.long, device=dev)
-    score_of_active[pos[score_rows]] = torch.arange(n_sc, device=dev)
-    tgt_act = tgt[active]
-    ce_act = ce_mask[active]
-    n_ce = int(ce_mask.sum())
-    d_ce = resolve_denominator(inp.ce_denominator, n_ce, "ce_denominator")
+    n_sc = inp.score_rows.numel()
+    rows = _plan_rows(hidden.shape[0], inp, values, y_all, v_start, v_loc, v_glob, dev)
+    d_ce = resolve_denominator(inp.ce_denominator, rows.n_ce, "ce_denominator")
     d_mse = resolve_denominator(inp.mse_denominator, n_sc, "mse_denominator")
-    own_t = ce_act & (tgt_act >= v_start) & (tgt_act < v_start + v_loc)
-    tgt_loc = torch.where(own_t, tgt_act - v_start, -1)
-    own_s = (ids >= v_start) & (ids < v_start + v_loc)
-    sc_loc = torch.where(own_s, ids - v_start, -1)
+    n_act = rows.active.numel()
+    h_act = hidden.index_select(0, rows.active)  # ignored prompt rows cost no matmuls at all
 
-    h_act = hidden.index_select(0, active)
     need_grad = need_hidden or need_weight or need_bias
     gh_act = torch.zeros((n_act, h_dim), dtype=cdt, device=dev) if need_hidden else None
     gw = torch.zeros((v_loc, h_dim), dtype=cdt, device=dev) if need_weight else None
@@ -161,39 +220,19 @@ def fused_forward(
     ce_sum = torch.zeros((), dtype=cdt, device=dev)
     sq_sum = torch.zeros((), dtype=cdt, device=dev)
     yhat = torch.zeros((n_sc,), dtype=cdt, device=dev)
-    shards = [(v0, min(v0 + shard, v_loc)) for v0 in range(0, v_loc, shard)]
 
     for c0 in range(0, n_act, chunk):
         c1 = min(c0 + chunk, n_act)
-        n = c1 - c0
-        hc = h_act[c0:c1]
-        t_c = tgt_loc[c0:c1]
-        sr = torch.nonzero(score_of_active[c0:c1] >= 0).squeeze(1)  # chunk-local score rows
-        m_idx = score_of_active[c0:c1][sr]
+        hc, t_loc = h_act[c0:c1], rows.tgt_local[c0:c1]
+        sr = torch.nonzero(rows.score_of[c0:c1] >= 0).squeeze(1)  # chunk-local score rows
+        m_idx = rows.score_of[c0:c1][sr]
 
-        # ---- pass 1: row statistics with an online merge over vocab shards
-        m = torch.full((n,), float("-inf"), dtype=cdt, device=dev)
-        s = torch.zeros((n,), dtype=cdt, device=dev)
-        zt = torch.zeros((n,), dtype=cdt, device=dev)
-        zs = torch.zeros((sr.numel(), k_sc), dtype=cdt, device=dev)
-        kept = None
-        for v0, v1 in shards:
-            tile = _logits_tile(hc, weight, bias, v0, v1)
-            mt, st = tile_stats(tile, cdt)
-            m_new = torch.maximum(m, mt)
-            s = s * torch.exp(m - m_new) + st * torch.exp(mt - m_new)
-            m = m_new
-            rows = torch.nonzero((t_c >= v0) & (t_c < v1)).squeeze(1)
-            zt[rows] = tile[rows, t_c[rows] - v0].to(cdt)
-            ks = torch.nonzero((sc_loc >= v0) & (sc_loc < v1)).squeeze(1)
-            if ks.numel() and sr.numel():
-                zs[:, ks] = tile[sr[:, None], (sc_loc[ks] - v0)[None, :]].to(cdt)
-            if len(shards) == 1 and need_grad:
-                kept = tile
+        # ---- pass 1: row statistics, combined over the vocab-parallel group
+        keep = need_grad and len(shards) == 1
+        m, s, zt, zs, kept = _chunk_stats(hc, weight, bias, shards, t_loc, rows.score_local, sr, cdt, keep)
         m, s, zt, zs = combine_row_stats(m, s, zt, zs, group)
         lse = m + torch.log(s)
-
-        ce_c = ce_act[c0:c1].to(cdt)
+        ce_c = rows.ce[c0:c1].to(cdt)
         ce_sum += ((lse - zt) * ce_c).sum()
         if sr.numel():
             q = torch.softmax(zs, dim=1) if inp.rail_normalize else torch.exp(zs - lse[sr, None])
@@ -204,10 +243,10 @@ def fused_forward(
         if not need_grad:
             continue
 
-        # ---- row coefficients of dlogits (see module docstring)
+        # ---- row coefficients of dlogits = a * p - b * onehot(t) + sum_k e_k onehot(t_k)
         a = ce_c / d_ce
         b = a.clone()
-        e = torch.zeros((n, k_sc), dtype=cdt, device=dev)
+        e = torch.zeros((c1 - c0, values.numel()), dtype=cdt, device=dev)
         if sr.numel():
             g = (2.0 * inp.lam / d_mse) * err
             if inp.rail_normalize:
@@ -216,13 +255,11 @@ def fused_forward(
                 a[sr] -= g * yh
                 e[sr] = g[:, None] * q * values[None, :]
 
-        # ---- pass 2: dlogits per shard, gradients accumulated in fp32 (fp64 for fp64 inputs)
+        # ---- pass 2: dlogits per shard; gradients accumulated in fp32 (fp64 for fp64 inputs)
         for v0, v1 in shards:
             tile = kept if kept is not None else _logits_tile(hc, weight, bias, v0, v1)
             kept = None
-            t_col = torch.where((t_c >= v0) & (t_c < v1), t_c - v0, -1)
-            s_col = torch.where((sc_loc >= v0) & (sc_loc < v1), sc_loc - v0, -1)
-            dl = tile_grad_(tile, lse, a, t_col, b, s_col, e)
+            dl = tile_grad_(tile, lse, a, _in_tile(t_loc, v0, v1), b, _in_tile(rows.score_local, v0, v1), e)
             if gh_act is not None:
                 if dl.dtype == cdt:
                     gh_act[c0:c1].addmm_(dl, weight[v0:v1])
@@ -238,16 +275,15 @@ def fused_forward(
     if gh_act is not None:
         all_reduce_sum_(gh_act, group)  # partial sums over the vocab shards of the group
         grad_hidden = torch.zeros_like(hidden)
-        grad_hidden[active] = gh_act.to(dt)
+        grad_hidden[rows.active] = gh_act.to(dt)
     ce = ce_sum / d_ce
     mse = sq_sum / d_mse
-    loss = ce + inp.lam * mse
     return FusedResult(
-        loss=loss,
+        loss=ce + inp.lam * mse,
         ce=ce,
         mse=mse,
         yhat=yhat,
-        n_ce_tokens=n_ce,
+        n_ce_tokens=rows.n_ce,
         n_score_rows=n_sc,
         grad_hidden=grad_hidden,
         grad_weight=None if gw is None else gw.to(weight.dtype),
