@@ -9,10 +9,11 @@ import torch
 from model_test_utils import SCORE_TOKEN_IDS, SCORE_VALUES, loss_from_full_logits, loss_impls, make_batch
 from peft import LoraConfig, get_peft_model
 
+from tract_dist.models.zero3 import external_param_ids
 from tract_dist.models import (
     build_tiny_model,
     causal_lm_cot_raft_loss,
-    gathered_for_loss,
+    CotRaftCausalLM,
     lm_head_parameters,
     select_loss_rows,
     tiny_llama_config,
@@ -83,7 +84,15 @@ def test_lora_on_lm_head_is_rejected() -> None:
         lm_head_parameters(model)
 
 
-def test_gathered_for_loss_is_identity_without_zero3() -> None:
-    weight = torch.nn.Parameter(torch.randn(3, 2))
-    with gathered_for_loss([weight, None], keep_for_backward=True) as (w, b):
-        assert w is weight and b is None
+def test_head_registers_lm_head_as_zero3_external_params() -> None:
+    model = build_tiny_model(tiny_llama_config(512, tie=True))
+    wrapper = CotRaftCausalLM(model, score_token_ids=SCORE_TOKEN_IDS, score_values=SCORE_VALUES)
+    assert external_param_ids(wrapper.head) == {id(model.model.embed_tokens.weight)}
+    assert list(wrapper.head.parameters()) == []  # the causal LM keeps ownership (no double registration)
+
+
+def test_function_refuses_zero3_partitioned_head() -> None:
+    model = build_tiny_model(tiny_llama_config(512, tie=False))
+    model.lm_head.weight.ds_id, model.lm_head.weight.ds_status = 0, "NOT_AVAILABLE"  # looks partitioned
+    with pytest.raises(RuntimeError, match="CotRaftCausalLM"):
+        causal_lm_cot_raft_loss(model, make_batch(0), score_token_ids=SCORE_TOKEN_IDS, score_values=SCORE_VALUES)

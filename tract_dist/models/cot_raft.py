@@ -18,13 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from .hidden import final_hidden_states, lm_head_parameters, unwrap_causal_lm
-from .zero3 import gathered_for_loss
+from .zero3 import is_zero3_param, register_external_params
 
 IGNORE_INDEX = -100
 Denominator = float | int | torch.Tensor | None
@@ -76,9 +76,118 @@ def _default_loss_fn() -> LossFn:
     return cot_raft_loss
 
 
+class CotRaftOutput(NamedTuple):
+    """The loss output as a NamedTuple: DeepSpeed's module hooks and engine see its tensors."""
+
+    loss: torch.Tensor  # differentiable: ce + lam * mse
+    ce: torch.Tensor
+    mse: torch.Tensor
+    yhat: torch.Tensor  # (M,) expected score of each score row
+    n_ce_tokens: int
+    n_score_rows: int
+
+
+class CotRaftHead(nn.Module):
+    """The CoT-RAFT loss as a module over the lm_head weight, without owning it.
+
+    It exists for ZeRO-3: the lm_head weight/bias are registered as its external parameters, so
+    DeepSpeed gathers them around this module's forward and backward (see :mod:`.zero3`). Hold it
+    as a submodule of the model given to ``deepspeed.initialize`` (as :class:`CotRaftCausalLM` does).
+    Build it after any vocabulary resize: it keeps the Parameter objects it was given.
+    """
+
+    def __init__(
+        self,
+        weight: nn.Parameter,
+        bias: nn.Parameter | None = None,
+        *,
+        score_token_ids: Sequence[int] | torch.Tensor,
+        score_values: Sequence[float] | torch.Tensor,
+        lam: float = 1.0,
+        rail_normalize: bool = False,
+        ce_on_score_token: bool = False,
+        impl: str = "fused",
+        chunk_size: int | None = None,
+        loss_fn: LossFn | None = None,
+        zero3: bool = True,
+    ) -> None:
+        super().__init__()
+        self.head_params = (weight, bias)  # a tuple: not registered, the causal LM owns them
+        self.score_token_ids = [int(t) for t in torch.as_tensor(score_token_ids).tolist()]
+        self.score_values = [float(v) for v in torch.as_tensor(score_values).tolist()]
+        self.lam = lam
+        self.rail_normalize = rail_normalize
+        self.ce_on_score_token = ce_on_score_token
+        self.impl = impl
+        self.chunk_size = chunk_size
+        self.loss_fn = loss_fn
+        if zero3:
+            register_external_params(self, self.head_params)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        targets: torch.Tensor,
+        score_rows: torch.Tensor,
+        score_targets: torch.Tensor,
+        ce_denominator: Denominator = None,
+        mse_denominator: Denominator = None,
+    ) -> CotRaftOutput:
+        """Loss of (N, H) ``hidden`` rows. ``hidden`` is positional on purpose: ZeRO-3's post-backward
+        hook, which releases the gathered weight, is attached to positional inputs only."""
+        weight, bias = self.head_params
+        if is_zero3_param(weight) and weight.data.numel() == 0:
+            raise RuntimeError(
+                "lm_head weight is partitioned inside CotRaftHead.forward: the head must be a submodule of "
+                "the model passed to deepspeed.initialize (e.g. use CotRaftCausalLM)"
+            )
+        real = torch.float64 if hidden.dtype == torch.float64 else torch.float32  # float64 runs stay exact
+        device = hidden.device
+        fn = self.loss_fn if self.loss_fn is not None else _default_loss_fn()
+        extra = {} if self.chunk_size is None else {"chunk_size": self.chunk_size}
+        out = fn(
+            hidden,
+            weight,
+            targets,
+            score_rows,
+            score_targets.to(device=device, dtype=real),
+            torch.tensor(self.score_token_ids, dtype=torch.long, device=device),
+            torch.tensor(self.score_values, dtype=real, device=device),
+            bias=bias,
+            lam=self.lam,
+            rail_normalize=self.rail_normalize,
+            ce_on_score_token=self.ce_on_score_token,
+            ce_denominator=ce_denominator,
+            mse_denominator=mse_denominator,
+            impl=self.impl,
+            **extra,
+        )
+        return CotRaftOutput(
+            out.loss,
+            out.ce,
+            out.mse,
+            out.yhat,
+            int(getattr(out, "n_ce_tokens", -1)),
+            int(getattr(out, "n_score_rows", score_rows.numel())),
+        )
+
+
+def _loss_through_head(
+    lm: nn.Module,
+    head: CotRaftHead,
+    batch: Mapping[str, torch.Tensor | None],
+    ce_denominator: Denominator,
+    mse_denominator: Denominator,
+) -> CotRaftOutput:
+    hidden = final_hidden_states(lm, batch["input_ids"], batch.get("attention_mask"))
+    rows = select_loss_rows(batch["labels"], batch["score_positions"], batch["score_targets"])
+    flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.row_index)
+    return head(flat, rows.targets, rows.score_rows, rows.score_targets, ce_denominator, mse_denominator)
+
+
 def causal_lm_cot_raft_loss(
     model: nn.Module,
-    batch: Mapping[str, torch.Tensor],
+    batch: Mapping[str, torch.Tensor | None],
     *,
     score_token_ids: Sequence[int] | torch.Tensor,
     score_values: Sequence[float] | torch.Tensor,
@@ -90,63 +199,52 @@ def causal_lm_cot_raft_loss(
     impl: str = "fused",
     chunk_size: int | None = None,
     loss_fn: LossFn | None = None,
-) -> Any:
+) -> CotRaftOutput:
     """CoT-RAFT loss of ``model`` (HF causal LM or PEFT-wrapped) on ``batch``, never forming (B, T, V) logits.
 
-    ``ce_denominator`` / ``mse_denominator`` default to this call's counts; pass global counts for
-    gradient accumulation or data parallelism (under DeepSpeed, which averages gradients over ranks,
-    pass ``global_count / world_size``). Returns the loss function's output (``.loss``, ``.ce``,
-    ``.mse``, ``.yhat``). Under ZeRO-3 every rank must call it (the lm_head gather is a collective).
+    For plain PyTorch and PEFT models; under DeepSpeed ZeRO-3 use :class:`CotRaftCausalLM` as the
+    engine's module (its loss head is hooked by ZeRO-3). ``ce_denominator`` / ``mse_denominator``
+    default to this call's counts; pass global counts for gradient accumulation or data parallelism
+    (DeepSpeed averages gradients over ranks, so there pass ``global_count / world_size``).
     ``chunk_size`` (fused tile rows) is passed on only when set. ``loss_fn`` defaults to
     :func:`tract_dist.loss.cot_raft_loss`.
     """
     lm = unwrap_causal_lm(model)
-    hidden = final_hidden_states(lm, batch["input_ids"], batch.get("attention_mask"))
-    rows = select_loss_rows(batch["labels"], batch["score_positions"], batch["score_targets"])
-    flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.row_index)
-
-    device = flat.device
-    real = torch.float64 if flat.dtype == torch.float64 else torch.float32  # float64 runs stay exact
-    token_ids = torch.as_tensor(score_token_ids, dtype=torch.long, device=device)
-    values = torch.as_tensor(score_values, dtype=real, device=device)
-    fn = loss_fn if loss_fn is not None else _default_loss_fn()
-    extra = {} if chunk_size is None else {"chunk_size": chunk_size}
     weight, bias = lm_head_parameters(lm)
-    with gathered_for_loss([weight, bias], keep_for_backward=impl != "fused") as (w, b):
-        return fn(
-            flat,
-            w,
-            rows.targets,
-            rows.score_rows,
-            rows.score_targets.to(device=device, dtype=real),
-            token_ids,
-            values,
-            bias=b,
-            lam=lam,
-            rail_normalize=rail_normalize,
-            ce_on_score_token=ce_on_score_token,
-            ce_denominator=ce_denominator,
-            mse_denominator=mse_denominator,
-            impl=impl,
-            **extra,
-        )
+    if is_zero3_param(weight):
+        raise RuntimeError("lm_head is a ZeRO-3 parameter: wrap the model in CotRaftCausalLM before deepspeed.initialize")
+    head = CotRaftHead(
+        weight,
+        bias,
+        score_token_ids=score_token_ids,
+        score_values=score_values,
+        lam=lam,
+        rail_normalize=rail_normalize,
+        ce_on_score_token=ce_on_score_token,
+        impl=impl,
+        chunk_size=chunk_size,
+        loss_fn=loss_fn,
+        zero3=False,
+    )
+    return _loss_through_head(lm, head, batch, ce_denominator, mse_denominator)
 
 
 class CotRaftCausalLM(nn.Module):
-    """A causal LM whose ``forward(**batch)`` returns the CoT-RAFT loss output.
+    """A causal LM whose ``forward(**batch)`` returns the CoT-RAFT loss (:class:`CotRaftOutput`).
 
-    This is the module to hand to ``deepspeed.initialize``: the engine's root-module hooks (ZeRO-3
-    step reset, parameter trace) then run on every ``engine(**batch)``, while the decoder's own
-    submodule hooks gather and release the layers. The loss settings are fixed at construction; the
-    denominators, which change per step, are forward arguments.
+    The module to hand to ``deepspeed.initialize`` (build it before, so ZeRO-3 hooks its loss head):
+    the decoder's submodule hooks gather and release the layers, the :class:`CotRaftHead` hooks the
+    lm_head weight, and the root hooks (ZeRO-3 step reset, parameter trace) run on every
+    ``engine(**batch)``. Loss settings are fixed at construction; the denominators, which change per
+    step, are forward arguments. Works unchanged without DeepSpeed and with PEFT models.
     """
 
     def __init__(
         self,
         model: nn.Module,
         *,
-        score_token_ids: Sequence[int],
-        score_values: Sequence[float],
+        score_token_ids: Sequence[int] | torch.Tensor,
+        score_values: Sequence[float] | torch.Tensor,
         lam: float = 1.0,
         rail_normalize: bool = False,
         ce_on_score_token: bool = False,
@@ -155,16 +253,20 @@ class CotRaftCausalLM(nn.Module):
         loss_fn: LossFn | None = None,
     ) -> None:
         super().__init__()
-        unwrap_causal_lm(model)  # fail at construction, not at the first step
+        weight, bias = lm_head_parameters(model)  # fails here, not at the first step, if unsupported
         self.lm = model
-        self.score_token_ids = [int(t) for t in score_token_ids]
-        self.score_values = [float(v) for v in score_values]
-        self.lam = lam
-        self.rail_normalize = rail_normalize
-        self.ce_on_score_token = ce_on_score_token
-        self.impl = impl
-        self.chunk_size = chunk_size
-        self.loss_fn = loss_fn
+        self.head = CotRaftHead(
+            weight,
+            bias,
+            score_token_ids=score_token_ids,
+            score_values=score_values,
+            lam=lam,
+            rail_normalize=rail_normalize,
+            ce_on_score_token=ce_on_score_token,
+            impl=impl,
+            chunk_size=chunk_size,
+            loss_fn=loss_fn,
+        )
 
     def forward(
         self,
@@ -175,7 +277,10 @@ class CotRaftCausalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         ce_denominator: Denominator = None,
         mse_denominator: Denominator = None,
-    ) -> Any:
+    ) -> CotRaftOutput:
+        # No ``self.lm.lm_head.weight`` here: under a ZeRO-3 engine, reading a partitioned parameter
+        # through its module during forward makes DeepSpeed gather it and register it as external to
+        # the module running (this root), keeping the full lm_head for the whole forward.
         batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -183,17 +288,4 @@ class CotRaftCausalLM(nn.Module):
             "score_positions": score_positions,
             "score_targets": score_targets,
         }
-        return causal_lm_cot_raft_loss(
-            self.lm,
-            batch,
-            score_token_ids=self.score_token_ids,
-            score_values=self.score_values,
-            lam=self.lam,
-            rail_normalize=self.rail_normalize,
-            ce_on_score_token=self.ce_on_score_token,
-            ce_denominator=ce_denominator,
-            mse_denominator=mse_denominator,
-            impl=self.impl,
-            chunk_size=self.chunk_size,
-            loss_fn=self.loss_fn,
-        )
+        return _loss_through_head(self.lm, self.head, batch, ce_denominator, mse_denominator)

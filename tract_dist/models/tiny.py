@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from .zero3 import is_zero3_param
 
 
 def tiny_llama_config(
@@ -52,11 +54,33 @@ def build_tiny_model(
     Weights are drawn from a private generator rather than HF's initialiser so that two builds, in
     different processes or under DeepSpeed, can be compared parameter by parameter. Norm weights get a
     small perturbation around 1 so that their gradients are non-trivial.
+
+    With a live ``HfDeepSpeedConfig`` for ZeRO-3 the model is born partitioned (``from_config`` enters
+    ``deepspeed.zero.Init``) and the weights are written one gathered parameter at a time, so no rank
+    ever holds the whole model; every rank must call this then. ``dtype`` must stay float32 in that
+    case (DeepSpeed's config decides the training dtype).
     """
     config = config if config is not None else tiny_llama_config()
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
+    if any(is_zero3_param(p) for p in model.parameters()):
+        if dtype != torch.float32:
+            raise ValueError("under ZeRO-3 build in float32 and let the DeepSpeed config pick the dtype")
+        _fill_deterministic_zero3_(model, seed=seed)
+        return model
     fill_deterministic_(model, seed=seed)
     return model.to(dtype)
+
+
+@torch.no_grad()
+def _fill_deterministic_zero3_(model: torch.nn.Module, *, seed: int) -> None:
+    import deepspeed
+
+    values = deterministic_state_dict(model, seed=seed)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):  # rank 0 writes, then broadcast
+            if rank == 0:
+                param.data.copy_(values[name].to(param.dtype))
 
 
 @torch.no_grad()

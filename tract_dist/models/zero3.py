@@ -1,30 +1,34 @@
-"""Use ZeRO-3 partitioned parameters in a computation that runs outside any module's forward.
+"""Let ZeRO-3 manage the lm_head weight that the fused loss reads outside the lm_head's forward.
 
-DeepSpeed ZeRO-3 gathers a parameter only around the forward/backward of the module that owns it
-(module hooks). The fused CoT-RAFT loss reads the lm_head weight directly, never calling the lm_head
-module, so no hook fires. Why ``GatheredParameters`` (DeepSpeed 0.19.8) and not
-``register_external_parameter``:
+DeepSpeed ZeRO-3 gathers a parameter only around the forward and the backward of a module that
+owns it (module hooks). The fused CoT-RAFT loss reads the lm_head weight directly and never calls the
+lm_head module, so no hook of the lm_head fires. Findings for DeepSpeed 0.19.8 / torch 2.13:
 
-* ``register_external_parameter(m, p)`` makes ``m``'s pre-forward hook fetch ``p`` and its pre-backward
-  hook fetch it again. Registered on the root module, the full weight would be held through the whole
-  decoder forward and re-gathered at the start of backward, which the fused loss does not need (it
-  computes the weight gradient during its forward; its backward only rescales).
-* ``GatheredParameters([p], modifier_rank=None)`` all-gathers exactly for the loss's forward and frees
-  the full copy on exit. The Parameter object is used while full, so autograd's AccumulateGrad node is
-  created with the full shape; in backward the full (V, H) gradient lands in ``p.grad`` and fires
-  ZeRO-3's post-accumulate-grad hook (``reduce_partition_and_remove_grads``), which reduce-scatters it
-  into this rank's partition. With tied embeddings the embedding's and the loss's contributions are
-  summed by autograd before that single hook.
+* ``GatheredParameters`` around the loss's forward is NOT enough, even though the fused backward never
+  reads the weight. In backward, autograd's AccumulateGrad copies the (V, H) gradient into a tensor
+  laid out like the parameter (``clone_obey_contract``); a released ZeRO-3 parameter has shape
+  ``(0,)``, so this fails ("size of tensor a (0) must match ... (64)"). It only works by accident
+  with tied embeddings, where the embedding module's pre-backward hook has re-gathered the weight.
+* ``register_external_parameter(module, p)`` is the supported mechanism: ``module``'s hooks then
+  fetch ``p`` before its forward, release it after, fetch it again when the gradient reaches the
+  module's outputs (pre-backward) and release it when the gradient has left through its inputs
+  (post-backward). AccumulateGrad nodes run first among ready nodes, so the full gradient is
+  accumulated while ``p`` is gathered; ZeRO-3's post-accumulate-grad hook
+  (``reduce_partition_and_remove_grads``) then reduce-scatters it into each rank's partition and
+  drops the full gradient. With tied embeddings autograd sums the embedding's and the loss's
+  contributions before that single hook, and ``ds_active_sub_modules`` keeps the shared parameter
+  gathered while either module uses it.
 
-Only parameters that are ``NOT_AVAILABLE`` are gathered: one the ZeRO coordinator already holds (a
-persistent small parameter, or the tied embedding kept for reuse) is used as is, since releasing it
-on exit would corrupt the coordinator's bookkeeping.
+So the loss runs inside a small module (:class:`tract_dist.models.cot_raft.CotRaftHead`) that owns no
+parameters but registers the lm_head weight/bias as external parameters, and that module must be
+part of the model given to ``deepspeed.initialize`` (its hooks are installed there). The cost is
+ZeRO-3's usual one for an lm_head: one all-gather of the weight in forward and one in backward,
+each held only while the loss runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterable
 
 import torch
 
@@ -34,39 +38,19 @@ def is_zero3_param(param: torch.Tensor | None) -> bool:
     return param is not None and hasattr(param, "ds_id") and hasattr(param, "ds_status")
 
 
-def _status_name(param: torch.Tensor) -> str:
-    return getattr(param.ds_status, "name", str(param.ds_status))
+def register_external_params(module: torch.nn.Module, params: Iterable[torch.nn.Parameter | None]) -> None:
+    """Make ``module``'s ZeRO-3 hooks gather ``params`` around its forward and backward.
 
-
-@contextmanager
-def gathered_for_loss(
-    params: Sequence[torch.nn.Parameter | None], *, keep_for_backward: bool = False
-) -> Iterator[list[torch.Tensor | None]]:
-    """Yield tensors with the full data of ``params`` that carry gradient back to the parameters.
-
-    For plain (non-ZeRO-3) parameters this is a no-op that yields them unchanged. Under ZeRO-3 the
-    partitioned ones are all-gathered for the body of the ``with`` and released afterwards; every
-    rank must enter it (it is a collective).
-
-    ``keep_for_backward=True`` is for losses whose backward reads the weight (the logits-materialising
-    reference): ZeRO-3 parameters are then yielded as ``param.clone()``, a full copy that autograd keeps
-    until backward while the parameter itself is released. Its gradient still flows to the parameter.
+    Safe to call before ``deepspeed.initialize`` (even on a model that DeepSpeed converts to ZeRO-3
+    there: registration is by Parameter identity) and harmless without DeepSpeed.
     """
-    zero = [p for p in params if is_zero3_param(p)]
-    if not zero:
-        yield list(params)
-        return
-    to_gather = [p for p in zero if _status_name(p) == "NOT_AVAILABLE"]
-    inflight = [p for p in zero if _status_name(p) == "INFLIGHT"]
-    if inflight:  # GatheredParameters would skip it and hand out a half-received buffer
-        raise RuntimeError(f"ZeRO-3 parameter(s) {[p.ds_id for p in inflight]} are in flight; cannot gather")
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
-    if to_gather:
-        import deepspeed
+    for param in params:
+        if param is not None:
+            register_external_parameter(module, param)
 
-        ctx = deepspeed.zero.GatheredParameters(to_gather, modifier_rank=None)
-    else:
-        ctx = nullcontext()
-    with ctx:
-        zero_ids = {id(p) for p in zero}
-        yield [p.clone() if keep_for_backward and id(p) in zero_ids else p for p in params]
+
+def external_param_ids(module: torch.nn.Module) -> set[int]:
+    """Ids of the parameters registered as external to ``module`` (empty if none)."""
+    return set(getattr(module, "_external_params", {}).keys())
