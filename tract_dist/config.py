@@ -29,7 +29,7 @@ class LoraSection(_Section):
     alpha: float = Field(32.0, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    merge_on_export: bool = False
+    merge_on_export: bool = True  # later stages (generation, judge) load export/model
 
 
 class ModelSection(_Section):

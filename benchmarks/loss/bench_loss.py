@@ -164,6 +164,9 @@ def run_config(args, device, dtype, n, v, kind, impls: dict[str, LossFn | None],
         if fn is None:
             row["status"] = notes[name]
             continue
+        if name == "naive_sliced" and n_active == n and not args.sliced_uniform:
+            row["status"] = "skipped (every row active: same work as naive; --sliced-uniform runs it)"
+            continue
         try:
             with torch.no_grad():
                 row["loss"] = float(fn(b))
@@ -243,6 +246,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", default="uniform,realistic")
     p.add_argument("--impls", default="naive,naive_sliced,fused,liger")
     p.add_argument("--compile", action="store_true", help="also run torch.compile(naive)")
+    p.add_argument("--sliced-uniform", action="store_true", help="run naive_sliced on uniform batches too")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--out", default=None, help="default benchmarks/results/loss-<machine>.json")

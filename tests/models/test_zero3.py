@@ -22,7 +22,8 @@ from tract_dist.models import build_tiny_model, causal_lm_cot_raft_loss, tiny_ll
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-CASES = [(True, "fused"), (False, "fused"), (True, "reference"), (False, "reference")]
+CASES = [(True, "fused", False), (False, "fused", False), (True, "reference", False), (False, "reference", False),
+         (True, "fused", True)]  # fmt: skip
 WORLD = 2
 
 
@@ -40,7 +41,7 @@ def zero3_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
         str(HERE / "zero3_worker.py"), "--out", str(out),
-        "--cases", ",".join(f"{int(tie)}:{impl}" for tie, impl in CASES),
+        "--cases", ",".join(f"{int(tie)}:{impl}" + (":lora" if lora else "") for tie, impl, lora in CASES),
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
     if proc.returncode != 0 or not (out / "done").exists():
@@ -49,25 +50,30 @@ def zero3_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _plain_step(tie: bool, impl: str) -> dict:
+def _plain_step(tie: bool, impl: str, lora: bool) -> dict:
     """The same step without DeepSpeed: one process, the concatenated batch, local denominators."""
     model = build_tiny_model(tiny_llama_config(512, tie=tie), seed=worker.SEED)
+    model = worker.with_lora(model) if lora else model
     batch = concat_batches(*(worker.rank_batch(r) for r in range(WORLD)))
     out = causal_lm_cot_raft_loss(model, batch, score_token_ids=SCORE_TOKEN_IDS, score_values=SCORE_VALUES, impl=impl)
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
     out.loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-    optimizer = torch.optim.AdamW(model.parameters(), **worker.ADAMW)
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **worker.ADAMW)
     optimizer.step()
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    return {"loss": out.loss.detach().double(), "grads": grads, "weights": weights}
+    return {"loss": out.loss.detach().double(), "grads": grads, "weights": weights, "init": init}
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("tie,impl", CASES, ids=[f"{'tied' if t else 'untied'}-{i}" for t, i in CASES])
-def test_zero3_step_matches_plain_pytorch(zero3_results: Path, tie: bool, impl: str) -> None:
-    got = torch.load(zero3_results / f"tie{int(tie)}-{impl}.pt", weights_only=True)
-    want = _plain_step(tie, impl)
+@pytest.mark.parametrize(
+    "tie,impl,lora", CASES, ids=[f"{'tied' if t else 'untied'}-{i}{'-lora' if lo else ''}" for t, i, lo in CASES]
+)
+def test_zero3_step_matches_plain_pytorch(zero3_results: Path, tie: bool, impl: str, lora: bool) -> None:
+    got = torch.load(zero3_results / worker.case_file(tie, impl, lora), weights_only=True)
+    want = _plain_step(tie, impl, lora)
 
     # Partitioning is real: each rank holds half (up to alignment padding), nothing stays gathered,
     # and only the lm_head weight is gathered while the loss runs (not during the decoder).
@@ -83,10 +89,11 @@ def test_zero3_step_matches_plain_pytorch(zero3_results: Path, tie: bool, impl: 
     for name, grad in want["grads"].items():
         assert grad.abs().max() > 0, name
         torch.testing.assert_close(got["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"grad {name}: {m}")
-    # AdamW's first step moves each weight by about lr * sign(g): compare the weights to 1% of lr,
-    # after checking that the step did happen.
+    # AdamW's first step moves each trained weight by about lr * sign(g): compare the weights to 1% of
+    # lr, after checking that exactly the trained weights moved.
     lr = worker.ADAMW["lr"]
-    init = build_tiny_model(tiny_llama_config(512, tie=tie), seed=worker.SEED).state_dict()
+    assert got["weights"].keys() == want["weights"].keys()
     for name, weight in want["weights"].items():
-        assert (weight - init[name]).abs().max() > 0.5 * lr, name
+        moved = (weight - want["init"][name]).abs().max()
+        assert moved > 0.5 * lr if name in want["grads"] else moved == 0, name
         torch.testing.assert_close(got["weights"][name], weight, rtol=0, atol=0.01 * lr, msg=lambda m: f"{name}: {m}")

@@ -62,23 +62,28 @@ def global_counts(batch: dict) -> tuple[float, float]:
     return float(counts[0]), float(counts[1])
 
 
-def run_case(tie: bool, impl: str, out: Path, rank: int, world: int) -> None:
+def with_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """LoRA on attention and MLP (random A and B, same on every rank and in the plain run)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(SEED)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    return get_peft_model(model, config)
+
+
+def run_case(tie: bool, impl: str, lora: bool, out: Path, rank: int, world: int) -> None:
     config = ds_config(world)
     hf_ds = HfDeepSpeedConfig(config)  # noqa: F841 - must stay alive while the model is built
-    model = build_tiny_model(tiny_llama_config(512, tie=tie), seed=SEED)
-    params = list(model.parameters())
-    assert all(hasattr(p, "ds_id") for p in params), "model was not born partitioned"
-    head, embed = model.lm_head.weight, model.model.embed_tokens.weight
+    base = build_tiny_model(tiny_llama_config(512, tie=tie), seed=SEED)
+    assert all(hasattr(p, "ds_id") for p in base.parameters()), "model was not born partitioned"
+    head, embed = base.lm_head.weight, base.model.embed_tokens.weight
     assert (head is embed) == tie
-    local_numel = torch.tensor([sum(p.ds_tensor.numel() for p in params)])
-    all_local = [torch.zeros_like(local_numel) for _ in range(world)]
-    dist.all_gather(all_local, local_numel)
-    total_numel = sum(p.ds_numel for p in params)
-    resident_after_build = sum(p.data.numel() for p in params)
+    resident_after_build = sum(p.data.numel() for p in base.parameters())
+    model = with_lora(base) if lora else base
 
     available_at_loss: list[int] = []
     head_status_in_decoder: list[str] = []
-    model.model.layers[-1].register_forward_hook(lambda *_: head_status_in_decoder.append(head.ds_status.name))
+    base.model.layers[-1].register_forward_hook(lambda *_: head_status_in_decoder.append(head.ds_status.name))
 
     def observed_loss(*args, **kwargs):
         # What is gathered while the loss runs: must be the lm_head weight only.
@@ -88,7 +93,13 @@ def run_case(tie: bool, impl: str, out: Path, rank: int, world: int) -> None:
     wrapper = CotRaftCausalLM(
         model, score_token_ids=SCORE_TOKEN_IDS, score_values=SCORE_VALUES, impl=impl, loss_fn=observed_loss
     )
-    engine, _, _, _ = deepspeed.initialize(model=wrapper, model_parameters=wrapper.parameters(), config=config)
+    trainable = [p for p in wrapper.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=wrapper, model_parameters=trainable, config=config)
+    params = list(model.parameters())  # LoRA parameters are partitioned by deepspeed.initialize
+    local_numel = torch.tensor([sum(p.ds_tensor.numel() for p in params)])
+    all_local = [torch.zeros_like(local_numel) for _ in range(world)]
+    dist.all_gather(all_local, local_numel)
+    total_numel = sum(p.ds_numel for p in params)
 
     batch = rank_batch(rank)
     ce_count, score_count = global_counts(batch)
@@ -96,7 +107,7 @@ def run_case(tie: bool, impl: str, out: Path, rank: int, world: int) -> None:
     result = engine(**batch, ce_denominator=ce_count / world, mse_denominator=score_count / world)
     engine.backward(result.loss)
     local_grad_left = sum(0 if p.grad is None else p.grad.numel() for p in params)
-    grads = {name: safe_get_full_grad(p).detach().clone() for name, p in model.named_parameters()}
+    grads = {name: safe_get_full_grad(p).detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     resident_after_backward = sum(p.data.numel() for p in params)
     engine.step()
     resident_after_step = sum(p.data.numel() for p in params)
@@ -124,23 +135,27 @@ def run_case(tie: bool, impl: str, out: Path, rank: int, world: int) -> None:
                 "resident_after_step": resident_after_step,
                 "local_grad_left": local_grad_left,
             },
-            out / f"tie{int(tie)}-{impl}.pt",
+            out / case_file(tie, impl, lora),
         )
     engine.destroy()
     dist.barrier()
 
 
+def case_file(tie: bool, impl: str, lora: bool) -> str:
+    return f"tie{int(tie)}-{impl}{'-lora' if lora else ''}.pt"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--cases", default="1:fused,0:fused,1:reference,0:reference")
+    parser.add_argument("--cases", default="1:fused,0:fused,1:reference,0:reference,1:fused:lora")
     args = parser.parse_args()
     torch.manual_seed(0)
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     for case in args.cases.split(","):
-        tie, impl = case.split(":")
-        run_case(bool(int(tie)), impl, args.out, rank, world)
+        tie, impl, *lora = case.split(":")
+        run_case(bool(int(tie)), impl, lora == ["lora"], args.out, rank, world)
     dist.barrier()
     if rank == 0:
         (args.out / "done").write_text(os.environ.get("WORLD_SIZE", "?"))

@@ -180,6 +180,7 @@ def test_lora_with_torchrun_changes_only_adapters(work, vicuna_path):
     for k, v in sd.items():
         if "lora_" not in k:
             name = k[len("lm.base_model.model."):].replace(".base_layer.", ".")
+            name = "model.embed_tokens.weight" if name == "lm_head.weight" else name  # tied
             torch.testing.assert_close(v, init[name], rtol=0, atol=0)  # base weights untouched
     adapted = PeftModel.from_pretrained(base, str(result.export_dir / "adapter")).eval()
     merged = AutoModelForCausalLM.from_pretrained(str(result.export_dir / "model")).eval()
@@ -202,7 +203,6 @@ def test_real_smollm2_trains_a_couple_of_steps(work, vicuna_path):
     result = run_training(cfg, run_name="smol", launcher="inline")
     steps = _steps(result.run_dir)
     assert len(steps) == 2 and all(0 < s["ce"] < 5 for s in steps)  # a trained model, not a random one
-    assert all(1 <= s["mae"] + 0 for s in steps) or True
     model = AutoModelForCausalLM.from_pretrained(str(result.export_dir / "model"))
     assert sum(p.numel() for p in model.parameters()) > 100e6
 
