@@ -95,52 +95,10 @@ def loss_from_full_logits(
     return SimpleNamespace(loss=ce + lam * mse, ce=ce, mse=mse, yhat=torch.stack(yhat), n_ce=len(nll), n_sc=len(sq))
 
 
-def standin_cot_raft_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    score_rows: torch.Tensor,
-    score_targets: torch.Tensor,
-    score_token_ids: torch.Tensor,
-    score_values: torch.Tensor,
-    *,
-    bias: torch.Tensor | None = None,
-    lam: float = 1.0,
-    rail_normalize: bool = False,
-    ce_on_score_token: bool = False,
-    ce_denominator: Any = None,
-    mse_denominator: Any = None,
-    impl: str = "reference",
-) -> SimpleNamespace:
-    """Stand-in for ``tract_dist.loss.cot_raft_loss`` (same signature): materialised logits + autograd."""
-    logits = hidden @ weight.T
-    if bias is not None:
-        logits = logits + bias
-    logp = F.log_softmax(logits, dim=-1)
-    tgt = targets.clone()
-    if ce_on_score_token and score_rows.numel():
-        tgt[score_rows] = torch.tensor([_nearest_token(float(g)) for g in score_targets], dtype=tgt.dtype)
-    valid = tgt != IGNORE
-    nll = -logp[valid].gather(1, tgt[valid][:, None]).squeeze(1)
-    ce = nll.sum() / (float(ce_denominator) if ce_denominator is not None else max(int(valid.sum()), 1))
-    if rail_normalize:
-        p = torch.softmax(logits[score_rows][:, score_token_ids], dim=-1)
-    else:
-        p = logp[score_rows][:, score_token_ids].exp()
-    yhat = p @ score_values.to(p.dtype)
-    sq = (yhat - score_targets.to(p.dtype)) ** 2
-    mse = sq.sum() / (float(mse_denominator) if mse_denominator is not None else max(score_rows.numel(), 1))
-    return SimpleNamespace(loss=ce + lam * mse, ce=ce.detach(), mse=mse.detach(), yhat=yhat.detach())
-
-
-
-
 def loss_impls() -> list[tuple[str, Any]]:
-    """(impl, loss_fn) pairs to run: the real ``cot_raft_loss`` (both impls) once it exists, else the stand-in."""
-    try:
-        from tract_dist.loss import cot_raft_loss
-    except ImportError:
-        return [("reference", standin_cot_raft_loss)]
+    """(impl, loss_fn) pairs every loss-level test runs: the real ``cot_raft_loss``, fused and reference."""
+    from tract_dist.loss import cot_raft_loss
+
     return [("fused", cot_raft_loss), ("reference", cot_raft_loss)]
 
 

@@ -9,6 +9,7 @@ tied embeddings summed with the embedding's) reached the partitions and was aver
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -43,10 +44,18 @@ def zero3_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
         str(HERE / "zero3_worker.py"), "--out", str(out),
         "--cases", ",".join(f"{int(tie)}:{impl}" + (":lora" if lora else "") for tie, impl, lora in CASES),
     ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    # Own process group, so a hang kills torchrun *and* its workers (a plain timeout orphans them).
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"ZeRO-3 worker timed out:\n{stdout[-4000:]}\n{stderr[-8000:]}")
     if proc.returncode != 0 or not (out / "done").exists():
-        pytest.fail(f"ZeRO-3 worker failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    assert "unknown inputs or outputs type" not in proc.stdout + proc.stderr  # hooks saw every output tensor
+        pytest.fail(f"ZeRO-3 worker failed (rc={proc.returncode}):\n{stdout[-4000:]}\n{stderr[-8000:]}")
+    assert "unknown inputs or outputs type" not in stdout + stderr  # hooks saw every output tensor
     return out
 
 

@@ -212,7 +212,9 @@ def causal_lm_cot_raft_loss(
     lm = unwrap_causal_lm(model)
     weight, bias = lm_head_parameters(lm)
     if is_zero3_param(weight):
-        raise RuntimeError("lm_head is a ZeRO-3 parameter: wrap the model in CotRaftCausalLM before deepspeed.initialize")
+        raise RuntimeError(
+            "lm_head is a ZeRO-3 parameter: wrap the model in CotRaftCausalLM before deepspeed.initialize"
+        )
     head = CotRaftHead(
         weight,
         bias,
