@@ -12,6 +12,10 @@ from typing import Any
 import torch
 
 TINY_ALIAS = "tiny-llama"
+# Randomly initialised Llama-3-shaped models for throughput benchmarks (no weights to download).
+RANDOM_ALIASES = {
+    "random-llama-1b": dict(hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, intermediate_size=8192),
+}
 
 
 def attn_implementation(requested: str | None, use_cuda: bool) -> str:
@@ -38,14 +42,18 @@ def load_training_model(cfg: Any, tokenizer: Any, *, use_cuda: bool) -> torch.nn
 
     m = cfg.model
     attn = attn_implementation(m.attn_implementation, use_cuda)
-    if m.name_or_path == TINY_ALIAS:
+    if m.name_or_path == TINY_ALIAS or m.name_or_path in RANDOM_ALIASES:
         from tract_dist.models.tiny import build_tiny_model, tiny_llama_config
 
-        config = tiny_llama_config(len(tokenizer), tie=True, max_position_embeddings=max(256, cfg.data.max_length),
-                                   attn_implementation=attn)
+        shape = RANDOM_ALIASES.get(m.name_or_path, {})
+        config = tiny_llama_config(len(tokenizer), tie=not shape, max_position_embeddings=max(256, cfg.data.max_length),
+                                   attn_implementation=attn, **shape)
         config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
         config.pad_token_id = tokenizer.pad_token_id
-        model = build_tiny_model(config, seed=cfg.training.seed)
+        if shape:  # HF's own initialiser: the deterministic float64 fill is for tiny test models only
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        else:
+            model = build_tiny_model(config, seed=cfg.training.seed)
     else:
         path, extra = model_source(m.name_or_path)
         # fp32 master weights under DeepSpeed; its bf16 setting casts the working copy.

@@ -42,10 +42,10 @@ def fingerprint(cfg: Config, *extra: str) -> str:
 def preflight(cfg: Config) -> None:
     """Fail before any worker starts on what can be checked here."""
     from tract_dist.data.assets import ALIASES
-    from tract_dist.train.model_init import TINY_ALIAS
+    from tract_dist.train.model_init import RANDOM_ALIASES, TINY_ALIAS
 
     name = cfg.model.name_or_path
-    if name not in ALIASES + (TINY_ALIAS,):
+    if name not in ALIASES + (TINY_ALIAS, *RANDOM_ALIASES):
         p = Path(name).expanduser()
         looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1
         if looks_local and not p.exists():
@@ -53,8 +53,8 @@ def preflight(cfg: Config) -> None:
                               f"name like org/model, or an alias ({', '.join(ALIASES[2:] + (TINY_ALIAS,))})")
         if os.environ.get("HF_HUB_OFFLINE") == "1" and not p.exists():
             raise ConfigError(f"model.name_or_path: '{name}' is not local and HF_HUB_OFFLINE=1")
-    if name == TINY_ALIAS and not cfg.model.tokenizer:
-        raise ConfigError("model.tokenizer: required with model.name_or_path=tiny-llama (e.g. smollm2)")
+    if (name == TINY_ALIAS or name in RANDOM_ALIASES) and not cfg.model.tokenizer:
+        raise ConfigError(f"model.tokenizer: required with model.name_or_path={name} (e.g. smollm2, llama3)")
     if cfg.loss.impl not in ("fused", "reference"):
         raise ConfigError(f"loss.impl: unknown {cfg.loss.impl}")
 

@@ -157,10 +157,12 @@ def train_worker(loop: dict[str, Any]) -> None:
     export_dir = Path(loop.get("export_dir") or run_dir / "export")
     export_model(engine, model, tokenizer, cfg, export_dir, rank)
     dist.barrier()
+    peak_rss = torch.tensor([_peak_rss_gb()], dtype=torch.float64)
+    dist.all_reduce(peak_rss, op=dist.ReduceOp.MAX)
     if rank == 0:
         (run_dir / "train_result.json").write_text(json.dumps(
             {"export_dir": str(export_dir), "steps": plan.total_steps, "start_step": start_step,
-             "params_total": n_params, "params_per_rank": [int(x) for x in per_rank],
+             "params_total": n_params, "peak_rss_gb": peak_rss.item(), "params_per_rank": [int(x) for x in per_rank],
              "final_metrics": metrics}, indent=2))
 
 
@@ -184,6 +186,13 @@ def _mfu(n_params: int, tokens_per_s_per_gpu: float) -> float:
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in _PEAK_FLOPS.items() if k in name), None)
     return 6 * n_params * tokens_per_s_per_gpu / peak if peak else float("nan")
+
+
+def _peak_rss_gb() -> float:
+    """This process's peak resident memory (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _float(x: Any) -> float:
@@ -223,10 +232,10 @@ def _first_failure(run_dir: Path) -> bool:
 
 
 def _tokenizer_source(cfg: Config) -> str:
-    from tract_dist.train.model_init import TINY_ALIAS
+    from tract_dist.train.model_init import RANDOM_ALIASES, TINY_ALIAS
 
-    if cfg.model.name_or_path == TINY_ALIAS:
-        raise ValueError("model.tokenizer must be set for the tiny-llama model")
+    if cfg.model.name_or_path == TINY_ALIAS or cfg.model.name_or_path in RANDOM_ALIASES:
+        raise ValueError(f"model.tokenizer must be set for {cfg.model.name_or_path}")
     return cfg.model.name_or_path
 
 
