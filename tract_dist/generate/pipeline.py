@@ -1,0 +1,157 @@
+"""``generate_cots``: the stage between stage 1 and stage 2. The stage-1 model writes CoTs for every training prompt.
+
+Flow: read the training set -> one work row per (example, CoT index) with a seed derived from its id -> drop
+rows whose uid is already in a committed shard -> map the rest through the replica pool -> commit results as
+shards of ``generation.shard_size`` -> summarise (counts, failures by reason, throughput) -> MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from tract_dist.data.formats import read_examples
+from tract_dist.data.schema import JudgeExample
+from tract_dist.data.score_tokens import parse_scale
+from tract_dist.generate.pool import PoolSpec, map_rows
+from tract_dist.generate.sampling import SamplingParams, example_seed
+from tract_dist.generate.shards import ShardStore, cot_uid
+from tract_dist.generate.worker import CotWorker
+
+
+def load_training_examples(cfg: Any) -> list[JudgeExample]:
+    """The prompts to generate for: ``data.train_path`` in ``data.train_format`` (feedback not required)."""
+    d = cfg.data
+    if not d.train_path:
+        from tract_dist.config import ConfigError
+
+        raise ConfigError("data.train_path: required to generate CoTs")
+    result = read_examples(d.train_path, d.train_format, scale=parse_scale(d.scale), skip_invalid=d.skip_invalid,
+                           require_feedback=False, limit=d.max_examples, split=d.split)
+    if result.invalid:
+        print(f"generate: skipped {len(result.invalid)} invalid records of {d.train_path}")
+    return result.examples
+
+
+def work_rows(examples: list[JudgeExample], num_cots: int, seed: int) -> list[dict[str, Any]]:
+    """One row per (example, CoT index): its stable uid, its seed, and the example as JSON."""
+    rows = []
+    for ex in examples:
+        payload = json.dumps(ex.to_dict(), ensure_ascii=False)
+        for j in range(num_cots):
+            rows.append({"uid": cot_uid(ex.id, j), "example_id": ex.id, "cot_index": j,
+                         "seed": example_seed(seed, ex.id, j), "example": payload})
+    return rows
+
+
+def worker_kwargs(cfg: Any, model_path: str, sampling: SamplingParams, spec: PoolSpec) -> dict[str, Any]:
+    """Constructor arguments for a replica (plain data: they are pickled to every Ray actor)."""
+    m, d = cfg.model, cfg.data
+    return {
+        "model_path": model_path,
+        "model_opts": {"dtype": m.dtype, "attn_implementation": m.attn_implementation,
+                       "trust_remote_code": m.trust_remote_code, "tokenizer": m.tokenizer},
+        "encode_opts": {"max_length": d.max_length, "truncation": d.truncation, "system_prompt": d.system_prompt,
+                        "scale": list(parse_scale(d.scale))},
+        "sampling": sampling.as_dict(),
+        "torch_threads": spec.torch_threads(),
+    }
+
+
+class _Progress:
+    """A tqdm bar over CoTs with prompts/s and generated tokens/s.
+
+    End-to-end rates count from the start (model loading included); steady rates count from the first finished
+    batch, so they measure generation alone once the replicas are up.
+    """
+
+    def __init__(self, total: int, show: bool):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc="generate", unit="cot", disable=not show, dynamic_ncols=True)
+        self.start = time.perf_counter()
+        self.first: tuple[float, int, int] | None = None
+        self.done = 0
+        self.tokens = 0
+
+    def update(self, records: list[dict[str, Any]]) -> None:
+        self.done += len(records)
+        self.tokens += sum(int(r["new_tokens"]) for r in records)
+        if self.first is None:
+            self.first = (time.perf_counter(), self.done, self.tokens)
+        s = self.stats()
+        self.bar.set_postfix(prompts_s=f"{s['prompts_per_s']:.2f}", tok_s=f"{s['tokens_per_s']:.1f}", refresh=False)
+        self.bar.update(len(records))
+
+    def stats(self) -> dict[str, float]:
+        now = time.perf_counter()
+        secs = max(now - self.start, 1e-9)
+        out = {"seconds": secs, "prompts_per_s": self.done / secs, "tokens_per_s": self.tokens / secs,
+               "generated_this_run": self.done, "generated_tokens_this_run": self.tokens}
+        if self.first is not None and now - self.first[0] > 0 and self.done > self.first[1]:
+            steady = now - self.first[0]
+            out["steady_prompts_per_s"] = (self.done - self.first[1]) / steady
+            out["steady_tokens_per_s"] = (self.tokens - self.first[2]) / steady
+        return out
+
+
+def generate_cots(cfg: Any, model_path: str | None, out_dir: str | Path | None = None, *,
+                  examples: list[JudgeExample] | None = None, parent_run: Any = None,
+                  show_progress: bool = True) -> dict[str, Any]:
+    """Generate ``generation.num_cots`` CoTs per training example into sharded JSONL; resume what is missing.
+
+    ``model_path`` is the stage-1 export (an HF folder or alias; None: ``model.name_or_path``). Returns the
+    summary also written to ``out_dir/summary.json``: expected/ok/failed counts, failure reasons, duplicates
+    and missing (both 0 on a complete run), throughput of this run.
+    """
+    from tract_dist.tracking import log_artifact, log_metrics, log_params, start_run
+
+    g = cfg.generation
+    model_path = model_path or cfg.model.name_or_path
+    out = Path(out_dir or g.output_dir or Path(cfg.training.output_dir) / "generate")
+    examples = examples if examples is not None else load_training_examples(cfg)
+    sampling = SamplingParams.from_config(g)
+    rows = work_rows(examples, g.num_cots, g.seed)
+    expected = {r["uid"] for r in rows}
+
+    store = ShardStore(out)
+    store.remove_stale()
+    store.check_settings({"model": str(model_path), "sampling": sampling.as_dict(), "seed": g.seed,
+                          "max_length": cfg.data.max_length, "system_prompt": cfg.data.system_prompt,
+                          "scale": cfg.data.scale})
+    done = store.done_uids()
+    todo = [r for r in rows if r["uid"] not in done]
+    spec = PoolSpec.from_config(cfg, use_ray=g.ray, batch_size=g.batch_size, replicas=g.num_replicas)
+
+    t = cfg.tracking
+    with start_run(t.tracking_uri, t.experiment, t.run_name or "generate", enabled=t.enabled, parent=parent_run,
+                   tags={"stage": "generate"}) as run:
+        log_params(run, {"model_path": model_path, "output_dir": str(out), "examples": len(examples),
+                         "num_cots": g.num_cots, "already_done": len(done), "to_generate": len(todo),
+                         "use_ray": spec.use_ray, "replicas": spec.replicas, "batch_size": spec.batch_size,
+                         **{f"sampling.{k}": v for k, v in sampling.as_dict().items()}})
+        progress = _Progress(len(todo), show_progress)
+        buffer: list[dict[str, Any]] = []
+        step = 0
+        try:
+            kwargs = worker_kwargs(cfg, str(model_path), sampling, spec)
+            for records in map_rows(todo, CotWorker, kwargs, spec):
+                buffer += records
+                progress.update(records)
+                while len(buffer) >= g.shard_size:
+                    store.write_shard(buffer[:g.shard_size])
+                    buffer = buffer[g.shard_size:]
+                    step += 1
+                    log_metrics(run, progress.stats(), step=step)
+        finally:
+            if buffer:  # whole records only: committing them on an exception loses nothing and duplicates nothing
+                store.write_shard(buffer)
+            progress.bar.close()
+        summary = store.finalize(expected, {"this_run": progress.stats(), "output_dir": str(out)})
+        log_metrics(run, {"ok": summary["ok"], "failed": summary["failed"], "missing": summary["missing"],
+                          "duplicates": summary["duplicates"], **progress.stats()}, step=step + 1)
+        for name in ("summary.json", "failures.jsonl", "settings.json"):
+            log_artifact(run, out / name, "generate")
+    return summary

@@ -1,0 +1,99 @@
+"""Run a batch function over rows: a Ray Data actor pool (one model replica per GPU or CPU slot) or in-process.
+
+Generation and evaluation both have the same shape (load a model once, map batches of rows to result rows),
+so both use this module. The worker is a class ``Worker(**kwargs)`` whose ``__call__(batch)`` maps a dict of
+columns to a dict of columns; Ray Data instantiates it once per actor (``ActorPoolStrategy``), the in-process
+path once. Results stream back as they finish (no ordering), so the caller can commit output incrementally.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """Where and how wide to run: ``use_ray=False`` runs in this process (a GPU box without Ray)."""
+
+    use_ray: bool = True
+    replicas: int = 1
+    batch_size: int = 8
+    use_gpu: bool = False
+    cpus_per_replica: float = 1.0
+    address: str | None = None
+    local_num_cpus: int | None = None
+    object_store_memory_mb: int = 256
+
+    @classmethod
+    def from_config(cls, cfg: Any, *, use_ray: bool, batch_size: int, replicas: int | None = None) -> "PoolSpec":
+        c = cfg.cluster
+        return cls(use_ray=use_ray, replicas=replicas or c.num_workers, batch_size=batch_size, use_gpu=c.use_gpu,
+                   cpus_per_replica=c.cpus_per_worker, address=c.address, local_num_cpus=c.local_num_cpus,
+                   object_store_memory_mb=c.object_store_memory_mb)
+
+    def torch_threads(self) -> int:
+        """CPU threads per replica: the machine's cores shared out, so replicas do not oversubscribe them."""
+        return max(1, (os.cpu_count() or 1) // (1 if self.use_gpu or not self.use_ray else self.replicas))
+
+
+def ensure_ray(spec: PoolSpec) -> None:
+    """Connect to ``address`` (or RAY_ADDRESS), or start a local Ray with logical CPUs to spare.
+
+    A local Ray whose actors hold every CPU starves Ray Data's read tasks and deadlocks silently (STACK-NOTES),
+    so the local cluster gets at least one CPU more than the pool needs, and never fewer than 4 logical CPUs.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = spec.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    need = math.ceil(spec.replicas * spec.cpus_per_replica) + 1
+    num_cpus = max(spec.local_num_cpus or 0, need, 4)
+    ray.init(num_cpus=num_cpus, object_store_memory=spec.object_store_memory_mb << 20, include_dashboard=False,
+             log_to_driver=False)
+
+
+def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
+
+
+def rows_of(batch: dict[str, Any]) -> list[dict[str, Any]]:
+    """A column batch (lists or numpy arrays) as a list of plain-Python row dicts."""
+    cols = {k: (v.tolist() if isinstance(v, np.ndarray) else list(v)) for k, v in batch.items()}
+    n = len(next(iter(cols.values()))) if cols else 0
+    return [{k: cols[k][i] for k in cols} for i in range(n)]
+
+
+def map_rows(rows: list[dict[str, Any]], worker_cls: type, worker_kwargs: dict[str, Any],
+             spec: PoolSpec) -> Iterator[list[dict[str, Any]]]:
+    """Yield lists of result rows as batches finish. Every input row yields exactly one result row."""
+    if not rows:
+        return
+    if not spec.use_ray:
+        worker = worker_cls(**worker_kwargs)
+        for i in range(0, len(rows), spec.batch_size):
+            yield rows_of(worker(_columns(rows[i:i + spec.batch_size])))
+        return
+
+    import ray
+
+    ensure_ray(spec)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the caller shows one bar with throughput
+    # Small blocks so each finished batch streams back at once instead of waiting for its block's neighbours.
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / spec.batch_size)))
+    resources: dict[str, Any] = {"num_cpus": spec.cpus_per_replica}
+    if spec.use_gpu:
+        resources["num_gpus"] = 1
+    ds = ds.map_batches(worker_cls, fn_constructor_kwargs=worker_kwargs, batch_size=spec.batch_size,
+                        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=spec.replicas), **resources)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        yield rows_of(batch)

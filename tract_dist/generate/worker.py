@@ -1,0 +1,101 @@
+"""The generator replica: loads the model once, turns batches of (example, CoT index, seed) rows into CoT records.
+
+Instantiated by Ray Data once per actor, or once in-process. A batch that raises is retried row by row so one
+bad example cannot take its neighbours down; a row that still fails, cannot fit its prompt, or yields an empty
+CoT becomes a ``failed`` record with its reason.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from tract_dist.data.encode import DroppedExample, EncodeOptions, fit_prompt
+from tract_dist.data.schema import JudgeExample
+from tract_dist.generate.engine import Engine, extract_cot
+from tract_dist.generate.pool import rows_of
+from tract_dist.generate.sampling import SamplingParams
+
+# Prompts shorter than this after truncation are not worth generating from.
+_MIN_PROMPT_BUDGET = 64
+
+
+def build_engine(model_path: str, model_opts: dict[str, Any], torch_threads: int | None) -> Engine:
+    """Load model + tokenizer with the project's loader (same dtype/attention rules as training)."""
+    import torch
+
+    from tract_dist.models.loading import load_causal_lm, load_tokenizer_for, materialize_alias
+
+    if torch_threads and not torch.cuda.is_available():
+        torch.set_num_threads(torch_threads)
+    model = load_causal_lm(model_path, dtype=model_opts.get("dtype", "auto"),
+                           attn_implementation=model_opts.get("attn_implementation"),
+                           trust_remote_code=model_opts.get("trust_remote_code", False))
+    tok = load_tokenizer_for(materialize_alias(model_path), model_opts.get("tokenizer"),
+                             model_opts.get("trust_remote_code", False))
+    return Engine(model, tok)
+
+
+def encode_options(opts: dict[str, Any]) -> EncodeOptions:
+    return EncodeOptions(max_length=opts["max_length"], truncation=opts.get("truncation", "truncate"),
+                         system_prompt=opts.get("system_prompt"), scale=tuple(opts["scale"]))
+
+
+class CotWorker:
+    """Callable class for ``map_batches``: columns uid, example_id, cot_index, seed, example (JSON) -> records."""
+
+    def __init__(self, model_path: str, model_opts: dict[str, Any], encode_opts: dict[str, Any],
+                 sampling: dict[str, Any], torch_threads: int | None = None):
+        self.engine = build_engine(model_path, model_opts, torch_threads)
+        self.opts = encode_options(encode_opts)
+        self.params = SamplingParams(**{**sampling, "stop": tuple(sampling.get("stop", ()))})
+
+    def _prompt(self, row: dict[str, Any]) -> tuple[list[int], bool]:
+        ex = JudgeExample.from_dict(json.loads(row["example"]))
+        budget = max(self.opts.max_length - self.params.max_new_tokens, _MIN_PROMPT_BUDGET)
+        return fit_prompt(self.engine.tokenizer, ex, budget, self.opts)
+
+    def _run(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any] | None] = [None] * len(rows)
+        todo: list[tuple[int, list[int], bool]] = []
+        for i, row in enumerate(rows):
+            try:
+                ids, truncated = self._prompt(row)
+                todo.append((i, ids, truncated))
+            except DroppedExample as e:
+                out[i] = _record(row, status="failed", reason=f"prompt_{e}")
+        t0 = time.perf_counter()
+        gens = self.engine.generate([t[1] for t in todo], [int(rows[t[0]]["seed"]) for t in todo], self.params)
+        secs = time.perf_counter() - t0
+        for (i, ids, truncated), g in zip(todo, gens):
+            cot = extract_cot(g.text, self.params.stop)
+            out[i] = _record(rows[i], status="ok" if cot else "failed", reason=None if cot else "empty_cot",
+                             cot=cot, raw_text=g.text, finish_reason=g.finish_reason, prompt_tokens=len(ids),
+                             new_tokens=g.new_tokens, truncated=truncated, batch_seconds=secs)
+        return [r for r in out if r is not None]
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
+        rows = rows_of(batch)
+        try:
+            records = self._run(rows)
+        except Exception:  # isolate the failing row(s): retry one by one
+            records = []
+            for row in rows:
+                try:
+                    records += self._run([row])
+                except Exception as e:  # noqa: BLE001 - recorded with its reason, never dropped
+                    records.append(_record(row, status="failed", reason=f"error: {type(e).__name__}: {e}"[:500]))
+        return {k: [r[k] for r in records] for k in records[0]}
+
+
+_FIELDS = ("cot", "raw_text", "finish_reason", "prompt_tokens", "new_tokens", "truncated", "batch_seconds")
+
+
+def _record(row: dict[str, Any], *, status: str, reason: str | None, **values: Any) -> dict[str, Any]:
+    rec = {"uid": row["uid"], "example_id": row["example_id"], "cot_index": int(row["cot_index"]),
+           "seed": int(row["seed"]), "status": status, "reason": reason}
+    defaults = {"cot": "", "raw_text": "", "finish_reason": None, "prompt_tokens": 0, "new_tokens": 0,
+                "truncated": False, "batch_seconds": 0.0}
+    rec.update({k: values.get(k, defaults[k]) for k in _FIELDS})
+    return rec

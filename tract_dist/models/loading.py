@@ -1,0 +1,112 @@
+"""One way to load a causal LM for every stage: aliases, dtype, attention kernel, no remote code by default.
+
+Why one loader: generation, judging, evaluation and training must see the same weights, dtype and attention
+implementation, or the numbers drift between stages. Offline aliases with GGUF weights (``smollm2``) are
+dequantised once and cached as a plain Hugging Face folder (safetensors + tokenizer): dequantising takes
+~20 s per process, loading the cached folder is a memory map (well under a second), which matters when a
+Ray actor pool loads one replica per worker.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tract_dist.data.assets import model_source
+
+_ALIAS_CACHE_VERSION = "v1"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("TRACT_DIST_CACHE", Path.home() / ".cache" / "tract-dist"))
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``None``: CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: str | torch.device | None = None) -> torch.dtype:
+    """``auto`` = bf16 on CUDA (the training dtype), fp32 on CPU (bf16 matmuls are slow and lossy there)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if resolve_device(device).type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be auto, {', '.join(_DTYPES)}; got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def choose_attn_implementation(requested: str | None = None, device: str | torch.device | None = None) -> str:
+    """``flash_attention_2`` when flash_attn is importable and the model runs on CUDA, else ``sdpa``."""
+    if requested:
+        return requested
+    if resolve_device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def materialize_alias(name_or_path: str) -> str:
+    """A local HF folder for ``name_or_path``: aliases with GGUF weights are converted once and cached.
+
+    Anything that is not such an alias (a local folder, a hub name) is returned unchanged.
+    """
+    path, extra = model_source(name_or_path)
+    if "gguf_file" not in extra:
+        return path
+    dest = _cache_dir() / "models" / f"{name_or_path}-{_ALIAS_CACHE_VERSION}"
+    if (dest / "config.json").exists() and (dest / "tokenizer_config.json").exists():
+        return str(dest)
+    from transformers import AutoModelForCausalLM
+
+    from tract_dist.data.assets import load_tokenizer
+
+    gguf = AutoModelForCausalLM.from_pretrained(path, **extra)  # dequantised to fp32
+    plain = AutoModelForCausalLM.from_config(gguf.config)  # GGUF-backed models refuse save_pretrained
+    plain.load_state_dict(gguf.state_dict())
+    plain.generation_config = gguf.generation_config
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=dest.name + ".tmp"))
+    plain.save_pretrained(tmp)
+    load_tokenizer(name_or_path).save_pretrained(tmp)
+    try:
+        os.replace(tmp, dest)
+    except OSError:  # another process (a second replica) won the race; its copy is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(dest)
+
+
+def load_causal_lm(name_or_path: str, *, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None,
+                   attn_implementation: str | None = None, trust_remote_code: bool = False) -> Any:
+    """Load a causal LM (alias, local folder or hub name) onto ``device`` with the project's dtype/attention rules.
+
+    Remote code runs only when ``trust_remote_code`` is asked for explicitly.
+    """
+    from transformers import AutoModelForCausalLM
+
+    dev = resolve_device(device)
+    source = materialize_alias(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=resolve_dtype(dtype, dev), attn_implementation=choose_attn_implementation(attn_implementation, dev),
+        trust_remote_code=trust_remote_code,
+    )
+    return model.to(dev)
+
+
+def load_tokenizer_for(name_or_path: str, tokenizer: str | None = None, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a model: ``tokenizer`` if given, else the model folder's own (aliases via assets)."""
+    from tract_dist.data.assets import ALIASES, load_tokenizer
+
+    name = tokenizer or name_or_path
+    if name in ALIASES:
+        return load_tokenizer(name)
+    return load_tokenizer(name, trust_remote_code=trust_remote_code)
