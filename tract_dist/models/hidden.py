@@ -11,7 +11,7 @@ from torch import nn
 
 # Config attributes that make HF's logits differ from ``hidden @ W.T + b``. None of the supported
 # families (Llama, Mistral, Qwen2) sets them; refuse models that do rather than silently diverge.
-_LOGIT_MODIFIERS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+_LOGIT_MODIFIERS = ("final_logit_softcapping", "logit_scale", "logits_scaling")  # Gemma2+, Cohere, Granite
 
 
 def unwrap_causal_lm(model: nn.Module) -> nn.Module:
