@@ -52,6 +52,7 @@ class DataSection(_Section):
     max_examples: int | None = Field(None, gt=0)
     scale: str = Field("1-5", pattern=r"^\d+-\d+$")
     system_prompt: str | None = ABS_SYSTEM_PROMPT
+    use_cot: bool = True  # False: score-only targets (the RAFT baseline without CoT)
 
 
 class LossSection(_Section):
@@ -113,6 +114,12 @@ class EvaluationSection(_Section):
     output_dir: str | None = None
 
 
+class PipelineSection(_Section):
+    method: Literal["tract", "cot_raft", "ce_cot", "raft"] = "tract"
+    output_dir: str = "runs/pipeline"
+    evaluate_stage1: bool = True  # tract: evaluate the stage-1 model as well as the stage-2 one
+
+
 class TrackingSection(_Section):
     enabled: bool = True
     tracking_uri: str = "sqlite:///mlflow.db"
@@ -141,6 +148,7 @@ class Config(_Section):
     evaluation: EvaluationSection = EvaluationSection()
     tracking: TrackingSection = TrackingSection()
     cluster: ClusterSection = ClusterSection()
+    pipeline: PipelineSection = PipelineSection()
 
     @model_validator(mode="after")
     def _check_scale(self) -> "Config":

@@ -70,3 +70,12 @@ def test_truncation_counts_and_never_cuts_the_target(tokenizers, read):
         assert fb[-40:] in tok.decode(e.input_ids[e.score_position - 60: e.score_position + 1])
     _, dstats = encode_examples(tok, read.examples, st, EncodeOptions(max_length=768, truncation="drop"))
     assert dstats.truncated == 0 and dstats.dropped == stats.truncated + stats.dropped
+
+
+def test_score_only_targets_for_raft(tokenizers, read):
+    tok = tokenizers["llama3"]
+    st = derive_score_tokens(tok)
+    enc, _ = encode_examples(tok, read.examples[:5], st, EncodeOptions(max_length=4096, use_cot=False))
+    for e in enc:
+        first = next(i for i, x in enumerate(e.labels) if x != IGNORE_INDEX)
+        assert tok.decode(e.input_ids[first:]) == f"{SCORE_PHRASE} {tok.decode([e.score_token_id])}<|eot_id|>"

@@ -31,6 +31,7 @@ class EncodeOptions:
     truncation: Literal["truncate", "drop"] = "truncate"
     system_prompt: str | None = ABS_SYSTEM_PROMPT
     scale: tuple[int, int] = (1, 5)
+    use_cot: bool = True  # False: score-only targets (RAFT without CoT)
 
 
 @dataclass
@@ -84,7 +85,8 @@ def prompt_ids(tokenizer: Any, ex: JudgeExample, opts: EncodeOptions) -> list[in
 
 def target_ids(tokenizer: Any, feedback: str, score: float, st: ScoreTokens,
                scale: tuple[int, int]) -> tuple[list[int], int]:
-    """(ids of the CoT up to the score position, score token id) for ``{feedback} So the overall score is {k}``."""
+    """(ids of the CoT up to the score position, score token id) for ``{feedback} So the overall score is {k}``
+    (or ``So the overall score is {k}`` for an empty feedback)."""
     k = int(score_text(score, *scale))
     cot = split_at_score(tokenizer, render_target(feedback, score, *scale), st, k)
     return cot, st.id_for(k)
@@ -124,9 +126,9 @@ def fit_prompt(tokenizer: Any, ex: JudgeExample, budget: int, opts: EncodeOption
 
 def encode_example(tokenizer: Any, ex: JudgeExample, st: ScoreTokens, opts: EncodeOptions) -> Encoded:
     """Tokenise one example with feedback into input ids, labels and the score position."""
-    if ex.feedback is None:
+    if opts.use_cot and ex.feedback is None:
         raise ValueError(f"example {ex.id} has no feedback to train on")
-    cot, score_id = target_ids(tokenizer, ex.feedback, ex.score, st, opts.scale)
+    cot, score_id = target_ids(tokenizer, ex.feedback if opts.use_cot else "", ex.score, st, opts.scale)
     eos = tokenizer.eos_token_id
     budget = opts.max_length - len(cot) - 2
     if budget < _MIN_FIELD_TOKENS:

@@ -127,5 +127,9 @@ def score_text(score: float, scale_min: int = 1, scale_max: int = 5) -> str:
 
 
 def render_target(feedback: str, score: float, scale_min: int = 1, scale_max: int = 5) -> str:
-    """TRACT's training target (EOS is appended at tokenisation): ``{feedback} So the overall score is {y*}``."""
-    return f"{feedback} {SCORE_PHRASE} {score_text(score, scale_min, scale_max)}"
+    """TRACT's training target (EOS is appended at tokenisation): ``{feedback} So the overall score is {y*}``.
+
+    An empty feedback gives the score-only target ``So the overall score is {y*}`` (RAFT without CoT).
+    """
+    head = f"{feedback} " if feedback else ""
+    return f"{head}{SCORE_PHRASE} {score_text(score, scale_min, scale_max)}"

@@ -97,8 +97,11 @@ def split_at_score(tokenizer: Any, text_with_score: str, score_tokens: ScoreToke
 def score_prompt_ids(tokenizer: Any, text_before_score: str, score_tokens: ScoreTokens) -> list[int]:
     """Ids of ``text_before_score`` + the score phrase, ending where the model predicts the score token.
 
-    Built by tokenising with a placeholder score and removing it, so the boundary tokens (a bare space for
-    SentencePiece and tiktoken) match training exactly.
+    Built by tokenising the training target with a placeholder score and removing it, so the boundary tokens
+    (a bare space for SentencePiece and tiktoken) match training exactly. An empty ``text_before_score`` gives
+    the score-only (no-CoT) form.
     """
-    text = f"{text_before_score} {SCORE_PHRASE} {score_tokens.scores[0]}"
-    return split_at_score(tokenizer, text, score_tokens, score_tokens.scores[0])
+    from tract_dist.data.prompts import render_target
+
+    k = score_tokens.scores[0]
+    return split_at_score(tokenizer, render_target(text_before_score, k, k, k), score_tokens, k)
