@@ -122,7 +122,7 @@ def train_worker(loop: dict[str, Any]) -> None:
             engine.backward(out.loss, scale_wrt_gas=False)
             engine.step()
             sums += torch.tensor([out.loss.item(), out.ce.item(), out.mse.item(),
-                                  (out.yhat.double().cpu() - batch["score_targets"].double().cpu()).abs().sum().item(),
+                                  _abs_err_sum(out.yhat, batch),
                                   batch["attention_mask"].sum().item()], dtype=torch.float64)
         dist.all_reduce(sums)
         elapsed = time.perf_counter() - t0
@@ -186,6 +186,12 @@ def _mfu(n_params: int, tokens_per_s_per_gpu: float) -> float:
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in _PEAK_FLOPS.items() if k in name), None)
     return 6 * n_params * tokens_per_s_per_gpu / peak if peak else float("nan")
+
+
+def _abs_err_sum(yhat: torch.Tensor, batch: dict[str, torch.Tensor]) -> float:
+    """Sum of |yhat - y| over the scored examples (yhat has one entry per example with a score position)."""
+    gold = batch["score_targets"][batch["score_positions"] >= 0]
+    return (yhat.detach().double().cpu() - gold.double().cpu()).abs().sum().item()
 
 
 def _peak_rss_gb() -> float:
