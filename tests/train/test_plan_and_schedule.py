@@ -53,3 +53,18 @@ def test_collate_right_pads():
     assert b["labels"].tolist() == [[-100, 6, 7], [-100, -100, -100]]
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert b["score_positions"].tolist() == [1, 0] and b["score_targets"].tolist() == [3.0, 4.5]
+
+
+def test_user_deepspeed_json_gets_auto_values_filled():
+    from pathlib import Path
+
+    from tract_dist.config import load_config
+    from tract_dist.train.ds_config import build_ds_config
+
+    repo = Path(__file__).resolve().parents[2]
+    cfg = load_config(repo / "configs" / "paper-mistral-7b.yaml")
+    ds = build_ds_config(cfg, world_size=8, bf16=True, gpu=True)
+    assert ds["train_batch_size"] == 2 * 8 * 8 and ds["gradient_accumulation_steps"] == 8
+    assert ds["optimizer"]["params"]["lr"] == 1e-5 and ds["optimizer"]["params"]["weight_decay"] == 0.0
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 50_000_000 and ds["gradient_clipping"] == 1.0
+    assert "auto" not in str(ds)
