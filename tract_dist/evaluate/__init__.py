@@ -1,1 +1,1 @@
-
+"""Benchmark evaluation: metrics (Pearson, Spearman, Kendall, RMSE), predictions, scatter plots, MLflow."""

@@ -64,7 +64,7 @@ class CotWorker:
                 ids, truncated = self._prompt(row)
                 todo.append((i, ids, truncated))
             except DroppedExample as e:
-                out[i] = _record(row, status="failed", reason=f"prompt_{e}")
+                out[i] = _record(row, status="failed", reason=f"dropped: {e}")
         t0 = time.perf_counter()
         gens = self.engine.generate([t[1] for t in todo], [int(rows[t[0]]["seed"]) for t in todo], self.params)
         secs = time.perf_counter() - t0

@@ -1,0 +1,130 @@
+"""``evaluate_model``: judge every configured benchmark, then write predictions, metrics and a scatter plot.
+
+Per benchmark ``{out_dir}/{name}/``: ``predictions.jsonl`` (id, prediction, gold, category, failure, detail),
+``metrics.json`` (overall + per category) and ``scatter.png``; all logged to one MLflow run (a child of the
+pipeline's run when ``parent_run`` is given) with metrics named ``{benchmark}.{metric}``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from tract_dist.data.formats import read_examples
+from tract_dist.data.schema import DataError, JudgeExample
+from tract_dist.data.score_tokens import parse_scale
+from tract_dist.evaluate.metrics import evaluate_predictions, flat_metrics
+from tract_dist.evaluate.plots import scatter_plot
+from tract_dist.evaluate.worker import JudgeWorker
+from tract_dist.generate.pool import PoolSpec, map_rows
+
+
+def load_benchmark(spec: Any, scale: tuple[int, int], skip_invalid: bool = False) -> list[JudgeExample]:
+    """A benchmark's examples: a local file or ``hf:NAME`` (prometheus-eval label = mean of gpt4_score)."""
+    res = read_examples(spec.path, spec.format, scale=scale, skip_invalid=skip_invalid, require_feedback=False,
+                        limit=spec.max_examples, split=spec.split)
+    if res.invalid:
+        print(f"evaluate: {spec.name}: skipped {len(res.invalid)} invalid records of {spec.path}")
+    return res.examples
+
+
+def predict(cfg: Any, model_path: str, examples: list[JudgeExample], *, show_progress: bool = True,
+            desc: str = "evaluate") -> list[dict[str, Any]]:
+    """Prediction rows for ``examples`` (input order) through the judge pool (Ray Data or in-process)."""
+    from tqdm.auto import tqdm
+
+    from tract_dist.judge.judge import judge_kwargs
+
+    e = cfg.evaluation
+    spec = PoolSpec.from_config(cfg, use_ray=e.ray, batch_size=e.batch_size, replicas=cfg.generation.num_replicas)
+    kw = judge_kwargs(cfg)
+    kw["sampling"] = kw["sampling"].as_dict()
+    worker_kwargs = {"model_path": model_path, "judge_kwargs": kw, "n_cots": e.num_cots, "mode": e.mode,
+                     "torch_threads": spec.torch_threads()}
+    rows = [{"id": ex.id, "example": json.dumps(ex.to_dict(), ensure_ascii=False)} for ex in examples]
+    got: dict[str, dict[str, Any]] = {}
+    with tqdm(total=len(rows), desc=desc, unit="ex", disable=not show_progress) as bar:
+        for batch in map_rows(rows, JudgeWorker, worker_kwargs, spec):
+            for p in batch:
+                pred = p["prediction"]
+                p["prediction"] = None if pred is None or (isinstance(pred, float) and math.isnan(pred)) else pred
+                p["detail"] = json.loads(p["detail"]) if p["detail"] else {}
+                got[p["id"]] = p
+            bar.update(len(batch))
+    missing = [ex.id for ex in examples if ex.id not in got]
+    if missing:  # the pool maps every row to one result; anything else is a bug worth stopping for
+        raise RuntimeError(f"evaluation lost {len(missing)} predictions (first ids: {missing[:5]})")
+    return [got[ex.id] for ex in examples]
+
+
+def write_predictions(records: list[dict[str, Any]], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_predictions(path: str | Path) -> list[dict[str, Any]]:
+    """Read a predictions.jsonl (needs ``prediction`` — null when failed — and ``gold`` on every line)."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(str(path), f"not valid JSON: {e}", index=i) from None
+            for key in ("prediction", "gold"):
+                if key not in r:
+                    raise DataError(str(path), "missing", index=i, field_name=key)
+            out.append(r)
+    return out
+
+
+def report(records: list[dict[str, Any]], out_dir: str | Path, name: str,
+           scale: tuple[int, int] = (1, 5)) -> dict[str, Any]:
+    """Metrics (overall and per category) + metrics.json + scatter.png for one benchmark's predictions."""
+    out = Path(out_dir)
+    result = evaluate_predictions(records)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    scatter_plot(records, out / "scatter.png", name, scale)
+    return result
+
+
+def evaluate_model(cfg: Any, model_path: str | None, out_dir: str | Path | None = None,
+                   parent_run: Any = None, *, show_progress: bool = True) -> dict[str, Any]:
+    """Evaluate ``model_path`` on every ``evaluation.benchmarks`` entry; returns ``{benchmark: metrics}``."""
+    from tract_dist.config import ConfigError
+    from tract_dist.tracking import log_artifact, log_metrics, log_params, start_run
+
+    e, t = cfg.evaluation, cfg.tracking
+    if not e.benchmarks:
+        raise ConfigError("evaluation.benchmarks: no benchmark to evaluate on")
+    model_path = model_path or cfg.model.name_or_path
+    out = Path(out_dir or e.output_dir or Path(cfg.training.output_dir) / "evaluate")
+    scale = parse_scale(cfg.data.scale)
+    results: dict[str, Any] = {}
+    with start_run(t.tracking_uri, t.experiment, t.run_name or "evaluate", enabled=t.enabled, parent=parent_run,
+                   tags={"stage": "evaluate"}) as run:
+        log_params(run, {"model_path": model_path, "mode": e.mode, "num_cots": e.num_cots,
+                         "rail_normalize": e.rail_normalize, "use_ray": e.ray,
+                         "benchmarks": ",".join(b.name for b in e.benchmarks)})
+        for spec in e.benchmarks:
+            examples = load_benchmark(spec, scale, cfg.data.skip_invalid)
+            records = predict(cfg, str(model_path), examples, show_progress=show_progress, desc=spec.name)
+            bdir = out / spec.name
+            write_predictions(records, bdir / "predictions.jsonl")
+            result = report(records, bdir, spec.name, scale)
+            results[spec.name] = result
+            log_metrics(run, flat_metrics(spec.name, result))
+            for f in ("predictions.jsonl", "metrics.json", "scatter.png"):
+                log_artifact(run, bdir / f, f"evaluate/{spec.name}")
+        (out / "summary.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return results

@@ -1,0 +1,91 @@
+"""``tract-dist judge``: score one input (flags or JSON) or a whole file with a judge model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+
+def register(sub: Any, add_config_args: Callable[..., None]) -> None:
+    p = sub.add_parser("judge", help="judge inputs with CoT-RAIL (or the decode / score-only baselines)")
+    p.add_argument("--model", help="HF folder (e.g. a TRACT export), hub name or alias; default model.name_or_path")
+    p.add_argument("--mode", choices=["cot_rail", "decode", "rail"], help="default evaluation.mode")
+    p.add_argument("--n-cots", type=int, help="CoTs per input (greedy for 1); default evaluation.num_cots")
+    p.add_argument("--instruction")
+    p.add_argument("--response")
+    p.add_argument("--criteria")
+    p.add_argument("--score-description", action="append", dest="score_descriptions", metavar="TEXT",
+                   help="one per score value, lowest first (repeat the flag)")
+    p.add_argument("--reference-answer")
+    p.add_argument("--json", dest="json_input", help="one input as a JSON object, or a .json file holding one")
+    p.add_argument("--file", help="a data file to judge (see --format)")
+    p.add_argument("--format", default="jsonl", choices=["jsonl", "prometheus-eval", "feedback-collection"])
+    p.add_argument("--output", help="write JSONL results here instead of stdout")
+    add_config_args(p, required=False)
+    p.set_defaults(func=_cmd_judge)
+
+
+def _inputs(args: argparse.Namespace, scale: tuple[int, int]) -> list[Any]:
+    from tract_dist.cli import UsageError
+    from tract_dist.data.formats import read_examples
+
+    given = [bool(args.file), bool(args.json_input), bool(args.instruction or args.response)]
+    if sum(given) != 1:
+        raise UsageError("give exactly one of --file, --json, or --instruction/--response/--criteria/"
+                         "--score-description")
+    if args.file:
+        return read_examples(args.file, args.format, scale=scale, require_feedback=False).examples
+    if args.json_input:
+        text = args.json_input
+        if not text.lstrip().startswith("{"):
+            path = Path(text)
+            if not path.is_file():
+                raise UsageError(f"--json: {text} is neither a JSON object nor a file")
+            text = path.read_text(encoding="utf-8")
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--json: not valid JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise UsageError("--json: expected one JSON object with instruction, response, criteria, "
+                             "score_descriptions")
+        return [obj]
+    want = scale[1] - scale[0] + 1
+    if not (args.instruction and args.response and args.criteria) or len(args.score_descriptions or []) != want:
+        raise UsageError(f"--instruction, --response, --criteria and {want} --score-description flags are required")
+    return [{"instruction": args.instruction, "response": args.response, "criteria": args.criteria,
+             "score_descriptions": args.score_descriptions, "reference_answer": args.reference_answer}]
+
+
+def _cmd_judge(args: argparse.Namespace) -> int:
+    from tract_dist.cli import UsageError
+    from tract_dist.config import load_config
+    from tract_dist.data.score_tokens import parse_scale
+    from tract_dist.judge.judge import Judge, as_example
+
+    if not args.config and not args.model:
+        raise UsageError("give --model (or a config with model.name_or_path)")
+    cfg = load_config(args.config, args.overrides,
+                      base=None if args.config else {"model": {"name_or_path": args.model}})
+    inputs = _inputs(args, parse_scale(cfg.data.scale))
+    try:
+        exs = [as_example(x, i) for i, x in enumerate(inputs)]
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    judge = Judge.from_config(cfg, args.model)
+    results = judge.score_batch(exs, n_cots=args.n_cots or cfg.evaluation.num_cots,
+                                mode=args.mode or cfg.evaluation.mode)
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        for ex, r in zip(exs, results):
+            out.write(json.dumps({"id": ex.id, **r.to_dict()}, ensure_ascii=False) + "\n")
+    finally:
+        if args.output:
+            out.close()
+    failed = sum(r.score is None for r in results)
+    if failed:
+        print(f"judge: {failed} of {len(results)} inputs have no score (see 'failure')", file=sys.stderr)
+    return 0

@@ -1,0 +1,208 @@
+"""``Judge``: CoT-RAIL inference (the paper's method) and its two baselines on one model.
+
+- ``cot_rail``: n CoTs (greedy when n = 1, sampled otherwise), then for each one forward pass over
+  ``<prompt><CoT> So the overall score is`` built with :func:`score_prompt_ids` — the tokens training used —
+  and ŷ = Σ_k v_k p_k read from the full-vocabulary softmax; the CoTs' ŷ are averaged.
+- ``decode``: generate the whole answer (no stop strings) and parse the number after the score phrase or
+  ``[RESULT]``; unparseable answers are counted, never guessed.
+- ``rail``: RAIL without CoT: the prompt followed immediately by "So the overall score is".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+from tract_dist.data.encode import DroppedExample, EncodeOptions, fit_prompt
+from tract_dist.data.prompts import ABS_SYSTEM_PROMPT, SCORE_PHRASE
+from tract_dist.data.schema import JudgeExample
+from tract_dist.data.score_tokens import ScoreTokens, derive_score_tokens, parse_scale, score_prompt_ids, split_at_score
+from tract_dist.generate.engine import Engine, extract_cot
+from tract_dist.generate.sampling import SamplingParams, example_seed
+from tract_dist.judge.parsing import parse_decoded_score
+from tract_dist.judge.rail import score_distribution
+
+Mode = Literal["cot_rail", "decode", "rail"]
+MODES: tuple[str, ...] = ("cot_rail", "decode", "rail")
+_SUFFIX_RESERVE = 32  # tokens kept free after the CoT for " So the overall score is"
+
+
+@dataclass
+class JudgeResult:
+    """One judgement. ``score`` is None only when it could not be produced (``failure`` says why)."""
+
+    score: float | None
+    cots: list[str] = field(default_factory=list)
+    distribution: dict[int, float] = field(default_factory=dict)  # mean p(score token) over CoTs (RAIL modes)
+    per_cot: list[float | None] = field(default_factory=list)  # ŷ (RAIL) or parsed score (decode) per CoT
+    mode: str = "cot_rail"
+    failure: str | None = None
+    unparseable: int = 0  # decode: CoTs without a readable score
+    empty_cots: int = 0  # cot_rail: CoTs that were empty (scored right after the prompt)
+    truncated: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["distribution"] = {str(k): v for k, v in self.distribution.items()}
+        return d
+
+
+def as_example(example_or_fields: JudgeExample | dict[str, Any], index: int = 0) -> JudgeExample:
+    """Accept a JudgeExample or a dict of its fields (id and score optional: an unlabeled input)."""
+    if isinstance(example_or_fields, JudgeExample):
+        return example_or_fields
+    d = dict(example_or_fields)
+    missing = [k for k in ("instruction", "response", "criteria", "score_descriptions") if not d.get(k)]
+    if missing:
+        raise ValueError(f"judge input {index}: missing field(s) {', '.join(missing)}")
+    d.setdefault("id", str(index))
+    d["id"] = str(d["id"])
+    if d.get("score") is None:
+        d["score"] = math.nan
+    return JudgeExample.from_dict(d)
+
+
+class Judge:
+    """A judge model with its tokenizer, score tokens, prompt options and sampling parameters."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, scale: str | tuple[int, int] = "1-5",
+                 system_prompt: str | None = ABS_SYSTEM_PROMPT, max_length: int = 3000,
+                 sampling: SamplingParams | None = None, seed: int = 0, rail_normalize: bool = False,
+                 batch_size: int = 8):
+        self.engine = Engine(model, tokenizer)
+        self.model, self.tokenizer = self.engine.model, tokenizer
+        self.scale = parse_scale(scale)
+        self.score_tokens: ScoreTokens = derive_score_tokens(tokenizer, self.scale)
+        self.opts = EncodeOptions(max_length=max_length, system_prompt=system_prompt, scale=self.scale)
+        self.sampling = sampling or SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=512,
+                                                   stop=("So the overall", "[RESULT]"))
+        self.seed = seed
+        self.rail_normalize = rail_normalize
+        self.batch_size = batch_size
+        # "So the overall score is" straight after the prompt (RAIL without CoT), ending where the score is read.
+        self._bare_suffix = split_at_score(tokenizer, f"{SCORE_PHRASE} {self.scale[0]}", self.score_tokens,
+                                           self.scale[0])
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, tokenizer: str | None = None, dtype: str = "auto",
+                        device: str | None = None, attn_implementation: str | None = None,
+                        trust_remote_code: bool = False, **kwargs: Any) -> "Judge":
+        """Load a judge from an HF folder (e.g. a TRACT export), a hub name or an offline alias (``smollm2``)."""
+        from tract_dist.models.loading import load_causal_lm, load_tokenizer_for, materialize_alias
+
+        model = load_causal_lm(name_or_path, dtype=dtype, device=device, attn_implementation=attn_implementation,
+                               trust_remote_code=trust_remote_code)
+        tok = load_tokenizer_for(materialize_alias(name_or_path), tokenizer, trust_remote_code)
+        return cls(model, tok, **kwargs)
+
+    @classmethod
+    def from_config(cls, cfg: Any, model_path: str | None = None, device: str | None = None) -> "Judge":
+        """A judge with the config's model options, prompt layout, sampling and evaluation settings."""
+        m = cfg.model
+        return cls.from_pretrained(model_path or m.name_or_path, **judge_kwargs(cfg), device=device)
+
+    # -- prompts ---------------------------------------------------------------------------------------
+    def _prompt(self, ex: JudgeExample, reserve: int) -> tuple[list[int], bool]:
+        budget = max(self.opts.max_length - reserve, 64)
+        return fit_prompt(self.tokenizer, ex, budget, self.opts)
+
+    def score_sequence(self, prompt: list[int], cot: str | None) -> list[int]:
+        """The ids whose last position predicts the score: prompt + CoT + " So the overall score is"."""
+        if cot:
+            return prompt + score_prompt_ids(self.tokenizer, cot, self.score_tokens)
+        return prompt + self._bare_suffix
+
+    # -- generation ------------------------------------------------------------------------------------
+    def _generate(self, jobs: list[tuple[str, int, list[int]]], params: SamplingParams) -> list[str]:
+        """Texts for (example id, CoT index, prompt ids) jobs; each samples with its own id-derived seed."""
+        texts: list[str] = []
+        for start in range(0, len(jobs), self.batch_size):
+            chunk = jobs[start:start + self.batch_size]
+            gens = self.engine.generate([p for _, _, p in chunk],
+                                        [example_seed(self.seed, ex_id, j) for ex_id, j, _ in chunk], params)
+            texts += [g.text for g in gens]
+        return texts
+
+    def _params(self, n_cots: int, decode: bool) -> SamplingParams:
+        p = self.sampling
+        if n_cots == 1:
+            p = replace(p, temperature=0.0)
+        return replace(p, stop=()) if decode else p
+
+    # -- public API ------------------------------------------------------------------------------------
+    def score(self, example_or_fields: JudgeExample | dict[str, Any], n_cots: int = 1,
+              mode: Mode = "cot_rail") -> JudgeResult:
+        """Judge one input (a JudgeExample or a dict of its fields)."""
+        return self.score_batch([example_or_fields], n_cots=n_cots, mode=mode)[0]
+
+    def score_batch(self, examples: list[JudgeExample | dict[str, Any]], n_cots: int = 1,
+                    mode: Mode = "cot_rail") -> list[JudgeResult]:
+        """Judge many inputs, batching generation and scoring passes; one result per input, in order."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if n_cots < 1:
+            raise ValueError(f"n_cots must be >= 1, got {n_cots}")
+        exs = [as_example(e, i) for i, e in enumerate(examples)]
+        results: list[JudgeResult] = [JudgeResult(score=None, mode=mode) for _ in exs]
+        reserve = 0 if mode == "rail" else self.sampling.max_new_tokens + _SUFFIX_RESERVE
+        prompts: dict[int, list[int]] = {}
+        for i, ex in enumerate(exs):
+            try:
+                prompts[i], results[i].truncated = self._prompt(ex, reserve)
+            except DroppedExample as e:
+                results[i].failure = f"dropped: {e}"
+        if mode == "rail":
+            seqs = {i: p + self._bare_suffix for i, p in prompts.items()}
+            self._read(results, {i: [s] for i, s in seqs.items()})
+            return results
+        owners = [i for i in prompts for _ in range(n_cots)]
+        jobs = [(exs[i].id, j, prompts[i]) for i in prompts for j in range(n_cots)]
+        texts = self._generate(jobs, self._params(n_cots, decode=mode == "decode"))
+        by_example: dict[int, list[str]] = {}
+        for i, text in zip(owners, texts):
+            by_example.setdefault(i, []).append(text)
+        if mode == "decode":
+            for i, outs in by_example.items():
+                r = results[i]
+                r.cots = outs
+                parsed = [parse_decoded_score(t, self.scale) for t in outs]
+                r.per_cot = [s for s, _ in parsed]
+                r.unparseable = sum(s is None for s, _ in parsed)
+                good = [s for s, _ in parsed if s is not None]
+                r.score = sum(good) / len(good) if good else None
+                r.failure = None if good else "unparseable: " + ",".join(sorted({w for _, w in parsed if w}))
+            return results
+        seqs_by: dict[int, list[list[int]]] = {}
+        for i, outs in by_example.items():
+            cots = [extract_cot(t, self.sampling.stop) for t in outs]
+            results[i].cots = cots
+            results[i].empty_cots = sum(not c for c in cots)
+            seqs_by[i] = [self.score_sequence(prompts[i], c) for c in cots]
+        self._read(results, seqs_by)
+        return results
+
+    def _read(self, results: list[JudgeResult], seqs_by: dict[int, list[list[int]]]) -> None:
+        """Run the RAIL read-out over every sequence and average ŷ and p over each input's CoTs."""
+        flat = [(i, s) for i, seqs in seqs_by.items() for s in seqs]
+        reads = score_distribution(self.model, [s for _, s in flat], self.score_tokens.token_ids,
+                                   self.score_tokens.scores, pad_id=self.engine.pad_id,
+                                   normalize=self.rail_normalize, batch_size=self.batch_size)
+        grouped: dict[int, list[Any]] = {}
+        for (i, _), r in zip(flat, reads):
+            grouped.setdefault(i, []).append(r)
+        for i, rs in grouped.items():
+            res = results[i]
+            res.per_cot = [r.score for r in rs]
+            res.score = sum(res.per_cot) / len(rs)
+            res.distribution = {k: sum(r.probs[n] for r in rs) / len(rs)
+                                for n, k in enumerate(self.score_tokens.scores)}
+
+
+def judge_kwargs(cfg: Any) -> dict[str, Any]:
+    """Judge constructor/loader options from a config (model, data and generation/evaluation sections)."""
+    m, d, g, e = cfg.model, cfg.data, cfg.generation, cfg.evaluation
+    return {"tokenizer": m.tokenizer, "dtype": m.dtype, "attn_implementation": m.attn_implementation,
+            "trust_remote_code": m.trust_remote_code, "scale": d.scale, "system_prompt": d.system_prompt,
+            "max_length": d.max_length, "sampling": SamplingParams.from_config(g), "seed": g.seed,
+            "rail_normalize": e.rail_normalize, "batch_size": e.batch_size}
