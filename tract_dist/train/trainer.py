@@ -132,6 +132,8 @@ def ray_init(cfg: Config, address: str | None) -> None:
         return
     address = address or cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
+        # Inside a submitted job the job's runtime env already applies; merge ours into it.
+        os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         ray.init(address=address, runtime_env={"env_vars": env})
         return
     # Logical CPUs: on 2 cores, num_cpus=2 lets actors starve the tasks that feed them (STACK-NOTES).

@@ -1,0 +1,99 @@
+"""`tract-dist submit` against a real `ray start --head` bound to 127.0.0.1 (Ray Jobs API): run, status, logs, stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tract_dist.cli import main
+
+pytestmark = [pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A separate head node (own temp dir and ports), killed with its process group afterwards."""
+    tmp = Path("/tmp") / f"ray-head-{os.getpid()}"  # short: Ray's socket paths have a length limit
+    gcs, dash = _free_port(), _free_port()
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=4", f"--temp-dir={tmp}",
+         "--include-dashboard=true", "--object-store-memory=200000000", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            JobSubmissionClient(address).list_jobs()
+            break
+        except Exception:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                pytest.fail("ray head did not come up")
+            time.sleep(1)
+    yield address
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _config(tmp: Path, vicuna: Path, steps: int) -> Path:
+    cfg = {
+        "model": {"name_or_path": "tiny-llama", "tokenizer": "smollm2"},
+        "data": {"train_path": str(vicuna), "train_format": "prometheus-eval", "max_length": 768, "max_examples": 8},
+        "training": {"max_steps": steps, "micro_batch_size": 1, "save_steps": 1000},
+        "pipeline": {"method": "cot_raft", "output_dir": str(tmp / "pipe")},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp}/mlflow.db"},
+        "cluster": {"num_workers": 2},
+    }
+    p = tmp / f"job-{steps}.yaml"
+    p.write_text(json.dumps(cfg))  # JSON is YAML
+    return p
+
+
+@pytest.mark.timeout(400)
+def test_submit_status_logs_and_stop(head, tmp_path, vicuna_path, capsys, monkeypatch):
+    from tract_dist.submit import job_status, wait_for
+
+    monkeypatch.chdir(REPO)
+    assert main(["submit", "--address", head, "--wait", str(_config(tmp_path, vicuna_path, 2))]) == 0
+    out = capsys.readouterr().out
+    job_id = out.splitlines()[0].strip()
+    assert "[pipeline] train_stage1: running" in out and f"job {job_id}: SUCCEEDED" in out
+    assert main(["job", "status", job_id, "--address", head]) == 0
+    assert capsys.readouterr().out.strip() == "SUCCEEDED"
+    assert main(["job", "logs", job_id, "--address", head]) == 0
+    assert "[train] step 2/2" in capsys.readouterr().out
+    assert list((tmp_path / "pipe").glob("*/state.json"))
+
+    assert main(["submit", "--address", head, str(_config(tmp_path, vicuna_path, 500))]) == 0
+    long_id = capsys.readouterr().out.splitlines()[0].strip()
+    assert wait_for(head, long_id, timeout_s=120, until={"RUNNING"}) == "RUNNING"
+    assert main(["job", "stop", long_id, "--address", head]) == 0
+    assert capsys.readouterr().out.strip() in ("stopped", "not running")
+    assert wait_for(head, long_id, timeout_s=60) == "STOPPED"
+    assert job_status(head, long_id) == "STOPPED"
