@@ -1,0 +1,40 @@
+"""Fixtures shared by the generate/judge/evaluate tests (imported by their folder conftests).
+
+One Ray cluster per session, started lazily by the first test that needs it, with logical CPUs so the actor
+pool never starves Ray Data's tasks (STACK-NOTES); a tiny random-Llama export with the SmolLM2 tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, object_store_memory=256 << 20, include_dashboard=False, log_to_driver=False)
+        started = True
+    yield ray
+    if started and ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """A stage-1-export-shaped HF folder: tiny deterministic Llama + SmolLM2's tokenizer and chat template."""
+    from tract_dist.generate.tiny_export import save_tiny_export
+
+    return str(save_tiny_export(tmp_path_factory.mktemp("tiny_export") / "model", "smollm2"))
+
+
+@pytest.fixture(scope="session")
+def vicuna_examples(vicuna_path):
+    from tract_dist.data.formats import read_examples
+
+    return read_examples(str(vicuna_path), "prometheus-eval", require_feedback=False).examples
