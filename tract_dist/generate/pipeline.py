@@ -109,6 +109,10 @@ def generate_cots(cfg: Any, model_path: str | None, out_dir: str | Path | None =
     from tract_dist.tracking import log_artifact, log_metrics, log_params, start_run
 
     g = cfg.generation
+    if g.backend != "transformers":
+        from tract_dist.config import ConfigError
+
+        raise ConfigError(f"generation.backend: {g.backend!r} is not implemented; use 'transformers'")
     model_path = model_path or cfg.model.name_or_path
     out = Path(out_dir or g.output_dir or Path(cfg.training.output_dir) / "generate")
     examples = examples if examples is not None else load_training_examples(cfg)

@@ -57,8 +57,7 @@ def ensure_ray(spec: PoolSpec) -> None:
         return
     need = math.ceil(spec.replicas * spec.cpus_per_replica) + 1
     num_cpus = max(spec.local_num_cpus or 0, need, 4)
-    ray.init(num_cpus=num_cpus, object_store_memory=spec.object_store_memory_mb << 20, include_dashboard=False,
-             log_to_driver=False)
+    ray.init(num_cpus=num_cpus, object_store_memory=spec.object_store_memory_mb << 20, include_dashboard=False)
 
 
 def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:

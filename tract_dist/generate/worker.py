@@ -68,11 +68,13 @@ class CotWorker:
         t0 = time.perf_counter()
         gens = self.engine.generate([t[1] for t in todo], [int(rows[t[0]]["seed"]) for t in todo], self.params)
         secs = time.perf_counter() - t0
+        ended = time.time()  # wall clock: comparable across replicas on one machine (pool makespan)
         for (i, ids, truncated), g in zip(todo, gens):
             cot = extract_cot(g.text, self.params.stop)
             out[i] = _record(rows[i], status="ok" if cot else "failed", reason=None if cot else "empty_cot",
                              cot=cot, raw_text=g.text, finish_reason=g.finish_reason, prompt_tokens=len(ids),
-                             new_tokens=g.new_tokens, truncated=truncated, batch_seconds=secs)
+                             new_tokens=g.new_tokens, truncated=truncated, batch_seconds=secs,
+                             batch_end_time=ended)
         return [r for r in out if r is not None]
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
@@ -89,13 +91,14 @@ class CotWorker:
         return {k: [r[k] for r in records] for k in records[0]}
 
 
-_FIELDS = ("cot", "raw_text", "finish_reason", "prompt_tokens", "new_tokens", "truncated", "batch_seconds")
+_FIELDS = ("cot", "raw_text", "finish_reason", "prompt_tokens", "new_tokens", "truncated", "batch_seconds",
+           "batch_end_time")
 
 
 def _record(row: dict[str, Any], *, status: str, reason: str | None, **values: Any) -> dict[str, Any]:
     rec = {"uid": row["uid"], "example_id": row["example_id"], "cot_index": int(row["cot_index"]),
            "seed": int(row["seed"]), "status": status, "reason": reason}
     defaults = {"cot": "", "raw_text": "", "finish_reason": None, "prompt_tokens": 0, "new_tokens": 0,
-                "truncated": False, "batch_seconds": 0.0}
+                "truncated": False, "batch_seconds": 0.0, "batch_end_time": None}
     rec.update({k: values.get(k, defaults[k]) for k in _FIELDS})
     return rec

@@ -99,8 +99,7 @@ class Judge:
     @classmethod
     def from_config(cls, cfg: Any, model_path: str | None = None, device: str | None = None) -> "Judge":
         """A judge with the config's model options, prompt layout, sampling and evaluation settings."""
-        m = cfg.model
-        return cls.from_pretrained(model_path or m.name_or_path, **judge_kwargs(cfg), device=device)
+        return cls.from_pretrained(model_path or cfg.model.name_or_path, **judge_kwargs(cfg), device=device)
 
     # -- prompts ---------------------------------------------------------------------------------------
     def _prompt(self, ex: JudgeExample, reserve: int) -> tuple[list[int], bool]:
