@@ -1,0 +1,411 @@
+"""CPU-scale quality benchmark: ce_cot vs raft vs cot_raft vs tract on the step-checking judge task.
+
+Every (method, seed) cell trains from the seed model (SmolLM2-135M-Instruct by default) with the same examples,
+steps, learning rate and seed, then is evaluated on the held-out set in the method's inference modes:
+
+    ce_cot    CE only (lam = 0, CE on the score token)          -> cot_rail (+ decode, in the extras phase)
+    raft      score-only target, no CoT                        -> rail
+    cot_raft  CE over CoT + lam * (yhat - y*)^2, one stage     -> cot_rail
+    tract     stage 1 = the cot_raft model of the same seed (identical config, data and seed, so the very same
+              training run is reused), generation of one greedy CoT per training prompt by that model, stage 2
+              = CoT-RAFT from the seed model on the self-generated CoTs with the gold scores -> cot_rail
+
+Each phase (train / generate / build / evaluate) runs in its own subprocess (a fresh process per training:
+DeepSpeed's process group and the model memory go away with it) and is skipped when its output exists, so
+rerunning the same command resumes where it stopped. Cells run seed-major (all methods of seed 0, then seed
+1, ...) so that a run cut short leaves complete seeds; ce_cot's decode evaluation runs last.
+
+    python benchmarks/quality/run_quality.py --work /tmp/tract-quality --seeds 0 1 2
+    python benchmarks/quality/run_quality.py --work /tmp/tract-quality --report-only   # re-aggregate
+
+Pipeline glue note: this calls the stage functions (run_training, generate_cots, build_stage2_dataset,
+evaluate_model) rather than tract_dist.pipeline.run_pipeline, which always trains through Ray (no launcher
+choice), always starts a local Ray, and passes ``tags=`` to evaluate_model, which does not accept it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+
+METHODS = ["cot_raft", "tract", "raft", "ce_cot"]  # cot_raft first: tract's stage 1 is its model
+MAIN_MODE = {"ce_cot": "cot_rail", "raft": "rail", "cot_raft": "cot_rail", "tract": "cot_rail"}
+EXTRA_MODES = {"ce_cot": ["decode"]}
+METRICS = ["pearson", "spearman", "kendall", "rmse"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# configuration
+# ---------------------------------------------------------------------------------------------------------
+
+def settings_from_args(a: argparse.Namespace) -> dict[str, Any]:
+    return {"model": a.model, "tokenizer": a.tokenizer, "train_examples": a.train, "test_examples": a.test,
+            "task_seed": a.task_seed, "learning_rate": a.lr, "micro_batch_size": a.micro, "grad_accum": a.accum,
+            "epochs": a.epochs, "lam": a.lam, "warmup_ratio": a.warmup, "lr_scheduler": "cosine",
+            "max_new_tokens": a.max_new_tokens, "eval_batch_size": a.eval_batch, "gen_temperature": a.gen_temperature,
+            "system_prompt": "Prometheus ABS_SYSTEM_PROMPT", "zero_stage": 0, "workers": 1,
+            "launcher": "inline (one process per stage)", "max_length": 1024}
+
+
+def make_config(s: dict[str, Any], method: str, seed: int, train_path: str, test_path: str, out_dir: Path,
+                stage: str = "stage1") -> Any:
+    from tract_dist.config import Config, load_config
+    from tract_dist.pipeline import stage_config
+
+    base = {"model": {"name_or_path": s["model"]},
+            "evaluation": {"benchmarks": [{"name": "stepcheck", "path": test_path, "format": "jsonl"}]}}
+    ov = [
+        f"data.train_path={train_path}", "data.train_format=jsonl", f"data.max_length={s['max_length']}",
+        f"loss.lam={s['lam']}",
+        f"training.learning_rate={s['learning_rate']}", f"training.micro_batch_size={s['micro_batch_size']}",
+        f"training.gradient_accumulation_steps={s['grad_accum']}", f"training.epochs={s['epochs']}",
+        f"training.warmup_ratio={s['warmup_ratio']}", "training.lr_scheduler=cosine", f"training.seed={seed}",
+        "training.save_steps=100000", "training.zero_stage=0", "training.logging_steps=1",
+        f"generation.max_new_tokens={s['max_new_tokens']}", f"generation.temperature={s['gen_temperature']}",
+        f"generation.seed={seed}", "generation.ray=false", f"generation.batch_size={s['eval_batch_size']}",
+        "generation.shard_size=1000",
+        "evaluation.ray=false", f"evaluation.batch_size={s['eval_batch_size']}",
+        "tracking.enabled=false", "cluster.num_workers=1",
+        f"pipeline.method={'cot_raft' if method == 'tract' else method}", f"pipeline.output_dir={out_dir}",
+    ]
+    if s.get("tokenizer"):
+        ov.append(f"model.tokenizer={s['tokenizer']}")
+    cfg = load_config(None, ov, base=base)
+    # The pipeline's own method switches (lam=0 + CE on the score token for ce_cot, use_cot=false for raft).
+    s_cfg = stage_config(cfg, out_dir, stage=stage)
+    d = s_cfg.model_dump()
+    d["training"]["output_dir"] = str(out_dir)
+    return Config.model_validate(d)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# phases (each run in a subprocess: python run_quality.py --phase NAME --spec JSON)
+# ---------------------------------------------------------------------------------------------------------
+
+def phase_train(spec: dict[str, Any]) -> None:
+    from tract_dist.train.trainer import run_training
+
+    cfg = make_config(spec["settings"], spec["method"], spec["seed"], spec["train_path"], spec["test_path"],
+                      Path(spec["out_dir"]))
+    r = run_training(cfg, run_name=spec["run_name"], launcher="inline")
+    print(json.dumps({"export": str(r.export_dir / "model"), "data": r.data_summary.get("encode_encoded")}))
+
+
+def phase_generate(spec: dict[str, Any]) -> None:
+    from tract_dist.generate.stage2 import build_stage2_dataset
+    from tract_dist.generate.pipeline import generate_cots, load_training_examples
+
+    cfg = make_config(spec["settings"], "cot_raft", spec["seed"], spec["train_path"], spec["test_path"],
+                      Path(spec["out_dir"]))
+    gen_dir = Path(spec["gen_dir"])
+    s = generate_cots(cfg, spec["model"], gen_dir, show_progress=False)
+    if s.get("missing"):
+        raise RuntimeError(f"generation left {s['missing']} CoTs missing in {gen_dir}")
+    stats = build_stage2_dataset(gen_dir, load_training_examples(cfg), spec["stage2_path"])
+    print(json.dumps({"generated": s.get("ok"), "failed": s.get("failed"), **{k: v for k, v in stats.items()
+                                                                                 if not k.endswith("_ids")}}))
+
+
+def phase_evaluate(spec: dict[str, Any]) -> None:
+    from tract_dist.config import Config
+    from tract_dist.evaluate.runner import evaluate_model
+
+    cfg = make_config(spec["settings"], spec["method"], spec["seed"], spec["train_path"], spec["test_path"],
+                      Path(spec["out_dir"]))
+    d = cfg.model_dump()
+    d["evaluation"]["mode"] = spec["mode"]
+    cfg = Config.model_validate(d)
+    res = evaluate_model(cfg, spec["model"], spec["eval_dir"], show_progress=False)
+    print(json.dumps(res["stepcheck"]["overall"]))
+
+
+PHASES = {"train": phase_train, "generate": phase_generate, "evaluate": phase_evaluate}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# driver
+# ---------------------------------------------------------------------------------------------------------
+
+class Timings:
+    """Wall seconds per (cell, phase), persisted in the work dir (phases skipped on resume keep their time)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data: dict[str, dict[str, float]] = json.loads(path.read_text()) if path.exists() else {}
+
+    def add(self, cell: str, phase: str, secs: float) -> None:
+        self.data.setdefault(cell, {})[phase] = round(secs, 1)
+        self.path.write_text(json.dumps(self.data, indent=2))
+
+
+def run_phase(phase: str, spec: dict[str, Any], log: Path) -> None:
+    spec_path = log.with_suffix(".spec.json")
+    spec_path.write_text(json.dumps(spec, indent=2))
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    with open(log, "a", encoding="utf-8") as f:
+        r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--phase", phase, "--spec",
+                            str(spec_path)], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+    if r.returncode != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
+        raise RuntimeError(f"phase {phase} failed (rc {r.returncode}); log {log}:\n{tail}")
+
+
+def model_ready(run_dir: Path) -> bool:
+    return (run_dir / "export" / "model" / "config.json").exists()
+
+
+def ensure_data(work: Path, s: dict[str, Any]) -> tuple[str, str]:
+    from make_task import make_task, write_jsonl
+
+    ddir = work / "data"
+    meta = {"train": s["train_examples"], "test": s["test_examples"], "seed": s["task_seed"]}
+    mpath = ddir / "meta.json"
+    if not (mpath.exists() and json.loads(mpath.read_text()) == meta):
+        train, test = make_task(meta["train"], meta["test"], meta["seed"])
+        write_jsonl(train, ddir / "train.jsonl")
+        write_jsonl(test, ddir / "test.jsonl")
+        mpath.write_text(json.dumps(meta))
+    return str(ddir / "train.jsonl"), str(ddir / "test.jsonl")
+
+
+def run_cell(work: Path, s: dict[str, Any], method: str, seed: int, modes: list[str], paths: tuple[str, str],
+             timings: Timings) -> None:
+    train_path, test_path = paths
+    cell = f"{method}-s{seed}"
+    cdir = work / "cells" / cell
+    cdir.mkdir(parents=True, exist_ok=True)
+    common = {"settings": s, "method": method, "seed": seed, "train_path": train_path, "test_path": test_path,
+              "out_dir": str(cdir)}
+
+    def timed(phase: str, fn_phase: str, spec: dict[str, Any]) -> None:
+        print(f"[quality] {time.strftime('%H:%M:%S')} {cell}: {phase} ...", flush=True)
+        t0 = time.perf_counter()
+        run_phase(fn_phase, spec, cdir / f"{phase}.log")
+        timings.add(cell, phase, time.perf_counter() - t0)
+        print(f"[quality] {time.strftime('%H:%M:%S')} {cell}: {phase} done in {time.perf_counter() - t0:.0f}s",
+              flush=True)
+
+    if method == "tract":
+        s1_dir = work / "cells" / f"cot_raft-s{seed}" / "train"
+        if not model_ready(s1_dir):
+            raise RuntimeError(f"tract-s{seed} needs its stage 1 (cot_raft-s{seed}) first")
+        stage2 = cdir / "stage2.jsonl"
+        if not stage2.exists():
+            timed("generate", "generate", {**common, "model": str(s1_dir / "export" / "model"),
+                                           "gen_dir": str(cdir / "generate"), "stage2_path": str(stage2)})
+        tdir = cdir / "train"
+        if not model_ready(tdir):
+            timed("train_stage2", "train", {**common, "train_path": str(stage2), "run_name": "train"})
+    else:
+        tdir = cdir / "train"
+        if not model_ready(tdir):
+            timed("train", "train", {**common, "run_name": "train"})
+    model = str(tdir / "export" / "model")
+    for mode in modes:
+        edir = cdir / f"eval-{mode}"
+        if not (edir / "summary.json").exists():
+            timed(f"eval_{mode}", "evaluate", {**common, "mode": mode, "model": model, "eval_dir": str(edir)})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# aggregation and report
+# ---------------------------------------------------------------------------------------------------------
+
+def _cot_stats(pred_path: Path) -> dict[str, Any]:
+    """Mean CoT length (words) and the share of CoTs whose last stated count gives the gold score."""
+    import re
+
+    lens, consistent, n = [], 0, 0
+    word = {"zero": 0, "none": 0, "one": 1, "two": 2, "three": 3, "four": 4, "all": 4}
+    for line in pred_path.read_text().splitlines():
+        r = json.loads(line)
+        cots = r.get("detail", {}).get("cots") or []
+        if not cots:
+            continue
+        cot = cots[0]
+        n += 1
+        lens.append(len(cot.split()))
+        m = re.findall(r"\b([0-4]|zero|none|one|two|three|four|all)\b(?: correct step| of (?:the )?(?:4|four))",
+                       cot, flags=re.I)
+        if m:
+            k = m[-1].lower()
+            k = int(k) if k.isdigit() else word[k]
+            consistent += int(k + 1 == round(r["gold"]))
+    return {"cot_words_mean": round(statistics.fmean(lens), 1) if lens else None,
+            "cot_tally_correct": round(consistent / n, 3) if n else None}
+
+
+def collect(work: Path, seeds: list[int]) -> dict[str, Any]:
+    rows: dict[str, dict[str, Any]] = {}
+    for method in METHODS:
+        for mode in [MAIN_MODE[method]] + EXTRA_MODES.get(method, []):
+            key = f"{method} ({mode})"
+            per_seed = {}
+            for seed in seeds:
+                summ = work / "cells" / f"{method}-s{seed}" / f"eval-{mode}" / "summary.json"
+                if summ.exists():
+                    m = json.loads(summ.read_text())["stepcheck"]["overall"]
+                    pred = summ.parent / "stepcheck" / "predictions.jsonl"
+                    if mode != "rail" and pred.exists():
+                        m = {**m, **_cot_stats(pred)}
+                    per_seed[str(seed)] = m
+            if not per_seed:
+                continue
+            agg: dict[str, Any] = {}
+            for k in METRICS + ["failed", "cot_words_mean", "cot_tally_correct"]:
+                vals = [v[k] for v in per_seed.values() if v.get(k) is not None]
+                vals = [float("nan") if (isinstance(x, float) and math.isnan(x)) else x for x in vals]
+                if vals:
+                    agg[k] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                              "n": len(vals)}
+            rows[key] = {"method": method, "mode": mode, "seeds": per_seed, "aggregate": agg}
+    return rows
+
+
+def write_report(work: Path, s: dict[str, Any], seeds: list[int], out_prefix: Path, timings: Timings,
+                 total_wall: float | None, analysis: str | None, command: str, show: bool = False) -> None:
+    rows = collect(work, seeds)
+    complete = all(len(r["seeds"]) == len(seeds) for r in rows.values()) and len(rows) == 5
+    phase_totals: dict[str, float] = {}
+    for cell, ph in timings.data.items():
+        method = cell.rsplit("-s", 1)[0]
+        phase_totals[method] = round(phase_totals.get(method, 0.0) + sum(ph.values()), 1)
+    data = {
+        "benchmark": "quality: step-checking judge task (benchmarks/quality)",
+        "machine": "cpu-2core", "platform": platform.platform(), "python": platform.python_version(),
+        "status": "complete" if complete else "partial",
+        "seeds": seeds, "settings": s, "results": rows,
+        "wall_s_per_cell_phase": timings.data, "wall_s_per_method_all_seeds": phase_totals,
+        "wall_s_total_this_invocation": total_wall, "command": command,
+    }
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    out_prefix.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
+
+    def cell(agg: dict[str, Any], k: str) -> str:
+        if k not in agg:
+            return "-"
+        a = agg[k]
+        return f"{a['mean']:.3f} ± {a['std']:.3f}"
+
+    lines = [
+        "# Quality benchmark: ce_cot vs raft vs cot_raft vs tract (CPU, 2 cores)",
+        "",
+        f"Status: **{data['status']}** ({', '.join(str(len(r['seeds'])) + ' seeds ' + k for k, r in rows.items())})",
+        "",
+        "Task: step-checking judge (benchmarks/quality/make_task.py): a response of 4 steps `Step i: a + b = c`",
+        "(a, b in 2..9, wrong results off by 1-3); gold score = 1 + number of correct steps, uniform over 1..5;",
+        "Prometheus absolute-grading prompt without reference answer; annotated CoTs in a varied 3-template style.",
+        "",
+        f"Model `{s['model']}`; {s['train_examples']} training / {s['test_examples']} held-out examples "
+        f"(task seed {s['task_seed']}); every method: {s['epochs']} epoch(s), micro batch {s['micro_batch_size']} x "
+        f"accum {s['grad_accum']}, lr {s['learning_rate']} cosine, warm-up {s['warmup_ratio']}, lam {s['lam']} "
+        f"(0 for ce_cot), 1 worker, ZeRO stage 0, fp32; inference greedy, max {s['max_new_tokens']} new tokens. "
+        f"TRACT stage 1 = the cot_raft model of the same seed; stage 2 trains the seed model on one "
+        f"{'greedy' if s['gen_temperature'] == 0 else 'T=' + str(s['gen_temperature'])} self-generated CoT per "
+        f"training prompt with the same budget.",
+        "",
+        "Mean ± sample std over seeds " + ", ".join(map(str, seeds)) + " (held-out set; `tally ok` = share of "
+        "generated CoTs whose last stated count equals the gold count; `words` = mean CoT length):",
+        "",
+        "| method (inference) | Pearson ↑ | Spearman ↑ | Kendall ↑ | RMSE ↓ | failed | tally ok | words | seeds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, r in rows.items():
+        a = r["aggregate"]
+        lines.append(f"| {key} | {cell(a, 'pearson')} | {cell(a, 'spearman')} | {cell(a, 'kendall')} | "
+                     f"{cell(a, 'rmse')} | {cell(a, 'failed')} | {cell(a, 'cot_tally_correct')} | "
+                     f"{cell(a, 'cot_words_mean')} | {len(r['seeds'])} |")
+    lines += ["", "Per seed (Pearson / RMSE):", ""]
+    for key, r in rows.items():
+        def fmt(x: Any) -> str:
+            return "undefined" if x is None else f"{x:.3f}"
+
+        per = ", ".join(f"s{sd}: {fmt(m.get('pearson'))} / {fmt(m.get('rmse'))} (failed {m.get('failed')})"
+                        for sd, m in r["seeds"].items())
+        lines.append(f"- {key}: {per}")
+    lines += ["", "Wall time (s, all seeds, incl. model loading; tract = generation + stage 2 only, its stage 1 is "
+              "cot_raft's run): " + ", ".join(f"{k} {v:.0f}" for k, v in phase_totals.items()), ""]
+    if total_wall is not None:
+        lines.append(f"Wall time of the invocation that wrote this file: {total_wall:.0f} s.")
+        lines.append("")
+    lines += ["Command:", "", "```", command, "```", ""]
+    if analysis:
+        lines += ["## Analysis", "", analysis.strip(), ""]
+    out_prefix.with_suffix(".md").write_text("\n".join(lines))
+    if show:
+        print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
+    ap.add_argument("--spec", help=argparse.SUPPRESS)
+    ap.add_argument("--work", default="/tmp/tract-quality", help="work dir (data, runs, logs; not committed)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--train", type=int, default=32)
+    ap.add_argument("--test", type=int, default=40)
+    ap.add_argument("--task-seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--micro", type=int, default=2)
+    ap.add_argument("--accum", type=int, default=1)
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--lam", type=float, default=1.0)
+    ap.add_argument("--warmup", type=float, default=0.1)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--eval-batch", type=int, default=16)
+    ap.add_argument("--gen-temperature", type=float, default=0.0)
+    ap.add_argument("--no-extras", action="store_true", help="skip ce_cot's decode evaluation")
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality-cpu-2core"))
+    ap.add_argument("--analysis", default=str(HERE / "ANALYSIS.md"), help="markdown appended as ## Analysis")
+    a = ap.parse_args(argv)
+    if a.phase:
+        PHASES[a.phase](json.loads(Path(a.spec).read_text()))
+        return
+
+    work = Path(a.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    s = settings_from_args(a)
+    sfile = work / "settings.json"
+    if sfile.exists() and json.loads(sfile.read_text()) != s:
+        raise SystemExit(f"{sfile} holds other settings; use another --work dir or the same arguments")
+    sfile.write_text(json.dumps(s, indent=2))
+    timings = Timings(work / "timings.json")
+    command = "python " + " ".join([str(Path(__file__).relative_to(REPO))] + (argv if argv is not None else sys.argv[1:]))
+    analysis = Path(a.analysis).read_text() if a.analysis and Path(a.analysis).exists() else None
+    t0 = time.perf_counter()
+    if not a.report_only:
+        paths = ensure_data(work, s)
+        methods = [m for m in METHODS if m in a.methods]
+        for seed in a.seeds:
+            for method in methods:
+                run_cell(work, s, method, seed, [MAIN_MODE[method]], paths, timings)
+                write_report(work, s, a.seeds, Path(a.out), timings, None, analysis, command)
+        if not a.no_extras:
+            for seed in a.seeds:
+                for method in methods:
+                    if EXTRA_MODES.get(method):
+                        run_cell(work, s, method, seed, EXTRA_MODES[method], paths, timings)
+                        write_report(work, s, a.seeds, Path(a.out), timings, None, analysis, command)
+    write_report(work, s, a.seeds, Path(a.out), timings, None if a.report_only else time.perf_counter() - t0,
+                 analysis, command, show=True)
+
+
+if __name__ == "__main__":
+    main()

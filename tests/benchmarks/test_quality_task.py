@@ -1,0 +1,85 @@
+"""The quality benchmark's step-checking task generator (benchmarks/quality/make_task.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def make_task():
+    spec = importlib.util.spec_from_file_location("quality_make_task", REPO / "benchmarks" / "quality" / "make_task.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_STEP = re.compile(r"^Step (\d): (\d+) \+ (\d+) = (-?\d+)$")
+
+
+def _correct_steps(response: str) -> int:
+    """Independent re-check of a response: parse every line and count the true sums."""
+    lines = response.split("\n")
+    assert len(lines) == 4
+    n = 0
+    for i, line in enumerate(lines):
+        m = _STEP.match(line)
+        assert m, line
+        assert int(m.group(1)) == i + 1
+        n += int(m.group(2)) + int(m.group(3)) == int(m.group(4))
+    return n
+
+
+def test_score_is_one_plus_correct_steps(make_task):
+    train, test = make_task.make_task(200, 100, seed=3)
+    for ex in train + test:
+        assert ex["score"] == 1 + _correct_steps(ex["response"])
+        assert ex["category"] == f"{ex['score'] - 1}_correct"
+        # the annotated CoT's tally agrees with the score and it never states the score phrase itself
+        assert "So the overall score is" not in ex["feedback"]
+        words = ["zero", "one", "two", "three", "four"]
+        assert re.search(rf"\b({ex['score'] - 1}|{words[ex['score'] - 1]})\b", ex["feedback"].rsplit(".", 2)[-2])
+
+
+def test_balanced_scores(make_task):
+    train, test = make_task.make_task(100, 50, seed=0)
+    assert Counter(ex["score"] for ex in train) == {k: 20 for k in range(1, 6)}
+    assert Counter(ex["score"] for ex in test) == {k: 10 for k in range(1, 6)}
+
+
+def test_deterministic_and_seed_dependent(make_task):
+    a = make_task.make_task(40, 20, seed=7)
+    b = make_task.make_task(40, 20, seed=7)
+    c = make_task.make_task(40, 20, seed=8)
+    assert a == b
+    assert a != c
+    # the training set does not depend on the size of the test set
+    assert make_task.make_task(40, 30, seed=7)[0] == a[0]
+
+
+def test_disjoint_split(make_task):
+    train, test = make_task.make_task(300, 100, seed=1)
+    assert not {ex["response"] for ex in train} & {ex["response"] for ex in test}
+    ids = [ex["id"] for ex in train + test]
+    assert len(ids) == len(set(ids))
+
+
+def test_jsonl_reads_through_project_reader(make_task, tmp_path):
+    from tract_dist.data.formats import read_examples
+
+    paths = make_task.main(["--out", str(tmp_path), "--train", "15", "--test", "10", "--seed", "2"])
+    train = read_examples(paths["train"], "jsonl")
+    test = read_examples(paths["test"], "jsonl", require_feedback=False)
+    assert (len(train.examples), len(test.examples)) == (15, 10)
+    assert not train.invalid and not test.invalid
+    first = json.loads(Path(paths["train"]).read_text().splitlines()[0])
+    ex = train.examples[0]
+    assert (ex.id, ex.score, ex.response, ex.reference_answer) == (first["id"], first["score"], first["response"], None)
+    assert ex.feedback and len(ex.score_descriptions) == 5
