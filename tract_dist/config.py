@@ -102,6 +102,7 @@ class BenchmarkSpec(_Section):
     format: Literal["feedback-collection", "prometheus-eval", "jsonl"] = "prometheus-eval"
     split: str = "test"
     max_examples: int | None = Field(None, gt=0)
+    offset: int = Field(0, ge=0)  # skip the first records (e.g. those a quickstart trains on)
 
 
 class EvaluationSection(_Section):

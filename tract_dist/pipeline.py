@@ -210,7 +210,7 @@ def _generate(cfg: Config, model: str, out: Path, parent: RunHandle) -> tuple[di
 
 
 def _build_stage2(cfg: Config, gen_dir: Path, out: Path) -> tuple[dict[str, Any], list[str]]:
-    from tract_dist.generate import build_stage2_dataset
+    from tract_dist.generate.stage2 import build_stage2_dataset
     from tract_dist.generate.pipeline import load_training_examples
 
     stats = build_stage2_dataset(gen_dir, load_training_examples(cfg), out)
@@ -219,7 +219,7 @@ def _build_stage2(cfg: Config, gen_dir: Path, out: Path) -> tuple[dict[str, Any]
 
 def _evaluate(cfg: Config, model: str, bench: Any, mode: str, out: Path, parent: RunHandle,
               tags: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
-    from tract_dist.evaluate import evaluate_model
+    from tract_dist.evaluate.runner import evaluate_model
 
     d = cfg.model_dump()
     d["evaluation"].update(benchmarks=[bench.model_dump()], mode=mode, output_dir=str(out))

@@ -104,3 +104,11 @@ def test_cli_inspect_counts_and_errors(tmp_path, capsys):
 
     assert main(["data", "inspect", str(tmp_path / "absent.json"), "--format", "jsonl", "--tokenizer", "llama3"]) == 2
     assert "absent.json: file not found" in capsys.readouterr().err
+
+
+def test_offset_and_limit_keep_file_positions(tmp_path):
+    recs = [_fc_record(orig_score=1 + i % 5) for i in range(6)]
+    recs[4]["orig_score"] = 9
+    p = _write_jsonl(tmp_path / "o.jsonl", recs)
+    r = read_examples(p, "feedback-collection", offset=2, limit=3, skip_invalid=True)
+    assert r.records == 3 and [e.id for e in r.examples] == ["2", "3"] and r.invalid[0].index == 4

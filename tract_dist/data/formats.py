@@ -165,19 +165,24 @@ def load_records(source: str, split: str = "train") -> Iterator[dict[str, Any]] 
 
 
 def read_examples(source: str, fmt: str, *, scale: tuple[int, int] = (1, 5), skip_invalid: bool = False,
-                  require_feedback: bool = True, limit: int | None = None, split: str = "train") -> ReadResult:
-    """Read and validate every record of ``source`` in format ``fmt``."""
+                  require_feedback: bool = True, limit: int | None = None, split: str = "train",
+                  offset: int = 0) -> ReadResult:
+    """Read and validate records ``offset .. offset + limit`` of ``source`` in format ``fmt``.
+
+    Record indices in errors are positions in the file, whatever the offset."""
     if fmt not in _CONVERTERS:
         raise ValueError(f"unknown data format {fmt!r}; choose one of {', '.join(FORMATS)}")
     convert = _CONVERTERS[fmt]
     lo, hi = scale
     ds = load_records(source, split)
-    n = len(ds) if limit is None else min(limit, len(ds))
+    end = len(ds) if limit is None else min(offset + limit, len(ds))
     examples: list[JudgeExample] = []
     invalid: list[InvalidRecord] = []
     seen: set[str] = set()
     for i, rec in enumerate(ds):
-        if i >= n:
+        if i < offset:
+            continue
+        if i >= end:
             break
         try:
             ex = convert(rec, i, lo, hi, require_feedback)
@@ -189,7 +194,7 @@ def read_examples(source: str, fmt: str, *, scale: tuple[int, int] = (1, 5), ski
             if not skip_invalid:
                 raise DataError(source, e.message, index=i, field_name=e.field) from None
             invalid.append(InvalidRecord(i, e.field, e.message))
-    return ReadResult(path=source, format=fmt, records=n, examples=examples, invalid=invalid)
+    return ReadResult(path=source, format=fmt, records=max(0, end - offset), examples=examples, invalid=invalid)
 
 
 def write_jsonl(examples: list[JudgeExample], path: str | Path) -> None:
