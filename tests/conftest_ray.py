@@ -38,3 +38,16 @@ def vicuna_examples(vicuna_path):
     from tract_dist.data.formats import read_examples
 
     return read_examples(str(vicuna_path), "prometheus-eval", require_feedback=False).examples
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread per test process: on a shared 2-core machine, two OpenMP threads spin-waiting on a
+    busy core made tiny-model generation 5-10x slower at random (see the generation benchmark); the Ray
+    replicas get their own thread counts."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -42,7 +42,9 @@ def predict(cfg: Any, model_path: str, examples: list[JudgeExample], *, show_pro
     spec = PoolSpec.from_config(cfg, use_ray=e.ray, batch_size=e.batch_size, replicas=cfg.generation.num_replicas)
     kw = judge_kwargs(cfg)
     kw["sampling"] = kw["sampling"].as_dict()
-    worker_kwargs = {"model_path": model_path, "judge_kwargs": kw, "n_cots": e.num_cots, "mode": e.mode,
+    from tract_dist.models.loading import materialize_alias
+
+    worker_kwargs = {"model_path": materialize_alias(model_path), "judge_kwargs": kw, "n_cots": e.num_cots, "mode": e.mode,
                      "torch_threads": spec.torch_threads()}
     rows = [{"id": ex.id, "example": json.dumps(ex.to_dict(), ensure_ascii=False)} for ex in examples]
     got: dict[str, dict[str, Any]] = {}

@@ -19,6 +19,7 @@ from tract_dist.generate.pool import PoolSpec, map_rows
 from tract_dist.generate.sampling import SamplingParams, example_seed
 from tract_dist.generate.shards import ShardStore, cot_uid
 from tract_dist.generate.worker import CotWorker
+from tract_dist.models.loading import materialize_alias
 
 
 def load_training_examples(cfg: Any) -> list[JudgeExample]:
@@ -140,7 +141,8 @@ def generate_cots(cfg: Any, model_path: str | None, out_dir: str | Path | None =
         buffer: list[dict[str, Any]] = []
         step = 0
         try:
-            kwargs = worker_kwargs(cfg, str(model_path), sampling, spec)
+            # An alias with GGUF weights is converted once here, not by every replica at once.
+            kwargs = worker_kwargs(cfg, materialize_alias(str(model_path)), sampling, spec)
             for records in map_rows(todo, CotWorker, kwargs, spec):
                 buffer += records
                 progress.update(records)

@@ -28,6 +28,7 @@ class PoolSpec:
     address: str | None = None
     local_num_cpus: int | None = None
     object_store_memory_mb: int = 256
+    threads_per_replica: int | None = None  # torch CPU threads per replica; None: the cores shared out
 
     @classmethod
     def from_config(cls, cfg: Any, *, use_ray: bool, batch_size: int, replicas: int | None = None) -> "PoolSpec":
@@ -38,6 +39,8 @@ class PoolSpec:
 
     def torch_threads(self) -> int:
         """CPU threads per replica: the machine's cores shared out, so replicas do not oversubscribe them."""
+        if self.threads_per_replica:
+            return self.threads_per_replica
         return max(1, (os.cpu_count() or 1) // (1 if self.use_gpu or not self.use_ray else self.replicas))
 
 

@@ -36,6 +36,8 @@ def _inputs(args: argparse.Namespace, scale: tuple[int, int]) -> list[Any]:
     if sum(given) != 1:
         raise UsageError("give exactly one of --file, --json, or --instruction/--response/--criteria/"
                          "--score-description")
+    if args.file and args.format == "jsonl":  # unlabeled inputs allowed: score is optional here
+        return _read_jsonl_inputs(args.file)
     if args.file:
         return read_examples(args.file, args.format, scale=scale, require_feedback=False).examples
     if args.json_input:
@@ -58,6 +60,25 @@ def _inputs(args: argparse.Namespace, scale: tuple[int, int]) -> list[Any]:
         raise UsageError(f"--instruction, --response, --criteria and {want} --score-description flags are required")
     return [{"instruction": args.instruction, "response": args.response, "criteria": args.criteria,
              "score_descriptions": args.score_descriptions, "reference_answer": args.reference_answer}]
+
+
+def _read_jsonl_inputs(path: str) -> list[Any]:
+    """Judge inputs from JSONL (the project's fields; id and score optional); errors name file and line."""
+    from tract_dist.data.schema import DataError
+    from tract_dist.judge.judge import as_example
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(path, "file not found")
+    out = []
+    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        try:
+            out.append(as_example(json.loads(line), i))
+        except (json.JSONDecodeError, ValueError, TypeError) as e:
+            raise DataError(path, str(e), index=i) from None
+    return out
 
 
 def _cmd_judge(args: argparse.Namespace) -> int:
