@@ -62,7 +62,8 @@ def load_prompts(tokenizer: Any, n: int, prompt_tokens: int) -> list[list[int]]:
     from tract_dist.data.encode import EncodeOptions, fit_prompt
     from tract_dist.data.formats import read_examples
 
-    data = Path(os.environ.get("TRACT_SHARED_DATA", REPO.parent / "shared" / "data")) / "prometheus-eval" / "vicuna_eval.json"
+    shared = Path(os.environ.get("TRACT_SHARED_DATA", REPO.parent / "shared" / "data"))
+    data = shared / "prometheus-eval" / "vicuna_eval.json"
     exs = read_examples(str(data), "prometheus-eval", require_feedback=False, limit=n).examples
     return [fit_prompt(tokenizer, ex, prompt_tokens, EncodeOptions())[0] for ex in exs]
 
@@ -227,7 +228,8 @@ def render_md(r: dict[str, Any]) -> str:
              f"Load average (1/5/15 min) at start {', '.join(f'{x:.1f}' for x in m['load_average_at_start'])}, "
              f"at end {', '.join(f'{x:.1f}' for x in m['load_average_at_end'])}: a shared machine, so each point "
              f"is the best of {s['repeats']} sweeps in alternating order; compare ratios, not absolute rates.", "",
-             f"## Batch size (one replica, in-process, {s['torch_threads']} torch thread(s))", "", "| batch | prompts/s | tokens/s | ratio vs batch 1 |",
+             f"## Batch size (one replica, in-process, {s['torch_threads']} torch thread(s))", "",
+             "| batch | prompts/s | tokens/s | ratio vs batch 1 |",
              "|---|---|---|---|"]
     for row in r["batch_size_sweep"]:
         lines.append(f"| {row['batch_size']} | {row['prompts_per_s']:.2f} | {row['tokens_per_s']:.1f} | "

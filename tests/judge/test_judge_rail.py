@@ -15,7 +15,7 @@ VALUES = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], dtype=torch.float64)
 
 @pytest.fixture(scope="module")
 def judge64(tiny_export):
-    """A float64 tiny judge (sdpa: eager attention yields NaN rows for left padding in float64 under transformers 5.24)."""
+    """A float64 tiny judge (sdpa: eager attention gives NaN rows for left padding in float64, transformers 5.24)."""
     from transformers import AutoModelForCausalLM
 
     from tract_dist.models.loading import load_tokenizer_for

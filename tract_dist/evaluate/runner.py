@@ -25,7 +25,7 @@ from tract_dist.generate.pool import PoolSpec, map_rows
 def load_benchmark(spec: Any, scale: tuple[int, int], skip_invalid: bool = False) -> list[JudgeExample]:
     """A benchmark's examples: a local file or ``hf:NAME`` (prometheus-eval label = mean of gpt4_score)."""
     res = read_examples(spec.path, spec.format, scale=scale, skip_invalid=skip_invalid, require_feedback=False,
-                        limit=spec.max_examples, split=spec.split)
+                        limit=spec.max_examples, split=spec.split, offset=spec.offset)
     if res.invalid:
         print(f"evaluate: {spec.name}: skipped {len(res.invalid)} invalid records of {spec.path}")
     return res.examples
@@ -44,8 +44,8 @@ def predict(cfg: Any, model_path: str, examples: list[JudgeExample], *, show_pro
     kw["sampling"] = kw["sampling"].as_dict()
     from tract_dist.models.loading import materialize_alias
 
-    worker_kwargs = {"model_path": materialize_alias(model_path), "judge_kwargs": kw, "n_cots": e.num_cots, "mode": e.mode,
-                     "torch_threads": spec.torch_threads()}
+    worker_kwargs = {"model_path": materialize_alias(model_path), "judge_kwargs": kw, "n_cots": e.num_cots,
+                     "mode": e.mode, "torch_threads": spec.torch_threads()}
     rows = [{"id": ex.id, "example": json.dumps(ex.to_dict(), ensure_ascii=False)} for ex in examples]
     got: dict[str, dict[str, Any]] = {}
     with tqdm(total=len(rows), desc=desc, unit="ex", disable=not show_progress) as bar:
@@ -101,8 +101,11 @@ def report(records: list[dict[str, Any]], out_dir: str | Path, name: str,
 
 
 def evaluate_model(cfg: Any, model_path: str | None, out_dir: str | Path | None = None,
-                   parent_run: Any = None, *, show_progress: bool = True) -> dict[str, Any]:
-    """Evaluate ``model_path`` on every ``evaluation.benchmarks`` entry; returns ``{benchmark: metrics}``."""
+                   parent_run: Any = None, *, show_progress: bool = True,
+                   tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """Evaluate ``model_path`` on every ``evaluation.benchmarks`` entry; returns ``{benchmark: metrics}``.
+
+    ``tags`` are added to the MLflow run (the pipeline tags method, model, stage and benchmark for compare)."""
     from tract_dist.config import ConfigError
     from tract_dist.tracking import log_artifact, log_metrics, log_params, start_run
 
@@ -114,7 +117,7 @@ def evaluate_model(cfg: Any, model_path: str | None, out_dir: str | Path | None 
     scale = parse_scale(cfg.data.scale)
     results: dict[str, Any] = {}
     with start_run(t.tracking_uri, t.experiment, t.run_name or "evaluate", enabled=t.enabled, parent=parent_run,
-                   tags={"stage": "evaluate"}) as run:
+                   tags={**(tags or {}), "stage": "evaluate"}) as run:
         log_params(run, {"model_path": model_path, "mode": e.mode, "num_cots": e.num_cots,
                          "rail_normalize": e.rail_normalize, "use_ray": e.ray,
                          "benchmarks": ",".join(b.name for b in e.benchmarks)})

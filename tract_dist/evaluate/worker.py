@@ -47,7 +47,8 @@ class JudgeWorker:
         return {k: [p[k] for p in preds] for k in preds[0]}
 
 
-def prediction_row(ex: JudgeExample, score: float | None, failure: str | None, detail: dict[str, Any]) -> dict[str, Any]:
+def prediction_row(ex: JudgeExample, score: float | None, failure: str | None,
+                   detail: dict[str, Any]) -> dict[str, Any]:
     """One line of predictions.jsonl (details as JSON text: Arrow needs one type per column)."""
     return {"id": ex.id, "prediction": score, "gold": float(ex.score), "category": ex.category or "",
             "failure": failure or "", "detail": json.dumps(detail, ensure_ascii=False)}

@@ -96,7 +96,8 @@ def load_causal_lm(name_or_path: str, *, dtype: str | torch.dtype = "auto", devi
     dev = resolve_device(device)
     source = materialize_alias(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=resolve_dtype(dtype, dev), attn_implementation=choose_attn_implementation(attn_implementation, dev),
+        source, dtype=resolve_dtype(dtype, dev),
+        attn_implementation=choose_attn_implementation(attn_implementation, dev),
         trust_remote_code=trust_remote_code,
     )
     return model.to(dev)
