@@ -39,7 +39,7 @@ class PipelineSummary:
         lines = [f"[pipeline] {self.name} ({self.method}) in {self.directory}"]
         for name, rec in self.stages.items():
             status = rec.get("status", "?")
-            lines.append(f"  {name:<32} {status:<8} {rec.get('summary', '')}")
+            lines.append(f"  {name:<32} {status:<8} {rec.get('outputs', {}).get('summary', '')}")
         if self.parent_run_id:
             lines.append(f"  MLflow parent run: {self.parent_run_id}")
         return "\n".join(lines)

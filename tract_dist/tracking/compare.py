@@ -34,8 +34,9 @@ def collect(tracking_uri: str, experiment: str) -> tuple[list[dict[str, Any]], l
         row = rows.setdefault(key, {"pipeline": key[0], "method": key[1], "model": key[2], "stage": key[3],
                                     "inference": key[4], "results": defaultdict(dict)})
         for m in METRICS:
-            if m in run.data.metrics:
-                row["results"][bench][m] = run.data.metrics[m]  # later runs (reruns) overwrite earlier ones
+            key = f"{bench}.{m}"  # evaluation logs "{benchmark}.{metric}" (and per category below it)
+            if key in run.data.metrics:
+                row["results"][bench][m] = run.data.metrics[key]  # later runs (reruns) overwrite earlier ones
     return list(rows.values()), benchmarks
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -58,7 +59,7 @@ def train_worker(loop: dict[str, Any]) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     session = RaySession() if loop.get("launcher") == "ray" else LocalSession(run_dir / "checkpoints")
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per report from every rank otherwise
+    _quiet_ray_train_reports()
     t = cfg.training
     torch.manual_seed(t.seed)  # identical initialisation on every rank
 
@@ -96,9 +97,9 @@ def train_worker(loop: dict[str, Any]) -> None:
             torch.manual_seed(t.seed + 1 + rank)  # per-rank stream for dropout and the like
     if rank == 0:
         where = f"resumed at step {start_step}" if start_step else "from the seed model"
-        print(f"[train] {plan.total_steps} steps x {plan.global_batch} samples ({plan.n_examples} examples, "
+        _console(f"[train] {plan.total_steps} steps x {plan.global_batch} samples ({plan.n_examples} examples, "
               f"{plan.padded_per_epoch} repeated per epoch to fill the last batch), world {world}, {where}; "
-              f"{n_params / 1e6:.1f}M params, {local_params / 1e6:.2f}M on this rank", flush=True)
+              f"{n_params / 1e6:.1f}M params, {local_params / 1e6:.2f}M on this rank")
 
     # ---- train loop ---------------------------------------------------------------------------------
     fail_at = loop.get("fail_at_step")
@@ -143,8 +144,8 @@ def train_worker(loop: dict[str, Any]) -> None:
                 f.write(json.dumps({"step": done, **metrics}) + "\n")
         if rank == 0 and (done % t.logging_steps == 0 or save):
             log_metrics(handle, metrics, step=done)
-            print(f"[train] step {done}/{plan.total_steps} " + " ".join(
-                f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"), flush=True)
+            _console(f"[train] step {done}/{plan.total_steps} " + " ".join(
+                f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
         if save:
             with session.checkpoint_dir(done) as ckpt:
                 engine.save_checkpoint(ckpt, tag=f"step-{done}", client_state={"step": done})
@@ -164,6 +165,21 @@ def train_worker(loop: dict[str, Any]) -> None:
             {"export_dir": str(export_dir), "steps": plan.total_steps, "start_step": start_step,
              "params_total": n_params, "peak_rss_gb": peak_rss.item(), "params_per_rank": [int(x) for x in per_rank],
              "final_metrics": metrics}, indent=2))
+
+
+def _console(msg: str) -> None:
+    """One progress line (sys.stdout directly: Ray Train V2's patched print echoes every line twice)."""
+    sys.stdout.write(msg + "\n")
+    sys.stdout.flush()
+
+
+def _quiet_ray_train_reports() -> None:
+    """Ray Train V2 logs every ``report`` of every rank at INFO under a file-path logger name."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 class _Window:

@@ -1,0 +1,152 @@
+"""The whole pipeline on a tiny model: four stages, MLflow parent/child runs, stage 2 from the seed weights,
+skip on rerun, resume after an interruption; and the same against a real `mlflow server` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tract_dist.config import load_config
+
+pytestmark = [pytest.mark.slow]
+
+
+def _cfg(tmp: Path, vicuna: Path, **over):
+    base = {
+        "model": {"name_or_path": "tiny-llama", "tokenizer": "smollm2"},
+        "data": {"train_path": str(vicuna), "train_format": "prometheus-eval", "max_length": 768,
+                 "max_examples": 8},
+        "training": {"max_steps": 4, "micro_batch_size": 1, "gradient_accumulation_steps": 1, "save_steps": 2,
+                     "learning_rate": 1e-3, "seed": 3},
+        "generation": {"max_new_tokens": 12, "batch_size": 4, "temperature": 1.0},
+        "evaluation": {"benchmarks": [{"name": "vicuna", "path": str(vicuna), "format": "prometheus-eval",
+                                       "max_examples": 6}], "batch_size": 6},
+        "pipeline": {"method": "tract", "output_dir": str(tmp / "pipe")},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp}/mlflow.db", "experiment": "pipe"},
+        "cluster": {"num_workers": 2},
+    }
+    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in over.items()], base=base)
+
+
+@pytest.mark.timeout(900)
+def test_tract_pipeline_end_to_end(tmp_path, vicuna_path, ray_local, monkeypatch, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from tract_dist.data.assets import load_tokenizer
+    from tract_dist.models import causal_lm_cot_raft_loss
+    from tract_dist.pipeline import run_pipeline
+    from tract_dist.train.data import StepPlan, collate, load_encoded, load_score_tokens
+    from tract_dist.train.model_init import load_training_model
+
+    cfg = _cfg(tmp_path, vicuna_path, **{"cluster.max_failures": 0})
+    # 1) interrupted: stage 1 dies after its step-2 checkpoint
+    monkeypatch.setenv("TRACT_DIST_FAIL_AT_STEP", "3")
+    with pytest.raises(Exception, match="injected failure"):
+        run_pipeline(cfg, name="p")
+    monkeypatch.delenv("TRACT_DIST_FAIL_AT_STEP")
+    # 2) rerun: stage 1 resumes from its checkpoint, the rest runs
+    s = run_pipeline(cfg, name="p")
+    assert [k for k, v in s.stages.items() if v["status"] == "ran"] == [
+        "train_stage1", "generate", "build_stage2", "train_stage2",
+        "evaluate_stage1_vicuna_cot_rail", "evaluate_stage2_vicuna_cot_rail"]
+    pdir = tmp_path / "pipe" / "p"
+    s1_dir = Path(s.stages["train_stage1"]["outputs"]["run_dir"])
+    assert json.loads((s1_dir / "train_result.json").read_text())["start_step"] == 2
+    # 3) rerun: everything up to date
+    s = run_pipeline(cfg, name="p")
+    assert {v["status"] for v in s.stages.values()} == {"skipped"}
+
+    # Stage 2 trained from the seed weights: its first logged loss is the seed model's loss on its first batch.
+    s2_dir = Path(s.stages["train_stage2"]["outputs"]["run_dir"])
+    first = json.loads((s2_dir / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    data, st = load_encoded(s2_dir), load_score_tokens(s2_dir)
+    t = cfg.training
+    plan = StepPlan(len(data), t.micro_batch_size, t.gradient_accumulation_steps, 2, t.seed, t.epochs, t.max_steps)
+    batch = collate([data[i] for i in plan.step_indices(0).tolist()], load_tokenizer("smollm2").pad_token_id)
+
+    def loss_of(model):
+        with torch.no_grad():
+            return causal_lm_cot_raft_loss(model, batch, score_token_ids=st.token_ids, score_values=st.scores,
+                                           impl="reference").loss.item()
+
+    from transformers import AutoModelForCausalLM
+
+    seed = load_training_model(cfg, load_tokenizer("smollm2"), use_cuda=False)
+    stage1 = AutoModelForCausalLM.from_pretrained(s.stages["train_stage1"]["outputs"]["model"])
+    assert first == pytest.approx(loss_of(seed), rel=1e-5)
+    assert abs(first - loss_of(stage1)) > 1e-3
+    # The stage-2 data are the stage-1 model's CoTs with gold scores.
+    rows = [json.loads(x) for x in (pdir / "stage2.jsonl").read_text().splitlines()]
+    assert rows and all(r["feedback"] for r in rows)
+
+    # MLflow: one parent, a child per stage and per benchmark evaluation.
+    c = MlflowClient(s.stages and f"sqlite:///{tmp_path}/mlflow.db")
+    exp = c.get_experiment_by_name("pipe")
+    runs = c.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("stage") == "pipeline"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    kinds = sorted(r.data.tags.get("stage") for r in children)
+    assert kinds == ["evaluate", "evaluate", "generate", "train", "train"]
+    evals = [r for r in children if r.data.tags.get("stage") == "evaluate"]
+    assert all("vicuna.pearson" in r.data.metrics or "vicuna.rmse" in r.data.metrics for r in evals)
+
+    from tract_dist.cli import main
+
+    capsys.readouterr()
+    assert main(["compare", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--experiment", "pipe"]) == 0
+    table = capsys.readouterr().out
+    assert "tract" in table and "stage2" in table and "vicuna:rmse" in table
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(600)
+def test_pipeline_against_mlflow_server(tmp_path, vicuna_path, ray_local, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from tract_dist.pipeline import run_pipeline
+
+    port = _free_port()
+    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+    proc = subprocess.Popen([mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+                             "--default-artifact-root", str(tmp_path / "server-artifacts")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                MlflowClient(uri).search_experiments()
+                break
+            except Exception:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    pytest.fail("mlflow server did not come up")
+                time.sleep(1)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        cfg = _cfg(tmp_path, vicuna_path, **{"pipeline.method": "cot_raft", "training.max_steps": 2})
+        s = run_pipeline(cfg, name="srv")
+        c = MlflowClient(uri)
+        runs = c.search_runs([c.get_experiment_by_name("pipe").experiment_id])
+        assert {r.data.tags.get("stage") for r in runs} == {"pipeline", "train", "evaluate"}
+        assert all(r.info.status == "FINISHED" for r in runs)
+        ev = next(r for r in runs if r.data.tags.get("stage") == "evaluate")
+        assert any(a.path.startswith("evaluate") for a in c.list_artifacts(ev.info.run_id))
+        assert s.parent_run_id in {r.info.run_id for r in runs}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
