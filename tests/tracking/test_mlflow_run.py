@@ -31,3 +31,15 @@ def test_disabled_is_a_no_op():
     with start_run("sqlite:///unused.db", "exp", enabled=False) as h:
         assert not h.enabled
         log_metrics(h, {"a": 1.0})
+
+
+def test_one_process_can_use_two_stores(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with start_run(f"sqlite:///{tmp_path}/a.db", "exp") as a:
+        pass
+    with start_run(f"sqlite:///{tmp_path}/b.db", "exp") as b:
+        pass
+    assert a.tracking_uri.endswith("a.db") and b.tracking_uri.endswith("b.db")
+    assert "MLFLOW_TRACKING_URI" not in os.environ

@@ -40,16 +40,18 @@ def resolve_uri(uri: str) -> str:
 
 def ensure_experiment(tracking_uri: str, name: str) -> str:
     """Experiment id, created with an explicit artifact location next to a local store."""
-    import mlflow
+    from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri)
-    exp = mlflow.get_experiment_by_name(name)
+    # A client bound to the URI, not mlflow.set_tracking_uri: that also sets MLFLOW_TRACKING_URI for the
+    # whole process, which would then override every later config's URI (resolve_uri lets the variable win).
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     artifact_location = None
     if tracking_uri.startswith("sqlite:///"):
         artifact_location = (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts" / name).resolve().as_uri()
-    return mlflow.create_experiment(name, artifact_location=artifact_location)
+    return client.create_experiment(name, artifact_location=artifact_location)
 
 
 @contextlib.contextmanager
