@@ -12,17 +12,9 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-
-    started = False
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, object_store_memory=256 << 20, include_dashboard=False, log_to_driver=False)
-        started = True
-    yield ray
-    if started and ray.is_initialized():
-        ray.shutdown()
+def ray_cluster(ray_local):
+    """The suite's one Ray (tests/conftest.py)."""
+    return ray_local
 
 
 @pytest.fixture(scope="session")

@@ -50,17 +50,10 @@ def ensure_ray(spec: PoolSpec) -> None:
     A local Ray whose actors hold every CPU starves Ray Data's read tasks and deadlocks silently (STACK-NOTES),
     so the local cluster gets at least one CPU more than the pool needs, and never fewer than 4 logical CPUs.
     """
-    import ray
+    from tract_dist.ray_runtime import init_ray
 
-    if ray.is_initialized():
-        return
-    address = spec.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-        return
-    need = math.ceil(spec.replicas * spec.cpus_per_replica) + 1
-    num_cpus = max(spec.local_num_cpus or 0, need, 4)
-    ray.init(num_cpus=num_cpus, object_store_memory=spec.object_store_memory_mb << 20, include_dashboard=False)
+    init_ray(spec.address, num_cpus=spec.local_num_cpus, need_cpus=spec.replicas * spec.cpus_per_replica,
+             object_store_memory_mb=spec.object_store_memory_mb)
 
 
 def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:

@@ -119,27 +119,16 @@ def run_training(cfg: Config, *, config_path: str | None = None, run_name: str |
 
 
 def ray_init(cfg: Config, address: str | None) -> None:
-    """Connect to ``address`` / RAY_ADDRESS, or start a local Ray sized for this machine."""
-    import ray
+    """Connect to ``address`` / ``cluster.address`` / RAY_ADDRESS, or start a local Ray for this machine."""
+    from tract_dist.ray_runtime import init_ray
 
     env = {"DS_ACCELERATOR": "cuda" if cfg.cluster.use_gpu else "cpu", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
            "TOKENIZERS_PARALLELISM": "false"}
     if not cfg.cluster.use_gpu:
         env["OMP_NUM_THREADS"] = str(max(1, int(cfg.cluster.cpus_per_worker)))
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if ray.is_initialized():
-        return
-    address = address or cfg.cluster.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        # Inside a submitted job the job's runtime env already applies; merge ours into it.
-        os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
-        ray.init(address=address, runtime_env={"env_vars": env})
-        return
-    # Logical CPUs: on 2 cores, num_cpus=2 lets actors starve the tasks that feed them (STACK-NOTES).
-    num_cpus = cfg.cluster.local_num_cpus or max(4, 2 * (os.cpu_count() or 1))
-    ray.init(num_cpus=num_cpus, object_store_memory=cfg.cluster.object_store_memory_mb << 20,
-             include_dashboard=False, runtime_env={"env_vars": env})
+    init_ray(address or cfg.cluster.address, num_cpus=cfg.cluster.local_num_cpus or 2 * (os.cpu_count() or 1),
+             need_cpus=cfg.cluster.num_workers * cfg.cluster.cpus_per_worker,
+             object_store_memory_mb=cfg.cluster.object_store_memory_mb, env_vars=env)
 
 
 def check_placement(cfg: Config) -> None:
