@@ -226,6 +226,9 @@ def _evaluate(cfg: Config, model: str, bench: Any, mode: str, out: Path, parent:
     d["tracking"]["run_name"] = f"eval-{tags['model_stage']}-{bench.name}-{mode}"
     ecfg = Config.model_validate(d)
     res = evaluate_model(ecfg, model, out, parent_run=parent, tags=tags)
-    metrics = res.get(bench.name, res)
-    return {"metrics": metrics, "summary": " ".join(f"{k}={v:.3f}" for k, v in metrics.items()
-                                                      if k in ("pearson", "spearman", "kendall", "rmse"))}, [str(out)]
+    metrics = res[bench.name]
+    overall = metrics["overall"]
+    summary = " ".join(f"{k}={overall[k]:.3f}" for k in ("pearson", "spearman", "kendall", "rmse")
+                       if overall.get(k) is not None)
+    return {"metrics": metrics, "summary": f"{summary} (n={overall.get('n')}, failed={overall.get('failed')})"}, \
+        [str(out)]
