@@ -40,8 +40,16 @@ def submit_pipeline(address: str, config: str, overrides: list[str] | tuple[str,
         runtime_env["excludes"] = WORKING_DIR_EXCLUDES
     if pip:
         runtime_env["pip"] = pip
-    return _client(address).submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
-                                       submission_id=submission_id)
+    client = _client(address)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id)
+        except RuntimeError as e:
+            # A head that just started answers before its job agent is up; Ray itself says to try again.
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def job_status(address: str, job_id: str) -> str:
