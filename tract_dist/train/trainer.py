@@ -47,7 +47,7 @@ def preflight(cfg: Config) -> None:
     name = cfg.model.name_or_path
     if name not in ALIASES + (TINY_ALIAS, *RANDOM_ALIASES):
         p = Path(name).expanduser()
-        looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1
+        looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1  # hub ids: "name" or "org/name"
         if looks_local and not p.exists():
             raise ConfigError(f"model.name_or_path: '{name}' does not exist; give a local HF directory, a hub "
                               f"name like org/model, or an alias ({', '.join(ALIASES[2:] + (TINY_ALIAS,))})")
