@@ -19,8 +19,10 @@ rerunning the same command resumes where it stopped. Cells run seed-major (all m
     python benchmarks/quality/run_quality.py --work /tmp/tract-quality --report-only   # re-aggregate
 
 Pipeline glue note: this calls the stage functions (run_training, generate_cots, build_stage2_dataset,
-evaluate_model) rather than tract_dist.pipeline.run_pipeline, which always trains through Ray (no launcher
-choice), always starts a local Ray, and passes ``tags=`` to evaluate_model, which does not accept it.
+evaluate_model) rather than tract_dist.pipeline.run_pipeline, which (at the time of writing) always trains
+through Ray (no launcher choice; ``_needs_ray`` is true for any num_workers >= 1), passes ``tags=`` to
+evaluate_model (which has no such parameter), and would retrain TRACT's stage 1 although cot_raft's run is the
+same model.
 """
 
 from __future__ import annotations
@@ -251,11 +253,45 @@ def run_cell(work: Path, s: dict[str, Any], method: str, seed: int, modes: list[
 # aggregation and report
 # ---------------------------------------------------------------------------------------------------------
 
-def _cot_stats(pred_path: Path) -> dict[str, Any]:
-    """Mean CoT length (words) and the share of CoTs whose last stated count gives the gold score."""
+_VERDICT_OK = ("right", "correct", "holds", "true")
+_VERDICT_BAD = ("wrong", "incorrect", "fails", "mistake", "not correct")
+
+
+def _true_steps(test_path: Path) -> dict[str, list[bool]]:
+    import re
+
+    out = {}
+    for line in test_path.read_text().splitlines():
+        r = json.loads(line)
+        out[r["id"]] = [int(a) + int(b) == int(c) for a, b, c in re.findall(r"(\d+) \+ (\d+) = (-?\d+)", r["response"])]
+    return out
+
+
+def _step_verdicts(cot: str) -> dict[int, bool]:
+    """First verdict the CoT states for each step number: sentences naming "step k" and a verdict word."""
+    import re
+
+    found: dict[int, bool] = {}
+    for sent in re.split(r"(?<=[.!?])\s+", cot):
+        m = re.search(r"\bstep (\d)\b", sent, flags=re.I)
+        if not m:
+            continue
+        low = sent.lower()
+        bad = any(w in low for w in _VERDICT_BAD)
+        ok = any(re.search(rf"\b{w}\b", low) for w in _VERDICT_OK) and not bad
+        if (bad or ok) and int(m.group(1)) not in found:
+            found[int(m.group(1))] = ok
+    return found
+
+
+def _cot_stats(pred_path: Path, truth: dict[str, list[bool]] | None = None) -> dict[str, Any]:
+    """Mean CoT length (words), the share of CoTs whose last stated count gives the gold score, and the
+    accuracy of the per-step verdicts the CoTs state (over steps 1-4 of every example; a step without a
+    verdict counts as wrong, so 0.5 is not the chance level of this number)."""
     import re
 
     lens, consistent, n = [], 0, 0
+    verdicts_right, verdicts_total = 0, 0
     word = {"zero": 0, "none": 0, "one": 1, "two": 2, "three": 3, "four": 4, "all": 4}
     for line in pred_path.read_text().splitlines():
         r = json.loads(line)
@@ -264,6 +300,11 @@ def _cot_stats(pred_path: Path) -> dict[str, Any]:
             continue
         cot = cots[0]
         n += 1
+        if truth and r["id"] in truth:
+            v = _step_verdicts(cot)
+            for k, t in enumerate(truth[r["id"]], start=1):
+                verdicts_total += 1
+                verdicts_right += int(v.get(k) == t)
         lens.append(len(cot.split()))
         m = re.findall(r"\b([0-4]|zero|none|one|two|three|four|all)\b(?: correct step| of (?:the )?(?:4|four))",
                        cot, flags=re.I)
@@ -272,11 +313,21 @@ def _cot_stats(pred_path: Path) -> dict[str, Any]:
             k = int(k) if k.isdigit() else word[k]
             consistent += int(k + 1 == round(r["gold"]))
     return {"cot_words_mean": round(statistics.fmean(lens), 1) if lens else None,
-            "cot_tally_correct": round(consistent / n, 3) if n else None}
+            "cot_tally_correct": round(consistent / n, 3) if n else None,
+            "step_verdict_acc": round(verdicts_right / verdicts_total, 3) if verdicts_total else None}
+
+
+def _pred_stats(pred_path: Path) -> dict[str, Any]:
+    preds = [json.loads(line)["prediction"] for line in pred_path.read_text().splitlines()]
+    preds = [p for p in preds if p is not None]
+    return {"pred_mean": statistics.fmean(preds) if preds else None,
+            "pred_std": statistics.pstdev(preds) if len(preds) > 1 else None}
 
 
 def collect(work: Path, seeds: list[int]) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
+    test_path = work / "data" / "test.jsonl"
+    truth = _true_steps(test_path) if test_path.exists() else None
     for method in METHODS:
         for mode in [MAIN_MODE[method]] + EXTRA_MODES.get(method, []):
             key = f"{method} ({mode})"
@@ -286,13 +337,16 @@ def collect(work: Path, seeds: list[int]) -> dict[str, Any]:
                 if summ.exists():
                     m = json.loads(summ.read_text())["stepcheck"]["overall"]
                     pred = summ.parent / "stepcheck" / "predictions.jsonl"
+                    if pred.exists():
+                        m = {**m, **_pred_stats(pred)}
                     if mode != "rail" and pred.exists():
-                        m = {**m, **_cot_stats(pred)}
+                        m = {**m, **_cot_stats(pred, truth)}
                     per_seed[str(seed)] = m
             if not per_seed:
                 continue
             agg: dict[str, Any] = {}
-            for k in METRICS + ["failed", "cot_words_mean", "cot_tally_correct"]:
+            for k in METRICS + ["failed", "cot_words_mean", "cot_tally_correct", "step_verdict_acc", "pred_mean",
+                                "pred_std"]:
                 vals = [v[k] for v in per_seed.values() if v.get(k) is not None]
                 vals = [float("nan") if (isinstance(x, float) and math.isnan(x)) else x for x in vals]
                 if vals:
@@ -305,6 +359,9 @@ def collect(work: Path, seeds: list[int]) -> dict[str, Any]:
 def write_report(work: Path, s: dict[str, Any], seeds: list[int], out_prefix: Path, timings: Timings,
                  total_wall: float | None, analysis: str | None, command: str, show: bool = False) -> None:
     rows = collect(work, seeds)
+    golds = [json.loads(line)["score"] for line in (work / "data" / "test.jsonl").read_text().splitlines()] \
+        if (work / "data" / "test.jsonl").exists() else [0.0, 0.0]
+    gold_mean, gold_sd = statistics.fmean(golds), statistics.pstdev(golds)
     complete = all(len(r["seeds"]) == len(seeds) for r in rows.values()) and len(rows) == 5
     phase_totals: dict[str, float] = {}
     for cell, ph in timings.data.items():
@@ -345,17 +402,26 @@ def write_report(work: Path, s: dict[str, Any], seeds: list[int], out_prefix: Pa
         f"{'greedy' if s['gen_temperature'] == 0 else 'T=' + str(s['gen_temperature'])} self-generated CoT per "
         f"training prompt with the same budget.",
         "",
-        "Mean ± sample std over seeds " + ", ".join(map(str, seeds)) + " (held-out set; `tally ok` = share of "
-        "generated CoTs whose last stated count equals the gold count; `words` = mean CoT length):",
+        "Mean ± sample std over the seeds that finished (of " + ", ".join(map(str, seeds)) + "), held-out set:",
         "",
-        "| method (inference) | Pearson ↑ | Spearman ↑ | Kendall ↑ | RMSE ↓ | failed | tally ok | words | seeds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method (inference) | Pearson ↑ | Spearman ↑ | Kendall ↑ | RMSE ↓ | failed | seeds |",
+        "|---|---|---|---|---|---|---|",
     ]
     for key, r in rows.items():
         a = r["aggregate"]
         lines.append(f"| {key} | {cell(a, 'pearson')} | {cell(a, 'spearman')} | {cell(a, 'kendall')} | "
-                     f"{cell(a, 'rmse')} | {cell(a, 'failed')} | {cell(a, 'cot_tally_correct')} | "
-                     f"{cell(a, 'cot_words_mean')} | {len(r['seeds'])} |")
+                     f"{cell(a, 'rmse')} | {cell(a, 'failed')} | {len(r['seeds'])} |")
+    lines += ["", "Diagnostics (same seeds): prediction mean / spread across the held-out set (gold: mean "
+              f"{gold_mean:.2f}, sd {gold_sd:.2f}); `step verdicts` = share of the 4 x n steps whose verdict "
+              "(right / wrong) the generated CoT states correctly (a step without a verdict counts as missed); "
+              "`tally ok` = share of CoTs whose last stated count equals the gold count; `words` = mean CoT "
+              "length.", "",
+              "| method (inference) | pred mean | pred sd | step verdicts | tally ok | words |",
+              "|---|---|---|---|---|---|"]
+    for key, r in rows.items():
+        a = r["aggregate"]
+        lines.append(f"| {key} | {cell(a, 'pred_mean')} | {cell(a, 'pred_std')} | {cell(a, 'step_verdict_acc')} | "
+                     f"{cell(a, 'cot_tally_correct')} | {cell(a, 'cot_words_mean')} |")
     lines += ["", "Per seed (Pearson / RMSE):", ""]
     for key, r in rows.items():
         def fmt(x: Any) -> str:
