@@ -489,7 +489,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{sfile} holds other settings; use another --work dir or the same arguments")
     sfile.write_text(json.dumps(s, indent=2))
     timings = Timings(work / "timings.json")
-    command = "python " + " ".join([str(Path(__file__).relative_to(REPO))] + (argv if argv is not None else sys.argv[1:]))
+    args = [x for x in (argv if argv is not None else sys.argv[1:]) if x != "--report-only"]
+    command = "python " + " ".join([str(Path(__file__).relative_to(REPO))] + args)
     analysis = Path(a.analysis).read_text() if a.analysis and Path(a.analysis).exists() else None
     t0 = time.perf_counter()
     if not a.report_only:
