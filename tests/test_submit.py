@@ -52,6 +52,19 @@ def head(tmp_path_factory):
                 os.killpg(proc.pid, signal.SIGKILL)
                 pytest.fail("ray head did not come up")
             time.sleep(1)
+    # list_jobs answers before the node's job agent is up: wait until a trivial job really runs.
+    client = JobSubmissionClient(address)
+    while True:
+        try:
+            warm = client.submit_job(entrypoint="echo ready")
+            break
+        except RuntimeError:
+            if time.monotonic() > deadline + 120:
+                os.killpg(proc.pid, signal.SIGKILL)
+                pytest.fail("ray head's job agent did not come up")
+            time.sleep(2)
+    while client.get_job_status(warm).value not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        time.sleep(1)
     yield address
     os.killpg(proc.pid, signal.SIGTERM)
     try:
