@@ -383,7 +383,8 @@ def write_report(work: Path, s: dict[str, Any], seeds: list[int], out_prefix: Pa
         if k not in agg:
             return "-"
         a = agg[k]
-        return f"{a['mean']:.3f} ± {a['std']:.3f}"
+        partial = f" (n={a['n']})" if a["n"] < len(seeds) else ""
+        return f"{a['mean']:.3f} ± {a['std']:.3f}{partial}"
 
     lines = [
         "# Quality benchmark: ce_cot vs raft vs cot_raft vs tract (CPU, 2 cores)",
