@@ -31,13 +31,18 @@ def head(tmp_path_factory):
     """A separate head node (own temp dir and ports), killed with its process group afterwards."""
     tmp = Path("/tmp") / f"ray-head-{os.getpid()}"  # short: Ray's socket paths have a length limit
     gcs, dash = _free_port(), _free_port()
+    # Every agent port explicit: the suite's own local Ray already holds the defaults (e.g. 52365), and a
+    # second head whose agent cannot bind answers "No available agent" forever.
+    agent_ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+                   f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+                   f"--ray-client-server-port={_free_port()}"]
     ray_bin = str(Path(sys.executable).parent / "ray")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=4", f"--temp-dir={tmp}",
-         "--include-dashboard=true", "--object-store-memory=200000000", "--disable-usage-stats"],
+         "--include-dashboard=true", "--object-store-memory=200000000", "--disable-usage-stats", *agent_ports],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     from ray.job_submission import JobSubmissionClient
