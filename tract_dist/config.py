@@ -136,6 +136,7 @@ class ClusterSection(_Section):
     resources_per_worker: dict[str, float] = {}
     storage_path: str = "runs/ray"
     max_failures: int = Field(0, ge=0)
+    launcher: Literal["ray", "torchrun", "inline"] = "ray"  # training; torchrun/inline need no Ray
     local_num_cpus: int | None = Field(None, gt=0)  # logical CPUs for a local Ray (see STACK-NOTES)
     object_store_memory_mb: int = Field(256, gt=0)
 

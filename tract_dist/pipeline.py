@@ -184,14 +184,16 @@ def run_pipeline(cfg: Config, *, config_path: str | None = None, address: str | 
 
 
 def _needs_ray(cfg: Config) -> bool:
-    return cfg.cluster.num_workers > 0
+    """Ray is started only when a stage uses it (the GPU check machines have none)."""
+    return cfg.cluster.launcher == "ray" or cfg.generation.ray or cfg.evaluation.ray
 
 
 def _train(cfg: Config, run_name: str, parent: RunHandle, tags: dict[str, str],
            address: str | None) -> tuple[dict[str, Any], list[str]]:
     from tract_dist.train.trainer import run_training
 
-    r = run_training(cfg, run_name=run_name, parent=parent, address=address, stage="train")
+    r = run_training(cfg, run_name=run_name, parent=parent, address=address, stage="train",
+                     launcher=cfg.cluster.launcher)
     if r.mlflow_run_id:
         set_tags(RunHandle(r.tracking_uri, r.mlflow_run_id), tags)
     model = str(r.export_dir / "model")

@@ -11,8 +11,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from tract_dist.train.trainer import run_training
 
     cfg = load_config(args.config, args.overrides)
-    r = run_training(cfg, config_path=args.config, run_name=args.run_name, launcher=args.launcher,
-                     address=args.address)
+    r = run_training(cfg, config_path=args.config, run_name=args.run_name,
+                     launcher=args.launcher or cfg.cluster.launcher, address=args.address)
     print(f"[train] checkpoint: {r.checkpoint_dir}")
     print(f"[train] exported model: {r.export_dir / 'model'}")
     if r.mlflow_run_id:
@@ -23,8 +23,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def register(sub: Any, add_config_args: Callable[..., None]) -> None:
     p = sub.add_parser("train", help="run one CoT-RAFT training stage (Ray Train + DeepSpeed ZeRO-3)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--launcher", choices=["ray", "torchrun", "inline"], default="ray",
-                   help="ray (default), torchrun (no Ray needed), inline (one process)")
+    p.add_argument("--launcher", choices=["ray", "torchrun", "inline"],
+                   help="ray, torchrun (no Ray needed) or inline (one process); default: cluster.launcher (ray)")
     p.add_argument("--run-name", help="name of the run (default: train-<config fingerprint>; same name resumes)")
     add_config_args(p, required=True)
     p.set_defaults(func=_cmd_train)
