@@ -6,7 +6,6 @@ Under ZeRO-3 the caller keeps an ``HfDeepSpeedConfig`` alive while this runs, so
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 import torch
@@ -20,11 +19,9 @@ RANDOM_ALIASES = {
 
 def attn_implementation(requested: str | None, use_cuda: bool) -> str:
     """flash_attention_2 when flash-attn is importable on CUDA, else sdpa; an explicit setting wins."""
-    if requested:
-        return requested
-    if use_cuda and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+    from tract_dist.models.loading import choose_attn_implementation
+
+    return choose_attn_implementation(requested, "cuda" if use_cuda else "cpu")
 
 
 def training_dtype(setting: str, use_cuda: bool) -> torch.dtype:
