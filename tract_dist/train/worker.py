@@ -114,13 +114,20 @@ def train_worker(loop: dict[str, Any]) -> None:
         sc_den = len(idx)
         lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
         t0 = time.perf_counter()
+        pre_clip_norm = None
         sums = torch.zeros(5, dtype=torch.float64)  # loss, ce, mse (all x world), |yhat-y| sum, tokens
         for micro in range(t.gradient_accumulation_steps):
             rows = [data[i] for i in plan.micro_indices(step, micro, rank)]
             batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
             # DeepSpeed averages gradients over ranks: scale the global denominators by 1/world.
             out = engine(**batch, ce_denominator=ce_den / world, mse_denominator=sc_den / world)
-            engine.backward(out.loss, scale_wrt_gas=False)
+            # The micro losses are already divided by the step's global denominators, so their gradients must
+            # add up unscaled. DeepSpeed divides by the accumulation steps once: in backward() when the loss it
+            # gets is a fresh tensor, otherwise in a hook on the forward's outputs (so scale_wrt_gas=False on
+            # `out.loss` itself still divides). Multiplying first makes that one division cancel out.
+            engine.backward(out.loss * t.gradient_accumulation_steps)
+            if micro == t.gradient_accumulation_steps - 1:
+                pre_clip_norm = _fallback_grad_norm(engine)
             engine.step()
             sums += torch.tensor([out.loss.item(), out.ce.item(), out.mse.item(),
                                   _abs_err_sum(out.yhat, batch),
@@ -131,7 +138,8 @@ def train_worker(loop: dict[str, Any]) -> None:
         metrics = {
             "loss": sums[0].item() / world, "ce": sums[1].item() / world, "mse": sums[2].item() / world,
             "mae": sums[3].item() / sc_den, "lr": lr,
-            "grad_norm": _float(engine.get_global_grad_norm()), "tokens_per_s": window.rate(),
+            "grad_norm": _float(engine.get_global_grad_norm() if engine.get_global_grad_norm() is not None
+                                else pre_clip_norm), "tokens_per_s": window.rate(),
             "tokens_per_s_per_worker": window.rate() / world, "epoch": (step + 1) / plan.steps_per_epoch,
         }
         if use_cuda:
@@ -215,6 +223,17 @@ def _peak_rss_gb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _fallback_grad_norm(engine: Any) -> float | None:
+    """Pre-clipping gradient norm where DeepSpeed keeps none: without ZeRO and in fp32 it clips through a plain
+    ``clip_grad_norm_`` and drops the value (its ZeRO and bf16/fp16 optimizers record it themselves). The
+    gradients are already averaged over ranks after the boundary ``backward``, so the local norm is global."""
+    if engine.zero_optimization_stage() != 0 or engine.fp16_enabled() or engine.bfloat16_enabled():
+        return None
+    norms = [p.grad.detach().double().norm() for p in engine.module.parameters() if p.grad is not None]
+    # float64: torch's fp32 norm of a multi-million-element gradient drifts by ~1e-4 relative
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
 
 
 def _float(x: Any) -> float:
