@@ -10,6 +10,16 @@ paraphrase templates per step, the sum re-derived in words, a closing tally that
 A 135M model fine-tuned on a few dozen of these writes shorter, more uniform CoTs of its own; that
 distribution gap is what TRACT's stage 2 (training on self-generated CoTs) addresses.
 
+Two variants (``--variant``):
+
+* ``reference`` (default): the prompt carries the Prometheus reference answer (the four correct results,
+  "Answer i: s"), so a step is checked by comparing the response's result with the reference's. A judge that
+  reasons step by step (CoT: quote step and answer, compare, keep a running count) only needs to copy, compare
+  and increment; one that scores in a single shot (RAFT without CoT) must align four pairs and count the
+  matches inside one forward pass.
+* ``arith``: no reference answer; the judge must re-add every pair itself. SmolLM2-135M did not learn this one
+  at CPU budgets (all methods at chance; see benchmarks/results/quality-cpu-2core-arith.md).
+
 Deterministic in ``--seed``; train and test responses are disjoint (no identical 4-step response in both).
 
     python benchmarks/quality/make_task.py --out /tmp/quality --train 64 --test 64 --seed 0
@@ -51,6 +61,25 @@ _WRONG = [
     "step {i} fails since {a} + {b} gives {s}, not {c}.",
     "in step {i}, {a} and {b} make {s}, not {c}: incorrect.",
 ]
+# Reference variant: the annotator quotes each step next to the reference's answer, then gives the verdict and a
+# running count (evidence before conclusion, so each verdict is a comparison of two numbers already written).
+_REF_OPENERS = [
+    "Comparing the response with the reference answer step by step:",
+    "Checking every result against the reference:",
+    "Going through the four steps next to the reference answer:",
+]
+_REF_RIGHT = [
+    "Step {i}: {a} + {b} = {c} against Answer {i}: {s}, the same, so it is right; {k} right so far.",
+    "Step {i}: {a} + {b} = {c} and Answer {i}: {s} agree. Correct, which makes {k} correct so far.",
+    "Step {i}: {a} + {b} = {c} vs Answer {i}: {s}: match ({k} so far).",
+]
+_REF_WRONG = [
+    "Step {i}: {a} + {b} = {c} against Answer {i}: {s}, different, so it is wrong; {k} right so far.",
+    "Step {i}: {a} + {b} = {c} and Answer {i}: {s} disagree. Incorrect, which leaves {k} correct so far.",
+    "Step {i}: {a} + {b} = {c} vs Answer {i}: {s}: no match ({k} so far).",
+]
+VARIANTS = ("reference", "arith")
+
 _CLOSERS = [
     "That is {n} correct step{pl} out of four.",
     "Tally: {w} of the four steps {be} correct.",
@@ -76,11 +105,23 @@ def render_response(steps: list[tuple[int, int, int]]) -> str:
     return "\n".join(f"Step {i + 1}: {a} + {b} = {c}" for i, (a, b, c) in enumerate(steps))
 
 
-def annotated_feedback(rng: random.Random, steps: list[tuple[int, int, int]]) -> str:
-    parts = [rng.choice(_OPENERS)]
+def render_reference(steps: list[tuple[int, int, int]]) -> str:
+    """The correct results only, labelled differently from the response's lines so that quoting one never
+    matches the other."""
+    return "\n".join(f"Answer {i + 1}: {a + b}" for i, (a, b, _) in enumerate(steps))
+
+
+def annotated_feedback(rng: random.Random, steps: list[tuple[int, int, int]], variant: str = "arith") -> str:
+    ref = variant == "reference"
+    parts = [rng.choice(_REF_OPENERS if ref else _OPENERS)]
+    k = 0
     for i, (a, b, c) in enumerate(steps):
-        tmpl = rng.choice(_RIGHT if a + b == c else _WRONG)
-        text = tmpl.format(i=i + 1, a=a, b=b, c=c, s=a + b)
+        k += a + b == c
+        if ref:
+            tmpl = rng.choice(_REF_RIGHT if a + b == c else _REF_WRONG)
+        else:
+            tmpl = rng.choice(_RIGHT if a + b == c else _WRONG)
+        text = tmpl.format(i=i + 1, a=a, b=b, c=c, s=a + b, k=k)
         parts.append(text[0].upper() + text[1:])
     n = sum(a + b == c for a, b, c in steps)
     parts.append(rng.choice(_CLOSERS).format(n=n, w=WORDS[n], pl="" if n == 1 else "s", be="is" if n == 1 else "are",
@@ -88,7 +129,9 @@ def annotated_feedback(rng: random.Random, steps: list[tuple[int, int, int]]) ->
     return " ".join(parts)
 
 
-def make_example(rng: random.Random, ex_id: str, score: int) -> dict[str, Any]:
+def make_example(rng: random.Random, ex_id: str, score: int, variant: str = "arith") -> dict[str, Any]:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown task variant {variant!r}; expected one of {VARIANTS}")
     steps = _steps(rng, score - 1)
     return {
         "id": ex_id,
@@ -97,20 +140,20 @@ def make_example(rng: random.Random, ex_id: str, score: int) -> dict[str, Any]:
         "criteria": CRITERIA,
         "score_descriptions": list(SCORE_DESCRIPTIONS),
         "score": score,
-        "reference_answer": None,
-        "feedback": annotated_feedback(rng, steps),
+        "reference_answer": render_reference(steps) if variant == "reference" else None,
+        "feedback": annotated_feedback(rng, steps, variant),
         "category": f"{score - 1}_correct",
     }
 
 
-def make_split(rng: random.Random, n: int, prefix: str, seen: set[str]) -> list[dict[str, Any]]:
+def make_split(rng: random.Random, n: int, prefix: str, seen: set[str], variant: str = "arith") -> list[dict[str, Any]]:
     """``n`` examples with scores balanced over 1..5 (cycled, then shuffled); responses never in ``seen``."""
     scores = [1 + i % 5 for i in range(n)]
     rng.shuffle(scores)
     out = []
     for i, score in enumerate(scores):
         while True:
-            ex = make_example(rng, f"{prefix}-{i:05d}", score)
+            ex = make_example(rng, f"{prefix}-{i:05d}", score, variant)
             if ex["response"] not in seen:
                 seen.add(ex["response"])
                 out.append(ex)
@@ -118,11 +161,13 @@ def make_split(rng: random.Random, n: int, prefix: str, seen: set[str]) -> list[
     return out
 
 
-def make_task(n_train: int, n_test: int, seed: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def make_task(n_train: int, n_test: int, seed: int = 0,
+              variant: str = "arith") -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     rng = random.Random(seed)
     seen: set[str] = set()
-    test = make_split(rng, n_test, "stepcheck-test", seen)  # test first: its size does not shift the train set
-    train = make_split(random.Random(seed + 1_000_003), n_train, "stepcheck-train", seen)
+    # test first: its size does not shift the train set
+    test = make_split(rng, n_test, "stepcheck-test", seen, variant)
+    train = make_split(random.Random(seed + 1_000_003), n_train, "stepcheck-train", seen, variant)
     return train, test
 
 
@@ -141,8 +186,9 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     ap.add_argument("--train", type=int, default=64)
     ap.add_argument("--test", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variant", choices=VARIANTS, default="reference")
     a = ap.parse_args(argv)
-    train, test = make_task(a.train, a.test, a.seed)
+    train, test = make_task(a.train, a.test, a.seed, a.variant)
     out = Path(a.out)
     write_jsonl(train, out / "train.jsonl")
     write_jsonl(test, out / "test.jsonl")

@@ -54,8 +54,8 @@ METRICS = ["pearson", "spearman", "kendall", "rmse"]
 # ---------------------------------------------------------------------------------------------------------
 
 def settings_from_args(a: argparse.Namespace) -> dict[str, Any]:
-    return {"model": a.model, "tokenizer": a.tokenizer, "train_examples": a.train, "test_examples": a.test,
-            "task_seed": a.task_seed, "learning_rate": a.lr, "micro_batch_size": a.micro, "grad_accum": a.accum,
+    return {"model": a.model, "tokenizer": a.tokenizer, "dtype": a.dtype, "train_examples": a.train, "test_examples": a.test,
+            "task_seed": a.task_seed, "task_variant": a.variant, "learning_rate": a.lr, "micro_batch_size": a.micro, "grad_accum": a.accum,
             "epochs": a.epochs, "lam": a.lam, "warmup_ratio": a.warmup, "lr_scheduler": "cosine",
             "max_new_tokens": a.max_new_tokens, "eval_batch_size": a.eval_batch, "gen_temperature": a.gen_temperature,
             "system_prompt": "Prometheus ABS_SYSTEM_PROMPT", "zero_stage": 0, "workers": 1,
@@ -67,7 +67,7 @@ def make_config(s: dict[str, Any], method: str, seed: int, train_path: str, test
     from tract_dist.config import Config, load_config
     from tract_dist.pipeline import stage_config
 
-    base = {"model": {"name_or_path": s["model"]},
+    base = {"model": {"name_or_path": s["model"], "dtype": s.get("dtype", "auto")},
             "evaluation": {"benchmarks": [{"name": "stepcheck", "path": test_path, "format": "jsonl"}]}}
     ov = [
         f"data.train_path={train_path}", "data.train_format=jsonl", f"data.max_length={s['max_length']}",
@@ -199,10 +199,11 @@ def ensure_data(work: Path, s: dict[str, Any]) -> tuple[str, str]:
     from make_task import make_task, write_jsonl
 
     ddir = work / "data"
-    meta = {"train": s["train_examples"], "test": s["test_examples"], "seed": s["task_seed"]}
+    meta = {"train": s["train_examples"], "test": s["test_examples"], "seed": s["task_seed"],
+            "variant": s.get("task_variant", "arith")}
     mpath = ddir / "meta.json"
     if not (mpath.exists() and json.loads(mpath.read_text()) == meta):
-        train, test = make_task(meta["train"], meta["test"], meta["seed"])
+        train, test = make_task(meta["train"], meta["test"], meta["seed"], meta["variant"])
         write_jsonl(train, ddir / "train.jsonl")
         write_jsonl(test, ddir / "test.jsonl")
         mpath.write_text(json.dumps(meta))
@@ -356,6 +357,12 @@ def collect(work: Path, seeds: list[int]) -> dict[str, Any]:
     return rows
 
 
+def _precision(s: dict[str, Any]) -> str:
+    if s.get("dtype", "auto") == "bfloat16":
+        return "bf16 compute with fp32 master weights (inference in bf16)"
+    return "fp32"
+
+
 def write_report(work: Path, s: dict[str, Any], seeds: list[int], out_prefix: Path, timings: Timings,
                  total_wall: float | None, analysis: str | None, command: str, show: bool = False) -> None:
     rows = collect(work, seeds)
@@ -392,14 +399,18 @@ def write_report(work: Path, s: dict[str, Any], seeds: list[int], out_prefix: Pa
         "",
         f"Status: **{data['status']}** ({', '.join(str(len(r['seeds'])) + ' seeds ' + k for k, r in rows.items())})",
         "",
-        "Task: step-checking judge (benchmarks/quality/make_task.py): a response of 4 steps `Step i: a + b = c`",
+        "Task: step-checking judge (benchmarks/quality/make_task.py, variant "
+        f"`{s.get('task_variant', 'arith')}`): a response of 4 steps `Step i: a + b = c`",
         "(a, b in 2..9, wrong results off by 1-3); gold score = 1 + number of correct steps, uniform over 1..5;",
-        "Prometheus absolute-grading prompt without reference answer; annotated CoTs in a varied 3-template style.",
+        ("Prometheus absolute-grading prompt with a reference answer listing the true results (`Answer i: s`); "
+         "annotated CoTs quote each step next to its answer, give the verdict and a running count, in a varied "
+         "3-template style." if s.get("task_variant") == "reference" else
+         "Prometheus absolute-grading prompt without reference answer; annotated CoTs in a varied 3-template style."),
         "",
         f"Model `{s['model']}`; {s['train_examples']} training / {s['test_examples']} held-out examples "
         f"(task seed {s['task_seed']}); every method: {s['epochs']} epoch(s), micro batch {s['micro_batch_size']} x "
         f"accum {s['grad_accum']}, lr {s['learning_rate']} cosine, warm-up {s['warmup_ratio']}, lam {s['lam']} "
-        f"(0 for ce_cot), 1 worker, ZeRO stage 0, fp32; inference greedy, max {s['max_new_tokens']} new tokens. "
+        f"(0 for ce_cot), 1 worker, ZeRO stage 0, {_precision(s)}; inference greedy, max {s['max_new_tokens']} new tokens. "
         f"TRACT stage 1 = the cot_raft model of the same seed; stage 2 trains the seed model on one "
         f"{'greedy' if s['gen_temperature'] == 0 else 'T=' + str(s['gen_temperature'])} self-generated CoT per "
         f"training prompt with the same budget.",
@@ -458,9 +469,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--dtype", default="bfloat16", choices=["auto", "float32", "bfloat16"],
+                    help="model.dtype for training and inference; bfloat16 trains with fp32 master weights "
+                         "(DeepSpeed) and runs 1.75x faster than fp32 on a CPU with AVX512-BF16")
     ap.add_argument("--train", type=int, default=32)
     ap.add_argument("--test", type=int, default=40)
     ap.add_argument("--task-seed", type=int, default=0)
+    ap.add_argument("--variant", choices=["reference", "arith"], default="reference",
+                    help="task variant (make_task.py): reference answer in the prompt, or none")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--micro", type=int, default=2)
     ap.add_argument("--accum", type=int, default=1)

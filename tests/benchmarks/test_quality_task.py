@@ -37,8 +37,9 @@ def _correct_steps(response: str) -> int:
     return n
 
 
-def test_score_is_one_plus_correct_steps(make_task):
-    train, test = make_task.make_task(200, 100, seed=3)
+@pytest.mark.parametrize("variant", ["reference", "arith"])
+def test_score_is_one_plus_correct_steps(make_task, variant):
+    train, test = make_task.make_task(200, 100, seed=3, variant=variant)
     for ex in train + test:
         assert ex["score"] == 1 + _correct_steps(ex["response"])
         assert ex["category"] == f"{ex['score'] - 1}_correct"
@@ -46,6 +47,25 @@ def test_score_is_one_plus_correct_steps(make_task):
         assert "So the overall score is" not in ex["feedback"]
         words = ["zero", "one", "two", "three", "four"]
         assert re.search(rf"\b({ex['score'] - 1}|{words[ex['score'] - 1]})\b", ex["feedback"].rsplit(".", 2)[-2])
+
+
+def test_reference_variant_gives_true_results_and_running_counts(make_task):
+    train, test = make_task.make_task(150, 50, seed=4, variant="reference")
+    for ex in train + test:
+        steps = [_STEP.match(line).groups() for line in ex["response"].split("\n")]
+        assert ex["reference_answer"] == "\n".join(f"Answer {i}: {int(a) + int(b)}" for i, a, b, _ in steps)
+        # each step is quoted with its answer, and the running count after it is the number of true sums so far
+        quoted = re.findall(r"Step (\d): (\d+) \+ (\d+) = (-?\d+) \S+ Answer \1: (\d+)\D+?(\d) (?:right |correct )?so far",
+                            ex["feedback"])
+        assert [q[:4] for q in quoted] == steps
+        running = 0
+        for i, a, b, c, s, k in quoted:
+            assert int(s) == int(a) + int(b)
+            running += int(a) + int(b) == int(c)
+            assert int(k) == running
+    assert all(ex["reference_answer"] is None for ex in make_task.make_task(20, 5, seed=4, variant="arith")[0])
+    with pytest.raises(ValueError, match="unknown task variant"):
+        make_task.make_task(5, 5, seed=4, variant="other")
 
 
 def test_balanced_scores(make_task):
@@ -74,12 +94,14 @@ def test_disjoint_split(make_task):
 def test_jsonl_reads_through_project_reader(make_task, tmp_path):
     from tract_dist.data.formats import read_examples
 
-    paths = make_task.main(["--out", str(tmp_path), "--train", "15", "--test", "10", "--seed", "2"])
+    paths = make_task.main(["--out", str(tmp_path), "--train", "15", "--test", "10", "--seed", "2"])  # reference
     train = read_examples(paths["train"], "jsonl")
     test = read_examples(paths["test"], "jsonl", require_feedback=False)
     assert (len(train.examples), len(test.examples)) == (15, 10)
     assert not train.invalid and not test.invalid
     first = json.loads(Path(paths["train"]).read_text().splitlines()[0])
     ex = train.examples[0]
-    assert (ex.id, ex.score, ex.response, ex.reference_answer) == (first["id"], first["score"], first["response"], None)
+    assert (ex.id, ex.score, ex.response, ex.reference_answer) == (first["id"], first["score"], first["response"],
+                                                                   first["reference_answer"])
+    assert ex.reference_answer.startswith("Answer 1: ")
     assert ex.feedback and len(ex.score_descriptions) == 5
