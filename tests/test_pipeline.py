@@ -150,3 +150,34 @@ def test_pipeline_against_mlflow_server(tmp_path, vicuna_path, ray_local, monkey
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+
+
+@pytest.mark.timeout(600)
+def test_pipeline_runs_without_ray(tmp_path, vicuna_path, monkeypatch):
+    """GPU machines without Ray: torchrun trains (2 processes), generation and evaluation run in-process, and
+    nothing may start or join a Ray cluster."""
+    import ray
+
+    import tract_dist.train.trainer as trainer
+    from tract_dist.pipeline import run_pipeline
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started by a pipeline configured without it")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.setattr(trainer, "ray_init", no_ray)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = _cfg(tmp_path, vicuna_path, **{"cluster.launcher": "torchrun", "generation.ray": False,
+                                         "evaluation.ray": False, "training.max_steps": 2,
+                                         "data.max_examples": 4})
+    s = run_pipeline(cfg, name="noray")
+    assert [k for k, v in s.stages.items() if v["status"] == "ran"] == [
+        "train_stage1", "generate", "build_stage2", "train_stage2",
+        "evaluate_stage1_vicuna_cot_rail", "evaluate_stage2_vicuna_cot_rail"]
+    for stage in ("train_stage1", "train_stage2"):
+        run_dir = Path(s.stages[stage]["outputs"]["run_dir"])
+        assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+        assert len(json.loads((run_dir / "train_result.json").read_text())["params_per_rank"]) == 2
+    rows = [json.loads(x) for x in (tmp_path / "pipe" / "noray" / "stage2.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(r["feedback"] for r in rows)
+    assert {v["status"] for v in run_pipeline(cfg, name="noray").stages.values()} == {"skipped"}
