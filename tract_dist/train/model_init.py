@@ -25,10 +25,10 @@ def attn_implementation(requested: str | None, use_cuda: bool) -> str:
 
 
 def training_dtype(setting: str, use_cuda: bool) -> torch.dtype:
-    """auto: bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow and lose the fp32 equivalence checks)."""
-    if setting == "auto":
-        return torch.bfloat16 if use_cuda else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[setting]
+    """The compute dtype of a run: the same rule as inference (auto: bf16 on GPU, fp32 on CPU)."""
+    from tract_dist.models.loading import resolve_dtype
+
+    return resolve_dtype(setting, "cuda" if use_cuda else "cpu")
 
 
 def load_training_model(cfg: Any, tokenizer: Any, *, use_cuda: bool) -> torch.nn.Module:
