@@ -258,14 +258,36 @@ _VERDICT_OK = ("right", "correct", "holds", "true")
 _VERDICT_BAD = ("wrong", "incorrect", "fails", "mistake", "not correct")
 
 
-def _true_steps(test_path: Path) -> dict[str, list[bool]]:
+def _true_steps(test_path: Path) -> dict[str, list[tuple[int, int, int]]]:
+    """The (a, b, c) of every step of every held-out response."""
     import re
 
     out = {}
     for line in test_path.read_text().splitlines():
         r = json.loads(line)
-        out[r["id"]] = [int(a) + int(b) == int(c) for a, b, c in re.findall(r"(\d+) \+ (\d+) = (-?\d+)", r["response"])]
+        out[r["id"]] = [(int(a), int(b), int(c)) for a, b, c in re.findall(r"(\d+) \+ (\d+) = (-?\d+)", r["response"])]
     return out
+
+
+_REF_BAD = ("disagree", "different", "no match", "does not match", "wrong", "incorrect")
+_REF_OK = ("agree", "the same", "match", "right", "correct")
+
+
+def _ref_step_checks(cot: str) -> dict[int, tuple[bool | None, tuple[int, int, int, int] | None]]:
+    """Reference variant: per step number (first mention), the stated verdict and the quoted (a, b, c, answer)."""
+    import re
+
+    found: dict[int, tuple[bool | None, tuple[int, int, int, int] | None]] = {}
+    for chunk in re.split(r"(?=\bStep \d:)", cot):
+        m = re.match(r"Step (\d):", chunk)
+        if not m or int(m.group(1)) in found:
+            continue
+        q = re.match(r"Step \d: (\d+) \+ (\d+) = (-?\d+)\D+Answer \d: (-?\d+)", chunk)
+        rest = chunk[q.end():].lower() if q else chunk.lower()
+        rest = re.split(r"\d+ (?:right |correct )?so far", rest)[0]  # the verdict, not the running count
+        verdict = False if any(w in rest for w in _REF_BAD) else True if any(w in rest for w in _REF_OK) else None
+        found[int(m.group(1))] = (verdict, tuple(int(x) for x in q.groups()) if q else None)
+    return found
 
 
 def _step_verdicts(cot: str) -> dict[int, bool]:
@@ -285,14 +307,16 @@ def _step_verdicts(cot: str) -> dict[int, bool]:
     return found
 
 
-def _cot_stats(pred_path: Path, truth: dict[str, list[bool]] | None = None) -> dict[str, Any]:
-    """Mean CoT length (words), the share of CoTs whose last stated count gives the gold score, and the
-    accuracy of the per-step verdicts the CoTs state (over steps 1-4 of every example; a step without a
-    verdict counts as wrong, so 0.5 is not the chance level of this number)."""
+def _cot_stats(pred_path: Path, truth: dict[str, list[tuple[int, int, int]]] | None = None,
+               reference: bool = False) -> dict[str, Any]:
+    """Mean CoT length (words), the share of CoTs whose last stated count gives the gold score, the accuracy of
+    the per-step verdicts the CoTs state (over steps 1-4 of every example; a step without a verdict counts as
+    wrong, so 0.5 is not the chance level of this number) and, for the reference variant, the share of steps
+    quoted exactly (the response's a + b = c and the reference's answer)."""
     import re
 
     lens, consistent, n = [], 0, 0
-    verdicts_right, verdicts_total = 0, 0
+    verdicts_right, quotes_right, steps_total = 0, 0, 0
     word = {"zero": 0, "none": 0, "one": 1, "two": 2, "three": 3, "four": 4, "all": 4}
     for line in pred_path.read_text().splitlines():
         r = json.loads(line)
@@ -302,10 +326,18 @@ def _cot_stats(pred_path: Path, truth: dict[str, list[bool]] | None = None) -> d
         cot = cots[0]
         n += 1
         if truth and r["id"] in truth:
-            v = _step_verdicts(cot)
-            for k, t in enumerate(truth[r["id"]], start=1):
-                verdicts_total += 1
-                verdicts_right += int(v.get(k) == t)
+            if reference:
+                checks = _ref_step_checks(cot)
+                for k, (a, b, c) in enumerate(truth[r["id"]], start=1):
+                    verdict, quote = checks.get(k, (None, None))
+                    verdicts_right += int(verdict == (a + b == c))
+                    quotes_right += int(quote == (a, b, c, a + b))
+                    steps_total += 1
+            else:
+                v = _step_verdicts(cot)
+                for k, (a, b, c) in enumerate(truth[r["id"]], start=1):
+                    steps_total += 1
+                    verdicts_right += int(v.get(k) == (a + b == c))
         lens.append(len(cot.split()))
         m = re.findall(r"\b([0-4]|zero|none|one|two|three|four|all)\b(?: correct step| of (?:the )?(?:4|four))",
                        cot, flags=re.I)
@@ -315,7 +347,8 @@ def _cot_stats(pred_path: Path, truth: dict[str, list[bool]] | None = None) -> d
             consistent += int(k + 1 == round(r["gold"]))
     return {"cot_words_mean": round(statistics.fmean(lens), 1) if lens else None,
             "cot_tally_correct": round(consistent / n, 3) if n else None,
-            "step_verdict_acc": round(verdicts_right / verdicts_total, 3) if verdicts_total else None}
+            "step_verdict_acc": round(verdicts_right / steps_total, 3) if steps_total else None,
+            "step_quote_acc": round(quotes_right / steps_total, 3) if steps_total and reference else None}
 
 
 def _pred_stats(pred_path: Path) -> dict[str, Any]:
@@ -329,6 +362,8 @@ def collect(work: Path, seeds: list[int]) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
     test_path = work / "data" / "test.jsonl"
     truth = _true_steps(test_path) if test_path.exists() else None
+    settings = work / "settings.json"
+    reference = settings.exists() and json.loads(settings.read_text()).get("task_variant") == "reference"
     for method in METHODS:
         for mode in [MAIN_MODE[method]] + EXTRA_MODES.get(method, []):
             key = f"{method} ({mode})"
@@ -341,12 +376,13 @@ def collect(work: Path, seeds: list[int]) -> dict[str, Any]:
                     if pred.exists():
                         m = {**m, **_pred_stats(pred)}
                     if mode != "rail" and pred.exists():
-                        m = {**m, **_cot_stats(pred, truth)}
+                        m = {**m, **_cot_stats(pred, truth, reference)}
                     per_seed[str(seed)] = m
             if not per_seed:
                 continue
             agg: dict[str, Any] = {}
-            for k in METRICS + ["failed", "cot_words_mean", "cot_tally_correct", "step_verdict_acc", "pred_mean",
+            for k in METRICS + ["failed", "cot_words_mean", "cot_tally_correct", "step_verdict_acc", "step_quote_acc",
+                                "pred_mean",
                                 "pred_std"]:
                 vals = [v[k] for v in per_seed.values() if v.get(k) is not None]
                 vals = [float("nan") if (isinstance(x, float) and math.isnan(x)) else x for x in vals]
@@ -427,14 +463,15 @@ def write_report(work: Path, s: dict[str, Any], seeds: list[int], out_prefix: Pa
     lines += ["", "Diagnostics (same seeds): prediction mean / spread across the held-out set (gold: mean "
               f"{gold_mean:.2f}, sd {gold_sd:.2f}); `step verdicts` = share of the 4 x n steps whose verdict "
               "(right / wrong) the generated CoT states correctly (a step without a verdict counts as missed); "
-              "`tally ok` = share of CoTs whose last stated count equals the gold count; `words` = mean CoT "
-              "length.", "",
-              "| method (inference) | pred mean | pred sd | step verdicts | tally ok | words |",
-              "|---|---|---|---|---|---|"]
+              "`step quotes` = share of steps whose `a + b = c` and reference answer the CoT quotes exactly "
+              "(reference variant); `tally ok` = share of CoTs whose last stated count equals the gold count; "
+              "`words` = mean CoT length.", "",
+              "| method (inference) | pred mean | pred sd | step verdicts | step quotes | tally ok | words |",
+              "|---|---|---|---|---|---|---|"]
     for key, r in rows.items():
         a = r["aggregate"]
         lines.append(f"| {key} | {cell(a, 'pred_mean')} | {cell(a, 'pred_std')} | {cell(a, 'step_verdict_acc')} | "
-                     f"{cell(a, 'cot_tally_correct')} | {cell(a, 'cot_words_mean')} |")
+                     f"{cell(a, 'step_quote_acc')} | {cell(a, 'cot_tally_correct')} | {cell(a, 'cot_words_mean')} |")
     lines += ["", "Per seed (Pearson / RMSE):", ""]
     for key, r in rows.items():
         def fmt(x: Any) -> str:
