@@ -18,11 +18,11 @@ rerunning the same command resumes where it stopped. Cells run seed-major (all m
     python benchmarks/quality/run_quality.py --work /tmp/tract-quality --seeds 0 1 2
     python benchmarks/quality/run_quality.py --work /tmp/tract-quality --report-only   # re-aggregate
 
-Pipeline glue note: this calls the stage functions (run_training, generate_cots, build_stage2_dataset,
-evaluate_model) rather than tract_dist.pipeline.run_pipeline, which (at the time of writing) always trains
-through Ray (no launcher choice; ``_needs_ray`` is true for any num_workers >= 1), passes ``tags=`` to
-evaluate_model (which has no such parameter), and would retrain TRACT's stage 1 although cot_raft's run is the
-same model.
+Why stage functions and not ``tract-dist pipeline``: the runner calls the same stage functions the pipeline
+calls (run_training with the inline launcher, generate_cots, build_stage2_dataset, evaluate_model, each with the
+pipeline's own ``stage_config`` method switches) so that TRACT's stage 1 *is* the cot_raft run of the same seed
+(the pipeline would train it again) and every phase runs in a fresh process with a thread count chosen for the
+machine's load.
 """
 
 from __future__ import annotations
@@ -483,9 +483,7 @@ def write_report(work: Path, s: dict[str, Any], seeds: list[int], out_prefix: Pa
     lines += ["", "Wall time (s, all seeds, incl. model loading; tract = generation + stage 2 only, its stage 1 is "
               "cot_raft's run): " + ", ".join(f"{k} {v:.0f}" for k, v in phase_totals.items())
               + f"; all phases together {sum(phase_totals.values()):.0f} s. Each phase ran with 2 torch threads, or 1 "
-              "when other processes kept a core busy at its start (per-phase times and threads in the JSON); the "
-              "machine was shared with other engineers' test suites for most of the run, so times vary up to 7x "
-              "between seeds.", ""]
+              "when other processes kept a core busy at its start (per-phase times and threads in the JSON).", ""]
     if total_wall is not None:
         lines.append(f"Wall time of the invocation that wrote this file: {total_wall:.0f} s.")
         lines.append("")
