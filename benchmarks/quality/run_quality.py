@@ -32,6 +32,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -243,6 +244,9 @@ def run_cell(work: Path, s: dict[str, Any], method: str, seed: int, modes: list[
         tdir = cdir / "train"
         if not model_ready(tdir):
             timed("train", "train", {**common, "run_name": "train"})
+    # The final checkpoint (weights + fp32 optimizer state, ~1.2 GB for SmolLM2) only serves to resume a run
+    # that was cut short; once the export exists it is dead weight (15 of them filled a disk).
+    shutil.rmtree(tdir / "checkpoints", ignore_errors=True)
     model = str(tdir / "export" / "model")
     for mode in modes:
         edir = cdir / f"eval-{mode}"
