@@ -510,7 +510,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--dtype", default="bfloat16", choices=["auto", "float32", "bfloat16"],
                     help="model.dtype for training and inference; bfloat16 trains with fp32 master weights "
-                         "(DeepSpeed) and runs 1.75x faster than fp32 on a CPU with AVX512-BF16")
+                         "(DeepSpeed) and is the faster choice on a CPU with AVX512-BF16 or AMX")
     ap.add_argument("--train", type=int, default=32)
     ap.add_argument("--test", type=int, default=40)
     ap.add_argument("--task-seed", type=int, default=0)

@@ -37,7 +37,7 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 def resolve_dtype(dtype: str | torch.dtype = "auto", device: str | torch.device | None = None) -> torch.dtype:
     """``auto`` = bf16 on CUDA (the training dtype), fp32 on CPU: bf16 matmuls are slow on CPUs without
-    AVX512-BF16/AMX (on one with them, e.g. AMD Zen 4, they run ~6x faster than fp32: ask for bfloat16)."""
+    AVX512-BF16/AMX (on one with them, e.g. AMD Zen 4, they are faster than fp32: ask for bfloat16)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
