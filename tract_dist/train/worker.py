@@ -135,11 +135,11 @@ def train_worker(loop: dict[str, Any]) -> None:
         dist.all_reduce(sums)
         elapsed = time.perf_counter() - t0
         window.add(sums[4].item(), elapsed)
+        grad_norm = engine.get_global_grad_norm()
         metrics = {
             "loss": sums[0].item() / world, "ce": sums[1].item() / world, "mse": sums[2].item() / world,
             "mae": sums[3].item() / sc_den, "lr": lr,
-            "grad_norm": _float(engine.get_global_grad_norm() if engine.get_global_grad_norm() is not None
-                                else pre_clip_norm), "tokens_per_s": window.rate(),
+            "grad_norm": _float(grad_norm if grad_norm is not None else pre_clip_norm), "tokens_per_s": window.rate(),
             "tokens_per_s_per_worker": window.rate() / world, "epoch": (step + 1) / plan.steps_per_epoch,
         }
         if use_cuda:
