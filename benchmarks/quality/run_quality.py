@@ -55,8 +55,9 @@ METRICS = ["pearson", "spearman", "kendall", "rmse"]
 # ---------------------------------------------------------------------------------------------------------
 
 def settings_from_args(a: argparse.Namespace) -> dict[str, Any]:
-    return {"model": a.model, "tokenizer": a.tokenizer, "dtype": a.dtype, "train_examples": a.train, "test_examples": a.test,
-            "task_seed": a.task_seed, "task_variant": a.variant, "learning_rate": a.lr, "micro_batch_size": a.micro, "grad_accum": a.accum,
+    return {"model": a.model, "tokenizer": a.tokenizer, "dtype": a.dtype, "train_examples": a.train,
+            "test_examples": a.test, "task_seed": a.task_seed, "task_variant": a.variant, "learning_rate": a.lr,
+            "micro_batch_size": a.micro, "grad_accum": a.accum,
             "epochs": a.epochs, "lam": a.lam, "warmup_ratio": a.warmup, "lr_scheduler": "cosine",
             "max_new_tokens": a.max_new_tokens, "eval_batch_size": a.eval_batch, "gen_temperature": a.gen_temperature,
             "system_prompt": "Prometheus ABS_SYSTEM_PROMPT", "zero_stage": 0, "workers": 1,
