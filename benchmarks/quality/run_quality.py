@@ -426,7 +426,7 @@ def write_report(work: Path, s: dict[str, Any], seeds: list[int], out_prefix: Pa
         "wall_s_total_this_invocation": total_wall, "command": command,
     }
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
-    out_prefix.parent / (out_prefix.name + ".json").write_text(json.dumps(data, indent=2) + "\n")
+    (out_prefix.parent / (out_prefix.name + ".json")).write_text(json.dumps(data, indent=2) + "\n")
 
     def cell(agg: dict[str, Any], k: str) -> str:
         if k not in agg:
@@ -495,7 +495,7 @@ def write_report(work: Path, s: dict[str, Any], seeds: list[int], out_prefix: Pa
     lines += ["Command:", "", "```", command, "```", ""]
     if analysis:
         lines += ["## Analysis", "", analysis.strip(), ""]
-    out_prefix.parent / (out_prefix.name + ".md").write_text("\n".join(lines))
+    (out_prefix.parent / (out_prefix.name + ".md")).write_text("\n".join(lines))
     if show:
         print("\n".join(lines))
 
