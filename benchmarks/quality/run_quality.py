@@ -363,12 +363,36 @@ def _pred_stats(pred_path: Path) -> dict[str, Any]:
             "pred_std": statistics.pstdev(preds) if len(preds) > 1 else None}
 
 
+def _train_stats(cell: Path, reference: bool, train_truth: dict[str, list[tuple[int, int, int]]] | None) -> dict[str, Any]:
+    """From the cell's training log: mean grad norm and CE over the first 10 steps, MSE over the last 20; for
+    TRACT, the share of the stage-2 training CoTs (the stage-1 model's own) whose step verdicts are all right."""
+    out: dict[str, Any] = {}
+    log = cell / "train" / "metrics.jsonl"
+    if log.exists():
+        rows = [json.loads(line) for line in log.read_text().splitlines()]
+        out = {"grad_norm_first10": statistics.fmean(r["grad_norm"] for r in rows[:10]),
+               "ce_first10": statistics.fmean(r["ce"] for r in rows[:10]),
+               "mse_last20": statistics.fmean(r["mse"] for r in rows[-20:])}
+    stage2 = cell / "stage2.jsonl"
+    if reference and train_truth and stage2.exists():
+        cots = [json.loads(line) for line in stage2.read_text().splitlines()]
+        ok = 0
+        for r in cots:
+            checks = _ref_step_checks(r["feedback"])
+            steps = train_truth[r["id"].split("#")[0]]
+            ok += all(checks.get(k, (None, None))[0] == (a + b == c) for k, (a, b, c) in enumerate(steps, start=1))
+        out["stage2_cots_all_right"] = ok / len(cots) if cots else None
+    return out
+
+
 def collect(work: Path, seeds: list[int]) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
     test_path = work / "data" / "test.jsonl"
     truth = _true_steps(test_path) if test_path.exists() else None
     settings = work / "settings.json"
     reference = settings.exists() and json.loads(settings.read_text()).get("task_variant") == "reference"
+    train_path = work / "data" / "train.jsonl"
+    train_truth = _true_steps(train_path) if train_path.exists() else None
     for method in METHODS:
         for mode in [MAIN_MODE[method]] + EXTRA_MODES.get(method, []):
             key = f"{method} ({mode})"
@@ -382,13 +406,14 @@ def collect(work: Path, seeds: list[int]) -> dict[str, Any]:
                         m = {**m, **_pred_stats(pred)}
                     if mode != "rail" and pred.exists():
                         m = {**m, **_cot_stats(pred, truth, reference)}
+                    m = {**m, **_train_stats(summ.parents[1], reference, train_truth)}
                     per_seed[str(seed)] = m
             if not per_seed:
                 continue
             agg: dict[str, Any] = {}
             for k in METRICS + ["failed", "cot_words_mean", "cot_tally_correct", "step_verdict_acc", "step_quote_acc",
-                                "pred_mean",
-                                "pred_std"]:
+                                "pred_mean", "pred_std", "grad_norm_first10", "ce_first10", "mse_last20",
+                                "stage2_cots_all_right"]:
                 vals = [v[k] for v in per_seed.values() if v.get(k) is not None]
                 vals = [float("nan") if (isinstance(x, float) and math.isnan(x)) else x for x in vals]
                 if vals:
@@ -479,6 +504,17 @@ def write_report(work: Path, s: dict[str, Any], seeds: list[int], out_prefix: Pa
         a = r["aggregate"]
         lines.append(f"| {key} | {cell(a, 'pred_mean')} | {cell(a, 'pred_std')} | {cell(a, 'step_verdict_acc')} | "
                      f"{cell(a, 'step_quote_acc')} | {cell(a, 'cot_tally_correct')} | {cell(a, 'cot_words_mean')} |")
+    lines += ["", "Training (same seeds; for tract, its stage 2): mean gradient norm (before clipping) and CE over "
+              "the first 10 steps, MSE over the last 20; `stage-2 CoTs right` = share of the stage-1 model's own "
+              "training CoTs whose every step verdict is right (what stage 2 learns from).", "",
+              "| method | grad norm, steps 1-10 | CE, steps 1-10 | MSE, last 20 steps | stage-2 CoTs right |",
+              "|---|---|---|---|---|"]
+    for key, r in rows.items():
+        if r["mode"] != MAIN_MODE[r["method"]]:
+            continue
+        a = r["aggregate"]
+        lines.append(f"| {r['method']} | {cell(a, 'grad_norm_first10')} | {cell(a, 'ce_first10')} | "
+                     f"{cell(a, 'mse_last20')} | {cell(a, 'stage2_cots_all_right')} |")
     lines += ["", "Per seed (Pearson / RMSE):", ""]
     for key, r in rows.items():
         def fmt(x: Any) -> str:
