@@ -1,4 +1,5 @@
-"""Shared fixtures: the real benchmark data beside the checkout, and offline tokenizers."""
+"""Shared fixtures: the real benchmark data (the committed quickstart sample, and the full sets beside the
+checkout), and offline tokenizers."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# 16 Vicuna Bench records converted to the project's JSONL, committed (data/quickstart/NOTICE).
+QUICKSTART_DATA = REPO / "data" / "quickstart" / "vicuna_eval_0-15.jsonl"
 
 
 def shared_data_dir() -> Path:
@@ -16,13 +19,32 @@ def shared_data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def vicuna_path() -> Path:
-    """The real Vicuna Bench judge set; skipped when absent, except under CI=true where it must exist."""
+    """The full Vicuna Bench judge set (320 records, never committed); skipped when absent, except under
+    CI=true where it must exist. Tests that need only a few records use ``quickstart_data`` instead."""
     p = shared_data_dir() / "prometheus-eval" / "vicuna_eval.json"
     if not p.is_file():
+        hint = "set TRACT_SHARED_DATA to the folder that holds prometheus-eval/vicuna_eval.json"
         if os.environ.get("CI") == "true":
-            pytest.fail(f"{p} is missing (set TRACT_SHARED_DATA to the shared data folder)")
-        pytest.skip(f"{p} is absent (set TRACT_SHARED_DATA to the shared data folder)")
+            pytest.fail(f"{p} is missing ({hint})")
+        pytest.skip(f"{p} is absent ({hint})")
     return p
+
+
+@pytest.fixture(scope="session")
+def quickstart_data() -> Path:
+    """The committed 16-record Vicuna Bench sample (records 0-15 of vicuna_eval.json, ids "0".."15", JSONL):
+    real data for tests that need only a few records, so they run in any clone. Never skipped: it is part of
+    the repository."""
+    assert QUICKSTART_DATA.is_file(), f"{QUICKSTART_DATA} is missing from the checkout"
+    return QUICKSTART_DATA
+
+
+@pytest.fixture(scope="session")
+def quickstart_examples(quickstart_data):
+    """The sample's 16 examples as every reader returns them (feedback present, not required)."""
+    from tract_dist.data.formats import read_examples
+
+    return read_examples(str(quickstart_data), "jsonl", require_feedback=False).examples
 
 
 @pytest.fixture(scope="session")

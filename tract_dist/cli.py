@@ -58,6 +58,16 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_convert(args: argparse.Namespace) -> int:
+    from tract_dist.data.convert import convert_to_jsonl
+    from tract_dist.data.score_tokens import parse_scale
+
+    summary = convert_to_jsonl(args.path, args.format, args.output, scale=parse_scale(args.scale),
+                               offset=args.offset, limit=args.max_examples, skip_invalid=args.skip_invalid)
+    print(json.dumps(summary, indent=None if args.compact else 2))
+    return 0
+
+
 def _cmd_config_show(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     print(dump_config(cfg), end="")
@@ -82,6 +92,20 @@ _STAGE_COMMANDS = (
 )
 
 
+def _non_negative(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _positive(text: str) -> int:
+    v = int(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tract-dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,6 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compact", action="store_true", help="one-line JSON")
     _add_config_args(p, required=False)
     p.set_defaults(func=_cmd_data_inspect)
+
+    p = data.add_parser("convert", help="read a data file through the project's reader for its format and write "
+                                        "the project's JSONL (a record range with --offset/--max-examples)")
+    p.add_argument("path")
+    p.add_argument("--format", required=True, choices=["feedback-collection", "prometheus-eval", "jsonl"])
+    p.add_argument("--output", "-o", required=True, help="the JSONL file to write (replaced atomically)")
+    p.add_argument("--offset", type=_non_negative, default=0, help="first record to convert (0-based)")
+    p.add_argument("--max-examples", type=_positive, help="records to convert from --offset (default: all)")
+    p.add_argument("--scale", default="1-5")
+    p.add_argument("--skip-invalid", action="store_true", help="skip (and report) malformed records")
+    p.add_argument("--compact", action="store_true", help="one-line JSON")
+    p.set_defaults(func=_cmd_data_convert)
 
     cfg = sub.add_parser("config", help="configuration utilities").add_subparsers(dest="config_command",
                                                                                    required=True)
