@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The main job on its embedded default (sets the environment up first when it is missing): the whole TRACT
 # pipeline of configs/quickstart.yaml (stage 1 -> CoT generation -> stage 2 -> evaluation) on a local Ray,
-# tracked in ./mlflow.db. Extra arguments are config overrides (section.key=value).
+# tracked in ./mlflow.db, on the data that ship with the repository (data/quickstart/, see its NOTICE), so
+# it needs nothing beside the checkout. Extra arguments are config overrides (section.key=value).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-env.sh
-export PATH="$PWD/.venv/bin:$PATH" TOKENIZERS_PARALLELISM=false RAY_AUTH_MODE=disabled
-SHARED=${TRACT_SHARED_DATA:-../shared/data}
-DATA="$SHARED/prometheus-eval/vicuna_eval.json"
-exec tract-dist pipeline configs/quickstart.yaml "data.train_path=$DATA" \
-  "evaluation.benchmarks=[{name: vicuna, path: $DATA, format: prometheus-eval, offset: 8, max_examples: 8}]" "$@"
+VENV=$(cd "${TRACT_VENV:-.venv}" && pwd)  # the environment setup-env.sh prepared (TRACT_VENV, else .venv)
+export PATH="$VENV/bin:$PATH" TOKENIZERS_PARALLELISM=false RAY_AUTH_MODE=disabled
+# `python -m` from the checkout: this checkout's tract_dist runs even when TRACT_VENV is an environment whose
+# editable install points at another checkout.
+exec python -m tract_dist.cli pipeline configs/quickstart.yaml "$@"

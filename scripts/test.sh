@@ -3,5 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-env.sh
-export PATH="$PWD/.venv/bin:$PATH" DS_ACCELERATOR=cpu RAY_AUTH_MODE=disabled TOKENIZERS_PARALLELISM=false
+VENV=$(cd "${TRACT_VENV:-.venv}" && pwd)  # the environment setup-env.sh prepared (TRACT_VENV, else .venv)
+export PATH="$VENV/bin:$PATH" DS_ACCELERATOR=cpu RAY_AUTH_MODE=disabled TOKENIZERS_PARALLELISM=false
 exec python -m pytest -q "$@"

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from tract_dist.config import Config
+from tract_dist.config import Config, ConfigError
 from tract_dist.tracking import RunHandle, log_artifact, log_params, set_tags, start_run
 
 EVAL_MODES = {"tract": ["cot_rail"], "cot_raft": ["cot_rail"], "ce_cot": ["decode", "cot_rail"], "raft": ["rail"]}
@@ -54,6 +54,27 @@ def file_fingerprint(path: str) -> str:
     with open(p, "rb") as f:
         h.update(f.read(64 << 20))
     return h.hexdigest()[:16]
+
+
+def check_data_files(cfg: Config) -> dict[str, str]:
+    """The local data files the pipeline reads (training set, every benchmark), each checked to exist now.
+
+    A missing benchmark would otherwise surface only after both training stages; relative paths resolve
+    against the working directory, which the message names. ``hf:`` sources are left to the readers.
+    Returns {config key: absolute path}."""
+    wanted = {"data.train_path": cfg.data.train_path}
+    wanted.update({f"evaluation.benchmarks[{i}].path": b.path for i, b in enumerate(cfg.evaluation.benchmarks)})
+    found: dict[str, str] = {}
+    for key, path in wanted.items():
+        if not path or path.startswith("hf:"):
+            continue
+        p = Path(path)
+        if not p.is_file():
+            where = "" if p.is_absolute() else f" (relative to the working directory {Path.cwd()})"
+            what = "is not a file" if p.exists() else "does not exist"
+            raise ConfigError(f"{key}: '{path}' {what}{where}")
+        found[key] = str(p.resolve())
+    return found
 
 
 def _hash(*parts: Any) -> str:
@@ -109,6 +130,7 @@ def run_pipeline(cfg: Config, *, config_path: str | None = None, address: str | 
 
     method = cfg.pipeline.method
     preflight(cfg)
+    check_data_files(cfg)
     name = name or f"pipeline-{method}-{fingerprint(cfg)}"
     pdir = Path(cfg.pipeline.output_dir).resolve() / name
     pdir.mkdir(parents=True, exist_ok=True)
