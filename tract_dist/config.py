@@ -56,10 +56,18 @@ class DataSection(_Section):
 
 
 class LossSection(_Section):
-    lam: float = Field(1.0, ge=0)
-    rail_normalize: bool = False
-    ce_on_score_token: bool = False
-    impl: Literal["fused", "reference"] = "fused"
+    """The CoT-RAFT loss; built once into :class:`tract_dist.loss.CoTRaftLossOptions`."""
+
+    lam: float = Field(1.0, ge=0, allow_inf_nan=False, description="weight of the MSE term: ce + lam * mse")
+    rail_normalize: bool = Field(False, description="score distribution over the K score tokens only")
+    ce_on_score_token: bool = Field(False, description="also train the score token (nearest value) with CE")
+    impl: Literal["fused", "reference"] = Field("fused", description="fused: never forms tokens x vocab logits")
+    kernel: Literal["auto", "torch", "triton"] = Field(
+        "auto", description="per-tile elementwise work of the fused loss: Triton on CUDA when auto")
+    chunk_size: int | None = Field(None, gt=0, description="active rows per logits tile (default: tile_mib)")
+    vocab_shard: int | None = Field(None, gt=0, description="vocabulary rows per tile (default: all up to 131072)")
+    tile_mib: int | None = Field(
+        None, gt=0, description="logits-tile budget in MiB (default: 1024 on CUDA, 256 on CPU; see loss/tiling.py)")
 
 
 class TrainingSection(_Section):

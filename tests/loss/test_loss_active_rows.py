@@ -9,9 +9,10 @@ from tract_dist.loss import cot_raft_loss
 
 
 class MatmulFlops(TorchDispatchMode):
-    """Counts 2*m*n*k for every mm/addmm, in-place ``addmm_`` included (FlopCounterMode skips it)."""
+    """Counts 2*m*n*k for every mm/addmm, ``out=`` and in-place ``addmm_`` included (FlopCounterMode skips them)."""
 
-    OPS = {torch.ops.aten.mm.default: (0, 1), torch.ops.aten.addmm.default: (1, 2), torch.ops.aten.addmm_.default: (1, 2)}
+    OPS = {torch.ops.aten.mm.default: (0, 1), torch.ops.aten.mm.out: (0, 1), torch.ops.aten.addmm.default: (1, 2),
+           torch.ops.aten.addmm.out: (1, 2), torch.ops.aten.addmm_.default: (1, 2)}
 
     def __init__(self) -> None:
         super().__init__()

@@ -6,8 +6,8 @@ import pytest
 import torch
 from loss_helpers import make_problem, rel_err, run
 
-from tract_dist.loss import cot_raft_loss
-from tract_dist.loss.fused import FusedCoTRaftFunction, FusedInputs
+from tract_dist.loss import CoTRaftLossOptions, cot_raft_loss
+from tract_dist.loss.fused import FusedCoTRaftFunction
 
 OPTIONS = [
     dict(),
@@ -43,14 +43,15 @@ def test_float64_matches_reference(opts, tiles):
 def test_gradcheck_fused_float64(opts):
     p = make_problem(n=9, h=4, v=13, dtype=torch.float64, score_rows=[2, 7], n_scale=4, seed=2)
 
+    options = CoTRaftLossOptions(
+        p.score_token_ids, p.score_values, lam=opts.get("lam", 1.0),
+        rail_normalize=opts.get("rail_normalize", False), ce_on_score_token=opts.get("ce_on_score_token", False),
+        chunk_size=4, vocab_shard=5,
+    )
+
     def f(hidden, weight, bias):
-        inp = FusedInputs(
-            p.targets, p.score_rows, p.score_targets, p.score_token_ids, p.score_values,
-            lam=opts.get("lam", 1.0), rail_normalize=opts.get("rail_normalize", False),
-            ce_on_score_token=opts.get("ce_on_score_token", False), ce_denominator=None,
-            mse_denominator=None, chunk_size=4, vocab_shard=5, process_group=None, vocab_start=None,
-        )
-        return FusedCoTRaftFunction.apply(hidden, weight, bias, inp)[0]
+        args = (p.targets, p.score_rows, p.score_targets, options, None, None)
+        return FusedCoTRaftFunction.apply(hidden, weight, bias, *args)[0]
 
     assert torch.autograd.gradcheck(f, (p.hidden, p.weight, p.bias), eps=1e-6, atol=1e-8, rtol=1e-6)
 

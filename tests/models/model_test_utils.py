@@ -96,10 +96,23 @@ def loss_from_full_logits(
 
 
 def loss_impls() -> list[tuple[str, Any]]:
-    """(impl, loss_fn) pairs every loss-level test runs: the real ``cot_raft_loss``, fused and reference."""
-    from tract_dist.loss import cot_raft_loss
+    """(impl, loss_fn) pairs every loss-level test runs: the real loss entry point, fused and reference."""
+    from tract_dist.loss import cot_raft_loss_with_options
 
-    return [("fused", cot_raft_loss), ("reference", cot_raft_loss)]
+    return [("fused", cot_raft_loss_with_options), ("reference", cot_raft_loss_with_options)]
+
+
+def loss_options(impl: str = "fused", **settings: Any):
+    """The loss options of these tests' score scale; ``settings`` are CoTRaftLossOptions fields."""
+    from tract_dist.loss import CoTRaftLossOptions
+
+    return CoTRaftLossOptions(SCORE_TOKEN_IDS, SCORE_VALUES, impl=impl, **settings)
+
+
+def split_options(opts: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(loss settings, per-call denominators) of a test's option dict."""
+    calls = {k: v for k, v in opts.items() if k in ("ce_denominator", "mse_denominator")}
+    return {k: v for k, v in opts.items() if k not in calls}, calls
 
 
 def grads(model: torch.nn.Module) -> dict[str, torch.Tensor | None]:

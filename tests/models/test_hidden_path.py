@@ -7,12 +7,12 @@ import copy
 import pytest
 import torch
 from model_test_utils import (
-    SCORE_TOKEN_IDS,
-    SCORE_VALUES,
     grads,
     loss_from_full_logits,
     loss_impls,
+    loss_options,
     make_batch,
+    split_options,
 )
 from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -90,9 +90,8 @@ def test_loss_and_grads_equal_full_logits_reference(kind, dtype, options, impl, 
     ref_grads = grads(ref_model)
 
     model = copy.deepcopy(base).to(dtype)
-    out = causal_lm_cot_raft_loss(
-        model, batch, score_token_ids=SCORE_TOKEN_IDS, score_values=SCORE_VALUES, impl=impl, loss_fn=loss_fn, **opts
-    )
+    settings, calls = split_options(opts)
+    out = causal_lm_cot_raft_loss(model, batch, loss_options(impl, **settings), loss_fn=loss_fn, **calls)
     out.loss.backward()
 
     tol = dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-6)
@@ -116,9 +115,8 @@ def test_tied_head_gradient_is_sum_of_embedding_and_head_uses() -> None:
     assert untied.lm_head.weight is not untied.model.embed_tokens.weight
     batch = make_batch(2)
     impl, loss_fn = loss_impls()[0]
-    kwargs = dict(score_token_ids=SCORE_TOKEN_IDS, score_values=SCORE_VALUES, impl=impl, loss_fn=loss_fn)
-    causal_lm_cot_raft_loss(tied, batch, **kwargs).loss.backward()
-    causal_lm_cot_raft_loss(untied, batch, **kwargs).loss.backward()
+    causal_lm_cot_raft_loss(tied, batch, loss_options(impl), loss_fn=loss_fn).loss.backward()
+    causal_lm_cot_raft_loss(untied, batch, loss_options(impl), loss_fn=loss_fn).loss.backward()
     embed_use, head_use = untied.model.embed_tokens.weight.grad, untied.lm_head.weight.grad
     assert embed_use.abs().sum() > 1e-3 and head_use.abs().sum() > 1e-3  # both uses contribute
     torch.testing.assert_close(tied.lm_head.weight.grad, embed_use + head_use, rtol=1e-10, atol=1e-12)
@@ -128,9 +126,8 @@ def test_wrapper_module_matches_function() -> None:
     model = _model("llama-untied").double()
     batch = make_batch(3)
     impl, loss_fn = loss_impls()[0]
-    kwargs = dict(score_token_ids=SCORE_TOKEN_IDS, score_values=SCORE_VALUES, impl=impl, loss_fn=loss_fn)
-    direct = causal_lm_cot_raft_loss(model, batch, **kwargs, ce_denominator=40.0)
-    wrapper = CotRaftCausalLM(model, **kwargs)
+    direct = causal_lm_cot_raft_loss(model, batch, loss_options(impl), loss_fn=loss_fn, ce_denominator=40.0)
+    wrapper = CotRaftCausalLM(model, loss_options(impl), loss_fn=loss_fn)
     wrapped = wrapper(**batch, ce_denominator=40.0)
     torch.testing.assert_close(wrapped.loss, direct.loss, rtol=0, atol=0)
     assert [id(p) for p in wrapper.parameters()] == [id(p) for p in model.parameters()]

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from model_test_utils import SCORE_TOKEN_IDS, SCORE_VALUES, loss_from_full_logits, loss_impls, make_batch
+from model_test_utils import loss_from_full_logits, loss_impls, loss_options, make_batch
 from peft import LoraConfig, get_peft_model
 
 from tract_dist.models.zero3 import external_param_ids
@@ -57,9 +57,7 @@ def test_peft_lora_only_adapters_get_matching_grads(impl, loss_fn) -> None:
     ref_model = copy.deepcopy(peft_model)
     batch = make_batch(4)
 
-    out = causal_lm_cot_raft_loss(
-        peft_model, batch, score_token_ids=SCORE_TOKEN_IDS, score_values=SCORE_VALUES, impl=impl, loss_fn=loss_fn
-    )
+    out = causal_lm_cot_raft_loss(peft_model, batch, loss_options(impl), loss_fn=loss_fn)
     out.loss.backward()
     logits = ref_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     ref = loss_from_full_logits(logits, batch)
@@ -86,7 +84,7 @@ def test_lora_on_lm_head_is_rejected() -> None:
 
 def test_head_registers_lm_head_as_zero3_external_params() -> None:
     model = build_tiny_model(tiny_llama_config(512, tie=True))
-    wrapper = CotRaftCausalLM(model, score_token_ids=SCORE_TOKEN_IDS, score_values=SCORE_VALUES)
+    wrapper = CotRaftCausalLM(model, loss_options())
     assert external_param_ids(wrapper.head) == {id(model.model.embed_tokens.weight)}
     assert list(wrapper.head.parameters()) == []  # the causal LM keeps ownership (no double registration)
 
@@ -95,4 +93,4 @@ def test_function_refuses_zero3_partitioned_head() -> None:
     model = build_tiny_model(tiny_llama_config(512, tie=False))
     model.lm_head.weight.ds_id, model.lm_head.weight.ds_status = 0, "NOT_AVAILABLE"  # looks partitioned
     with pytest.raises(RuntimeError, match="CotRaftCausalLM"):
-        causal_lm_cot_raft_loss(model, make_batch(0), score_token_ids=SCORE_TOKEN_IDS, score_values=SCORE_VALUES)
+        causal_lm_cot_raft_loss(model, make_batch(0), loss_options())

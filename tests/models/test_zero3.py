@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import zero3_worker as worker
-from model_test_utils import SCORE_TOKEN_IDS, SCORE_VALUES, concat_batches
+from model_test_utils import concat_batches, loss_options
 
 from tract_dist.models import build_tiny_model, causal_lm_cot_raft_loss, tiny_llama_config
 
@@ -64,7 +64,7 @@ def _plain_step(tie: bool, impl: str, lora: bool) -> dict:
     model = build_tiny_model(tiny_llama_config(512, tie=tie), seed=worker.SEED)
     model = worker.with_lora(model) if lora else model
     batch = concat_batches(*(worker.rank_batch(r) for r in range(WORLD)))
-    out = causal_lm_cot_raft_loss(model, batch, score_token_ids=SCORE_TOKEN_IDS, score_values=SCORE_VALUES, impl=impl)
+    out = causal_lm_cot_raft_loss(model, batch, loss_options(impl))
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
     out.loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

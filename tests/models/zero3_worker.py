@@ -15,10 +15,10 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
-from model_test_utils import SCORE_TOKEN_IDS, SCORE_VALUES, make_batch
+from model_test_utils import loss_options, make_batch
 from transformers.integrations import HfDeepSpeedConfig
 
-from tract_dist.loss import cot_raft_loss
+from tract_dist.loss import cot_raft_loss_with_options
 from tract_dist.models import CotRaftCausalLM, build_tiny_model, select_loss_rows, tiny_llama_config
 
 SEED = 11
@@ -88,10 +88,10 @@ def run_case(tie: bool, impl: str, lora: bool, out: Path, rank: int, world: int)
     def observed_loss(*args, **kwargs):
         # What is gathered while the loss runs: must be the lm_head weight only.
         available_at_loss.append(sum(p.ds_numel for p in params if p.ds_status.name == "AVAILABLE"))
-        return cot_raft_loss(*args, **kwargs)
+        return cot_raft_loss_with_options(*args, **kwargs)
 
     wrapper = CotRaftCausalLM(
-        model, score_token_ids=SCORE_TOKEN_IDS, score_values=SCORE_VALUES, impl=impl, loss_fn=observed_loss
+        model, loss_options(impl), loss_fn=observed_loss
     )
     trainable = [p for p in wrapper.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=wrapper, model_parameters=trainable, config=config)

@@ -66,7 +66,7 @@ def validate_inputs(
     score_values: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> None:
-    """Shape checks; duplicate score rows / score tokens are rejected (ambiguous semantics)."""
+    """Shape checks, without reading device values (the fused path checks values in its row plan)."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be (N,H), (V,H)")
     if targets.shape != (hidden.shape[0],):
@@ -79,6 +79,10 @@ def validate_inputs(
         raise ValueError("score rows given but no score tokens")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},)")
+
+
+def validate_values(score_rows: torch.Tensor, score_token_ids: torch.Tensor) -> None:
+    """Duplicate score rows / score tokens are rejected (ambiguous semantics); reads device values."""
     if score_rows.numel() and torch.unique(score_rows).numel() != score_rows.numel():
         raise ValueError("score_rows must be unique")
     if torch.unique(score_token_ids).numel() != score_token_ids.numel():

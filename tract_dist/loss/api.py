@@ -1,4 +1,8 @@
-"""Public entry point of the CoT-RAFT joint loss (CE over CoT tokens + lam * MSE of the expected score)."""
+"""Public entry points of the CoT-RAFT joint loss (CE over CoT tokens + lam * MSE of the expected score).
+
+``cot_raft_loss`` takes every setting as a keyword (the documented signature); training code builds a
+:class:`CoTRaftLossOptions` once and calls ``cot_raft_loss_with_options`` on every micro-batch.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ._common import validate_inputs
-from .fused import FusedCoTRaftFunction, FusedInputs
+from ._common import compute_dtype, validate_inputs, validate_values
+from .fused import Denominator, FusedCoTRaftFunction, FusedCounts
+from .options import CoTRaftLossOptions, Impl, Kernel
 from .reference import reference_loss
 
 
@@ -28,6 +33,39 @@ class CoTRaftLossOutput:
     n_score_rows: int
 
 
+def cot_raft_loss_with_options(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    score_rows: torch.Tensor,
+    score_targets: torch.Tensor,
+    options: CoTRaftLossOptions,
+    *,
+    bias: torch.Tensor | None = None,
+    ce_denominator: Denominator = None,
+    mse_denominator: Denominator = None,
+) -> CoTRaftLossOutput:
+    """The CoT-RAFT loss of one (micro-)batch under fixed ``options``; see :func:`cot_raft_loss`."""
+    ids, values = options.score_tensors(hidden.device, compute_dtype(hidden.dtype))
+    validate_inputs(hidden, weight, targets, score_rows, score_targets, ids, values, bias)
+    if options.impl == "reference":
+        group = options.process_group
+        if group is not None and dist.get_world_size(group) > 1:
+            raise NotImplementedError("impl='reference' is unsharded; gather the weight or use impl='fused'")
+        validate_values(score_rows, ids)
+        r = reference_loss(
+            hidden, weight, targets, score_rows, score_targets, ids, values, bias=bias, lam=options.lam,
+            rail_normalize=options.rail_normalize, ce_on_score_token=options.ce_on_score_token,
+            ce_denominator=ce_denominator, mse_denominator=mse_denominator,
+        )
+        return CoTRaftLossOutput(r.loss, r.ce, r.mse, r.yhat, r.n_ce_tokens, r.n_score_rows)
+    counts = FusedCounts()
+    loss, ce, mse, yhat = FusedCoTRaftFunction.apply(
+        hidden, weight, bias, targets, score_rows, score_targets, options, ce_denominator, mse_denominator, counts
+    )
+    return CoTRaftLossOutput(loss, ce, mse, yhat, counts.n_ce_tokens, counts.n_score_rows)
+
+
 def cot_raft_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -41,13 +79,15 @@ def cot_raft_loss(
     lam: float = 1.0,
     rail_normalize: bool = False,
     ce_on_score_token: bool = False,
-    ce_denominator: float | int | torch.Tensor | None = None,
-    mse_denominator: float | int | torch.Tensor | None = None,
-    impl: str = "fused",
+    ce_denominator: Denominator = None,
+    mse_denominator: Denominator = None,
+    impl: Impl = "fused",
     chunk_size: int | None = None,
     vocab_shard: int | None = None,
     process_group: dist.ProcessGroup | None = None,
     vocab_start: int | None = None,
+    kernel: Kernel = "auto",
+    tile_bytes: int | None = None,
 ) -> CoTRaftLossOutput:
     """CoT-RAFT loss from final hidden states and the lm_head, without N x V logits when fused.
 
@@ -65,47 +105,17 @@ def cot_raft_loss(
         ce_denominator / mse_denominator: global CE token / score row counts of the whole batch, so
             that micro-batches or data-parallel ranks add up to the big-batch gradient; default local.
         impl: "fused" (chunked, gradients computed in forward) or "reference" (materialised logits).
-        chunk_size / vocab_shard: tile of the fused path (default: one vocab shard up to 131072 rows,
-            chunk sized to a 2^25-element logits tile).
+        chunk_size / vocab_shard / tile_bytes: tiles of the fused path (default: one vocab shard up to
+            131072 rows, as many active rows as the device's tile budget holds; ``loss/tiling.py``).
         process_group: vocab-parallel group; grad w.r.t. ``hidden`` is summed over it inside the loss.
+        kernel: "auto" (Triton on CUDA), "torch" or "triton" for the fused path's elementwise work.
     """
-    validate_inputs(hidden, weight, targets, score_rows, score_targets, score_token_ids, score_values, bias)
-    common = dict(
-        lam=lam,
-        rail_normalize=rail_normalize,
-        ce_on_score_token=ce_on_score_token,
-        ce_denominator=ce_denominator,
-        mse_denominator=mse_denominator,
+    options = CoTRaftLossOptions(
+        score_token_ids, score_values, lam=lam, rail_normalize=rail_normalize,
+        ce_on_score_token=ce_on_score_token, impl=impl, kernel=kernel, chunk_size=chunk_size,
+        vocab_shard=vocab_shard, tile_bytes=tile_bytes, process_group=process_group, vocab_start=vocab_start,
     )
-    if impl == "reference":
-        if process_group is not None and dist.get_world_size(process_group) > 1:
-            raise NotImplementedError("impl='reference' is unsharded; gather the weight or use impl='fused'")
-        r = reference_loss(
-            hidden, weight, targets, score_rows, score_targets, score_token_ids, score_values, bias=bias, **common
-        )
-        return CoTRaftLossOutput(r.loss, r.ce, r.mse, r.yhat, r.n_ce_tokens, r.n_score_rows)
-    if impl != "fused":
-        raise ValueError(f"impl must be 'fused' or 'reference', got {impl!r}")
-    inp = FusedInputs(
-        targets=targets,
-        score_rows=score_rows,
-        score_targets=score_targets,
-        score_token_ids=score_token_ids,
-        score_values=score_values,
-        chunk_size=chunk_size,
-        vocab_shard=vocab_shard,
-        process_group=process_group,
-        vocab_start=vocab_start,
-        **common,
+    return cot_raft_loss_with_options(
+        hidden, weight, targets, score_rows, score_targets, options, bias=bias,
+        ce_denominator=ce_denominator, mse_denominator=mse_denominator,
     )
-    loss, ce, mse, yhat = FusedCoTRaftFunction.apply(hidden, weight, bias, inp)
-    n_ce, n_sc = _counts(targets, score_rows, ce_on_score_token)
-    return CoTRaftLossOutput(loss, ce, mse, yhat, n_ce, n_sc)
-
-
-def _counts(targets: torch.Tensor, score_rows: torch.Tensor, ce_on_score_token: bool) -> tuple[int, int]:
-    valid = targets != -100
-    if ce_on_score_token and score_rows.numel():
-        valid = valid.clone()
-        valid[score_rows] = True
-    return int(valid.sum()), int(score_rows.numel())

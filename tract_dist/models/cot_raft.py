@@ -16,12 +16,14 @@ as well is the loss's ``ce_on_score_token`` switch, so the decision lives in one
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+
+from tract_dist.loss.options import CoTRaftLossOptions
 
 from .hidden import final_hidden_states, lm_head_parameters, unwrap_causal_lm
 from .zero3 import is_zero3_param, register_external_params
@@ -71,9 +73,9 @@ def select_loss_rows(labels: torch.Tensor, score_positions: torch.Tensor, score_
 
 
 def _default_loss_fn() -> LossFn:
-    from tract_dist.loss import cot_raft_loss  # imported late: the loss package is optional for tiny tools
+    from tract_dist.loss import cot_raft_loss_with_options  # late: importing the kernels costs start-up time
 
-    return cot_raft_loss
+    return cot_raft_loss_with_options
 
 
 class CotRaftOutput(NamedTuple):
@@ -93,33 +95,22 @@ class CotRaftHead(nn.Module):
     It exists for ZeRO-3: the lm_head weight/bias are registered as its external parameters, so
     DeepSpeed gathers them around this module's forward and backward (see :mod:`.zero3`). Hold it
     as a submodule of the model given to ``deepspeed.initialize`` (as :class:`CotRaftCausalLM` does).
-    Build it after any vocabulary resize: it keeps the Parameter objects it was given.
+    Build it after any vocabulary resize: it keeps the Parameter objects it was given. ``loss_fn``
+    (default :func:`tract_dist.loss.cot_raft_loss_with_options`) has that function's signature.
     """
 
     def __init__(
         self,
         weight: nn.Parameter,
-        bias: nn.Parameter | None = None,
+        bias: nn.Parameter | None,
+        options: CoTRaftLossOptions,
         *,
-        score_token_ids: Sequence[int] | torch.Tensor,
-        score_values: Sequence[float] | torch.Tensor,
-        lam: float = 1.0,
-        rail_normalize: bool = False,
-        ce_on_score_token: bool = False,
-        impl: str = "fused",
-        chunk_size: int | None = None,
         loss_fn: LossFn | None = None,
         zero3: bool = True,
     ) -> None:
         super().__init__()
         self.head_params = (weight, bias)  # a tuple: not registered, the causal LM owns them
-        self.score_token_ids = [int(t) for t in torch.as_tensor(score_token_ids).tolist()]
-        self.score_values = [float(v) for v in torch.as_tensor(score_values).tolist()]
-        self.lam = lam
-        self.rail_normalize = rail_normalize
-        self.ce_on_score_token = ce_on_score_token
-        self.impl = impl
-        self.chunk_size = chunk_size
+        self.options = options
         self.loss_fn = loss_fn
         if zero3:
             register_external_params(self, self.head_params)
@@ -142,34 +133,19 @@ class CotRaftHead(nn.Module):
                 "the model passed to deepspeed.initialize (e.g. use CotRaftCausalLM)"
             )
         real = torch.float64 if hidden.dtype == torch.float64 else torch.float32  # float64 runs stay exact
-        device = hidden.device
         fn = self.loss_fn if self.loss_fn is not None else _default_loss_fn()
-        extra = {} if self.chunk_size is None else {"chunk_size": self.chunk_size}
         out = fn(
             hidden,
             weight,
             targets,
             score_rows,
-            score_targets.to(device=device, dtype=real),
-            torch.tensor(self.score_token_ids, dtype=torch.long, device=device),
-            torch.tensor(self.score_values, dtype=real, device=device),
+            score_targets.to(device=hidden.device, dtype=real),
+            self.options,
             bias=bias,
-            lam=self.lam,
-            rail_normalize=self.rail_normalize,
-            ce_on_score_token=self.ce_on_score_token,
             ce_denominator=ce_denominator,
             mse_denominator=mse_denominator,
-            impl=self.impl,
-            **extra,
         )
-        return CotRaftOutput(
-            out.loss,
-            out.ce,
-            out.mse,
-            out.yhat,
-            int(getattr(out, "n_ce_tokens", -1)),
-            int(getattr(out, "n_score_rows", score_rows.numel())),
-        )
+        return CotRaftOutput(out.loss, out.ce, out.mse, out.yhat, int(out.n_ce_tokens), int(out.n_score_rows))
 
 
 def _loss_through_head(
@@ -188,16 +164,10 @@ def _loss_through_head(
 def causal_lm_cot_raft_loss(
     model: nn.Module,
     batch: Mapping[str, torch.Tensor | None],
+    options: CoTRaftLossOptions,
     *,
-    score_token_ids: Sequence[int] | torch.Tensor,
-    score_values: Sequence[float] | torch.Tensor,
-    lam: float = 1.0,
-    rail_normalize: bool = False,
-    ce_on_score_token: bool = False,
     ce_denominator: Denominator = None,
     mse_denominator: Denominator = None,
-    impl: str = "fused",
-    chunk_size: int | None = None,
     loss_fn: LossFn | None = None,
 ) -> CotRaftOutput:
     """CoT-RAFT loss of ``model`` (HF causal LM or PEFT-wrapped) on ``batch``, never forming (B, T, V) logits.
@@ -206,8 +176,6 @@ def causal_lm_cot_raft_loss(
     engine's module (its loss head is hooked by ZeRO-3). ``ce_denominator`` / ``mse_denominator``
     default to this call's counts; pass global counts for gradient accumulation or data parallelism
     (DeepSpeed averages gradients over ranks, so there pass ``global_count / world_size``).
-    ``chunk_size`` (fused tile rows) is passed on only when set. ``loss_fn`` defaults to
-    :func:`tract_dist.loss.cot_raft_loss`.
     """
     lm = unwrap_causal_lm(model)
     weight, bias = lm_head_parameters(lm)
@@ -215,19 +183,7 @@ def causal_lm_cot_raft_loss(
         raise RuntimeError(
             "lm_head is a ZeRO-3 parameter: wrap the model in CotRaftCausalLM before deepspeed.initialize"
         )
-    head = CotRaftHead(
-        weight,
-        bias,
-        score_token_ids=score_token_ids,
-        score_values=score_values,
-        lam=lam,
-        rail_normalize=rail_normalize,
-        ce_on_score_token=ce_on_score_token,
-        impl=impl,
-        chunk_size=chunk_size,
-        loss_fn=loss_fn,
-        zero3=False,
-    )
+    head = CotRaftHead(weight, bias, options, loss_fn=loss_fn, zero3=False)
     return _loss_through_head(lm, head, batch, ce_denominator, mse_denominator)
 
 
@@ -238,37 +194,15 @@ class CotRaftCausalLM(nn.Module):
     the decoder's submodule hooks gather and release the layers, the :class:`CotRaftHead` hooks the
     lm_head weight, and the root hooks (ZeRO-3 step reset, parameter trace) run on every
     ``engine(**batch)``. Loss settings are fixed at construction; the denominators, which change per
-    step, are forward arguments. Works unchanged without DeepSpeed and with PEFT models.
+    step, are forward arguments (the loss settings come as one :class:`CoTRaftLossOptions`). Works
+    unchanged without DeepSpeed and with PEFT models.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        score_token_ids: Sequence[int] | torch.Tensor,
-        score_values: Sequence[float] | torch.Tensor,
-        lam: float = 1.0,
-        rail_normalize: bool = False,
-        ce_on_score_token: bool = False,
-        impl: str = "fused",
-        chunk_size: int | None = None,
-        loss_fn: LossFn | None = None,
-    ) -> None:
+    def __init__(self, model: nn.Module, options: CoTRaftLossOptions, *, loss_fn: LossFn | None = None) -> None:
         super().__init__()
         weight, bias = lm_head_parameters(model)  # fails here, not at the first step, if unsupported
         self.lm = model
-        self.head = CotRaftHead(
-            weight,
-            bias,
-            score_token_ids=score_token_ids,
-            score_values=score_values,
-            lam=lam,
-            rail_normalize=rail_normalize,
-            ce_on_score_token=ce_on_score_token,
-            impl=impl,
-            chunk_size=chunk_size,
-            loss_fn=loss_fn,
-        )
+        self.head = CotRaftHead(weight, bias, options, loss_fn=loss_fn)
 
     def forward(
         self,

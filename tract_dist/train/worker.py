@@ -43,6 +43,7 @@ def train_worker(loop: dict[str, Any]) -> None:
     from transformers.integrations import HfDeepSpeedConfig
 
     from tract_dist.data.assets import load_tokenizer
+    from tract_dist.loss.options import CoTRaftLossOptions
     from tract_dist.models import CotRaftCausalLM
     from tract_dist.train.data import StepPlan, collate, load_encoded, load_score_tokens
     from tract_dist.train.ds_config import build_ds_config
@@ -74,17 +75,17 @@ def train_worker(loop: dict[str, Any]) -> None:
     ds_config = build_ds_config(cfg, world, bf16=bf16, gpu=use_cuda)
     hf_ds = HfDeepSpeedConfig(ds_config) if t.zero_stage == 3 else None  # noqa: F841 (alive = zero.Init)
     model = load_training_model(cfg, tokenizer, use_cuda=use_cuda)
-    wrapper = CotRaftCausalLM(model, score_token_ids=score_tokens.token_ids, score_values=score_tokens.scores,
-                              lam=cfg.loss.lam, rail_normalize=cfg.loss.rail_normalize,
-                              ce_on_score_token=cfg.loss.ce_on_score_token, impl=cfg.loss.impl)
+    loss_options = CoTRaftLossOptions.from_config(cfg.loss, score_tokens.token_ids, score_tokens.scores)
+    wrapper = CotRaftCausalLM(model, loss_options)
     schedule = lr_lambda(t.lr_scheduler, plan.total_steps, t.warmup_ratio)
     engine, _, _, scheduler = deepspeed.initialize(
         model=wrapper, model_parameters=[p for p in wrapper.parameters() if p.requires_grad], config=ds_config,
         lr_scheduler=lambda opt: LambdaLR(opt, schedule))
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in wrapper.parameters())
     local_params = sum(getattr(p, "ds_tensor", p).numel() for p in wrapper.parameters())
-    per_rank = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
-    dist.all_gather(per_rank, torch.tensor([local_params]))
+    # Collectives on `device`: NCCL (the GPU backend) has no CPU tensors.
+    per_rank = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+    dist.all_gather(per_rank, torch.tensor([local_params], device=device))
 
     # ---- resume: model, optimiser, scheduler, RNG and the data position ---------------------------
     start_step = 0
@@ -115,7 +116,8 @@ def train_worker(loop: dict[str, Any]) -> None:
         lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
         t0 = time.perf_counter()
         pre_clip_norm = None
-        sums = torch.zeros(5, dtype=torch.float64)  # loss, ce, mse (all x world), |yhat-y| sum, tokens
+        # loss, ce, mse (all x world), |yhat-y| sum, tokens: kept on the device, read once per step
+        sums = torch.zeros(5, dtype=torch.float64, device=device)
         for micro in range(t.gradient_accumulation_steps):
             rows = [data[i] for i in plan.micro_indices(step, micro, rank)]
             batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
@@ -129,16 +131,16 @@ def train_worker(loop: dict[str, Any]) -> None:
             if micro == t.gradient_accumulation_steps - 1:
                 pre_clip_norm = _fallback_grad_norm(engine)
             engine.step()
-            sums += torch.tensor([out.loss.item(), out.ce.item(), out.mse.item(),
-                                  _abs_err_sum(out.yhat, batch),
-                                  batch["attention_mask"].sum().item()], dtype=torch.float64)
+            sums += torch.stack([out.loss.detach(), out.ce, out.mse, _abs_err_sum(out.yhat, batch),
+                                 batch["attention_mask"].sum()]).double()
         dist.all_reduce(sums)
+        loss_sum, ce_sum, mse_sum, abs_err, tokens = sums.tolist()
         elapsed = time.perf_counter() - t0
-        window.add(sums[4].item(), elapsed)
+        window.add(tokens, elapsed)
         grad_norm = engine.get_global_grad_norm()
         metrics = {
-            "loss": sums[0].item() / world, "ce": sums[1].item() / world, "mse": sums[2].item() / world,
-            "mae": sums[3].item() / sc_den, "lr": lr,
+            "loss": loss_sum / world, "ce": ce_sum / world, "mse": mse_sum / world,
+            "mae": abs_err / sc_den, "lr": lr,
             "grad_norm": _float(grad_norm if grad_norm is not None else pre_clip_norm), "tokens_per_s": window.rate(),
             "tokens_per_s_per_worker": window.rate() / world, "epoch": (step + 1) / plan.steps_per_epoch,
         }
@@ -166,7 +168,7 @@ def train_worker(loop: dict[str, Any]) -> None:
     export_dir = Path(loop.get("export_dir") or run_dir / "export")
     export_model(engine, model, tokenizer, cfg, export_dir, rank)
     dist.barrier()
-    peak_rss = torch.tensor([_peak_rss_gb()], dtype=torch.float64)
+    peak_rss = torch.tensor([_peak_rss_gb()], dtype=torch.float64, device=device)
     dist.all_reduce(peak_rss, op=dist.ReduceOp.MAX)
     if rank == 0:
         (run_dir / "train_result.json").write_text(json.dumps(
@@ -212,10 +214,11 @@ def _mfu(n_params: int, tokens_per_s_per_gpu: float) -> float:
     return 6 * n_params * tokens_per_s_per_gpu / peak if peak else float("nan")
 
 
-def _abs_err_sum(yhat: torch.Tensor, batch: dict[str, torch.Tensor]) -> float:
-    """Sum of |yhat - y| over the scored examples (yhat has one entry per example with a score position)."""
+def _abs_err_sum(yhat: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of |yhat - y| over the scored examples (yhat has one entry per example with a score position),
+    as a device scalar: the step reads all its statistics with one transfer."""
     gold = batch["score_targets"][batch["score_positions"] >= 0]
-    return (yhat.detach().double().cpu() - gold.double().cpu()).abs().sum().item()
+    return (yhat.detach().double() - gold.double()).abs().sum()
 
 
 def _peak_rss_gb() -> float:
