@@ -20,15 +20,15 @@ from tract_dist.config import load_config
 pytestmark = [pytest.mark.slow]
 
 
-def _cfg(tmp: Path, vicuna: Path, **over):
+def _cfg(tmp: Path, data: Path, **over):
     base = {
         "model": {"name_or_path": "tiny-llama", "tokenizer": "smollm2"},
-        "data": {"train_path": str(vicuna), "train_format": "prometheus-eval", "max_length": 768,
+        "data": {"train_path": str(data), "train_format": "jsonl", "max_length": 768,
                  "max_examples": 8},
         "training": {"max_steps": 4, "micro_batch_size": 1, "gradient_accumulation_steps": 1, "save_steps": 2,
                      "learning_rate": 1e-3, "seed": 3},
         "generation": {"max_new_tokens": 12, "batch_size": 4, "temperature": 1.0},
-        "evaluation": {"benchmarks": [{"name": "vicuna", "path": str(vicuna), "format": "prometheus-eval",
+        "evaluation": {"benchmarks": [{"name": "vicuna", "path": str(data), "format": "jsonl",
                                        "max_examples": 6}], "batch_size": 6},
         "pipeline": {"method": "tract", "output_dir": str(tmp / "pipe")},
         "tracking": {"tracking_uri": f"sqlite:///{tmp}/mlflow.db", "experiment": "pipe"},
@@ -38,17 +38,16 @@ def _cfg(tmp: Path, vicuna: Path, **over):
 
 
 @pytest.mark.timeout(900)
-def test_tract_pipeline_end_to_end(tmp_path, vicuna_path, ray_local, monkeypatch, capsys):
+def test_tract_pipeline_end_to_end(tmp_path, quickstart_data, ray_local, monkeypatch, capsys):
     from mlflow.tracking import MlflowClient
 
     from tract_dist.data.assets import load_tokenizer
-    from tract_dist.loss import CoTRaftLossOptions
     from tract_dist.models import causal_lm_cot_raft_loss
     from tract_dist.pipeline import run_pipeline
     from tract_dist.train.data import StepPlan, collate, load_encoded, load_score_tokens
     from tract_dist.train.model_init import load_training_model
 
-    cfg = _cfg(tmp_path, vicuna_path, **{"cluster.max_failures": 0})
+    cfg = _cfg(tmp_path, quickstart_data, **{"cluster.max_failures": 0})
     # 1) interrupted: stage 1 dies after its step-2 checkpoint
     monkeypatch.setenv("TRACT_DIST_FAIL_AT_STEP", "3")
     with pytest.raises(Exception, match="injected failure"):
@@ -76,8 +75,8 @@ def test_tract_pipeline_end_to_end(tmp_path, vicuna_path, ray_local, monkeypatch
 
     def loss_of(model):
         with torch.no_grad():
-            options = CoTRaftLossOptions(st.token_ids, st.scores, impl="reference")
-            return causal_lm_cot_raft_loss(model, batch, options).loss.item()
+            return causal_lm_cot_raft_loss(model, batch, score_token_ids=st.token_ids, score_values=st.scores,
+                                           impl="reference").loss.item()
 
     from transformers import AutoModelForCausalLM
 
@@ -116,7 +115,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.timeout(600)
-def test_pipeline_against_mlflow_server(tmp_path, vicuna_path, ray_local, monkeypatch):
+def test_pipeline_against_mlflow_server(tmp_path, quickstart_data, ray_local, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from tract_dist.pipeline import run_pipeline
@@ -139,7 +138,7 @@ def test_pipeline_against_mlflow_server(tmp_path, vicuna_path, ray_local, monkey
                     pytest.fail("mlflow server did not come up")
                 time.sleep(1)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        cfg = _cfg(tmp_path, vicuna_path, **{"pipeline.method": "cot_raft", "training.max_steps": 2})
+        cfg = _cfg(tmp_path, quickstart_data, **{"pipeline.method": "cot_raft", "training.max_steps": 2})
         s = run_pipeline(cfg, name="srv")
         c = MlflowClient(uri)
         runs = c.search_runs([c.get_experiment_by_name("pipe").experiment_id])
@@ -154,7 +153,7 @@ def test_pipeline_against_mlflow_server(tmp_path, vicuna_path, ray_local, monkey
 
 
 @pytest.mark.timeout(600)
-def test_pipeline_runs_without_ray(tmp_path, vicuna_path, monkeypatch):
+def test_pipeline_runs_without_ray(tmp_path, quickstart_data, monkeypatch):
     """GPU machines without Ray: torchrun trains (2 processes), generation and evaluation run in-process, and
     nothing may start or join a Ray cluster."""
     import ray
@@ -168,7 +167,7 @@ def test_pipeline_runs_without_ray(tmp_path, vicuna_path, monkeypatch):
     monkeypatch.setattr(ray, "init", no_ray)
     monkeypatch.setattr(trainer, "ray_init", no_ray)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    cfg = _cfg(tmp_path, vicuna_path, **{"cluster.launcher": "torchrun", "generation.ray": False,
+    cfg = _cfg(tmp_path, quickstart_data, **{"cluster.launcher": "torchrun", "generation.ray": False,
                                          "evaluation.ray": False, "training.max_steps": 2,
                                          "data.max_examples": 4})
     s = run_pipeline(cfg, name="noray")

@@ -79,10 +79,10 @@ def head(tmp_path_factory):
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _config(tmp: Path, vicuna: Path, steps: int) -> Path:
+def _config(tmp: Path, data: Path, steps: int) -> Path:
     cfg = {
         "model": {"name_or_path": "tiny-llama", "tokenizer": "smollm2"},
-        "data": {"train_path": str(vicuna), "train_format": "prometheus-eval", "max_length": 768, "max_examples": 8},
+        "data": {"train_path": str(data), "train_format": "jsonl", "max_length": 768, "max_examples": 8},
         "training": {"max_steps": steps, "micro_batch_size": 1, "save_steps": 1000},
         "pipeline": {"method": "cot_raft", "output_dir": str(tmp / "pipe")},
         "tracking": {"tracking_uri": f"sqlite:///{tmp}/mlflow.db"},
@@ -94,11 +94,11 @@ def _config(tmp: Path, vicuna: Path, steps: int) -> Path:
 
 
 @pytest.mark.timeout(400)
-def test_submit_status_logs_and_stop(head, tmp_path, vicuna_path, capsys, monkeypatch):
+def test_submit_status_logs_and_stop(head, tmp_path, quickstart_data, capsys, monkeypatch):
     from tract_dist.submit import job_status, wait_for
 
     monkeypatch.chdir(REPO)
-    assert main(["submit", "--address", head, "--wait", str(_config(tmp_path, vicuna_path, 2))]) == 0
+    assert main(["submit", "--address", head, "--wait", str(_config(tmp_path, quickstart_data, 2))]) == 0
     out = capsys.readouterr().out
     job_id = out.splitlines()[0].strip()
     assert "[pipeline] train_stage1: running" in out and f"job {job_id}: SUCCEEDED" in out
@@ -108,7 +108,7 @@ def test_submit_status_logs_and_stop(head, tmp_path, vicuna_path, capsys, monkey
     assert "[train] step 2/2" in capsys.readouterr().out
     assert list((tmp_path / "pipe").glob("*/state.json"))
 
-    assert main(["submit", "--address", head, str(_config(tmp_path, vicuna_path, 500))]) == 0
+    assert main(["submit", "--address", head, str(_config(tmp_path, quickstart_data, 500))]) == 0
     long_id = capsys.readouterr().out.splitlines()[0].strip()
     assert wait_for(head, long_id, timeout_s=120, until={"RUNNING"}) == "RUNNING"
     assert main(["job", "stop", long_id, "--address", head]) == 0

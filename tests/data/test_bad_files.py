@@ -6,6 +6,7 @@ import pytest
 
 from tract_dist.cli import main
 from tract_dist.data.formats import read_examples
+from tract_dist.data.prompts import render_prompt
 from tract_dist.data.schema import DataError
 
 
@@ -15,6 +16,11 @@ def _fc_record(**over):
     rec.update({f"orig_score{k}_description": f"level {k}" for k in range(1, 6)})
     rec.update(over)
     return rec
+
+
+def _write_json(path, records):
+    path.write_text(json.dumps(records))
+    return str(path)
 
 
 def _write_jsonl(path, records):
@@ -67,8 +73,12 @@ def test_missing_key_in_some_records(tmp_path):
         read_examples(p, "feedback-collection")
 
 
-def test_prometheus_eval_bad_score_list(tmp_path, vicuna_path):
-    recs = json.loads(vicuna_path.read_text())[:3]
+def test_prometheus_eval_bad_score_list(tmp_path, quickstart_examples):
+    # Real Vicuna Bench records in prometheus-eval's layout: the committed sample's prompts re-rendered (they
+    # round-trip byte for byte, tests/data/test_quickstart_data.py).
+    recs = [{"instruction": render_prompt(e), "gpt4_score": [4, 4, 4], "gpt4_feedback": [e.feedback]}
+            for e in quickstart_examples[:3]]
+    read_examples(_write_json(tmp_path / "ok.json", recs), "prometheus-eval")  # valid before the damage
     recs[1]["gpt4_score"] = []
     p = tmp_path / "pe.json"
     p.write_text(json.dumps(recs))

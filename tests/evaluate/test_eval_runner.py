@@ -10,24 +10,24 @@ from tract_dist.config import load_config
 from tract_dist.evaluate.runner import evaluate_model, load_predictions
 
 
-def _cfg(model, vicuna_path, tmp_path, *extra):
+def _cfg(model, data_path, tmp_path, *extra):
     return load_config(None, [
         f"model.name_or_path={model}", "data.max_length=4096",
-        f"evaluation.benchmarks=[{{name: vicuna, path: '{vicuna_path}', format: prometheus-eval, max_examples: 6}}]",
+        f"evaluation.benchmarks=[{{name: vicuna, path: '{data_path}', format: jsonl, max_examples: 6}}]",
         "evaluation.mode=cot_rail", "evaluation.num_cots=1", "evaluation.batch_size=3", "evaluation.ray=false",
         "generation.max_new_tokens=4", f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", *extra,
     ])
 
 
-def test_evaluate_in_process_logs_everything(tiny_export, vicuna_path, vicuna_examples, tmp_path, monkeypatch):
+def test_evaluate_in_process_logs_everything(tiny_export, quickstart_data, quickstart_examples, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # mlflow.set_tracking_uri exports it process-wide
-    res = evaluate_model(_cfg(tiny_export, vicuna_path, tmp_path), None, tmp_path / "eval", show_progress=False)
+    res = evaluate_model(_cfg(tiny_export, quickstart_data, tmp_path), None, tmp_path / "eval", show_progress=False)
     preds = load_predictions(tmp_path / "eval" / "vicuna" / "predictions.jsonl")
-    assert [p["id"] for p in preds] == [e.id for e in vicuna_examples[:6]]
-    assert [p["gold"] for p in preds] == [e.score for e in vicuna_examples[:6]]
+    assert [p["id"] for p in preds] == [e.id for e in quickstart_examples[:6]]
+    assert [p["gold"] for p in preds] == [e.score for e in quickstart_examples[:6]]
     assert all(p["prediction"] is not None and len(p["detail"]["cots"]) == 1 for p in preds)
     o = res["vicuna"]["overall"]
     assert o["total"] == 6 and o["failed"] == 0
@@ -41,10 +41,10 @@ def test_evaluate_in_process_logs_everything(tiny_export, vicuna_path, vicuna_ex
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_evaluate_on_ray_pool_matches_in_process(ray_cluster, tiny_export, vicuna_path, tmp_path):
-    local = evaluate_model(_cfg(tiny_export, vicuna_path, tmp_path, "evaluation.mode=rail", "tracking.enabled=false"),
+def test_evaluate_on_ray_pool_matches_in_process(ray_cluster, tiny_export, quickstart_data, tmp_path):
+    local = evaluate_model(_cfg(tiny_export, quickstart_data, tmp_path, "evaluation.mode=rail", "tracking.enabled=false"),
                            None, tmp_path / "local", show_progress=False)
-    on_ray = evaluate_model(_cfg(tiny_export, vicuna_path, tmp_path, "evaluation.mode=rail", "evaluation.ray=true",
+    on_ray = evaluate_model(_cfg(tiny_export, quickstart_data, tmp_path, "evaluation.mode=rail", "evaluation.ray=true",
                                  "generation.num_replicas=2", "cluster.cpus_per_worker=0.5",
                                  "tracking.enabled=false"), None, tmp_path / "ray", show_progress=False)
     a = load_predictions(tmp_path / "local" / "vicuna" / "predictions.jsonl")
@@ -54,12 +54,12 @@ def test_evaluate_on_ray_pool_matches_in_process(ray_cluster, tiny_export, vicun
     assert on_ray["vicuna"]["overall"]["n"] == local["vicuna"]["overall"]["n"] == 6
 
 
-def test_evaluate_cli(tiny_export, vicuna_path, tmp_path, capsys):
+def test_evaluate_cli(tiny_export, quickstart_data, tmp_path, capsys):
     from tract_dist.cli import main
 
     cfg = tmp_path / "eval.yaml"
     cfg.write_text(f"model:\n  name_or_path: /nonexistent\nevaluation:\n  ray: false\n  mode: rail\n"
-                   f"  benchmarks:\n    - name: vic\n      path: {vicuna_path}\n      max_examples: 4\n"
+                   f"  benchmarks:\n    - name: vic\n      path: {quickstart_data}\n      format: jsonl\n      max_examples: 4\n"
                    "tracking:\n  enabled: false\n")
     assert main(["evaluate", str(cfg), "--model", tiny_export, "--output-dir", str(tmp_path / "o"),
                  "--no-progress"]) == 0

@@ -17,10 +17,10 @@ def engine(tiny_export):
 
 
 @pytest.fixture(scope="module")
-def prompts(engine, vicuna_examples):
+def prompts(engine, quickstart_examples):
     # different lengths, so the batch really is left-padded
     return [fit_prompt(engine.tokenizer, ex, budget, EncodeOptions())[0]
-            for ex, budget in zip(vicuna_examples[:3], (440, 520, 610))]
+            for ex, budget in zip(quickstart_examples[:3], (440, 520, 610))]
 
 
 def test_batched_greedy_equals_one_by_one(engine, prompts):

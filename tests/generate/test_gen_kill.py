@@ -16,10 +16,10 @@ from tract_dist.generate.shards import read_generated
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 
-def test_sigkill_midway_then_resume(tiny_export, vicuna_path, tmp_path):
+def test_sigkill_midway_then_resume(tiny_export, quickstart_data, tmp_path):
     out = tmp_path / "out"
-    overrides = [f"model.name_or_path={tiny_export}", f"data.train_path={vicuna_path}",
-                 "data.train_format=prometheus-eval", "data.max_length=640", "data.max_examples=12",
+    overrides = [f"model.name_or_path={tiny_export}", f"data.train_path={quickstart_data}",
+                 "data.train_format=jsonl", "data.max_length=640", "data.max_examples=12",
                  "generation.max_new_tokens=16", "generation.num_cots=2", "generation.batch_size=2",
                  "generation.shard_size=2", "generation.ray=false", "tracking.enabled=false"]
     cfg_file = tmp_path / "gen.yaml"

@@ -23,17 +23,17 @@ def _by_uid(out_dir) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def clean_run(tiny_export, vicuna_path, tmp_path_factory):
+def clean_run(tiny_export, quickstart_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("clean")
-    cfg = gen_config(tiny_export, vicuna_path, tmp)
+    cfg = gen_config(tiny_export, quickstart_data, tmp)
     summary = pipeline.generate_cots(cfg, tiny_export, tmp / "out", show_progress=False)
     return cfg, tmp / "out", summary
 
 
-def test_complete_run_writes_every_cot_once(clean_run, vicuna_examples):
+def test_complete_run_writes_every_cot_once(clean_run, quickstart_examples):
     cfg, out, summary = clean_run
     recs = _by_uid(out)
-    want = {f"{ex.id}#cot{j}" for ex in vicuna_examples[:5] for j in range(2)}
+    want = {f"{ex.id}#cot{j}" for ex in quickstart_examples[:5] for j in range(2)}
     assert set(recs) == want
     assert summary["expected"] == summary["committed"] == 10
     assert summary["missing"] == summary["duplicates"] == summary["unexpected"] == 0
@@ -53,7 +53,7 @@ def test_rerun_of_a_complete_folder_generates_nothing(clean_run, tiny_export):
     assert sorted(p.name for p in out.glob("part-*.jsonl")) == before
 
 
-def test_interrupted_run_resumes_to_the_same_output(clean_run, tiny_export, vicuna_path, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_the_same_output(clean_run, tiny_export, quickstart_data, tmp_path, monkeypatch):
     cfg, clean_out, _ = clean_run
     real_map = pipeline.map_rows
 
@@ -78,8 +78,8 @@ def test_interrupted_run_resumes_to_the_same_output(clean_run, tiny_export, vicu
     assert {u: r["cot"] for u, r in resumed.items()} == {u: r["cot"] for u, r in clean.items()}
 
 
-def test_failures_are_recorded_with_reasons(tiny_export, vicuna_path, tmp_path, monkeypatch):
-    cfg = gen_config(tiny_export, vicuna_path, tmp_path, "data.max_examples=4", "generation.num_cots=1")
+def test_failures_are_recorded_with_reasons(tiny_export, quickstart_data, tmp_path, monkeypatch):
+    cfg = gen_config(tiny_export, quickstart_data, tmp_path, "data.max_examples=4", "generation.num_cots=1")
     real_generate = Engine.generate
 
     def flaky(self, prompts, seeds, params):
@@ -111,24 +111,24 @@ def test_failures_are_recorded_with_reasons(tiny_export, vicuna_path, tmp_path, 
                                          "generation_failed: error: RuntimeError: CUDA out of memory (simulated)": 1}
 
 
-def test_settings_change_is_refused(clean_run, tiny_export, vicuna_path):
+def test_settings_change_is_refused(clean_run, tiny_export, quickstart_data):
     _, out, _ = clean_run
-    cfg = gen_config(tiny_export, vicuna_path, out.parent, "generation.temperature=0.5")
+    cfg = gen_config(tiny_export, quickstart_data, out.parent, "generation.temperature=0.5")
     with pytest.raises(UsageError, match="temperature"):
         pipeline.generate_cots(cfg, tiny_export, out, show_progress=False)
 
 
-def test_stage2_dataset_pairs_cots_with_gold(clean_run, vicuna_examples, tmp_path):
+def test_stage2_dataset_pairs_cots_with_gold(clean_run, quickstart_examples, tmp_path):
     from tract_dist.data.formats import read_examples
     from tract_dist.data.prompts import render_target
 
     _, out, _ = clean_run
-    stats = build_stage2_dataset(out, vicuna_examples[:5], tmp_path / "stage2.jsonl")
+    stats = build_stage2_dataset(out, quickstart_examples[:5], tmp_path / "stage2.jsonl")
     assert stats["written"] == 10 and stats["examples_without_cot"] == 0 and stats["unusable"] == 0
     back = read_examples(str(tmp_path / "stage2.jsonl"), "jsonl").examples  # the training reader accepts it
     gen = _by_uid(out)
-    gold = {ex.id: ex for ex in vicuna_examples[:5]}
-    assert [e.id for e in back] == [f"{ex.id}#cot{j}" for ex in vicuna_examples[:5] for j in range(2)]
+    gold = {ex.id: ex for ex in quickstart_examples[:5]}
+    assert [e.id for e in back] == [f"{ex.id}#cot{j}" for ex in quickstart_examples[:5] for j in range(2)]
     for e in back:
         src = gold[e.id.split("#")[0]]
         assert e.feedback == gen[e.id]["cot"]

@@ -11,25 +11,25 @@ from tract_dist.generate.shards import read_generated
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 
-def test_ray_pool_matches_in_process(ray_cluster, tiny_export, vicuna_path, tmp_path):
-    ray_cfg = gen_config(tiny_export, vicuna_path, tmp_path, "generation.ray=true", "generation.num_replicas=2",
+def test_ray_pool_matches_in_process(ray_cluster, tiny_export, quickstart_data, tmp_path):
+    ray_cfg = gen_config(tiny_export, quickstart_data, tmp_path, "generation.ray=true", "generation.num_replicas=2",
                          "cluster.cpus_per_worker=0.5")
     summary = pipeline.generate_cots(ray_cfg, tiny_export, tmp_path / "ray", show_progress=False)
     assert summary["ok"] == 10 and summary["missing"] == summary["duplicates"] == 0
-    local_cfg = gen_config(tiny_export, vicuna_path, tmp_path)
+    local_cfg = gen_config(tiny_export, quickstart_data, tmp_path)
     pipeline.generate_cots(local_cfg, tiny_export, tmp_path / "local", show_progress=False)
     by_ray = {r["uid"]: r["cot"] for r in read_generated(tmp_path / "ray")}
     by_local = {r["uid"]: r["cot"] for r in read_generated(tmp_path / "local")}
     assert by_ray == by_local  # same seeds per example, whichever replica and batch an example lands in
 
 
-def test_real_smollm2_through_two_replicas(ray_cluster, vicuna_path, tmp_path, monkeypatch):
+def test_real_smollm2_through_two_replicas(ray_cluster, quickstart_data, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which then wins over later configs in this process
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
 
-    cfg = gen_config("smollm2", vicuna_path, tmp_path, "generation.ray=true", "generation.num_replicas=2",
+    cfg = gen_config("smollm2", quickstart_data, tmp_path, "generation.ray=true", "generation.num_replicas=2",
                      "cluster.cpus_per_worker=0.5", "data.max_examples=3", "generation.num_cots=1",
                      "generation.batch_size=2", "generation.max_new_tokens=8", "data.max_length=470",
                      "generation.temperature=0")

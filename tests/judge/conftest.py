@@ -1,1 +1,1 @@
-from conftest_ray import one_torch_thread, ray_cluster, tiny_export, vicuna_examples  # noqa: F401 - shared fixtures
+from conftest_ray import one_torch_thread, ray_cluster, tiny_export  # noqa: F401 - shared fixtures

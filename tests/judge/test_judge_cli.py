@@ -15,8 +15,8 @@ def _flags(ex):
     return args
 
 
-def test_judge_single_input_flags_and_json(tiny_export, vicuna_examples, capsys, tmp_path):
-    ex = vicuna_examples[0]
+def test_judge_single_input_flags_and_json(tiny_export, quickstart_examples, capsys, tmp_path):
+    ex = quickstart_examples[0]
     base = ["judge", "--model", tiny_export, "--mode", "rail", "tracking.enabled=false", "data.max_length=4096"]
     assert main(base + _flags(ex)) == 0
     by_flags = json.loads(capsys.readouterr().out)
@@ -28,13 +28,13 @@ def test_judge_single_input_flags_and_json(tiny_export, vicuna_examples, capsys,
     assert set(by_flags["distribution"]) == {"1", "2", "3", "4", "5"}
 
 
-def test_judge_file_to_output(tiny_export, vicuna_examples, tmp_path):
-    write_jsonl(vicuna_examples[:3], tmp_path / "in.jsonl")
+def test_judge_file_to_output(tiny_export, quickstart_examples, tmp_path):
+    write_jsonl(quickstart_examples[:3], tmp_path / "in.jsonl")
     rc = main(["judge", "--model", tiny_export, "--file", str(tmp_path / "in.jsonl"), "--output",
                str(tmp_path / "out.jsonl"), "--n-cots", "1", "generation.max_new_tokens=4", "data.max_length=4096"])
     assert rc == 0
     lines = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert [x["id"] for x in lines] == [e.id for e in vicuna_examples[:3]]
+    assert [x["id"] for x in lines] == [e.id for e in quickstart_examples[:3]]
     assert all(x["mode"] == "cot_rail" and len(x["cots"]) == 1 and x["score"] is not None for x in lines)
 
 

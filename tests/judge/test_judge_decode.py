@@ -22,7 +22,7 @@ def test_parse_decoded_score(text, want):
     assert parse_decoded_score(text, (1, 5)) == want
 
 
-def test_decode_mode_averages_parsed_scores_and_counts_failures(tiny_export, vicuna_examples, monkeypatch):
+def test_decode_mode_averages_parsed_scores_and_counts_failures(tiny_export, quickstart_examples, monkeypatch):
     from tract_dist.judge import Judge
 
     judge = Judge.from_pretrained(tiny_export, max_length=4096)
@@ -34,7 +34,7 @@ def test_decode_mode_averages_parsed_scores_and_counts_failures(tiny_export, vic
         return [Generation(text=next(canned), new_tokens=5, finish_reason="eos") for _ in prompts]
 
     monkeypatch.setattr(Engine, "generate", fake_generate)
-    r0, r1 = judge.score_batch(vicuna_examples[:2], n_cots=2, mode="decode")
+    r0, r1 = judge.score_batch(quickstart_examples[:2], n_cots=2, mode="decode")
     assert r0.score == 3.0 and r0.per_cot == [4.0, 2.0] and r0.unparseable == 0
     assert r1.score is None and r1.unparseable == 2
     assert r1.failure == "unparseable: no_score_statement,out_of_scale"

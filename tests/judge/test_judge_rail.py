@@ -44,9 +44,9 @@ def _independent_sequence(judge: Judge, ex, cot: str) -> list[int]:
 
 
 @pytest.mark.parametrize("normalize", [False, True])
-def test_cot_rail_equals_full_logit_reference(judge64, vicuna_examples, normalize):
+def test_cot_rail_equals_full_logit_reference(judge64, quickstart_examples, normalize):
     judge64.rail_normalize = normalize
-    exs = vicuna_examples[:3]
+    exs = quickstart_examples[:3]
     results = judge64.score_batch(exs, n_cots=2, mode="cot_rail")
     for ex, res in zip(exs, results):
         assert len(res.cots) == 2 and res.failure is None
@@ -58,18 +58,18 @@ def test_cot_rail_equals_full_logit_reference(judge64, vicuna_examples, normaliz
     judge64.rail_normalize = False
 
 
-def test_normalised_score_lies_on_the_scale(judge64, vicuna_examples):
+def test_normalised_score_lies_on_the_scale(judge64, quickstart_examples):
     judge64.rail_normalize = True
-    res = judge64.score(vicuna_examples[0], n_cots=1)
+    res = judge64.score(quickstart_examples[0], n_cots=1)
     judge64.rail_normalize = False
     assert 1.0 <= res.score <= 5.0
 
 
-def test_scoring_tokens_match_training(judge64, vicuna_examples):
+def test_scoring_tokens_match_training(judge64, quickstart_examples):
     """The judge's sequence is the training sequence up to (and excluding) the score token."""
     from dataclasses import replace
 
-    ex = vicuna_examples[1]
+    ex = quickstart_examples[1]
     cot = judge64.score(ex, n_cots=1).cots[0]
     prompt = prompt_ids(judge64.tokenizer, ex, EncodeOptions())
     enc = encode_example(judge64.tokenizer, replace(ex, feedback=cot, score=4.0), judge64.score_tokens,
@@ -78,16 +78,16 @@ def test_scoring_tokens_match_training(judge64, vicuna_examples):
     assert enc.input_ids[enc.score_position + 1] == judge64.score_tokens.id_for(4)
 
 
-def test_greedy_single_cot_is_deterministic_and_sampled_cots_differ(judge64, vicuna_examples):
-    a = judge64.score(vicuna_examples[0], n_cots=1)
-    b = judge64.score(vicuna_examples[0], n_cots=1)
+def test_greedy_single_cot_is_deterministic_and_sampled_cots_differ(judge64, quickstart_examples):
+    a = judge64.score(quickstart_examples[0], n_cots=1)
+    b = judge64.score(quickstart_examples[0], n_cots=1)
     assert a.cots == b.cots and a.score == b.score
-    many = judge64.score(vicuna_examples[0], n_cots=3)
+    many = judge64.score(quickstart_examples[0], n_cots=3)
     assert len(set(many.cots)) == 3
 
 
-def test_rail_without_cot(judge64, vicuna_examples):
-    ex = vicuna_examples[2]
+def test_rail_without_cot(judge64, quickstart_examples):
+    ex = quickstart_examples[2]
     res = judge64.score(ex, mode="rail")
     assert res.cots == [] and res.failure is None
     tok = judge64.tokenizer
@@ -96,8 +96,8 @@ def test_rail_without_cot(judge64, vicuna_examples):
     assert res.score == pytest.approx(ref, rel=1e-9)
 
 
-def test_score_accepts_plain_fields(judge64, vicuna_examples):
-    ex = vicuna_examples[0]
+def test_score_accepts_plain_fields(judge64, quickstart_examples):
+    ex = quickstart_examples[0]
     fields = {"instruction": ex.instruction, "response": ex.response, "criteria": ex.criteria,
               "score_descriptions": ex.score_descriptions, "reference_answer": ex.reference_answer}
     assert judge64.score(fields, mode="rail").score == pytest.approx(judge64.score(ex, mode="rail").score, rel=1e-12)
@@ -107,13 +107,13 @@ def test_score_accepts_plain_fields(judge64, vicuna_examples):
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_real_smollm2_cot_rail_matches_full_logits(vicuna_examples):
+def test_real_smollm2_cot_rail_matches_full_logits(quickstart_examples):
     from tract_dist.data.encode import fit_prompt
 
     judge = Judge.from_pretrained("smollm2", max_length=600, batch_size=2,
                                   sampling=SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=8,
                                                           stop=("So the overall", "[RESULT]")))
-    ex = vicuna_examples[0]
+    ex = quickstart_examples[0]
     res = judge.score(ex, n_cots=2)
     prompt, truncated = fit_prompt(judge.tokenizer, ex, 600 - 8 - 32, EncodeOptions())
     assert truncated

@@ -20,10 +20,10 @@ pytestmark = [pytest.mark.slow]
 STEPS, SAVE, FAIL_AT = 5, 2, 3
 
 
-def _cfg(tmp: Path, vicuna: Path, **over):
+def _cfg(tmp: Path, data: Path, **over):
     base = {
         "model": {"name_or_path": "tiny-llama", "tokenizer": "smollm2"},
-        "data": {"train_path": str(vicuna), "train_format": "prometheus-eval", "max_length": 768,
+        "data": {"train_path": str(data), "train_format": "jsonl", "max_length": 768,
                  "max_examples": 16},
         "training": {"output_dir": str(tmp / "runs"), "max_steps": STEPS, "micro_batch_size": 2,
                      "gradient_accumulation_steps": 2, "learning_rate": 2e-3, "warmup_ratio": 0.2,
@@ -51,10 +51,10 @@ def work(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference_run(work, vicuna_path, ray_local):
+def reference_run(work, quickstart_data, ray_local):
     from tract_dist.train.trainer import run_training
 
-    cfg = _cfg(work, vicuna_path)
+    cfg = _cfg(work, quickstart_data)
     return cfg, run_training(cfg, run_name="ref")
 
 
@@ -64,7 +64,6 @@ def _plain_pytorch_run(cfg, run_dir: Path, world: int):
     from torch.optim.lr_scheduler import LambdaLR
 
     from tract_dist.data.assets import load_tokenizer
-    from tract_dist.loss import CoTRaftLossOptions
     from tract_dist.models import causal_lm_cot_raft_loss
     from tract_dist.train.data import StepPlan, collate, load_encoded, load_score_tokens
     from tract_dist.train.model_init import load_training_model
@@ -81,7 +80,8 @@ def _plain_pytorch_run(cfg, run_dir: Path, world: int):
     losses, norms = [], []
     for step in range(plan.total_steps):
         batch = collate([data[i] for i in plan.step_indices(step).tolist()], tok.pad_token_id)
-        out = causal_lm_cot_raft_loss(model, batch, CoTRaftLossOptions(st.token_ids, st.scores, impl="reference"))
+        out = causal_lm_cot_raft_loss(model, batch, score_token_ids=st.token_ids, score_values=st.scores,
+                                      impl="reference")
         opt.zero_grad()
         out.loss.backward()
         # float64: torch's fp32 norm over the 3M-element embedding gradient is off by ~6e-5 relative.
@@ -114,12 +114,12 @@ def test_zero3_partitions_and_matches_plain_pytorch(reference_run):
 
 
 @pytest.mark.timeout(300)
-def test_inline_without_zero_matches_plain_pytorch_and_logs_grad_norm(work, vicuna_path):
+def test_inline_without_zero_matches_plain_pytorch_and_logs_grad_norm(work, quickstart_data):
     """ZeRO stage 0 in fp32: DeepSpeed clips through a plain clip_grad_norm_ and keeps no norm, so the worker
     measures it (it used to log NaN)."""
     from tract_dist.train.trainer import run_training
 
-    cfg = _cfg(work / "stage0", vicuna_path, **{"training.zero_stage": 0, "training.max_steps": 3,
+    cfg = _cfg(work / "stage0", quickstart_data, **{"training.zero_stage": 0, "training.max_steps": 3,
                                                 "training.max_grad_norm": 0.5, "cluster.num_workers": 1})
     result = run_training(cfg, run_name="stage0", launcher="inline")
     want, want_norms, model = _plain_pytorch_run(cfg, result.run_dir, world=1)
@@ -156,11 +156,11 @@ def test_export_loads_and_gives_the_trained_models_logits(reference_run):
 
 
 @pytest.mark.timeout(400)
-def test_killed_worker_is_restarted_from_checkpoint(work, vicuna_path, reference_run, monkeypatch):
+def test_killed_worker_is_restarted_from_checkpoint(work, quickstart_data, reference_run, monkeypatch):
     from tract_dist.train.trainer import run_training
 
     monkeypatch.setenv("TRACT_DIST_FAIL_AT_STEP", str(FAIL_AT))
-    result = run_training(_cfg(work, vicuna_path), run_name="fault")
+    result = run_training(_cfg(work, quickstart_data), run_name="fault")
     steps = [s["step"] for s in _steps(result.run_dir)]
     assert steps == [1, 2, 3] + [3, 4, 5]  # step 3 ran, the worker died, Ray resumed from the step-2 checkpoint
     ref = _export_state(reference_run[1].run_dir)
@@ -169,10 +169,10 @@ def test_killed_worker_is_restarted_from_checkpoint(work, vicuna_path, reference
 
 
 @pytest.mark.timeout(400)
-def test_fresh_invocation_resumes(work, vicuna_path, reference_run, monkeypatch):
+def test_fresh_invocation_resumes(work, quickstart_data, reference_run, monkeypatch):
     from tract_dist.train.trainer import run_training
 
-    cfg = _cfg(work, vicuna_path, **{"cluster.max_failures": 0})
+    cfg = _cfg(work, quickstart_data, **{"cluster.max_failures": 0})
     monkeypatch.setenv("TRACT_DIST_FAIL_AT_STEP", str(FAIL_AT))
     with pytest.raises(Exception, match="injected failure"):
         run_training(cfg, run_name="resume")
@@ -190,7 +190,7 @@ def test_fresh_invocation_resumes(work, vicuna_path, reference_run, monkeypatch)
 
 
 @pytest.mark.timeout(300)
-def test_lora_with_torchrun_changes_only_adapters(work, vicuna_path):
+def test_lora_with_torchrun_changes_only_adapters(work, quickstart_data):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -200,7 +200,7 @@ def test_lora_with_torchrun_changes_only_adapters(work, vicuna_path):
     from tract_dist.train.model_init import load_training_model
     from tract_dist.train.trainer import run_training
 
-    cfg = _cfg(work, vicuna_path, **{"model.lora.enabled": True, "model.lora.r": 4, "training.max_steps": 2,
+    cfg = _cfg(work, quickstart_data, **{"model.lora.enabled": True, "model.lora.r": 4, "training.max_steps": 2,
                                      "training.learning_rate": 1e-2, "tracking.enabled": False})
     result = run_training(cfg, run_name="lora", launcher="torchrun")
     sd = get_fp32_state_dict_from_zero_checkpoint(result.checkpoint_dir + "/step-2")
@@ -222,12 +222,12 @@ def test_lora_with_torchrun_changes_only_adapters(work, vicuna_path):
 
 
 @pytest.mark.timeout(300)
-def test_real_smollm2_trains_a_couple_of_steps(work, vicuna_path):
+def test_real_smollm2_trains_a_couple_of_steps(work, quickstart_data):
     from transformers import AutoModelForCausalLM
 
     from tract_dist.train.trainer import run_training
 
-    cfg = _cfg(work, vicuna_path, **{"model.name_or_path": "smollm2", "model.tokenizer": None,
+    cfg = _cfg(work, quickstart_data, **{"model.name_or_path": "smollm2", "model.tokenizer": None,
                                      "data.max_examples": 2, "data.max_length": 768, "training.max_steps": 2,
                                      "training.micro_batch_size": 1, "training.gradient_accumulation_steps": 1,
                                      "training.learning_rate": 1e-5, "cluster.num_workers": 1,
@@ -239,18 +239,18 @@ def test_real_smollm2_trains_a_couple_of_steps(work, vicuna_path):
     assert sum(p.numel() for p in model.parameters()) > 100e6
 
 
-def test_bad_input_fails_before_workers_start(work, vicuna_path, ray_local, tmp_path):
+def test_bad_input_fails_before_workers_start(work, quickstart_data, ray_local, tmp_path):
     from tract_dist.train.data import EmptyDatasetError
     from tract_dist.train.trainer import check_placement, run_training
 
     with pytest.raises(ConfigError, match="model.name_or_path: './nope' does not exist"):
-        run_training(_cfg(work, vicuna_path, **{"model.name_or_path": "./nope"}), run_name="x")
+        run_training(_cfg(work, quickstart_data, **{"model.name_or_path": "./nope"}), run_name="x")
     with pytest.raises(ConfigError, match="global batch of 64 samples .* exceeds the 16 training examples"):
-        run_training(_cfg(work, vicuna_path, **{"training.micro_batch_size": 16}), run_name="x")
+        run_training(_cfg(work, quickstart_data, **{"training.micro_batch_size": 16}), run_name="x")
     with pytest.raises(ConfigError, match=r"cluster.num_workers=9 cannot be placed \(CPU: need 9"):
-        check_placement(_cfg(work, vicuna_path, **{"cluster.num_workers": 9}))
+        check_placement(_cfg(work, quickstart_data, **{"cluster.num_workers": 9}))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "a", "instruction": "i"}) + "\n")
     with pytest.raises(EmptyDatasetError, match=r"bad.jsonl: no trainable example: 1 records, 1 invalid"):
-        run_training(_cfg(work, vicuna_path, **{"data.train_path": str(bad), "data.train_format": "jsonl",
+        run_training(_cfg(work, quickstart_data, **{"data.train_path": str(bad), "data.train_format": "jsonl",
                                                 "data.skip_invalid": True}), run_name="x")
