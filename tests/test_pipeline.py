@@ -42,6 +42,7 @@ def test_tract_pipeline_end_to_end(tmp_path, quickstart_data, ray_local, monkeyp
     from mlflow.tracking import MlflowClient
 
     from tract_dist.data.assets import load_tokenizer
+    from tract_dist.loss import CoTRaftLossOptions
     from tract_dist.models import causal_lm_cot_raft_loss
     from tract_dist.pipeline import run_pipeline
     from tract_dist.train.data import StepPlan, collate, load_encoded, load_score_tokens
@@ -75,8 +76,8 @@ def test_tract_pipeline_end_to_end(tmp_path, quickstart_data, ray_local, monkeyp
 
     def loss_of(model):
         with torch.no_grad():
-            return causal_lm_cot_raft_loss(model, batch, score_token_ids=st.token_ids, score_values=st.scores,
-                                           impl="reference").loss.item()
+            options = CoTRaftLossOptions(st.token_ids, st.scores, impl="reference")
+            return causal_lm_cot_raft_loss(model, batch, options).loss.item()
 
     from transformers import AutoModelForCausalLM
 

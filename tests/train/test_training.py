@@ -64,6 +64,7 @@ def _plain_pytorch_run(cfg, run_dir: Path, world: int):
     from torch.optim.lr_scheduler import LambdaLR
 
     from tract_dist.data.assets import load_tokenizer
+    from tract_dist.loss import CoTRaftLossOptions
     from tract_dist.models import causal_lm_cot_raft_loss
     from tract_dist.train.data import StepPlan, collate, load_encoded, load_score_tokens
     from tract_dist.train.model_init import load_training_model
@@ -80,8 +81,7 @@ def _plain_pytorch_run(cfg, run_dir: Path, world: int):
     losses, norms = [], []
     for step in range(plan.total_steps):
         batch = collate([data[i] for i in plan.step_indices(step).tolist()], tok.pad_token_id)
-        out = causal_lm_cot_raft_loss(model, batch, score_token_ids=st.token_ids, score_values=st.scores,
-                                      impl="reference")
+        out = causal_lm_cot_raft_loss(model, batch, CoTRaftLossOptions(st.token_ids, st.scores, impl="reference"))
         opt.zero_grad()
         out.loss.backward()
         # float64: torch's fp32 norm over the 3M-element embedding gradient is off by ~6e-5 relative.
