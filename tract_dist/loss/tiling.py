@@ -33,8 +33,10 @@ CPU_TILE_BYTES = 1 << 28
 MAX_SINGLE_SHARD = 1 << 17
 #: Shard size beyond ``MAX_SINGLE_SHARD``.
 LARGE_VOCAB_SHARD = 1 << 16
-#: Chunks are multiples of this many rows when larger than it (tensor-core and AMX tile friendly).
+#: The budget's chunk cap is a multiple of this many rows (tensor-core and AMX tile friendly).
 ROW_MULTIPLE = 64
+#: Balanced chunks are rounded up to this many rows (16-byte aligned bf16 rows of the tile).
+ROW_ALIGN = 8
 #: fp32 work block of the PyTorch tile ops on CPU: 4 MiB stays in a core's share of the L2/L3 cache,
 #: so the exp / scale passes over a block hit cache instead of DRAM.
 CPU_BLOCK_BYTES = 1 << 22
@@ -68,11 +70,9 @@ def chunk_rows(n_active: int, shard: int, elem_bytes: int, tile_bytes: int, chun
     if n_active <= cap:
         return max(n_active, 1)
     n_chunks = -(-n_active // cap)
-    rows = -(-n_active // n_chunks)
-    if rows > ROW_MULTIPLE:  # round up to the multiple unless that would exceed the budget
-        up = rows + (-rows) % ROW_MULTIPLE
-        rows = up if up <= cap else rows
-    return rows
+    rows = -(-n_active // n_chunks)  # equal chunks: the last one is not a small remainder
+    rows += (-rows) % ROW_ALIGN
+    return min(rows, cap)
 
 
 def block_rows(n_rows: int, n_cols: int, device: torch.device) -> int:

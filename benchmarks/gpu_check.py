@@ -1,0 +1,158 @@
+"""The one prepared GPU check: every CUDA measurement the project needs, in one run of a few minutes.
+
+Runs on a machine with only torch, triton and transformers (no Ray, DeepSpeed, MLflow or vLLM), e.g. the
+lent H100/H200, and writes JSON + markdown into ``--out``:
+
+  1. loss_tests    the CUDA loss tests (``pytest tests/loss -m gpu``): Triton kernels against the reference,
+                   host synchronisations per call, memory;
+  2. loss_bench    ``benchmarks/loss/bench_loss.py`` at the paper's shape (16384 tokens, H 4096, V 128256):
+                   naive, naive_sliced, torch.compile, Liger, Cut Cross-Entropy, fused (torch and Triton),
+                   uniform and realistic batches, bf16 (with torch.compile) and fp32 (without it);
+  3. train_step    ``benchmarks/train/bench_step.py --preset gpu-1b``: one training step of the ~1.2B
+                   Llama-3-shaped model with the fused vs the reference head;
+  4. generation    ``benchmarks/generate/bench_generate.py``: the HF generate batch sweep on CUDA.
+vLLM is not measured here: its wheel is too large to travel to the device machine.
+
+Every stage runs even if an earlier one failed; its status, time and output tail land in the summary.
+Liger-Kernel and Cut Cross-Entropy are pure-Python wheels: put them in ``.whl/`` and install with
+``pip install --no-deps --target`` before the run (see ``benchmarks/README.md``).
+
+    python benchmarks/gpu_check.py --out $OUT                  # on the GPU machine
+    python benchmarks/gpu_check.py --smoke --out /tmp/gpucheck # same code, tiny shapes, on CPU (a test runs it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks" / "loss"))
+sys.path.insert(0, str(REPO / "benchmarks" / "train"))
+
+
+def _machine() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name().replace(" ", "-")
+    return f"cpu-{os.cpu_count()}core"
+
+
+def _subprocess(cmd: list[str], timeout: float) -> dict[str, Any]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    tail = (proc.stdout + proc.stderr)[-4000:]
+    return {"status": "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})", "tail": tail}
+
+
+def stage_loss_tests(out: Path, smoke: bool) -> dict[str, Any]:
+    return _subprocess([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu",
+                        "tests/loss/test_loss_gpu.py", "-rs"], timeout=240)
+
+
+def stage_loss_bench(out: Path, smoke: bool) -> dict[str, Any]:
+    import bench_loss
+
+    common = ["--smoke"] if smoke else []
+    reports = []
+    # bf16 is the path that matters on GPUs: every provider, torch.compile included. fp32 without
+    # torch.compile (its compile time would dominate the check's budget).
+    for dtypes, extra in (("bf16", []), ("fp32", ["--no-compile"])):
+        if smoke:
+            extra = ["--no-compile"]
+        args = bench_loss.parse_args(common + ["--dtypes", dtypes, "--out", str(out / f"loss-{dtypes}"), *extra])
+        reports.append(bench_loss.run(args))
+        (out / f"loss-{dtypes}.md").unlink(missing_ok=True)  # the summary holds the table; few files travel back
+    rows = [r for rep in reports for r in rep["rows"]]
+    return {"status": "ok", "rows": rows, "table": bench_loss.format_table(rows)}
+
+
+def stage_train_step(out: Path, smoke: bool) -> dict[str, Any]:
+    import torch
+
+    import bench_step
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    report = bench_step.run("smoke" if smoke else "gpu-1b", device, out / "train-step")
+    return {"status": "ok", "report": report}
+
+
+def stage_generation(out: Path, smoke: bool) -> dict[str, Any]:
+    cmd = [sys.executable, "benchmarks/generate/bench_generate.py", "--replicas", ""]
+    if smoke:
+        cmd += ["--prompts", "4", "--max-new-tokens", "4", "--batch-sizes", "1,2", "--repeats", "1",
+                "--out", str(out / "generate")]
+    else:
+        cmd += ["--device", "cuda", "--model", "random-1b", "--prompts", "64", "--max-new-tokens", "128",
+                "--batch-sizes", "1,8,32,64", "--out", str(out / "generate")]
+    return _subprocess(cmd, timeout=240)
+
+
+STAGES: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
+    "loss_tests": stage_loss_tests,
+    "loss_bench": stage_loss_bench,
+    "train_step": stage_train_step,
+    "generation": stage_generation,
+}
+
+
+def summarize(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [f"# GPU check: {meta['machine']}", "",
+             f"{meta['date']}, torch {meta['torch']}, python {meta['python']}, smoke={meta['smoke']}.", "",
+             "| stage | status | seconds |", "|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['status']} | {r['seconds']:.1f} |")
+    if "table" in results.get("loss_bench", {}):
+        lines += ["", "## Loss head", "", results["loss_bench"]["table"]]
+    step = results.get("train_step", {}).get("report")
+    if step:
+        lines += ["", "## Training step (fused vs reference head)", "", "```json", json.dumps(step, indent=2), "```"]
+    for name, r in results.items():
+        if r.get("tail") and (r["status"] != "ok" or name == "loss_tests"):
+            lines += ["", f"## {name}: output tail", "", "```", r.get("tail", ""), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="folder for gpu_check.{json,md} and each stage's files")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks that every stage runs")
+    ap.add_argument("--stages", default=",".join(STAGES), help="comma list of stages to run")
+    args = ap.parse_args(argv)
+    import torch
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(machine=_machine(), torch=torch.__version__, python=platform.python_version(), smoke=args.smoke,
+                date=datetime.now(timezone.utc).isoformat(timespec="seconds"), cuda=torch.cuda.is_available())
+    if not args.smoke and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device (use --smoke on CPU)", file=sys.stderr)
+        return 2
+    results: dict[str, dict[str, Any]] = {}
+    for name in args.stages.split(","):
+        t0 = time.perf_counter()
+        print(f"[gpu_check] {name} ...", flush=True)
+        try:
+            results[name] = STAGES[name](out, args.smoke)
+        except Exception as exc:  # noqa: BLE001 - one stage's failure must not cost the others' results
+            results[name] = {"status": f"failed: {type(exc).__name__}: {str(exc)[:500]}"}
+        results[name]["seconds"] = time.perf_counter() - t0
+        print(f"[gpu_check] {name}: {results[name]['status']} ({results[name]['seconds']:.0f} s)", flush=True)
+    (out / "gpu_check.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str) + "\n")
+    (out / "gpu_check.md").write_text(summarize(results, meta))
+    print(f"[gpu_check] wrote {out / 'gpu_check.md'}")
+    return 0 if all(r["status"] == "ok" for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

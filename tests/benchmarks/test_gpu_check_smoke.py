@@ -1,0 +1,39 @@
+"""The prepared GPU check runs end to end at tiny shapes on CPU (``--smoke``), so it cannot rot between GPU loans."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_gpu_check_smoke(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--smoke", "--out", str(tmp_path)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=850)
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())
+    results = summary["results"]
+    assert set(results) == {"loss_tests", "loss_bench", "train_step", "generation"}
+    bad = {k: v["status"] for k, v in results.items() if v["status"] != "ok"}
+    assert not bad and proc.returncode == 0, (bad, proc.stdout[-3000:], proc.stderr[-3000:])
+    # The loss benchmark ran the baselines and the project's fused loss, all returning the objective.
+    rows = {(r["dtype"], r["batch"], r["impl"]): r for r in results["loss_bench"]["rows"]}
+    for dtype, tol in (("bfloat16", 1e-2), ("float32", 1e-5)):
+        for impl in ("naive", "fused_torch"):
+            row = rows[(dtype, "realistic", impl)]
+            assert row["status"] == "ok" and row["loss_err"] < tol, row
+        assert rows[(dtype, "realistic", "fused_triton")]["status"].startswith("unavailable")
+    # The training step compared the two heads on the same model and batch.
+    step = results["train_step"]["report"]
+    assert step["first_loss_rel_diff"] < 1e-5 and step["head_grad_rel_diff"] < 1e-4
+    assert (tmp_path / "gpu_check.md").read_text().startswith("# GPU check")
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) <= 8  # at most 8 files come back from the device machine
