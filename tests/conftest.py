@@ -59,7 +59,7 @@ def ray_local():
     """One local Ray for the whole suite, sized for a 2-core machine (logical CPUs; see STACK-NOTES)."""
     import ray
 
-    from tract_dist.ray_runtime import init_ray
+    from tract_dist.runtime.ray_cluster import init_ray
 
     init_ray(None, num_cpus=4, log_to_driver=False,
              env_vars={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",

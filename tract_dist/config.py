@@ -88,8 +88,26 @@ class TrainingSection(_Section):
     deepspeed_config: str | None = None  # a user-supplied DeepSpeed JSON replaces the generated one
 
 
+InferenceBackend = Literal["auto", "hf", "vllm", "transformers"]  # transformers: the old name of hf
+
+
+class VllmSection(_Section):
+    """vLLM engine settings, shared by generation and evaluation (``tract_dist/runtime/vllm_engine.py``)."""
+
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # GPU memory vLLM may take (weights + KV cache)
+    kv_cache_memory_gb: float | None = Field(None, gt=0)  # None: vLLM sizes it on GPU; 1 GiB on CPU
+    enable_prefix_caching: bool = True  # the n CoTs of a prompt and their RAIL read-out share its KV blocks
+    enforce_eager: bool | None = None  # None: eager on CPU, CUDA graphs on GPU
+    max_model_len: int | None = Field(None, gt=0)  # None: the model's maximum (set it for 128K-context models)
+    max_num_seqs: int | None = Field(None, gt=0)  # requests decoded together; None: vLLM's default
+    max_lora_rank: int | None = Field(None, gt=0)  # None: the adapter's rank (rounded up to one vLLM accepts)
+    seed: int = 0  # engine seed; every project request carries its own
+
+
 class GenerationSection(_Section):
-    backend: Literal["transformers", "vllm"] = "transformers"
+    backend: InferenceBackend = "auto"  # auto: vLLM when importable and on GPU, else HF (the choice is logged)
+    tensor_parallel_size: int = Field(1, gt=0)  # vLLM: GPUs per replica (a model too big for one GPU)
+    vllm: VllmSection = VllmSection()
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(0.9, gt=0, le=1)
     repetition_penalty: float = Field(1.0, gt=0)
@@ -114,6 +132,8 @@ class BenchmarkSpec(_Section):
 
 
 class EvaluationSection(_Section):
+    backend: InferenceBackend = "auto"  # the judge's engine (CoT-RAIL, decode, rail); vLLM options: generation.vllm
+    tensor_parallel_size: int = Field(1, gt=0)
     benchmarks: list[BenchmarkSpec] = []
     num_cots: int = Field(1, gt=0)
     rail_normalize: bool = False

@@ -212,13 +212,17 @@ def _needs_ray(cfg: Config) -> bool:
 
 def _train(cfg: Config, run_name: str, parent: RunHandle, tags: dict[str, str],
            address: str | None) -> tuple[dict[str, Any], list[str]]:
+    from tract_dist.runtime.backend import release_engine
     from tract_dist.train.trainer import run_training
 
+    release_engine()  # an in-process inference engine kept from an earlier stage must not hold memory training needs
     r = run_training(cfg, run_name=run_name, parent=parent, address=address, stage="train",
                      launcher=cfg.cluster.launcher)
     if r.mlflow_run_id:
         set_tags(RunHandle(r.tracking_uri, r.mlflow_run_id), tags)
     model = str(r.export_dir / "model")
+    if not (r.export_dir / "model").is_dir() and (r.export_dir / "adapter").is_dir():
+        model = str(r.export_dir / "adapter")  # LoRA without merge_on_export: served unmerged by both backends
     return {"model": model, "run_dir": str(r.run_dir), "mlflow_run_id": r.mlflow_run_id,
             "summary": f"{r.data_summary['encode_encoded']} examples"}, [model]
 

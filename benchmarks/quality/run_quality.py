@@ -574,7 +574,7 @@ def main(argv: list[str] | None = None) -> None:
         if spec.get("threads"):
             import torch
 
-            from tract_dist.generate.pool import PoolSpec
+            from tract_dist.runtime.pool import PoolSpec
 
             torch.set_num_threads(spec["threads"])
             PoolSpec.torch_threads = lambda self: spec["threads"]  # evaluation/generation workers set theirs

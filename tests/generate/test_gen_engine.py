@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tract_dist.data.encode import EncodeOptions, fit_prompt
-from tract_dist.generate.engine import Engine
-from tract_dist.generate.sampling import SamplingParams
+from tract_dist.runtime.hf_engine import HFEngine as Engine
+from tract_dist.runtime.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")

@@ -42,13 +42,3 @@ def test_load_passes_options_and_no_remote_code(tiny_export, monkeypatch):
 def test_plain_paths_are_not_rewritten(tiny_export):
     assert loading.materialize_alias(tiny_export) == tiny_export
 
-
-def test_unimplemented_backend_is_refused(tiny_export, quickstart_data, tmp_path):
-    from gen_helpers import gen_config
-
-    from tract_dist.config import ConfigError
-    from tract_dist.generate.pipeline import generate_cots
-
-    with pytest.raises(ConfigError, match="vllm"):
-        generate_cots(gen_config(tiny_export, quickstart_data, tmp_path, "generation.backend=vllm"), tiny_export,
-                      tmp_path / "out")

@@ -10,7 +10,8 @@ from gen_helpers import gen_config
 
 from tract_dist.cli import UsageError
 from tract_dist.generate import pipeline
-from tract_dist.generate.engine import Engine, Generation
+from tract_dist.runtime.engine import Generation
+from tract_dist.runtime.hf_engine import HFEngine as Engine
 from tract_dist.generate.shards import read_generated
 from tract_dist.generate.stage2 import build_stage2_dataset
 
@@ -91,7 +92,7 @@ def test_failures_are_recorded_with_reasons(tiny_export, quickstart_data, tmp_pa
             return [Generation(text="  [RESULT] 3", new_tokens=3, finish_reason="stop")]
         return real_generate(self, prompts, seeds, params)
 
-    from tract_dist.generate.sampling import example_seed
+    from tract_dist.runtime.sampling import example_seed
 
     bad_seeds = {"boom": example_seed(0, "1", 0), "empty": example_seed(0, "2", 0)}
     monkeypatch.setattr(Engine, "generate", flaky)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from tract_dist.generate.engine import cut_at_stop, extract_cot
-from tract_dist.generate.sampling import PerRowSampler, example_seed
+from tract_dist.runtime.engine import cut_at_stop, extract_cot
+from tract_dist.runtime.sampling import PerRowSampler, example_seed
 
 
 def test_example_seed_depends_only_on_its_inputs():

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tract_dist.generate.engine import Engine, Generation
+from tract_dist.runtime.engine import Generation
+from tract_dist.runtime.hf_engine import HFEngine as Engine
 from tract_dist.judge import parse_decoded_score
 
 

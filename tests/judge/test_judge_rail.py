@@ -7,7 +7,7 @@ import torch
 
 from tract_dist.data.encode import EncodeOptions, encode_example, prompt_ids
 from tract_dist.data.prompts import SCORE_PHRASE
-from tract_dist.generate.sampling import SamplingParams
+from tract_dist.runtime.sampling import SamplingParams
 from tract_dist.judge import Judge
 
 VALUES = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], dtype=torch.float64)

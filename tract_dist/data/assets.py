@@ -107,16 +107,23 @@ _BUILD_VERSION = "v2"
 _BUILDERS = {"mistral": _build_mistral, "llama3": _build_llama3, "smollm2": _build_smollm2}
 
 
+def alias_tokenizer_dir(name: str) -> Path:
+    """The cached tokenizer folder of an alias (built on first use): for loaders that take a folder (vLLM)."""
+    if name not in _BUILDERS:
+        raise AssetError(f"'{name}' is not a tokenizer alias ({', '.join(ALIASES)})")
+    cached = _cache_dir() / "tokenizers" / f"{name}-{_BUILD_VERSION}"
+    if not (cached / "tokenizer_config.json").exists():
+        _atomic_save(_BUILDERS[name](), cached)
+    return cached
+
+
 @functools.lru_cache(maxsize=8)
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
     """A tokenizer by alias, local path or hub name. Alias builds are cached on disk (converting is slow)."""
     from transformers import AutoTokenizer
 
     if name_or_path in _BUILDERS:
-        cached = _cache_dir() / "tokenizers" / f"{name_or_path}-{_BUILD_VERSION}"
-        if not (cached / "tokenizer_config.json").exists():
-            _atomic_save(_BUILDERS[name_or_path](), cached)
-        tok = AutoTokenizer.from_pretrained(str(cached))
+        tok = AutoTokenizer.from_pretrained(str(alias_tokenizer_dir(name_or_path)))
     else:
         path = Path(name_or_path)
         if (path.exists() and not path.is_dir()) or (

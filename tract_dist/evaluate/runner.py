@@ -19,7 +19,7 @@ from tract_dist.data.score_tokens import parse_scale
 from tract_dist.evaluate.metrics import evaluate_predictions, flat_metrics
 from tract_dist.evaluate.plots import scatter_plot
 from tract_dist.evaluate.worker import JudgeWorker
-from tract_dist.generate.pool import PoolSpec, map_rows
+from tract_dist.runtime.pool import PoolSpec, map_rows
 
 
 def load_benchmark(spec: Any, scale: tuple[int, int], skip_invalid: bool = False) -> list[JudgeExample]:
@@ -32,20 +32,24 @@ def load_benchmark(spec: Any, scale: tuple[int, int], skip_invalid: bool = False
 
 
 def predict(cfg: Any, model_path: str, examples: list[JudgeExample], *, show_progress: bool = True,
-            desc: str = "evaluate") -> list[dict[str, Any]]:
-    """Prediction rows for ``examples`` (input order) through the judge pool (Ray Data or in-process)."""
+            desc: str = "evaluate", backend: str = "hf") -> list[dict[str, Any]]:
+    """Prediction rows for ``examples`` (input order) through the judge pool (Ray Data or in-process) on
+    ``backend`` (resolved: hf or vllm)."""
     from tqdm.auto import tqdm
 
     from tract_dist.judge.judge import judge_kwargs
 
+    from tract_dist.models.loading import materialize_alias
+    from tract_dist.runtime.backend import spec_from_config
+
     e = cfg.evaluation
-    spec = PoolSpec.from_config(cfg, use_ray=e.ray, batch_size=e.batch_size, replicas=cfg.generation.num_replicas)
+    spec = PoolSpec.from_config(cfg, use_ray=e.ray, batch_size=e.batch_size, replicas=cfg.generation.num_replicas,
+                                gpus_per_replica=e.tensor_parallel_size)
     kw = judge_kwargs(cfg)
     kw["sampling"] = kw["sampling"].as_dict()
-    from tract_dist.models.loading import materialize_alias
-
-    worker_kwargs = {"model_path": materialize_alias(model_path), "judge_kwargs": kw, "n_cots": e.num_cots,
-                     "mode": e.mode, "torch_threads": spec.torch_threads()}
+    engine = spec_from_config(cfg, "evaluation", materialize_alias(model_path), backend, batch_size=e.batch_size,
+                              torch_threads=spec.torch_threads())
+    worker_kwargs = {"engine": engine.as_dict(), "judge_kwargs": kw, "n_cots": e.num_cots, "mode": e.mode}
     rows = [{"id": ex.id, "example": json.dumps(ex.to_dict(), ensure_ascii=False)} for ex in examples]
     got: dict[str, dict[str, Any]] = {}
     with tqdm(total=len(rows), desc=desc, unit="ex", disable=not show_progress) as bar:
@@ -112,6 +116,9 @@ def evaluate_model(cfg: Any, model_path: str | None, out_dir: str | Path | None 
     e, t = cfg.evaluation, cfg.tracking
     if not e.benchmarks:
         raise ConfigError("evaluation.benchmarks: no benchmark to evaluate on")
+    from tract_dist.runtime.backend import choose_backend
+
+    choice = choose_backend(cfg, "evaluation")  # before any replica starts
     model_path = model_path or cfg.model.name_or_path
     out = Path(out_dir or e.output_dir or Path(cfg.training.output_dir) / "evaluate")
     scale = parse_scale(cfg.data.scale)
@@ -119,11 +126,13 @@ def evaluate_model(cfg: Any, model_path: str | None, out_dir: str | Path | None 
     with start_run(t.tracking_uri, t.experiment, t.run_name or "evaluate", enabled=t.enabled, parent=parent_run,
                    tags={**(tags or {}), "stage": "evaluate"}) as run:
         log_params(run, {"model_path": model_path, "mode": e.mode, "num_cots": e.num_cots,
-                         "rail_normalize": e.rail_normalize, "use_ray": e.ray,
+                         "rail_normalize": e.rail_normalize, "use_ray": e.ray, "backend": choice.backend,
+                         "backend_reason": choice.reason, "tensor_parallel_size": e.tensor_parallel_size,
                          "benchmarks": ",".join(b.name for b in e.benchmarks)})
         for spec in e.benchmarks:
             examples = load_benchmark(spec, scale, cfg.data.skip_invalid)
-            records = predict(cfg, str(model_path), examples, show_progress=show_progress, desc=spec.name)
+            records = predict(cfg, str(model_path), examples, show_progress=show_progress, desc=spec.name,
+                              backend=choice.backend)
             bdir = out / spec.name
             write_predictions(records, bdir / "predictions.jsonl")
             result = report(records, bdir, spec.name, scale)

@@ -1,4 +1,6 @@
-"""The judging replica for evaluation: the same pool machinery as generation, with a ``Judge`` inside."""
+"""The judging replica for evaluation: the same pool machinery as generation, with a ``Judge`` inside (on the
+engine of ``evaluation.backend``: CoTs and their RAIL read-out come from one engine, so vLLM's prefix cache
+serves the read-out)."""
 
 from __future__ import annotations
 
@@ -6,25 +8,22 @@ import json
 from typing import Any
 
 from tract_dist.data.schema import JudgeExample
-from tract_dist.generate.pool import rows_of
-from tract_dist.generate.sampling import SamplingParams
+from tract_dist.runtime.engine import EngineSpec
+from tract_dist.runtime.pool import rows_of
+from tract_dist.runtime.sampling import SamplingParams
 
 
 class JudgeWorker:
     """Callable class for ``map_batches``: columns id, example (JSON) -> one prediction row per input."""
 
-    def __init__(self, model_path: str, judge_kwargs: dict[str, Any], n_cots: int, mode: str,
-                 torch_threads: int | None = None):
-        import torch
-
+    def __init__(self, engine: dict[str, Any], judge_kwargs: dict[str, Any], n_cots: int, mode: str):
         from tract_dist.judge.judge import Judge
+        from tract_dist.runtime.backend import build_engine
 
-        if torch_threads and not torch.cuda.is_available():
-            torch.set_num_threads(torch_threads)
         kw = dict(judge_kwargs)
         s = kw["sampling"]
         kw["sampling"] = SamplingParams(**{**s, "stop": tuple(s.get("stop", ()))})
-        self.judge = Judge.from_pretrained(model_path, **kw)
+        self.judge = Judge(engine=build_engine(EngineSpec.from_dict(engine)), **kw)
         self.n_cots, self.mode = n_cots, mode
 
     def _run(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -15,11 +15,11 @@ from typing import Any
 from tract_dist.data.formats import read_examples
 from tract_dist.data.schema import JudgeExample
 from tract_dist.data.score_tokens import parse_scale
-from tract_dist.generate.pool import PoolSpec, map_rows
-from tract_dist.generate.sampling import SamplingParams, example_seed
 from tract_dist.generate.shards import ShardStore, cot_uid
 from tract_dist.generate.worker import CotWorker
 from tract_dist.models.loading import materialize_alias
+from tract_dist.runtime.pool import PoolSpec, map_rows
+from tract_dist.runtime.sampling import SamplingParams, example_seed
 
 
 def load_training_examples(cfg: Any) -> list[JudgeExample]:
@@ -47,17 +47,19 @@ def work_rows(examples: list[JudgeExample], num_cots: int, seed: int) -> list[di
     return rows
 
 
-def worker_kwargs(cfg: Any, model_path: str, sampling: SamplingParams, spec: PoolSpec) -> dict[str, Any]:
+def worker_kwargs(cfg: Any, model_path: str, backend: str, sampling: SamplingParams,
+                  spec: PoolSpec) -> dict[str, Any]:
     """Constructor arguments for a replica (plain data: they are pickled to every Ray actor)."""
-    m, d = cfg.model, cfg.data
+    from tract_dist.runtime.backend import spec_from_config
+
+    d = cfg.data
+    engine = spec_from_config(cfg, "generation", model_path, backend, batch_size=spec.batch_size,
+                              torch_threads=spec.torch_threads())
     return {
-        "model_path": model_path,
-        "model_opts": {"dtype": m.dtype, "attn_implementation": m.attn_implementation,
-                       "trust_remote_code": m.trust_remote_code, "tokenizer": m.tokenizer},
+        "engine": engine.as_dict(),
         "encode_opts": {"max_length": d.max_length, "truncation": d.truncation, "system_prompt": d.system_prompt,
                         "scale": list(parse_scale(d.scale))},
         "sampling": sampling.as_dict(),
-        "torch_threads": spec.torch_threads(),
     }
 
 
@@ -109,11 +111,10 @@ def generate_cots(cfg: Any, model_path: str | None, out_dir: str | Path | None =
     """
     from tract_dist.tracking import log_artifact, log_metrics, log_params, start_run
 
-    g = cfg.generation
-    if g.backend != "transformers":
-        from tract_dist.config import ConfigError
+    from tract_dist.runtime.backend import choose_backend
 
-        raise ConfigError(f"generation.backend: {g.backend!r} is not implemented; use 'transformers'")
+    g = cfg.generation
+    backend = choose_backend(cfg, "generation")  # before any replica starts: a bad choice is a config error
     model_path = model_path or cfg.model.name_or_path
     out = Path(out_dir or g.output_dir or Path(cfg.training.output_dir) / "generate")
     examples = examples if examples is not None else load_training_examples(cfg)
@@ -123,12 +124,14 @@ def generate_cots(cfg: Any, model_path: str | None, out_dir: str | Path | None =
 
     store = ShardStore(out)
     store.remove_stale()
-    store.check_settings({"model": str(model_path), "sampling": sampling.as_dict(), "seed": g.seed,
+    store.check_settings({"model": str(model_path), "backend": backend.backend, "sampling": sampling.as_dict(),
+                          "seed": g.seed,
                           "max_length": cfg.data.max_length, "system_prompt": cfg.data.system_prompt,
                           "scale": cfg.data.scale})
     done = store.done_uids()
     todo = [r for r in rows if r["uid"] not in done]
-    spec = PoolSpec.from_config(cfg, use_ray=g.ray, batch_size=g.batch_size, replicas=g.num_replicas)
+    spec = PoolSpec.from_config(cfg, use_ray=g.ray, batch_size=g.batch_size, replicas=g.num_replicas,
+                                gpus_per_replica=g.tensor_parallel_size)
 
     t = cfg.tracking
     with start_run(t.tracking_uri, t.experiment, t.run_name or "generate", enabled=t.enabled, parent=parent_run,
@@ -136,13 +139,15 @@ def generate_cots(cfg: Any, model_path: str | None, out_dir: str | Path | None =
         log_params(run, {"model_path": model_path, "output_dir": str(out), "examples": len(examples),
                          "num_cots": g.num_cots, "already_done": len(done), "to_generate": len(todo),
                          "use_ray": spec.use_ray, "replicas": spec.replicas, "batch_size": spec.batch_size,
+                         "backend": backend.backend, "backend_reason": backend.reason,
+                         "tensor_parallel_size": g.tensor_parallel_size,
                          **{f"sampling.{k}": v for k, v in sampling.as_dict().items()}})
         progress = _Progress(len(todo), show_progress)
         buffer: list[dict[str, Any]] = []
         step = 0
         try:
             # An alias with GGUF weights is converted once here, not by every replica at once.
-            kwargs = worker_kwargs(cfg, materialize_alias(str(model_path)), sampling, spec)
+            kwargs = worker_kwargs(cfg, materialize_alias(str(model_path)), backend.backend, sampling, spec)
             for records in map_rows(todo, CotWorker, kwargs, spec):
                 buffer += records
                 progress.update(records)
@@ -155,7 +160,8 @@ def generate_cots(cfg: Any, model_path: str | None, out_dir: str | Path | None =
             if buffer:  # whole records only: committing them on an exception loses nothing and duplicates nothing
                 store.write_shard(buffer)
             progress.bar.close()
-        summary = store.finalize(expected, {"this_run": progress.stats(), "output_dir": str(out)})
+        summary = store.finalize(expected, {"this_run": progress.stats(), "output_dir": str(out),
+                                            "backend": backend.backend})
         log_metrics(run, {"ok": summary["ok"], "failed": summary["failed"], "missing": summary["missing"],
                           "duplicates": summary["duplicates"], **progress.stats()}, step=step + 1)
         for name in ("summary.json", "failures.jsonl", "settings.json"):

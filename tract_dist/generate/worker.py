@@ -1,6 +1,9 @@
-"""The generator replica: loads the model once, turns batches of (example, CoT index, seed) rows into CoT records.
+"""The generator replica: builds its engine once (HF or vLLM, from an ``EngineSpec``), turns batches of
+(example, CoT index, seed) rows into CoT records.
 
-Instantiated by Ray Data once per actor, or once in-process. A batch that raises is retried row by row so one
+Instantiated by Ray Data once per actor, or once in-process. With vLLM the whole Ray Data batch goes to the
+scheduler at once (continuous batching), so ``generation.batch_size`` is the unit of commit and retry there,
+not of padding. A batch that raises is retried row by row so one
 bad example cannot take its neighbours down; a row that still fails, cannot fit its prompt, or yields an empty
 CoT becomes a ``failed`` record with its reason.
 """
@@ -13,28 +16,12 @@ from typing import Any
 
 from tract_dist.data.encode import DroppedExample, EncodeOptions, fit_prompt
 from tract_dist.data.schema import JudgeExample
-from tract_dist.generate.engine import Engine, extract_cot
-from tract_dist.generate.pool import rows_of
-from tract_dist.generate.sampling import SamplingParams
+from tract_dist.runtime.engine import EngineSpec, extract_cot
+from tract_dist.runtime.pool import rows_of
+from tract_dist.runtime.sampling import SamplingParams
 
 # Prompts shorter than this after truncation are not worth generating from.
 _MIN_PROMPT_BUDGET = 64
-
-
-def build_engine(model_path: str, model_opts: dict[str, Any], torch_threads: int | None) -> Engine:
-    """Load model + tokenizer with the project's loader (same dtype/attention rules as training)."""
-    import torch
-
-    from tract_dist.models.loading import load_causal_lm, load_tokenizer_for, materialize_alias
-
-    if torch_threads and not torch.cuda.is_available():
-        torch.set_num_threads(torch_threads)
-    model = load_causal_lm(model_path, dtype=model_opts.get("dtype", "auto"),
-                           attn_implementation=model_opts.get("attn_implementation"),
-                           trust_remote_code=model_opts.get("trust_remote_code", False))
-    tok = load_tokenizer_for(materialize_alias(model_path), model_opts.get("tokenizer"),
-                             model_opts.get("trust_remote_code", False))
-    return Engine(model, tok)
 
 
 def encode_options(opts: dict[str, Any]) -> EncodeOptions:
@@ -45,9 +32,10 @@ def encode_options(opts: dict[str, Any]) -> EncodeOptions:
 class CotWorker:
     """Callable class for ``map_batches``: columns uid, example_id, cot_index, seed, example (JSON) -> records."""
 
-    def __init__(self, model_path: str, model_opts: dict[str, Any], encode_opts: dict[str, Any],
-                 sampling: dict[str, Any], torch_threads: int | None = None):
-        self.engine = build_engine(model_path, model_opts, torch_threads)
+    def __init__(self, engine: dict[str, Any], encode_opts: dict[str, Any], sampling: dict[str, Any]):
+        from tract_dist.runtime.backend import build_engine
+
+        self.engine = build_engine(EngineSpec.from_dict(engine))
         self.opts = encode_options(encode_opts)
         self.params = SamplingParams(**{**sampling, "stop": tuple(sampling.get("stop", ()))})
 

@@ -13,6 +13,7 @@ _EXPORTS = {
     "as_example": "tract_dist.judge.judge", "judge_kwargs": "tract_dist.judge.judge",
     "parse_decoded_score": "tract_dist.judge.parsing",
     "RailReadout": "tract_dist.judge.rail", "score_distribution": "tract_dist.judge.rail",
+    "readouts": "tract_dist.judge.rail",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,4 +1,4 @@
-"""``Judge``: CoT-RAIL inference (the paper's method) and its two baselines on one model.
+"""``Judge``: CoT-RAIL inference (the paper's method) and its two baselines on one model, on either backend.
 
 - ``cot_rail``: n CoTs (greedy when n = 1, sampled otherwise), then for each one forward pass over
   ``<prompt><CoT> So the overall score is`` built with :func:`score_prompt_ids` — the tokens training used —
@@ -18,10 +18,10 @@ from tract_dist.data.encode import DroppedExample, EncodeOptions, fit_prompt
 from tract_dist.data.prompts import ABS_SYSTEM_PROMPT, SCORE_PHRASE
 from tract_dist.data.schema import JudgeExample
 from tract_dist.data.score_tokens import ScoreTokens, derive_score_tokens, parse_scale, score_prompt_ids, split_at_score
-from tract_dist.generate.engine import Engine, extract_cot
-from tract_dist.generate.sampling import SamplingParams, example_seed
 from tract_dist.judge.parsing import parse_decoded_score
-from tract_dist.judge.rail import score_distribution
+from tract_dist.judge.rail import readouts
+from tract_dist.runtime.engine import EngineSpec, InferenceEngine, VllmOptions, extract_cot
+from tract_dist.runtime.sampling import SamplingParams, example_seed
 
 Mode = Literal["cot_rail", "decode", "rail"]
 MODES: tuple[str, ...] = ("cot_rail", "decode", "rail")
@@ -64,14 +64,25 @@ def as_example(example_or_fields: JudgeExample | dict[str, Any], index: int = 0)
 
 
 class Judge:
-    """A judge model with its tokenizer, score tokens, prompt options and sampling parameters."""
+    """A judge: an inference engine (HF or vLLM) with its score tokens, prompt options and sampling parameters.
 
-    def __init__(self, model: Any, tokenizer: Any, *, scale: str | tuple[int, int] = "1-5",
-                 system_prompt: str | None = ABS_SYSTEM_PROMPT, max_length: int = 3000,
-                 sampling: SamplingParams | None = None, seed: int = 0, rail_normalize: bool = False,
-                 batch_size: int = 8):
-        self.engine = Engine(model, tokenizer)
-        self.model, self.tokenizer = self.engine.model, tokenizer
+    ``Judge(model, tokenizer)`` wraps a loaded transformers model (HF backend); ``Judge(engine=...)`` takes any
+    :class:`~tract_dist.runtime.engine.InferenceEngine`; :meth:`from_pretrained` / :meth:`from_config` build one.
+    """
+
+    def __init__(self, model: Any = None, tokenizer: Any = None, *, engine: InferenceEngine | None = None,
+                 scale: str | tuple[int, int] = "1-5", system_prompt: str | None = ABS_SYSTEM_PROMPT,
+                 max_length: int = 3000, sampling: SamplingParams | None = None, seed: int = 0,
+                 rail_normalize: bool = False, batch_size: int = 8):
+        if engine is None:
+            if model is None or tokenizer is None:
+                raise ValueError("Judge needs a model and its tokenizer, or engine=")
+            from tract_dist.runtime.hf_engine import HFEngine
+
+            engine = HFEngine(model, tokenizer, batch_size=batch_size)
+        self.engine = engine
+        self.model = getattr(engine, "model", None)  # the transformers model (HF backend only)
+        self.tokenizer = tokenizer = engine.tokenizer
         self.scale = parse_scale(scale)
         self.score_tokens: ScoreTokens = derive_score_tokens(tokenizer, self.scale)
         self.opts = EncodeOptions(max_length=max_length, system_prompt=system_prompt, scale=self.scale)
@@ -87,19 +98,32 @@ class Judge:
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, tokenizer: str | None = None, dtype: str = "auto",
                         device: str | None = None, attn_implementation: str | None = None,
-                        trust_remote_code: bool = False, **kwargs: Any) -> "Judge":
-        """Load a judge from an HF folder (e.g. a TRACT export), a hub name or an offline alias (``smollm2``)."""
-        from tract_dist.models.loading import load_causal_lm, load_tokenizer_for, materialize_alias
+                        trust_remote_code: bool = False, backend: str = "hf", tensor_parallel_size: int = 1,
+                        vllm: VllmOptions | None = None, **kwargs: Any) -> "Judge":
+        """Load a judge from an HF folder (e.g. a TRACT export), a LoRA adapter folder (served unmerged), a hub
+        name or an offline alias (``smollm2``) on ``backend`` (hf or vllm)."""
+        from tract_dist.models.loading import materialize_alias
+        from tract_dist.runtime.backend import build_engine
 
-        model = load_causal_lm(name_or_path, dtype=dtype, device=device, attn_implementation=attn_implementation,
-                               trust_remote_code=trust_remote_code)
-        tok = load_tokenizer_for(materialize_alias(name_or_path), tokenizer, trust_remote_code)
-        return cls(model, tok, **kwargs)
+        spec = EngineSpec(backend=backend, model_path=materialize_alias(name_or_path), tokenizer=tokenizer,
+                          dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+                          tensor_parallel_size=tensor_parallel_size, batch_size=kwargs.get("batch_size", 8),
+                          device=device, vllm=vllm or VllmOptions())
+        return cls(engine=build_engine(spec), **kwargs)
 
     @classmethod
     def from_config(cls, cfg: Any, model_path: str | None = None, device: str | None = None) -> "Judge":
-        """A judge with the config's model options, prompt layout, sampling and evaluation settings."""
-        return cls.from_pretrained(model_path or cfg.model.name_or_path, **judge_kwargs(cfg), device=device)
+        """A judge with the config's model options, ``evaluation.backend``, prompt layout, sampling and
+        evaluation settings."""
+        from dataclasses import replace as dc_replace
+
+        from tract_dist.models.loading import materialize_alias
+        from tract_dist.runtime.backend import build_engine, choose_backend, spec_from_config
+
+        choice = choose_backend(cfg, "evaluation")
+        spec = spec_from_config(cfg, "evaluation", materialize_alias(model_path or cfg.model.name_or_path),
+                                choice.backend, batch_size=cfg.evaluation.batch_size)
+        return cls(engine=build_engine(dc_replace(spec, device=device)), **judge_kwargs(cfg))
 
     # -- prompts ---------------------------------------------------------------------------------------
     def _prompt(self, ex: JudgeExample, reserve: int) -> tuple[list[int], bool]:
@@ -114,14 +138,13 @@ class Judge:
 
     # -- generation ------------------------------------------------------------------------------------
     def _generate(self, jobs: list[tuple[str, int, list[int]]], params: SamplingParams) -> list[str]:
-        """Texts for (example id, CoT index, prompt ids) jobs; each samples with its own id-derived seed."""
-        texts: list[str] = []
-        for start in range(0, len(jobs), self.batch_size):
-            chunk = jobs[start:start + self.batch_size]
-            gens = self.engine.generate([p for _, _, p in chunk],
-                                        [example_seed(self.seed, ex_id, j) for ex_id, j, _ in chunk], params)
-            texts += [g.text for g in gens]
-        return texts
+        """Texts for (example id, CoT index, prompt ids) jobs; each samples with its own id-derived seed.
+
+        All jobs go to the engine at once: HF batches them by ``batch_size``, vLLM schedules them continuously
+        (and the n CoTs of one prompt share its cached prefix)."""
+        gens = self.engine.generate([p for _, _, p in jobs], [example_seed(self.seed, ex_id, j) for ex_id, j, _ in jobs],
+                                    params)
+        return [g.text for g in gens]
 
     def _params(self, n_cots: int, decode: bool) -> SamplingParams:
         p = self.sampling
@@ -184,9 +207,8 @@ class Judge:
     def _read(self, results: list[JudgeResult], seqs_by: dict[int, list[list[int]]]) -> None:
         """Run the RAIL read-out over every sequence and average ŷ and p over each input's CoTs."""
         flat = [(i, s) for i, seqs in seqs_by.items() for s in seqs]
-        reads = score_distribution(self.model, [s for _, s in flat], self.score_tokens.token_ids,
-                                   self.score_tokens.scores, pad_id=self.engine.pad_id,
-                                   normalize=self.rail_normalize, batch_size=self.batch_size)
+        probs = self.engine.score_probs([s for _, s in flat], self.score_tokens.token_ids)
+        reads = readouts(probs, self.score_tokens.scores, normalize=self.rail_normalize)
         grouped: dict[int, list[Any]] = {}
         for (i, _), r in zip(flat, reads):
             grouped.setdefault(i, []).append(r)
@@ -199,9 +221,9 @@ class Judge:
 
 
 def judge_kwargs(cfg: Any) -> dict[str, Any]:
-    """Judge constructor/loader options from a config (model, data and generation/evaluation sections)."""
-    m, d, g, e = cfg.model, cfg.data, cfg.generation, cfg.evaluation
-    return {"tokenizer": m.tokenizer, "dtype": m.dtype, "attn_implementation": m.attn_implementation,
-            "trust_remote_code": m.trust_remote_code, "scale": d.scale, "system_prompt": d.system_prompt,
-            "max_length": d.max_length, "sampling": SamplingParams.from_config(g), "seed": g.seed,
-            "rail_normalize": e.rail_normalize, "batch_size": e.batch_size}
+    """Judge constructor options from a config (data, generation and evaluation sections); the engine is built
+    separately from ``runtime.backend.spec_from_config(cfg, "evaluation", ...)``."""
+    d, g, e = cfg.data, cfg.generation, cfg.evaluation
+    return {"scale": d.scale, "system_prompt": d.system_prompt, "max_length": d.max_length,
+            "sampling": SamplingParams.from_config(g), "seed": g.seed, "rail_normalize": e.rail_normalize,
+            "batch_size": e.batch_size}

@@ -20,7 +20,7 @@ import torch
 
 from tract_dist.data.assets import model_source
 
-_ALIAS_CACHE_VERSION = "v1"
+_ALIAS_CACHE_VERSION = "v2"  # v2: config.json without the GGUF quantization_config (vLLM loads it)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -74,6 +74,11 @@ def materialize_alias(name_or_path: str) -> str:
     gguf = AutoModelForCausalLM.from_pretrained(path, **extra)  # dequantised to fp32
     plain = AutoModelForCausalLM.from_config(gguf.config)  # GGUF-backed models refuse save_pretrained
     plain.load_state_dict(gguf.state_dict())
+    # The weights are dequantised now: a config that still says "gguf" describes weights this folder does not
+    # hold, and loaders that honour it (vLLM: "Unknown quantization method: gguf") refuse the folder.
+    for cfg_obj in (plain.config, getattr(plain.config, "text_config", None)):
+        if cfg_obj is not None and hasattr(cfg_obj, "quantization_config"):
+            del cfg_obj.quantization_config
     plain.generation_config = gguf.generation_config
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=dest.name + ".tmp"))

@@ -120,7 +120,7 @@ def run_training(cfg: Config, *, config_path: str | None = None, run_name: str |
 
 def ray_init(cfg: Config, address: str | None) -> None:
     """Connect to ``address`` / ``cluster.address`` / RAY_ADDRESS, or start a local Ray for this machine."""
-    from tract_dist.ray_runtime import init_ray
+    from tract_dist.runtime.ray_cluster import init_ray
 
     env = {"DS_ACCELERATOR": "cuda" if cfg.cluster.use_gpu else "cpu", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
            "TOKENIZERS_PARALLELISM": "false"}

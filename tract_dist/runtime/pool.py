@@ -1,7 +1,11 @@
-"""Run a batch function over rows: a Ray Data actor pool (one model replica per GPU or CPU slot) or in-process.
+"""Run a batch function over rows: a Ray Data actor pool (one model replica per GPU, per tensor-parallel group
+of GPUs, or per CPU slot) or in-process.
 
 Generation and evaluation both have the same shape (load a model once, map batches of rows to result rows),
-so both use this module. The worker is a class ``Worker(**kwargs)`` whose ``__call__(batch)`` maps a dict of
+so both use this module, whichever inference backend the replicas run. Why not ``ray.data.llm``: CoT-RAIL
+generates the CoTs and reads the score from the *same* engine (so the read-out reuses the CoT's KV cache), a
+batch that fails is retried row by row into failure records, and the HF backend has to run the same way; a
+``ray.data.llm`` processor is one vLLM request per row and its own engine per stage. The worker is a class ``Worker(**kwargs)`` whose ``__call__(batch)`` maps a dict of
 columns to a dict of columns; Ray Data instantiates it once per actor (``ActorPoolStrategy``), the in-process
 path once. Results stream back as they finish (no ordering), so the caller can commit output incrementally.
 """
@@ -29,13 +33,15 @@ class PoolSpec:
     local_num_cpus: int | None = None
     object_store_memory_mb: int = 256
     threads_per_replica: int | None = None  # torch CPU threads per replica; None: the cores shared out
+    gpus_per_replica: int = 1  # with use_gpu: a tensor-parallel replica holds tensor_parallel_size GPUs
 
     @classmethod
-    def from_config(cls, cfg: Any, *, use_ray: bool, batch_size: int, replicas: int | None = None) -> "PoolSpec":
+    def from_config(cls, cfg: Any, *, use_ray: bool, batch_size: int, replicas: int | None = None,
+                    gpus_per_replica: int = 1) -> "PoolSpec":
         c = cfg.cluster
         return cls(use_ray=use_ray, replicas=replicas or c.num_workers, batch_size=batch_size, use_gpu=c.use_gpu,
                    cpus_per_replica=c.cpus_per_worker, address=c.address, local_num_cpus=c.local_num_cpus,
-                   object_store_memory_mb=c.object_store_memory_mb)
+                   object_store_memory_mb=c.object_store_memory_mb, gpus_per_replica=gpus_per_replica)
 
     def torch_threads(self) -> int:
         """CPU threads per replica: the machine's cores shared out, so replicas do not oversubscribe them."""
@@ -50,7 +56,7 @@ def ensure_ray(spec: PoolSpec) -> None:
     A local Ray whose actors hold every CPU starves Ray Data's read tasks and deadlocks silently (STACK-NOTES),
     so the local cluster gets at least one CPU more than the pool needs, and never fewer than 4 logical CPUs.
     """
-    from tract_dist.ray_runtime import init_ray
+    from tract_dist.runtime.ray_cluster import init_ray
 
     init_ray(spec.address, num_cpus=spec.local_num_cpus, need_cpus=spec.replicas * spec.cpus_per_replica,
              object_store_memory_mb=spec.object_store_memory_mb)
@@ -87,7 +93,7 @@ def map_rows(rows: list[dict[str, Any]], worker_cls: type, worker_kwargs: dict[s
     ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / spec.batch_size)))
     resources: dict[str, Any] = {"num_cpus": spec.cpus_per_replica}
     if spec.use_gpu:
-        resources["num_gpus"] = 1
+        resources["num_gpus"] = spec.gpus_per_replica  # Ray sets CUDA_VISIBLE_DEVICES to the replica's GPUs
     ds = ds.map_batches(worker_cls, fn_constructor_kwargs=worker_kwargs, batch_size=spec.batch_size,
                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=spec.replicas), **resources)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

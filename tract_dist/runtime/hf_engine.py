@@ -1,0 +1,148 @@
+"""The Hugging Face backend: batched ``generate`` with left padding, per-row seeds and stop strings, and the
+RAIL read-out as one forward pass per batch.
+
+Left padding keeps every row's last prompt token at the same position, which ``generate`` needs for batched
+decoding; HF derives position ids from the attention mask. Static batches of ``batch_size`` rows: a batch runs
+until its longest row ends (vLLM's continuous batching does not wait). Runs anywhere torch does, which is why
+it stays the fallback and the backend of the GPU check machine (no vLLM wheel there).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tract_dist.runtime.engine import EngineSpec, Generation
+from tract_dist.runtime.sampling import PerRowSampler, SamplingParams
+
+
+class HFEngine:
+    """A transformers model + tokenizer behind the :class:`~tract_dist.runtime.engine.InferenceEngine` interface.
+
+    ``batch_size`` rows go through one ``generate`` / forward call (None: all rows at once).
+    """
+
+    backend = "hf"
+
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.device = next(model.parameters()).device
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        if gen_eos is not None:
+            eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        self.eos_ids = sorted(eos)
+        self._stop_cache: dict[tuple[str, ...], Any] = {}
+
+    def _stopping(self, stop: tuple[str, ...]) -> Any:
+        """Transformers' StopStringCriteria, built once per stop tuple (it pre-processes the whole vocabulary)."""
+        if not stop:
+            return None
+        if stop not in self._stop_cache:
+            from transformers import StoppingCriteriaList, StopStringCriteria
+
+            self._stop_cache[stop] = StoppingCriteriaList([StopStringCriteria(self.tokenizer, list(stop))])
+        return self._stop_cache[stop]
+
+    def _chunks(self, n: int) -> list[slice]:
+        step = self.batch_size or max(n, 1)
+        return [slice(i, i + step) for i in range(0, n, step)]
+
+    def generate(self, prompts: list[list[int]], seeds: list[int], params: SamplingParams) -> list[Generation]:
+        """Generate one continuation per prompt; row i samples with ``seeds[i]`` only (ignored when greedy)."""
+        out: list[Generation] = []
+        for c in self._chunks(len(prompts)):
+            out += self._generate_batch(prompts[c], seeds[c], params)
+        return out
+
+    def score_probs(self, sequences: list[list[int]], token_ids: list[int]) -> list[list[float]]:
+        """Float64 full-vocabulary softmax at the last position of each sequence, read at ``token_ids``."""
+        out: list[list[float]] = []
+        for c in self._chunks(len(sequences)):
+            out += score_token_probs(self.model, sequences[c], token_ids, pad_id=self.pad_id)
+        return out
+
+    @torch.no_grad()
+    def _generate_batch(self, prompts: list[list[int]], seeds: list[int], params: SamplingParams) -> list[Generation]:
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        if not prompts:
+            return []
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p):] = 1
+        config = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=False,
+                                  repetition_penalty=params.repetition_penalty, pad_token_id=self.pad_id,
+                                  eos_token_id=self.eos_ids or None, num_beams=1)
+        processors = LogitsProcessorList()
+        if not params.greedy:
+            processors.append(PerRowSampler(seeds, params.temperature, params.top_p, self.device))
+        out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                  generation_config=config, logits_processor=processors,
+                                  stopping_criteria=self._stopping(params.stop))
+        results = []
+        eos = set(self.eos_ids)
+        for row in out[:, width:].tolist():
+            n, reason = len(row), "length"
+            for j, t in enumerate(row):  # finished rows are padded; EOS counts as generated, padding does not
+                if t in eos or t == self.pad_id:
+                    n, reason = (j + 1, "eos") if t in eos else (j, "stop")
+                    break
+            text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
+            if params.stop and any(s in text for s in params.stop):
+                reason = "stop"
+            results.append(Generation(text=text, new_tokens=n, finish_reason=reason))
+        return results
+
+
+@torch.no_grad()
+def score_token_probs(model: torch.nn.Module, sequences: list[list[int]], token_ids: list[int], *,
+                      pad_id: int) -> list[list[float]]:
+    """One forward pass over ``sequences``; the float64 softmax after each one's last token, at ``token_ids``.
+
+    Sequences are left-padded with explicit position ids so every row's last token sits at the final column and
+    only that column's logits are computed (``logits_to_keep=1``): a batch never materialises L x vocab logits.
+    """
+    if not sequences:
+        return []
+    device = next(model.parameters()).device
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                   logits_to_keep=1, use_cache=False).logits[:, -1, :]
+    probs = torch.softmax(logits.to(torch.float64), dim=-1)[:, torch.tensor(token_ids, device=device)]
+    return probs.cpu().tolist()
+
+
+def build_hf_engine(spec: EngineSpec) -> HFEngine:
+    """Load model + tokenizer with the project's loader (same dtype/attention rules as training).
+
+    A PEFT adapter folder is loaded on its base model and kept unmerged (``PeftModel``): the weights the LoRA
+    stage 1 trained, without a merged export.
+    """
+    from tract_dist.models.loading import load_causal_lm, load_tokenizer_for, materialize_alias
+    from tract_dist.runtime.adapters import adapter_base
+
+    if spec.torch_threads and not torch.cuda.is_available():
+        torch.set_num_threads(spec.torch_threads)
+    base = adapter_base(spec.model_path)
+    model = load_causal_lm(base or spec.model_path, dtype=spec.dtype, device=spec.device,
+                           attn_implementation=spec.attn_implementation, trust_remote_code=spec.trust_remote_code)
+    if base is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, spec.model_path, is_trainable=False)
+    tok = load_tokenizer_for(materialize_alias(base or spec.model_path), spec.tokenizer, spec.trust_remote_code)
+    return HFEngine(model, tok, batch_size=spec.batch_size)
