@@ -1,7 +1,7 @@
 """Generation throughput vs batch size and vs number of replicas, reported as ratios from one run.
 
 CPU (default): the batch-size sweep runs the generation engine in-process; the replica sweep runs the same
-work through the Ray Data actor pool (``generate.pool.map_rows`` + ``CotWorker``) with 1 and 2 replicas.
+work through the Ray Data actor pool (``runtime.pool.map_rows`` + ``CotWorker``) with 1 and 2 replicas.
 GPU: ``--device cuda --model random-1b`` (a random-initialised ~1.2B Llama, Llama-3.2-1B shape, bf16) runs
 the batch-size sweep without Ray (one GPU: no replica sweep).
 
@@ -29,7 +29,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tract_dist.generate.sampling import SamplingParams  # noqa: E402
+from tract_dist.runtime.sampling import SamplingParams  # noqa: E402
 
 
 def build_model(name: str, device: str, workdir: Path) -> str:
@@ -77,10 +77,10 @@ def sweep_batch_sizes(model_path: str, device: str, prompts: list[list[int]], si
     """
     import torch
 
-    from tract_dist.generate.engine import Engine
     from tract_dist.models.loading import load_causal_lm, load_tokenizer_for, materialize_alias
+    from tract_dist.runtime.hf_engine import HFEngine
 
-    engine = Engine(load_causal_lm(model_path, device=device), load_tokenizer_for(materialize_alias(model_path)))
+    engine = HFEngine(load_causal_lm(model_path, device=device), load_tokenizer_for(materialize_alias(model_path)))
     engine.generate(prompts[:1], [0], params)  # warm-up (allocator, stop-string tables, kernels)
     runs: dict[int, list[dict[str, Any]]] = {bs: [] for bs in sizes}
     order = [bs for k in range(repeats) for bs in (sizes if k % 2 == 0 else sizes[::-1])]
@@ -109,8 +109,9 @@ def sweep_replicas(model_path: str, prompts_ex: list[Any], replica_counts: list[
     import ray
 
     from tract_dist.generate.pipeline import work_rows
-    from tract_dist.generate.pool import PoolSpec, map_rows
     from tract_dist.generate.worker import CotWorker
+    from tract_dist.runtime.engine import EngineSpec
+    from tract_dist.runtime.pool import PoolSpec, map_rows
 
     ray.init(num_cpus=4, object_store_memory=256 << 20, include_dashboard=False, log_to_driver=False)
     rows_in = work_rows(prompts_ex, 1, 0)
@@ -120,9 +121,10 @@ def sweep_replicas(model_path: str, prompts_ex: list[Any], replica_counts: list[
         for n in order:
             spec = PoolSpec(use_ray=True, replicas=n, batch_size=batch_size, cpus_per_replica=0.5,
                             threads_per_replica=threads)
-            kwargs = {"model_path": model_path, "model_opts": {}, "sampling": params.as_dict(),
-                      "encode_opts": {"max_length": max_length, "system_prompt": None, "scale": [1, 5]},
-                      "torch_threads": spec.torch_threads()}
+            engine = EngineSpec(backend="hf", model_path=model_path, batch_size=batch_size,
+                                torch_threads=spec.torch_threads())
+            kwargs = {"engine": engine.as_dict(), "sampling": params.as_dict(),
+                      "encode_opts": {"max_length": max_length, "system_prompt": None, "scale": [1, 5]}}
             t0 = time.perf_counter()
             recs_all: list[dict[str, Any]] = []
             for recs in map_rows(rows_in, CotWorker, kwargs, spec):
