@@ -6,12 +6,17 @@ or score rows), in token chunks x vocab shards sized from a per-device memory bu
 
   plan (once per call): active rows, per-row targets in local vocab coordinates, every input check and
          count, read to the host together; nothing inside the chunk loop waits for the device.
-  pass 1 (per chunk, over shards): logits tile -> online (max, sum-exp) merge; gather the target logit
-         and the score-token logits (masked gathers, no row selection); combine across vocab-parallel ranks.
-  pass 2 (per chunk, over shards): logits tile (kept from pass 1 if the local vocab is one shard, else
-         recomputed) -> dlogits in place (tile_ops / Triton) -> grad_hidden rows = dl @ W and
-         grad_W (+)= dl^T h. One chunk: grad_W is written once in the weight's dtype. Several chunks:
-         it is accumulated in fp32 by matmuls that write fp32 directly on CUDA (``accumulate``).
+  one pass (PyTorch kernels, whole local vocabulary in one shard, no vocab-parallel group; the CPU path):
+         logits tile -> per row block one fused log_softmax -> loss terms and coefficients -> dlogits
+         written over the tile -> gradient matmuls.
+  two passes (Triton kernels on CUDA, or several shards / ranks):
+    pass 1 (over shards): logits tile -> online (max, sum-exp) merge; gather the target logit and the
+         score-token logits (masked gathers, no row selection); combine across vocab-parallel ranks.
+    pass 2 (over shards): logits tile (kept from pass 1 if the local vocab is one shard, else
+         recomputed) -> dlogits in place (tile_ops / Triton) -> gradient matmuls.
+  gradient matmuls: grad_hidden rows = dl @ W; grad_W (+)= dl^T h. One chunk: grad_W is written once in
+         the weight's dtype. Several chunks: it is accumulated in fp32 by matmuls that write fp32 directly
+         on CUDA (``accumulate``).
 
 Gradient w.r.t. the logits z of an active row i (p = softmax(z), c_i = [CE row] / D_ce,
 g_i = 2 lam (yhat_i - y_i) / D_mse for score rows, 0 otherwise):
@@ -33,8 +38,8 @@ from torch.autograd.function import once_differentiable
 from ._common import IGNORE_INDEX, compute_dtype, effective_targets, resolve_denominator
 from .accumulate import matmul_into
 from .options import CoTRaftLossOptions
-from .tile_ops import tile_grad_, tile_stats
-from .tiling import chunk_rows, default_tile_bytes, vocab_shard_size
+from .tile_ops import tile_grad_, tile_stats, use_triton
+from .tiling import block_rows, chunk_rows, default_tile_bytes, vocab_shard_size
 from .vocab_parallel import all_reduce_sum_, combine_row_stats, shard_layout
 
 Denominator = float | int | torch.Tensor | None
@@ -191,6 +196,97 @@ def _chunk_stats(
     return m, s, zt, zs, kept
 
 
+def _gradient_matmuls(dl: torch.Tensor, hc: torch.Tensor, weight: torch.Tensor, v0: int, v1: int,
+                      rows: torch.Tensor, grad_hidden: torch.Tensor | None, gh_acc: torch.Tensor | None,
+                      gw: torch.Tensor | None, gb: torch.Tensor | None, *, first_shard: bool, first_chunk: bool,
+                      cdt: torch.dtype) -> None:
+    """grad_hidden rows (+)= dl @ W_shard, grad_W[shard] (+)= dl^T @ h_chunk, grad_b[shard] += sum(dl)."""
+    if grad_hidden is not None:
+        if gh_acc is None:  # one shard, no group: the chunk's rows are final
+            grad_hidden.index_copy_(0, rows, dl @ weight[v0:v1])
+        else:
+            matmul_into(gh_acc, dl, weight[v0:v1], accumulate=not first_shard)
+    if gw is not None:
+        matmul_into(gw[v0:v1], dl.T, hc, accumulate=not first_chunk)
+    if gb is not None:
+        gb[v0:v1] += dl.sum(dim=0, dtype=cdt)
+
+
+@dataclass
+class _Objective:
+    """Per-call constants of the row coefficients."""
+
+    values: torch.Tensor  # (K,) score values
+    d_ce: float
+    coef: float  # 2 lam / D_mse
+    rail: bool
+    has_scores: bool
+
+
+@dataclass
+class _RowTerms:
+    nll_sum: torch.Tensor  # sum over CE rows of -log p(target)
+    sq_sum: torch.Tensor  # sum over score rows of (yhat - y)^2
+    yhat: torch.Tensor  # (R,) read-out of every row (meaningful at score rows)
+    a: torch.Tensor  # (R,) coefficients of dl = a * p - b * onehot(t) + sum_k e_k onehot(t_k)
+    b: torch.Tensor
+    e: torch.Tensor  # (R, K)
+
+
+def _row_terms(lp_t: torch.Tensor, lp_s: torch.Tensor, ce: torch.Tensor, is_score: torch.Tensor,
+               y_row: torch.Tensor, obj: _Objective) -> _RowTerms:
+    """Loss parts and gradient coefficients of a block of rows from their log-probabilities: ``lp_t`` of
+    the target (any value where ``ce`` is 0) and ``lp_s`` (R, K) of the score tokens. Rows that are not
+    score rows get ``g = 0``, so no row needs a data-dependent branch."""
+    nll_sum = -(lp_t * ce).sum()
+    a = ce / obj.d_ce
+    b = a
+    if not obj.has_scores:
+        zeros = lp_s.new_zeros(lp_s.shape[0])
+        return _RowTerms(nll_sum, zeros.sum(), zeros, a, b, lp_s.new_zeros(lp_s.shape))
+    q = torch.softmax(lp_s, dim=1) if obj.rail else torch.exp(lp_s)  # softmax is shift-invariant: of z_s too
+    yh = q @ obj.values
+    err = (yh - y_row) * is_score
+    g = obj.coef * err
+    if obj.rail:
+        e = g[:, None] * q * (obj.values[None, :] - yh[:, None])
+    else:
+        e = g[:, None] * q * obj.values[None, :]
+        a = a - g * yh
+    return _RowTerms(nll_sum, (err * err).sum(), yh, a, b, e)
+
+
+def _one_pass_chunk(tile: torch.Tensor, t_loc: torch.Tensor, s_loc: torch.Tensor, ce: torch.Tensor,
+                    is_score: torch.Tensor, y_row: torch.Tensor, obj: _Objective, cdt: torch.dtype,
+                    need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PyTorch path with the whole vocabulary in one tile and no vocab-parallel group: per row block, one
+    fused ``log_softmax`` gives the loss terms and, exponentiated in place, the gradient, written back over
+    the tile as dlogits. One pass over the tile instead of a statistics pass and a gradient pass, and an
+    fp32 work block of ``block_rows`` rows instead of an fp32 copy of the tile. Returns (nll, sq, yhat)."""
+    n = tile.shape[0]
+    nll = torch.zeros((), dtype=cdt, device=tile.device)
+    sq = torch.zeros((), dtype=cdt, device=tile.device)
+    yhat = torch.zeros((n,), dtype=cdt, device=tile.device)
+    t_idx = t_loc.clamp_min(0)[:, None]  # rows without a CE target have b = 0: any column will do
+    s_idx = s_loc.clamp_min(0)
+    step = block_rows(n, tile.shape[1], tile.device)
+    for r0 in range(0, n, step):
+        r1 = min(r0 + step, n)
+        lp = torch.log_softmax(tile[r0:r1], dim=1, dtype=cdt)
+        terms = _row_terms(lp.gather(1, t_idx[r0:r1]).squeeze(1), lp.index_select(1, s_idx), ce[r0:r1],
+                           is_score[r0:r1], y_row[r0:r1], obj)
+        nll += terms.nll_sum
+        sq += terms.sq_sum
+        yhat[r0:r1] = terms.yhat
+        if need_grad:
+            lp.exp_().mul_(terms.a[:, None])
+            lp.scatter_add_(1, t_idx[r0:r1], -terms.b[:, None])
+            if s_idx.numel():
+                lp.scatter_add_(1, s_idx[None, :].expand(r1 - r0, -1), terms.e)
+            tile[r0:r1].copy_(lp)
+    return nll, sq, yhat
+
+
 def fused_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -243,52 +339,49 @@ def fused_forward(
     ce_sum = torch.zeros((), dtype=cdt, device=dev)
     sq_sum = torch.zeros((), dtype=cdt, device=dev)
     yhat_act = torch.zeros((n_act,), dtype=cdt, device=dev)
-    coef = 2.0 * opt.lam / d_mse
+
+    obj = _Objective(values=values, d_ce=d_ce, coef=2.0 * opt.lam / d_mse, rail=opt.rail_normalize,
+                     has_scores=n_sc > 0 and values.numel() > 0)
+    one_pass = len(shards) == 1 and group is None and not use_triton(h_act, opt.kernel)
 
     for c0 in range(0, n_act, chunk):
         c1 = min(c0 + chunk, n_act)
         hc, t_loc = h_act[c0:c1], plan.tgt_local[c0:c1]
+        ce_c, sc_c, y_c = plan.ce[c0:c1], plan.is_score[c0:c1], plan.y_row[c0:c1]
+
+        if one_pass:
+            tile = _logits_tile(hc, weight, bias, 0, v_loc)
+            nll, sq, yh = _one_pass_chunk(tile, t_loc, plan.score_local, ce_c, sc_c, y_c, obj, cdt, need_grad)
+            ce_sum += nll
+            sq_sum += sq
+            yhat_act[c0:c1] = yh
+            if need_grad:
+                _gradient_matmuls(tile, hc, weight, 0, v_loc, plan.active[c0:c1], grad_hidden, None, gw, gb,
+                                  first_shard=True, first_chunk=c0 == 0, cdt=cdt)
+            del tile
+            continue
 
         # ---- pass 1: row statistics, combined over the vocab-parallel group
         keep = need_grad and len(shards) == 1
         m, s, zt, zs, kept = _chunk_stats(hc, weight, bias, shards, t_loc, plan.score_local, cdt, keep, opt.kernel)
         m, s, zt, zs = combine_row_stats(m, s, zt, zs, group)
         lse = m + torch.log(s)
-        ce_c = plan.ce[c0:c1]
-        ce_sum += ((lse - zt) * ce_c).sum()
-        a = ce_c / d_ce
-        e = zs.new_zeros(zs.shape)
-        if n_sc:  # score read-out for every row of the chunk; only score rows carry weight
-            q = torch.softmax(zs, dim=1) if opt.rail_normalize else torch.exp(zs - lse[:, None])
-            yh = q @ values
-            yhat_act[c0:c1] = yh
-            err = (yh - plan.y_row[c0:c1]) * plan.is_score[c0:c1]
-            sq_sum += (err * err).sum()
-            g = coef * err
-            if opt.rail_normalize:
-                e = g[:, None] * q * (values[None, :] - yh[:, None])
-            else:
-                e = g[:, None] * q * values[None, :]
-                a = a - g * yh
+        terms = _row_terms(zt - lse, zs - lse[:, None], ce_c, sc_c, y_c, obj)
+        ce_sum += terms.nll_sum
+        sq_sum += terms.sq_sum
+        yhat_act[c0:c1] = terms.yhat
         if not need_grad:
             continue
-        b = ce_c / d_ce
 
         # ---- pass 2: dlogits per shard (in place), then the gradient matmuls
         for si, (v0, v1) in enumerate(shards):
             tile = kept if kept is not None else _logits_tile(hc, weight, bias, v0, v1)
             kept = None
-            dl = tile_grad_(tile, lse, a, _in_tile(t_loc, v0, v1), b, _in_tile(plan.score_local, v0, v1), e,
-                            opt.kernel)
-            if grad_hidden is not None:
-                if gh_acc is None:
-                    grad_hidden.index_copy_(0, plan.active[c0:c1], dl @ weight[v0:v1])
-                else:
-                    matmul_into(gh_acc[c0:c1], dl, weight[v0:v1], accumulate=si > 0)
-            if gw is not None:
-                matmul_into(gw[v0:v1], dl.T, hc, accumulate=c0 > 0)
-            if gb is not None:
-                gb[v0:v1] += dl.sum(dim=0, dtype=cdt)
+            dl = tile_grad_(tile, lse, terms.a, _in_tile(t_loc, v0, v1), terms.b,
+                            _in_tile(plan.score_local, v0, v1), terms.e, opt.kernel)
+            _gradient_matmuls(dl, hc, weight, v0, v1, plan.active[c0:c1], grad_hidden,
+                              None if gh_acc is None else gh_acc[c0:c1], gw, gb,
+                              first_shard=si == 0, first_chunk=c0 == 0, cdt=cdt)
             del tile, dl
 
     if gh_acc is not None and grad_hidden is not None:

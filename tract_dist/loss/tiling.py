@@ -37,9 +37,11 @@ LARGE_VOCAB_SHARD = 1 << 16
 ROW_MULTIPLE = 64
 #: Balanced chunks are rounded up to this many rows (16-byte aligned bf16 rows of the tile).
 ROW_ALIGN = 8
-#: fp32 work block of the PyTorch tile ops on CPU: 4 MiB stays in a core's share of the L2/L3 cache,
-#: so the exp / scale passes over a block hit cache instead of DRAM.
-CPU_BLOCK_BYTES = 1 << 22
+#: fp32 work block of the PyTorch tile ops on CPU: 32 MiB (64 rows at V = 128256). Every op on a block opens
+#: an OpenMP parallel region, so cache-sized blocks of a few rows pay that fixed cost hundreds of times per
+#: tile (on a loaded 2-core machine the spinning threads made it dominate); 64-row blocks pay it a few times
+#: and keep the fp32 temporary a fraction of an fp32 copy of the tile.
+CPU_BLOCK_BYTES = 1 << 25
 #: On CUDA the PyTorch tile ops (kernel="torch") work on blocks of this many fp32 elements (256 MiB):
 #: few kernel launches, bounded temporaries.
 CUDA_BLOCK_ELEMENTS = 1 << 26
