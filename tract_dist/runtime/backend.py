@@ -1,9 +1,8 @@
 """Choosing and building an inference engine: ``generation.backend`` / ``evaluation.backend`` = auto | hf | vllm.
 
-``auto`` takes vLLM where it is installed, imports, and runs on a GPU; everywhere else HF. On a CPU vLLM is
-not faster: ``benchmarks/results/generate-backends-cpu-2core.md`` measured HF ahead at every batch size and at
-the quickstart's shape on the 2-core machine, so ``auto`` does not pay vLLM's start-up there (ask for ``vllm``
-explicitly to use it on a CPU). The choice and its reason are logged by the caller. Asking for ``vllm`` where it
+``auto`` takes vLLM where it is installed, imports, and runs on a GPU; on a CPU it keeps HF, which starts in
+seconds where a vLLM engine takes 20-120 s on 2 shared cores (ask for ``vllm`` explicitly there: on the
+2-core machine it generated faster at batch 8 and 32, see ``benchmarks/generate/bench_backends.py``). The choice and its reason are logged by the caller. Asking for ``vllm`` where it
 cannot be imported is a configuration error naming the key (exit 2), found before any replica starts.
 
 In-process engines are kept in a cache with one slot per backend: the next call with the same :class:`EngineSpec` (evaluation
@@ -64,8 +63,7 @@ def resolve_backend(requested: str, key: str, *, gpu: bool) -> BackendChoice:
     if requested != "auto":
         raise ConfigError(f"{key}: unknown backend {requested!r}; use auto, hf or vllm")
     if not gpu:
-        return BackendChoice("hf", "CPU: vLLM measured no faster than HF here "
-                                   "(benchmarks/results/generate-backends-cpu-2core.md)")
+        return BackendChoice("hf", "CPU: auto keeps HF (no engine start-up); set vllm explicitly to use it")
     ok, detail = vllm_status()
     return BackendChoice("vllm", detail) if ok else BackendChoice("hf", detail)
 
