@@ -7,7 +7,7 @@ or score rows), in token chunks x vocab shards sized from a per-device memory bu
   plan (once per call): active rows, per-row targets in local vocab coordinates, every input check and
          count, read to the host together; nothing inside the chunk loop waits for the device.
   one pass (PyTorch kernels, whole local vocabulary in one shard, no vocab-parallel group; the CPU path):
-         logits tile -> per row block one fused log_softmax -> loss terms and coefficients -> dlogits
+         logits tile -> per 16 MiB row block one fused log_softmax -> loss terms and coefficients -> dlogits
          written over the tile -> gradient matmuls.
   two passes (Triton kernels on CUDA, or several shards / ranks):
     pass 1 (over shards): logits tile -> online (max, sum-exp) merge; gather the target logit and the

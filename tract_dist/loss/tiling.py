@@ -37,11 +37,12 @@ LARGE_VOCAB_SHARD = 1 << 16
 ROW_MULTIPLE = 64
 #: Balanced chunks are rounded up to this many rows (16-byte aligned bf16 rows of the tile).
 ROW_ALIGN = 8
-#: fp32 work block of the PyTorch tile ops on CPU: 32 MiB (64 rows at V = 128256). Every op on a block opens
+#: fp32 work block of the PyTorch tile ops on CPU: 16 MiB (32 rows at V = 128256). Every op on a block opens
 #: an OpenMP parallel region, so cache-sized blocks of a few rows pay that fixed cost hundreds of times per
-#: tile (on a loaded 2-core machine the spinning threads made it dominate); 64-row blocks pay it a few times
-#: and keep the fp32 temporary a fraction of an fp32 copy of the tile.
-CPU_BLOCK_BYTES = 1 << 25
+#: tile; and glibc serves requests of 32 MiB and more with a fresh mmap, whose page faults then cost as much as
+#: the arithmetic. 16 MiB blocks stay on the reused heap and keep the fp32 temporary a fraction of an fp32 copy
+#: of the tile.
+CPU_BLOCK_BYTES = 1 << 24
 #: On CUDA the PyTorch tile ops (kernel="torch") work on blocks of this many fp32 elements (256 MiB):
 #: few kernel launches, bounded temporaries.
 CUDA_BLOCK_ELEMENTS = 1 << 26
