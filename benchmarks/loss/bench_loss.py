@@ -14,8 +14,9 @@ Providers, on identical inputs (fwd+bwd of CE over the CoT rows + lam * MSE of t
 Peers that do not import or do not run on the device are reported as "unavailable" with the reason.
 
 Batches: "uniform" (every row has a CE target) and "realistic" (80 % of each 512-token sequence is prompt,
-ignored), both with one score row per sequence. Each provider's loss is checked against a float64 reference
-of the same inputs (``loss_err``).
+ignored), both with one score row per sequence. Each provider's loss and gradients are checked against a
+float64 reference of the same inputs (``loss_err``, ``grad_err`` = max |error| / max |reference| for the hidden
+states and the lm_head weight): an approximation (e.g. a gradient filter) shows there, not only in time.
 
 Time: median of --iters fwd+bwd after --warmup, providers interleaved round-robin (CUDA events on GPU,
 perf_counter on CPU). Peak memory: one extra fwd+bwd per provider (torch.cuda.max_memory_allocated on GPU;
@@ -117,20 +118,32 @@ def naive_sliced(b: dict) -> torch.Tensor:
     return ce + LAM * _expected_score_mse(logits[pos], b)
 
 
-def reference_loss(b: dict, rows_per_block: int = 2048) -> float:
-    """The objective in float64 (no gradients), in row blocks so that the paper's shape fits: what every
-    provider should return."""
-    h, w = b["hidden"].detach(), b["weight"].detach().double()
-    nll_sum, n_ce, yhat = 0.0, int((b["targets"] != -100).sum()), []
+def reference(b: dict, rows_per_block: int = 1024) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """The objective and its gradients (hidden, weight) in float64, by autograd over row blocks with the whole
+    batch's denominators, so that the paper's shape fits: what every provider should return."""
+    h = b["hidden"].detach().double()
+    w = b["weight"].detach().double().requires_grad_()
+    n_ce, n_sc = int((b["targets"] != -100).sum()), b["score_rows"].numel()
+    total, grad_h = 0.0, torch.zeros_like(h)
     for r0 in range(0, h.shape[0], rows_per_block):
-        logits = h[r0 : r0 + rows_per_block].double() @ w.T
-        nll_sum += float(F.cross_entropy(logits, b["targets"][r0 : r0 + rows_per_block], ignore_index=-100,
-                                         reduction="sum"))
-        local = b["score_rows"][(b["score_rows"] >= r0) & (b["score_rows"] < r0 + rows_per_block)] - r0
-        probs = torch.softmax(logits[local], dim=-1)[:, b["score_ids"]]
-        yhat.append(probs @ b["score_values"].double())
-    mse = float(((torch.cat(yhat) - b["score_targets"].double()) ** 2).mean())
-    return nll_sum / max(n_ce, 1) + LAM * mse
+        hb = h[r0 : r0 + rows_per_block].clone().requires_grad_()
+        logits = hb @ w.T
+        loss = F.cross_entropy(logits, b["targets"][r0 : r0 + rows_per_block], ignore_index=-100,
+                               reduction="sum") / max(n_ce, 1)
+        sel = (b["score_rows"] >= r0) & (b["score_rows"] < r0 + rows_per_block)
+        if bool(sel.any()):
+            probs = torch.softmax(logits[b["score_rows"][sel] - r0], dim=-1)[:, b["score_ids"]]
+            yhat = probs @ b["score_values"].double()
+            loss = loss + LAM * ((yhat - b["score_targets"][sel].double()) ** 2).sum() / n_sc
+        loss.backward()
+        total += float(loss)
+        grad_h[r0 : r0 + rows_per_block] = hb.grad
+    return total, grad_h, w.grad
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |a - ref| / max |ref| (elementwise-relative is meaningless for entries near 0)."""
+    return float((a.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
 def make_fused(kernel: str, device: torch.device) -> tuple[LossFn | None, str]:
@@ -222,7 +235,7 @@ def run_config(args, device, dtype, n, v, kind, providers: dict[str, LossFn | No
     load from other processes on a shared machine hits every provider alike."""
     b = make_batch(n, args.hidden, v, dtype, device, kind)
     n_active = int(((b["targets"] != -100).sum() + b["score_rows"].numel()).item())
-    ref = reference_loss(b)
+    ref, ref_gh, ref_gw = reference(b)
     rows: dict[str, dict] = {}
     ready: list[str] = []
     for name, fn in providers.items():
@@ -239,6 +252,10 @@ def run_config(args, device, dtype, n, v, kind, providers: dict[str, LossFn | No
             with torch.no_grad():
                 row["loss"] = float(fn(b))
             row["loss_err"] = abs(row["loss"] - ref) / abs(ref)
+            _zero_grads(b)
+            fn(b).backward()
+            row["grad_err_hidden"] = _rel(b["hidden"].grad, ref_gh)
+            row["grad_err_weight"] = _rel(b["weight"].grad, ref_gw)
             for _ in range(args.warmup):
                 time_once(fn, b, device)
             _zero_grads(b)
@@ -264,7 +281,8 @@ def run_config(args, device, dtype, n, v, kind, providers: dict[str, LossFn | No
             r["matmul_tflops"] = tflops
             r["roofline"] = 6 * n_active * args.hidden * v / (tflops * 1e12) * 1e3 / r["median_ms"]
         print(f"  {r['dtype']:8s} {kind:9s} N={n:<6d} V={v:<7d} {name:14s} {r['median_ms']:10.1f} ms "
-              f"{r['peak_mib']:10.1f} MiB  loss_err={r['loss_err']:.1e}", flush=True)
+              f"{r['peak_mib']:10.1f} MiB  loss_err={r['loss_err']:.1e} grad_err={r['grad_err_hidden']:.1e}/"
+              f"{r['grad_err_weight']:.1e}", flush=True)
     ok = [r for r in rows.values() if r["status"] == "ok"]
     base_ok = [r for r in ok if r["impl"] in BASELINES]
     fastest = min(base_ok, key=lambda r: r["median_ms"]) if base_ok else None
@@ -285,7 +303,7 @@ def run_config(args, device, dtype, n, v, kind, providers: dict[str, LossFn | No
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ("| dtype | batch | tokens | active | vocab | impl | median ms | peak MiB | loss err | "
+    head = ("| dtype | batch | tokens | active | vocab | impl | median ms | peak MiB | loss err | grad err h / W | "
             "time / fastest baseline | mem / fastest | time / naive_sliced | mem / naive_sliced | mem / naive | "
             "roofline |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -296,11 +314,12 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         lead = f"| {r['dtype']} | {r['batch']} | {r['tokens']} | {r['active_rows']} | {r['vocab']} | {r['impl']} |"
         if r["status"] != "ok":
-            lines.append(f"{lead} {r['status']} |" + " |" * 9)
+            lines.append(f"{lead} {r['status']} |" + " |" * 10)
             continue
         fastest = f"{f(r.get('time_vs_fastest'), '.2f')} ({r.get('fastest_baseline', '-')})"
         lines.append(
-            f"{lead} {r['median_ms']:.1f} | {r['peak_mib']:.1f} | {r['loss_err']:.1e} | {fastest} | "
+            f"{lead} {r['median_ms']:.1f} | {r['peak_mib']:.1f} | {r['loss_err']:.1e} | "
+            f"{r['grad_err_hidden']:.1e} / {r['grad_err_weight']:.1e} | {fastest} | "
             f"{f(r.get('mem_vs_fastest'), '.3f')} | {f(r.get('time_vs_naive_sliced'), '.2f')} | "
             f"{f(r.get('mem_vs_naive_sliced'), '.3f')} | {f(r.get('mem_vs_naive'), '.3f')} | "
             f"{f(r.get('roofline'), '.2f')} |"
@@ -371,6 +390,20 @@ def build_providers(names: list[str], device: torch.device) -> tuple[dict[str, L
     return providers, notes
 
 
+def _git_commit() -> str:
+    """The checkout's commit (+ "-dirty" with uncommitted changes), so a result names the code it measured."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "tract_dist", "benchmarks/loss"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def run(args: argparse.Namespace) -> dict:
     """Run every configuration; write ``<out>.json`` and ``<out>.md``; return the report."""
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -383,6 +416,7 @@ def run(args: argparse.Namespace) -> dict:
     machine = machine_name(device)
     meta = dict(
         machine=machine, device=str(device), torch=torch.__version__, python=platform.python_version(),
+        commit=_git_commit(),
         threads=torch.get_num_threads(), date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         timer="cuda events" if gpu else "time.perf_counter",
         memory="torch.cuda.max_memory_allocated - baseline" if gpu else
@@ -407,10 +441,11 @@ def run(args: argparse.Namespace) -> dict:
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     out.with_suffix(".md").write_text(
         f"# CoT-RAFT loss benchmark: {machine}\n\n"
-        f"`python benchmarks/loss/bench_loss.py {' '.join(sys.argv[1:])}`: torch {meta['torch']}, hidden "
+        f"`python benchmarks/loss/bench_loss.py {' '.join(sys.argv[1:])}` at commit {meta['commit']}: torch "
+        f"{meta['torch']}, hidden "
         f"{args.hidden}, {meta['threads']} threads, {meta['date']}. Time: median of {args.iters} fwd+bwd after "
-        f"{args.warmup} warm-up, providers interleaved ({meta['timer']}). Memory: {meta['memory']}. Loss err: "
-        f"relative to a float64 reference of the same inputs. Load average at start/end: {meta['loadavg_start']} / "
+        f"{args.warmup} warm-up, providers interleaved ({meta['timer']}). Memory: {meta['memory']}. Loss and grad "
+        f"err: relative to a float64 reference of the same inputs (grads: max-norm). Load average at start/end: {meta['loadavg_start']} / "
         f"{meta['loadavg_end']}.\n\nProvider notes: {json.dumps(notes)}\n\n{md}\n"
     )
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")

@@ -147,11 +147,15 @@ def plan_rows(
     )
 
 
-def _logits_tile(hc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, v0: int, v1: int) -> torch.Tensor:
+def _logits_tile(hc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, v0: int, v1: int,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """h_chunk @ W[v0:v1]^T (+ b), into ``out`` when given (a buffer reused across chunks: on CPU a fresh
+    tile-sized allocation costs its page faults every time)."""
     w = weight[v0:v1]
     if bias is None:
-        return hc @ w.T
-    return torch.addmm(bias[v0:v1].to(hc.dtype), hc, w.T)
+        return torch.mm(hc, w.T, out=out) if out is not None else hc @ w.T
+    b = bias[v0:v1].to(hc.dtype)
+    return torch.addmm(b, hc, w.T, out=out) if out is not None else torch.addmm(b, hc, w.T)
 
 
 def _in_tile(local: torch.Tensor, v0: int, v1: int) -> torch.Tensor:
@@ -344,13 +348,15 @@ def fused_forward(
                      has_scores=n_sc > 0 and values.numel() > 0)
     one_pass = len(shards) == 1 and group is None and not use_triton(h_act, opt.kernel)
 
+    tile_buf = torch.empty((min(chunk, n_act), v_loc), dtype=dt, device=dev) if one_pass and n_act else None
+
     for c0 in range(0, n_act, chunk):
         c1 = min(c0 + chunk, n_act)
         hc, t_loc = h_act[c0:c1], plan.tgt_local[c0:c1]
         ce_c, sc_c, y_c = plan.ce[c0:c1], plan.is_score[c0:c1], plan.y_row[c0:c1]
 
         if one_pass:
-            tile = _logits_tile(hc, weight, bias, 0, v_loc)
+            tile = _logits_tile(hc, weight, bias, 0, v_loc, out=tile_buf[: c1 - c0])
             nll, sq, yh = _one_pass_chunk(tile, t_loc, plan.score_local, ce_c, sc_c, y_c, obj, cdt, need_grad)
             ce_sum += nll
             sq_sum += sq
