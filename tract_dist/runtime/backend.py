@@ -1,9 +1,10 @@
 """Choosing and building an inference engine: ``generation.backend`` / ``evaluation.backend`` = auto | hf | vllm.
 
-``auto`` takes vLLM where it is installed, imports, and runs on a GPU; on a CPU it keeps HF, which starts in
-seconds where a vLLM engine takes 20-120 s on 2 shared cores (ask for ``vllm`` explicitly there: on the
-2-core machine it generated faster at batch 8 and 32, see ``benchmarks/generate/bench_backends.py``). The choice and its reason are logged by the caller. Asking for ``vllm`` where it
-cannot be imported is a configuration error naming the key (exit 2), found before any replica starts.
+``auto`` takes vLLM where it is installed, imports, and runs on a GPU. On a CPU it keeps HF: a vLLM engine
+generates faster there too once it runs (``benchmarks/results/generate-backends-cpu-2core.md``), but its
+start-up costs tens of seconds per engine, which small CPU jobs do not win back; ask for ``vllm`` explicitly
+for long CPU runs. The choice and its reason are logged by the caller. Asking for ``vllm`` where it cannot be
+imported is a configuration error naming the key (exit 2), found before any replica starts.
 
 In-process engines are kept in a cache with one slot per backend: the next call with the same :class:`EngineSpec` (evaluation
 after generation, every benchmark of one evaluation, a resumed generation) reuses the loaded engine instead of
@@ -111,6 +112,7 @@ def release_engine(backend: str | None = None) -> None:
             torch.cuda.empty_cache()
     except ImportError:  # pragma: no cover - torch is a dependency
         pass
+
 
 def choose_backend(cfg: Any, section: str) -> BackendChoice:
     """Resolve ``{section}.backend`` of a config (section: generation or evaluation) and log the choice."""
