@@ -136,7 +136,7 @@ def reference(b: dict, rows_per_block: int = 1024) -> tuple[float, torch.Tensor,
             yhat = probs @ b["score_values"].double()
             loss = loss + LAM * ((yhat - b["score_targets"][sel].double()) ** 2).sum() / n_sc
         loss.backward()
-        total += float(loss)
+        total += float(loss.detach())
         grad_h[r0 : r0 + rows_per_block] = hb.grad
     return total, grad_h, w.grad
 
