@@ -13,12 +13,26 @@ lent H100/H200, and writes JSON + markdown into ``--out``:
   4. generation    ``benchmarks/generate/bench_generate.py``: the HF generate batch sweep on CUDA.
 vLLM is not measured here: its wheel is too large to travel to the device machine.
 
-Every stage runs even if an earlier one failed; its status, time and output tail land in the summary.
-Liger-Kernel and Cut Cross-Entropy are pure-Python wheels: put them in ``.whl/`` and install with
-``pip install --no-deps --target`` before the run (see ``benchmarks/README.md``).
+Every stage runs even if an earlier one failed; its status, time and output tail land in the summary, and
+at most 8 files are written (what the device tool brings back). Three pure-Python wheels must travel:
+Liger-Kernel and Cut Cross-Entropy (``requirements/peers.txt``) and llama-models (the Llama-3 tokenizer of
+the generation stage's random-1b model). With the other packages absent (Ray, DeepSpeed, MLflow, vLLM,
+datasets, pydantic, PEFT), ``--smoke`` still passes every stage (checked by hiding them from the import
+system). Here, once (repository root):
 
-    python benchmarks/gpu_check.py --out $OUT                  # on the GPU machine
-    python benchmarks/gpu_check.py --smoke --out /tmp/gpucheck # same code, tiny shapes, on CPU (a test runs it)
+    echo /.whl/ >> .git/info/exclude
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        -d .whl liger-kernel==0.8.5 cut-cross-entropy==25.1.1 llama-models==0.3.0
+
+then on the GPU machine (device tool: ``carry=[".whl"]``, a timeout that leaves room for one rerun):
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out $OUT
+
+and commit ``$OUT`` under ``benchmarks/results/gpu-check-<card>/``. On CPU, ``--smoke`` runs the same code
+at tiny shapes in about a minute (``tests/benchmarks/test_gpu_check_smoke.py``):
+
+    python benchmarks/gpu_check.py --smoke --out /tmp/gpucheck
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -94,3 +95,15 @@ def test_function_refuses_zero3_partitioned_head() -> None:
     model.lm_head.weight.ds_id, model.lm_head.weight.ds_status = 0, "NOT_AVAILABLE"  # looks partitioned
     with pytest.raises(RuntimeError, match="CotRaftCausalLM"):
         causal_lm_cot_raft_loss(model, make_batch(0), loss_options())
+
+
+def test_head_works_where_deepspeed_is_not_installed(monkeypatch) -> None:
+    # A GPU machine with plain PyTorch (no DeepSpeed): the wrapper builds and its loss equals the function's.
+    for name in [m for m in sys.modules if m == "deepspeed" or m.startswith("deepspeed.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # `import deepspeed...` raises ImportError
+    model = build_tiny_model(tiny_llama_config(512, tie=True)).double()
+    wrapper = CotRaftCausalLM(model, loss_options())
+    assert external_param_ids(wrapper.head) == set()
+    batch = make_batch(5)
+    torch.testing.assert_close(wrapper(**batch).loss, causal_lm_cot_raft_loss(model, batch, loss_options()).loss)

@@ -42,9 +42,13 @@ def register_external_params(module: torch.nn.Module, params: Iterable[torch.nn.
     """Make ``module``'s ZeRO-3 hooks gather ``params`` around its forward and backward.
 
     Safe to call before ``deepspeed.initialize`` (even on a model that DeepSpeed converts to ZeRO-3
-    there: registration is by Parameter identity) and harmless without DeepSpeed.
+    there: registration is by Parameter identity) and a no-op where DeepSpeed is not installed (no
+    ZeRO-3 can partition the model there; e.g. a GPU machine running plain PyTorch).
     """
-    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+    try:
+        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+    except ImportError:
+        return
 
     for param in params:
         if param is not None:
