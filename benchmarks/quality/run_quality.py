@@ -485,12 +485,13 @@ def write_report(work: Path, s: dict[str, Any], seeds: list[int], out_prefix: Pa
         "",
         "Mean ± sample std over the seeds that finished (of " + ", ".join(map(str, seeds)) + "), held-out set:",
         "",
-        "| method (inference) | Pearson ↑ | Spearman ↑ | Kendall ↑ | RMSE ↓ | failed | seeds |",
-        "|---|---|---|---|---|---|---|",
+        "| method (inference) | λ | Pearson ↑ | Spearman ↑ | Kendall ↑ | RMSE ↓ | failed | seeds |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for key, r in rows.items():
         a = r["aggregate"]
-        lines.append(f"| {key} | {cell(a, 'pearson')} | {cell(a, 'spearman')} | {cell(a, 'kendall')} | "
+        lam = 0 if r["method"] == "ce_cot" else s["lam"]
+        lines.append(f"| {key} | {lam:g} | {cell(a, 'pearson')} | {cell(a, 'spearman')} | {cell(a, 'kendall')} | "
                      f"{cell(a, 'rmse')} | {cell(a, 'failed')} | {len(r['seeds'])} |")
     lines += ["", "Diagnostics (same seeds): prediction mean / spread across the held-out set (gold: mean "
               f"{gold_mean:.2f}, sd {gold_sd:.2f}); `step verdicts` = share of the 4 x n steps whose verdict "
@@ -559,7 +560,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--micro", type=int, default=2)
     ap.add_argument("--accum", type=int, default=1)
     ap.add_argument("--epochs", type=float, default=1.0)
-    ap.add_argument("--lam", type=float, default=1.0)
+    ap.add_argument("--lam", type=float, default=None,
+                    help="regression weight; default 1/micro-batch, the official runs' effective lambda "
+                         "(../shared/FIDELITY.md: their MSE term is divided by the per-device batch twice)")
     ap.add_argument("--warmup", type=float, default=0.1)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--eval-batch", type=int, default=16)
@@ -569,6 +572,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality-cpu-2core"))
     ap.add_argument("--analysis", default=str(HERE / "ANALYSIS.md"), help="markdown appended as ## Analysis")
     a = ap.parse_args(argv)
+    if a.lam is None:
+        a.lam = 1.0 / a.micro
     if a.phase:
         spec = json.loads(Path(a.spec).read_text())
         if spec.get("threads"):
