@@ -11,8 +11,10 @@ stamp="$VENV/.tract-setup-$stamp_key"
 if [ -f "$stamp" ]; then exit 0; fi
 echo "[setup] preparing $VENV (first run takes a few minutes)" >&2
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-export PATH="$PWD/$VENV/bin:$PATH"
-pip_q() { python -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+VENV=$(cd "$VENV" && pwd)  # absolute: TRACT_VENV may be either, and a wrong PATH would install into another Python
+export PATH="$VENV/bin:$PATH"
+# pip's own exit status decides (a failed install must not be stamped as done); grep only filters the noise.
+pip_q() { python -m pip install -q --disable-pip-version-check "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; return "${PIPESTATUS[0]}"; }
 # torch first and alone: 2.13.0 is the CPU build on this kind of machine; any other request pulls CUDA.
 pip_q torch==2.13.0
 python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
