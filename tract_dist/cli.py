@@ -183,4 +183,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m tract_dist.cli`` (the quickstart) runs this file as ``__main__``, a second copy of the module:
+    # library code raises ``tract_dist.cli.UsageError``, which ``__main__``'s handlers would not catch (a
+    # traceback instead of exit 2), so run the imported module's ``main``.
+    from tract_dist.cli import main as _imported_main
+
+    sys.exit(_imported_main())

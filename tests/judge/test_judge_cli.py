@@ -43,3 +43,15 @@ def test_judge_usage_errors(tiny_export, capsys):
     assert "score-description" in capsys.readouterr().err
     assert main(["judge", "--model", tiny_export, "--json", "{not json"]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_library_usage_errors_exit_2_under_python_dash_m(tmp_path):
+    """``python -m tract_dist.cli`` (how the quickstart runs) loads cli.py twice; a UsageError raised by library
+    code must still be a message and exit 2, not a traceback."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "tract_dist.cli", "judge", "--model", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "give exactly one of --file, --json" in r.stderr and "Traceback" not in r.stderr
