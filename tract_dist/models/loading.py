@@ -56,6 +56,21 @@ def choose_attn_implementation(requested: str | None = None, device: str | torch
     return "sdpa"
 
 
+def drop_gguf_quantization(config: Any) -> None:
+    """Remove a GGUF ``quantization_config`` from ``config`` (and its ``text_config``), in place.
+
+    transformers dequantises GGUF weights when it loads them, so a model loaded from GGUF holds plain tensors
+    while its config still says "gguf": a folder saved with that config describes weights it does not hold, and
+    loaders that honour it refuse it (vLLM: "Unknown quantization method: gguf"). Other quantisation methods
+    describe the saved weights and are kept.
+    """
+    for cfg_obj in (config, getattr(config, "text_config", None)):
+        q = getattr(cfg_obj, "quantization_config", None) if cfg_obj is not None else None
+        method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
+        if q is not None and str(getattr(method, "value", method)).lower() == "gguf":
+            del cfg_obj.quantization_config
+
+
 def materialize_alias(name_or_path: str) -> str:
     """A local HF folder for ``name_or_path``: aliases with GGUF weights are converted once and cached.
 
@@ -74,11 +89,7 @@ def materialize_alias(name_or_path: str) -> str:
     gguf = AutoModelForCausalLM.from_pretrained(path, **extra)  # dequantised to fp32
     plain = AutoModelForCausalLM.from_config(gguf.config)  # GGUF-backed models refuse save_pretrained
     plain.load_state_dict(gguf.state_dict())
-    # The weights are dequantised now: a config that still says "gguf" describes weights this folder does not
-    # hold, and loaders that honour it (vLLM: "Unknown quantization method: gguf") refuse the folder.
-    for cfg_obj in (plain.config, getattr(plain.config, "text_config", None)):
-        if cfg_obj is not None and hasattr(cfg_obj, "quantization_config"):
-            del cfg_obj.quantization_config
+    drop_gguf_quantization(plain.config)
     plain.generation_config = gguf.generation_config
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=dest.name + ".tmp"))

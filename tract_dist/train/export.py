@@ -8,6 +8,7 @@ adapter is written with PEFT, and the merged model (W + alpha/r * B @ A) beside 
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from pathlib import Path
@@ -34,7 +35,11 @@ def save_hf_dir(state_dict: dict[str, torch.Tensor], config: Any, tokenizer: Any
                 generation_config: Any = None) -> None:
     from safetensors.torch import save_file
 
+    from tract_dist.models.loading import drop_gguf_quantization
+
     out.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(config)
+    drop_gguf_quantization(config)  # a model trained from a GGUF seed (the smollm2 alias) holds plain weights
     if getattr(config, "tie_word_embeddings", False):
         state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
     # Clone so tensors never share storage (safetensors refuses shared tensors).
