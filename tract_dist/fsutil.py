@@ -1,0 +1,231 @@
+"""Files that many processes share: atomic writes, writer-owned temporary names, and exclusive locks.
+
+One helper module for every place that publishes a file (state, settings, shards, checkpoints' markers) or
+must be the only writer of a folder (a pipeline, a training run, a generation folder):
+
+- :func:`atomic_write_text` / :func:`atomic_write_json`: write a temporary file next to the target, fsync it,
+  rename it over the target, fsync the folder. A reader sees the old file or the new one, never half of one;
+  a failed write (ENOSPC, a kill) leaves the old file and removes its temporary file.
+- :func:`temp_path` names a temporary file after its writer (host and pid), so cleaning up after a crash can
+  tell a dead writer's file from a live one's (:func:`is_stale_temp`).
+- :func:`exclusive_lock` holds an OS lock (``flock`` through ``filelock``) on ``.<folder name>.lock`` beside
+  the folder for as long as a command runs (beside it, so ``--fresh`` may move the folder itself aside). A second invocation fails at once with :class:`LockHeldError` naming the
+  holder (pid, host, command, since when), read from the holder record written beside the lock. The kernel
+  releases the lock when its holder dies, however it dies, so a stale lock never blocks anyone; the holder
+  record of a dead process is simply overwritten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+_HOST = socket.gethostname()
+_HOST_TAG = re.sub(r"[^A-Za-z0-9-]", "-", _HOST) or "host"  # no dots: temp names are parsed from the right
+
+
+class LockHeldError(RuntimeError):
+    """Another process holds the lock of a folder this command must write alone."""
+
+    def __init__(self, what: str, path: Path, holder: dict[str, Any] | None):
+        self.path = path
+        self.holder = holder or {}
+        if holder:
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
+            who = (f"pid {holder.get('pid')} on host {holder.get('host')} since {since} "
+                   f"({' '.join(holder.get('argv', []))[:200]})")
+        else:
+            who = "another process (its holder record is not written yet)"
+        folder = path.with_name(path.name[1:-len(".lock")])
+        super().__init__(f"{what} {folder} is in use by {who}; wait for it to finish or stop it "
+                         f"(lock file {path})")
+
+
+def host() -> str:
+    return _HOST
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def temp_path(final: Path) -> Path:
+    """A hidden temporary name beside ``final`` that only this process uses: ``.NAME.HOST.PID.RANDOM.tmp``."""
+    return final.with_name(f".{final.name}.{_HOST_TAG}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def temp_owner(path: Path) -> tuple[str, int] | None:
+    """(host tag, pid) of a :func:`temp_path` name; None for other names (e.g. an older ``.NAME.tmp``)."""
+    parts = path.name.split(".")
+    if len(parts) < 6 or parts[0] != "" or parts[-1] != "tmp" or not parts[-3].isdigit():
+        return None
+    return parts[-4], int(parts[-3])
+
+
+def is_stale_temp(path: Path, *, foreign_after_s: float = 24 * 3600) -> bool:
+    """Whether a temporary file was left by a writer that is gone.
+
+    Ours (this host): stale when its pid is no longer alive. Another host's: stale only once it is older than
+    ``foreign_after_s`` (its writer cannot be checked from here). Names without an owner (an older layout):
+    stale, as before."""
+    owner = temp_owner(path)
+    if owner is None:
+        return True
+    who, pid = owner
+    if who == _HOST_TAG:
+        return pid != os.getpid() and not pid_alive(pid)
+    try:
+        return time.time() - path.stat().st_mtime > foreign_after_s
+    except FileNotFoundError:
+        return False
+
+
+def _fsync_dir(d: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a folder be opened for fsync
+        fd = os.open(str(d), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically and durably (temp file, fsync, rename, fsync folder)."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any, *, indent: int | None = 2, sort_keys: bool = False) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=str) + "\n")
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """Parse a JSON file this project wrote; a corrupt or unreadable one raises :class:`CorruptStateError`
+    naming the file (never a bare JSONDecodeError)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptStateError(f"{path}: {what} is corrupt ({type(e).__name__}: {e}); restore it or remove "
+                                f"it to start that part afresh") from None
+
+
+class CorruptStateError(RuntimeError):
+    """A state file this project wrote cannot be read back; the message names it."""
+
+
+def file_fingerprint(path: str) -> str:
+    """Content hash of a local file (first 64 MiB + size), or the name itself for hub datasets."""
+    import hashlib
+
+    p = Path(path)
+    if not p.is_file():
+        return path
+    h = hashlib.sha256(str(p.stat().st_size).encode())
+    with open(p, "rb") as f:
+        h.update(f.read(64 << 20))
+    return h.hexdigest()[:16]
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("TRACT_DIST_CACHE", Path.home() / ".cache" / "tract-dist"))
+
+
+def content_fingerprint(path: str | Path) -> str | None:
+    """SHA-256 over every file of a local model folder (relative name + full content), or of one file; None
+    when ``path`` is not local (a hub name or alias: the name is its identity).
+
+    Hashing a multi-GB model takes a while, so each file's digest is cached by (path, size, mtime) under
+    ``TRACT_DIST_CACHE``: a model rewritten in place (same path, new weights) gets a new hash."""
+    import hashlib
+
+    p = Path(path)
+    if not p.exists():
+        return None
+    files = [p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file() and not x.name.startswith("."))
+    cache_file = _cache_dir() / "content-hashes.json"
+    try:
+        cache = json.loads(cache_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cache = {}
+    total = hashlib.sha256()
+    changed = False
+    for f in files:
+        st = f.stat()
+        key = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        digest = cache.get(key)
+        if digest is None:
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(16 << 20), b""):
+                    h.update(chunk)
+            digest = cache[key] = h.hexdigest()
+            changed = True
+        total.update(f"{f.relative_to(p) if p.is_dir() else f.name}\0{digest}\n".encode())
+    if changed:
+        with contextlib.suppress(OSError):
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(cache_file, cache, indent=None)
+    return total.hexdigest()
+
+
+def lock_path(folder: str | Path) -> Path:
+    folder = Path(folder).resolve()
+    return folder.with_name(f".{folder.name}.lock")
+
+
+@contextlib.contextmanager
+def exclusive_lock(folder: str | Path, what: str) -> Iterator[Path]:
+    """Hold ``folder``'s lock for the body; raise :class:`LockHeldError` at once if another process holds it."""
+    from filelock import FileLock, Timeout
+
+    folder = Path(folder).resolve()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    path = lock_path(folder)
+    holder_file = path.with_name(path.name + ".holder")
+    lock = FileLock(str(path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        holder = None
+        with contextlib.suppress(OSError, ValueError):
+            holder = json.loads(holder_file.read_text(encoding="utf-8"))
+        raise LockHeldError(what, path, holder) from None
+    try:
+        atomic_write_json(holder_file, {"pid": os.getpid(), "host": _HOST, "since": time.time(),
+                                        "argv": sys.argv})
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            holder_file.unlink()
+        lock.release()
