@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-env.sh
 VENV=$(cd "${TRACT_VENV:-.venv}" && pwd)  # the environment setup-env.sh prepared (TRACT_VENV, else .venv)
-export PATH="$VENV/bin:$PATH" TOKENIZERS_PARALLELISM=false RAY_AUTH_MODE=disabled
+export PATH="$VENV/bin:$PATH" TOKENIZERS_PARALLELISM=false
 # `python -m` from the checkout: this checkout's tract_dist runs even when TRACT_VENV is an environment whose
 # editable install points at another checkout.
 exec python -m tract_dist.cli pipeline configs/quickstart.yaml "$@"

@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-env.sh
 VENV=$(cd "${TRACT_VENV:-.venv}" && pwd)  # the environment setup-env.sh prepared (TRACT_VENV, else .venv)
-export PATH="$VENV/bin:$PATH" DS_ACCELERATOR=cpu RAY_AUTH_MODE=disabled TOKENIZERS_PARALLELISM=false
+export PATH="$VENV/bin:$PATH" DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false
 exec python -m pytest -q "$@"

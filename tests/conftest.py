@@ -3,12 +3,34 @@ checkout), and offline tokenizers."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import secrets
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _ray_token_for_the_session() -> None:
+    """Ray token authentication stays on for the whole suite: every Ray it starts (the local ``ray.init``, the
+    ``ray start --head`` of the Jobs tests, their clients, subprocesses) uses one token made for this session,
+    kept in a temporary file, so the suite never writes ``~/.ray/auth_token``. RAY_AUTH_MODE is set to token
+    explicitly (Ray 2.60's default for a local ``ray.init``; ``ray start`` needs it said), overriding a
+    ``disabled`` left in the caller's environment."""
+    folder = Path(tempfile.mkdtemp(prefix="tract-ray-auth-"))
+    atexit.register(shutil.rmtree, folder, True)
+    token = folder / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)})
+
+
+_ray_token_for_the_session()
 # 16 Vicuna Bench records converted to the project's JSONL, committed (data/quickstart/NOTICE).
 QUICKSTART_DATA = REPO / "data" / "quickstart" / "vicuna_eval_0-15.jsonl"
 

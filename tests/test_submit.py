@@ -37,7 +37,11 @@ def head(tmp_path_factory):
                    f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
                    f"--ray-client-server-port={_free_port()}"]
     ray_bin = str(Path(sys.executable).parent / "ray")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    from tract_dist.runtime.ray_cluster import local_ray_env
+
+    # Token authentication on (the suite's token, tests/conftest.py); every server on loopback.
+    assert os.environ["RAY_AUTH_MODE"] == "token" and os.environ.get("RAY_AUTH_TOKEN_PATH")
+    env = {**os.environ, **local_ray_env(), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
@@ -97,9 +101,19 @@ def _config(tmp: Path, data: Path, steps: int) -> Path:
 def test_submit_status_logs_and_stop(head, tmp_path, quickstart_data, capsys, monkeypatch):
     from tract_dist.submit import job_status, wait_for
 
+    import urllib.error
+    import urllib.request
+
+    # The head's Jobs API refuses a request without the token ...
+    with pytest.raises(urllib.error.HTTPError) as ei:
+        urllib.request.urlopen(f"{head}/api/jobs/", timeout=10)
+    assert ei.value.code == 401
+    # ... and `submit` authenticates with it (RAY_AUTH_TOKEN_PATH).
     monkeypatch.chdir(REPO)
     assert main(["submit", "--address", head, "--wait", str(_config(tmp_path, quickstart_data, 2))]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "[submit] working_dir upload: " in captured.err and " files, " in captured.err
     job_id = out.splitlines()[0].strip()
     assert "[pipeline] train_stage1: running" in out and f"job {job_id}: SUCCEEDED" in out
     assert main(["job", "status", job_id, "--address", head]) == 0

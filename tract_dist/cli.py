@@ -92,18 +92,56 @@ _STAGE_COMMANDS = (
 )
 
 
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
 def _non_negative(text: str) -> int:
-    v = int(text)
+    v = _int(text)
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
     return v
 
 
 def _positive(text: str) -> int:
-    v = int(text)
+    v = _int(text)
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
     return v
+
+
+def max_length_arg(text: str) -> int:
+    """``--max-length``: the same bounds as ``data.max_length``."""
+    v = _int(text)
+    if not 64 <= v <= 1 << 24:
+        raise argparse.ArgumentTypeError(f"must be between 64 and {1 << 24} tokens, got {v}")
+    return v
+
+
+def scale_arg(text: str) -> str:
+    """``--scale``: MIN-MAX, checked here so that a typo is a usage error, not a traceback."""
+    from tract_dist.data.score_tokens import ScaleError, parse_scale
+
+    try:
+        parse_scale(text)
+    except ScaleError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def safe_name_arg(text: str) -> str:
+    """``--run-name`` / ``--name``: one folder name (letters, digits, . _ -), never a path."""
+    import re
+
+    from tract_dist.config import SAFE_NAME
+
+    if not re.match(SAFE_NAME, text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a safe name: use 1-128 letters, digits, '.', '_' or "
+                                         "'-', starting with a letter or digit (it names a folder)")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score-tokens", help="print the score token ids a tokenizer gives a scale")
     p.add_argument("--tokenizer", help="HF name/path or alias: mistral, llama3, smollm2")
-    p.add_argument("--scale", help="MIN-MAX, default 1-5")
+    p.add_argument("--scale", type=scale_arg, help="MIN-MAX, default 1-5")
     _add_config_args(p, required=False)
     p.set_defaults(func=_cmd_score_tokens)
 
@@ -121,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--format", choices=["feedback-collection", "prometheus-eval", "jsonl"])
     p.add_argument("--tokenizer")
-    p.add_argument("--max-length", type=int)
-    p.add_argument("--scale")
+    p.add_argument("--max-length", type=max_length_arg)
+    p.add_argument("--scale", type=scale_arg)
     p.add_argument("--truncation", choices=["truncate", "drop"])
     p.add_argument("--skip-invalid", action="store_true", help="skip (and count) malformed records")
     p.add_argument("--compact", action="store_true", help="one-line JSON")
@@ -136,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", required=True, help="the JSONL file to write (replaced atomically)")
     p.add_argument("--offset", type=_non_negative, default=0, help="first record to convert (0-based)")
     p.add_argument("--max-examples", type=_positive, help="records to convert from --offset (default: all)")
-    p.add_argument("--scale", default="1-5")
+    p.add_argument("--scale", type=scale_arg, default="1-5")
     p.add_argument("--skip-invalid", action="store_true", help="skip (and report) malformed records")
     p.add_argument("--compact", action="store_true", help="one-line JSON")
     p.set_defaults(func=_cmd_data_convert)
@@ -158,7 +196,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(SystemExit):
+    """SIGTERM (e.g. ``ray job stop``, a scheduler's kill): unwinds like Ctrl-C so runs end KILLED."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated(128 + signum)
+
+
+def _handled_errors() -> tuple[type[BaseException], ...]:
+    from tract_dist.data.assets import AssetError
+    from tract_dist.data.schema import DataError
+    from tract_dist.data.score_tokens import ScaleError, ScoreTokenError
+    from tract_dist.fsutil import CorruptStateError, LockHeldError
+    from tract_dist.train.data import EmptyDatasetError
+
+    from tract_dist.generate.shards import StaleGenerationError
+    from tract_dist.submit import SubmitError
+    from tract_dist.train.session import StaleResumeError
+
+    return (ConfigError, DataError, ScoreTokenError, ScaleError, AssetError, UsageError, EmptyDatasetError,
+            LockHeldError, CorruptStateError, StaleResumeError, StaleGenerationError, SubmitError)
+
+
+def _run_errors() -> tuple[type[BaseException], ...]:
+    """Failures of a run (not of its input) that carry their own explanation: a message and exit 1."""
+    from tract_dist.train.session import CheckpointError
+    from tract_dist.train.trainer import WorkerFailedError
+    from tract_dist.train.worker import NonFiniteLossError
+
+    return (NonFiniteLossError, CheckpointError, WorkerFailedError)
+
+
+# Errors about a path the user named (a config, --output, a data file): a message and exit 2, not a traceback.
+_PATH_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     # Overrides may follow options too (``train CONFIG --launcher inline a.b=1``): argparse's positional
     # list stops at the first option, so the rest arrive as unknown arguments.
@@ -168,17 +256,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = list(args.overrides or []) + extra
-    from tract_dist.data.assets import AssetError
-    from tract_dist.data.schema import DataError
-    from tract_dist.data.score_tokens import ScoreTokenError
-
-    handled: tuple[type[BaseException], ...] = (ConfigError, DataError, ScoreTokenError, AssetError,
-                                                 UsageError)
+    handled = _handled_errors()
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
     except handled as e:
         print(f"tract-dist: error: {e}", file=sys.stderr)
+        return 2
+    except _run_errors() as e:
+        print(f"tract-dist: error: {e}", file=sys.stderr)
+        return 1
+    except _PATH_ERRORS as e:
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"tract-dist: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
 
 

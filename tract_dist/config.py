@@ -13,20 +13,27 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tract_dist.data.prompts import ABS_SYSTEM_PROMPT
+from tract_dist.data.score_tokens import MAX_SCALE_VALUES
 
 
 class ConfigError(ValueError):
     """Invalid configuration; the message names the source and the dotted key."""
 
 
+# Names that become folder names (runs, benchmarks, pipelines): one path component, no "..", no separators.
+SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+_BIG = 1 << 20  # upper bound for counts where anything larger is a typo (tokens, batch sizes, steps per save)
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: a float key given as .inf or .nan (YAML) is rejected, never trained with
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class LoraSection(_Section):
     enabled: bool = False
-    r: int = Field(16, gt=0)
-    alpha: float = Field(32.0, gt=0)
+    r: int = Field(16, gt=0, le=4096)
+    alpha: float = Field(32.0, gt=0, le=1e6)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     merge_on_export: bool = True  # later stages (generation, judge) load export/model
@@ -46,11 +53,11 @@ class DataSection(_Section):
     train_path: str | None = None  # local file or hf:NAME
     train_format: Literal["feedback-collection", "prometheus-eval", "jsonl"] = "feedback-collection"
     split: str = "train"
-    max_length: int = Field(3000, ge=64)
+    max_length: int = Field(3000, ge=64, le=1 << 24)
     truncation: Literal["truncate", "drop"] = "truncate"
     skip_invalid: bool = False
     max_examples: int | None = Field(None, gt=0)
-    scale: str = Field("1-5", pattern=r"^\d+-\d+$")
+    scale: str = Field("1-5", pattern=r"^\d{1,6}-\d{1,6}$")
     system_prompt: str | None = ABS_SYSTEM_PROMPT
     use_cot: bool = True  # False: score-only targets (the RAFT baseline without CoT)
 
@@ -58,32 +65,33 @@ class DataSection(_Section):
 class LossSection(_Section):
     """The CoT-RAFT loss; built once into :class:`tract_dist.loss.CoTRaftLossOptions`."""
 
-    lam: float = Field(1.0, ge=0, allow_inf_nan=False, description="weight of the MSE term: ce + lam * mse")
+    lam: float = Field(1.0, ge=0, le=1e6, description="weight of the MSE term: ce + lam * mse")
     rail_normalize: bool = Field(False, description="score distribution over the K score tokens only")
     ce_on_score_token: bool = Field(False, description="also train the score token (nearest value) with CE")
     impl: Literal["fused", "reference"] = Field("fused", description="fused: never forms tokens x vocab logits")
     kernel: Literal["auto", "torch", "triton"] = Field(
         "auto", description="per-tile elementwise work of the fused loss: Triton on CUDA when auto")
-    chunk_size: int | None = Field(None, gt=0, description="active rows per logits tile (default: tile_mib)")
-    vocab_shard: int | None = Field(None, gt=0, description="vocabulary rows per tile (default: all up to 131072)")
+    chunk_size: int | None = Field(None, gt=0, le=_BIG, description="active rows per logits tile (default: tile_mib)")
+    vocab_shard: int | None = Field(None, gt=0, le=1 << 24, description="vocabulary rows per tile (default: all up to 131072)")
     tile_mib: int | None = Field(
-        None, gt=0, description="logits-tile budget in MiB (default: 1024 on CUDA, 256 on CPU; see loss/tiling.py)")
+        None, gt=0, le=1 << 20, description="logits-tile budget in MiB (default: 1024 on CUDA, 256 on CPU; see loss/tiling.py)")
 
 
 class TrainingSection(_Section):
     output_dir: str = "runs"
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int | None = Field(None, gt=0)
-    micro_batch_size: int = Field(1, gt=0)
-    gradient_accumulation_steps: int = Field(1, gt=0)
-    learning_rate: float = Field(1e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    epochs: float = Field(1.0, gt=0, le=1e4)
+    max_steps: int | None = Field(None, gt=0, le=1 << 40)
+    micro_batch_size: int = Field(1, gt=0, le=1 << 16)
+    gradient_accumulation_steps: int = Field(1, gt=0, le=1 << 16)
+    learning_rate: float = Field(1e-5, gt=0, le=10)
+    weight_decay: float = Field(0.0, ge=0, le=1e3)
     warmup_ratio: float = Field(0.1, ge=0, le=1)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    max_grad_norm: float = Field(1.0, ge=0)
-    seed: int = 42
-    logging_steps: int = Field(1, gt=0)
-    save_steps: int = Field(100, gt=0)
+    max_grad_norm: float = Field(1.0, ge=0, le=1e9)
+    seed: int = Field(42, ge=0, le=2**32 - 1)  # numpy and Python RNGs take 32-bit seeds
+    logging_steps: int = Field(1, gt=0, le=1 << 40)
+    save_steps: int = Field(100, gt=0, le=1 << 40)
+    num_to_keep: int = Field(2, ge=1, le=1000)  # checkpoints kept (Ray Train CheckpointConfig / torchrun)
     zero_stage: Literal[0, 1, 2, 3] = 3
     deepspeed_config: str | None = None  # a user-supplied DeepSpeed JSON replaces the generated one
 
@@ -95,49 +103,52 @@ class VllmSection(_Section):
     """vLLM engine settings, shared by generation and evaluation (``tract_dist/runtime/vllm_engine.py``)."""
 
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # GPU memory vLLM may take (weights + KV cache)
-    kv_cache_memory_gb: float | None = Field(None, gt=0)  # None: vLLM sizes it on GPU; 1 GiB on CPU
+    kv_cache_memory_gb: float | None = Field(None, gt=0, le=1 << 20)  # None: vLLM sizes it on GPU; 1 GiB on CPU
     enable_prefix_caching: bool = True  # the n CoTs of a prompt and their RAIL read-out share its KV blocks
     enforce_eager: bool | None = None  # None: eager on CPU, CUDA graphs on GPU
-    max_model_len: int | None = Field(None, gt=0)  # None: the model's maximum (set it for 128K-context models)
-    max_num_seqs: int | None = Field(None, gt=0)  # requests decoded together; None: vLLM's default
-    max_lora_rank: int | None = Field(None, gt=0)  # None: the adapter's rank (rounded up to one vLLM accepts)
-    seed: int = 0  # engine seed; every project request carries its own
+    max_model_len: int | None = Field(None, gt=0, le=1 << 24)  # None: the model's maximum (set it for 128K-context models)
+    max_num_seqs: int | None = Field(None, gt=0, le=_BIG)  # requests decoded together; None: vLLM's default
+    max_lora_rank: int | None = Field(None, gt=0, le=4096)  # None: the adapter's rank (rounded up to one vLLM accepts)
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # engine seed; every project request carries its own
 
 
 class GenerationSection(_Section):
     backend: InferenceBackend = "auto"  # auto: vLLM when importable and on GPU, else HF (the choice is logged)
-    tensor_parallel_size: int = Field(1, gt=0)  # vLLM: GPUs per replica (a model too big for one GPU)
+    tensor_parallel_size: int = Field(1, gt=0, le=1024)  # vLLM: GPUs per replica (a model too big for one GPU)
     vllm: VllmSection = VllmSection()
-    temperature: float = Field(1.0, ge=0)
+    temperature: float = Field(1.0, ge=0, le=100)
     top_p: float = Field(0.9, gt=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0)
-    max_new_tokens: int = Field(512, gt=0)
-    num_cots: int = Field(1, gt=0)
-    seed: int = 0
-    batch_size: int = Field(8, gt=0)
+    repetition_penalty: float = Field(1.0, gt=0, le=100)
+    max_new_tokens: int = Field(512, gt=0, le=_BIG)
+    num_cots: int = Field(1, gt=0, le=1000)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    batch_size: int = Field(8, gt=0, le=_BIG)
     stop: list[str] = ["So the overall", "[RESULT]"]
     output_dir: str | None = None
     ray: bool = True  # False: generate in-process (machines without Ray, e.g. one GPU)
-    num_replicas: int | None = Field(None, gt=0)  # model replicas in the actor pool; None: cluster.num_workers
-    shard_size: int = Field(64, gt=0)  # CoTs per committed output shard (the unit of resumption)
+    num_replicas: int | None = Field(None, gt=0, le=100_000)  # replicas in the actor pool; None: cluster.num_workers
+    shard_size: int = Field(64, gt=0, le=_BIG)  # CoTs per committed output shard (the unit of resumption)
+    # A CoT whose generation raised is retried on the next run until it has failed this many times; failures
+    # that retrying cannot change (prompt too long, empty CoT with the same seed) are final at once.
+    max_attempts: int = Field(3, ge=1, le=100)
 
 
 class BenchmarkSpec(_Section):
-    name: str
+    name: str = Field(pattern=SAFE_NAME)  # a folder name under the evaluation output
     path: str
     format: Literal["feedback-collection", "prometheus-eval", "jsonl"] = "prometheus-eval"
     split: str = "test"
     max_examples: int | None = Field(None, gt=0)
-    offset: int = Field(0, ge=0)  # skip the first records (e.g. those a quickstart trains on)
+    offset: int = Field(0, ge=0, le=1 << 40)  # skip the first records (e.g. those a quickstart trains on)
 
 
 class EvaluationSection(_Section):
     backend: InferenceBackend = "auto"  # the judge's engine (CoT-RAIL, decode, rail); vLLM options: generation.vllm
-    tensor_parallel_size: int = Field(1, gt=0)
+    tensor_parallel_size: int = Field(1, gt=0, le=1024)
     benchmarks: list[BenchmarkSpec] = []
-    num_cots: int = Field(1, gt=0)
+    num_cots: int = Field(1, gt=0, le=1000)
     rail_normalize: bool = False
-    batch_size: int = Field(8, gt=0)
+    batch_size: int = Field(8, gt=0, le=_BIG)
     mode: Literal["cot_rail", "decode", "rail"] = "cot_rail"  # decode / rail: the paper's baselines
     ray: bool = True  # False: score in-process; True: the generation actor pool (generation.num_replicas)
     output_dir: str | None = None
@@ -153,20 +164,20 @@ class TrackingSection(_Section):
     enabled: bool = True
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "tract-dist"
-    run_name: str | None = None
+    run_name: str | None = Field(None, pattern=SAFE_NAME)  # also the training run's folder name
 
 
 class ClusterSection(_Section):
     address: str | None = None  # None: start a local Ray (or use RAY_ADDRESS)
-    num_workers: int = Field(1, gt=0)
+    num_workers: int = Field(1, gt=0, le=100_000)
     use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0, le=4096)
     resources_per_worker: dict[str, float] = {}
     storage_path: str = "runs/ray"
-    max_failures: int = Field(0, ge=0)
+    max_failures: int = Field(0, ge=0, le=10_000)
     launcher: Literal["ray", "torchrun", "inline"] = "ray"  # training; torchrun/inline need no Ray
-    local_num_cpus: int | None = Field(None, gt=0)  # logical CPUs for a local Ray (see STACK-NOTES)
-    object_store_memory_mb: int = Field(256, gt=0)
+    local_num_cpus: int | None = Field(None, gt=0, le=1 << 16)  # logical CPUs for a local Ray (see STACK-NOTES)
+    object_store_memory_mb: int = Field(256, gt=0, le=1 << 24)
 
 
 class Config(_Section):
@@ -185,6 +196,12 @@ class Config(_Section):
         lo, hi = (int(x) for x in self.data.scale.split("-"))
         if hi <= lo:
             raise ValueError(f"data.scale must be MIN-MAX with MIN < MAX, got {self.data.scale}")
+        if hi - lo + 1 > MAX_SCALE_VALUES:
+            raise ValueError(f"data.scale {self.data.scale} has {hi - lo + 1} values; at most {MAX_SCALE_VALUES} "
+                             "(every value must be its own score token)")
+        names = [b.name for b in self.evaluation.benchmarks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"evaluation.benchmarks: names must be unique (they name output folders), got {names}")
         return self
 
     def flat(self) -> dict[str, Any]:
@@ -220,6 +237,44 @@ def _format_errors(source: str, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that rejects a key given twice in one mapping (plain PyYAML keeps the last one, so a
+    pasted duplicate would silently override the setting above it)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(None, None, f"unhashable key {key!r}",
+                                                        key_node.start_mark) from None
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    f"while constructing a mapping (first '{key}' on line {seen[key] + 1})", node.start_mark,
+                    f"duplicate key '{key}'", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` semantics (no arbitrary objects) plus duplicate-key rejection."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def read_text_file(path: Path, what: str = "file") -> str:
+    """A text file as UTF-8 (a UTF-8 byte-order mark is accepted); any other encoding is named, not a traceback."""
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in data[:4096]:
+        raise ConfigError(f"{path}: {what} is UTF-16 text (a byte-order mark or NUL bytes); save it as UTF-8")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: {what} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}; "
+                          f"latin-1 or another legacy encoding?); save it as UTF-8") from None
+
+
 def apply_override(tree: dict[str, Any], override: str) -> None:
     """Set ``a.b.c=value`` in a nested dict; the value is parsed as YAML (so 3 -> int, true -> bool)."""
     if "=" not in override:
@@ -229,7 +284,7 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
     if not all(parts):
         raise ConfigError(f"override {override!r}: empty key segment")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = safe_load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {e}") from None
     node = tree
@@ -254,7 +309,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not p.is_file():
             raise ConfigError(f"{source}: config file not found")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            loaded = safe_load_yaml(read_text_file(p, "config"))
         except yaml.YAMLError as e:
             raise ConfigError(f"{source}: not valid YAML: {e}") from None
         if loaded is None:

@@ -3,8 +3,11 @@ training (from the seed model) -> CoT-RAIL evaluation of both stages.
 
 Each stage records a fingerprint of its own settings and of its inputs (upstream fingerprints, data files) in
 ``state.json``; a rerun skips every stage whose fingerprint and outputs are unchanged and resumes an
-interrupted one through the stage's own mechanism (Ray Train checkpoints, missing generation shards). One
-MLflow parent run per pipeline, a child run per stage and per benchmark.
+interrupted one through the stage's own mechanism (Ray Train checkpoints, missing generation shards). The
+training runs and the generation folder are named after their stage fingerprint, so a rerun after a config
+change starts those stages in new folders and can never resume another configuration's checkpoint or mix its
+CoTs. One invocation per pipeline at a time (a lock beside its folder). One MLflow parent run per pipeline,
+a child run per stage and per benchmark.
 
 Methods (``pipeline.method``) make the paper's baselines one override away:
 ``tract`` (two stages), ``cot_raft`` (stage 1 only), ``ce_cot`` (CE only, lambda = 0 with CE on the score
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tract_dist.config import Config, ConfigError
+from tract_dist.fsutil import CorruptStateError, atomic_write_json, exclusive_lock, file_fingerprint
 from tract_dist.tracking import RunHandle, log_artifact, log_params, set_tags, start_run
 
 EVAL_MODES = {"tract": ["cot_rail"], "cot_raft": ["cot_rail"], "ce_cot": ["decode", "cot_rail"], "raft": ["rail"]}
@@ -43,17 +47,6 @@ class PipelineSummary:
         if self.parent_run_id:
             lines.append(f"  MLflow parent run: {self.parent_run_id}")
         return "\n".join(lines)
-
-
-def file_fingerprint(path: str) -> str:
-    """Content hash of a local file (first 64 MiB + size), or the name itself for hub datasets."""
-    p = Path(path)
-    if not p.is_file():
-        return path
-    h = hashlib.sha256(str(p.stat().st_size).encode())
-    with open(p, "rb") as f:
-        h.update(f.read(64 << 20))
-    return h.hexdigest()[:16]
 
 
 def check_data_files(cfg: Config) -> dict[str, str]:
@@ -103,12 +96,21 @@ class _State:
 
     def __init__(self, path: Path):
         self.path = path
-        self.data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"stages": {}}
+        self.data: dict[str, Any] = {"stages": {}}
+        if path.exists():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CorruptStateError(
+                    f"{path}: the pipeline state is corrupt ({type(e).__name__}: {e}); restore it, or remove it to "
+                    "rerun every stage (finished training runs resume from their own checkpoints)") from None
+            if not isinstance(data, dict) or not isinstance(data.get("stages"), dict):
+                raise CorruptStateError(f"{path}: the pipeline state has no 'stages' mapping; restore it or "
+                                        "remove it to rerun every stage")
+            self.data = data
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2))
-        os.replace(tmp, self.path)
+        atomic_write_json(self.path, self.data)
 
     def done(self, name: str, fp: str) -> dict[str, Any] | None:
         rec = self.data["stages"].get(name)
@@ -124,15 +126,26 @@ class _State:
 
 
 def run_pipeline(cfg: Config, *, config_path: str | None = None, address: str | None = None,
-                 name: str | None = None) -> PipelineSummary:
-    """Run (or resume) the pipeline configured by ``cfg``; returns what each stage did."""
-    from tract_dist.train.trainer import fingerprint, preflight, ray_init
+                 name: str | None = None, fresh: bool = False) -> PipelineSummary:
+    """Run (or resume) the pipeline configured by ``cfg``; returns what each stage did.
+
+    A second invocation of the same pipeline while one runs fails at once, naming the holder (pid, host)."""
+    from tract_dist.train.trainer import fingerprint, preflight
 
     method = cfg.pipeline.method
     preflight(cfg)
     check_data_files(cfg)
     name = name or f"pipeline-{method}-{fingerprint(cfg)}"
     pdir = Path(cfg.pipeline.output_dir).resolve() / name
+    with exclusive_lock(pdir, "pipeline"):
+        return _run_locked(cfg, name, pdir, config_path=config_path, address=address, fresh=fresh)
+
+
+def _run_locked(cfg: Config, name: str, pdir: Path, *, config_path: str | None, address: str | None,
+                fresh: bool) -> PipelineSummary:
+    from tract_dist.train.trainer import fingerprint, ray_init
+
+    method = cfg.pipeline.method
     pdir.mkdir(parents=True, exist_ok=True)
     state = _State(pdir / "state.json")
     summary = PipelineSummary(name, pdir, method)
@@ -143,7 +156,7 @@ def run_pipeline(cfg: Config, *, config_path: str | None = None, address: str | 
     model_tag = cfg.model.name_or_path
     with start_run(tr.tracking_uri, tr.experiment, name, enabled=tr.enabled, run_id=state.data.get("parent_run_id"),
                    tags={"stage": "pipeline", "method": method, "model": model_tag}) as parent:
-        if parent.run_id and not state.data.get("parent_run_id"):
+        if parent.run_id and parent.run_id != state.data.get("parent_run_id"):  # new, or the old one was deleted
             state.data["parent_run_id"] = parent.run_id
             state.save()
             log_params(parent, {**cfg.flat(), "pipeline.name": name})
@@ -169,21 +182,23 @@ def run_pipeline(cfg: Config, *, config_path: str | None = None, address: str | 
         # ---- stage 1: CoT-RAFT from the seed model on annotated CoTs -----------------------------------
         s1_cfg = stage_config(cfg, pdir, stage="stage1")
         s1_fp = _hash("train", fingerprint(s1_cfg), data_fp)
-        s1 = stage("train_stage1", s1_fp, lambda: _train(s1_cfg, f"{name}-stage1", parent, tags, address))
+        s1 = stage("train_stage1", s1_fp, lambda: _train(s1_cfg, f"{name}-stage1-{s1_fp[:8]}", parent, tags,
+                                                         address, fresh))
         seed_models["stage1"] = (s1["model"], s1_fp)
 
         if method == "tract":
             # ---- generation: the stage-1 model writes a CoT for every training prompt ------------------
-            gen_dir = pdir / "generate"
             gen_fp = _hash("generate", s1_fp, cfg.generation.model_dump(), cfg.data.model_dump())
-            stage("generate", gen_fp, lambda: _generate(cfg, s1["model"], gen_dir, parent))
+            gen_dir = pdir / f"generate-{gen_fp[:8]}"
+            stage("generate", gen_fp, lambda: _generate(cfg, s1["model"], gen_dir, parent, gen_fp, fresh))
             s2_path = pdir / "stage2.jsonl"
             s2d_fp = _hash("stage2_data", gen_fp)
             stage("build_stage2", s2d_fp, lambda: _build_stage2(cfg, gen_dir, s2_path))
             # ---- stage 2: CoT-RAFT from the *seed* model on the self-generated CoTs --------------------
             s2_cfg = stage_config(cfg, pdir, train_path=str(s2_path), train_format="jsonl", stage="stage2")
             s2_fp = _hash("train", fingerprint(s2_cfg), s2d_fp)
-            s2 = stage("train_stage2", s2_fp, lambda: _train(s2_cfg, f"{name}-stage2", parent, tags, address))
+            s2 = stage("train_stage2", s2_fp, lambda: _train(s2_cfg, f"{name}-stage2-{s2_fp[:8]}", parent, tags,
+                                                             address, fresh))
             seed_models["stage2"] = (s2["model"], s2_fp)
             if not cfg.pipeline.evaluate_stage1:
                 seed_models.pop("stage1")
@@ -199,7 +214,7 @@ def run_pipeline(cfg: Config, *, config_path: str | None = None, address: str | 
                     results[ename] = stage(ename, efp, lambda m=model_dir, b=bench, mo=mode, st=mstage: _evaluate(
                         cfg, m, b, mo, pdir / "evaluate" / f"{st}-{b.name}-{mo}", parent,
                         {**tags, "model_stage": st, "benchmark": b.name, "inference": mo}))
-        (pdir / "results.json").write_text(json.dumps(results, indent=2))
+        atomic_write_json(pdir / "results.json", results)
         log_artifact(parent, pdir / "results.json", "pipeline")
         log_artifact(parent, state.path, "pipeline")
     return summary
@@ -211,13 +226,13 @@ def _needs_ray(cfg: Config) -> bool:
 
 
 def _train(cfg: Config, run_name: str, parent: RunHandle, tags: dict[str, str],
-           address: str | None) -> tuple[dict[str, Any], list[str]]:
+           address: str | None, fresh: bool = False) -> tuple[dict[str, Any], list[str]]:
     from tract_dist.runtime.backend import release_engine
     from tract_dist.train.trainer import run_training
 
     release_engine()  # an in-process inference engine kept from an earlier stage must not hold memory training needs
     r = run_training(cfg, run_name=run_name, parent=parent, address=address, stage="train",
-                     launcher=cfg.cluster.launcher)
+                     launcher=cfg.cluster.launcher, fresh=fresh)
     if r.mlflow_run_id:
         set_tags(RunHandle(r.tracking_uri, r.mlflow_run_id), tags)
     model = str(r.export_dir / "model")
@@ -227,10 +242,11 @@ def _train(cfg: Config, run_name: str, parent: RunHandle, tags: dict[str, str],
             "summary": f"{r.data_summary['encode_encoded']} examples"}, [model]
 
 
-def _generate(cfg: Config, model: str, out: Path, parent: RunHandle) -> tuple[dict[str, Any], list[str]]:
+def _generate(cfg: Config, model: str, out: Path, parent: RunHandle, fp: str,
+              fresh: bool = False) -> tuple[dict[str, Any], list[str]]:
     from tract_dist.generate.pipeline import generate_cots
 
-    s = generate_cots(cfg, model, out, parent_run=parent)
+    s = generate_cots(cfg, model, out, parent_run=parent, fingerprint=fp, fresh=fresh)
     if s.get("missing"):
         raise RuntimeError(f"generation left {s['missing']} CoTs missing in {out}; rerun the pipeline to resume")
     return {"dir": str(out), "ok": s.get("ok"), "failed": s.get("failed"),

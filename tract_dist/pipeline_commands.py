@@ -11,7 +11,8 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
     job_id = submit_pipeline(args.address, args.config, args.overrides,
                              working_dir=None if args.no_working_dir else ".", pip=args.pip or None,
-                             command=args.command_name)
+                             command=args.command_name, max_upload_mb=args.max_upload_mb, force=args.force,
+                             excludes=args.exclude)
     print(job_id)
     if args.wait:
         status = wait_for(args.address, job_id)
@@ -39,7 +40,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     from tract_dist.pipeline import run_pipeline
 
     cfg = load_config(args.config, args.overrides)
-    summary = run_pipeline(cfg, config_path=args.config, address=args.address, name=args.name)
+    summary = run_pipeline(cfg, config_path=args.config, address=args.address, name=args.name, fresh=args.fresh)
     print(summary.render())
     return 0
 
@@ -54,7 +55,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def register(sub: Any, add_config_args: Callable[..., None]) -> None:
     p = sub.add_parser("pipeline", help="stage 1 -> CoT generation -> stage 2 -> evaluation, resumable")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--name", help="pipeline name (default: pipeline-<config fingerprint>; same name resumes)")
+    from tract_dist.cli import safe_name_arg
+
+    p.add_argument("--name", type=safe_name_arg,
+                   help="pipeline name (default: pipeline-<config fingerprint>; same name resumes)")
+    p.add_argument("--fresh", action="store_true",
+                   help="a stage whose outputs were made with other settings is moved aside and redone "
+                        "(default: refuse, naming both fingerprints)")
     add_config_args(p, required=True)
     p.set_defaults(func=_cmd_pipeline)
 
@@ -68,6 +75,12 @@ def register(sub: Any, add_config_args: Callable[..., None]) -> None:
     p.add_argument("--address", required=True, help="the head's dashboard address, e.g. http://127.0.0.1:8265")
     p.add_argument("--pip", action="append", help="extra pip requirement for the job's runtime env (repeatable)")
     p.add_argument("--no-working-dir", action="store_true", help="do not upload the current directory")
+    p.add_argument("--exclude", action="append", metavar="PATTERN",
+                   help="also leave out files matching this gitignore pattern (repeatable); secrets and bulk "
+                        "(.env*, keys, tokens, mlflow.db, runs/, checkpoints, .git, wheels) are always left out")
+    p.add_argument("--max-upload-mb", type=float, default=50.0,
+                   help="refuse a working_dir upload larger than this (default 50 MiB) unless --force")
+    p.add_argument("--force", action="store_true", help="upload even above --max-upload-mb")
     p.add_argument("--command", dest="command_name", default="pipeline", choices=["pipeline", "train",
                                                                                    "generate", "evaluate"])
     p.add_argument("--wait", action="store_true", help="wait for the job, print its logs, exit with its status")

@@ -39,7 +39,7 @@ def test_good_feedback_collection(tmp_path):
 def test_truncated_json_names_the_file(tmp_path):
     p = tmp_path / "broken.json"
     p.write_text(json.dumps([_fc_record(), _fc_record()])[:-40])
-    with pytest.raises(DataError, match=r"broken\.json: cannot be parsed"):
+    with pytest.raises(DataError, match=r"broken\.json, record 1: cannot be parsed as a JSON array.*truncated"):
         read_examples(str(p), "feedback-collection")
 
 

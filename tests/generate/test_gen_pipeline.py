@@ -8,11 +8,10 @@ from collections import Counter
 import pytest
 from gen_helpers import gen_config
 
-from tract_dist.cli import UsageError
 from tract_dist.generate import pipeline
 from tract_dist.runtime.engine import Generation
 from tract_dist.runtime.hf_engine import HFEngine as Engine
-from tract_dist.generate.shards import read_generated
+from tract_dist.generate.shards import StaleGenerationError, read_generated
 from tract_dist.generate.stage2 import build_stage2_dataset
 
 
@@ -97,11 +96,16 @@ def test_failures_are_recorded_with_reasons(tiny_export, quickstart_data, tmp_pa
     bad_seeds = {"boom": example_seed(0, "1", 0), "empty": example_seed(0, "2", 0)}
     monkeypatch.setattr(Engine, "generate", flaky)
     summary = pipeline.generate_cots(cfg, tiny_export, tmp_path / "out", show_progress=False)
-    assert summary["committed"] == 4 and summary["ok"] == 2 and summary["failed"] == 2
+    # The error is retried until generation.max_attempts (3) tries in all; the empty CoT is final at once
+    # (its seed gives the same text every time): 4 records + 2 retries.
+    assert summary["committed"] == 6 and summary["ok"] == 2 and summary["failed"] == 2
+    assert summary["retried"] == 2 and summary["failed_final"] == 2 and summary["failed_retryable"] == 0
     assert summary["failure_reasons"] == {"empty_cot": 1,
                                           "error: RuntimeError: CUDA out of memory (simulated)": 1}
     failures = [json.loads(x) for x in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()]
     assert sorted(f["uid"] for f in failures) == ["1#cot0", "2#cot0"]
+    assert {f["uid"]: f["attempts"] for f in failures} == {"1#cot0": 3, "2#cot0": 1}
+    assert sorted(r["attempt"] for r in read_generated(tmp_path / "out") if r["uid"] == "1#cot0") == [1, 2, 3]
 
     from tract_dist.generate.pipeline import load_training_examples
 
@@ -115,8 +119,10 @@ def test_failures_are_recorded_with_reasons(tiny_export, quickstart_data, tmp_pa
 def test_settings_change_is_refused(clean_run, tiny_export, quickstart_data):
     _, out, _ = clean_run
     cfg = gen_config(tiny_export, quickstart_data, out.parent, "generation.temperature=0.5")
-    with pytest.raises(UsageError, match="temperature"):
+    with pytest.raises(StaleGenerationError, match="temperature") as ei:
         pipeline.generate_cots(cfg, tiny_export, out, show_progress=False)
+    old = json.loads((out / "settings.json").read_text())["fingerprint"]
+    assert f"fingerprint {old}; this run's is " in str(ei.value) and "--fresh" in str(ei.value)
 
 
 def test_stage2_dataset_pairs_cots_with_gold(clean_run, quickstart_examples, tmp_path):

@@ -64,7 +64,11 @@ def _cache_dir() -> Path:
 def _atomic_save(tok: Any, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=dest.name + ".tmp"))
-    tok.save_pretrained(tmp)
+    try:
+        tok.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         os.replace(tmp, dest)
     except OSError:  # another process won the race

@@ -1,18 +1,25 @@
 """Readers: Feedback Collection / Feedback Bench, prometheus-eval benchmark JSON, the project's JSONL.
 
-Every reader loads through ``datasets`` and validates record by record into the normalised schema of
-:class:`JudgeExample`. A malformed record raises :class:`DataError` naming file, record and field, unless
-``skip_invalid`` is set, in which case it is skipped and counted (never dropped silently).
+Local JSON / JSON Lines files are parsed here (strict UTF-8, every syntax error named by file, record and
+line, an empty file called one); Parquet files and ``hf:NAME`` hub datasets load through ``datasets``. Every
+record is then validated into the normalised schema of :class:`JudgeExample`. A malformed record raises
+:class:`DataError` naming file, record and field, unless ``skip_invalid`` is set, in which case it is skipped
+and counted (never dropped silently).
+
+Scores: a JSON number, or a string holding a plain decimal number (Feedback Collection stores ``orig_score``
+as a string such as ``"4"``); booleans and any other string ("four", "4/5", "nan", "1e0") are rejected.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from tract_dist.data.prompts import normalize_feedback, parse_prompt
+from tract_dist.data.prompts import normalize_feedback, parse_prompt, section_marker_counts
 from tract_dist.data.schema import DataError, JudgeExample
 
 FORMATS = ("feedback-collection", "prometheus-eval", "jsonl")
@@ -60,9 +67,18 @@ def _str(rec: dict[str, Any], key: str, *, required: bool = True) -> str | None:
     return v
 
 
+_DECIMAL = re.compile(r"\s*[0-9]+(?:\.[0-9]+)?\s*\Z")
+
+
 def _score(v: Any, key: str, lo: int, hi: int, *, integer: bool) -> float:
     if v is None:
         raise _RecordError(key, "missing")
+    if isinstance(v, bool):  # float(True) == 1.0: a boolean is a data error, not a score of 1
+        raise _RecordError(key, f"expected a number, got a boolean ({str(v).lower()})")
+    if isinstance(v, str) and not _DECIMAL.match(v):
+        raise _RecordError(key, f"not a number: {v!r}")
+    if not isinstance(v, (int, float, str)):
+        raise _RecordError(key, f"expected a number, got {type(v).__name__}")
     try:
         x = float(v)
     except (TypeError, ValueError):
@@ -107,6 +123,11 @@ def _from_prometheus_eval(rec: dict[str, Any], i: int, lo: int, hi: int, need_fb
         p = parse_prompt(prompt)
     except ValueError as e:
         raise _RecordError("instruction", str(e)) from None
+    for marker, n in section_marker_counts(prompt).items():
+        if n > 1:  # a field holds a section header: the split is ambiguous, so it may be wrong
+            raise _RecordError("instruction", f"the prompt contains the section marker '{marker}' {n} times (an "
+                                              "instruction or response quotes it), so it cannot be split into its "
+                                              "fields unambiguously")
     if (p["scale_min"], p["scale_max"]) != (lo, hi):
         raise _RecordError("instruction", f"rubric scale {p['scale_min']}-{p['scale_max']} != configured {lo}-{hi}")
     scores = rec.get("gpt4_score")
@@ -147,21 +168,111 @@ _CONVERTERS: dict[str, Callable[[dict[str, Any], int, int, int, bool], JudgeExam
 
 
 def load_records(source: str, split: str = "train") -> Iterator[dict[str, Any]] | Any:
-    """Raw records through ``datasets``: a local .json/.jsonl/.parquet file, or ``hf:NAME`` from the hub."""
-    import datasets
-
-    datasets.disable_progress_bars()
+    """Raw records: a local .json (array) / .jsonl file parsed here, a .parquet file or ``hf:NAME`` through
+    ``datasets``."""
     if source.startswith("hf:"):
+        import datasets
+
+        datasets.disable_progress_bars()
         return datasets.load_dataset(source[3:], split=split)
     path = Path(source)
     if not path.is_file():
         raise DataError(source, "file not found" if not path.exists() else "not a regular file")
-    builder = "parquet" if path.suffix == ".parquet" else "json"
+    if path.suffix != ".parquet":
+        return read_json_records(path)
+    import datasets
+
+    datasets.disable_progress_bars()
     try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True)
+        return datasets.load_dataset("parquet", data_files=str(path), split="train", keep_in_memory=True)
     except Exception as e:  # datasets wraps the parser's error; keep its message, name the file
         cause = e.__cause__ or e
-        raise DataError(source, f"cannot be parsed as {builder}: {type(cause).__name__}: {cause}") from e
+        raise DataError(source, f"cannot be parsed as parquet: {type(cause).__name__}: {cause}") from e
+
+
+def decode_text(path: str | Path, data: bytes) -> str:
+    """UTF-8 text (a byte-order mark is accepted); UTF-16 and legacy encodings are named, not a traceback."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in data[:4096]:
+        raise DataError(str(path), "the file is UTF-16 text (a byte-order mark or NUL bytes); save it as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(str(path), f"not UTF-8 text: byte 0x{data[e.start]:02x} on line {line} (offset {e.start}); "
+                                   "a latin-1 / Windows-1252 file? save it as UTF-8") from None
+
+
+def read_json_records(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a local JSON array (``[{...}, ...]``) or JSON Lines file.
+
+    Errors name the file, the record (0-based, as everywhere) and the line: an empty file, a truncated or
+    malformed record, a record that is not an object."""
+    path = Path(path)
+    text = decode_text(path, path.read_bytes())
+    if not text.strip():
+        raise DataError(str(path), "empty file (no records)")
+    if text.lstrip().startswith("["):
+        return _json_array(path, text)
+    records: list[dict[str, Any]] = []
+    lines = text.splitlines()
+    last = max(i for i, line in enumerate(lines) if line.strip())
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            hint = "; the file ends inside this record (truncated?)" if lineno - 1 == last else ""
+            raise DataError(str(path), f"line {lineno} cannot be parsed as JSON: {e.msg} at column {e.colno}{hint}",
+                            index=len(records)) from None
+        if not isinstance(obj, dict):
+            raise DataError(str(path), f"line {lineno}: expected one JSON object per line, got "
+                                       f"{type(obj).__name__}", index=len(records))
+        records.append(obj)
+    return records
+
+
+def _json_array(path: Path, text: str) -> list[dict[str, Any]]:
+    """A JSON array of objects, element by element, so an error names the record it is in."""
+    dec = json.JSONDecoder()
+    pos = text.index("[") + 1
+    records: list[dict[str, Any]] = []
+
+    def fail(msg: str, at: int) -> DataError:
+        line = text.count("\n", 0, at) + 1
+        return DataError(str(path), f"cannot be parsed as a JSON array: {msg} (line {line})", index=len(records))
+
+    def skip_ws(i: int) -> int:
+        while i < len(text) and text[i] in " \t\r\n":
+            i += 1
+        return i
+
+    pos = skip_ws(pos)
+    if pos < len(text) and text[pos] == "]":
+        if text[skip_ws(pos + 1):].strip():
+            raise fail("text after the closing ']'", pos)
+        raise DataError(str(path), "empty JSON array (no records)")
+    while True:
+        if pos >= len(text):
+            raise fail("the file ends inside the array (truncated?)", pos)
+        try:
+            obj, pos = dec.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            truncated = " (the file ends inside this record: truncated?)" if e.pos >= len(text.rstrip()) - 1 else ""
+            raise fail(f"{e.msg}{truncated}", e.pos) from None
+        if not isinstance(obj, dict):
+            raise fail(f"expected an object, got {type(obj).__name__}", pos)
+        records.append(obj)
+        pos = skip_ws(pos)
+        if pos >= len(text):
+            raise fail("the file ends after this record, without ']' (truncated?)", pos)
+        if text[pos] == "]":
+            if text[pos + 1:].strip():
+                raise fail("text after the closing ']'", pos)
+            return records
+        if text[pos] != ",":
+            raise fail(f"expected ',' or ']' after a record, found {text[pos]!r}", pos)
+        pos = skip_ws(pos + 1)
 
 
 def read_examples(source: str, fmt: str, *, scale: tuple[int, int] = (1, 5), skip_invalid: bool = False,
@@ -199,13 +310,8 @@ def read_examples(source: str, fmt: str, *, scale: tuple[int, int] = (1, 5), ski
 
 def write_jsonl(examples: list[JudgeExample], path: str | Path) -> None:
     """Write examples in the project's normalised JSONL schema, atomically."""
-    import json
-    import os
+    from tract_dist.fsutil import atomic_write_text
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for ex in examples:
-            f.write(json.dumps(ex.to_dict(), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(ex.to_dict(), ensure_ascii=False) + "\n" for ex in examples))

@@ -104,6 +104,15 @@ def parse_prompt(text: str) -> dict[str, Any]:
     }
 
 
+SECTION_MARKERS = ("###Task Description:", "###The instruction to evaluate:", "###Response to evaluate:",
+                   "###Reference Answer (Score", "###Score Rubrics:", "###Feedback:")
+
+
+def section_marker_counts(text: str) -> dict[str, int]:
+    """How often each Prometheus section header occurs in a prompt (once each in a well-formed one)."""
+    return {m: text.count(m) for m in SECTION_MARKERS}
+
+
 # Trailing score statements found in source feedback ("... [RESULT] 4", "So the overall score is 4.", "Score: 4").
 _TRAILING_SCORE = re.compile(
     r"(?:\s*(?:\[RESULT\]|So the overall score is|the overall score is|Overall score:|Score:)\s*\(?\d+(?:\.\d+)?\)?"

@@ -23,6 +23,14 @@ class ScoreTokenError(ValueError):
     """A score value is not a single token in the scoring context."""
 
 
+class ScaleError(ValueError):
+    """A scale that is not ``MIN-MAX`` with 0 <= MIN < MAX and at most MAX_SCALE_VALUES values."""
+
+
+# A rubric scale must be a handful of single score tokens; 0-100 is the widest one in use.
+MAX_SCALE_VALUES = 101
+
+
 @dataclass(frozen=True)
 class ScoreTokens:
     scores: list[int]
@@ -42,11 +50,18 @@ def parse_scale(scale: str | tuple[int, int]) -> tuple[int, int]:
     else:
         try:
             lo_s, hi_s = str(scale).split("-")
+            if not (lo_s.strip().isdigit() and hi_s.strip().isdigit()):
+                raise ValueError
             lo, hi = int(lo_s), int(hi_s)
         except ValueError:
-            raise ValueError(f"scale must look like '1-5', got {scale!r}") from None
+            raise ScaleError(f"scale must look like MIN-MAX, e.g. '1-5', got {scale!r}") from None
+    if isinstance(lo, bool) or isinstance(hi, bool) or not (isinstance(lo, int) and isinstance(hi, int)):
+        raise ScaleError(f"scale bounds must be integers, got {scale!r}")
     if lo < 0 or hi <= lo:
-        raise ValueError(f"scale must satisfy 0 <= min < max, got {lo}-{hi}")
+        raise ScaleError(f"scale must satisfy 0 <= MIN < MAX, got {lo}-{hi}")
+    if hi - lo + 1 > MAX_SCALE_VALUES:
+        raise ScaleError(f"scale {lo}-{hi} has {hi - lo + 1} values; at most {MAX_SCALE_VALUES} (each value must "
+                         "be its own score token)")
     return lo, hi
 
 

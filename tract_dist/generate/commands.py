@@ -13,6 +13,9 @@ def register(sub: Any, add_config_args: Callable[..., None]) -> None:
     p.add_argument("--output-dir", help="default generation.output_dir, else {training.output_dir}/generate")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--stage2-out", help="also build the stage-2 training JSONL here from the generations")
+    p.add_argument("--fresh", action="store_true",
+                   help="if the output folder holds CoTs made with other settings, move it aside and start afresh "
+                        "(default: refuse, naming both fingerprints)")
     add_config_args(p, required=True)
     p.set_defaults(func=_cmd_generate)
 
@@ -24,7 +27,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     examples = load_training_examples(cfg)
-    summary = generate_cots(cfg, args.model, args.output_dir, examples=examples, show_progress=not args.no_progress)
+    from tract_dist.train.trainer import check_model_source
+
+    if args.model:
+        check_model_source(args.model, "--model")
+    summary = generate_cots(cfg, args.model, args.output_dir, examples=examples, show_progress=not args.no_progress,
+                            fresh=args.fresh)
     out = {"generate": summary}
     if args.stage2_out:
         out["stage2"] = build_stage2_dataset(summary["output_dir"], examples, args.stage2_out)

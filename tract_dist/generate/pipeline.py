@@ -1,13 +1,17 @@
 """``generate_cots``: the stage between stage 1 and stage 2. The stage-1 model writes CoTs for every training prompt.
 
 Flow: read the training set -> one work row per (example, CoT index) with a seed derived from its id -> drop
-rows whose uid is already in a committed shard -> map the rest through the replica pool -> commit results as
-shards of ``generation.shard_size`` -> summarise (counts, failures by reason, throughput) -> MLflow.
+rows whose uid is already resolved in a committed shard (generated, failed for good, or out of attempts) ->
+map the rest through the replica pool -> commit results as shards of ``generation.shard_size`` -> retry rows
+that failed with an error, up to ``generation.max_attempts`` in all -> summarise (counts, failures by reason,
+throughput) -> MLflow. One invocation per output folder at a time (a lock beside it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +19,7 @@ from typing import Any
 from tract_dist.data.formats import read_examples
 from tract_dist.data.schema import JudgeExample
 from tract_dist.data.score_tokens import parse_scale
-from tract_dist.generate.shards import ShardStore, cot_uid
+from tract_dist.generate.shards import ShardStore, cot_uid, retryable
 from tract_dist.generate.worker import CotWorker
 from tract_dist.models.loading import materialize_alias
 from tract_dist.runtime.pool import PoolSpec, map_rows
@@ -100,17 +104,33 @@ class _Progress:
         return out
 
 
+def generation_settings(cfg: Any, model_path: str, backend: str, sampling: SamplingParams,
+                        fingerprint: str | None = None) -> dict[str, Any]:
+    """What the CoTs of a folder depend on. The model is identified by the content hash of its files (a
+    retrained model at the same path is another model), the path kept for people; ``fingerprint`` is the
+    pipeline stage's, or a hash of these settings."""
+    from tract_dist.fsutil import content_fingerprint
+
+    settings = {"model": str(model_path), "model_sha256": content_fingerprint(model_path), "backend": backend,
+                "sampling": sampling.as_dict(), "seed": cfg.generation.seed, "max_length": cfg.data.max_length,
+                "system_prompt": cfg.data.system_prompt, "scale": cfg.data.scale}
+    ident = {k: v for k, v in settings.items() if k != "model" or settings["model_sha256"] is None}
+    settings["fingerprint"] = fingerprint or hashlib.sha256(
+        json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return settings
+
+
 def generate_cots(cfg: Any, model_path: str | None, out_dir: str | Path | None = None, *,
                   examples: list[JudgeExample] | None = None, parent_run: Any = None,
-                  show_progress: bool = True) -> dict[str, Any]:
+                  show_progress: bool = True, fingerprint: str | None = None, fresh: bool = False) -> dict[str, Any]:
     """Generate ``generation.num_cots`` CoTs per training example into sharded JSONL; resume what is missing.
 
     ``model_path`` is the stage-1 export (an HF folder or alias; None: ``model.name_or_path``). Returns the
     summary also written to ``out_dir/summary.json``: expected/ok/failed counts, failure reasons, duplicates
-    and missing (both 0 on a complete run), throughput of this run.
+    and missing (both 0 on a complete run), throughput of this run. A folder holding CoTs made with other
+    settings is refused naming both fingerprints, or with ``fresh`` moved aside first.
     """
-    from tract_dist.tracking import log_artifact, log_metrics, log_params, start_run
-
+    from tract_dist.fsutil import exclusive_lock
     from tract_dist.runtime.backend import choose_backend
 
     g = cfg.generation
@@ -118,18 +138,35 @@ def generate_cots(cfg: Any, model_path: str | None, out_dir: str | Path | None =
     model_path = model_path or cfg.model.name_or_path
     out = Path(out_dir or g.output_dir or Path(cfg.training.output_dir) / "generate")
     examples = examples if examples is not None else load_training_examples(cfg)
+    with exclusive_lock(out, "generation folder"):
+        if fresh and out.exists():
+            moved = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(out, moved)
+            print(f"generate: --fresh: moved {out} to {moved}")
+        return _generate_locked(cfg, str(model_path), out, examples, backend, parent_run, show_progress,
+                                fingerprint)
+
+
+def _generate_locked(cfg: Any, model_path: str, out: Path, examples: list[JudgeExample], backend: Any,
+                     parent_run: Any, show_progress: bool, fingerprint: str | None) -> dict[str, Any]:
+    from tract_dist.tracking import log_artifact, log_metrics, log_params, start_run
+
+    g = cfg.generation
     sampling = SamplingParams.from_config(g)
     rows = work_rows(examples, g.num_cots, g.seed)
     expected = {r["uid"] for r in rows}
 
     store = ShardStore(out)
     store.remove_stale()
-    store.check_settings({"model": str(model_path), "backend": backend.backend, "sampling": sampling.as_dict(),
-                          "seed": g.seed,
-                          "max_length": cfg.data.max_length, "system_prompt": cfg.data.system_prompt,
-                          "scale": cfg.data.scale})
-    done = store.done_uids()
-    todo = [r for r in rows if r["uid"] not in done]
+    store.check_settings(generation_settings(cfg, model_path, backend.backend, sampling, fingerprint))
+    state = store.latest()
+    resolved = store.resolved_uids(g.max_attempts)
+    done = resolved
+    todo = [{**r, "attempt": state[r["uid"]]["attempts"] + 1 if r["uid"] in state else 1}
+            for r in rows if r["uid"] not in resolved]
+    retrying = sum(1 for r in todo if r["attempt"] > 1)
+    if retrying:
+        print(f"generate: retrying {retrying} CoTs that failed with an error before")
     spec = PoolSpec.from_config(cfg, use_ray=g.ray, batch_size=g.batch_size, replicas=g.num_replicas,
                                 gpus_per_replica=g.tensor_parallel_size)
 
@@ -143,25 +180,34 @@ def generate_cots(cfg: Any, model_path: str | None, out_dir: str | Path | None =
                          "tensor_parallel_size": g.tensor_parallel_size,
                          **{f"sampling.{k}": v for k, v in sampling.as_dict().items()}})
         progress = _Progress(len(todo), show_progress)
-        buffer: list[dict[str, Any]] = []
         step = 0
         try:
             # An alias with GGUF weights is converted once here, not by every replica at once.
             kwargs = worker_kwargs(cfg, materialize_alias(str(model_path)), backend.backend, sampling, spec)
-            for records in map_rows(todo, CotWorker, kwargs, spec):
-                buffer += records
-                progress.update(records)
-                while len(buffer) >= g.shard_size:
-                    store.write_shard(buffer[:g.shard_size])
-                    buffer = buffer[g.shard_size:]
-                    step += 1
-                    log_metrics(run, progress.stats(), step=step)
+            while todo:
+                buffer: list[dict[str, Any]] = []
+                try:
+                    for records in map_rows(todo, CotWorker, kwargs, spec):
+                        buffer += records
+                        progress.update(records)
+                        while len(buffer) >= g.shard_size:
+                            store.write_shard(buffer[:g.shard_size])
+                            buffer = buffer[g.shard_size:]
+                            step += 1
+                            log_metrics(run, progress.stats(), step=step)
+                finally:
+                    if buffer:  # whole records only: committing them on an exception loses and duplicates nothing
+                        store.write_shard(buffer)
+                # Rows that raised get another pass (up to max_attempts in all, across runs).
+                failed = {r["uid"]: r for r in store.latest().values()
+                          if retryable(r) and r["attempts"] < g.max_attempts}
+                todo = [{**r, "attempt": failed[r["uid"]]["attempts"] + 1} for r in rows if r["uid"] in failed]
+                if todo:
+                    print(f"generate: retrying {len(todo)} CoTs that failed with an error")
         finally:
-            if buffer:  # whole records only: committing them on an exception loses nothing and duplicates nothing
-                store.write_shard(buffer)
             progress.bar.close()
         summary = store.finalize(expected, {"this_run": progress.stats(), "output_dir": str(out),
-                                            "backend": backend.backend})
+                                            "backend": backend.backend}, max_attempts=g.max_attempts)
         log_metrics(run, {"ok": summary["ok"], "failed": summary["failed"], "missing": summary["missing"],
                           "duplicates": summary["duplicates"], **progress.stats()}, step=step + 1)
         for name in ("summary.json", "failures.jsonl", "settings.json"):

@@ -43,9 +43,16 @@ def build_stage2_dataset(generated_dir: str | Path, source_examples: list[JudgeE
     unknown: list[str] = []
     duplicates = 0
     covered: set[str] = set()
+    # A retried CoT has several records: its ok one wins, else its latest failure; a second ok is a duplicate.
+    best: dict[str, dict[str, Any]] = {}
     for r in records:
+        prev = best.get(r["uid"])
+        if prev is not None and prev["status"] == "ok":
+            duplicates += r["status"] == "ok"
+            continue
+        best[r["uid"]] = r
+    for r in best.values():
         if r["uid"] in seen:
-            duplicates += 1
             continue
         seen.add(r["uid"])
         ex = source.get(r["example_id"])

@@ -85,7 +85,7 @@ _FIELDS = ("cot", "raw_text", "finish_reason", "prompt_tokens", "new_tokens", "t
 
 def _record(row: dict[str, Any], *, status: str, reason: str | None, **values: Any) -> dict[str, Any]:
     rec = {"uid": row["uid"], "example_id": row["example_id"], "cot_index": int(row["cot_index"]),
-           "seed": int(row["seed"]), "status": status, "reason": reason}
+           "seed": int(row["seed"]), "attempt": int(row.get("attempt") or 1), "status": status, "reason": reason}
     defaults = {"cot": "", "raw_text": "", "finish_reason": None, "prompt_tokens": 0, "new_tokens": 0,
                 "truncated": False, "batch_seconds": 0.0, "batch_end_time": None}
     rec.update({k: values.get(k, defaults[k]) for k in _FIELDS})

@@ -13,7 +13,9 @@ def register(sub: Any, add_config_args: Callable[..., None]) -> None:
     p = sub.add_parser("judge", help="judge inputs with CoT-RAIL (or the decode / score-only baselines)")
     p.add_argument("--model", help="HF folder (e.g. a TRACT export), hub name or alias; default model.name_or_path")
     p.add_argument("--mode", choices=["cot_rail", "decode", "rail"], help="default evaluation.mode")
-    p.add_argument("--n-cots", type=int, help="CoTs per input (greedy for 1); default evaluation.num_cots")
+    from tract_dist.cli import _positive
+
+    p.add_argument("--n-cots", type=_positive, help="CoTs per input (greedy for 1); default evaluation.num_cots")
     p.add_argument("--instruction")
     p.add_argument("--response")
     p.add_argument("--criteria")
@@ -96,6 +98,9 @@ def _cmd_judge(args: argparse.Namespace) -> int:
         exs = [as_example(x, i) for i, x in enumerate(inputs)]
     except ValueError as e:
         raise UsageError(str(e)) from None
+    from tract_dist.train.trainer import check_model_source
+
+    check_model_source(args.model or cfg.model.name_or_path, "--model" if args.model else "model.name_or_path")
     judge = Judge.from_config(cfg, args.model)
     results = judge.score_batch(exs, n_cots=args.n_cots or cfg.evaluation.num_cots,
                                 mode=args.mode or cfg.evaluation.mode)

@@ -93,8 +93,12 @@ def materialize_alias(name_or_path: str) -> str:
     plain.generation_config = gguf.generation_config
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=dest.name + ".tmp"))
-    plain.save_pretrained(tmp)
-    load_tokenizer(name_or_path).save_pretrained(tmp)
+    try:
+        plain.save_pretrained(tmp)
+        load_tokenizer(name_or_path).save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         os.replace(tmp, dest)
     except OSError:  # another process (a second replica) won the race; its copy is identical

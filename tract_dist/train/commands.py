@@ -11,12 +11,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from tract_dist.train.trainer import run_training
 
     cfg = load_config(args.config, args.overrides)
+    from tract_dist.tracking import redact_uri
+
     r = run_training(cfg, config_path=args.config, run_name=args.run_name,
-                     launcher=args.launcher or cfg.cluster.launcher, address=args.address)
+                     launcher=args.launcher or cfg.cluster.launcher, address=args.address, fresh=args.fresh)
     print(f"[train] checkpoint: {r.checkpoint_dir}")
     print(f"[train] exported model: {r.export_dir / 'model'}")
     if r.mlflow_run_id:
-        print(f"[train] MLflow run: {r.mlflow_run_id} in {r.tracking_uri} (mlflow ui --backend-store-uri {r.tracking_uri})")
+        uri = redact_uri(r.tracking_uri)
+        print(f"[train] MLflow run: {r.mlflow_run_id} in {uri} (mlflow ui --backend-store-uri {uri})")
     return 0
 
 
@@ -25,6 +28,12 @@ def register(sub: Any, add_config_args: Callable[..., None]) -> None:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--launcher", choices=["ray", "torchrun", "inline"],
                    help="ray, torchrun (no Ray needed) or inline (one process); default: cluster.launcher (ray)")
-    p.add_argument("--run-name", help="name of the run (default: train-<config fingerprint>; same name resumes)")
+    from tract_dist.cli import safe_name_arg
+
+    p.add_argument("--run-name", type=safe_name_arg,
+                   help="name of the run (default: train-<config fingerprint>; same name resumes)")
+    p.add_argument("--fresh", action="store_true",
+                   help="if the run folder holds a run of another configuration, move it aside and start afresh "
+                        "(default: refuse, naming both fingerprints)")
     add_config_args(p, required=True)
     p.set_defaults(func=_cmd_train)

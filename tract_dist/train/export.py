@@ -82,6 +82,16 @@ def export_model(engine: Any, model: Any, tokenizer: Any, cfg: Any, out_dir: Pat
     assert sd is not None
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_export(sd, model, tokenizer, cfg, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed export (ENOSPC, a kill signal) leaves no half folder
+        raise
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+
+
+def _write_export(sd: dict[str, torch.Tensor], model: Any, tokenizer: Any, cfg: Any, tmp: Path) -> None:
     peft_config = getattr(model, "peft_config", None)
     if peft_config:
         from peft import get_peft_model_state_dict
@@ -96,5 +106,3 @@ def export_model(engine: Any, model: Any, tokenizer: Any, cfg: Any, out_dir: Pat
                         getattr(base, "generation_config", None))
     else:
         save_hf_dir(sd, model.config, tokenizer, tmp / "model", getattr(model, "generation_config", None))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)

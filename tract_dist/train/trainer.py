@@ -10,14 +10,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tract_dist.config import Config, ConfigError
-from tract_dist.tracking import RunHandle, log_artifact, log_params, start_run
+from tract_dist.fsutil import atomic_write_json, atomic_write_text, exclusive_lock, file_fingerprint, read_json
+from tract_dist.tracking import RunHandle, log_artifact, log_params, redact_text, start_run
+from tract_dist.train.session import StaleResumeError
+
+RUN_RECORD = "run.json"  # the run's fingerprint, written when the run starts, checked by every later invocation
 
 
 @dataclass
@@ -34,25 +41,39 @@ class TrainResult:
 def fingerprint(cfg: Config, *extra: str) -> str:
     """Hash of everything that changes what a stage computes (not where it runs or how it is tracked)."""
     d = cfg.model_dump(include={"model", "data", "loss", "training"})
-    d["training"].pop("output_dir", None)
+    for key in ("output_dir", "num_to_keep"):  # where and how many checkpoints: the same computation
+        d["training"].pop(key, None)
     blob = json.dumps(d, sort_keys=True) + "|".join(extra)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
-def preflight(cfg: Config) -> None:
-    """Fail before any worker starts on what can be checked here."""
+def run_fingerprint(cfg: Config) -> str:
+    """What a training run's checkpoints belong to: the config's fingerprint and the training file's content."""
+    return fingerprint(cfg, file_fingerprint(cfg.data.train_path or ""))
+
+
+def check_model_source(name: str, key: str = "model.name_or_path") -> None:
+    """A local-looking model path that does not exist is a ConfigError naming ``key`` (not an HF traceback)."""
     from tract_dist.data.assets import ALIASES
     from tract_dist.train.model_init import RANDOM_ALIASES, TINY_ALIAS
 
+    if name in ALIASES + (TINY_ALIAS, *RANDOM_ALIASES):
+        return
+    p = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1  # hub ids: "name" or "org/name"
+    if looks_local and not p.exists():
+        raise ConfigError(f"{key}: '{name}' does not exist; give a local HF directory, a hub "
+                          f"name like org/model, or an alias ({', '.join(ALIASES[2:] + (TINY_ALIAS,))})")
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and not p.exists():
+        raise ConfigError(f"{key}: '{name}' is not local and HF_HUB_OFFLINE=1")
+
+
+def preflight(cfg: Config) -> None:
+    """Fail before any worker starts on what can be checked here."""
+    from tract_dist.train.model_init import RANDOM_ALIASES, TINY_ALIAS
+
     name = cfg.model.name_or_path
-    if name not in ALIASES + (TINY_ALIAS, *RANDOM_ALIASES):
-        p = Path(name).expanduser()
-        looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1  # hub ids: "name" or "org/name"
-        if looks_local and not p.exists():
-            raise ConfigError(f"model.name_or_path: '{name}' does not exist; give a local HF directory, a hub "
-                              f"name like org/model, or an alias ({', '.join(ALIASES[2:] + (TINY_ALIAS,))})")
-        if os.environ.get("HF_HUB_OFFLINE") == "1" and not p.exists():
-            raise ConfigError(f"model.name_or_path: '{name}' is not local and HF_HUB_OFFLINE=1")
+    check_model_source(name)
     if (name == TINY_ALIAS or name in RANDOM_ALIASES) and not cfg.model.tokenizer:
         raise ConfigError(f"model.tokenizer: required with model.name_or_path={name} (e.g. smollm2, llama3)")
     if cfg.loss.impl not in ("fused", "reference"):
@@ -72,18 +93,91 @@ def check_batch(cfg: Config, n_examples: int) -> None:
 
 def run_training(cfg: Config, *, config_path: str | None = None, run_name: str | None = None,
                  launcher: str = "ray", address: str | None = None, parent: RunHandle | None = None,
-                 stage: str = "train") -> TrainResult:
-    """Run one CoT-RAFT training stage; rerunning with the same config and name resumes it."""
+                 stage: str = "train", fresh: bool = False) -> TrainResult:
+    """Run one CoT-RAFT training stage; rerunning with the same config and name resumes it.
+
+    One invocation per run folder at a time (a second one fails at once, naming the holder). A run folder or
+    checkpoint made with another configuration is refused, naming both fingerprints, unless ``fresh``: then
+    the old run (folder and local Ray storage) is moved aside and this one starts from the seed model."""
+    preflight(cfg)
+    if launcher not in ("ray", "torchrun", "inline"):
+        raise ConfigError(f"unknown launcher {launcher!r}: ray, torchrun or inline")
+    name = run_name or cfg.tracking.run_name or f"{stage}-{fingerprint(cfg)}"
+    run_dir = Path(cfg.training.output_dir).resolve() / name
+    with exclusive_lock(run_dir, "training run"):
+        return _run_locked(cfg, name, run_dir, config_path=config_path, launcher=launcher, address=address,
+                           parent=parent, stage=stage, fresh=fresh)
+
+
+def _storage_dir(cfg: Config, name: str) -> Path | None:
+    """The run's Ray Train storage folder when it is local (None for s3:// and the like)."""
+    sp = cfg.cluster.storage_path
+    return None if "://" in sp else Path(sp).resolve() / name
+
+
+def _ray_checkpoint_fingerprints(storage: Path | None) -> set[str]:
+    if storage is None or not storage.is_dir():
+        return set()
+    found = set()
+    for m in storage.glob("checkpoint_*/manifest_rank*.json"):
+        try:
+            fp = json.loads(m.read_text(encoding="utf-8")).get("fingerprint")
+        except (OSError, ValueError):
+            continue
+        if fp:
+            found.add(fp)
+    return found
+
+
+def _move_aside(path: Path) -> Path | None:
+    if not path.exists():
+        return None
+    dest = path.with_name(f"{path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(path, dest)
+    return dest
+
+
+def check_resume(cfg: Config, name: str, run_dir: Path, fp: str, *, fresh: bool) -> None:
+    """Refuse to resume a run folder (or local Ray storage) made with another configuration, naming both
+    fingerprints; with ``fresh`` move both aside instead (nothing is deleted)."""
+    record = run_dir / RUN_RECORD
+    old = read_json(record, "the run record").get("fingerprint") if record.exists() else None
+    storage = _storage_dir(cfg, name)
+    stale_ray = _ray_checkpoint_fingerprints(storage) - {fp}
+    if fresh:
+        for path in (run_dir, storage):
+            if path is not None and (moved := _move_aside(path)) is not None:
+                print(f"[train] --fresh: moved {path} to {moved}", flush=True)
+        if storage is None:
+            print(f"[train] --fresh: Ray storage {cfg.cluster.storage_path} is remote; its checkpoints of {name} "
+                  "are refused by fingerprint, not moved", flush=True)
+        return
+    if old is not None and old != fp:
+        raise StaleResumeError(
+            f"{run_dir} holds a training run with fingerprint {old}, but this configuration's fingerprint is {fp} "
+            f"(model, data file, loss or training settings changed): resuming would mix two runs. Use another "
+            f"--run-name, or --fresh to move the old run aside and start again")
+    if stale_ray:
+        raise StaleResumeError(
+            f"Ray Train storage {storage} holds checkpoints with fingerprint {', '.join(sorted(stale_ray))}, but "
+            f"this configuration's fingerprint is {fp}: resuming would mix two runs. Use another --run-name, or "
+            f"--fresh to move the old checkpoints aside")
+
+
+def _run_locked(cfg: Config, name: str, run_dir: Path, *, config_path: str | None, launcher: str,
+                address: str | None, parent: RunHandle | None, stage: str, fresh: bool) -> TrainResult:
     from tract_dist.data.assets import load_tokenizer
     from tract_dist.train.data import prepare_dataset
 
-    preflight(cfg)
-    name = run_name or cfg.tracking.run_name or f"{stage}-{fingerprint(cfg)}"
-    run_dir = Path(cfg.training.output_dir).resolve() / name
+    fp = run_fingerprint(cfg)
+    check_resume(cfg, name, run_dir, fp, fresh=fresh)
     run_dir.mkdir(parents=True, exist_ok=True)
     tok_name = cfg.model.tokenizer or cfg.model.name_or_path
     summary = prepare_dataset(cfg, load_tokenizer(tok_name), run_dir)
     check_batch(cfg, summary["encode_encoded"])
+    # Recorded only once the input is valid: an invocation refused for bad input (then fixed) owns nothing yet.
+    if not (run_dir / RUN_RECORD).exists():
+        atomic_write_json(run_dir / RUN_RECORD, {"fingerprint": fp, "name": name, "created": time.time()})
     print(f"[train] data: {summary['records']} records, {summary['valid']} valid, {summary['invalid']} invalid, "
           f"{summary['encode_truncated']} truncated, {summary['encode_dropped']} dropped", flush=True)
 
@@ -93,29 +187,94 @@ def run_training(cfg: Config, *, config_path: str | None = None, run_name: str |
     with start_run(tr.tracking_uri, tr.experiment, name, enabled=tr.enabled, parent=parent, run_id=previous,
                    tags={"stage": stage}) as handle:
         if handle.run_id:
-            id_file.write_text(handle.run_id)
-            if previous is None:
+            atomic_write_text(id_file, handle.run_id)
+            if handle.run_id != previous:  # a new run (first invocation, or the old one was deleted)
                 log_params(handle, cfg.flat())
                 if config_path:
-                    log_artifact(handle, config_path, "config")
+                    log_config_artifact(handle, config_path)
                 log_artifact(handle, run_dir / "data_summary.json", "data")
+        invocation = uuid.uuid4().hex
         loop = {"config": cfg.model_dump(), "run_dir": str(run_dir), "launcher": launcher,
                 "tracking": {"tracking_uri": handle.tracking_uri, "run_id": handle.run_id},
-                "export_dir": str(run_dir / "export")}
+                "export_dir": str(run_dir / "export"), "fingerprint": fp, "invocation": invocation}
         if os.environ.get("TRACT_DIST_FAIL_AT_STEP"):
             loop["fail_at_step"] = int(os.environ["TRACT_DIST_FAIL_AT_STEP"])
-        if launcher == "ray":
-            ckpt = _fit_with_ray(cfg, loop, name, address)
-        elif launcher == "torchrun":
-            ckpt = _fit_with_torchrun(cfg, loop, run_dir)
-        elif launcher == "inline":
-            from tract_dist.train.worker import train_worker
+        if os.environ.get("TRACT_DIST_KILL_IN_SAVE_AT_STEP"):
+            loop["kill_in_save_at_step"] = int(os.environ["TRACT_DIST_KILL_IN_SAVE_AT_STEP"])
+        try:
+            if launcher == "ray":
+                ckpt = _fit_with_ray(cfg, loop, name, address)
+            elif launcher == "torchrun":
+                ckpt = _fit_with_torchrun(cfg, loop, run_dir)
+            else:
+                from tract_dist.train.worker import train_worker
 
-            train_worker(loop)
-            ckpt = str(run_dir / "checkpoints")
-        else:
-            raise ConfigError(f"unknown launcher {launcher!r}: ray, torchrun or inline")
+                train_worker(loop)
+                ckpt = str(run_dir / "checkpoints")
+        except Exception as e:
+            _raise_nonfinite(cfg, name, run_dir, invocation, e)
+            raise
     return TrainResult(name, run_dir, run_dir / "export", ckpt, handle.run_id, handle.tracking_uri, summary)
+
+
+def log_config_artifact(handle: RunHandle, config_path: str) -> None:
+    """Upload the config file with any credential in a URI redacted (tracking URIs may carry tokens)."""
+    import tempfile
+
+    text = Path(config_path).read_text(encoding="utf-8", errors="replace")
+    with tempfile.TemporaryDirectory(prefix="tract-config-") as d:
+        copy = Path(d) / Path(config_path).name
+        copy.write_text(redact_text(text), encoding="utf-8")
+        log_artifact(handle, copy, "config")
+
+
+def _raise_nonfinite(cfg: Config, name: str, run_dir: Path, invocation: str, error: BaseException) -> None:
+    """If the workers stopped on a non-finite step in this invocation, raise one clear error (whatever the
+    launcher wrapped it in) and pin the last good Ray checkpoint with hard links, out of num_to_keep's reach."""
+    from tract_dist.train.worker import NONFINITE, NonFiniteLossError
+
+    path = run_dir / NONFINITE
+    if not path.exists():
+        return
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if info.get("invocation") != invocation:
+        return
+    msg = info.get("message", "non-finite training values")
+    if info.get("launcher") == "ray":
+        pinned = _pin_ray_checkpoint(_storage_dir(cfg, name), run_dir, info)
+        if pinned is not None:
+            msg += f"; pinned copy of the last good checkpoint (hard links): {pinned}"
+    raise NonFiniteLossError(msg) from error
+
+
+def _pin_ray_checkpoint(storage: Path | None, run_dir: Path, info: dict[str, Any]) -> Path | None:
+    """Hard-link the newest Ray checkpoint (the last good one: nothing was saved after it) into
+    ``RUN_DIR/pinned/``; Ray Train's num_to_keep pruning deletes its own folder, never these links."""
+    if storage is None or not storage.is_dir():
+        return None
+    ckpts = sorted((p for p in storage.glob("checkpoint_*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    if not ckpts:
+        return None
+    src = ckpts[-1]
+    dest = run_dir / "pinned" / src.name
+    if dest.exists():
+        return dest
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    def link(s: str, d: str) -> None:
+        try:
+            os.link(s, d)
+        except OSError:  # another filesystem: copy
+            shutil.copy2(s, d)
+
+    shutil.copytree(src, tmp, copy_function=link)
+    atomic_write_text(tmp / "PINNED", info.get("message", "") + "\n")
+    os.replace(tmp, dest)
+    return dest
 
 
 def ray_init(cfg: Config, address: str | None) -> None:
@@ -148,7 +307,7 @@ def check_placement(cfg: Config) -> None:
 
 
 def _fit_with_ray(cfg: Config, loop: dict[str, Any], name: str, address: str | None) -> str:
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from tract_dist.train.worker import train_worker
@@ -163,7 +322,8 @@ def _fit_with_ray(cfg: Config, loop: dict[str, Any], name: str, address: str | N
         train_loop_config=loop,
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=c.max_failures)),
+        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=c.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.training.num_to_keep)),
     )
     result = trainer.fit()
     if result.error:
@@ -171,14 +331,26 @@ def _fit_with_ray(cfg: Config, loop: dict[str, Any], name: str, address: str | N
     return result.checkpoint.path if result.checkpoint else ""
 
 
+class WorkerFailedError(RuntimeError):
+    """The torchrun workers exited with an error (their output above says which)."""
+
+
 def _fit_with_torchrun(cfg: Config, loop: dict[str, Any], run_dir: Path) -> str:
     spec = run_dir / "loop.json"
-    spec.write_text(json.dumps(loop))
+    # The file holds no credential: a tracking URI with a token travels to the workers in their environment.
+    uri = loop["tracking"]["tracking_uri"]
+    written = json.loads(json.dumps(loop))
+    written["tracking"]["tracking_uri"] = redact_text(uri)
+    written["config"]["tracking"]["tracking_uri"] = redact_text(written["config"]["tracking"]["tracking_uri"])
+    atomic_write_text(spec, json.dumps(written))
     n = cfg.cluster.num_workers
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
            "-m", "tract_dist.train.torchrun_main", str(spec)]
-    env = {**os.environ, "DS_ACCELERATOR": "cuda" if cfg.cluster.use_gpu else "cpu"}
+    env = {**os.environ, "DS_ACCELERATOR": "cuda" if cfg.cluster.use_gpu else "cpu",
+           "TRACT_DIST_WORKER_TRACKING_URI": uri}
     if not cfg.cluster.use_gpu:
         env.setdefault("OMP_NUM_THREADS", str(max(1, int(cfg.cluster.cpus_per_worker))))
-    subprocess.run(cmd, check=True, env=env)
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0:
+        raise WorkerFailedError(f"torchrun workers failed (exit status {proc.returncode}); see their output above")
     return str(run_dir / "checkpoints")

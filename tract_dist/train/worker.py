@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import sys
@@ -31,10 +32,15 @@ _PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "
 
 def train_worker(loop: dict[str, Any]) -> None:
     """Train one stage. ``loop``: config (dict), run_dir (prepared data), tracking (RunHandle fields),
-    launcher ("ray" | "local"), and optionally fail_at_step (fault-injection for tests)."""
+    launcher ("ray" | "local"), fingerprint (of the run: recorded in and checked against every checkpoint),
+    invocation (an id of this driver call), and optionally fail_at_step / kill_in_save_at_step (fault
+    injection for tests)."""
     cfg = Config.model_validate(loop["config"])
     run_dir = Path(loop["run_dir"])
-    handle = RunHandle(**loop["tracking"])
+    tracking = dict(loop["tracking"])
+    if os.environ.get("TRACT_DIST_WORKER_TRACKING_URI"):  # torchrun: the URI with its credential, not in loop.json
+        tracking["tracking_uri"] = os.environ["TRACT_DIST_WORKER_TRACKING_URI"]
+    handle = RunHandle(**tracking)
     use_cuda = torch.cuda.is_available() and cfg.cluster.use_gpu
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_cuda else "cpu")
 
@@ -50,7 +56,7 @@ def train_worker(loop: dict[str, Any]) -> None:
     from tract_dist.train.export import export_model
     from tract_dist.train.model_init import load_training_model, training_dtype
     from tract_dist.train.schedule import lr_lambda
-    from tract_dist.train.session import LocalSession, RaySession
+    from tract_dist.train.session import CheckpointError, LocalSession, RaySession
 
     # ---- setup: process group, data, model, engine -------------------------------------------------
     # DeepSpeed 0.19 calls the torch collectives that torch 2.13 renamed; the notice is not ours to act on.
@@ -59,9 +65,12 @@ def train_worker(loop: dict[str, Any]) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
-    session = RaySession() if loop.get("launcher") == "ray" else LocalSession(run_dir / "checkpoints")
-    _quiet_ray_train_reports()
     t = cfg.training
+    fingerprint = loop.get("fingerprint")
+    session = (RaySession(fingerprint) if loop.get("launcher") == "ray"
+               else LocalSession(run_dir / "checkpoints", keep=t.num_to_keep, fingerprint=fingerprint))
+    _quiet_ray_train_reports()
+    _refuse_known_nonfinite(run_dir, loop.get("invocation"))
     torch.manual_seed(t.seed)  # identical initialisation on every rank
 
     tokenizer = load_tokenizer(cfg.model.tokenizer or _tokenizer_source(cfg))
@@ -91,9 +100,13 @@ def train_worker(loop: dict[str, Any]) -> None:
     start_step = 0
     with session.resume_dir() as resume:
         if resume is not None:
-            _, client = engine.load_checkpoint(resume, load_module_strict=True)
-            start_step = int(client["step"])
-            _restore_rng(Path(resume) / f"rng_rank{rank}.pt")
+            try:
+                _, client = engine.load_checkpoint(resume, load_module_strict=True)
+                start_step = int(client["step"])
+            except Exception as e:  # noqa: BLE001 - a checkpoint that cannot be read is named, not a traceback
+                raise CheckpointError(f"checkpoint {resume} cannot be loaded ({type(e).__name__}: {e}); remove it "
+                                      "to resume from the one before, or start afresh with --fresh") from e
+            _restore_rng(Path(resume) / f"rng_rank{rank}.pt", rank)
         else:
             torch.manual_seed(t.seed + 1 + rank)  # per-rank stream for dropout and the like
     if rank == 0:
@@ -137,11 +150,20 @@ def train_worker(loop: dict[str, Any]) -> None:
         loss_sum, ce_sum, mse_sum, abs_err, tokens = sums.tolist()
         elapsed = time.perf_counter() - t0
         window.add(tokens, elapsed)
-        grad_norm = engine.get_global_grad_norm()
+        ds_norm = engine.get_global_grad_norm()
+        grad_norm = _float(ds_norm if ds_norm is not None else pre_clip_norm)
+        # Every rank holds the same all-reduced sums and global norm, so every rank stops here together.
+        checked = {"loss": loss_sum, "ce": ce_sum, "mse": mse_sum}
+        if (ds_norm is not None or pre_clip_norm is not None) and not engine.fp16_enabled():
+            checked["grad_norm"] = grad_norm  # fp16: an overflow is the loss scaler's business (step skipped)
+        bad = {k: v for k, v in checked.items() if not math.isfinite(v)}
+        if bad:
+            _stop_nonfinite(step + 1, bad, [str(data[i]["id"]) for i in idx.tolist()], session, run_dir, rank,
+                            loop.get("invocation"))
         metrics = {
             "loss": loss_sum / world, "ce": ce_sum / world, "mse": mse_sum / world,
             "mae": abs_err / sc_den, "lr": lr,
-            "grad_norm": _float(grad_norm if grad_norm is not None else pre_clip_norm), "tokens_per_s": window.rate(),
+            "grad_norm": grad_norm, "tokens_per_s": window.rate(),
             "tokens_per_s_per_worker": window.rate() / world, "epoch": (step + 1) / plan.steps_per_epoch,
         }
         if use_cuda:
@@ -157,10 +179,8 @@ def train_worker(loop: dict[str, Any]) -> None:
             _console(f"[train] step {done}/{plan.total_steps} " + " ".join(
                 f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
         if save:
-            with session.checkpoint_dir(done) as ckpt:
-                engine.save_checkpoint(ckpt, tag=f"step-{done}", client_state={"step": done})
-                torch.save(_rng_state(), Path(ckpt) / f"rng_rank{rank}.pt")
-                session.report({**metrics, "step": done}, checkpoint_dir=ckpt)
+            _save_checkpoint(engine, session, done, {**metrics, "step": done}, fingerprint, rank, device, loop,
+                             run_dir)
         elif done % t.logging_steps == 0:
             session.report({**metrics, "step": done})
 
@@ -171,10 +191,105 @@ def train_worker(loop: dict[str, Any]) -> None:
     peak_rss = torch.tensor([_peak_rss_gb()], dtype=torch.float64, device=device)
     dist.all_reduce(peak_rss, op=dist.ReduceOp.MAX)
     if rank == 0:
+        from tract_dist.tracking import flush
+
+        flush(handle)  # metrics buffered through a tracking outage get their last chance here
         (run_dir / "train_result.json").write_text(json.dumps(
             {"export_dir": str(export_dir), "steps": plan.total_steps, "start_step": start_step,
              "params_total": n_params, "peak_rss_gb": peak_rss.item(), "params_per_rank": [int(x) for x in per_rank],
              "final_metrics": metrics}, indent=2))
+
+
+class NonFiniteLossError(RuntimeError):
+    """The all-reduced loss or the gradient norm of a step is NaN or infinite; training stopped before saving."""
+
+
+NONFINITE = "nonfinite.json"
+
+
+def _stop_nonfinite(step: int, bad: dict[str, float], ids: list[str], session: Any, run_dir: Path, rank: int,
+                    invocation: str | None) -> None:
+    """Stop the run at a non-finite step: no checkpoint of it (or later) is written; the last good checkpoint
+    is pinned so that no later save prunes it; rank 0 records what happened in ``RUN_DIR/nonfinite.json``."""
+    last = session.last_good
+    values = ", ".join(f"{k}={v}" for k, v in bad.items())
+    shown = ", ".join(ids[:32]) + (f", ... ({len(ids)} records)" if len(ids) > 32 else "")
+    pinned = ("pinned: later saves will not prune it" if session.launcher == "local"
+              else "the driver pins a hard-linked copy when Ray's storage is local")
+    where = (f"the last good checkpoint is {last} ({pinned})" if last
+             else "no checkpoint was written before it (the run must start from the seed model)")
+    msg = (f"non-finite training values at step {step}: {values}; batch record ids: {shown}. Training stopped "
+           f"before writing any checkpoint of this step; {where}. Lower training.learning_rate (or raise "
+           f"warm-up, check those records) and rerun")
+    if last:
+        session.pin(last, msg)
+    if rank == 0:
+        from tract_dist.fsutil import atomic_write_json
+
+        atomic_write_json(run_dir / NONFINITE, {"step": step, "values": {k: str(v) for k, v in bad.items()},
+                                                "record_ids": ids, "last_good_checkpoint": last,
+                                                "launcher": session.launcher, "invocation": invocation,
+                                                "message": msg})
+    raise NonFiniteLossError(msg)
+
+
+def _refuse_known_nonfinite(run_dir: Path, invocation: str | None) -> None:
+    """A worker restarted by Ray Train within the same invocation after a non-finite stop would only meet the
+    same NaN again (the data and weights are deterministic): fail at once instead of burning the retries."""
+    path = run_dir / NONFINITE
+    if invocation is None or not path.exists():
+        return
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if info.get("invocation") == invocation:
+        raise NonFiniteLossError(info.get("message", "non-finite training values (see nonfinite.json)"))
+
+
+def _all_ranks_ok(ok: bool, device: torch.device) -> bool:
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _save_checkpoint(engine: Any, session: Any, step: int, metrics: dict[str, Any], fingerprint: str | None,
+                     rank: int, device: torch.device, loop: dict[str, Any], run_dir: Path) -> None:
+    """Write every rank's shards, agree that every rank succeeded, then publish; otherwise remove the partial
+    checkpoint and stop, naming the cause and the last good checkpoint (which stays where it was)."""
+    from tract_dist.train.session import CheckpointError
+
+    error: BaseException | None = None
+    ckpt = ""
+    try:
+        ckpt = session.begin(step)
+        engine.save_checkpoint(ckpt, tag=f"step-{step}", client_state={"step": step, "fingerprint": fingerprint})
+        torch.save(_rng_state(), Path(ckpt) / f"rng_rank{rank}.pt")
+        _maybe_kill_in_save(loop, step, rank, run_dir)
+    except Exception as e:  # noqa: BLE001 - every rank must reach the all-reduce below, whatever failed
+        error = e
+    if not _all_ranks_ok(error is None, device):
+        session.abort()
+        cause = f"{type(error).__name__}: {error}" if error is not None else "a failure on another rank"
+        last = session.last_good or "none (no checkpoint was written before)"
+        raise CheckpointError(f"checkpoint of step {step} could not be written ({cause}); it was removed and the "
+                              f"last good checkpoint is kept: {last}") from error
+    session.commit(ckpt, step, metrics)
+
+
+def _maybe_kill_in_save(loop: dict[str, Any], step: int, rank: int, run_dir: Path) -> None:
+    """Fault injection for tests: SIGKILL the last rank halfway through a save (its shards are written, the
+    checkpoint is not published), once per run folder."""
+    if loop.get("kill_in_save_at_step") != step or rank != max(0, dist.get_world_size() - 1):
+        return
+    marker = run_dir / ".injected_kill"
+    if marker.exists():
+        return
+    marker.write_text("1")
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _console(msg: str) -> None:
@@ -252,8 +367,11 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _restore_rng(path: Path) -> None:
+def _restore_rng(path: Path, rank: int) -> None:
     if not path.exists():
+        if rank == 0:  # another world size wrote this checkpoint: the model and data position are still exact
+            sys.stderr.write(f"[train] warning: {path.name} is not in the checkpoint; this rank's RNG starts from "
+                             "the seed\n")
         return
     state = torch.load(path, weights_only=True)
     torch.set_rng_state(state["torch"])
