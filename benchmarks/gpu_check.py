@@ -10,8 +10,10 @@ lent H100/H200, and writes JSON + markdown into ``--out``:
                    uniform and realistic batches, bf16 (with torch.compile) and fp32 (without it);
   3. train_step    ``benchmarks/train/bench_step.py --preset gpu-1b``: one training step of the ~1.2B
                    Llama-3-shaped model with the fused vs the reference head;
-  4. generation    ``benchmarks/generate/bench_generate.py``: the HF generate batch sweep on CUDA.
-vLLM is not measured here: its wheel is too large to travel to the device machine.
+  4. generation    the HF half of ``benchmarks/generate/bench_backends.py`` on CUDA (random-1b, bf16): CoT
+                   generation tokens/s at batch 1/8/32/64 and at the quickstart's shape, CoT-RAIL examples/s.
+vLLM is not measured here: its wheel is too large to travel to the device machine, so the vLLM/HF ratio, tensor
+parallelism and served LoRA on GPU stay unmeasured until a machine with vLLM is lent.
 
 Every stage runs even if an earlier one failed; its status, time and output tail land in the summary, and
 at most 8 files are written (what the device tool brings back). Three pure-Python wheels must travel:
@@ -102,14 +104,16 @@ def stage_train_step(out: Path, smoke: bool) -> dict[str, Any]:
 
 
 def stage_generation(out: Path, smoke: bool) -> dict[str, Any]:
-    cmd = [sys.executable, "benchmarks/generate/bench_generate.py", "--replicas", ""]
+    """The HF half of ``bench_backends.py`` (vLLM's wheel does not travel): CoT generation tokens/s per batch
+    size and at the quickstart's shape, CoT-RAIL examples/s."""
+    cmd = [sys.executable, "benchmarks/generate/bench_backends.py", "--backends", "hf", "--out", str(out / "generate")]
     if smoke:
-        cmd += ["--prompts", "4", "--max-new-tokens", "4", "--batch-sizes", "1,2", "--repeats", "1",
-                "--out", str(out / "generate")]
+        cmd += ["--model", "tiny", "--prompts", "4", "--max-new-tokens", "4", "--batch-sizes", "1,2", "--quickstart",
+                "", "--rail-examples", "2", "--repeats", "1"]
     else:
         cmd += ["--device", "cuda", "--model", "random-1b", "--prompts", "64", "--max-new-tokens", "128",
-                "--batch-sizes", "1,8,32,64", "--out", str(out / "generate")]
-    return _subprocess(cmd, timeout=240)
+                "--batch-sizes", "1,8,32,64"]
+    return _subprocess(cmd, timeout=300)
 
 
 STAGES: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
