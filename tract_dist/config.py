@@ -265,14 +265,12 @@ def safe_load_yaml(text: str) -> Any:
 
 def read_text_file(path: Path, what: str = "file") -> str:
     """A text file as UTF-8 (a UTF-8 byte-order mark is accepted); any other encoding is named, not a traceback."""
-    data = path.read_bytes()
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in data[:4096]:
-        raise ConfigError(f"{path}: {what} is UTF-16 text (a byte-order mark or NUL bytes); save it as UTF-8")
+    from tract_dist.fsutil import decode_utf8
+
     try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: {what} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}; "
-                          f"latin-1 or another legacy encoding?); save it as UTF-8") from None
+        return decode_utf8(path.read_bytes())
+    except UnicodeError as e:
+        raise ConfigError(f"{path}: {what}: {e}") from None
 
 
 def apply_override(tree: dict[str, Any], override: str) -> None:

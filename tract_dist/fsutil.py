@@ -140,6 +140,20 @@ def read_json(path: str | Path, what: str) -> Any:
                                 f"it to start that part afresh") from None
 
 
+def decode_utf8(data: bytes) -> str:
+    """UTF-8 text (a byte-order mark is accepted). UTF-16 and legacy encodings raise ``UnicodeError`` with a
+    message that says which and how to fix it; callers add the file name and their own error type."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in data[:4096]:
+        raise UnicodeError("the file is UTF-16 text (a byte-order mark or NUL bytes); save it as UTF-8 "
+                           "(e.g. iconv -f UTF-16 -t UTF-8)")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UnicodeError(f"not UTF-8 text: byte 0x{data[e.start]:02x} on line {line} (offset {e.start}); a "
+                           "latin-1 / Windows-1252 file? save it as UTF-8") from None
+
+
 class CorruptStateError(RuntimeError):
     """A state file this project wrote cannot be read back; the message names it."""
 

@@ -192,14 +192,12 @@ def load_records(source: str, split: str = "train") -> Iterator[dict[str, Any]] 
 
 def decode_text(path: str | Path, data: bytes) -> str:
     """UTF-8 text (a byte-order mark is accepted); UTF-16 and legacy encodings are named, not a traceback."""
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in data[:4096]:
-        raise DataError(str(path), "the file is UTF-16 text (a byte-order mark or NUL bytes); save it as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")
+    from tract_dist.fsutil import decode_utf8
+
     try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise DataError(str(path), f"not UTF-8 text: byte 0x{data[e.start]:02x} on line {line} (offset {e.start}); "
-                                   "a latin-1 / Windows-1252 file? save it as UTF-8") from None
+        return decode_utf8(data)
+    except UnicodeError as e:
+        raise DataError(str(path), str(e)) from None
 
 
 def read_json_records(path: str | Path) -> list[dict[str, Any]]:
