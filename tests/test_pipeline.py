@@ -139,7 +139,11 @@ def test_pipeline_against_mlflow_server(tmp_path, quickstart_data, ray_local, mo
                     pytest.fail("mlflow server did not come up")
                 time.sleep(1)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        cfg = _cfg(tmp_path, quickstart_data, **{"pipeline.method": "cot_raft", "training.max_steps": 2})
+        # Tracking is what this test is about: train in-process and evaluate without Ray (the Ray paths have
+        # their own tests), so the server sees the same runs at a fraction of the start-up cost.
+        cfg = _cfg(tmp_path, quickstart_data, **{"pipeline.method": "cot_raft", "training.max_steps": 2,
+                                                 "cluster.launcher": "inline", "cluster.num_workers": 1,
+                                                 "evaluation.ray": False})
         s = run_pipeline(cfg, name="srv")
         c = MlflowClient(uri)
         runs = c.search_runs([c.get_experiment_by_name("pipe").experiment_id])
