@@ -4,12 +4,6 @@ skip on rerun, resume after an interruption; and the same against a real `mlflow
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -109,52 +103,27 @@ def test_tract_pipeline_end_to_end(tmp_path, quickstart_data, ray_local, monkeyp
     assert "tract" in table and "stage2" in table and "vicuna:rmse" in table
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(600)
-def test_pipeline_against_mlflow_server(tmp_path, quickstart_data, ray_local, monkeypatch):
+def test_pipeline_against_mlflow_server(tmp_path, quickstart_data, ray_local, mlflow_server, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from tract_dist.pipeline import run_pipeline
 
-    port = _free_port()
-    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
-    proc = subprocess.Popen([mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                             "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-                             "--default-artifact-root", str(tmp_path / "server-artifacts")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                MlflowClient(uri).search_experiments()
-                break
-            except Exception:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    pytest.fail("mlflow server did not come up")
-                time.sleep(1)
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        # Tracking is what this test is about: train in-process and evaluate without Ray (the Ray paths have
-        # their own tests), so the server sees the same runs at a fraction of the start-up cost.
-        cfg = _cfg(tmp_path, quickstart_data, **{"pipeline.method": "cot_raft", "training.max_steps": 2,
-                                                 "cluster.launcher": "inline", "cluster.num_workers": 1,
-                                                 "evaluation.ray": False})
-        s = run_pipeline(cfg, name="srv")
-        c = MlflowClient(uri)
-        runs = c.search_runs([c.get_experiment_by_name("pipe").experiment_id])
-        assert {r.data.tags.get("stage") for r in runs} == {"pipeline", "train", "evaluate"}
-        assert all(r.info.status == "FINISHED" for r in runs)
-        ev = next(r for r in runs if r.data.tags.get("stage") == "evaluate")
-        assert any(a.path.startswith("evaluate") for a in c.list_artifacts(ev.info.run_id))
-        assert s.parent_run_id in {r.info.run_id for r in runs}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
+    uri, _ = mlflow_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # Tracking is what this test is about: train in-process and evaluate without Ray (the Ray paths have
+    # their own tests), so the server sees the same runs at a fraction of the start-up cost.
+    cfg = _cfg(tmp_path, quickstart_data, **{"pipeline.method": "cot_raft", "training.max_steps": 2,
+                                             "cluster.launcher": "inline", "cluster.num_workers": 1,
+                                             "evaluation.ray": False})
+    s = run_pipeline(cfg, name="srv")
+    c = MlflowClient(uri)
+    runs = c.search_runs([c.get_experiment_by_name("pipe").experiment_id])
+    assert {r.data.tags.get("stage") for r in runs} == {"pipeline", "train", "evaluate"}
+    assert all(r.info.status == "FINISHED" for r in runs)
+    ev = next(r for r in runs if r.data.tags.get("stage") == "evaluate")
+    assert any(a.path.startswith("evaluate") for a in c.list_artifacts(ev.info.run_id))
+    assert s.parent_run_id in {r.info.run_id for r in runs}
 
 
 @pytest.mark.timeout(600)

@@ -10,8 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
@@ -177,53 +175,31 @@ def test_credentials_are_redacted_from_params_and_written_files(store, tmp_path,
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_mlflow_server_killed_mid_run_does_not_fail_training(tmp_path, quickstart_data, monkeypatch, capsys):
-    from mlflow.tracking import MlflowClient
-
+def test_mlflow_server_killed_mid_run_does_not_fail_training(tmp_path, quickstart_data, mlflow_server, monkeypatch,
+                                                            capsys):
     import tract_dist.train.worker as worker
     from tract_dist.config import load_config
     from tract_dist.train.trainer import run_training
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1", "--backend-store-uri",
-                             f"sqlite:///{tmp_path}/server.db", "--default-artifact-root", str(tmp_path / "art")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                MlflowClient(uri).search_experiments()
-                break
-            except Exception:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    pytest.fail("mlflow server did not come up")
-                time.sleep(0.5)
-        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        real_log = worker.log_metrics
+    uri, proc = mlflow_server
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    real_log = worker.log_metrics
 
-        def kill_server_at_step_2(handle, metrics, step=None):
-            if step == 2 and proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(30)
-            real_log(handle, metrics, step=step)
-
-        monkeypatch.setattr(worker, "log_metrics", kill_server_at_step_2)
-        base = {"model": {"name_or_path": "tiny-llama", "tokenizer": "smollm2"},
-                "data": {"train_path": str(quickstart_data), "train_format": "jsonl", "max_length": 512,
-                         "max_examples": 4},
-                "training": {"output_dir": str(tmp_path / "runs"), "max_steps": 4, "save_steps": 100},
-                "tracking": {"tracking_uri": uri, "experiment": "outage"}}
-        before = STATS.dropped_metrics
-        r = run_training(load_config(None, base=base), run_name="outage", launcher="inline")
-        assert json.loads((r.run_dir / "train_result.json").read_text())["steps"] == 4
-        assert len((r.run_dir / "metrics.jsonl").read_text().splitlines()) == 4  # the local record is whole
-        assert STATS.dropped_metrics - before >= 3 * 9  # steps 2-4 never reached the dead server, counted
-        assert "dropped" in capsys.readouterr().err
-    finally:
-        if proc.poll() is None:
+    def kill_server_at_step_2(handle, metrics, step=None):
+        if step == 2 and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
+        real_log(handle, metrics, step=step)
+
+    monkeypatch.setattr(worker, "log_metrics", kill_server_at_step_2)
+    base = {"model": {"name_or_path": "tiny-llama", "tokenizer": "smollm2"},
+            "data": {"train_path": str(quickstart_data), "train_format": "jsonl", "max_length": 512,
+                     "max_examples": 4},
+            "training": {"output_dir": str(tmp_path / "runs"), "max_steps": 4, "save_steps": 100},
+            "tracking": {"tracking_uri": uri, "experiment": "outage"}}
+    before = STATS.dropped_metrics
+    r = run_training(load_config(None, base=base), run_name="outage", launcher="inline")
+    assert json.loads((r.run_dir / "train_result.json").read_text())["steps"] == 4
+    assert len((r.run_dir / "metrics.jsonl").read_text().splitlines()) == 4  # the local record is whole
+    assert STATS.dropped_metrics - before >= 3 * 9  # steps 2-4 never reached the dead server, counted
+    assert "dropped" in capsys.readouterr().err
