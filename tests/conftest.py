@@ -130,3 +130,27 @@ def mlflow_server(tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(30)
+
+
+@pytest.fixture
+def lock_holder():
+    """``with lock_holder(folder, what) as pid:`` another process holds ``folder``'s exclusive lock (what a second
+    invocation meets) until the block ends."""
+    import contextlib
+    import subprocess
+    import sys
+
+    script = ("import sys, time\nfrom tract_dist.fsutil import exclusive_lock\n"
+              "with exclusive_lock(sys.argv[1], sys.argv[2]):\n    print('held', flush=True)\n    time.sleep(60)\n")
+
+    @contextlib.contextmanager
+    def hold(folder, what):
+        proc = subprocess.Popen([sys.executable, "-c", script, str(folder), what], stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline().strip() == "held"
+            yield proc.pid
+        finally:
+            proc.kill()
+            proc.wait()
+
+    return hold

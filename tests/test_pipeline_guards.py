@@ -4,8 +4,6 @@ state.json named, a parent MLflow run that no longer exists replaced, stage fold
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -33,21 +31,13 @@ def _write(tmp: Path, cfg) -> Path:
     return p
 
 
-def test_second_pipeline_invocation_is_refused_naming_the_holder(tmp_path, quickstart_data, capsys):
+def test_second_pipeline_invocation_is_refused_naming_the_holder(tmp_path, quickstart_data, capsys, lock_holder):
     cfg_file = _write(tmp_path, _cfg(tmp_path, quickstart_data))
-    hold = ("import sys, time\nfrom tract_dist.fsutil import exclusive_lock\n"
-            "with exclusive_lock(sys.argv[1], 'pipeline'):\n    print('held', flush=True)\n    time.sleep(60)\n")
-    proc = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / "pipe" / "p")], stdout=subprocess.PIPE,
-                            text=True)
-    try:
-        assert proc.stdout.readline().strip() == "held"
+    with lock_holder(tmp_path / "pipe" / "p", "pipeline") as pid:
         assert main(["pipeline", str(cfg_file), "--name", "p"]) == 2
         err = capsys.readouterr().err
-        assert f"pipeline {tmp_path / 'pipe' / 'p'} is in use by pid {proc.pid}" in err
+        assert f"pipeline {tmp_path / 'pipe' / 'p'} is in use by pid {pid}" in err
         assert "Traceback" not in err
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def test_corrupt_state_json_is_named(tmp_path, quickstart_data, capsys):

@@ -158,18 +158,10 @@ def test_config_change_under_the_same_run_name_is_refused_then_fresh(tmp_path, q
 
 
 @pytest.mark.timeout(60)
-def test_second_invocation_of_a_running_run_is_refused(tmp_path, quickstart_data):
+def test_second_invocation_of_a_running_run_is_refused(tmp_path, quickstart_data, lock_holder):
     from tract_dist.fsutil import LockHeldError
     from tract_dist.train.trainer import run_training
 
-    hold = ("import sys, time\nfrom tract_dist.fsutil import exclusive_lock\n"
-            "with exclusive_lock(sys.argv[1], 'training run'):\n    print('held', flush=True)\n    time.sleep(60)\n")
-    proc = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / "runs" / "busy")], stdout=subprocess.PIPE,
-                            text=True)
-    try:
-        assert proc.stdout.readline().strip() == "held"
-        with pytest.raises(LockHeldError, match=f"training run .*busy is in use by pid {proc.pid}"):
+    with lock_holder(tmp_path / "runs" / "busy", "training run") as pid:
+        with pytest.raises(LockHeldError, match=f"training run .*busy is in use by pid {pid}"):
             run_training(_cfg(tmp_path, quickstart_data), run_name="busy", launcher="inline")
-    finally:
-        proc.kill()
-        proc.wait()
