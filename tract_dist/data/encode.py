@@ -3,9 +3,9 @@
 A training sequence is ``prompt_ids + cot_ids + [score_id] + [eos]`` where ``cot_ids`` are the tokens of
 ``"{feedback} So the overall score is"`` up to (not including) the score token. Because the pieces are
 concatenated here, the index of the score token is known exactly; nothing is inferred from the sequence's
-end. Labels are -100 on the prompt and on the score token (TRACT's CE covers CoT tokens and EOS; the score
-is learnt through the regression term), and equal the input ids elsewhere (Hugging Face alignment: the
-model shifts them).
+end. Labels are ``IGNORE_INDEX`` (-100) on the prompt and on the score token (TRACT's CE covers CoT tokens
+and EOS; the score is learnt through the regression term), and equal the input ids elsewhere (Hugging Face
+alignment: the model shifts them).
 
 Over-long examples are never cut in the target: the response text inside the prompt (then the reference
 answer, then the instruction) is shortened until the sequence fits, or the example is dropped; both are
@@ -20,8 +20,7 @@ from typing import Any, Literal
 from tract_dist.data.prompts import ABS_SYSTEM_PROMPT, render_prompt, render_target, score_text
 from tract_dist.data.schema import JudgeExample
 from tract_dist.data.score_tokens import ScoreTokens, split_at_score
-
-IGNORE_INDEX = -100
+from tract_dist.protocol import IGNORE_INDEX  # re-exported: train.data reads it from here
 _MIN_FIELD_TOKENS = 16  # a truncated response/instruction keeps at least this many tokens
 
 

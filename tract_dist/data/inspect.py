@@ -9,6 +9,7 @@ from tract_dist.data.assets import load_tokenizer
 from tract_dist.data.encode import EncodeOptions, encode_examples
 from tract_dist.data.formats import read_examples
 from tract_dist.data.score_tokens import derive_score_tokens, parse_scale
+from tract_dist.protocol import IGNORE_INDEX
 
 
 def inspect_data(path: str, fmt: str, tokenizer_name: str, *, max_length: int = 3000, scale: str = "1-5",
@@ -43,5 +44,5 @@ def inspect_data(path: str, fmt: str, tokenizer_name: str, *, max_length: int = 
         "max_length": max_length,
         "tokens_mean": statistics.fmean(lengths) if lengths else None,
         "tokens_max": max(lengths) if lengths else None,
-        "target_tokens_mean": statistics.fmean(sum(x != -100 for x in e.labels) for e in encoded) if encoded else None,
+        "target_tokens_mean": statistics.fmean(sum(x != IGNORE_INDEX for x in e.labels) for e in encoded) if encoded else None,
     }

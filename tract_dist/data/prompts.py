@@ -11,12 +11,12 @@ import re
 from typing import Any
 
 from tract_dist.data.schema import JudgeExample
+from tract_dist.protocol import SCORE_PHRASE, TRAILING_SCORE_RE
 
 ABS_SYSTEM_PROMPT = (
     "You are a fair judge assistant tasked with providing clear, objective feedback based on specific criteria, "
     "ensuring each assessment reflects the absolute standards set for performance."
 )
-SCORE_PHRASE = "So the overall score is"
 
 _HEADER_REF = (
     "###Task Description:\n"
@@ -28,6 +28,7 @@ _HEADER_NOREF = (
     "An instruction (might include an Input inside it), a response to evaluate, and a score rubric representing "
     "a evaluation criteria are given.\n"
 )
+# Prometheus' words verbatim; the "[RESULT]" they ask for is protocol.RESULT_MARKER, where generation stops.
 _STEPS = (
     "1. Write a detailed feedback that assess the quality of the response strictly based on the given score "
     "rubric, not evaluating in general.\n"
@@ -113,19 +114,13 @@ def section_marker_counts(text: str) -> dict[str, int]:
     return {m: text.count(m) for m in SECTION_MARKERS}
 
 
-# Trailing score statements found in source feedback ("... [RESULT] 4", "So the overall score is 4.", "Score: 4").
-_TRAILING_SCORE = re.compile(
-    r"(?:\s*(?:\[RESULT\]|So the overall score is|the overall score is|Overall score:|Score:)\s*\(?\d+(?:\.\d+)?\)?"
-    r"\s*(?:/\s*\d+)?\s*\.?\s*)+\Z",
-    re.I,
-)
 _LEADING_FEEDBACK = re.compile(r"\A\s*(?:Feedback:)\s*", re.I)
 
 
 def normalize_feedback(text: str) -> str:
     """Strip a leading ``Feedback:`` and any trailing score statement, so the target states the score once."""
     text = _LEADING_FEEDBACK.sub("", text)
-    text = _TRAILING_SCORE.sub("", text)
+    text = TRAILING_SCORE_RE.sub("", text)
     return text.strip()
 
 

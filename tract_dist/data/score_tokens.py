@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tract_dist.data.prompts import SCORE_PHRASE
+from tract_dist.protocol import SCORE_PHRASE
 
 _CONTEXT = "The response is clear. " + SCORE_PHRASE + " {k}"
 

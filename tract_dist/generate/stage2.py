@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from tract_dist.data.formats import write_jsonl
-from tract_dist.data.prompts import SCORE_PHRASE, normalize_feedback
+from tract_dist.data.prompts import normalize_feedback
 from tract_dist.data.schema import JudgeExample
 from tract_dist.generate.shards import read_generated
+from tract_dist.protocol import SCORE_PHRASE
 
 _MAX_LISTED = 50  # ids listed in the stats (all are counted)
 

@@ -15,11 +15,12 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from tract_dist.data.encode import DroppedExample, EncodeOptions, fit_prompt
-from tract_dist.data.prompts import ABS_SYSTEM_PROMPT, SCORE_PHRASE
+from tract_dist.data.prompts import ABS_SYSTEM_PROMPT
 from tract_dist.data.schema import JudgeExample
 from tract_dist.data.score_tokens import ScoreTokens, derive_score_tokens, parse_scale, score_prompt_ids, split_at_score
 from tract_dist.judge.parsing import parse_decoded_score
 from tract_dist.judge.rail import readouts
+from tract_dist.protocol import SCORE_PHRASE, STOP_STRINGS
 from tract_dist.runtime.engine import EngineSpec, InferenceEngine, VllmOptions, extract_cot
 from tract_dist.runtime.sampling import SamplingParams, example_seed
 
@@ -87,7 +88,7 @@ class Judge:
         self.score_tokens: ScoreTokens = derive_score_tokens(tokenizer, self.scale)
         self.opts = EncodeOptions(max_length=max_length, system_prompt=system_prompt, scale=self.scale)
         self.sampling = sampling or SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=512,
-                                                   stop=("So the overall", "[RESULT]"))
+                                                   stop=STOP_STRINGS)
         self.seed = seed
         self.rail_normalize = rail_normalize
         self.batch_size = batch_size

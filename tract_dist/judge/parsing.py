@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import re
-
-_SCORE_AFTER = re.compile(r"(?:So the overall score is|\[RESULT\])\s*:?\s*\(?\s*(\d+(?:\.\d+)?)", re.I)
+from tract_dist.protocol import SCORE_STATEMENT_RE
 
 
 def parse_decoded_score(text: str, scale: tuple[int, int] = (1, 5)) -> tuple[float | None, str | None]:
@@ -12,7 +10,7 @@ def parse_decoded_score(text: str, scale: tuple[int, int] = (1, 5)) -> tuple[flo
 
     Reasons: ``no_score_statement`` (neither phrase followed by a number) and ``out_of_scale``.
     """
-    matches = list(_SCORE_AFTER.finditer(text))
+    matches = list(SCORE_STATEMENT_RE.finditer(text))
     if not matches:
         return None, "no_score_statement"
     lo, hi = scale

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from tract_dist.protocol import IGNORE_INDEX  # noqa: F401 - re-exported to reference.py / fused.py
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -92,7 +92,7 @@ def cot_raft_loss(
     """CoT-RAFT loss from final hidden states and the lm_head, without N x V logits when fused.
 
     Args:
-        hidden: (N, H) hidden states; row i predicts ``targets[i]`` (-100 = ignored).
+        hidden: (N, H) hidden states; row i predicts ``targets[i]`` (``protocol.IGNORE_INDEX`` = -100: ignored).
         weight / bias: lm_head (V, H) / (V,); with ``process_group`` this rank's contiguous vocab shard
             (uneven shards allowed: the layout is all-gathered; ``vocab_start`` is checked against it).
         score_rows: (M,) unique row indices whose next-token distribution predicts the score.

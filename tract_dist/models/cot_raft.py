@@ -4,8 +4,8 @@ Batch contract (one micro-batch, all tensors on the model's device):
 
 * ``input_ids`` (B, T) long, ``attention_mask`` (B, T) (optional).
 * ``labels`` (B, T) long, aligned with ``input_ids`` as in Hugging Face (``labels[b, t]`` is the token
-  at ``t``; -100 = not trained). This module shifts them: the row at position ``t`` predicts
-  ``labels[b, t + 1]``.
+  at ``t``; -100 = ``protocol.IGNORE_INDEX``: not trained). This module shifts them: the row at
+  position ``t`` predicts ``labels[b, t + 1]``.
 * ``score_positions`` (B,) long: the position whose *next* token is the score token, i.e. the row
   that predicts the score (-1 = no score in this example).
 * ``score_targets`` (B,) float: the gold score of each example (ignored where the position is -1).
@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from tract_dist.loss.options import CoTRaftLossOptions
+from tract_dist.protocol import IGNORE_INDEX
 
 from .hidden import final_hidden_states, lm_head_parameters, unwrap_causal_lm
 from .zero3 import is_zero3_param, register_external_params
 
-IGNORE_INDEX = -100
 Denominator = float | int | torch.Tensor | None
 LossFn = Callable[..., Any]
 

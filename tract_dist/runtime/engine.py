@@ -17,11 +17,11 @@ pickled to every Ray actor, which builds its engine with :func:`tract_dist.runti
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from tract_dist.data.prompts import normalize_feedback
+from tract_dist.protocol import DANGLING_SCORE_RE
 from tract_dist.runtime.sampling import SamplingParams
 
 BACKENDS: tuple[str, ...] = ("hf", "vllm")
@@ -104,13 +104,10 @@ def cut_at_stop(text: str, stop: tuple[str, ...] | list[str]) -> str:
     return text[:cut]
 
 
-_DANGLING = re.compile(r"(?:\s*(?:So the overall score is|\[RESULT\])\s*)+\Z", re.I)
-
-
 def extract_cot(text: str, stop: tuple[str, ...] | list[str]) -> str:
     """A generated text as a CoT that ends before the score: cut at stop strings, then normalise like training data.
 
     The official TRACT code stops generation at "[RESULT]" and cuts the CoT at "So the overall" (FIDELITY.md);
-    ``generation.stop`` holds both, and both backends return the stop string inside the text, so the cut is here.
+    ``generation.stop`` holds both (``protocol.STOP_STRINGS``), and both backends return the stop string inside the text, so the cut is here.
     """
-    return _DANGLING.sub("", normalize_feedback(cut_at_stop(text, stop))).strip()
+    return DANGLING_SCORE_RE.sub("", normalize_feedback(cut_at_stop(text, stop))).strip()
