@@ -132,14 +132,14 @@ def test_pipeline_runs_without_ray(tmp_path, quickstart_data, monkeypatch):
     nothing may start or join a Ray cluster."""
     import ray
 
-    import tract_dist.train.trainer as trainer
+    import tract_dist.runtime.ray_cluster as ray_cluster
     from tract_dist.pipeline import run_pipeline
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started by a pipeline configured without it")
 
     monkeypatch.setattr(ray, "init", no_ray)
-    monkeypatch.setattr(trainer, "ray_init", no_ray)
+    monkeypatch.setattr(ray_cluster, "init_ray", no_ray)  # every start-up or connection goes through it
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     cfg = _cfg(tmp_path, quickstart_data, **{"cluster.launcher": "torchrun", "generation.ray": False,
                                          "evaluation.ray": False, "training.max_steps": 2,

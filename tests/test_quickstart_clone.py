@@ -32,9 +32,9 @@ from tract_dist.data.assets import load_tokenizer
 from tract_dist.data.score_tokens import parse_scale
 from tract_dist.evaluate.runner import load_benchmark
 from tract_dist.generate.pipeline import load_training_examples
-from tract_dist.pipeline import check_data_files, file_fingerprint
+from tract_dist.fsutil import file_fingerprint
+from tract_dist.pipeline_checks import check_data_files, preflight
 from tract_dist.train.data import prepare_dataset
-from tract_dist.train.trainer import preflight
 
 cfg = load_config(sys.argv[1])
 preflight(cfg)
@@ -123,7 +123,7 @@ def test_quickstart_data_resolves_and_reads_in_a_lonely_clone(lonely_clone, tmp_
     assert got["encoded"] == 8 and got["dropped"] == 0
     # Stage fingerprints hash the data file's content (file_fingerprint falls back to the path string for a
     # missing file), and the config holds only relative paths: the same pipeline name wherever a clone lives.
-    from tract_dist.pipeline import file_fingerprint
+    from tract_dist.fsutil import file_fingerprint
 
     assert got["data_fp"] == file_fingerprint(str(REPO / paths[0])) != paths[0]
 

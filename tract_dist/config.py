@@ -158,6 +158,12 @@ class PipelineSection(_Section):
     method: Literal["tract", "cot_raft", "ce_cot", "raft"] = "tract"
     output_dir: str = "runs/pipeline"
     evaluate_stage1: bool = True  # tract: evaluate the stage-1 model as well as the stage-2 one
+    # A finished stage-1 export (an HF folder) used instead of training stage 1, e.g. the cot_raft run of the
+    # same seed, which is TRACT's stage 1 (the quality benchmark); its content hash is the stage's fingerprint.
+    stage1_export: str | None = None
+    # Run only these stages (names or fnmatch patterns, e.g. "evaluate_*"); the others are used if up to
+    # date. None: every stage. Lets a caller run one stage per process.
+    stages: list[str] | None = None
 
 
 class TrackingSection(_Section):
@@ -178,6 +184,9 @@ class ClusterSection(_Section):
     launcher: Literal["ray", "torchrun", "inline"] = "ray"  # training; torchrun/inline need no Ray
     local_num_cpus: int | None = Field(None, gt=0, le=1 << 16)  # logical CPUs for a local Ray (see STACK-NOTES)
     object_store_memory_mb: int = Field(256, gt=0, le=1 << 24)
+    # torch CPU threads per inference replica; None: the cores shared out among replicas. Fewer threads than
+    # cores pay off on a shared machine (a descheduled OpenMP thread stalls every barrier).
+    threads_per_replica: int | None = Field(None, gt=0, le=4096)
 
 
 class Config(_Section):

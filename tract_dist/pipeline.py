@@ -1,34 +1,147 @@
-"""The TRACT pipeline in stage order: stage-1 training -> CoT generation -> stage-2 dataset -> stage-2
-training (from the seed model) -> CoT-RAIL evaluation of both stages.
+"""The TRACT pipeline as an ordered list of stages: stage-1 training -> CoT generation -> stage-2 dataset ->
+stage-2 training (from the seed model) -> CoT-RAIL evaluation of both stages (:func:`build_stages`).
 
-Each stage records a fingerprint of its own settings and of its inputs (upstream fingerprints, data files) in
-``state.json``; a rerun skips every stage whose fingerprint and outputs are unchanged and resumes an
-interrupted one through the stage's own mechanism (Ray Train checkpoints, missing generation shards). The
-training runs and the generation folder are named after their stage fingerprint, so a rerun after a config
-change starts those stages in new folders and can never resume another configuration's checkpoint or mix its
-CoTs. One invocation per pipeline at a time (a lock beside its folder). One MLflow parent run per pipeline,
-a child run per stage and per benchmark.
+A :class:`Stage` names its inputs (the upstream stages whose outputs it reads), what its fingerprint hashes
+(its own settings, its inputs' fingerprints, data files) and how it runs; it returns a dataclass of outputs,
+recorded in ``state.json`` under the stage's name with that fingerprint. A rerun skips every stage whose
+fingerprint and outputs are unchanged and resumes an interrupted one through the stage's own mechanism (Ray
+Train checkpoints, missing generation shards). The training runs and the generation folder are named after
+their stage fingerprint, so a rerun after a config change starts those stages in new folders and can never
+resume another configuration's checkpoint or mix its CoTs. One invocation per pipeline at a time (a lock
+beside its folder). One MLflow parent run per pipeline, a child run per stage and per benchmark.
 
 Methods (``pipeline.method``) make the paper's baselines one override away:
 ``tract`` (two stages), ``cot_raft`` (stage 1 only), ``ce_cot`` (CE only, lambda = 0 with CE on the score
 token; evaluated by decoding and by CoT-RAIL), ``raft`` (score-only targets without CoT; RAIL inference).
+``pipeline.stage1_export`` starts from a finished stage-1 model instead of training one; ``pipeline.stages``
+runs a subset (one stage per process, say), using the others' recorded outputs.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import hashlib
 import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Generic, TypeVar
 
 from tract_dist.config import Config, ConfigError
-from tract_dist.fsutil import CorruptStateError, atomic_write_json, exclusive_lock, file_fingerprint
+from tract_dist.fsutil import CorruptStateError, atomic_write_json, content_fingerprint, exclusive_lock, \
+    file_fingerprint
+from tract_dist.pipeline_checks import check_data_files, check_stage1_export, fingerprint, preflight
 from tract_dist.tracking import RunHandle, log_artifact, log_params, set_tags, start_run
 
 EVAL_MODES = {"tract": ["cot_rail"], "cot_raft": ["cot_rail"], "ce_cot": ["decode", "cot_rail"], "raft": ["rail"]}
+
+
+# ---- what each stage returns (recorded in state.json as a plain mapping) --------------------------------------
+
+@dataclass(frozen=True)
+class StageOutputs:
+    """Base of the stage outputs: a record in ``state.json`` and the files whose existence keeps it valid."""
+
+    def record(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> "StageOutputs":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in rec.items() if k in names})
+
+    def paths(self) -> list[str]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class TrainOutputs(StageOutputs):
+    model: str  # the exported HF folder (or the LoRA adapter when it is not merged)
+    run_dir: str = ""  # empty for a given stage-1 export
+    mlflow_run_id: str | None = None
+    summary: str = ""
+
+    def paths(self) -> list[str]:
+        return [self.model]
+
+
+@dataclass(frozen=True)
+class GenerateOutputs(StageOutputs):
+    dir: str
+    ok: int | None = None
+    failed: int | None = None
+    summary: str = ""
+
+    def paths(self) -> list[str]:
+        return [str(Path(self.dir) / "summary.json")]
+
+
+@dataclass(frozen=True)
+class Stage2DataOutputs(StageOutputs):
+    """``build_stage2_dataset``'s statistics (tract_dist/generate/stage2.py) and the JSONL it wrote."""
+
+    path: str
+    source_examples: int | None = None
+    generated_records: int | None = None
+    written: int | None = None
+    unusable: int | None = None
+    unusable_reasons: dict[str, int] = field(default_factory=dict)
+    examples_without_cot: int | None = None
+    examples_without_cot_ids: list[str] = field(default_factory=list)
+    unknown_example_ids: int | None = None
+    duplicates: int | None = None
+    summary: str = ""
+
+    def paths(self) -> list[str]:
+        return [self.path]
+
+
+@dataclass(frozen=True)
+class EvalOutputs(StageOutputs):
+    metrics: dict[str, Any]
+    summary: str = ""
+    dir: str = ""  # the benchmark's output folder (predictions, summary.json); absent from older records
+
+    def paths(self) -> list[str]:
+        return [self.dir]
+
+
+O = TypeVar("O", bound=StageOutputs)
+
+
+class Finished:
+    """The stages finished so far (run now or up to date): their fingerprints and outputs."""
+
+    def __init__(self) -> None:
+        self._done: dict[str, tuple[str, StageOutputs | None]] = {}  # None: will run (a dry walk)
+
+    def __contains__(self, stage: "Stage[Any]") -> bool:
+        return stage.name in self._done
+
+    def add(self, stage: "Stage[Any]", fp: str, outputs: StageOutputs | None) -> None:
+        self._done[stage.name] = (fp, outputs)
+
+    def fp(self, stage: "Stage[Any]") -> str:
+        return self._done[stage.name][0]
+
+    def out(self, stage: "Stage[O]") -> O:
+        return self._done[stage.name][1]  # type: ignore[return-value]
+
+
+@dataclass(frozen=True, eq=False)
+class Stage(Generic[O]):
+    """One step of the pipeline.
+
+    ``key(finished)``: what its fingerprint hashes; ``run(finished, fp)``: do the work, return ``outputs``.
+    Both read only the outputs and fingerprints of ``inputs``, which come before it in the list."""
+
+    name: str
+    inputs: tuple["Stage[Any]", ...]
+    key: Callable[[Finished], tuple[Any, ...]]
+    run: Callable[[Finished, str], O]
+    outputs: type[O]
 
 
 @dataclass
@@ -47,27 +160,6 @@ class PipelineSummary:
         if self.parent_run_id:
             lines.append(f"  MLflow parent run: {self.parent_run_id}")
         return "\n".join(lines)
-
-
-def check_data_files(cfg: Config) -> dict[str, str]:
-    """The local data files the pipeline reads (training set, every benchmark), each checked to exist now.
-
-    A missing benchmark would otherwise surface only after both training stages; relative paths resolve
-    against the working directory, which the message names. ``hf:`` sources are left to the readers.
-    Returns {config key: absolute path}."""
-    wanted = {"data.train_path": cfg.data.train_path}
-    wanted.update({f"evaluation.benchmarks[{i}].path": b.path for i, b in enumerate(cfg.evaluation.benchmarks)})
-    found: dict[str, str] = {}
-    for key, path in wanted.items():
-        if not path or path.startswith("hf:"):
-            continue
-        p = Path(path)
-        if not p.is_file():
-            where = "" if p.is_absolute() else f" (relative to the working directory {Path.cwd()})"
-            what = "is not a file" if p.exists() else "does not exist"
-            raise ConfigError(f"{key}: '{path}' {what}{where}")
-        found[key] = str(p.resolve())
-    return found
 
 
 def _hash(*parts: Any) -> str:
@@ -91,8 +183,157 @@ def stage_config(cfg: Config, pdir: Path, *, train_path: str | None = None, trai
     return Config.model_validate(d)
 
 
+@dataclass
+class _Context:
+    """What every stage's run shares: the parent MLflow run, its tags, the Ray address, ``--fresh``."""
+
+    parent: RunHandle | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    address: str | None = None
+    fresh: bool = False
+
+
+# ---- the pipeline, top to bottom ----------------------------------------------------------------------------
+
+def build_stages(cfg: Config, pdir: Path, name: str, ctx: _Context | None = None) -> list[Stage[Any]]:
+    """The stages of ``cfg``'s method in the order they run. Their names and fingerprints are those of every
+    pipeline folder made so far (state.json keys; run and generation folders are named after them)."""
+    ctx = ctx or _Context()
+    method = cfg.pipeline.method
+    data_fp = file_fingerprint(cfg.data.train_path or "")
+
+    # ---- stage 1: CoT-RAFT from the seed model on annotated CoTs (or a given stage-1 export) ----------------
+    export = check_stage1_export(cfg)
+    s1: Stage[TrainOutputs]
+    if export is None:
+        s1_cfg = stage_config(cfg, pdir, stage="stage1")
+        s1 = Stage("train_stage1", (),
+                   key=lambda f: ("train", fingerprint(s1_cfg), data_fp),
+                   run=lambda f, fp: _train(s1_cfg, f"{name}-stage1-{fp[:8]}", ctx),
+                   outputs=TrainOutputs)
+    else:
+        s1 = Stage("stage1_export", (),
+                   key=lambda f: ("stage1_export", content_fingerprint(export)),
+                   run=lambda f, fp: TrainOutputs(model=str(export), run_dir="", summary=f"given {export}"),
+                   outputs=TrainOutputs)
+    stages: list[Stage[Any]] = [s1]
+    evaluated: list[tuple[str, Stage[TrainOutputs]]] = [("stage1", s1)]
+
+    if method == "tract":
+        # ---- generation: the stage-1 model writes a CoT for every training prompt ---------------------------
+        gen: Stage[GenerateOutputs] = Stage(
+            "generate", (s1,),
+            key=lambda f: ("generate", f.fp(s1), cfg.generation.model_dump(), cfg.data.model_dump()),
+            run=lambda f, fp: _generate(cfg, f.out(s1).model, pdir / f"generate-{fp[:8]}", ctx, fp),
+            outputs=GenerateOutputs)
+        # ---- stage-2 dataset: the self-generated CoTs with the gold scores ---------------------------------
+        s2_path = pdir / "stage2.jsonl"
+        build: Stage[Stage2DataOutputs] = Stage(
+            "build_stage2", (gen,),
+            key=lambda f: ("stage2_data", f.fp(gen)),
+            run=lambda f, fp: _build_stage2(cfg, pdir / f"generate-{f.fp(gen)[:8]}", s2_path),
+            outputs=Stage2DataOutputs)
+        # ---- stage 2: CoT-RAFT from the *seed* model on the self-generated CoTs -----------------------------
+        s2_cfg = stage_config(cfg, pdir, train_path=str(s2_path), train_format="jsonl", stage="stage2")
+        s2: Stage[TrainOutputs] = Stage(
+            "train_stage2", (build,),
+            key=lambda f: ("train", fingerprint(s2_cfg), f.fp(build)),
+            run=lambda f, fp: _train(s2_cfg, f"{name}-stage2-{fp[:8]}", ctx),
+            outputs=TrainOutputs)
+        stages += [gen, build, s2]
+        evaluated = evaluated[:1] if cfg.pipeline.evaluate_stage1 else []
+        evaluated.append(("stage2", s2))
+
+    # ---- evaluation: every trained model on every benchmark, in the method's inference modes ----------------
+    for mstage, model in evaluated:
+        for bench in cfg.evaluation.benchmarks:
+            for mode in EVAL_MODES[method]:
+                stages.append(_evaluation(cfg, pdir, ctx, mstage, model, bench, mode))
+    return stages
+
+
+def _evaluation(cfg: Config, pdir: Path, ctx: _Context, mstage: str, model: Stage[TrainOutputs], bench: Any,
+                mode: str) -> Stage[EvalOutputs]:
+    out = pdir / "evaluate" / f"{mstage}-{bench.name}-{mode}"
+    tags = {"model_stage": mstage, "benchmark": bench.name, "inference": mode}
+    return Stage(
+        f"evaluate_{mstage}_{bench.name}_{mode}", (model,),
+        key=lambda f: ("evaluate", f.fp(model), bench.model_dump(), mode, cfg.evaluation.model_dump(),
+                       cfg.generation.model_dump(), file_fingerprint(bench.path)),
+        run=lambda f, fp: _evaluate(cfg, f.out(model).model, bench, mode, out, ctx.parent, {**ctx.tags, **tags}),
+        outputs=EvalOutputs)
+
+
+# ---- running the list -------------------------------------------------------------------------------------
+
+def pipeline_dir(cfg: Config, name: str | None = None) -> tuple[str, Path]:
+    """The pipeline's name (default ``pipeline-<method>-<config fingerprint>``) and folder."""
+    name = name or f"pipeline-{cfg.pipeline.method}-{fingerprint(cfg)}"
+    return name, Path(cfg.pipeline.output_dir).resolve() / name
+
+
+def _selector(cfg: Config, stages: list[Stage[Any]]) -> Callable[[str], bool]:
+    """``pipeline.stages`` as a predicate; a pattern that matches no stage is a ConfigError listing them."""
+    wanted = cfg.pipeline.stages
+    if wanted is None:
+        return lambda _name: True
+    names = [s.name for s in stages]
+    for pat in wanted:
+        if not fnmatch.filter(names, pat):
+            raise ConfigError(f"pipeline.stages: '{pat}' matches no stage of this pipeline ({', '.join(names)})")
+    return lambda n: any(fnmatch.fnmatchcase(n, pat) for pat in wanted)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """``status``: ``up to date``, ``to run``, ``not selected`` (outside ``pipeline.stages``) or ``waiting`` (an
+    input is neither up to date nor selected); ``fingerprint``: None while waiting."""
+
+    status: str
+    fingerprint: str | None
+
+
+def _walk(stages: list[Stage[Any]], state: "_State", selected: Callable[[str], bool], summary: PipelineSummary,
+          *, dry: bool = False) -> tuple[Finished, dict[str, StagePlan]]:
+    """Skip what is up to date, run what is selected; ``dry``: only say what would happen (stage -> status;
+    a stage's fingerprint needs only its inputs' fingerprints, so a dry walk knows every one it would run)."""
+    finished = Finished()
+    status: dict[str, str] = {}
+    fps: dict[str, str] = {}
+    for st in stages:
+        waiting = [i.name for i in st.inputs if i not in finished]
+        if waiting:
+            if selected(st.name) and not dry:
+                raise ConfigError(f"pipeline.stages: stage {st.name} needs {', '.join(waiting)}, which has not run "
+                                  "with these settings; select it too, or run it first")
+            status[st.name] = "waiting"
+            continue
+        fp = fps[st.name] = _hash(*st.key(finished))
+        rec = state.done(st.name, fp)
+        if rec is not None:
+            status[st.name] = "up to date"
+            finished.add(st, fp, state.outputs(st, rec))
+            if not dry:
+                print(f"[pipeline] {st.name}: up to date, skipped", flush=True)
+                summary.stages[st.name] = {**rec, "status": "skipped"}
+            continue
+        if not selected(st.name):
+            status[st.name] = "not selected"
+            continue
+        if dry:
+            status[st.name] = "to run"
+            finished.add(st, fp, None)
+            continue
+        print(f"[pipeline] {st.name}: running", flush=True)
+        out = st.run(finished, fp)
+        summary.stages[st.name] = {**state.record(st.name, fp, out.record(), out.paths()), "status": "ran"}
+        finished.add(st, fp, out)
+        status[st.name] = "ran"
+    return finished, {k: StagePlan(v, fps.get(k)) for k, v in status.items()}
+
+
 class _State:
-    """``state.json``: the parent run id and one record per finished stage (atomic rewrite)."""
+    """``state.json``: the parent run id and one record per finished stage (atomic rewrite, fsutil)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -118,6 +359,13 @@ class _State:
             return rec
         return None
 
+    def outputs(self, stage: Stage[O], rec: dict[str, Any]) -> O:
+        try:
+            return stage.outputs.from_record(rec.get("outputs") or {})  # type: ignore[return-value]
+        except TypeError as e:
+            raise CorruptStateError(f"{self.path}: the record of stage {stage.name} is incomplete ({e}); restore "
+                                    "the file, or remove the stage's record to rerun it") from None
+
     def record(self, name: str, fp: str, outputs: dict[str, Any], paths: list[str]) -> dict[str, Any]:
         rec = {"fingerprint": fp, "outputs": outputs, "paths": paths, "finished_at": time.time()}
         self.data["stages"][name] = rec
@@ -125,32 +373,42 @@ class _State:
         return rec
 
 
+def plan_pipeline(cfg: Config, *, name: str | None = None) -> dict[str, StagePlan]:
+    """What a run of ``cfg`` would do, stage by stage in order, without running or locking anything."""
+    preflight(cfg)
+    name, pdir = pipeline_dir(cfg, name)
+    stages = build_stages(cfg, pdir, name)
+    state = _State(pdir / "state.json")
+    return _walk(stages, state, _selector(cfg, stages), PipelineSummary(name, pdir, cfg.pipeline.method), dry=True)[1]
+
+
 def run_pipeline(cfg: Config, *, config_path: str | None = None, address: str | None = None,
                  name: str | None = None, fresh: bool = False) -> PipelineSummary:
     """Run (or resume) the pipeline configured by ``cfg``; returns what each stage did.
 
     A second invocation of the same pipeline while one runs fails at once, naming the holder (pid, host)."""
-    from tract_dist.train.trainer import fingerprint, preflight
-
-    method = cfg.pipeline.method
     preflight(cfg)
     check_data_files(cfg)
-    name = name or f"pipeline-{method}-{fingerprint(cfg)}"
-    pdir = Path(cfg.pipeline.output_dir).resolve() / name
+    check_stage1_export(cfg)
+    name, pdir = pipeline_dir(cfg, name)
     with exclusive_lock(pdir, "pipeline"):
         return _run_locked(cfg, name, pdir, config_path=config_path, address=address, fresh=fresh)
 
 
 def _run_locked(cfg: Config, name: str, pdir: Path, *, config_path: str | None, address: str | None,
                 fresh: bool) -> PipelineSummary:
-    from tract_dist.train.trainer import fingerprint, ray_init
+    from tract_dist.runtime.ray_cluster import init_ray_from_config
 
     method = cfg.pipeline.method
     pdir.mkdir(parents=True, exist_ok=True)
     state = _State(pdir / "state.json")
     summary = PipelineSummary(name, pdir, method)
+    ctx = _Context(address=address, fresh=fresh)
+    stages = build_stages(cfg, pdir, name, ctx)
+    selected = _selector(cfg, stages)
+    _check_selection(stages, _walk(stages, state, selected, summary, dry=True)[1], selected)
     if cfg.cluster.address or address or os.environ.get("RAY_ADDRESS") or _needs_ray(cfg):
-        ray_init(cfg, address)
+        init_ray_from_config(cfg, address)
 
     tr = cfg.tracking
     model_tag = cfg.model.name_or_path
@@ -163,61 +421,24 @@ def _run_locked(cfg: Config, name: str, pdir: Path, *, config_path: str | None, 
             if config_path:
                 log_artifact(parent, config_path, "config")
         summary.parent_run_id = parent.run_id
-        tags = {"method": method, "model": model_tag, "pipeline": name}
-
-        def stage(sname: str, fp: str, body: Callable[[], tuple[dict[str, Any], list[str]]]) -> dict[str, Any]:
-            rec = state.done(sname, fp)
-            if rec is not None:
-                print(f"[pipeline] {sname}: up to date, skipped", flush=True)
-                summary.stages[sname] = {**rec, "status": "skipped"}
-                return rec["outputs"]
-            print(f"[pipeline] {sname}: running", flush=True)
-            outputs, paths = body()
-            summary.stages[sname] = {**state.record(sname, fp, outputs, paths), "status": "ran"}
-            return outputs
-
-        data_fp = file_fingerprint(cfg.data.train_path or "")
-        seed_models: dict[str, tuple[str, str]] = {}  # stage -> (model dir, fingerprint)
-
-        # ---- stage 1: CoT-RAFT from the seed model on annotated CoTs -----------------------------------
-        s1_cfg = stage_config(cfg, pdir, stage="stage1")
-        s1_fp = _hash("train", fingerprint(s1_cfg), data_fp)
-        s1 = stage("train_stage1", s1_fp, lambda: _train(s1_cfg, f"{name}-stage1-{s1_fp[:8]}", parent, tags,
-                                                         address, fresh))
-        seed_models["stage1"] = (s1["model"], s1_fp)
-
-        if method == "tract":
-            # ---- generation: the stage-1 model writes a CoT for every training prompt ------------------
-            gen_fp = _hash("generate", s1_fp, cfg.generation.model_dump(), cfg.data.model_dump())
-            gen_dir = pdir / f"generate-{gen_fp[:8]}"
-            stage("generate", gen_fp, lambda: _generate(cfg, s1["model"], gen_dir, parent, gen_fp, fresh))
-            s2_path = pdir / "stage2.jsonl"
-            s2d_fp = _hash("stage2_data", gen_fp)
-            stage("build_stage2", s2d_fp, lambda: _build_stage2(cfg, gen_dir, s2_path))
-            # ---- stage 2: CoT-RAFT from the *seed* model on the self-generated CoTs --------------------
-            s2_cfg = stage_config(cfg, pdir, train_path=str(s2_path), train_format="jsonl", stage="stage2")
-            s2_fp = _hash("train", fingerprint(s2_cfg), s2d_fp)
-            s2 = stage("train_stage2", s2_fp, lambda: _train(s2_cfg, f"{name}-stage2-{s2_fp[:8]}", parent, tags,
-                                                             address, fresh))
-            seed_models["stage2"] = (s2["model"], s2_fp)
-            if not cfg.pipeline.evaluate_stage1:
-                seed_models.pop("stage1")
-
-        # ---- evaluation: every trained model on every benchmark, in the method's inference modes -------
-        results: dict[str, Any] = {}
-        for mstage, (model_dir, mfp) in seed_models.items():
-            for bench in cfg.evaluation.benchmarks:
-                for mode in EVAL_MODES[method]:
-                    ename = f"evaluate_{mstage}_{bench.name}_{mode}"
-                    efp = _hash("evaluate", mfp, bench.model_dump(), mode, cfg.evaluation.model_dump(),
-                                cfg.generation.model_dump(), file_fingerprint(bench.path))
-                    results[ename] = stage(ename, efp, lambda m=model_dir, b=bench, mo=mode, st=mstage: _evaluate(
-                        cfg, m, b, mo, pdir / "evaluate" / f"{st}-{b.name}-{mo}", parent,
-                        {**tags, "model_stage": st, "benchmark": b.name, "inference": mo}))
+        ctx.parent = parent
+        ctx.tags.update(method=method, model=model_tag, pipeline=name)
+        finished, _ = _walk(stages, state, selected, summary)
+        results = {st.name: finished.out(st).record() for st in stages
+                   if st.outputs is EvalOutputs and st in finished}
         atomic_write_json(pdir / "results.json", results)
         log_artifact(parent, pdir / "results.json", "pipeline")
         log_artifact(parent, state.path, "pipeline")
     return summary
+
+
+def _check_selection(stages: list[Stage[Any]], plan: dict[str, StagePlan], selected: Callable[[str], bool]) -> None:
+    """Before anything runs: every selected stage's inputs are up to date or selected too."""
+    for st in stages:
+        if selected(st.name) and plan[st.name].status == "waiting":
+            missing = [i.name for i in st.inputs if plan[i.name].status in ("waiting", "not selected")]
+            raise ConfigError(f"pipeline.stages: stage {st.name} needs {', '.join(missing)}, which has not run with "
+                              "these settings; select it too, or run it first")
 
 
 def _needs_ray(cfg: Config) -> bool:
@@ -225,44 +446,45 @@ def _needs_ray(cfg: Config) -> bool:
     return cfg.cluster.launcher == "ray" or cfg.generation.ray or cfg.evaluation.ray
 
 
-def _train(cfg: Config, run_name: str, parent: RunHandle, tags: dict[str, str],
-           address: str | None, fresh: bool = False) -> tuple[dict[str, Any], list[str]]:
+# ---- the stages' bodies ---------------------------------------------------------------------------------------
+
+def _train(cfg: Config, run_name: str, ctx: _Context) -> TrainOutputs:
     from tract_dist.runtime.backend import release_engine
     from tract_dist.train.trainer import run_training
 
     release_engine()  # an in-process inference engine kept from an earlier stage must not hold memory training needs
-    r = run_training(cfg, run_name=run_name, parent=parent, address=address, stage="train",
-                     launcher=cfg.cluster.launcher, fresh=fresh)
+    r = run_training(cfg, run_name=run_name, parent=ctx.parent, address=ctx.address, stage="train",
+                     launcher=cfg.cluster.launcher, fresh=ctx.fresh)
     if r.mlflow_run_id:
-        set_tags(RunHandle(r.tracking_uri, r.mlflow_run_id), tags)
+        set_tags(RunHandle(r.tracking_uri, r.mlflow_run_id), ctx.tags)
     model = str(r.export_dir / "model")
     if not (r.export_dir / "model").is_dir() and (r.export_dir / "adapter").is_dir():
         model = str(r.export_dir / "adapter")  # LoRA without merge_on_export: served unmerged by both backends
-    return {"model": model, "run_dir": str(r.run_dir), "mlflow_run_id": r.mlflow_run_id,
-            "summary": f"{r.data_summary['encode_encoded']} examples"}, [model]
+    return TrainOutputs(model=model, run_dir=str(r.run_dir), mlflow_run_id=r.mlflow_run_id,
+                        summary=f"{r.data_summary['encode_encoded']} examples")
 
 
-def _generate(cfg: Config, model: str, out: Path, parent: RunHandle, fp: str,
-              fresh: bool = False) -> tuple[dict[str, Any], list[str]]:
+def _generate(cfg: Config, model: str, out: Path, ctx: _Context, fp: str) -> GenerateOutputs:
     from tract_dist.generate.pipeline import generate_cots
 
-    s = generate_cots(cfg, model, out, parent_run=parent, fingerprint=fp, fresh=fresh)
+    s = generate_cots(cfg, model, out, parent_run=ctx.parent, fingerprint=fp, fresh=ctx.fresh)
     if s.get("missing"):
         raise RuntimeError(f"generation left {s['missing']} CoTs missing in {out}; rerun the pipeline to resume")
-    return {"dir": str(out), "ok": s.get("ok"), "failed": s.get("failed"),
-            "summary": f"{s.get('ok')} CoTs, {s.get('failed')} failed"}, [str(out / "summary.json")]
+    return GenerateOutputs(dir=str(out), ok=s.get("ok"), failed=s.get("failed"),
+                           summary=f"{s.get('ok')} CoTs, {s.get('failed')} failed")
 
 
-def _build_stage2(cfg: Config, gen_dir: Path, out: Path) -> tuple[dict[str, Any], list[str]]:
-    from tract_dist.generate.stage2 import build_stage2_dataset
+def _build_stage2(cfg: Config, gen_dir: Path, out: Path) -> Stage2DataOutputs:
     from tract_dist.generate.pipeline import load_training_examples
+    from tract_dist.generate.stage2 import build_stage2_dataset
 
     stats = build_stage2_dataset(gen_dir, load_training_examples(cfg), out)
-    return {"path": str(out), **stats, "summary": f"{stats.get('written', '?')} examples"}, [str(out)]
+    return Stage2DataOutputs.from_record(  # type: ignore[return-value]
+        {**stats, "path": str(out), "summary": f"{stats.get('written', '?')} examples"})
 
 
-def _evaluate(cfg: Config, model: str, bench: Any, mode: str, out: Path, parent: RunHandle,
-              tags: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
+def _evaluate(cfg: Config, model: str, bench: Any, mode: str, out: Path, parent: RunHandle | None,
+              tags: dict[str, str]) -> EvalOutputs:
     from tract_dist.evaluate.runner import evaluate_model
 
     d = cfg.model_dump()
@@ -274,5 +496,5 @@ def _evaluate(cfg: Config, model: str, bench: Any, mode: str, out: Path, parent:
     overall = metrics["overall"]
     summary = " ".join(f"{k}={overall[k]:.3f}" for k in ("pearson", "spearman", "kendall", "rmse")
                        if overall.get(k) is not None)
-    return {"metrics": metrics, "summary": f"{summary} (n={overall.get('n')}, failed={overall.get('failed')})"}, \
-        [str(out)]
+    return EvalOutputs(metrics=metrics, summary=f"{summary} (n={overall.get('n')}, failed={overall.get('failed')})",
+                       dir=str(out))

@@ -37,9 +37,13 @@ def _cmd_job(args: argparse.Namespace) -> int:
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     from tract_dist.config import load_config
-    from tract_dist.pipeline import run_pipeline
+    from tract_dist.pipeline import plan_pipeline, run_pipeline
 
     cfg = load_config(args.config, args.overrides)
+    if args.plan:
+        for stage, plan in plan_pipeline(cfg, name=args.name).items():
+            print(f"  {stage:<40} {plan.status:<12} {plan.fingerprint or ''}")
+        return 0
     summary = run_pipeline(cfg, config_path=args.config, address=args.address, name=args.name, fresh=args.fresh)
     print(summary.render())
     return 0
@@ -62,6 +66,9 @@ def register(sub: Any, add_config_args: Callable[..., None]) -> None:
     p.add_argument("--fresh", action="store_true",
                    help="a stage whose outputs were made with other settings is moved aside and redone "
                         "(default: refuse, naming both fingerprints)")
+    p.add_argument("--plan", action="store_true",
+                   help="print each stage's status (up to date, to run, not selected, waiting) and fingerprint; "
+                        "run nothing")
     add_config_args(p, required=True)
     p.set_defaults(func=_cmd_pipeline)
 

@@ -241,7 +241,8 @@ def test_real_smollm2_trains_a_couple_of_steps(work, quickstart_data):
 
 def test_bad_input_fails_before_workers_start(work, quickstart_data, ray_local, tmp_path):
     from tract_dist.train.data import EmptyDatasetError
-    from tract_dist.train.trainer import check_placement, run_training
+    from tract_dist.runtime.ray_cluster import check_placement
+    from tract_dist.train.trainer import run_training
 
     with pytest.raises(ConfigError, match="model.name_or_path: './nope' does not exist"):
         run_training(_cfg(work, quickstart_data, **{"model.name_or_path": "./nope"}), run_name="x")

@@ -41,7 +41,8 @@ class PoolSpec:
         c = cfg.cluster
         return cls(use_ray=use_ray, replicas=replicas or c.num_workers, batch_size=batch_size, use_gpu=c.use_gpu,
                    cpus_per_replica=c.cpus_per_worker, address=c.address, local_num_cpus=c.local_num_cpus,
-                   object_store_memory_mb=c.object_store_memory_mb, gpus_per_replica=gpus_per_replica)
+                   object_store_memory_mb=c.object_store_memory_mb, gpus_per_replica=gpus_per_replica,
+                   threads_per_replica=c.threads_per_replica)
 
     def torch_threads(self) -> int:
         """CPU threads per replica: the machine's cores shared out, so replicas do not oversubscribe them."""

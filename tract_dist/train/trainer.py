@@ -7,7 +7,6 @@ for debugging). All three call the same :func:`tract_dist.train.worker.train_wor
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,8 @@ from typing import Any
 
 from tract_dist.config import Config, ConfigError
 from tract_dist.fsutil import atomic_write_json, atomic_write_text, exclusive_lock, file_fingerprint, read_json
+from tract_dist.pipeline_checks import fingerprint, preflight
+from tract_dist.runtime.ray_cluster import check_placement, init_ray_from_config
 from tract_dist.tracking import RunHandle, log_artifact, log_params, redact_text, start_run
 from tract_dist.train.session import StaleResumeError
 
@@ -38,49 +39,13 @@ class TrainResult:
     data_summary: dict[str, Any]
 
 
-def fingerprint(cfg: Config, *extra: str) -> str:
-    """Hash of everything that changes what a stage computes (not where it runs or how it is tracked)."""
-    d = cfg.model_dump(include={"model", "data", "loss", "training"})
-    for key in ("output_dir", "num_to_keep"):  # where and how many checkpoints: the same computation
-        d["training"].pop(key, None)
-    blob = json.dumps(d, sort_keys=True) + "|".join(extra)
-    return hashlib.sha256(blob.encode()).hexdigest()[:10]
-
-
 def run_fingerprint(cfg: Config) -> str:
     """What a training run's checkpoints belong to: the config's fingerprint and the training file's content."""
     return fingerprint(cfg, file_fingerprint(cfg.data.train_path or ""))
 
 
-def check_model_source(name: str, key: str = "model.name_or_path") -> None:
-    """A local-looking model path that does not exist is a ConfigError naming ``key`` (not an HF traceback)."""
-    from tract_dist.data.assets import ALIASES
-    from tract_dist.train.model_init import RANDOM_ALIASES, TINY_ALIAS
-
-    if name in ALIASES + (TINY_ALIAS, *RANDOM_ALIASES):
-        return
-    p = Path(name).expanduser()
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1  # hub ids: "name" or "org/name"
-    if looks_local and not p.exists():
-        raise ConfigError(f"{key}: '{name}' does not exist; give a local HF directory, a hub "
-                          f"name like org/model, or an alias ({', '.join(ALIASES[2:] + (TINY_ALIAS,))})")
-    if os.environ.get("HF_HUB_OFFLINE") == "1" and not p.exists():
-        raise ConfigError(f"{key}: '{name}' is not local and HF_HUB_OFFLINE=1")
-
-
-def preflight(cfg: Config) -> None:
-    """Fail before any worker starts on what can be checked here."""
-    from tract_dist.train.model_init import RANDOM_ALIASES, TINY_ALIAS
-
-    name = cfg.model.name_or_path
-    check_model_source(name)
-    if (name == TINY_ALIAS or name in RANDOM_ALIASES) and not cfg.model.tokenizer:
-        raise ConfigError(f"model.tokenizer: required with model.name_or_path={name} (e.g. smollm2, llama3)")
-    if cfg.loss.impl not in ("fused", "reference"):
-        raise ConfigError(f"loss.impl: unknown {cfg.loss.impl}")
-
-
 def check_batch(cfg: Config, n_examples: int) -> None:
+    """The global batch must fit in the training set (else not one optimizer step would run)."""
     t = cfg.training
     world = cfg.cluster.num_workers
     global_batch = t.micro_batch_size * t.gradient_accumulation_steps * world
@@ -277,42 +242,13 @@ def _pin_ray_checkpoint(storage: Path | None, run_dir: Path, info: dict[str, Any
     return dest
 
 
-def ray_init(cfg: Config, address: str | None) -> None:
-    """Connect to ``address`` / ``cluster.address`` / RAY_ADDRESS, or start a local Ray for this machine."""
-    from tract_dist.runtime.ray_cluster import init_ray
-
-    env = {"DS_ACCELERATOR": "cuda" if cfg.cluster.use_gpu else "cpu", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-           "TOKENIZERS_PARALLELISM": "false"}
-    if not cfg.cluster.use_gpu:
-        env["OMP_NUM_THREADS"] = str(max(1, int(cfg.cluster.cpus_per_worker)))
-    init_ray(address or cfg.cluster.address, num_cpus=cfg.cluster.local_num_cpus or 2 * (os.cpu_count() or 1),
-             need_cpus=cfg.cluster.num_workers * cfg.cluster.cpus_per_worker,
-             object_store_memory_mb=cfg.cluster.object_store_memory_mb, env_vars=env)
-
-
-def check_placement(cfg: Config) -> None:
-    import ray
-
-    c = cfg.cluster
-    have = ray.cluster_resources()
-    need = {"CPU": c.num_workers * c.cpus_per_worker, **{k: c.num_workers * v for k, v in
-                                                        c.resources_per_worker.items()}}
-    if c.use_gpu:
-        need["GPU"] = need.get("GPU", c.num_workers)
-    short = {k: (v, have.get(k, 0)) for k, v in need.items() if have.get(k, 0) < v}
-    if short:
-        detail = ", ".join(f"{k}: need {v:g}, cluster has {h:g}" for k, (v, h) in short.items())
-        raise ConfigError(f"cluster.num_workers={c.num_workers} cannot be placed ({detail}); lower "
-                          f"cluster.num_workers or cluster.cpus_per_worker, or add nodes")
-
-
 def _fit_with_ray(cfg: Config, loop: dict[str, Any], name: str, address: str | None) -> str:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from tract_dist.train.worker import train_worker
 
-    ray_init(cfg, address)
+    init_ray_from_config(cfg, address)
     check_placement(cfg)
     c = cfg.cluster
     resources = {"CPU": c.cpus_per_worker, **c.resources_per_worker}
