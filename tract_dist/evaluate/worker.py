@@ -9,12 +9,13 @@ from typing import Any
 
 from tract_dist.data.schema import JudgeExample
 from tract_dist.runtime.engine import EngineSpec
-from tract_dist.runtime.pool import rows_of
+from tract_dist.runtime.pool import RowBatchWorker
 from tract_dist.runtime.sampling import SamplingParams
 
 
-class JudgeWorker:
-    """Callable class for ``map_batches``: columns id, example (JSON) -> one prediction row per input."""
+class JudgeWorker(RowBatchWorker):
+    """Callable class for ``map_batches``: columns id, example (JSON) -> one prediction row per input (an input
+    whose judging raised on its own is a failed prediction with its reason)."""
 
     def __init__(self, engine: dict[str, Any], judge_kwargs: dict[str, Any], n_cots: int, mode: str):
         from tract_dist.judge.judge import Judge
@@ -26,24 +27,13 @@ class JudgeWorker:
         self.judge = Judge(engine=build_engine(EngineSpec.from_dict(engine)), **kw)
         self.n_cots, self.mode = n_cots, mode
 
-    def _run(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def run_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         exs = [JudgeExample.from_dict(json.loads(r["example"])) for r in rows]
         results = self.judge.score_batch(exs, n_cots=self.n_cots, mode=self.mode)  # type: ignore[arg-type]
         return [prediction_row(ex, r.score, r.failure, r.to_dict()) for ex, r in zip(exs, results)]
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
-        rows = rows_of(batch)
-        try:
-            preds = self._run(rows)
-        except Exception:  # isolate the failing input(s)
-            preds = []
-            for row in rows:
-                try:
-                    preds += self._run([row])
-                except Exception as e:  # noqa: BLE001 - counted as a failed prediction with its reason
-                    ex = JudgeExample.from_dict(json.loads(row["example"]))
-                    preds.append(prediction_row(ex, None, f"error: {type(e).__name__}: {e}"[:500], {}))
-        return {k: [p[k] for p in preds] for k in preds[0]}
+    def failed(self, row: dict[str, Any], reason: str) -> dict[str, Any]:
+        return prediction_row(JudgeExample.from_dict(json.loads(row["example"])), None, reason, {})
 
 
 def prediction_row(ex: JudgeExample, score: float | None, failure: str | None,

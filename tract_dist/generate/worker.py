@@ -3,9 +3,9 @@
 
 Instantiated by Ray Data once per actor, or once in-process. With vLLM the whole Ray Data batch goes to the
 scheduler at once (continuous batching), so ``generation.batch_size`` is the unit of commit and retry there,
-not of padding. A batch that raises is retried row by row so one
-bad example cannot take its neighbours down; a row that still fails, cannot fit its prompt, or yields an empty
-CoT becomes a ``failed`` record with its reason.
+not of padding. A batch that raises is retried row by row (``runtime.pool.RowBatchWorker``) so one bad example
+cannot take its neighbours down; a row that still fails, cannot fit its prompt, or yields an empty CoT becomes a
+``failed`` record with its reason.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 from tract_dist.data.encode import DroppedExample, EncodeOptions, fit_prompt
 from tract_dist.data.schema import JudgeExample
 from tract_dist.runtime.engine import EngineSpec, extract_cot
-from tract_dist.runtime.pool import rows_of
+from tract_dist.runtime.pool import RowBatchWorker
 from tract_dist.runtime.sampling import SamplingParams
 
 # Prompts shorter than this after truncation are not worth generating from.
@@ -29,7 +29,7 @@ def encode_options(opts: dict[str, Any]) -> EncodeOptions:
                          system_prompt=opts.get("system_prompt"), scale=tuple(opts["scale"]))
 
 
-class CotWorker:
+class CotWorker(RowBatchWorker):
     """Callable class for ``map_batches``: columns uid, example_id, cot_index, seed, example (JSON) -> records."""
 
     def __init__(self, engine: dict[str, Any], encode_opts: dict[str, Any], sampling: dict[str, Any]):
@@ -44,7 +44,7 @@ class CotWorker:
         budget = max(self.opts.max_length - self.params.max_new_tokens, _MIN_PROMPT_BUDGET)
         return fit_prompt(self.engine.tokenizer, ex, budget, self.opts)
 
-    def _run(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def run_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out: list[dict[str, Any] | None] = [None] * len(rows)
         todo: list[tuple[int, list[int], bool]] = []
         for i, row in enumerate(rows):
@@ -65,18 +65,8 @@ class CotWorker:
                              batch_end_time=ended)
         return [r for r in out if r is not None]
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
-        rows = rows_of(batch)
-        try:
-            records = self._run(rows)
-        except Exception:  # isolate the failing row(s): retry one by one
-            records = []
-            for row in rows:
-                try:
-                    records += self._run([row])
-                except Exception as e:  # noqa: BLE001 - recorded with its reason, never dropped
-                    records.append(_record(row, status="failed", reason=f"error: {type(e).__name__}: {e}"[:500]))
-        return {k: [r[k] for r in records] for k in records[0]}
+    def failed(self, row: dict[str, Any], reason: str) -> dict[str, Any]:
+        return _record(row, status="failed", reason=reason)
 
 
 _FIELDS = ("cot", "raw_text", "finish_reason", "prompt_tokens", "new_tokens", "truncated", "batch_seconds",

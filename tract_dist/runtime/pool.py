@@ -74,6 +74,43 @@ def rows_of(batch: dict[str, Any]) -> list[dict[str, Any]]:
     return [{k: cols[k][i] for k in cols} for i in range(n)]
 
 
+def error_reason(e: BaseException) -> str:
+    """How a row that raised is recorded: ``error: Type: message``, cut to 500 characters."""
+    return f"error: {type(e).__name__}: {e}"[:500]
+
+
+class RowBatchWorker:
+    """Base of the pool's workers (generation's ``CotWorker``, evaluation's ``JudgeWorker``): a column batch in,
+    one result row per input row out.
+
+    A batch that raises is retried row by row, so one bad row (an input the engine rejects) cannot take its
+    neighbours down; a row that still raises becomes :meth:`failed` with :func:`error_reason`, so every input
+    row yields a result (``map_rows``'s contract) and the failure is recorded, never dropped. Subclasses build
+    their engine in ``__init__`` and implement :meth:`run_rows` and :meth:`failed`.
+    """
+
+    def run_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Result rows for ``rows`` (one each; errors a row can be blamed for alone are results, not raises)."""
+        raise NotImplementedError
+
+    def failed(self, row: dict[str, Any], reason: str) -> dict[str, Any]:
+        """The result row of an input whose processing raised on its own."""
+        raise NotImplementedError
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
+        rows = rows_of(batch)
+        try:
+            out = self.run_rows(rows)
+        except Exception:  # isolate the failing row(s): retry one by one
+            out = []
+            for row in rows:
+                try:
+                    out += self.run_rows([row])
+                except Exception as e:  # noqa: BLE001 - recorded with its reason, never dropped
+                    out.append(self.failed(row, error_reason(e)))
+        return _columns(out)
+
+
 def map_rows(rows: list[dict[str, Any]], worker_cls: type, worker_kwargs: dict[str, Any],
              spec: PoolSpec) -> Iterator[list[dict[str, Any]]]:
     """Yield lists of result rows as batches finish. Every input row yields exactly one result row."""
