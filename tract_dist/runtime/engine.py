@@ -108,6 +108,7 @@ def extract_cot(text: str, stop: tuple[str, ...] | list[str]) -> str:
     """A generated text as a CoT that ends before the score: cut at stop strings, then normalise like training data.
 
     The official TRACT code stops generation at "[RESULT]" and cuts the CoT at "So the overall" (FIDELITY.md);
-    ``generation.stop`` holds both (``protocol.STOP_STRINGS``), and both backends return the stop string inside the text, so the cut is here.
+    ``generation.stop`` holds both (``protocol.STOP_STRINGS``), and both backends return the stop string inside
+    the text, so the cut is here.
     """
     return DANGLING_SCORE_RE.sub("", normalize_feedback(cut_at_stop(text, stop))).strip()

@@ -72,12 +72,8 @@ class HFEngine:
 
         if not prompts:
             return []
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p):] = 1
+        ids, mask = left_pad(prompts, self.pad_id)
+        width = ids.shape[1]
         config = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=False,
                                   repetition_penalty=params.repetition_penalty, pad_token_id=self.pad_id,
                                   eos_token_id=self.eos_ids or None, num_beams=1)
@@ -102,6 +98,21 @@ class HFEngine:
         return results
 
 
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask), both (len(sequences), longest) long, with every sequence right-aligned.
+
+    Left padding puts each row's last token in the final column: batched ``generate`` appends there, and the
+    RAIL read-out takes that column's logits for every row at once. The mask is 0 on padding, 1 on tokens."""
+    width = max((len(s) for s in sequences), default=0)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def score_token_probs(model: torch.nn.Module, sequences: list[list[int]], token_ids: list[int], *,
                       pad_id: int) -> list[list[float]]:
@@ -113,12 +124,7 @@ def score_token_probs(model: torch.nn.Module, sequences: list[list[int]], token_
     if not sequences:
         return []
     device = next(model.parameters()).device
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
+    ids, mask = left_pad(sequences, pad_id)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                    logits_to_keep=1, use_cache=False).logits[:, -1, :]
