@@ -9,10 +9,7 @@ import sys
 from typing import Any, Callable
 
 from tract_dist.config import ConfigError, dump_config, load_config
-
-
-class UsageError(ValueError):
-    """A command was given arguments it cannot act on; the message says what to change."""
+from tract_dist.errors import TractError, UsageError  # noqa: F401 - UsageError stays importable from here
 
 
 def _add_config_args(p: argparse.ArgumentParser, *, required: bool) -> None:
@@ -215,7 +212,7 @@ def _handled_errors() -> tuple[type[BaseException], ...]:
     from tract_dist.submit import SubmitError
     from tract_dist.train.session import StaleResumeError
 
-    return (ConfigError, DataError, ScoreTokenError, ScaleError, AssetError, UsageError, EmptyDatasetError,
+    return (ConfigError, DataError, ScoreTokenError, ScaleError, AssetError, TractError, EmptyDatasetError,
             LockHeldError, CorruptStateError, StaleResumeError, StaleGenerationError, SubmitError)
 
 
@@ -274,7 +271,7 @@ def _main(argv: list[str] | None) -> int:
 
 if __name__ == "__main__":
     # ``python -m tract_dist.cli`` (the quickstart) runs this file as ``__main__``, a second copy of the module:
-    # library code raises ``tract_dist.cli.UsageError``, which ``__main__``'s handlers would not catch (a
+    # an error class defined here would be two classes, and ``__main__``'s handlers would miss the library's (a
     # traceback instead of exit 2), so run the imported module's ``main``.
     from tract_dist.cli import main as _imported_main
 

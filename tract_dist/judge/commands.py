@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from tract_dist.errors import UsageError
+
 
 def register(sub: Any, add_config_args: Callable[..., None]) -> None:
     p = sub.add_parser("judge", help="judge inputs with CoT-RAIL (or the decode / score-only baselines)")
@@ -31,7 +33,6 @@ def register(sub: Any, add_config_args: Callable[..., None]) -> None:
 
 
 def _inputs(args: argparse.Namespace, scale: tuple[int, int]) -> list[Any]:
-    from tract_dist.cli import UsageError
     from tract_dist.data.formats import read_examples
 
     given = [bool(args.file), bool(args.json_input), bool(args.instruction or args.response)]
@@ -84,7 +85,6 @@ def _read_jsonl_inputs(path: str) -> list[Any]:
 
 
 def _cmd_judge(args: argparse.Namespace) -> int:
-    from tract_dist.cli import UsageError
     from tract_dist.config import load_config
     from tract_dist.data.score_tokens import parse_scale
     from tract_dist.judge.judge import Judge, as_example
