@@ -6,6 +6,8 @@ must be the only writer of a folder (a pipeline, a training run, a generation fo
 - :func:`atomic_write_text` / :func:`atomic_write_json`: write a temporary file next to the target, fsync it,
   rename it over the target, fsync the folder. A reader sees the old file or the new one, never half of one;
   a failed write (ENOSPC, a kill) leaves the old file and removes its temporary file.
+  :func:`atomic_create_bytes` publishes under a name that must be new (a hard link: never overwrites);
+  :func:`publish_dir_once` builds a folder aside and renames it into place unless another process did first.
 - :func:`temp_path` names a temporary file after its writer (host and pid), so cleaning up after a crash can
   tell a dead writer's file from a live one's (:func:`is_stale_temp`).
 - :func:`exclusive_lock` holds an OS lock (``flock`` through ``filelock``) on ``.<folder name>.lock`` beside
@@ -26,7 +28,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 _HOST = socket.gethostname()
 _HOST_TAG = re.sub(r"[^A-Za-z0-9-]", "-", _HOST) or "host"  # no dots: temp names are parsed from the right
@@ -104,29 +106,124 @@ def _fsync_dir(d: Path) -> None:
             os.close(fd)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically and durably (temp file, fsync, rename, fsync folder)."""
-    path = Path(path)
+def _write_temp(path: Path, data: bytes, durable: bool) -> Path:
+    """``data`` in a new :func:`temp_path` beside ``path`` (fsynced when ``durable``); removed if writing fails."""
     tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return tmp
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` atomically (temp file, rename) and, by default, durably (fsync the file
+    before the rename and the folder after it).
+
+    Durable by default because what this project publishes is state that a rerun trusts (pipeline state,
+    generation settings and summaries, predictions, checkpoint markers): without the fsync a power loss can
+    leave the new name pointing at an empty file. ``durable=False`` is for caches that are rebuilt when they
+    do not parse (it saves a disk flush per write)."""
+    path = Path(path)
+    tmp = _write_temp(path, data, durable)
+    try:
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+    if durable:
+        _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str, *, durable: bool = True) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), durable=durable)
+
+
+def atomic_write_json(path: str | Path, obj: Any, *, indent: int | None = 2, sort_keys: bool = False,
+                      durable: bool = True) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=str) + "\n",
+                      durable=durable)
+
+
+def atomic_write_jsonl(path: str | Path, records: Any, *, durable: bool = True) -> None:
+    """One JSON object per line (UTF-8, non-ASCII kept), replaced atomically like :func:`atomic_write_bytes`."""
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), durable=durable)
+
+
+def atomic_create_bytes(path: str | Path, data: bytes) -> None:
+    """Publish ``data`` under a name that must be new: temp file, fsync, hard link, fsync folder.
+
+    Unlike :func:`atomic_write_bytes` an existing ``path`` is never replaced: ``FileExistsError`` is raised
+    instead, so two writers choosing the same name (the next free shard number) never overwrite each other;
+    the loser picks another name. Durable: a shard is what a resumed run counts as done."""
+    path = Path(path)
+    tmp = _write_temp(path, data, durable=True)
+    try:
+        os.link(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
     _fsync_dir(path.parent)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def fsync_tree(root: str | Path) -> None:
+    """fsync every file and folder under ``root``: what a writer (torch.save, safetensors) left in the page
+    cache reaches the disk before a marker or a rename publishes it (a power loss cannot publish empty files)."""
+    root = Path(root)
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    for d in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+        _fsync_dir(d)
 
 
-def atomic_write_json(path: str | Path, obj: Any, *, indent: int | None = 2, sort_keys: bool = False) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=str) + "\n")
+def publish_dir(tmp: str | Path, final: str | Path) -> None:
+    """Publish a folder written under a temporary name: fsync its content, replace ``final`` (a previous
+    folder there is removed first: a folder cannot be renamed over a non-empty one), fsync the parent."""
+    import shutil
+
+    tmp, final = Path(tmp), Path(final)
+    fsync_tree(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def publish_dir_once(final: str | Path, build: Callable[[Path], object]) -> bool:
+    """Build a folder that several processes may build at the same time (a converted model or tokenizer in
+    the cache) and publish the first one to finish; True when this call's folder was published.
+
+    ``build(tmp)`` writes into a writer-owned temporary folder beside ``final`` (a failing build removes it).
+    The folder is fsynced before the rename because the cache is trusted by its presence on the next run: a
+    power loss must not publish empty files. When ``final`` already exists (another replica finished first;
+    its content is the same) this call's folder is discarded, never renamed over it."""
+    import shutil
+
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(final)
+    tmp.mkdir()
+    try:
+        build(tmp)
+        fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        os.replace(tmp, final)  # a folder is renamed over an empty folder only: a finished one stays
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+    _fsync_dir(final.parent)
+    return True
 
 
 def read_json(path: str | Path, what: str) -> Any:
@@ -209,7 +306,7 @@ def content_fingerprint(path: str | Path) -> str | None:
     if changed:
         with contextlib.suppress(OSError):
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(cache_file, cache, indent=None)
+            atomic_write_json(cache_file, cache, indent=None, durable=False)  # unreadable: rehashed
     return total.hexdigest()
 
 

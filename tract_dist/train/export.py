@@ -2,19 +2,22 @@
 
 ``_zero3_consolidated_16bit_state_dict`` is DeepSpeed's own all-gather of a partitioned model (a collective:
 every rank calls it, rank 0 receives the dict). Rank 0 then writes safetensors + config + tokenizer into a
-temporary folder and renames it into place, so a crash never leaves a half-written export. For LoRA the
+temporary folder (named after its writer, ``fsutil.temp_path``), fsyncs it and renames it into place
+(``fsutil.publish_dir``), so neither a crash nor a power loss leaves a half-written export. For LoRA the
 adapter is written with PEFT, and the merged model (W + alpha/r * B @ A) beside it when asked.
 """
 
 from __future__ import annotations
 
 import copy
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from tract_dist.export_record import write_export_record
+from tract_dist.fsutil import is_stale_temp, publish_dir, temp_path
 
 _WRAPPER_PREFIX = "lm."  # CotRaftCausalLM keeps the HF model as .lm
 
@@ -80,15 +83,23 @@ def export_model(engine: Any, model: Any, tokenizer: Any, cfg: Any, out_dir: Pat
     if rank != 0:
         return
     assert sd is not None
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(out_dir)
+    tmp = temp_path(out_dir)  # named after this writer, so a clean-up never removes a live writer's folder
     try:
         _write_export(sd, model, tokenizer, cfg, tmp)
+        publish_dir(tmp, out_dir)  # fsync'd before the rename: a published export is never half on disk
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed export (ENOSPC, a kill signal) leaves no half folder
         raise
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+
+
+def _remove_stale_temps(out_dir: Path) -> None:
+    """Temporary export folders left by dead writers (and the older fixed ``NAME.tmp``)."""
+    shutil.rmtree(out_dir.with_name(out_dir.name + ".tmp"), ignore_errors=True)
+    for old in out_dir.parent.glob(f".{out_dir.name}.*.tmp"):
+        if is_stale_temp(old):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_export(sd: dict[str, torch.Tensor], model: Any, tokenizer: Any, cfg: Any, tmp: Path) -> None:
@@ -106,3 +117,4 @@ def _write_export(sd: dict[str, torch.Tensor], model: Any, tokenizer: Any, cfg: 
                         getattr(base, "generation_config", None))
     else:
         save_hf_dir(sd, model.config, tokenizer, tmp / "model", getattr(model, "generation_config", None))
+    write_export_record(tmp, cfg)  # the loss's score read-out, which evaluation.rail_normalize unset follows

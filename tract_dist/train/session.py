@@ -12,8 +12,8 @@ torchrun session then falls back to the previous good checkpoint, Ray Train's ha
 
 Under Ray every rank saves into a local temporary folder and reports it (Ray Train persists all ranks' files
 into one checkpoint, registers it only when every upload finished, and keeps ``num_to_keep`` of them). Under
-torchrun the ranks write into ``tmp-step-N`` on shared storage; rank 0 writes ``COMPLETE``, renames it to
-``step-N``, atomically rewrites the ``latest`` pointer and prunes the oldest checkpoints beyond ``keep``,
+torchrun the ranks write into ``tmp-step-N`` on shared storage; rank 0 writes ``COMPLETE``, fsyncs the folder
+and renames it to ``step-N`` (``fsutil.publish_dir``), atomically rewrites the ``latest`` pointer and prunes the oldest checkpoints beyond ``keep``,
 never one holding a ``PINNED`` marker (the last good checkpoint before a non-finite loss).
 """
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from typing import Any, Iterator
 
 import torch.distributed as dist
 
-from tract_dist.fsutil import atomic_write_json, atomic_write_text
+from tract_dist.fsutil import atomic_write_json, atomic_write_text, publish_dir
 
 _DONE = "COMPLETE"
 PINNED = "PINNED"
@@ -133,8 +132,7 @@ class LocalSession:
         if self.rank == 0:  # every rank's shards are in (the worker's all-reduce of the save status came first)
             write_manifest(tmp, 0, step, self.fingerprint)
             atomic_write_text(tmp / _DONE, str(step))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            publish_dir(tmp, final)  # every shard on disk before the folder gets its final name
             atomic_write_text(self.root / "latest", final.name)
             unpinned = [p for p in sorted(self._complete(), key=_step_of) if not (p / PINNED).exists()]
             for old in unpinned[: -self.keep]:
