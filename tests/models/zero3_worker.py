@@ -20,6 +20,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from tract_dist.loss import cot_raft_loss_with_options
 from tract_dist.models import CotRaftCausalLM, build_tiny_model, select_loss_rows, tiny_llama_config
+from tract_dist.train.data import loss_denominators
 
 SEED = 11
 MICRO_BATCH = 2
@@ -103,8 +104,10 @@ def run_case(tie: bool, impl: str, lora: bool, out: Path, rank: int, world: int)
 
     batch = rank_batch(rank)
     ce_count, score_count = global_counts(batch)
-    # DeepSpeed averages gradients over ranks, so each rank divides by the global count / world size.
-    result = engine(**batch, ce_denominator=ce_count / world, mse_denominator=score_count / world)
+    # The trainer's rule: global counts, divided by the world size (DeepSpeed averages gradients over ranks).
+    den = loss_denominators(int(ce_count), int(score_count), ce_on_score_token=loss_options(impl).ce_on_score_token,
+                            world_size=world)
+    result = engine(**batch, **den.per_rank())
     engine.backward(result.loss)
     local_grad_left = sum(0 if p.grad is None else p.grad.numel() for p in params)
     grads = {name: safe_get_full_grad(p).detach().clone() for name, p in model.named_parameters() if p.requires_grad}

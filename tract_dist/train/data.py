@@ -4,7 +4,8 @@ Encoding happens before any worker starts (so a file with zero valid records fai
 is saved with ``datasets.save_to_disk``; every rank then loads the same Arrow table. The order of samples is
 a pure function of (seed, epoch), and the samples of optimizer step ``s`` are a pure function of ``s``, so
 resuming at a step restores the exact data position (nothing skipped or repeated) and every rank knows the
-global token counts of a step without communicating.
+global token counts of a step without communicating (:meth:`StepPlan.loss_denominators`, the one home of the
+loss-normalisation rule :func:`loss_denominators`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from tract_dist.data.encode import IGNORE_INDEX, EncodeOptions, encode_examples
+from tract_dist.fsutil import atomic_write_json
 from tract_dist.data.formats import read_examples
 from tract_dist.data.score_tokens import ScoreTokens, derive_score_tokens, parse_scale
 
@@ -52,7 +54,7 @@ def prepare_dataset(cfg: Any, tokenizer: Any, out_dir: str | Path) -> dict[str, 
     rows = [{**e.to_dict(), "n_ce": sum(1 for x in e.labels if x != IGNORE_INDEX)} for e in encoded]
     out = Path(out_dir)
     datasets.Dataset.from_list(rows).save_to_disk(str(out / "encoded"))
-    (out / "data_summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_json(out / "data_summary.json", summary)
     return summary
 
 
@@ -65,6 +67,41 @@ def load_encoded(out_dir: str | Path) -> Any:
 def load_score_tokens(out_dir: str | Path) -> ScoreTokens:
     s = json.loads((Path(out_dir) / "data_summary.json").read_text())
     return ScoreTokens(scores=s["scores"], token_ids=s["score_token_ids"])
+
+
+@dataclass(frozen=True)
+class LossDenominators:
+    """What the CoT-RAFT loss of one optimizer step is divided by (see :func:`loss_denominators`)."""
+
+    ce: float  # CE targets of the whole global batch (every micro-batch of every rank)
+    mse: float  # scored sequences of the whole global batch
+    world_size: int
+
+    def per_rank(self) -> dict[str, float]:
+        """The forward's ``ce_denominator`` / ``mse_denominator`` on each rank: the global counts divided by
+        the world size, because DeepSpeed averages (not sums) the gradients over data-parallel ranks."""
+        return {"ce_denominator": self.ce / self.world_size, "mse_denominator": self.mse / self.world_size}
+
+
+def loss_denominators(ce_tokens: int, sequences: int, *, ce_on_score_token: bool,
+                      world_size: int) -> LossDenominators:
+    """The loss-normalisation rule of a training step, in one place.
+
+    tract-dist normalises over the *global* batch of an optimizer step: CE is the summed NLL divided by the
+    number of CE targets in all micro-batches of all ranks (``ce_tokens``, the labelled CoT and EOS tokens,
+    plus one per sequence when ``ce_on_score_token`` trains the score token with CE too), and the regression
+    term is the summed squared error divided by the number of scored sequences (``sequences``). Any split
+    into micro-batches, accumulation steps and ranks then gives exactly the gradient of one big batch (the
+    tests compare with a single plain-PyTorch process). The official TRACT code normalises per device instead
+    (CE by the device's label tokens, MSE by its batch size squared; /work/shared/FIDELITY.md): its MSE
+    equals ours with ``lam = 1/B_device``, its CE differs under data parallelism.
+
+    ``ce_tokens`` and ``sequences`` are counts of the whole step (the step plan knows them without
+    communicating); :meth:`LossDenominators.per_rank` gives what each rank's forward is divided by."""
+    if sequences <= 0:
+        raise ValueError(f"a training step needs at least one sequence, got {sequences}")
+    return LossDenominators(ce=float(ce_tokens + (sequences if ce_on_score_token else 0)), mse=float(sequences),
+                            world_size=world_size)
 
 
 @dataclass(frozen=True)
@@ -110,6 +147,13 @@ class StepPlan:
         """Global sample indices of optimizer step ``step`` (0-based), laid out [micro][rank][sample]."""
         epoch, i = divmod(step, self.steps_per_epoch)
         return self.epoch_order(epoch)[i * self.global_batch:(i + 1) * self.global_batch]
+
+    def loss_denominators(self, step: int, n_ce: Any, *, ce_on_score_token: bool) -> LossDenominators:
+        """The loss denominators of step ``step``: ``n_ce[i]`` is sample i's CE token count (the encoded
+        column); every encoded sample has one score position, so the step's sequences are its samples."""
+        idx = self.step_indices(step).tolist()
+        return loss_denominators(sum(n_ce[i] for i in idx), len(idx), ce_on_score_token=ce_on_score_token,
+                                 world_size=self.world_size)
 
     def micro_indices(self, step: int, micro: int, rank: int) -> list[int]:
         idx = self.step_indices(step)
