@@ -117,3 +117,45 @@ def test_content_fingerprint_follows_the_weights_not_the_path(tmp_path, monkeypa
     os.utime(model / "model.safetensors", ns=(time.time_ns() + 10**9,) * 2)
     assert fsutil.content_fingerprint(model) != first
     assert fsutil.content_fingerprint("org/hub-model") is None
+
+
+def test_durable_writes_fsync_and_cache_writes_do_not(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    fsutil.atomic_write_json(tmp_path / "state.json", {"v": 1})
+    assert len(synced) >= 1  # the file (and, where the filesystem allows, its folder)
+    synced.clear()
+    fsutil.atomic_write_json(tmp_path / "cache.json", {"v": 1}, durable=False)
+    assert synced == [] and fsutil.read_json(tmp_path / "cache.json", "cache") == {"v": 1}
+
+
+def test_create_never_overwrites_an_existing_name(tmp_path):
+    target = tmp_path / "part-00000.jsonl"
+    fsutil.atomic_create_bytes(target, b"first\n")
+    with pytest.raises(FileExistsError):
+        fsutil.atomic_create_bytes(target, b"second\n")
+    assert target.read_bytes() == b"first\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["part-00000.jsonl"]  # no temp file left behind
+
+
+def test_publish_dir_once_keeps_the_first_folder_and_cleans_up_after_failures(tmp_path):
+    dest = tmp_path / "cache" / "tok-v2"
+
+    def build(text):
+        def write(tmp):
+            assert tmp.parent == dest.parent and tmp.name.startswith(f".{dest.name}.")  # hidden, beside it
+            (tmp / "tokenizer_config.json").write_text(text)
+        return write
+
+    def broken(tmp):
+        (tmp / "half.bin").write_bytes(b"x")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        fsutil.publish_dir_once(dest, broken)
+    assert list(dest.parent.iterdir()) == []  # a failed build leaves no half folder
+    assert fsutil.publish_dir_once(dest, build("first")) is True
+    assert fsutil.publish_dir_once(dest, build("second")) is False  # another process finished first: kept
+    assert (dest / "tokenizer_config.json").read_text() == "first"
+    assert [p.name for p in dest.parent.iterdir()] == ["tok-v2"]

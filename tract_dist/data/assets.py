@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from tract_dist.fsutil import publish_dir_once
+
 # Mistral-7B-Instruct-v0.2's chat template (system text, if any, is prepended to the first user turn).
 MISTRAL_CHAT_TEMPLATE = (
     "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] + '\\n\\n' %}"
@@ -61,20 +63,6 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("TRACT_DIST_CACHE", Path.home() / ".cache" / "tract-dist"))
 
 
-def _atomic_save(tok: Any, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=dest.name + ".tmp"))
-    try:
-        tok.save_pretrained(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
-        os.replace(tmp, dest)
-    except OSError:  # another process won the race
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _build_mistral() -> Any:
     from transformers import LlamaTokenizer
 
@@ -117,7 +105,7 @@ def alias_tokenizer_dir(name: str) -> Path:
         raise AssetError(f"'{name}' is not a tokenizer alias ({', '.join(ALIASES)})")
     cached = _cache_dir() / "tokenizers" / f"{name}-{_BUILD_VERSION}"
     if not (cached / "tokenizer_config.json").exists():
-        _atomic_save(_BUILDERS[name](), cached)
+        publish_dir_once(cached, _BUILDERS[name]().save_pretrained)  # built by two processes: the first wins
     return cached
 
 

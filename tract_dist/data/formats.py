@@ -307,9 +307,10 @@ def read_examples(source: str, fmt: str, *, scale: tuple[int, int] = (1, 5), ski
 
 
 def write_jsonl(examples: list[JudgeExample], path: str | Path) -> None:
-    """Write examples in the project's normalised JSONL schema, atomically."""
-    from tract_dist.fsutil import atomic_write_text
+    """Write examples in the project's normalised JSONL schema, atomically and durably (a converted data set
+    and the stage-2 data set are inputs that later runs train on)."""
+    from tract_dist.fsutil import atomic_write_jsonl
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, "".join(json.dumps(ex.to_dict(), ensure_ascii=False) + "\n" for ex in examples))
+    atomic_write_jsonl(path, (ex.to_dict() for ex in examples))

@@ -18,6 +18,7 @@ from tract_dist.data.score_tokens import parse_scale
 from tract_dist.evaluate.metrics import evaluate_predictions, flat_metrics
 from tract_dist.evaluate.plots import scatter_plot
 from tract_dist.evaluate.worker import JudgeWorker
+from tract_dist.fsutil import atomic_write_json, atomic_write_jsonl
 from tract_dist.runtime.pool import PoolSpec, map_rows
 
 
@@ -66,11 +67,11 @@ def predict(cfg: Any, model_path: str, examples: list[JudgeExample], *, show_pro
 
 
 def write_predictions(records: list[dict[str, Any]], path: str | Path) -> Path:
-    from tract_dist.fsutil import atomic_write_text
-
+    """predictions.jsonl, replaced atomically and durably: the record of every judgement, which
+    :func:`load_predictions` reads back to recompute metrics and plots."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    atomic_write_jsonl(path, records)
     return path
 
 
@@ -96,7 +97,7 @@ def report(records: list[dict[str, Any]], out_dir: str | Path, name: str,
     out = Path(out_dir)
     result = evaluate_predictions(records)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    atomic_write_json(out / "metrics.json", result)  # a reader (compare, a rerun) never sees half of it
     scatter_plot(records, out / "scatter.png", name, scale)
     return result
 
@@ -137,5 +138,5 @@ def evaluate_model(cfg: Any, model_path: str | None, out_dir: str | Path | None 
             log_metrics(run, flat_metrics(spec.name, result))
             for f in ("predictions.jsonl", "metrics.json", "scatter.png"):
                 log_artifact(run, bdir / f, f"evaluate/{spec.name}")
-        (out / "summary.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        atomic_write_json(out / "summary.json", results)
     return results

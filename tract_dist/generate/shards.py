@@ -16,14 +16,14 @@ the stage fingerprint); a rerun with other settings is refused naming both finge
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
 from tract_dist.data.schema import DataError
-from tract_dist.fsutil import CorruptStateError, atomic_write_json, atomic_write_text, is_stale_temp, temp_path
+from tract_dist.fsutil import (CorruptStateError, atomic_create_bytes, atomic_write_json, atomic_write_jsonl,
+                               is_stale_temp)
 
 SHARD_GLOB = "part-*.jsonl"
 SETTINGS = "settings.json"
@@ -106,26 +106,17 @@ class ShardStore:
         return {r["uid"] for r in self.records()}
 
     def write_shard(self, records: list[dict[str, Any]]) -> Path:
-        """Commit ``records`` as the next shard: a temp file of this writer, fsync, then a hard link under the
-        next free name (``link`` fails if the name exists, so two writers never overwrite each other)."""
-        tmp = temp_path(self.dir / "part.jsonl")
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                for r in records:
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            while True:
-                existing = [i for i in map(_shard_index, self.dir.glob(SHARD_GLOB)) if i is not None]
-                final = self.dir / f"part-{(max(existing) + 1 if existing else 0):05d}.jsonl"
-                try:
-                    os.link(tmp, final)
-                    break
-                except FileExistsError:
-                    continue  # another writer took that name first: take the next
-        finally:
-            tmp.unlink(missing_ok=True)
-        return final
+        """Commit ``records`` as the next shard, durably, under the next free name; a name another writer took
+        first is never overwritten (:func:`~tract_dist.fsutil.atomic_create_bytes`): take the next one."""
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+        while True:
+            existing = [i for i in map(_shard_index, self.dir.glob(SHARD_GLOB)) if i is not None]
+            final = self.dir / f"part-{(max(existing) + 1 if existing else 0):05d}.jsonl"
+            try:
+                atomic_create_bytes(final, data)
+                return final
+            except FileExistsError:
+                continue  # another writer took that name first
 
     def check_settings(self, settings: dict[str, Any], *, fresh: bool = False) -> None:
         """Record the settings on first use; refuse to mix outputs made with different ones into one folder."""
@@ -163,7 +154,7 @@ class ShardStore:
         state = self.latest()
         failures = [r for r in state.values() if r["status"] != "ok"]
         reasons = Counter(r.get("reason") or "unknown" for r in failures)
-        atomic_write_text(self.dir / FAILURES, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in failures))
+        atomic_write_jsonl(self.dir / FAILURES, failures)
         pending = [r for r in failures if retryable(r) and r["attempts"] < max_attempts]
         summary = {
             "expected": len(expected_uids),

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tract_dist.data.assets import model_source
+from tract_dist.fsutil import publish_dir_once
 
 _ALIAS_CACHE_VERSION = "v2"  # v2: config.json without the GGUF quantization_config (vLLM loads it)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -91,18 +90,12 @@ def materialize_alias(name_or_path: str) -> str:
     plain.load_state_dict(gguf.state_dict())
     drop_gguf_quantization(plain.config)
     plain.generation_config = gguf.generation_config
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=dest.name + ".tmp"))
-    try:
+
+    def build(tmp: Path) -> None:
         plain.save_pretrained(tmp)
         load_tokenizer(name_or_path).save_pretrained(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
-        os.replace(tmp, dest)
-    except OSError:  # another process (a second replica) won the race; its copy is identical
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    publish_dir_once(dest, build)  # a second replica converting at the same time: the first copy wins
     return str(dest)
 
 
