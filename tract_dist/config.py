@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from tract_dist.data.prompts import ABS_SYSTEM_PROMPT
 from tract_dist.data.score_tokens import MAX_SCALE_VALUES
+from tract_dist.protocol import STOP_STRINGS
 
 
 class ConfigError(ValueError):
@@ -31,69 +32,147 @@ class _Section(BaseModel):
 
 
 class LoraSection(_Section):
-    enabled: bool = False
-    r: int = Field(16, gt=0, le=4096)
-    alpha: float = Field(32.0, gt=0, le=1e6)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    merge_on_export: bool = True  # later stages (generation, judge) load export/model
+    enabled: bool = Field(False, description="train LoRA adapters (PEFT) on the frozen model instead of every weight")
+    r: int = Field(16, gt=0, le=4096, description="adapter rank, 1-4096 (the official runs: LLaMA-Factory's 8)")
+    alpha: float = Field(32.0, gt=0, le=1e6, description="LoRA scale numerator: the update is (alpha / r) * B @ A; "
+                                                         "2 x r by default (the official runs: 16 with r 8)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapters' input, in [0, 1)")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names to adapt (e.g. [q_proj, v_proj]), or all-linear: every linear layer "
+                                  "except the output head (PEFT), as in the official runs")
+    merge_on_export: bool = Field(
+        True, description="also write the merged model (W + alpha/r * B @ A) to export/model, the folder later stages "
+                          "(generation, judge) load; false: export/adapter only, served unmerged")
 
 
 class ModelSection(_Section):
-    name_or_path: str
-    tokenizer: str | None = None  # defaults to the model's own
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    attn_implementation: str | None = None  # None: flash_attention_2 when importable on CUDA, else sdpa
-    trust_remote_code: bool = False
-    gradient_checkpointing: bool = False
-    lora: LoraSection = LoraSection()
+    name_or_path: str = Field(
+        description="the seed model (required): a Hugging Face hub name, a local HF folder (e.g. an export), or an "
+                    "alias: smollm2 (offline SmolLM2-135M-Instruct), tiny-llama / random-llama-1b (random weights, "
+                    "for tests and benchmarks)")
+    tokenizer: str | None = Field(
+        None, description="tokenizer name, path or alias (mistral, llama3, smollm2); None: the model's own")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="compute dtype of inference and training (training: DeepSpeed bf16 when it resolves to "
+                            "bfloat16, else fp32; master weights stay fp32); auto: bfloat16 on GPU, float32 on CPU "
+                            "(bf16 matmuls are slow on most CPUs)")
+    attn_implementation: str | None = Field(
+        None, description="transformers attn_implementation (sdpa, eager, flash_attention_2); None: "
+                          "flash_attention_2 when flash-attn imports and the model runs on CUDA, else sdpa")
+    trust_remote_code: bool = Field(
+        False, description="let HF / vLLM run a model repository's own Python code; off by default (security): "
+                           "set it only for a model you trust")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass (non-reentrant): far less activation "
+                           "memory for about one extra forward pass per step")
+    lora: LoraSection = Field(LoraSection(), description="LoRA adapters instead of full fine-tuning")
 
 
 class DataSection(_Section):
-    train_path: str | None = None  # local file or hf:NAME
-    train_format: Literal["feedback-collection", "prometheus-eval", "jsonl"] = "feedback-collection"
-    split: str = "train"
-    max_length: int = Field(3000, ge=64, le=1 << 24)
-    truncation: Literal["truncate", "drop"] = "truncate"
-    skip_invalid: bool = False
-    max_examples: int | None = Field(None, gt=0)
-    scale: str = Field("1-5", pattern=r"^\d{1,6}-\d{1,6}$")
-    system_prompt: str | None = ABS_SYSTEM_PROMPT
-    use_cot: bool = True  # False: score-only targets (the RAFT baseline without CoT)
+    train_path: str | None = Field(
+        None, description="training data (also generation's prompts): a local JSON / JSONL / Parquet file or "
+                          "hf:NAME (a hub dataset); required by train, generate and pipeline")
+    train_format: Literal["feedback-collection", "prometheus-eval", "jsonl"] = Field(
+        "feedback-collection", description="record layout of train_path: Feedback Collection (the paper's training "
+                                           "set), prometheus-eval benchmark JSON, or the project's JSONL")
+    split: str = Field("train", description="dataset split read from an hf:NAME train_path (ignored for files)")
+    max_length: int = Field(
+        3000, ge=64, le=1 << 24, description="tokens per sequence, 64-16M: a training sequence (prompt + CoT + score "
+                                             "+ EOS) and a judge's prompt plus generation; 3000 is the official runs' "
+                                             "cutoff")
+    truncation: Literal["truncate", "drop"] = Field(
+        "truncate", description="an over-long example: truncate shortens its response, reference answer, then "
+                                "instruction to fit (counted); drop skips it (counted)")
+    skip_invalid: bool = Field(
+        False, description="skip and count malformed records (training data, generation prompts, benchmarks) "
+                           "instead of stopping at the first one with an error naming file, record and field")
+    max_examples: int | None = Field(None, gt=0, description="use only the first N records of train_path; None: all")
+    scale: str = Field("1-5", pattern=r"^\d{1,6}-\d{1,6}$",
+                       description=f"score range MIN-MAX (MIN < MAX, at most {MAX_SCALE_VALUES} values): each value "
+                                   "must be one token of the tokenizer, the K score tokens ŷ is read over")
+    system_prompt: str | None = Field(
+        ABS_SYSTEM_PROMPT, description="system message of every prompt (training, generation, judging); default: "
+                                       "Prometheus's absolute-grading system prompt; null or empty: none (the "
+                                       "official training data has none)")
+    use_cot: bool = Field(
+        True, description="train on CoT + score targets; false: score-only targets (the RAFT baseline without CoT; "
+                          "records then need no feedback)")
 
 
 class LossSection(_Section):
     """The CoT-RAFT loss; built once into :class:`tract_dist.loss.CoTRaftLossOptions`."""
 
-    lam: float = Field(1.0, ge=0, le=1e6, description="weight of the MSE term: ce + lam * mse")
-    rail_normalize: bool = Field(False, description="score distribution over the K score tokens only")
-    ce_on_score_token: bool = Field(False, description="also train the score token (nearest value) with CE")
-    impl: Literal["fused", "reference"] = Field("fused", description="fused: never forms tokens x vocab logits")
+    lam: float = Field(
+        1.0, ge=0, le=1e6, description="weight of the MSE term, 0-1e6: loss = ce + lam * mse, mse the global "
+                                       "per-sequence mean of (ŷ - y)²; 1.0 is the paper's formula, the official runs' "
+                                       "code amounts to 1 / per-device batch (FIDELITY.md)")
+    rail_normalize: bool = Field(
+        False, description="train ŷ over the score tokens' renormalised distribution (Σ v_k p_k / Σ p_k) instead "
+                           "of the full-vocabulary softmax (off: as the paper); recorded in the export, which "
+                           "evaluation.rail_normalize follows unless set")
+    ce_on_score_token: bool = Field(
+        False, description="also give the score position a CE target, the score token nearest the gold score "
+                           "(TRACT masks it out of CE; the ce_cot method turns it on)")
+    impl: Literal["fused", "reference"] = Field(
+        "fused", description="fused: chunked over rows and vocabulary, never forms the tokens x vocab logits; "
+                             "reference: full logits (tests, comparison)")
     kernel: Literal["auto", "torch", "triton"] = Field(
-        "auto", description="per-tile elementwise work of the fused loss: Triton on CUDA when auto")
-    chunk_size: int | None = Field(None, gt=0, le=_BIG, description="active rows per logits tile (default: tile_mib)")
-    vocab_shard: int | None = Field(None, gt=0, le=1 << 24, description="vocabulary rows per tile (default: all up to 131072)")
+        "auto", description="per-tile elementwise work of the fused loss: triton (CUDA only), torch, or auto: "
+                            "Triton on CUDA (the TRACT_LOSS_TRITON environment variable overrides auto)")
+    chunk_size: int | None = Field(
+        None, gt=0, le=_BIG, description="active rows (tokens) per logits tile; None: as many as tile_mib holds")
+    vocab_shard: int | None = Field(
+        None, gt=0, le=1 << 24, description="vocabulary rows per logits tile; None: the whole vocabulary up to "
+                                            "131072 rows, else 65536")
     tile_mib: int | None = Field(
-        None, gt=0, le=1 << 20, description="logits-tile budget in MiB (default: 1024 on CUDA, 256 on CPU; see loss/tiling.py)")
+        None, gt=0, le=1 << 20, description="logits-tile budget in MiB; None: 1024 on CUDA, 256 on CPU "
+                                            "(loss/tiling.py)")
 
 
 class TrainingSection(_Section):
-    output_dir: str = "runs"
-    epochs: float = Field(1.0, gt=0, le=1e4)
-    max_steps: int | None = Field(None, gt=0, le=1 << 40)
-    micro_batch_size: int = Field(1, gt=0, le=1 << 16)
-    gradient_accumulation_steps: int = Field(1, gt=0, le=1 << 16)
-    learning_rate: float = Field(1e-5, gt=0, le=10)
-    weight_decay: float = Field(0.0, ge=0, le=1e3)
-    warmup_ratio: float = Field(0.1, ge=0, le=1)
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    max_grad_norm: float = Field(1.0, ge=0, le=1e9)
-    seed: int = Field(42, ge=0, le=2**32 - 1)  # numpy and Python RNGs take 32-bit seeds
-    logging_steps: int = Field(1, gt=0, le=1 << 40)
-    save_steps: int = Field(100, gt=0, le=1 << 40)
-    num_to_keep: int = Field(2, ge=1, le=1000)  # checkpoints kept (Ray Train CheckpointConfig / torchrun)
-    zero_stage: Literal[0, 1, 2, 3] = 3
-    deepspeed_config: str | None = None  # a user-supplied DeepSpeed JSON replaces the generated one
+    output_dir: str = Field(
+        "runs", description="folder of training runs: each run is OUTPUT_DIR/RUN_NAME (checkpoints, metrics.jsonl, "
+                            "export/); also the default parent of generation and evaluation output")
+    epochs: float = Field(
+        1.0, gt=0, le=1e4, description="passes over the training set, fractional allowed: ceil(epochs x steps per "
+                                       "epoch) optimizer steps (the official runs: Mistral 2, Llama 1)")
+    max_steps: int | None = Field(
+        None, gt=0, le=1 << 40, description="optimizer steps to run, overriding epochs; None: from epochs")
+    micro_batch_size: int = Field(
+        1, gt=0, le=1 << 16, description="sequences per worker per forward/backward; the global batch is "
+                                         "micro_batch_size x gradient_accumulation_steps x cluster.num_workers")
+    gradient_accumulation_steps: int = Field(
+        1, gt=0, le=1 << 16, description="micro-batches accumulated per optimizer step")
+    learning_rate: float = Field(
+        1e-5, gt=0, le=10, description="peak AdamW learning rate (the official runs: 1e-5)")
+    weight_decay: float = Field(0.0, ge=0, le=1e3, description="AdamW (decoupled) weight decay")
+    warmup_ratio: float = Field(
+        0.1, ge=0, le=1, description="fraction of the optimizer steps spent in linear warm-up, 0-1 (the official "
+                                     "runs: 0.1)")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="learning-rate decay after warm-up: cosine or linear to 0, or constant (the official "
+                              "runs: cosine)")
+    max_grad_norm: float = Field(
+        1.0, ge=0, le=1e9, description="gradient clipping to this global L2 norm (DeepSpeed gradient_clipping); "
+                                       "0: no clipping")
+    seed: int = Field(
+        42, ge=0, le=2**32 - 1, description="seed of initialisation (random-weight aliases, LoRA adapters), the "
+                                            "data order and dropout; 0 to 2^32-1 (numpy and Python RNGs take 32-bit "
+                                            "seeds)")
+    logging_steps: int = Field(
+        1, gt=0, le=1 << 40, description="log metrics to MLflow and the console every N optimizer steps "
+                                         "(metrics.jsonl gets every step)")
+    save_steps: int = Field(
+        100, gt=0, le=1 << 40, description="write a checkpoint every N optimizer steps, and always at the last one")
+    num_to_keep: int = Field(
+        2, ge=1, le=1000, description="checkpoints kept (Ray Train CheckpointConfig / torchrun); older ones are "
+                                      "pruned once a newer one is complete")
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        3, description="DeepSpeed ZeRO stage: 3 partitions parameters, gradients and optimizer state across "
+                       "workers (the official runs used ZeRO-3)")
+    deepspeed_config: str | None = Field(
+        None, description="a DeepSpeed JSON file that replaces the generated one; its \"auto\" values are filled "
+                          "from training.* (as Hugging Face's integration does)")
 
 
 InferenceBackend = Literal["auto", "hf", "vllm", "transformers"]  # transformers: the old name of hf
@@ -102,103 +181,190 @@ InferenceBackend = Literal["auto", "hf", "vllm", "transformers"]  # transformers
 class VllmSection(_Section):
     """vLLM engine settings, shared by generation and evaluation (``tract_dist/runtime/vllm_engine.py``)."""
 
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # GPU memory vLLM may take (weights + KV cache)
-    kv_cache_memory_gb: float | None = Field(None, gt=0, le=1 << 20)  # None: vLLM sizes it on GPU; 1 GiB on CPU
-    enable_prefix_caching: bool = True  # the n CoTs of a prompt and their RAIL read-out share its KV blocks
-    enforce_eager: bool | None = None  # None: eager on CPU, CUDA graphs on GPU
-    max_model_len: int | None = Field(None, gt=0, le=1 << 24)  # None: the model's maximum (set it for 128K-context models)
-    max_num_seqs: int | None = Field(None, gt=0, le=_BIG)  # requests decoded together; None: vLLM's default
-    max_lora_rank: int | None = Field(None, gt=0, le=4096)  # None: the adapter's rank (rounded up to one vLLM accepts)
-    seed: int = Field(0, ge=0, le=2**32 - 1)  # engine seed; every project request carries its own
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="fraction (0, 1] of each GPU's memory vLLM may take (weights + KV cache)")
+    kv_cache_memory_gb: float | None = Field(
+        None, gt=0, le=1 << 20, description="KV-cache size in GiB; None: vLLM sizes it from gpu_memory_utilization "
+                                            "on GPU, 1 GiB on CPU (where vLLM would otherwise reserve that fraction "
+                                            "of host memory)")
+    enable_prefix_caching: bool = Field(
+        True, description="reuse KV blocks of shared prefixes: the n CoTs of a prompt and their RAIL read-out "
+                          "share the prompt's blocks")
+    enforce_eager: bool | None = Field(None, description="disable CUDA graphs; None: eager on CPU, CUDA graphs on GPU")
+    max_model_len: int | None = Field(
+        None, gt=0, le=1 << 24, description="context length vLLM allocates for, in tokens; None: the model's "
+                                            "maximum (set it for 128K-context models, whose KV cache would not fit)")
+    max_num_seqs: int | None = Field(
+        None, gt=0, le=_BIG, description="requests decoded together (vLLM max_num_seqs); None: vLLM's default")
+    max_lora_rank: int | None = Field(
+        None, gt=0, le=4096, description="largest LoRA rank the engine accepts for an unmerged adapter; None: the "
+                                         "adapter's rank, rounded up to one vLLM accepts")
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="the engine's own seed; every project request carries its own seed "
+                                           "(generation.seed), so CoTs do not depend on it")
 
 
 class GenerationSection(_Section):
-    backend: InferenceBackend = "auto"  # auto: vLLM when importable and on GPU, else HF (the choice is logged)
-    tensor_parallel_size: int = Field(1, gt=0, le=1024)  # vLLM: GPUs per replica (a model too big for one GPU)
-    vllm: VllmSection = VllmSection()
-    temperature: float = Field(1.0, ge=0, le=100)
-    top_p: float = Field(0.9, gt=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0, le=100)
-    max_new_tokens: int = Field(512, gt=0, le=_BIG)
-    num_cots: int = Field(1, gt=0, le=1000)
-    seed: int = Field(0, ge=0, le=2**32 - 1)
-    batch_size: int = Field(8, gt=0, le=_BIG)
-    stop: list[str] = ["So the overall", "[RESULT]"]
-    output_dir: str | None = None
-    ray: bool = True  # False: generate in-process (machines without Ray, e.g. one GPU)
-    num_replicas: int | None = Field(None, gt=0, le=100_000)  # replicas in the actor pool; None: cluster.num_workers
-    shard_size: int = Field(64, gt=0, le=_BIG)  # CoTs per committed output shard (the unit of resumption)
-    # A CoT whose generation raised is retried on the next run until it has failed this many times; failures
-    # that retrying cannot change (prompt too long, empty CoT with the same seed) are final at once.
-    max_attempts: int = Field(3, ge=1, le=100)
+    backend: InferenceBackend = Field(
+        "auto", description="engine of stage-2 CoT generation: hf, vllm, or auto: vLLM where it imports and runs on "
+                            "a GPU, else HF (the choice and its reason are logged); transformers: the old name of hf")
+    tensor_parallel_size: int = Field(
+        1, gt=0, le=1024, description="GPUs per generation replica (vLLM only), for a model too big for one GPU")
+    vllm: VllmSection = Field(VllmSection(), description="vLLM engine settings, shared by generation and evaluation")
+    temperature: float = Field(
+        1.0, ge=0, le=100, description="sampling temperature of CoTs, 0 = greedy (the official inference: 1.0); "
+                                       "also evaluation's CoTs when evaluation.num_cots > 1")
+    top_p: float = Field(0.9, gt=0, le=1, description="nucleus-sampling mass, (0, 1] (the official inference: 0.9)")
+    repetition_penalty: float = Field(
+        1.0, gt=0, le=100, description="repetition penalty of generation and judging; 1.0: none (the official "
+                                       "inference: 1.03)")
+    max_new_tokens: int = Field(
+        512, gt=0, le=_BIG, description="most tokens generated per CoT (the official inference: up to 1024); a judge "
+                                        "keeps them free in data.max_length")
+    num_cots: int = Field(
+        1, gt=0, le=1000, description="CoTs generated per training example for stage 2 (the official stage-2 data: "
+                                      "one)")
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="base of the per-(example, CoT) sampling seeds of generation and judging: "
+                                           "a CoT depends only on its prompt, index and this seed, so reruns and "
+                                           "resumptions reproduce it")
+    batch_size: int = Field(
+        8, gt=0, le=_BIG, description="prompts per replica batch: HF's generate batch; on vLLM the unit of commit "
+                                      "and retry")
+    stop: list[str] = Field(
+        list(STOP_STRINGS), description="strings that end a generated CoT: the official CoT cut and stop "
+                                        "(protocol.py, FIDELITY.md); also the judge's")
+    output_dir: str | None = Field(
+        None, description="folder of the CoT shards; None: TRAINING.OUTPUT_DIR/generate (a pipeline uses its own)")
+    ray: bool = Field(
+        True, description="generate through a Ray Data actor pool; false: in-process (machines without Ray, e.g. "
+                          "one GPU)")
+    num_replicas: int | None = Field(
+        None, gt=0, le=100_000, description="model replicas in the actor pool, for generation and evaluation; None: "
+                                            "cluster.num_workers")
+    shard_size: int = Field(
+        64, gt=0, le=_BIG, description="CoTs per committed output shard, the unit of resumption: a killed run "
+                                       "redoes only CoTs not yet in a shard")
+    max_attempts: int = Field(
+        3, ge=1, le=100, description="a CoT whose generation raised is retried on later passes and runs until it "
+                                     "has failed this many times; failures retrying cannot change (prompt too "
+                                     "long, empty CoT with the same seed) are final at once")
 
 
 class BenchmarkSpec(_Section):
-    name: str = Field(pattern=SAFE_NAME)  # a folder name under the evaluation output
-    path: str
-    format: Literal["feedback-collection", "prometheus-eval", "jsonl"] = "prometheus-eval"
-    split: str = "test"
-    max_examples: int | None = Field(None, gt=0)
-    offset: int = Field(0, ge=0, le=1 << 40)  # skip the first records (e.g. those a quickstart trains on)
+    name: str = Field(
+        pattern=SAFE_NAME, description="the benchmark's name (required, unique): its folder under the evaluation "
+                                       "output and the prefix of its MLflow metrics; letters, digits, . _ -")
+    path: str = Field(description="the benchmark data (required): a local JSON / JSONL / Parquet file or hf:NAME")
+    format: Literal["feedback-collection", "prometheus-eval", "jsonl"] = Field(
+        "prometheus-eval", description="record layout of path (prometheus-eval: its label is the mean of gpt4_score)")
+    split: str = Field("test", description="dataset split read from an hf:NAME path (ignored for files)")
+    max_examples: int | None = Field(None, gt=0, description="judge only the first N records after offset; None: all")
+    offset: int = Field(
+        0, ge=0, le=1 << 40, description="skip the first records (e.g. those a quickstart trains on)")
 
 
 class EvaluationSection(_Section):
-    backend: InferenceBackend = "auto"  # the judge's engine (CoT-RAIL, decode, rail); vLLM options: generation.vllm
-    tensor_parallel_size: int = Field(1, gt=0, le=1024)
-    benchmarks: list[BenchmarkSpec] = []
-    num_cots: int = Field(1, gt=0, le=1000)
-    rail_normalize: bool = False
-    batch_size: int = Field(8, gt=0, le=_BIG)
-    mode: Literal["cot_rail", "decode", "rail"] = "cot_rail"  # decode / rail: the paper's baselines
-    ray: bool = True  # False: score in-process; True: the generation actor pool (generation.num_replicas)
-    output_dir: str | None = None
+    backend: InferenceBackend = Field(
+        "auto", description="the judge's engine (CoT-RAIL, decode, rail): hf, vllm or auto, as generation.backend; "
+                            "vLLM options: generation.vllm")
+    tensor_parallel_size: int = Field(
+        1, gt=0, le=1024, description="GPUs per judge replica (vLLM only), for a model too big for one GPU")
+    benchmarks: list[BenchmarkSpec] = Field(
+        [], description="the benchmarks to evaluate on, each {name, path, format, split, max_examples, offset}")
+    num_cots: int = Field(
+        1, gt=0, le=1000, description="CoTs per input, their ŷ averaged: 1 is greedy, more are sampled with "
+                                      "generation's temperature / top_p (the paper reports 1 and 5)")
+    rail_normalize: bool | None = Field(
+        None, description="read ŷ over the score tokens' renormalised distribution (Σ v_k p_k / Σ p_k) instead of "
+                          "the full-vocabulary softmax; None: what the export records training used "
+                          "(loss.rail_normalize), else false; a value that differs from the record is used, "
+                          "with a warning")
+    batch_size: int = Field(
+        8, gt=0, le=_BIG, description="inputs per judge batch (the pool's batch and HF's forward batch)")
+    mode: Literal["cot_rail", "decode", "rail"] = Field(
+        "cot_rail", description="cot_rail: CoT then ŷ from the score distribution (the paper's method); decode: "
+                                "parse the generated score; rail: ŷ with no CoT (the paper's baselines)")
+    ray: bool = Field(
+        True, description="judge through the Ray actor pool (generation.num_replicas replicas); false: in-process")
+    output_dir: str | None = Field(
+        None, description="folder of predictions, metrics and plots per benchmark; None: "
+                          "TRAINING.OUTPUT_DIR/evaluate")
 
 
 class PipelineSection(_Section):
-    method: Literal["tract", "cot_raft", "ce_cot", "raft"] = "tract"
-    output_dir: str = "runs/pipeline"
-    evaluate_stage1: bool = True  # tract: evaluate the stage-1 model as well as the stage-2 one
-    # A finished stage-1 export (an HF folder) used instead of training stage 1, e.g. the cot_raft run of the
-    # same seed, which is TRACT's stage 1 (the quality benchmark); its content hash is the stage's fingerprint.
-    stage1_export: str | None = None
-    # Run only these stages (names or fnmatch patterns, e.g. "evaluate_*"); the others are used if up to
-    # date. None: every stage. Lets a caller run one stage per process.
-    stages: list[str] | None = None
+    method: Literal["tract", "cot_raft", "ce_cot", "raft"] = Field(
+        "tract", description="tract: both stages; cot_raft: stage 1 only; ce_cot: CE only (lam 0, CE on the score "
+                             "token; evaluated by decode and cot_rail); raft: score-only targets, rail inference")
+    output_dir: str = Field(
+        "runs/pipeline", description="folder of pipelines: each is OUTPUT_DIR/NAME (state, runs, CoTs, evaluations)")
+    evaluate_stage1: bool = Field(
+        True, description="tract: evaluate the stage-1 model as well as the stage-2 one")
+    stage1_export: str | None = Field(
+        None, description="a finished stage-1 export (an HF folder) used instead of training stage 1, e.g. the "
+                          "cot_raft run of the same seed, which is TRACT's stage 1 (the quality benchmark); its "
+                          "content hash is the stage's fingerprint")
+    stages: list[str] | None = Field(
+        None, description="run only these stages (names or fnmatch patterns, e.g. \"evaluate_*\"); the others are "
+                          "used if up to date. None: every stage. Lets a caller run one stage per process")
 
 
 class TrackingSection(_Section):
-    enabled: bool = True
-    tracking_uri: str = "sqlite:///mlflow.db"
-    experiment: str = "tract-dist"
-    run_name: str | None = Field(None, pattern=SAFE_NAME)  # also the training run's folder name
+    enabled: bool = Field(True, description="log params, metrics and artifacts to MLflow; false: no tracking")
+    tracking_uri: str = Field(
+        "sqlite:///mlflow.db", description="MLflow tracking URI (sqlite:///FILE, http(s)://SERVER); the default is a "
+                                           "SQLite file in the working directory (MLflow 3 refuses a plain folder "
+                                           "store); credentials in it are redacted from logs")
+    experiment: str = Field("tract-dist", description="MLflow experiment of every run")
+    run_name: str | None = Field(
+        None, pattern=SAFE_NAME, description="MLflow run name, also the training run's folder name; None: the "
+                                             "stage and the config's fingerprint (training), the stage (others)")
 
 
 class ClusterSection(_Section):
-    address: str | None = None  # None: start a local Ray (or use RAY_ADDRESS)
-    num_workers: int = Field(1, gt=0, le=100_000)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0, le=4096)
-    resources_per_worker: dict[str, float] = {}
-    storage_path: str = "runs/ray"
-    max_failures: int = Field(0, ge=0, le=10_000)
-    launcher: Literal["ray", "torchrun", "inline"] = "ray"  # training; torchrun/inline need no Ray
-    local_num_cpus: int | None = Field(None, gt=0, le=1 << 16)  # logical CPUs for a local Ray (see STACK-NOTES)
-    object_store_memory_mb: int = Field(256, gt=0, le=1 << 24)
-    # torch CPU threads per inference replica; None: the cores shared out among replicas. Fewer threads than
-    # cores pay off on a shared machine (a descheduled OpenMP thread stalls every barrier).
-    threads_per_replica: int | None = Field(None, gt=0, le=4096)
+    address: str | None = Field(
+        None, description="Ray cluster to join (ray://HOST:PORT or auto); None: RAY_ADDRESS, else a local Ray")
+    num_workers: int = Field(
+        1, gt=0, le=100_000, description="training workers (ranks: Ray Train workers or torchrun processes), and "
+                                         "the inference pool's replicas unless generation.num_replicas is set")
+    use_gpu: bool = Field(
+        False, description="run on GPUs: one per training worker (DeepSpeed on CUDA), tensor_parallel_size per "
+                           "inference replica; false: CPU")
+    cpus_per_worker: float = Field(
+        1.0, gt=0, le=4096, description="CPUs Ray reserves per worker / replica (fractional allowed); on CPU also "
+                                        "each training worker's OpenMP threads")
+    resources_per_worker: dict[str, float] = Field(
+        {}, description="extra Ray resources per training worker (name: amount), e.g. {my_resource: 1}")
+    storage_path: str = Field(
+        "runs/ray", description="Ray Train's storage (its checkpoints and run state): a local folder or a URI")
+    max_failures: int = Field(
+        0, ge=0, le=10_000, description="times Ray Train restarts a failed worker group from the last checkpoint "
+                                        "before the run fails; 0: none")
+    launcher: Literal["ray", "torchrun", "inline"] = Field(
+        "ray", description="how training starts its workers: Ray Train, torchrun (no Ray), or inline (in this "
+                           "process, no Ray)")
+    local_num_cpus: int | None = Field(
+        None, gt=0, le=1 << 16, description="logical CPUs of a local Ray (raised to what the workers need + 1, at "
+                                            "least 4, so actors never starve Ray Data's tasks: STACK-NOTES); None: "
+                                            "twice the cores for a training run or pipeline")
+    object_store_memory_mb: int = Field(
+        256, gt=0, le=1 << 24, description="a local Ray's object store in MiB (it lives in /dev/shm)")
+    threads_per_replica: int | None = Field(
+        None, gt=0, le=4096, description="torch CPU threads per inference replica; None: the cores shared out among "
+                                         "replicas. Fewer threads than cores pay off on a shared machine (a "
+                                         "descheduled OpenMP thread stalls every barrier)")
 
 
 class Config(_Section):
-    model: ModelSection
-    data: DataSection = DataSection()
-    loss: LossSection = LossSection()
-    training: TrainingSection = TrainingSection()
-    generation: GenerationSection = GenerationSection()
-    evaluation: EvaluationSection = EvaluationSection()
-    tracking: TrackingSection = TrackingSection()
-    cluster: ClusterSection = ClusterSection()
-    pipeline: PipelineSection = PipelineSection()
+    model: ModelSection = Field(description="the seed model and how to load and adapt it")
+    data: DataSection = Field(DataSection(), description="training data, prompt layout and score scale")
+    loss: LossSection = Field(LossSection(), description="the CoT-RAFT loss")
+    training: TrainingSection = Field(TrainingSection(), description="optimizer, schedule, checkpoints, DeepSpeed")
+    generation: GenerationSection = Field(GenerationSection(), description="stage-2 CoT generation and sampling")
+    evaluation: EvaluationSection = Field(EvaluationSection(), description="the judge and its benchmarks")
+    tracking: TrackingSection = Field(TrackingSection(), description="MLflow tracking")
+    cluster: ClusterSection = Field(ClusterSection(), description="Ray cluster, workers and launcher")
+    pipeline: PipelineSection = Field(PipelineSection(), description="the end-to-end pipeline and its method")
 
     @model_validator(mode="after")
     def _check_scale(self) -> "Config":

@@ -45,7 +45,7 @@ def predict(cfg: Any, model_path: str, examples: list[JudgeExample], *, show_pro
     e = cfg.evaluation
     spec = PoolSpec.from_config(cfg, use_ray=e.ray, batch_size=e.batch_size, replicas=cfg.generation.num_replicas,
                                 gpus_per_replica=e.tensor_parallel_size)
-    kw = judge_kwargs(cfg)
+    kw = judge_kwargs(cfg, model_path)
     kw["sampling"] = kw["sampling"].as_dict()
     engine = spec_from_config(cfg, "evaluation", materialize_alias(model_path), backend, batch_size=e.batch_size,
                               torch_threads=spec.torch_threads())
@@ -114,17 +114,19 @@ def evaluate_model(cfg: Any, model_path: str | None, out_dir: str | Path | None 
     e, t = cfg.evaluation, cfg.tracking
     if not e.benchmarks:
         raise ConfigError("evaluation.benchmarks: no benchmark to evaluate on")
+    from tract_dist.export_record import resolve_rail_normalize
     from tract_dist.runtime.backend import choose_backend
 
     choice = choose_backend(cfg, "evaluation")  # before any replica starts
     model_path = model_path or cfg.model.name_or_path
+    rail = resolve_rail_normalize(e.rail_normalize, model_path)  # the export's training choice unless set
     out = Path(out_dir or e.output_dir or Path(cfg.training.output_dir) / "evaluate")
     scale = parse_scale(cfg.data.scale)
     results: dict[str, Any] = {}
     with start_run(t.tracking_uri, t.experiment, t.run_name or "evaluate", enabled=t.enabled, parent=parent_run,
                    tags={**(tags or {}), "stage": "evaluate"}) as run:
         log_params(run, {"model_path": model_path, "mode": e.mode, "num_cots": e.num_cots,
-                         "rail_normalize": e.rail_normalize, "use_ray": e.ray, "backend": choice.backend,
+                         "rail_normalize": rail, "use_ray": e.ray, "backend": choice.backend,
                          "backend_reason": choice.reason, "tensor_parallel_size": e.tensor_parallel_size,
                          "benchmarks": ",".join(b.name for b in e.benchmarks)})
         for spec in e.benchmarks:

@@ -124,7 +124,7 @@ class Judge:
         choice = choose_backend(cfg, "evaluation")
         spec = spec_from_config(cfg, "evaluation", materialize_alias(model_path or cfg.model.name_or_path),
                                 choice.backend, batch_size=cfg.evaluation.batch_size)
-        return cls(engine=build_engine(dc_replace(spec, device=device)), **judge_kwargs(cfg))
+        return cls(engine=build_engine(dc_replace(spec, device=device)), **judge_kwargs(cfg, model_path))
 
     # -- prompts ---------------------------------------------------------------------------------------
     def _prompt(self, ex: JudgeExample, reserve: int) -> tuple[list[int], bool]:
@@ -221,10 +221,15 @@ class Judge:
                                 for n, k in enumerate(self.score_tokens.scores)}
 
 
-def judge_kwargs(cfg: Any) -> dict[str, Any]:
-    """Judge constructor options from a config (data, generation and evaluation sections); the engine is built
-    separately from ``runtime.backend.spec_from_config(cfg, "evaluation", ...)``."""
+def judge_kwargs(cfg: Any, model_path: str | None = None) -> dict[str, Any]:
+    """Judge constructor options from a config (data, generation and evaluation sections) for the model at
+    ``model_path`` (default ``model.name_or_path``), whose export record ``evaluation.rail_normalize`` unset
+    follows (:mod:`tract_dist.export_record`); the engine is built separately from
+    ``runtime.backend.spec_from_config(cfg, "evaluation", ...)``."""
+    from tract_dist.export_record import resolve_rail_normalize
+
     d, g, e = cfg.data, cfg.generation, cfg.evaluation
+    rail = resolve_rail_normalize(e.rail_normalize, model_path or cfg.model.name_or_path)
     return {"scale": d.scale, "system_prompt": d.system_prompt, "max_length": d.max_length,
-            "sampling": SamplingParams.from_config(g), "seed": g.seed, "rail_normalize": e.rail_normalize,
+            "sampling": SamplingParams.from_config(g), "seed": g.seed, "rail_normalize": rail,
             "batch_size": e.batch_size}
