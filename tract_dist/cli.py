@@ -71,6 +71,13 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_config_keys(args: argparse.Namespace) -> int:
+    from tract_dist.config_keys import config_keys, format_keys
+
+    print(format_keys(config_keys(), args.format), end="")
+    return 0
+
+
 def _optional_config(args: argparse.Namespace) -> Any:
     if getattr(args, "config", None) is None and not getattr(args, "overrides", None):
         return None
@@ -181,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = cfg.add_parser("show", help="validate a config (with overrides) and print it in full")
     _add_config_args(p, required=True)
     p.set_defaults(func=_cmd_config_show)
+    p = cfg.add_parser("keys", help="list every config key with its type, default and description")
+    p.add_argument("--format", choices=["text", "markdown"], default="text",
+                   help="text: one aligned line per key (long defaults shortened); markdown: a table")
+    p.set_defaults(func=_cmd_config_keys)
 
     for module in _STAGE_COMMANDS:
         try:
