@@ -157,6 +157,7 @@ def test_credentials_are_redacted_from_params_and_written_files(store, tmp_path,
     # torchrun's loop.json carries no credential; the workers get the URI in their environment
     import tract_dist.train.trainer as trainer
     from tract_dist.config import load_config
+    from tract_dist.train.plan import WorkerPlan
 
     seen = {}
 
@@ -166,7 +167,7 @@ def test_credentials_are_redacted_from_params_and_written_files(store, tmp_path,
 
     monkeypatch.setattr(trainer.subprocess, "run", fake_run)
     cfg = load_config(None, [f"tracking.tracking_uri={secret_uri}"], base={"model": {"name_or_path": "tiny-llama"}})
-    loop = {"config": cfg.model_dump(), "tracking": {"tracking_uri": secret_uri, "run_id": "r"}}
+    loop = WorkerPlan(config=cfg.model_dump(), run_dir=str(tmp_path), tracking_uri=secret_uri, run_id="r")
     trainer._fit_with_torchrun(cfg, loop, tmp_path)
     written = (tmp_path / "loop.json").read_text()
     assert "s3cr3t" not in written and "abc123" not in written and "***@mlflow.example.com" in written
@@ -177,13 +178,13 @@ def test_credentials_are_redacted_from_params_and_written_files(store, tmp_path,
 @pytest.mark.timeout(300)
 def test_mlflow_server_killed_mid_run_does_not_fail_training(tmp_path, quickstart_data, mlflow_server, monkeypatch,
                                                             capsys):
-    import tract_dist.train.worker as worker
+    import tract_dist.train.recipe as recipe
     from tract_dist.config import load_config
     from tract_dist.train.trainer import run_training
 
     uri, proc = mlflow_server
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    real_log = worker.log_metrics
+    real_log = recipe.log_metrics
 
     def kill_server_at_step_2(handle, metrics, step=None):
         if step == 2 and proc.poll() is None:
@@ -191,7 +192,7 @@ def test_mlflow_server_killed_mid_run_does_not_fail_training(tmp_path, quickstar
             proc.wait(30)
         real_log(handle, metrics, step=step)
 
-    monkeypatch.setattr(worker, "log_metrics", kill_server_at_step_2)
+    monkeypatch.setattr(recipe, "log_metrics", kill_server_at_step_2)
     base = {"model": {"name_or_path": "tiny-llama", "tokenizer": "smollm2"},
             "data": {"train_path": str(quickstart_data), "train_format": "jsonl", "max_length": 512,
                      "max_examples": 4},

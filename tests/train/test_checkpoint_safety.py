@@ -92,6 +92,7 @@ def test_ray_trainer_keeps_num_to_keep_checkpoints(tmp_path, monkeypatch):
 
     import tract_dist.train.trainer as trainer
     from tract_dist.config import load_config
+    from tract_dist.train.plan import WorkerPlan
 
     seen = {}
 
@@ -108,5 +109,5 @@ def test_ray_trainer_keeps_num_to_keep_checkpoints(tmp_path, monkeypatch):
     cfg = load_config(None, ["training.num_to_keep=5", f"cluster.storage_path={tmp_path}"],
                       base={"model": {"name_or_path": "tiny-llama"}})
     with pytest.raises(RuntimeError, match="stop here"):
-        trainer._fit_with_ray(cfg, {}, "run", None)
+        trainer._fit_with_ray(cfg, WorkerPlan(config={}, run_dir=str(tmp_path), tracking_uri=""), "run", None)
     assert seen["run_config"].checkpoint_config.num_to_keep == 5

@@ -68,3 +68,84 @@ def test_user_deepspeed_json_gets_auto_values_filled():
     assert ds["optimizer"]["params"]["lr"] == 1e-5 and ds["optimizer"]["params"]["weight_decay"] == 0.0
     assert ds["zero_optimization"]["reduce_bucket_size"] == 50_000_000 and ds["gradient_clipping"] == 1.0
     assert "auto" not in str(ds)
+
+
+def _encoded_rows(n: int, seed: int) -> list[dict]:
+    """Rows laid out as data.encode writes them: prompt (not trained), CoT, score token (not trained), EOS."""
+    import random
+
+    rnd = random.Random(seed)
+    rows = []
+    for i in range(n):
+        prompt, cot = rnd.randint(1, 6), rnd.randint(0, 9)
+        ids = [rnd.randint(6, 19) for _ in range(prompt + cot)] + [rnd.randint(1, 5), 2]
+        labels = [-100] * prompt + ids[prompt:prompt + cot] + [-100, 2]
+        rows.append({"id": str(i), "input_ids": ids, "labels": labels, "score_position": prompt + cot - 1,
+                     "score": float(rnd.randint(1, 5)), "n_ce": sum(x != -100 for x in labels)})
+    return rows
+
+
+@pytest.mark.parametrize("ce_on_score_token", [False, True])
+def test_step_denominators_are_the_losss_own_counts_over_the_whole_global_batch(ce_on_score_token):
+    """The rule (loss_denominators via the step plan) against the loss itself: on the step's whole global
+    batch in one call, the loss's default (local) denominators are its CE-target and score-row counts."""
+    import torch
+
+    from tract_dist.loss import CoTRaftLossOptions, cot_raft_loss_with_options
+    from tract_dist.models import select_loss_rows
+
+    rows = _encoded_rows(11, seed=4)
+    plan = StepPlan(n_examples=11, micro_batch_size=2, grad_accum=2, world_size=2, seed=1, epochs=2)
+    options = CoTRaftLossOptions([1, 2, 3, 4, 5], [1.0, 2.0, 3.0, 4.0, 5.0], ce_on_score_token=ce_on_score_token,
+                                 impl="reference")
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(20, 8, generator=g)
+    for step in range(plan.total_steps):
+        den = plan.loss_denominators(step, [r["n_ce"] for r in rows], ce_on_score_token=ce_on_score_token)
+        batch = collate([rows[i] for i in plan.step_indices(step).tolist()], pad_id=0)
+        sel = select_loss_rows(batch["labels"], batch["score_positions"], batch["score_targets"])
+        hidden = torch.randn(sel.row_index.numel(), 8, generator=g)
+        out = cot_raft_loss_with_options(hidden, weight, sel.targets, sel.score_rows, sel.score_targets, options)
+        assert (den.ce, den.mse) == (out.n_ce_tokens, out.n_score_rows) == (den.ce, plan.global_batch)
+        assert den.per_rank() == {"ce_denominator": den.ce / 2, "mse_denominator": den.mse / 2}
+
+
+def test_worker_plan_round_trips_through_ray_and_torchrun_forms(tmp_path):
+    """Ray gets to_dict(), torchrun reads to_json() from a file: both give the same plan back; the file form
+    holds no credential."""
+    import json
+    import pickle
+
+    from tract_dist.tracking import redact_text
+    from tract_dist.train.hooks import HookSpec
+    from tract_dist.train.plan import WorkerPlan
+
+    secret = "https://alice:s3cr3t@mlflow.example.com"
+    plan = WorkerPlan(config={"tracking": {"tracking_uri": secret}}, run_dir=str(tmp_path), tracking_uri=secret,
+                      run_id="r", launcher="torchrun", fingerprint="fp", invocation="inv",
+                      hooks=(HookSpec("pkg.mod:fn", {"step": 3}),))
+    assert WorkerPlan.from_dict(plan.to_dict()) == plan == pickle.loads(pickle.dumps(plan))
+    written = plan.to_json(redact=redact_text)
+    assert "s3cr3t" not in written
+    back = WorkerPlan.from_dict(json.loads(written))
+    assert back.hooks == plan.hooks and back.tracking_uri == redact_text(secret)
+    with pytest.raises(ValueError, match="unknown fields"):
+        WorkerPlan.from_dict({**plan.to_dict(), "fail_at_step": 3})
+
+
+def test_hooks_are_called_at_named_points_with_their_options(tmp_path, monkeypatch):
+    from tract_dist.train.hooks import (HOOKS_ENV, STEP_BEGIN, HookContext, HookError, Hooks, HookSpec, encode_hooks,
+                                        hooks_from_env)
+
+    mod = tmp_path / "my_hooks.py"
+    mod.write_text("seen = []\ndef record(point, ctx, *, tag):\n    seen.append((point, ctx.step, tag))\n")
+    spec = HookSpec(f"{mod}:record", {"tag": "x"})
+    monkeypatch.setenv(HOOKS_ENV, encode_hooks(spec))
+    assert hooks_from_env() == (spec,)
+    hooks = Hooks(hooks_from_env())
+    hooks.call(STEP_BEGIN, HookContext(step=4, rank=0, world_size=1, run_dir=tmp_path))
+    assert hooks._hooks[0][0].__globals__["seen"] == [(STEP_BEGIN, 4, "x")]
+    monkeypatch.delenv(HOOKS_ENV)
+    assert hooks_from_env() == ()
+    with pytest.raises(HookError, match="nope"):
+        Hooks((HookSpec(f"{mod}:nope"),))

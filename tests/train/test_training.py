@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import train_fault_hooks
 
 from tract_dist.config import ConfigError, load_config
 
@@ -159,7 +160,7 @@ def test_export_loads_and_gives_the_trained_models_logits(reference_run):
 def test_killed_worker_is_restarted_from_checkpoint(work, quickstart_data, reference_run, monkeypatch):
     from tract_dist.train.trainer import run_training
 
-    monkeypatch.setenv("TRACT_DIST_FAIL_AT_STEP", str(FAIL_AT))
+    train_fault_hooks.install(monkeypatch, "fail_once", after_step=FAIL_AT)
     result = run_training(_cfg(work, quickstart_data), run_name="fault")
     steps = [s["step"] for s in _steps(result.run_dir)]
     assert steps == [1, 2, 3] + [3, 4, 5]  # step 3 ran, the worker died, Ray resumed from the step-2 checkpoint
@@ -173,10 +174,10 @@ def test_fresh_invocation_resumes(work, quickstart_data, reference_run, monkeypa
     from tract_dist.train.trainer import run_training
 
     cfg = _cfg(work, quickstart_data, **{"cluster.max_failures": 0})
-    monkeypatch.setenv("TRACT_DIST_FAIL_AT_STEP", str(FAIL_AT))
+    train_fault_hooks.install(monkeypatch, "fail_once", after_step=FAIL_AT)
     with pytest.raises(Exception, match="injected failure"):
         run_training(cfg, run_name="resume")
-    monkeypatch.delenv("TRACT_DIST_FAIL_AT_STEP")
+    train_fault_hooks.uninstall(monkeypatch)
     result = run_training(cfg, run_name="resume")
     assert json.loads((result.run_dir / "train_result.json").read_text())["start_step"] == SAVE
     ref = _export_state(reference_run[1].run_dir)

@@ -23,6 +23,8 @@ from tract_dist.fsutil import atomic_write_json, atomic_write_text, exclusive_lo
 from tract_dist.pipeline_checks import fingerprint, preflight
 from tract_dist.runtime.ray_cluster import check_placement, init_ray_from_config
 from tract_dist.tracking import RunHandle, log_artifact, log_params, redact_text, start_run
+from tract_dist.train.hooks import hooks_from_env
+from tract_dist.train.plan import WorkerPlan
 from tract_dist.train.session import StaleResumeError
 
 RUN_RECORD = "run.json"  # the run's fingerprint, written when the run starts, checked by every later invocation
@@ -159,13 +161,9 @@ def _run_locked(cfg: Config, name: str, run_dir: Path, *, config_path: str | Non
                     log_config_artifact(handle, config_path)
                 log_artifact(handle, run_dir / "data_summary.json", "data")
         invocation = uuid.uuid4().hex
-        loop = {"config": cfg.model_dump(), "run_dir": str(run_dir), "launcher": launcher,
-                "tracking": {"tracking_uri": handle.tracking_uri, "run_id": handle.run_id},
-                "export_dir": str(run_dir / "export"), "fingerprint": fp, "invocation": invocation}
-        if os.environ.get("TRACT_DIST_FAIL_AT_STEP"):
-            loop["fail_at_step"] = int(os.environ["TRACT_DIST_FAIL_AT_STEP"])
-        if os.environ.get("TRACT_DIST_KILL_IN_SAVE_AT_STEP"):
-            loop["kill_in_save_at_step"] = int(os.environ["TRACT_DIST_KILL_IN_SAVE_AT_STEP"])
+        loop = WorkerPlan(config=cfg.model_dump(), run_dir=str(run_dir), launcher=launcher,
+                          tracking_uri=handle.tracking_uri, run_id=handle.run_id, export_dir=str(run_dir / "export"),
+                          fingerprint=fp, invocation=invocation, hooks=hooks_from_env())
         try:
             if launcher == "ray":
                 ckpt = _fit_with_ray(cfg, loop, name, address)
@@ -242,7 +240,7 @@ def _pin_ray_checkpoint(storage: Path | None, run_dir: Path, info: dict[str, Any
     return dest
 
 
-def _fit_with_ray(cfg: Config, loop: dict[str, Any], name: str, address: str | None) -> str:
+def _fit_with_ray(cfg: Config, loop: WorkerPlan, name: str, address: str | None) -> str:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -255,7 +253,7 @@ def _fit_with_ray(cfg: Config, loop: dict[str, Any], name: str, address: str | N
     storage = str(Path(c.storage_path).resolve()) if "://" not in c.storage_path else c.storage_path
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=loop,
+        train_loop_config=loop.to_dict(),  # a dict: Ray Train validates its train_loop_config as one
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=c.max_failures),
@@ -271,14 +269,11 @@ class WorkerFailedError(RuntimeError):
     """The torchrun workers exited with an error (their output above says which)."""
 
 
-def _fit_with_torchrun(cfg: Config, loop: dict[str, Any], run_dir: Path) -> str:
+def _fit_with_torchrun(cfg: Config, loop: WorkerPlan, run_dir: Path) -> str:
     spec = run_dir / "loop.json"
     # The file holds no credential: a tracking URI with a token travels to the workers in their environment.
-    uri = loop["tracking"]["tracking_uri"]
-    written = json.loads(json.dumps(loop))
-    written["tracking"]["tracking_uri"] = redact_text(uri)
-    written["config"]["tracking"]["tracking_uri"] = redact_text(written["config"]["tracking"]["tracking_uri"])
-    atomic_write_text(spec, json.dumps(written))
+    uri = loop.tracking_uri
+    atomic_write_text(spec, loop.to_json(redact=redact_text))
     n = cfg.cluster.num_workers
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
            "-m", "tract_dist.train.torchrun_main", str(spec)]

@@ -1,0 +1,287 @@
+"""The training recipe of one worker process, top to bottom: setup -> resume -> steps -> checkpoints -> cleanup.
+
+Ray Train and torchrun run the same recipe (:func:`tract_dist.train.worker.train_worker`); the GPU machines
+used for checks have no Ray. DeepSpeed ZeRO-3 partitions the model from load time (every DeepSpeed call is
+in :class:`~tract_dist.train.strategy.DeepSpeedStrategy`); the loss is the fused CoT-RAFT loss over the final
+hidden states, divided by the counts of the whole global batch (:func:`tract_dist.train.data.loss_denominators`)
+so that any split into micro-batches and ranks gives the gradient of one big batch. Where the worker reports
+and keeps checkpoints is the session's business (:mod:`tract_dist.train.session`); tests reach into the
+recipe only through its hook points (:mod:`tract_dist.train.hooks`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tract_dist.config import Config
+from tract_dist.fsutil import atomic_write_json
+from tract_dist.tracking import RunHandle, log_metrics
+from tract_dist.train.guards import nonfinite_values, refuse_known_nonfinite, stop_nonfinite
+from tract_dist.train.hooks import CHECKPOINT_WRITTEN, STEP_BEGIN, HookContext, Hooks
+from tract_dist.train.plan import WorkerPlan
+from tract_dist.train.stats import StepAccumulator, ThroughputWindow, step_metrics
+from tract_dist.train.strategy import DeepSpeedStrategy
+
+
+class TrainRecipe:
+    """One training stage in one worker. ``setup()``, then ``train()``, then ``cleanup()``."""
+
+    def __init__(self, plan: WorkerPlan) -> None:
+        self.plan = plan
+        self.cfg = Config.model_validate(plan.config)
+        self.run_dir = Path(plan.run_dir)
+        uri = os.environ.get("TRACT_DIST_WORKER_TRACKING_URI") or plan.tracking_uri  # torchrun: with its credential
+        self.handle = RunHandle(tracking_uri=uri, run_id=plan.run_id)
+        self.use_cuda = torch.cuda.is_available() and self.cfg.cluster.use_gpu
+        self.strategy = DeepSpeedStrategy(use_cuda=self.use_cuda)
+        self.start_step = 0
+        self.metrics: dict[str, float] = {}  # the last step's
+        self.window = ThroughputWindow()
+
+    # ---- setup ----------------------------------------------------------------------------------
+    def setup(self) -> None:
+        self._setup_process()
+        self._setup_data()
+        self._setup_model()
+        self._resume()
+        if self.rank == 0:
+            s = self.steps
+            where = f"resumed at step {self.start_step}" if self.start_step else "from the seed model"
+            _console(f"[train] {s.total_steps} steps x {s.global_batch} samples ({s.n_examples} examples, "
+                     f"{s.padded_per_epoch} repeated per epoch to fill the last batch), world {self.world}, "
+                     f"{where}; {self.n_params / 1e6:.1f}M params, {self.local_params / 1e6:.2f}M on this rank")
+
+    def _setup_process(self) -> None:
+        """Process group, session (where checkpoints go), hooks; the same initial seed on every rank."""
+        from tract_dist.train.session import LocalSession, RaySession
+
+        self.strategy.setup_distributed()
+        self.rank, self.world = self.strategy.rank, self.strategy.world_size
+        t = self.cfg.training
+        self.session = (RaySession(self.plan.fingerprint) if self.plan.launcher == "ray"
+                        else LocalSession(self.run_dir / "checkpoints", keep=t.num_to_keep,
+                                          fingerprint=self.plan.fingerprint))
+        self.hooks = Hooks(self.plan.hooks)
+        _quiet_ray_train_reports()
+        refuse_known_nonfinite(self.run_dir, self.plan.invocation)
+        torch.manual_seed(t.seed)  # identical initialisation on every rank
+
+    def _setup_data(self) -> None:
+        """Tokenizer, the encoded data the driver prepared, and the global sample order of every step."""
+        from tract_dist.data.assets import load_tokenizer
+        from tract_dist.train.data import StepPlan, load_encoded, load_score_tokens
+
+        t = self.cfg.training
+        self.tokenizer = load_tokenizer(self.cfg.model.tokenizer or _tokenizer_source(self.cfg))
+        self.data = load_encoded(self.run_dir)
+        self.score_tokens = load_score_tokens(self.run_dir)
+        self.n_ce = self.data["n_ce"]
+        self.steps = StepPlan(len(self.data), t.micro_batch_size, t.gradient_accumulation_steps, self.world, t.seed,
+                              t.epochs, t.max_steps)
+
+    def _setup_model(self) -> None:
+        """The seed model (partitioned at load under ZeRO-3), the loss wrapper, the engine and the schedule."""
+        from transformers.integrations import HfDeepSpeedConfig
+
+        from tract_dist.loss.options import CoTRaftLossOptions
+        from tract_dist.models import CotRaftCausalLM
+        from tract_dist.train.ds_config import build_ds_config
+        from tract_dist.train.model_init import load_training_model, training_dtype
+        from tract_dist.train.schedule import lr_lambda
+
+        cfg, t = self.cfg, self.cfg.training
+        bf16 = training_dtype(cfg.model.dtype, self.use_cuda) == torch.bfloat16
+        ds_config = build_ds_config(cfg, self.world, bf16=bf16, gpu=self.use_cuda)
+        # Alive for the recipe's life: while it exists, from_pretrained/from_config build under zero.Init.
+        self._hf_ds = HfDeepSpeedConfig(ds_config) if t.zero_stage == 3 else None
+        self.model = load_training_model(cfg, self.tokenizer, use_cuda=self.use_cuda)
+        loss_options = CoTRaftLossOptions.from_config(cfg.loss, self.score_tokens.token_ids, self.score_tokens.scores)
+        wrapper = CotRaftCausalLM(self.model, loss_options)
+        self.strategy.prepare(wrapper, ds_config, lr_lambda(t.lr_scheduler, self.steps.total_steps, t.warmup_ratio))
+        self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in wrapper.parameters())
+        self.local_params = sum(getattr(p, "ds_tensor", p).numel() for p in wrapper.parameters())
+        self.params_per_rank = self.strategy.all_gather_int(self.local_params)
+
+    def _resume(self) -> None:
+        """Model, optimizer, scheduler, RNG and the data position from the newest good checkpoint, if any."""
+        from tract_dist.train.session import CheckpointError
+
+        with self.session.resume_dir() as resume:
+            if resume is None:
+                torch.manual_seed(self.cfg.training.seed + 1 + self.rank)  # per-rank stream for dropout and the like
+                return
+            try:
+                self.start_step = int(self.strategy.load(resume)["step"])
+            except Exception as e:  # noqa: BLE001 - a checkpoint that cannot be read is named, not a traceback
+                raise CheckpointError(f"checkpoint {resume} cannot be loaded ({type(e).__name__}: {e}); remove it "
+                                      "to resume from the one before, or start afresh with --fresh") from e
+            _restore_rng(Path(resume) / f"rng_rank{self.rank}.pt", self.rank)
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def train(self) -> None:
+        t = self.cfg.training
+        for step in range(self.start_step, self.steps.total_steps):
+            self.metrics = self.train_step(step)
+            done = step + 1
+            save = done % t.save_steps == 0 or done == self.steps.total_steps
+            self._log_step(done, self.metrics, to_tracking=done % t.logging_steps == 0 or save)
+            if save:
+                self.save_checkpoint(done, {**self.metrics, "step": done})
+            elif done % t.logging_steps == 0:
+                self.session.report({**self.metrics, "step": done})
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimizer step (``step`` 0-based) over every micro-batch of this rank; returns its metrics.
+        Stops the run (every rank together) when the all-reduced values are not finite."""
+        from tract_dist.train.data import collate
+
+        self.hooks.call(STEP_BEGIN, self._hook_context(step + 1))
+        den = self.steps.loss_denominators(step, self.n_ce, ce_on_score_token=self.cfg.loss.ce_on_score_token)
+        lr = self.strategy.lr()  # the rate this step's update uses
+        t0 = time.perf_counter()
+        acc = StepAccumulator(self.strategy.device)
+        for micro in range(self.cfg.training.gradient_accumulation_steps):
+            rows = [self.data[i] for i in self.steps.micro_indices(step, micro, self.rank)]
+            batch = {k: v.to(self.strategy.device) for k, v in collate(rows, self.tokenizer.pad_token_id).items()}
+            out = self.strategy.forward(batch, den.per_rank())
+            self.strategy.backward(out.loss)
+            self.strategy.step()
+            acc.add(out, batch)
+        stats = acc.reduce()
+        self.window.add(stats.tokens, time.perf_counter() - t0)
+        norm = self.strategy.grad_norm()
+        checked = {"loss": stats.loss, "ce": stats.ce, "mse": stats.mse}
+        if norm is not None and not self.strategy.fp16_enabled():
+            checked["grad_norm"] = norm
+        if bad := nonfinite_values(checked):
+            ids = [str(self.data[i]["id"]) for i in self.steps.step_indices(step).tolist()]
+            stop_nonfinite(step + 1, bad, ids, self.session, self.run_dir, self.rank, self.plan.invocation)
+        return step_metrics(stats, world_size=self.world, sequences=den.mse, lr=lr,
+                            grad_norm=norm if norm is not None else float("nan"), window=self.window,
+                            epoch=(step + 1) / self.steps.steps_per_epoch, n_params=self.n_params,
+                            use_cuda=self.use_cuda)
+
+    def _log_step(self, done: int, metrics: dict[str, float], *, to_tracking: bool) -> None:
+        if self.rank != 0:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:  # every step, for analysis
+            f.write(json.dumps({"step": done, **metrics}) + "\n")
+        if to_tracking:
+            log_metrics(self.handle, metrics, step=done)
+            _console(f"[train] step {done}/{self.steps.total_steps} " + " ".join(
+                f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
+
+    # ---- checkpoint -----------------------------------------------------------------------------
+    def save_checkpoint(self, step: int, metrics: dict[str, Any]) -> None:
+        """Write every rank's shards, agree that every rank succeeded, then publish; otherwise remove the partial
+        checkpoint and stop, naming the cause and the last good checkpoint (which stays where it was)."""
+        from tract_dist.train.session import CheckpointError
+
+        error: BaseException | None = None
+        ckpt = ""
+        try:
+            ckpt = self.session.begin(step)
+            self.strategy.save(ckpt, step, {"step": step, "fingerprint": self.plan.fingerprint})
+            torch.save(_rng_state(), Path(ckpt) / f"rng_rank{self.rank}.pt")
+            self.hooks.call(CHECKPOINT_WRITTEN, self._hook_context(step, checkpoint=ckpt))
+        except Exception as e:  # noqa: BLE001 - every rank must reach the agreement below, whatever failed
+            error = e
+        if not self.strategy.all_ranks_ok(error is None):
+            self.session.abort()
+            cause = f"{type(error).__name__}: {error}" if error is not None else "a failure on another rank"
+            last = self.session.last_good or "none (no checkpoint was written before)"
+            raise CheckpointError(f"checkpoint of step {step} could not be written ({cause}); it was removed and "
+                                  f"the last good checkpoint is kept: {last}") from error
+        self.session.commit(ckpt, step, metrics)
+
+    # ---- cleanup --------------------------------------------------------------------------------
+    def cleanup(self) -> None:
+        """Export a Hugging Face directory consolidated from the ZeRO-3 shards (a collective), then rank 0
+        flushes the tracking buffer and writes ``train_result.json``."""
+        from tract_dist.tracking import flush
+        from tract_dist.train.export import export_model
+
+        export_dir = Path(self.plan.export_dir or self.run_dir / "export")
+        export_model(self.strategy.engine, self.model, self.tokenizer, self.cfg, export_dir, self.rank)
+        self.strategy.barrier()
+        peak_rss = self.strategy.max_float(_peak_rss_gb())
+        if self.rank == 0:
+            flush(self.handle)  # metrics buffered through a tracking outage get their last chance here
+            atomic_write_json(self.run_dir / "train_result.json", {
+                "export_dir": str(export_dir), "steps": self.steps.total_steps, "start_step": self.start_step,
+                "params_total": self.n_params, "peak_rss_gb": peak_rss, "params_per_rank": self.params_per_rank,
+                "final_metrics": self.metrics})
+
+    def _hook_context(self, step: int, checkpoint: str | None = None) -> HookContext:
+        return HookContext(step=step, rank=self.rank, world_size=self.world, run_dir=self.run_dir,
+                           checkpoint=checkpoint)
+
+
+def run_recipe(plan: WorkerPlan) -> None:
+    recipe = TrainRecipe(plan)
+    recipe.setup()
+    recipe.train()
+    recipe.cleanup()
+
+
+def _console(msg: str) -> None:
+    """One progress line (sys.stdout directly: Ray Train V2's patched print echoes every line twice)."""
+    sys.stdout.write(msg + "\n")
+    sys.stdout.flush()
+
+
+def _quiet_ray_train_reports() -> None:
+    """Ray Train V2 logs every ``report`` of every rank at INFO under a file-path logger name."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def _peak_rss_gb() -> float:
+    """This process's peak resident memory (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _restore_rng(path: Path, rank: int) -> None:
+    if not path.exists():
+        if rank == 0:  # another world size wrote this checkpoint: the model and data position are still exact
+            sys.stderr.write(f"[train] warning: {path.name} is not in the checkpoint; this rank's RNG starts from "
+                             "the seed\n")
+        return
+    state = torch.load(path, weights_only=True)
+    torch.set_rng_state(state["torch"])
+    random.setstate(_tuplify(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _tuplify(x: Any) -> Any:
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _tokenizer_source(cfg: Config) -> str:
+    from tract_dist.train.model_init import RANDOM_ALIASES, TINY_ALIAS
+
+    if cfg.model.name_or_path == TINY_ALIAS or cfg.model.name_or_path in RANDOM_ALIASES:
+        raise ValueError(f"model.tokenizer must be set for {cfg.model.name_or_path}")
+    return cfg.model.name_or_path
