@@ -186,7 +186,9 @@ def run_cell(work: Path, s: dict[str, Any], method: str, seed: int, modes: list[
         return  # done (also a cell of the runner's older layout, which has no pipeline state)
     overrides = cell_overrides(s, method, seed, *paths, work)
     legacy = None if method == "tract" else trained_model(cdir, method)
-    if legacy is not None and legacy.parent.parent == cdir / "train":  # trained by the older runner: evaluate it
+    if legacy is not None and legacy.parent.parent != cdir / "train":
+        legacy = None  # trained by this runner's pipeline
+    if legacy is not None:  # trained by the older runner (no pipeline state): evaluate that model
         overrides.append(f"pipeline.stage1_export={legacy}")
     cfg = _config(overrides)
     config = cdir / "pipeline.yaml"
