@@ -93,6 +93,7 @@ _STAGE_COMMANDS = (
     "tract_dist.judge.commands",
     "tract_dist.evaluate.commands",
     "tract_dist.pipeline_commands",
+    "tract_dist.serve.commands",
 )
 
 

@@ -1,0 +1,11 @@
+"""The judge as an HTTP server on Ray Serve (``tract-dist serve``): RAIL scores over ``/v1/judge``, an
+OpenAI-compatible ``/v1/chat/completions`` and OpenRLHF's ``/get_reward``.
+
+- ``schemas``: the request bodies and their limits (pydantic; every 4xx names its field)
+- ``prompting``: chat prompts and RL queries -> judge inputs, judgements -> "[RESULT] n" text (pure Python)
+- ``replica``: the judge deployment (one ``Judge`` per replica, ``serve.batch``)
+- ``ingress``: the FastAPI ingress (auth, limits, fan-out, deadline, retry on a dead replica)
+- ``app``: building the application and running the server; ``commands``: the CLI
+
+Submodules import Ray Serve and FastAPI; nothing here is imported by ``tract-dist``'s start-up.
+"""

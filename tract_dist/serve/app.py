@@ -1,0 +1,139 @@
+"""Building and running the judge application: Ray Serve with a FastAPI ingress and N judge replicas.
+
+``build_app`` returns the Serve application (tests and the benchmark run it on the suite's Ray);
+``run_server`` is ``tract-dist serve``: it starts Serve's HTTP proxy on ``host:port`` (127.0.0.1 unless told
+otherwise), deploys, logs the served export to MLflow when tracking is configured, and blocks until Ctrl-C or
+SIGTERM, then shuts the application and Serve down.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tract_dist.serve.schemas import MAX_BODY_BYTES
+
+APP_NAME = "tract-judge"
+DEFAULT_PORT = 8000
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How the judge is served (the CLI's flags); the model, backend, prompt and sampling come from the config."""
+
+    model_id: str
+    replicas: int = 1
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.0
+    torch_threads: int | None = None  # per CPU replica; None: the cores shared out among replicas
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.01
+    request_timeout_s: float = 120.0
+    max_body_bytes: int = MAX_BODY_BYTES
+    api_key: str | None = field(default=None, repr=False)  # only its SHA-256 leaves this process
+    default_rubric: dict[str, Any] | None = None
+
+
+def default_model_id(model_path: str) -> str:
+    """The folder's name (``runs/x/export`` -> ``x-export``): stable, readable, and no absolute path exposed."""
+    p = Path(model_path)
+    if p.exists():
+        parts = [x for x in p.resolve().parts[-2:] if x not in ("/", "")]
+        return "-".join(parts) or "tract-judge"
+    return model_path.replace("/", "-")
+
+
+def build_app(cfg: Any, model_path: str, opts: ServeOptions) -> Any:
+    """The Serve application: the JudgeServer ingress bound to ``opts.replicas`` JudgeModel replicas."""
+    from tract_dist.serve.ingress import IngressSettings, JudgeServer
+    from tract_dist.serve.replica import judge_deployment
+
+    threads = opts.torch_threads
+    if threads is None and not opts.gpus_per_replica:
+        threads = max(1, (os.cpu_count() or 1) // max(1, opts.replicas))
+    model = judge_deployment(num_replicas=opts.replicas, num_cpus=opts.cpus_per_replica,
+                             num_gpus=opts.gpus_per_replica,
+                             max_ongoing_requests=max(32, 2 * opts.max_batch_size)).bind(
+        cfg, model_path, torch_threads=threads, max_batch_size=opts.max_batch_size,
+        batch_wait_timeout_s=opts.batch_wait_timeout_s)
+    key_sha = hashlib.sha256(opts.api_key.encode()).hexdigest() if opts.api_key else None
+    settings = IngressSettings(model_id=opts.model_id, api_key_sha256=key_sha,
+                               request_timeout_s=opts.request_timeout_s, max_body_bytes=opts.max_body_bytes,
+                               default_rubric=opts.default_rubric)
+    return JudgeServer.bind(model, settings)
+
+
+def start_http(host: str, port: int, request_timeout_s: float) -> None:
+    """Serve's HTTP proxy on ``host:port`` (one proxy, on the head node). Serve's own request timeout is a
+    backstop a little after the ingress's deadline, so the ingress answers 504 with a message first."""
+    from ray import serve
+
+    serve.start(http_options={"host": host, "port": port, "location": "HeadOnly",
+                              "request_timeout_s": request_timeout_s + 30})
+
+
+def deploy(cfg: Any, model_path: str, opts: ServeOptions, *, host: str, port: int) -> Any:
+    """Start the proxy and deploy; returns the ingress handle once every replica is up."""
+    from ray import serve
+
+    start_http(host, port, opts.request_timeout_s)
+    return serve.run(build_app(cfg, model_path, opts), name=APP_NAME, route_prefix="/")
+
+
+def run_server(cfg: Any, model_path: str, opts: ServeOptions, *, host: str, port: int, address: str | None,
+               tracking: bool, registered_name: str | None = None) -> int:
+    """``tract-dist serve``: connect to (or start) Ray, deploy, log the model, wait for Ctrl-C, shut down."""
+    import signal
+    import threading
+
+    from ray import serve
+
+    from tract_dist.runtime.ray_cluster import init_ray
+
+    need = opts.replicas * opts.cpus_per_replica
+    init_ray(address, need_cpus=need + 1, env_vars={"TOKENIZERS_PARALLELISM": "false"}, log_to_driver=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        deploy(cfg, model_path, opts, host=host, port=port)
+        where = f"http://{host}:{port}"
+        auth = "an API key is required" if opts.api_key else "no API key (loopback only is the safe default)"
+        print(f"[serve] {opts.model_id} on {where} ({opts.replicas} replica(s), {auth}); POST /v1/judge, "
+              f"/v1/chat/completions, /get_reward; GET /health, /v1/models. Ctrl-C stops.", file=sys.stderr,
+              flush=True)
+        if tracking:
+            _log_served_model(cfg, model_path, opts, where, registered_name)
+        while not stop.wait(1.0):
+            pass
+        print("[serve] shutting down", file=sys.stderr, flush=True)
+    finally:
+        try:
+            serve.delete(APP_NAME)
+        finally:
+            serve.shutdown()
+    return 0
+
+
+def _log_served_model(cfg: Any, model_path: str, opts: ServeOptions, where: str, name: str | None) -> None:
+    """The export being served, as an MLflow model in a run named after the model id (tracking observes:
+    a failure is a warning)."""
+    from tract_dist.tracking.mlflow_run import log_params, set_tags, start_run
+    from tract_dist.tracking.models import log_model_folder
+
+    t = cfg.tracking
+    with start_run(t.tracking_uri, t.experiment, t.run_name or f"serve-{opts.model_id}",
+                   tags={"tract.stage": "serve"}) as handle:
+        log_params(handle, {"model_path": model_path, "model_id": opts.model_id, "replicas": opts.replicas,
+                            "max_batch_size": opts.max_batch_size, "backend": cfg.evaluation.backend,
+                            "mode": cfg.evaluation.mode, "num_cots": cfg.evaluation.num_cots})
+        set_tags(handle, {"tract.serve.url": where})
+        logged = log_model_folder(handle, model_path, registered_model_name=name)
+        if logged is not None:
+            print(f"[serve] model logged to MLflow: {logged.model_uri}"
+                  + (f" (registered {logged.registered_name} v{logged.version})" if logged.version else ""),
+                  file=sys.stderr, flush=True)

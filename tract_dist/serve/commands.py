@@ -1,0 +1,107 @@
+"""``tract-dist serve``: the judge as an HTTP server on Ray Serve (see tract_dist/serve/README.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+
+def _port(text: str) -> int:
+    from tract_dist.cli import _int
+
+    v = _int(text)
+    if not 1 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port (1-65535), got {v}")
+    return v
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 <= v <= 24 * 3600:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 86400 s, got {v}")
+    return v
+
+
+def register(sub: Any, add_config_args: Callable[..., None]) -> None:
+    from tract_dist.cli import _positive, safe_name_arg
+
+    p = sub.add_parser("serve", help="serve a judge over HTTP (Ray Serve): /v1/judge, OpenAI /v1/chat/completions, "
+                                     "OpenRLHF /get_reward")
+    p.add_argument("model", help="HF folder (e.g. a TRACT export), hub name or alias (smollm2)")
+    p.add_argument("--replicas", type=_positive, default=1, help="judge replicas (one per GPU on a GPU cluster)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_port, default=8000)
+    p.add_argument("--address", help="Ray cluster to deploy on (ray://HOST:PORT or auto); default: a local Ray")
+    p.add_argument("--api-key-env", metavar="VAR", help="require the API key held by this environment variable")
+    p.add_argument("--backend", choices=["hf", "vllm", "auto"], help="inference engine; default evaluation.backend")
+    p.add_argument("--model-id", help="the name clients send as 'model'; default: the folder's name")
+    p.add_argument("--max-batch-size", type=_positive, default=16, help="inputs per batched judge call (1: off)")
+    p.add_argument("--batch-wait-timeout-s", type=_seconds, default=0.01,
+                   help="how long a call waits for others to batch with")
+    p.add_argument("--request-timeout-s", type=_seconds, default=120.0, help="per-request deadline (then 504)")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0)
+    p.add_argument("--rubric", help="JSON file {criteria, score_descriptions}: /get_reward's rubric when a label "
+                                    "gives none")
+    p.add_argument("--register-name", type=safe_name_arg,
+                   help="register the served model under this name in the MLflow model registry")
+    add_config_args(p, required=False)
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from tract_dist.cli import UsageError
+    from tract_dist.config import load_config
+    from tract_dist.pipeline_checks import check_model_source
+    from tract_dist.serve.app import ServeOptions, default_model_id, run_server
+
+    overrides = list(args.overrides or [])
+    if args.backend:
+        overrides.append(f"evaluation.backend={args.backend}")
+    cfg = load_config(args.config, overrides, base=None if args.config else {"model": {"name_or_path": args.model}})
+    check_model_source(args.model, "model")
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise UsageError(f"--api-key-env: the environment variable {args.api_key_env} is unset or empty")
+    rubric = _read_rubric(args.rubric) if args.rubric else None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        import sys
+
+        print(f"[serve] warning: --host {args.host} without --api-key-env: anyone who can reach this port can use "
+              "the judge", file=sys.stderr)
+    from tract_dist.models.loading import materialize_alias
+
+    model_path = materialize_alias(args.model)
+    opts = ServeOptions(model_id=args.model_id or default_model_id(args.model), replicas=args.replicas,
+                        cpus_per_replica=args.cpus_per_replica,
+                        gpus_per_replica=float(cfg.evaluation.tensor_parallel_size) if cfg.cluster.use_gpu else 0.0,
+                        max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s,
+                        request_timeout_s=args.request_timeout_s, api_key=api_key, default_rubric=rubric)
+    tracking = cfg.tracking.enabled and bool(args.config or os.environ.get("MLFLOW_TRACKING_URI") or
+                                             args.register_name)
+    return run_server(cfg, model_path, opts, host=args.host, port=args.port, address=args.address,
+                      tracking=tracking, registered_name=args.register_name)
+
+
+def _read_rubric(path: str) -> dict[str, Any]:
+    from tract_dist.cli import UsageError
+
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--rubric {path}: not valid JSON: {e}") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("criteria"), str) or not isinstance(
+            obj.get("score_descriptions"), list):
+        raise UsageError(f"--rubric {path}: expected an object with criteria (a string) and score_descriptions "
+                         "(a list of strings, lowest score first)")
+    unknown = set(obj) - {"criteria", "score_descriptions", "reference_answer"}
+    if unknown:
+        raise UsageError(f"--rubric {path}: unknown key(s) {sorted(unknown)}")
+    return obj
