@@ -1,0 +1,53 @@
+"""Fixtures of the judge-server tests: one Ray Serve instance on a free loopback port for the module that asks.
+
+Two applications share it: ``smol`` serves the real SmolLM2-135M (float32, one replica, batches gathered over
+50 ms so a multi-input request is one batch) for the endpoint and exactness tests; ``load`` serves the tiny
+random Llama export (two replicas) for the load and replica-kill test, because 200 SmolLM2 forward passes
+cost 200-400 core-seconds on a 2-core machine (measured: 1.5-2.3 s per 260-token prompt), far over the serve
+tests' 90 s budget, and the serving path under load is the same code whatever the model.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest_ray import one_torch_thread, ray_cluster, tiny_export  # noqa: F401 - shared fixtures
+from serve_helpers import API_KEY, LOAD_ID, SMOL_ID, free_port, judge_config
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    from tract_dist.models.loading import materialize_alias
+
+    return materialize_alias("smollm2")
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, smollm2_dir, tiny_export):
+    """Base URL of a running Serve with both applications; Serve is shut down after the module (its replicas
+    hold logical CPUs that later tests' Ray Train runs need). The deadline is generous: on a shared 2-core
+    machine at load average 30, one CoT-RAIL request took over 60 s (and was answered 504, as it should)."""
+    from ray import serve
+
+    from tract_dist.serve.app import ServeOptions, build_app, start_http
+
+    port = free_port()
+    start_http("127.0.0.1", port, request_timeout_s=300)
+    smol = build_app(judge_config(smollm2_dir), smollm2_dir,
+                     ServeOptions(model_id=SMOL_ID, replicas=1, cpus_per_replica=1, torch_threads=2,
+                                  max_batch_size=16, batch_wait_timeout_s=0.05, request_timeout_s=300,
+                                  api_key=API_KEY, max_body_bytes=1 << 20))
+    load = build_app(judge_config(tiny_export), tiny_export,
+                     ServeOptions(model_id=LOAD_ID, replicas=2, cpus_per_replica=0.5, torch_threads=1,
+                                  max_batch_size=16, batch_wait_timeout_s=0.01, request_timeout_s=300))
+    try:
+        serve.run_many([serve.RunTarget(smol, name="smol", route_prefix="/"),
+                        serve.RunTarget(load, name="load", route_prefix="/load")])
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {API_KEY}"}
