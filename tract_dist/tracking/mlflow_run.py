@@ -44,18 +44,30 @@ def resolve_uri(uri: str) -> str:
     return uri
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+"""MLflow 3's experiment type. Unset, the UI guesses and, for an experiment without traces, opens on the
+GenAI overview ("Traces: 0") instead of the runs table."""
+MODEL_TRAINING_KIND = "custom_model_development"
+"""The kind the UI calls "Machine learning" (the other one it offers is ``genai_development``): it opens on
+the runs, with their metrics, datasets and models."""
+
+
 def ensure_experiment(tracking_uri: str, name: str) -> str:
-    """Experiment id, created with an explicit artifact location next to a local store."""
+    """Experiment id, created with an explicit artifact location next to a local store, as a model-training
+    experiment (an existing one without a kind gets it; a kind someone chose is kept)."""
     # A client bound to the URI, not mlflow.set_tracking_uri: that also sets MLFLOW_TRACKING_URI for the
     # whole process, which would then override every later config's URI (resolve_uri lets the variable win).
     client = _client(tracking_uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
         return exp.experiment_id
     artifact_location = None
     if tracking_uri.startswith("sqlite:///"):
         artifact_location = (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts" / name).resolve().as_uri()
-    return client.create_experiment(name, artifact_location=artifact_location)
+    return client.create_experiment(name, artifact_location=artifact_location,
+                                    tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
 
 
 # A tracking server that is down must cost a training step no more than a short wait: MLflow's own defaults
