@@ -46,6 +46,7 @@ def register(sub: Any, add_config_args: Callable[..., None]) -> None:
                    help="how long a call waits for others to batch with")
     p.add_argument("--request-timeout-s", type=_seconds, default=120.0, help="per-request deadline (then 504)")
     p.add_argument("--cpus-per-replica", type=float, default=1.0)
+    p.add_argument("--max-body-bytes", type=_positive, default=None, help="largest request body (default 4 MiB)")
     p.add_argument("--rubric", help="JSON file {criteria, score_descriptions}: /get_reward's rubric when a label "
                                     "gives none")
     p.add_argument("--register-name", type=safe_name_arg,
@@ -83,7 +84,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                         cpus_per_replica=args.cpus_per_replica,
                         gpus_per_replica=float(cfg.evaluation.tensor_parallel_size) if cfg.cluster.use_gpu else 0.0,
                         max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s,
-                        request_timeout_s=args.request_timeout_s, api_key=api_key, default_rubric=rubric)
+                        request_timeout_s=args.request_timeout_s, api_key=api_key, default_rubric=rubric,
+                        **({"max_body_bytes": args.max_body_bytes} if args.max_body_bytes else {}))
     tracking = cfg.tracking.enabled and bool(args.config or os.environ.get("MLFLOW_TRACKING_URI") or
                                              args.register_name)
     return run_server(cfg, model_path, opts, host=args.host, port=args.port, address=args.address,
