@@ -104,8 +104,12 @@ def test_stage_list_keeps_the_fingerprints_of_existing_pipeline_folders(tmp_path
                                                    train_format="jsonl")), s2d)
     b = cfg.evaluation.benchmarks[0]
 
+    # the evaluation settings as folders made before evaluation.rail_normalize could be unset hashed them: false,
+    # the training default the pipeline's exports record
+    evaluation = {**cfg.evaluation.model_dump(), "rail_normalize": False}
+
     def ev(model_fp):
-        return _digest("evaluate", model_fp, b.model_dump(), "cot_rail", cfg.evaluation.model_dump(),
+        return _digest("evaluate", model_fp, b.model_dump(), "cot_rail", evaluation,
                        cfg.generation.model_dump(), data_fp)
 
     plan = plan_pipeline(cfg, name="p")

@@ -252,13 +252,24 @@ def build_stages(cfg: Config, pdir: Path, name: str, ctx: _Context | None = None
     return stages
 
 
+def _evaluation_settings(cfg: Config) -> dict[str, Any]:
+    """``cfg.evaluation`` as its stages hash it: an unset ``rail_normalize`` (follow the export's record) is hashed
+    as the value the pipeline's own exports record, ``loss.rail_normalize``, which is what it was spelled as when
+    the key defaulted to false, so pipeline folders made before the key could be unset keep their evaluations.
+    (A ``pipeline.stage1_export`` model's own record is covered by that stage's content fingerprint.)"""
+    d = cfg.evaluation.model_dump()
+    if d.get("rail_normalize") is None:
+        d["rail_normalize"] = cfg.loss.rail_normalize
+    return d
+
+
 def _evaluation(cfg: Config, pdir: Path, ctx: _Context, mstage: str, model: Stage[TrainOutputs], bench: Any,
                 mode: str) -> Stage[EvalOutputs]:
     out = pdir / "evaluate" / f"{mstage}-{bench.name}-{mode}"
     tags = {"model_stage": mstage, "benchmark": bench.name, "inference": mode}
     return Stage(
         f"evaluate_{mstage}_{bench.name}_{mode}", (model,),
-        key=lambda f: ("evaluate", f.fp(model), bench.model_dump(), mode, cfg.evaluation.model_dump(),
+        key=lambda f: ("evaluate", f.fp(model), bench.model_dump(), mode, _evaluation_settings(cfg),
                        cfg.generation.model_dump(), file_fingerprint(bench.path)),
         run=lambda f, fp: _evaluate(cfg, f.out(model).model, bench, mode, out, ctx.parent, {**ctx.tags, **tags}),
         outputs=EvalOutputs)
