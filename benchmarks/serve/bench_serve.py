@@ -128,11 +128,13 @@ def main() -> int:
             inputs = load_inputs(n, args.chars)
             order = ("on", "off") if conc != 4 else ("off", "on")  # alternate which goes first
             for variant in order:
+                handle = serve.get_deployment_handle("JudgeModel", variant)
                 asyncio.run(measure(f"{base}/{variant}/v1/judge", inputs[:min(2, n)], 1, args.mode))  # warm
+                before = len(handle.recent_batch_sizes.remote().result())
                 m = asyncio.run(measure(f"{base}/{variant}/v1/judge", inputs, conc, args.mode))
-                sizes = serve.get_deployment_handle("JudgeModel", variant).recent_batch_sizes.remote().result()
+                sizes = handle.recent_batch_sizes.remote().result()[before:]  # this level's batches (1 replica)
                 m.update(batching=variant, concurrency=conc,
-                         mean_batch=round(statistics.fmean(sizes[-max(1, n):]), 2) if sizes else None)
+                         mean_batch=round(statistics.fmean(sizes), 2) if sizes else None)
                 print(json.dumps(m), flush=True)
                 rows.append(m)
     finally:
