@@ -202,7 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         mod.register(sub, _add_config_args)
+    for name in _VERBOSE_COMMANDS:
+        if name in sub.choices:
+            sub.choices[name].add_argument(
+                "-v", "--verbose", action="store_true",
+                help="show every library's output (Ray, Ray Data, DeepSpeed, transformers, MLflow) on the console; "
+                     "default: only the run's own lines, the rest in the run folder's logs/")
     return parser
+
+
+# The commands that run workers and libraries whose chatter console.py keeps off the terminal.
+_VERBOSE_COMMANDS = ("pipeline", "train", "generate", "evaluate")
 
 
 class Terminated(SystemExit):
@@ -265,6 +275,10 @@ def _main(argv: list[str] | None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = list(args.overrides or []) + extra
+    if getattr(args, "verbose", False):
+        from tract_dist import console
+
+        console.set_verbose(True)  # through the environment: Ray workers and subprocesses inherit it
     handled = _handled_errors()
     func: Callable[[argparse.Namespace], int] = args.func
     try:

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -234,9 +233,10 @@ def run_recipe(plan: WorkerPlan) -> None:
 
 
 def _console(msg: str) -> None:
-    """One progress line (sys.stdout directly: Ray Train V2's patched print echoes every line twice)."""
-    sys.stdout.write(msg + "\n")
-    sys.stdout.flush()
+    """One progress line on the terminal (also while the worker's output goes to its log: console.line)."""
+    from tract_dist import console
+
+    console.line(msg)
 
 
 def _quiet_ray_train_reports() -> None:
@@ -265,8 +265,10 @@ def _rng_state() -> dict[str, Any]:
 def _restore_rng(path: Path, rank: int) -> None:
     if not path.exists():
         if rank == 0:  # another world size wrote this checkpoint: the model and data position are still exact
-            sys.stderr.write(f"[train] warning: {path.name} is not in the checkpoint; this rank's RNG starts from "
-                             "the seed\n")
+            from tract_dist import console
+
+            console.error(f"[train] warning: {path.name} is not in the checkpoint; this rank's RNG starts from the "
+                          "seed")
         return
     state = torch.load(path, weights_only=True)
     torch.set_rng_state(state["torch"])

@@ -1,0 +1,273 @@
+"""What a run prints on the terminal, and where everything else goes.
+
+Without ``--verbose`` a run prints its own lines only: a line per stage (started, finished in N s, failed with
+the path of the full log), progress (training's step lines every ``training.logging_steps``, generation's and
+evaluation's one updating bar) and the summary table. The libraries' chatter goes to the run folder's
+``logs/``: worker processes (Ray workers, torchrun ranks) write their whole stdout/stderr there, keeping only
+the project's console lines on the terminal, and in the driver the library loggers (Ray, Ray Data, MLflow,
+DeepSpeed, transformers, datasets) print warnings only, their progress bars are off, and Python warnings of
+libraries are logged to ``logs/driver.log`` once each. Ray's own session logs stay under Ray's temporary
+folder (named once on the console). Errors are never hidden: they reach the terminal, with the log's path.
+
+``--verbose`` (``TRACT_DIST_VERBOSE=1``, inherited by Ray workers and subprocesses) leaves every library as it
+is: today's full output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+VERBOSE_ENV = "TRACT_DIST_VERBOSE"
+LOG_DIR_ENV = "TRACT_DIST_LOG_DIR"  # the run folder's logs/, for Ray workers started while it is set
+RAY_WORKER_SETUP_HOOK = "tract_dist.console.setup_ray_worker"
+DRIVER_LOG = "driver.log"
+RAY_WORKERS_LOG = "ray-workers.log"
+
+# Read by the libraries when they are imported or called, so processes started later (Ray workers, torchrun
+# ranks) are quiet too; a value the user set wins.
+_QUIET_ENV = {
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "1",  # "View run ... at" per run (the table names the parent run)
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",  # "Saving the dataset (1/1 shards)" per training stage
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers follows it: "Loading weights", GGUF de-quantising
+    "TRANSFORMERS_VERBOSITY": "error",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # "Downloading artifacts" bars of the pipeline's roll-up
+}
+# Loggers whose INFO lines are chatter on a terminal; their console handlers are raised to WARNING.
+_LIBRARY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "mlflow", "alembic", "DeepSpeed", "transformers",
+                    "datasets", "torch.distributed", "filelock", "urllib3")
+
+_console_fd: int | None = None  # the terminal's stdout, when this process's own stdout/stderr go to a log file
+_console_err_fd: int | None = None  # and its stderr
+_log_path: Path | None = None
+
+
+def is_verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def set_verbose(on: bool) -> None:
+    """``--verbose``: through the environment, so that Ray workers and subprocesses see it too."""
+    os.environ[VERBOSE_ENV] = "1" if on else "0"
+
+
+def line(msg: str) -> None:
+    """One console line of the project: on the terminal, and in the log when output is redirected.
+
+    Written to the file descriptors directly: Ray Train V2's patched ``print`` echoes every line twice."""
+    data = (msg + "\n").encode("utf-8", "replace")
+    sys.stdout.flush()
+    os.write(1, data)
+    if _console_fd is not None:
+        os.write(_console_fd, data)
+
+
+def error(msg: str) -> None:
+    """An error line: on the terminal's stderr (also when this process's output goes to a log)."""
+    data = (msg + "\n").encode("utf-8", "replace")
+    sys.stderr.flush()
+    os.write(2, data)
+    if _console_err_fd is not None:
+        os.write(_console_err_fd, data)
+
+
+def log_path() -> Path | None:
+    """The file this process's output goes to, if it is redirected."""
+    return _log_path
+
+
+@contextlib.contextmanager
+def output_to(path: Path) -> Iterator[None]:
+    """This process's stdout and stderr (file descriptors 1 and 2: C++ and subprocess output too) append to
+    ``path``; :func:`line` and :func:`error` still reach the terminal. For worker processes (torchrun ranks, Ray
+    workers), never a driver (a driver's tracebacks must stay on the terminal). No-op under ``--verbose``."""
+    global _console_fd, _console_err_fd, _log_path
+    if is_verbose():
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    previous = _console_fd, _console_err_fd, _log_path
+    if _console_fd is None:
+        _console_fd, _console_err_fd = os.dup(1), os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    _log_path = path
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+        if previous[0] is None:
+            for fd in (_console_fd, _console_err_fd):
+                if fd is not None:
+                    os.close(fd)
+        _console_fd, _console_err_fd, _log_path = previous
+
+
+def setup_ray_worker() -> None:
+    """Ray's ``worker_process_setup_hook`` of a local cluster started by a quiet run: every Ray worker process
+    (Ray Train's controller and workers, Ray Data's actors) writes its output to the run folder's
+    ``logs/ray-workers.log``; the project's console lines still reach the driver (``log_to_driver``)."""
+    global _console_fd, _console_err_fd, _log_path
+    log_dir = os.environ.get(LOG_DIR_ENV)
+    if is_verbose() or not log_dir or _console_fd is not None:
+        return
+    path = Path(log_dir) / RAY_WORKERS_LOG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _console_fd, _console_err_fd = os.dup(1), os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    _log_path = path
+    warnings.simplefilter("once")
+
+
+@contextlib.contextmanager
+def quiet_run(log_dir: Path) -> Iterator[None]:
+    """The driver's side of a quiet run (a pipeline): library chatter off the terminal (see the module's
+    docstring), Ray workers started meanwhile write to ``log_dir``; everything is restored on exit.
+    No-op under ``--verbose``."""
+    if is_verbose():
+        yield
+        return
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_env({**{k: v for k, v in _QUIET_ENV.items() if k not in os.environ},
+                                  LOG_DIR_ENV: str(log_dir)}))
+        stack.enter_context(_quiet_loggers(log_dir / DRIVER_LOG))
+        stack.enter_context(_quiet_progress_bars())
+        yield
+
+
+@contextlib.contextmanager
+def _env(values: dict[str, str]) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _quiet_loggers(path: Path) -> Iterator[None]:
+    """Library loggers: console handlers at WARNING, INFO to ``path``; library warnings logged there, once each."""
+    import importlib.util
+
+    if "mlflow" not in sys.modules and importlib.util.find_spec("mlflow") is not None:
+        import mlflow  # noqa: F401 - it sets its loggers' handlers when imported: do that before changing them
+
+    file_handler = logging.FileHandler(path, encoding="utf-8")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    file_handler.setLevel(logging.INFO)
+    raised: list[tuple[logging.Handler, int]] = []
+    touched: list[logging.Logger] = []
+    for name in _LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        for h in logger.handlers:
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                raised.append((h, h.level))
+                h.setLevel(max(h.level, logging.WARNING))
+        if logger.handlers or not logger.propagate:
+            logger.addHandler(file_handler)
+            touched.append(logger)
+    root = logging.getLogger()
+    root.addHandler(file_handler)  # the libraries' loggers without handlers of their own propagate here
+    py_warnings = logging.getLogger("py.warnings")
+    old_propagate = py_warnings.propagate
+    py_warnings.addHandler(file_handler)
+    py_warnings.propagate = False
+    logging.captureWarnings(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("once")
+            yield
+    finally:
+        logging.captureWarnings(False)
+        py_warnings.removeHandler(file_handler)
+        py_warnings.propagate = old_propagate
+        root.removeHandler(file_handler)
+        for logger in touched:
+            logger.removeHandler(file_handler)
+        for h, level in raised:
+            h.setLevel(level)
+        file_handler.close()
+
+
+@contextlib.contextmanager
+def _quiet_progress_bars() -> Iterator[None]:
+    """The progress bars of libraries already imported in this process (the environment covers later ones)."""
+    undo: list[Any] = []
+    if "datasets" in sys.modules:
+        from datasets.utils import logging as ds_logging
+
+        if ds_logging.is_progress_bar_enabled():
+            ds_logging.disable_progress_bar()
+            undo.append(ds_logging.enable_progress_bar)
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as tf_logging
+
+        level = tf_logging.get_verbosity()
+        tf_logging.set_verbosity_error()
+        undo.append(lambda: tf_logging.set_verbosity(level))
+        if tf_logging.is_progress_bar_enabled():
+            tf_logging.disable_progress_bar()
+            undo.append(tf_logging.enable_progress_bar)
+    try:
+        yield
+    finally:
+        for f in reversed(undo):
+            f()
+
+
+def ray_init_options(local: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(``ray.init`` options, ``runtime_env`` entries) of a quiet run: Ray's INFO lines ("Started a local Ray
+    instance") off the terminal, and for a local cluster every worker process's output into the run folder's
+    log through the setup hook (a remote cluster's workers cannot write the driver's folder: their output
+    stays in that cluster's logs)."""
+    if is_verbose():
+        return {}, {}
+    hook = {"worker_process_setup_hook": RAY_WORKER_SETUP_HOOK} if local and os.environ.get(LOG_DIR_ENV) else {}
+    return {"logging_level": logging.WARNING}, hook
+
+
+def ray_session_logs() -> str:
+    """Where Ray keeps its own session logs (named once on the console by a quiet run)."""
+    try:
+        import ray
+
+        return str(Path(ray._private.worker._global_node.get_session_dir_path()) / "logs")
+    except Exception:  # noqa: BLE001 - only a hint
+        return "/tmp/ray/session_latest/logs"
+
+
+def stage_done(name: str, seconds: float, outputs: list[str]) -> None:
+    """The line that closes a pipeline stage: how long it took and where its output is."""
+    where = f" -> {outputs[0]}" if outputs else ""
+    print(f"[pipeline] {name}: done in {seconds:.0f} s{where}", flush=True)
+
+
+def stage_failed(name: str, seconds: float, exc: BaseException, log_dir: Path) -> None:
+    """A failing stage: its error and where the full output is (the error itself propagates as before)."""
+    what = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"failed: {type(exc).__name__}: {str(exc)[:500]}"
+    logs = "" if is_verbose() else f"; full log: {log_dir} (and {ray_session_logs()} for Ray's own)"
+    error(f"[pipeline] {name}: {what} after {seconds:.0f} s{logs}")
