@@ -90,6 +90,36 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory) -> str:
+    """A stage-1-export-shaped HF folder: tiny deterministic Llama + SmolLM2's tokenizer and chat template.
+    Built once for the session; tests only read it (those that change a model copy it first)."""
+    from tract_dist.generate.tiny_export import save_tiny_export
+
+    return str(save_tiny_export(tmp_path_factory.mktemp("tiny_export") / "model", "smollm2"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    """The real SmolLM2-135M (the ``smollm2`` alias) as a local HF folder."""
+    from tract_dist.models.loading import materialize_alias
+
+    return materialize_alias("smollm2")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for a test: on a shared 2-core machine, two OpenMP threads spin-waiting on a busy core
+    made tiny-model generation 5-10x slower at random (see the generation benchmark); the Ray replicas get their
+    own thread counts. The packages whose tests generate in-process make it autouse in their conftest."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real ``mlflow server`` on a free loopback port with a sqlite store under ``tmp_path``; yields

@@ -41,7 +41,7 @@ def test_evaluate_in_process_logs_everything(tiny_export, quickstart_data, quick
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_evaluate_on_ray_pool_matches_in_process(ray_cluster, tiny_export, quickstart_data, tmp_path):
+def test_evaluate_on_ray_pool_matches_in_process(ray_local, tiny_export, quickstart_data, tmp_path):
     local = evaluate_model(_cfg(tiny_export, quickstart_data, tmp_path, "evaluation.mode=rail", "tracking.enabled=false"),
                            None, tmp_path / "local", show_progress=False)
     on_ray = evaluate_model(_cfg(tiny_export, quickstart_data, tmp_path, "evaluation.mode=rail", "evaluation.ray=true",

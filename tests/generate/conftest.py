@@ -1,1 +1,8 @@
-from conftest_ray import one_torch_thread, ray_cluster, tiny_export  # noqa: F401 - shared fixtures
+"""The generation tests run tiny-model generation in this process (tiny_export, ray_local: tests/conftest.py)."""
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_torch_thread):
+    """Every test here generates in-process: one intra-op thread (tests/conftest.py says why)."""

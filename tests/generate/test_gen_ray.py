@@ -11,7 +11,7 @@ from tract_dist.generate.shards import read_generated
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 
-def test_ray_pool_matches_in_process(ray_cluster, tiny_export, quickstart_data, tmp_path):
+def test_ray_pool_matches_in_process(ray_local, tiny_export, quickstart_data, tmp_path):
     ray_cfg = gen_config(tiny_export, quickstart_data, tmp_path, "generation.ray=true", "generation.num_replicas=2",
                          "cluster.cpus_per_worker=0.5")
     summary = pipeline.generate_cots(ray_cfg, tiny_export, tmp_path / "ray", show_progress=False)
@@ -23,7 +23,7 @@ def test_ray_pool_matches_in_process(ray_cluster, tiny_export, quickstart_data, 
     assert by_ray == by_local  # same seeds per example, whichever replica and batch an example lands in
 
 
-def test_real_smollm2_through_two_replicas(ray_cluster, quickstart_data, tmp_path, monkeypatch):
+def test_real_smollm2_through_two_replicas(ray_local, quickstart_data, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which then wins over later configs in this process

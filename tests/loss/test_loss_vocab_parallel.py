@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import socket
-import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from loss_helpers import make_problem, rel_err, run  # tests/loss is on sys.path (pytest's; spawn copies it)
 
-sys.path.insert(0, os.path.dirname(__file__))
-from loss_helpers import make_problem, rel_err, run  # noqa: E402
-
-from tract_dist.loss import cot_raft_loss  # noqa: E402
+from tract_dist.loss import cot_raft_loss
 
 # (split of V=53 between ranks 0 and 1, options, dtype, tolerance)
 CASES = [

@@ -7,14 +7,12 @@ Invoked as a subprocess by test_loss_triton_interpret.py; exits non-zero on any 
 from __future__ import annotations
 
 import os
-import sys
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before importing triton"
 
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
-from loss_helpers import make_problem, rel_err, run  # noqa: E402
+from loss_helpers import make_problem, rel_err, run  # noqa: E402 - a script's folder is on sys.path
 
 from tract_dist.loss import tile_ops, triton_kernels  # noqa: E402
 

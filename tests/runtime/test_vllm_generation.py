@@ -43,7 +43,7 @@ def clean_run(vllm_engine, quickstart_data, tmp_path_factory):
 
 
 @pytest.mark.timeout(400)
-def test_two_vllm_replicas_through_ray_data(clean_run, ray_cluster, quickstart_data, tmp_path):
+def test_two_vllm_replicas_through_ray_data(clean_run, ray_local, quickstart_data, tmp_path):
     cfg = load_config(None, _overrides(quickstart_data, 4, "generation.ray=true", "generation.num_replicas=2",
                                        "cluster.cpus_per_worker=0.5"))
     summary = generate_cots(cfg, None, tmp_path / "ray", show_progress=False)

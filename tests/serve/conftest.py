@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import pytest
 
-from conftest_ray import one_torch_thread, ray_cluster, tiny_export  # noqa: F401 - shared fixtures
 from serve_helpers import API_KEY, LOAD_ID, SMOL_ID, free_port, judge_config
 
 
-@pytest.fixture(scope="session")
-def smollm2_dir() -> str:
-    from tract_dist.models.loading import materialize_alias
-
-    return materialize_alias("smollm2")
+@pytest.fixture(autouse=True)
+def _one_thread(one_torch_thread):
+    """One intra-op thread in this process (tests/conftest.py says why; the replicas set their own)."""
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster, smollm2_dir, tiny_export):
+def server(ray_local, smollm2_dir, tiny_export):
     """Base URL of a running Serve with both applications; Serve is shut down after the module (its replicas
     hold logical CPUs that later tests' Ray Train runs need). The deadline is generous: on a shared 2-core
     machine at load average 30, one CoT-RAIL request took over 60 s (and was answered 504, as it should)."""

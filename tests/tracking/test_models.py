@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest_ray import tiny_export  # noqa: F401 - shared fixture
-
 
 @pytest.mark.timeout(300)
 def test_export_logged_and_registered(tiny_export, tmp_path, monkeypatch):
