@@ -1,4 +1,4 @@
-"""Input checks and target resolution shared by the reference and the fused path.
+"""The result shape, input checks and target resolution shared by the reference and the fused path.
 
 Kept in one place so that both implementations agree on the *definition* of the objective
 (which rows count for CE, which score token is the gold one); the numerics are independent.
@@ -6,9 +6,28 @@ Kept in one place so that both implementations agree on the *definition* of the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from tract_dist.protocol import IGNORE_INDEX  # noqa: F401 - re-exported to reference.py / fused.py
+
+
+@dataclass
+class CoTRaftLossOutput:
+    """``loss`` is differentiable; the rest is detached diagnostics of this call.
+
+    ``ce`` = sum NLL / ce_denominator, ``mse`` = sum (yhat - y)^2 / mse_denominator (not scaled by lam),
+    ``loss`` = ce + lam * mse. Counts are local to this call. One shape for the reference and the fused
+    path, so the public entry point returns either as it is.
+    """
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    mse: torch.Tensor
+    yhat: torch.Tensor
+    n_ce_tokens: int
+    n_score_rows: int
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -6,31 +6,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 
-from ._common import compute_dtype, validate_inputs, validate_values
+from ._common import CoTRaftLossOutput, compute_dtype, validate_inputs, validate_values
 from .fused import Denominator, FusedCoTRaftFunction, FusedCounts
 from .options import CoTRaftLossOptions, Impl, Kernel
 from .reference import reference_loss
-
-
-@dataclass
-class CoTRaftLossOutput:
-    """``loss`` is differentiable; the rest is detached diagnostics of this call.
-
-    ``ce`` = sum NLL / ce_denominator, ``mse`` = sum (yhat - y)^2 / mse_denominator (not scaled by lam),
-    ``loss`` = ce + lam * mse. Counts are local to this call.
-    """
-
-    loss: torch.Tensor
-    ce: torch.Tensor
-    mse: torch.Tensor
-    yhat: torch.Tensor
-    n_ce_tokens: int
-    n_score_rows: int
 
 
 def cot_raft_loss_with_options(
@@ -53,12 +35,11 @@ def cot_raft_loss_with_options(
         if group is not None and dist.get_world_size(group) > 1:
             raise NotImplementedError("impl='reference' is unsharded; gather the weight or use impl='fused'")
         validate_values(score_rows, ids)
-        r = reference_loss(
+        return reference_loss(
             hidden, weight, targets, score_rows, score_targets, ids, values, bias=bias, lam=options.lam,
             rail_normalize=options.rail_normalize, ce_on_score_token=options.ce_on_score_token,
             ce_denominator=ce_denominator, mse_denominator=mse_denominator,
         )
-        return CoTRaftLossOutput(r.loss, r.ce, r.mse, r.yhat, r.n_ce_tokens, r.n_score_rows)
     counts = FusedCounts()
     loss, ce, mse, yhat = FusedCoTRaftFunction.apply(
         hidden, weight, bias, targets, score_rows, score_targets, options, ce_denominator, mse_denominator, counts

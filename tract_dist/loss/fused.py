@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._common import IGNORE_INDEX, compute_dtype, effective_targets, resolve_denominator
+from ._common import IGNORE_INDEX, CoTRaftLossOutput, compute_dtype, effective_targets, resolve_denominator
 from .accumulate import matmul_into
 from .options import CoTRaftLossOptions
 from .tile_ops import tile_grad_, tile_stats, use_triton
@@ -54,13 +54,9 @@ class FusedCounts:
 
 
 @dataclass
-class FusedResult:
-    loss: torch.Tensor
-    ce: torch.Tensor
-    mse: torch.Tensor
-    yhat: torch.Tensor
-    n_ce_tokens: int
-    n_score_rows: int
+class FusedResult(CoTRaftLossOutput):
+    """The loss parts and, computed in the same pass, the gradients backward scales by grad_output."""
+
     grad_hidden: torch.Tensor | None
     grad_weight: torch.Tensor | None
     grad_bias: torch.Tensor | None

@@ -5,22 +5,10 @@ This is the definition the fused kernel is tested against; it is deliberately na
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from ._common import IGNORE_INDEX, compute_dtype, effective_targets, resolve_denominator
-
-
-@dataclass
-class ReferenceParts:
-    loss: torch.Tensor
-    ce: torch.Tensor
-    mse: torch.Tensor
-    yhat: torch.Tensor
-    n_ce_tokens: int
-    n_score_rows: int
+from ._common import IGNORE_INDEX, CoTRaftLossOutput, compute_dtype, effective_targets, resolve_denominator
 
 
 def reference_loss(
@@ -38,7 +26,7 @@ def reference_loss(
     ce_on_score_token: bool = False,
     ce_denominator: float | int | torch.Tensor | None = None,
     mse_denominator: float | int | torch.Tensor | None = None,
-) -> ReferenceParts:
+) -> CoTRaftLossOutput:
     """CE (sum NLL / ce_denominator) + lam * sum (yhat - y)^2 / mse_denominator, via full logits."""
     cdt = compute_dtype(hidden.dtype)
     logits = hidden.to(cdt) @ weight.to(cdt).T
@@ -62,4 +50,4 @@ def reference_loss(
     sq = (yhat - score_targets.to(cdt)) ** 2
     mse = sq.sum() / resolve_denominator(mse_denominator, n_sc, "mse_denominator")
     loss = ce + lam * mse
-    return ReferenceParts(loss, ce.detach(), mse.detach(), yhat.detach(), n_ce, n_sc)
+    return CoTRaftLossOutput(loss, ce.detach(), mse.detach(), yhat.detach(), n_ce, n_sc)
