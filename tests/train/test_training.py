@@ -232,12 +232,18 @@ def test_real_smollm2_trains_a_couple_of_steps(work, quickstart_data):
                                      "data.max_examples": 2, "data.max_length": 768, "training.max_steps": 2,
                                      "training.micro_batch_size": 1, "training.gradient_accumulation_steps": 1,
                                      "training.learning_rate": 1e-5, "cluster.num_workers": 1,
-                                     "tracking.enabled": False})
+                                     "loss.rail_normalize": True, "loss.lam": 0.5, "tracking.enabled": False})
     result = run_training(cfg, run_name="smol", launcher="inline")
     steps = _steps(result.run_dir)
     assert len(steps) == 2 and all(0 < s["ce"] < 5 for s in steps)  # a trained model, not a random one
     model = AutoModelForCausalLM.from_pretrained(str(result.export_dir / "model"))
     assert sum(p.numel() for p in model.parameters()) > 100e6
+    # the run's own export writer leaves the loss choice beside the weights, which evaluation then follows
+    from tract_dist.export_record import RECORD_NAME, resolve_rail_normalize
+
+    record = json.loads((result.export_dir / "model" / RECORD_NAME).read_text())
+    assert record["loss"] == {"rail_normalize": True, "lam": 0.5, "ce_on_score_token": False}
+    assert resolve_rail_normalize(None, result.export_dir / "model") is True
 
 
 def test_bad_input_fails_before_workers_start(work, quickstart_data, ray_local, tmp_path):
