@@ -114,3 +114,21 @@ def test_cli_verbose_flag_sets_the_environment(monkeypatch):
         assert args.verbose is True
         assert parser.parse_known_args([cmd, "c.yaml"])[0].verbose is False
     assert parser.parse_known_args(["pipeline", "c.yaml", "-v"])[0].verbose is True
+
+
+def test_quiet_run_keeps_ray_data_info_off_the_console_through_its_logging_config(tmp_path, quiet, monkeypatch):
+    monkeypatch.delenv("RAY_DATA_LOGGING_CONFIG", raising=False)
+    from ray.data._internal.logging import configure_logging
+
+    def console_levels() -> list[int]:
+        configure_logging()  # what Ray Data does at every dataset execution
+        return [h.level for h in logging.getLogger("ray.data").handlers
+                if type(h).__name__ == "PlainRayHandler"]
+
+    console.quiet_ray_data()  # outside a quiet run: nothing
+    assert "RAY_DATA_LOGGING_CONFIG" not in console.os.environ
+    with console.quiet_run(tmp_path / "logs"):
+        console.quiet_ray_data()
+        assert console_levels() == [logging.ERROR]
+    assert "RAY_DATA_LOGGING_CONFIG" not in console.os.environ
+    assert console_levels() == [logging.INFO]  # Ray Data's own default again

@@ -154,13 +154,19 @@ def quiet_run(log_dir: Path) -> Iterator[None]:
         yield
 
 
+_active_env: dict[str, str | None] | None = None  # a quiet run's previous values of the variables it set
+
+
 @contextlib.contextmanager
 def _env(values: dict[str, str]) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
+    global _active_env
+    old: dict[str, str | None] = {k: os.environ.get(k) for k in values}
+    outer, _active_env = _active_env, old
     os.environ.update(values)
     try:
         yield
     finally:
+        _active_env = outer
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -239,6 +245,30 @@ def _quiet_progress_bars() -> Iterator[None]:
             f()
 
 
+def quiet_ray_data() -> None:
+    """Ray Data's console lines ("Starting execution of Dataset ...", "Progress bars disabled") at ERROR for the
+    rest of a quiet run; they stay in Ray's session ``logs/ray-data/``. Ray Data re-reads its logging config at
+    every dataset, so the documented ``RAY_DATA_LOGGING_CONFIG`` file does it (written into the run's logs/,
+    unset when the run ends). Called by ``init_ray`` (Ray is imported by then); a no-op outside a quiet run."""
+    log_dir = os.environ.get(LOG_DIR_ENV)
+    if is_verbose() or not log_dir or _RAY_DATA_CONFIG_ENV in os.environ or _active_env is None:
+        return
+    import copy
+
+    import yaml
+    from ray.data._internal import logging as ray_data_logging
+
+    config = copy.deepcopy(ray_data_logging.DEFAULT_CONFIG)
+    config["handlers"]["console"]["level"] = "ERROR"
+    path = Path(log_dir) / "ray-data-logging.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    _active_env[_RAY_DATA_CONFIG_ENV] = None  # quiet_run's _env unsets it on exit
+    os.environ[_RAY_DATA_CONFIG_ENV] = str(path)
+
+
+_RAY_DATA_CONFIG_ENV = "RAY_DATA_LOGGING_CONFIG"
+
+
 def ray_init_options(local: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """(``ray.init`` options, ``runtime_env`` entries) of a quiet run: Ray's INFO lines ("Started a local Ray
     instance") off the terminal, and for a local cluster every worker process's output into the run folder's
@@ -268,6 +298,7 @@ def stage_done(name: str, seconds: float, outputs: list[str]) -> None:
 
 def stage_failed(name: str, seconds: float, exc: BaseException, log_dir: Path) -> None:
     """A failing stage: its error and where the full output is (the error itself propagates as before)."""
-    what = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"failed: {type(exc).__name__}: {str(exc)[:500]}"
+    stopped = isinstance(exc, (KeyboardInterrupt, SystemExit))  # Ctrl-C, SIGTERM (cli.Terminated)
+    what = "interrupted" if stopped else f"failed: {type(exc).__name__}: {str(exc)[:500]}"
     logs = "" if is_verbose() else f"; full log: {log_dir} (and {ray_session_logs()} for Ray's own)"
     error(f"[pipeline] {name}: {what} after {seconds:.0f} s{logs}")

@@ -55,11 +55,12 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, need_cp
     """Connect to ``address`` / RAY_ADDRESS, or start a local Ray sized for this machine; no-op if connected."""
     import ray
 
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    if ray.is_initialized():
-        return
     from tract_dist import console
 
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    console.quiet_ray_data()  # also when a cluster was started earlier (the test suite's)
+    if ray.is_initialized():
+        return
     _warn_if_auth_disabled()
     address = address or os.environ.get("RAY_ADDRESS")
     # Quiet (no --verbose): Ray's INFO lines off the terminal; a local cluster's workers log to the run folder.
