@@ -319,6 +319,12 @@ class TrackingSection(_Section):
     run_name: str | None = Field(
         None, pattern=SAFE_NAME, description="MLflow run name, also the training run's folder name; None: the "
                                              "stage and the config's fingerprint (training), the stage (others)")
+    log_models: bool = Field(
+        True, description="log each training export as an MLflow model of its run (transformers flavour; a "
+                          "pointer to the folder when over 4 GiB), so the runs table leads to the weights")
+    registered_model_name: str | None = Field(
+        None, pattern=SAFE_NAME, description="register each logged export as a new version of this MLflow "
+                                             "model; None: logged, not registered")
 
 
 class ClusterSection(_Section):

@@ -2,7 +2,8 @@
 
 Per benchmark ``{out_dir}/{name}/``: ``predictions.jsonl`` (id, prediction, gold, category, failure, detail),
 ``metrics.json`` (overall + per category) and ``scatter.png``; all logged to one MLflow run (a child of the
-pipeline's run when ``parent_run`` is given) with metrics named ``{benchmark}.{metric}``.
+pipeline's run when ``parent_run`` is given) with metrics named ``{benchmark}.{metric}`` and each benchmark
+as a dataset input (digest over the examples scored).
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ def evaluate_model(cfg: Any, model_path: str | None, out_dir: str | Path | None 
     ``tags`` are added to the MLflow run (the pipeline tags method, model, stage and benchmark for compare)."""
     from tract_dist.config import ConfigError
     from tract_dist.tracking import log_artifact, log_metrics, log_params, start_run
+    from tract_dist.tracking.datasets import EVALUATION, examples_dataset, log_datasets
 
     e, t = cfg.evaluation, cfg.tracking
     if not e.benchmarks:
@@ -131,6 +133,7 @@ def evaluate_model(cfg: Any, model_path: str | None, out_dir: str | Path | None 
                          "benchmarks": ",".join(b.name for b in e.benchmarks)})
         for spec in e.benchmarks:
             examples = load_benchmark(spec, scale, cfg.data.skip_invalid)
+            log_datasets(run, [examples_dataset(spec.name, spec.path, examples, EVALUATION)])
             records = predict(cfg, str(model_path), examples, show_progress=show_progress, desc=spec.name,
                               backend=choice.backend)
             bdir = out / spec.name

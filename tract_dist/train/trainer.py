@@ -160,6 +160,7 @@ def _run_locked(cfg: Config, name: str, run_dir: Path, *, config_path: str | Non
                 if config_path:
                     log_config_artifact(handle, config_path)
                 log_artifact(handle, run_dir / "data_summary.json", "data")
+                _log_training_data(handle, cfg, summary)
         invocation = uuid.uuid4().hex
         loop = WorkerPlan(config=cfg.model_dump(), run_dir=str(run_dir), launcher=launcher,
                           tracking_uri=handle.tracking_uri, run_id=handle.run_id, export_dir=str(run_dir / "export"),
@@ -177,7 +178,37 @@ def _run_locked(cfg: Config, name: str, run_dir: Path, *, config_path: str | Non
         except Exception as e:
             _raise_nonfinite(cfg, name, run_dir, invocation, e)
             raise
+        _log_outcome(handle, cfg, run_dir)
     return TrainResult(name, run_dir, run_dir / "export", ckpt, handle.run_id, handle.tracking_uri, summary)
+
+
+def _log_training_data(handle: RunHandle, cfg: Config, summary: dict[str, Any]) -> None:
+    """The training file as the run's MLflow dataset input, counted as trained on (encoded), and its size as
+    the ``train_examples`` param (the pipeline's run shows it beside each stage's metrics)."""
+    from tract_dist.tracking.datasets import TRAINING, file_dataset, log_datasets
+
+    path = cfg.data.train_path or ""
+    n = int(summary["encode_encoded"])
+    profile = {k: summary[k] for k in ("records", "valid", "invalid", "encode_truncated", "encode_dropped")
+               if k in summary}
+    log_datasets(handle, [file_dataset(Path(path).stem or path, path, n, TRAINING, profile=profile,
+                                       selection={"max_examples": cfg.data.max_examples})])
+    log_params(handle, {"train_examples": n})
+
+
+def _log_outcome(handle: RunHandle, cfg: Config, run_dir: Path) -> None:
+    """After a finished fit: the steps the plan ran (epochs or max_steps) as ``train_steps``, and the export
+    as the run's MLflow model (registered under ``tracking.registered_model_name``), so the run leads to it."""
+    if not handle.enabled:
+        return
+    result = run_dir / "train_result.json"
+    if result.exists():
+        log_params(handle, {"train_steps": read_json(result, "the training result")["steps"]})
+    model = run_dir / "export" / "model"  # a LoRA adapter left unmerged is not a model folder: not logged
+    if cfg.tracking.log_models and model.is_dir():
+        from tract_dist.tracking.models import log_model_folder
+
+        log_model_folder(handle, model, registered_model_name=cfg.tracking.registered_model_name)
 
 
 def log_config_artifact(handle: RunHandle, config_path: str) -> None:
