@@ -18,6 +18,7 @@ counted warning and ``None``.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -66,6 +67,7 @@ def log_model_folder(handle: RunHandle, folder: str | Path, *, artifact_path: st
             else:
                 _save_pointer(src, out, size)
             client.log_artifacts(handle.run_id, str(out), artifact_path)
+            _record_in_runs_table(client, handle.run_id, out, artifact_path)
         client.set_tag(handle.run_id, "tract.model", json.dumps({"kind": kind, "path": str(src.resolve()),
                                                                  "size_bytes": size}))
         uri = f"runs:/{handle.run_id}/{artifact_path}"
@@ -78,6 +80,22 @@ def log_model_folder(handle: RunHandle, folder: str | Path, *, artifact_path: st
         return None
 
 
+def _record_in_runs_table(client: Any, run_id: str, out: Path, artifact_path: str) -> None:
+    """Add the model to the run's ``mlflow.log-model.history`` tag, as ``mlflow.<flavor>.log_model`` does:
+    the runs table's Models column and the run page's model link read that tag, not the artifacts. A pointer
+    is recorded with a ``tract_pointer`` flavour (no MLmodel: nothing MLflow could load)."""
+    from mlflow.models import Model
+
+    mlmodel = out / "MLmodel"
+    model = Model.load(str(mlmodel)) if mlmodel.is_file() else Model(
+        flavors={"tract_pointer": {"pointer": "tract_pointer.json"}})
+    model.run_id, model.artifact_path = run_id, artifact_path
+    try:
+        client._record_logged_model(run_id, model)  # the client's hook behind Model.log (no public equivalent)
+    except Exception as e:  # noqa: BLE001 - the model is logged; only the table's link is missing
+        _failed(f"recording model {artifact_path} in run {run_id}'s model history", e)
+
+
 def _save_transformers(src: Path, out: Path, task: str) -> None:
     import mlflow.transformers
     import torch
@@ -87,7 +105,15 @@ def _save_transformers(src: Path, out: Path, task: str) -> None:
     # Requirements are given, not inferred: inference loads the model in a subprocess (a minute here) and
     # fails where torchvision is absent (this project's CPU environment).
     reqs = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"]
-    mlflow.transformers.save_model(transformers_model=str(src), path=str(out), task=task, pip_requirements=reqs)
+    # Its two warnings about a local folder (no hub model card, no licence found) say nothing about an export
+    # and would be the only MLflow lines on a quiet console: ERROR only while saving.
+    logger = logging.getLogger("mlflow.transformers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        mlflow.transformers.save_model(transformers_model=str(src), path=str(out), task=task, pip_requirements=reqs)
+    finally:
+        logger.setLevel(level)
 
 
 def _save_pointer(src: Path, out: Path, size: int) -> None:
