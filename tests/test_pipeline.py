@@ -129,9 +129,9 @@ def test_pipeline_against_mlflow_server(tmp_path, quickstart_data, ray_local, ml
 
 
 @pytest.mark.timeout(600)
-def test_pipeline_runs_without_ray(tmp_path, quickstart_data, monkeypatch):
+def test_pipeline_runs_without_ray(tmp_path, quickstart_data, monkeypatch, capfd):
     """GPU machines without Ray: torchrun trains (2 processes), generation and evaluation run in-process, and
-    nothing may start or join a Ray cluster."""
+    nothing may start or join a Ray cluster. Its console is the quiet one (tract_dist/console.py)."""
     import ray
 
     import tract_dist.runtime.ray_cluster as ray_cluster
@@ -146,10 +146,12 @@ def test_pipeline_runs_without_ray(tmp_path, quickstart_data, monkeypatch):
     cfg = _cfg(tmp_path, quickstart_data, **{"cluster.launcher": "torchrun", "generation.ray": False,
                                          "evaluation.ray": False, "training.max_steps": 2,
                                          "data.max_examples": 4})
+    monkeypatch.delenv("TRACT_DIST_VERBOSE", raising=False)
     s = run_pipeline(cfg, name="noray")
     assert [k for k, v in s.stages.items() if v["status"] == "ran"] == [
         "train_stage1", "generate", "build_stage2", "train_stage2",
         "evaluate_stage1_vicuna_cot_rail", "evaluate_stage2_vicuna_cot_rail"]
+    _check_quiet_console(capfd.readouterr(), s)
     for stage in ("train_stage1", "train_stage2"):
         run_dir = Path(s.stages[stage]["outputs"]["run_dir"])
         assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
@@ -157,3 +159,27 @@ def test_pipeline_runs_without_ray(tmp_path, quickstart_data, monkeypatch):
     rows = [json.loads(x) for x in (tmp_path / "pipe" / "noray" / "stage2.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(r["feedback"] for r in rows)
     assert {v["status"] for v in run_pipeline(cfg, name="noray").stages.values()} == {"skipped"}
+
+
+def _check_quiet_console(cap, s) -> None:
+    """What a newcomer's terminal shows (stdout and stderr at the file-descriptor level, torchrun's ranks
+    included): a start and a finish line per stage, the stages' own progress lines, no library chatter (each of
+    the markers below was on it before, #15); the ranks' output is in their run folders' logs/."""
+    lines = [x for x in (cap.out + cap.err).split("\n") if x.strip()]
+    ran = [k for k, v in s.stages.items() if v["status"] == "ran"]
+    stage_lines = [x for x in lines if x.startswith("[pipeline] ")]
+    assert len(stage_lines) == 2 * len(ran), stage_lines
+    for k, start, done in zip(ran, stage_lines[::2], stage_lines[1::2]):
+        assert start == f"[pipeline] {k}: running" and done.startswith(f"[pipeline] {k}: done in "), (start, done)
+    own = [x for x in lines if not x.startswith("[pipeline] ")]
+    # per training stage: its data line, the plan line and a step line per logging step (2); generation and each
+    # evaluation: a backend line and a progress bar; a tracking warning per export at most
+    assert len(own) <= 2 * (1 + 1 + 2) + 2 + 2 * 2 + 2, "\n".join(own)
+    assert sum(x.startswith("[train] step ") for x in own) == 4
+    for chatter in ("built successfully", " INFO ", "Saving the dataset", "Loading weights", "UserWarning",
+                    "Setting ds_accelerator", "View run"):
+        assert not [x for x in lines if chatter in x], chatter
+    for stage in ("train_stage1", "train_stage2"):
+        logs = Path(s.stages[stage]["outputs"]["run_dir"]) / "logs"
+        rank0, rank1 = (logs / "train-rank0.log").read_text(), (logs / "train-rank1.log").read_text()
+        assert "[train] step 2/2" in rank0 and rank1.strip()  # rank 1 prints no console line: all its log is chatter

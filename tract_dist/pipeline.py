@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Generic, TypeVar
 
+from tract_dist import console
 from tract_dist.config import Config, ConfigError
 from tract_dist.fsutil import CorruptStateError, atomic_write_json, content_fingerprint, exclusive_lock, \
     file_fingerprint
@@ -336,7 +337,13 @@ def _walk(stages: list[Stage[Any]], state: "_State", selected: Callable[[str], b
             finished.add(st, fp, None)
             continue
         print(f"[pipeline] {st.name}: running", flush=True)
-        out = st.run(finished, fp)
+        t0 = time.monotonic()
+        try:
+            out = st.run(finished, fp)
+        except BaseException as e:
+            console.stage_failed(st.name, time.monotonic() - t0, e, state.path.parent / "logs")
+            raise
+        console.stage_done(st.name, time.monotonic() - t0, out.paths())
         summary.stages[st.name] = {**state.record(st.name, fp, out.record(), out.paths()), "status": "ran"}
         finished.add(st, fp, out)
         status[st.name] = "ran"
@@ -402,7 +409,7 @@ def run_pipeline(cfg: Config, *, config_path: str | None = None, address: str | 
     check_data_files(cfg)
     check_stage1_export(cfg)
     name, pdir = pipeline_dir(cfg, name)
-    with exclusive_lock(pdir, "pipeline"):
+    with exclusive_lock(pdir, "pipeline"), console.quiet_run(pdir / "logs"):  # chatter to pdir/logs (console.py)
         return _run_locked(cfg, name, pdir, config_path=config_path, address=address, fresh=fresh)
 
 
