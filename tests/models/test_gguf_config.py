@@ -37,3 +37,18 @@ def test_other_quantization_configs_are_kept():
     cfg = _config({"quant_method": "bitsandbytes", "load_in_4bit": True})
     drop_gguf_quantization(cfg)
     assert cfg.quantization_config["quant_method"] == "bitsandbytes"
+
+
+def test_export_names_the_model_class(tmp_path):
+    """A config built in code (tiny, random and GGUF seeds) names no class; the export must (vLLM and MLflow's
+    transformers flavour choose the class from config.architectures), as model.save_pretrained would."""
+    from transformers import LlamaForCausalLM
+
+    cfg = _config(None)
+    del cfg.quantization_config
+    assert not cfg.architectures
+    save_hf_dir({"lm_head.weight": torch.zeros(32, 8)}, cfg, _NoTokenizer(), tmp_path / "model")
+    reference = tmp_path / "reference"
+    LlamaForCausalLM(cfg).save_pretrained(reference)
+    written = json.loads((tmp_path / "model" / "config.json").read_text())["architectures"]
+    assert written == json.loads((reference / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]

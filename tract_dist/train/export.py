@@ -45,6 +45,15 @@ def save_hf_dir(state_dict: dict[str, torch.Tensor], config: Any, tokenizer: Any
     drop_gguf_quantization(config)  # a model trained from a GGUF seed (the smollm2 alias) holds plain weights
     if getattr(config, "tie_word_embeddings", False):
         state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
+    if not getattr(config, "architectures", None):
+        # A config built in code (tiny/random seeds, a GGUF seed) names no class; model.save_pretrained would
+        # write it, and readers that pick the class from it (vLLM, MLflow's transformers flavour) need it.
+        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        try:
+            config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].__name__]
+        except KeyError:  # not an auto-mapped causal LM: left as it was
+            pass
     # Clone so tensors never share storage (safetensors refuses shared tensors).
     save_file({k: v.clone() for k, v in state_dict.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
