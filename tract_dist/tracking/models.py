@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tract_dist.tracking.mlflow_run import RunHandle, _client, _failed
+from tract_dist.tracking.mlflow_run import RunHandle, _client, _failed, _warn
 
 DEFAULT_MAX_COPY_BYTES = 4 << 30
 """Largest folder copied into the artifact store: a 1-2B model in bf16 (and SmolLM2-135M in fp32, 0.5 GB)
@@ -63,7 +63,14 @@ def log_model_folder(handle: RunHandle, folder: str | Path, *, artifact_path: st
             out = Path(tmp) / artifact_path
             kind = "transformers" if size <= max_copy_bytes else "pointer"
             if kind == "transformers":
-                _save_transformers(src, out, task)
+                try:
+                    _save_transformers(src, out, task)
+                except Exception as e:  # noqa: BLE001 - a folder the flavour cannot describe is still pointed to
+                    shutil.rmtree(out, ignore_errors=True)
+                    kind = "pointer"
+                    why = f"MLflow's transformers flavour could not save it ({type(e).__name__}: {str(e)[:200]})"
+                    _warn(f"{src}: {why}; logged as a pointer to the folder")
+                    _save_pointer(src, out, size, why)
             else:
                 _save_pointer(src, out, size)
             client.log_artifacts(handle.run_id, str(out), artifact_path)
@@ -116,7 +123,8 @@ def _save_transformers(src: Path, out: Path, task: str) -> None:
         logger.setLevel(level)
 
 
-def _save_pointer(src: Path, out: Path, size: int) -> None:
+def _save_pointer(src: Path, out: Path, size: int,
+                  why: str = "weights over the copy limit stay in place; load them from path on host") -> None:
     from tract_dist.fsutil import content_fingerprint, host
 
     out.mkdir(parents=True)
@@ -128,7 +136,7 @@ def _save_pointer(src: Path, out: Path, size: int) -> None:
             shutil.copy2(p, out / rel)
     pointer = {"kind": "pointer", "path": str(src.resolve()), "host": host(), "size_bytes": size,
                "content_fingerprint": content_fingerprint(src), "files": files,
-               "why": "weights over the copy limit stay in place; load them from path on host"}
+               "why": why}
     (out / "tract_pointer.json").write_text(json.dumps(pointer, indent=2) + "\n", encoding="utf-8")
 
 
