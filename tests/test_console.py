@@ -121,14 +121,15 @@ def test_quiet_run_keeps_ray_data_info_off_the_console_through_its_logging_confi
     from ray.data._internal.logging import configure_logging
 
     def console_levels() -> list[int]:
-        configure_logging()  # what Ray Data does at every dataset execution
-        return [h.level for h in logging.getLogger("ray.data").handlers
-                if type(h).__name__ == "PlainRayHandler"]
+        return [h.level for h in logging.getLogger("ray.data").handlers if type(h).__name__ == "PlainRayHandler"]
 
+    configure_logging()  # as importing ray.data does
     console.quiet_ray_data()  # outside a quiet run: nothing
-    assert "RAY_DATA_LOGGING_CONFIG" not in console.os.environ
+    assert "RAY_DATA_LOGGING_CONFIG" not in console.os.environ and console_levels() == [logging.INFO]
     with console.quiet_run(tmp_path / "logs"):
         console.quiet_ray_data()
+        assert console_levels() == [logging.ERROR]
+        configure_logging()  # what Ray Data's workers do per dataset: the same file
         assert console_levels() == [logging.ERROR]
     assert "RAY_DATA_LOGGING_CONFIG" not in console.os.environ
     assert console_levels() == [logging.INFO]  # Ray Data's own default again

@@ -147,6 +147,7 @@ def quiet_run(log_dir: Path) -> Iterator[None]:
         return
     log_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
+        stack.callback(_restore_ray_data_logging)  # last: once RAY_DATA_LOGGING_CONFIG is unset again
         stack.enter_context(_env({**{k: v for k, v in _QUIET_ENV.items() if k not in os.environ},
                                   LOG_DIR_ENV: str(log_dir)}))
         stack.enter_context(_quiet_loggers(log_dir / DRIVER_LOG))
@@ -247,9 +248,10 @@ def _quiet_progress_bars() -> Iterator[None]:
 
 def quiet_ray_data() -> None:
     """Ray Data's console lines ("Starting execution of Dataset ...", "Progress bars disabled") at ERROR for the
-    rest of a quiet run; they stay in Ray's session ``logs/ray-data/``. Ray Data re-reads its logging config at
-    every dataset, so the documented ``RAY_DATA_LOGGING_CONFIG`` file does it (written into the run's logs/,
-    unset when the run ends). Called by ``init_ray`` (Ray is imported by then); a no-op outside a quiet run."""
+    rest of a quiet run; they stay in Ray's session ``logs/ray-data/``. Through Ray Data's documented
+    ``RAY_DATA_LOGGING_CONFIG`` (a file in the run's logs/), applied now and read again by Ray Data's workers;
+    Ray Data's default is applied again when the run ends. Called by ``init_ray`` (Ray is imported by then); a
+    no-op outside a quiet run."""
     log_dir = os.environ.get(LOG_DIR_ENV)
     if is_verbose() or not log_dir or _RAY_DATA_CONFIG_ENV in os.environ or _active_env is None:
         return
@@ -264,9 +266,15 @@ def quiet_ray_data() -> None:
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     _active_env[_RAY_DATA_CONFIG_ENV] = None  # quiet_run's _env unsets it on exit
     os.environ[_RAY_DATA_CONFIG_ENV] = str(path)
+    ray_data_logging.configure_logging()  # the driver configures Ray Data's loggers only when importing it
 
 
 _RAY_DATA_CONFIG_ENV = "RAY_DATA_LOGGING_CONFIG"
+
+
+def _restore_ray_data_logging() -> None:
+    if "ray.data._internal.logging" in sys.modules and _RAY_DATA_CONFIG_ENV not in os.environ:
+        sys.modules["ray.data._internal.logging"].configure_logging()
 
 
 def ray_init_options(local: bool) -> tuple[dict[str, Any], dict[str, Any]]:
