@@ -59,21 +59,24 @@ def set_verbose(on: bool) -> None:
 def line(msg: str) -> None:
     """One console line of the project: on the terminal, and in the log when output is redirected.
 
-    Written to the file descriptors directly: Ray Train V2's patched ``print`` echoes every line twice."""
-    data = (msg + "\n").encode("utf-8", "replace")
-    sys.stdout.flush()
-    os.write(1, data)
-    if _console_fd is not None:
-        os.write(_console_fd, data)
+    ``write``, not ``print``: Ray Train V2's patched ``print`` echoes every line twice."""
+    _emit(msg, sys.stdout, 1, _console_fd)
 
 
 def error(msg: str) -> None:
-    """An error line: on the terminal's stderr (also when this process's output goes to a log)."""
+    """An error or warning line: on the terminal's stderr (also while this process's output goes to a log)."""
+    _emit(msg, sys.stderr, 2, _console_err_fd)
+
+
+def _emit(msg: str, stream: Any, fd: int, terminal: int | None) -> None:
+    if terminal is None:  # not redirected: through the stream (which tests' capsys sees)
+        stream.write(msg + "\n")
+        stream.flush()
+        return
     data = (msg + "\n").encode("utf-8", "replace")
-    sys.stderr.flush()
-    os.write(2, data)
-    if _console_err_fd is not None:
-        os.write(_console_err_fd, data)
+    stream.flush()
+    os.write(fd, data)  # the log
+    os.write(terminal, data)
 
 
 def log_path() -> Path | None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -44,8 +43,10 @@ class CheckpointError(RuntimeError):
 
 
 def _warn(msg: str) -> None:
-    sys.stderr.write(f"[train] warning: {msg}\n")
-    sys.stderr.flush()
+    """On the terminal's stderr, also while a worker's own output goes to its log (console.error)."""
+    from tract_dist import console
+
+    console.error(f"[train] warning: {msg}")
 
 
 def write_manifest(ckpt: str | Path, rank: int, step: int, fingerprint: str | None) -> None:
