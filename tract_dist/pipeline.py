@@ -210,7 +210,7 @@ def build_stages(cfg: Config, pdir: Path, name: str, ctx: _Context | None = None
         s1_cfg = stage_config(cfg, pdir, stage="stage1")
         s1 = Stage("train_stage1", (),
                    key=lambda f: ("train", fingerprint(s1_cfg), data_fp),
-                   run=lambda f, fp: _train(s1_cfg, f"{name}-stage1-{fp[:8]}", ctx),
+                   run=lambda f, fp: _train(s1_cfg, f"{name}-stage1-{fp[:8]}", ctx, "stage1"),
                    outputs=TrainOutputs)
     else:
         s1 = Stage("stage1_export", (),
@@ -239,7 +239,7 @@ def build_stages(cfg: Config, pdir: Path, name: str, ctx: _Context | None = None
         s2: Stage[TrainOutputs] = Stage(
             "train_stage2", (build,),
             key=lambda f: ("train", fingerprint(s2_cfg), f.fp(build)),
-            run=lambda f, fp: _train(s2_cfg, f"{name}-stage2-{fp[:8]}", ctx),
+            run=lambda f, fp: _train(s2_cfg, f"{name}-stage2-{fp[:8]}", ctx, "stage2"),
             outputs=TrainOutputs)
         stages += [gen, build, s2]
         evaluated = evaluated[:1] if cfg.pipeline.evaluate_stage1 else []
@@ -442,12 +442,23 @@ def _run_locked(cfg: Config, name: str, pdir: Path, *, config_path: str | None, 
         ctx.parent = parent
         ctx.tags.update(method=method, model=model_tag, pipeline=name)
         finished, _ = _walk(stages, state, selected, summary)
+        _roll_up(cfg, pdir, parent)
         results = {st.name: finished.out(st).record() for st in stages
                    if st.outputs is EvalOutputs and st in finished}
         atomic_write_json(pdir / "results.json", results)
         log_artifact(parent, pdir / "results.json", "pipeline")
         log_artifact(parent, state.path, "pipeline")
     return summary
+
+
+def _roll_up(cfg: Config, pdir: Path, parent: RunHandle) -> None:
+    """The stages' headline results, datasets and charts onto the pipeline's run (tracking.rollup), with the
+    settings that tell methods apart as the method's stages ran them (ce_cot: lambda 0, CE on the score)."""
+    from tract_dist.tracking.rollup import roll_up
+
+    run_cfg = stage_config(cfg, pdir)
+    roll_up(parent, {"method": cfg.pipeline.method, "model": cfg.model.name_or_path, "lam": run_cfg.loss.lam,
+                     "ce_on_score_token": run_cfg.loss.ce_on_score_token, "use_cot": run_cfg.data.use_cot})
 
 
 def _check_selection(stages: list[Stage[Any]], plan: dict[str, StagePlan], selected: Callable[[str], bool]) -> None:
@@ -466,7 +477,7 @@ def _needs_ray(cfg: Config) -> bool:
 
 # ---- the stages' bodies ---------------------------------------------------------------------------------------
 
-def _train(cfg: Config, run_name: str, ctx: _Context) -> TrainOutputs:
+def _train(cfg: Config, run_name: str, ctx: _Context, model_stage: str) -> TrainOutputs:
     from tract_dist.runtime.backend import release_engine
     from tract_dist.train.trainer import run_training
 
@@ -474,7 +485,7 @@ def _train(cfg: Config, run_name: str, ctx: _Context) -> TrainOutputs:
     r = run_training(cfg, run_name=run_name, parent=ctx.parent, address=ctx.address, stage="train",
                      launcher=cfg.cluster.launcher, fresh=ctx.fresh)
     if r.mlflow_run_id:
-        set_tags(RunHandle(r.tracking_uri, r.mlflow_run_id), ctx.tags)
+        set_tags(RunHandle(r.tracking_uri, r.mlflow_run_id), {**ctx.tags, "model_stage": model_stage})
     model = str(r.export_dir / "model")
     if not (r.export_dir / "model").is_dir() and (r.export_dir / "adapter").is_dir():
         model = str(r.export_dir / "adapter")  # LoRA without merge_on_export: served unmerged by both backends

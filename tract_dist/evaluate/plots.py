@@ -30,3 +30,38 @@ def scatter_plot(records: list[dict[str, Any]], path: str | Path, title: str,
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def pearson_bars(values: dict[tuple[str, str], float | None], path: str | Path, title: str) -> Path:
+    """Grouped bars: one group per benchmark, one bar per series (a stage and inference mode), height the
+    Pearson correlation; an undefined one (a constant prediction vector) is marked ``n/a`` instead of drawn.
+
+    ``values``: ``{(series, benchmark): pearson}``, e.g. ``{("stage2 cot_rail", "vicuna"): 0.41}``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = sorted({s for s, _ in values})
+    benches = sorted({b for _, b in values})
+    width = 0.8 / max(1, len(series))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(benches) * max(1, len(series)) + 1.5), 4), dpi=100)
+    for i, s in enumerate(series):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(benches))]
+        ys = [values.get((s, b)) for b in benches]
+        bars = ax.bar(xs, [0.0 if y is None else y for y in ys], width, label=s)
+        for bar, y in zip(bars, ys):
+            ax.annotate("n/a" if y is None else f"{y:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="top" if y is not None and y < 0 else "bottom", fontsize=8)
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_xticks(range(len(benches)), benches)
+    ax.set_ylim(min(-0.1, *(v for v in values.values() if v is not None), 0) - 0.05, 1.05)
+    ax.set_ylabel("Pearson (predicted vs gold)")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
