@@ -159,6 +159,7 @@ def test_pipeline_runs_without_ray(tmp_path, quickstart_data, monkeypatch, capfd
     rows = [json.loads(x) for x in (tmp_path / "pipe" / "noray" / "stage2.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(r["feedback"] for r in rows)
     assert {v["status"] for v in run_pipeline(cfg, name="noray").stages.values()} == {"skipped"}
+    _check_mlflow_as_users_compare(f"sqlite:///{tmp_path}/mlflow.db", s, quickstart_data)
 
 
 def _check_quiet_console(cap, s) -> None:
@@ -183,3 +184,54 @@ def _check_quiet_console(cap, s) -> None:
         logs = Path(s.stages[stage]["outputs"]["run_dir"]) / "logs"
         rank0, rank1 = (logs / "train-rank0.log").read_text(), (logs / "train-rank1.log").read_text()
         assert "[train] step 2/2" in rank0 and rank1.strip()  # rank 1 prints no console line: all its log is chatter
+
+
+def _check_mlflow_as_users_compare(uri: str, s, data: Path) -> None:
+    """What the MLflow UI shows of a finished pipeline (issue #17), read back through a plain MlflowClient."""
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name("pipe")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs
+    parent = c.get_run(s.parent_run_id)
+    children = c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{s.parent_run_id}'")
+    trains = {r.data.tags["model_stage"]: r for r in children if r.data.tags["stage"] == "train"}
+    evals = {r.data.tags["model_stage"]: r for r in children if r.data.tags["stage"] == "evaluate"}
+    assert set(trains) == set(evals) == {"stage1", "stage2"}
+
+    # Headline metrics on the parent equal the children's; the methods' settings as params.
+    for stage, ev in evals.items():
+        for m in ("pearson", "spearman", "kendall", "rmse", "n", "failed"):
+            if f"vicuna.{m}" in ev.data.metrics:
+                assert parent.data.metrics[f"{stage}.vicuna.cot_rail.{m}"] == ev.data.metrics[f"vicuna.{m}"]
+    assert parent.data.metrics["stage2.vicuna.cot_rail.n"] + parent.data.metrics["stage2.vicuna.cot_rail.failed"] \
+        == 6  # the benchmark's max_examples
+    p = parent.data.params
+    assert (p["method"], p["lam"], p["ce_on_score_token"]) == ("tract", "1.0", "False")
+    assert p["rail_normalize"] == evals["stage2"].data.params["rail_normalize"]
+    for stage in ("stage1", "stage2"):
+        assert (p[f"{stage}.train_steps"], p[f"{stage}.train_examples"]) == ("2", "4")
+
+    # Datasets: each run's own, all of them on the parent; a model per export.
+    def inputs(run):
+        return {i.dataset.name: (i.dataset.digest, json.loads(i.dataset.profile)["num_rows"])
+                for i in c.get_run(run.info.run_id).inputs.dataset_inputs}
+
+    assert set(inputs(trains["stage1"])) == {data.stem} and set(inputs(trains["stage2"])) == {"stage2"}
+    assert inputs(trains["stage2"])["stage2"][1] == 4 and inputs(evals["stage1"])["vicuna"][1] == 6
+    assert inputs(evals["stage1"]) == inputs(evals["stage2"])  # the same 6 records: the same digest
+    assert inputs(parent) == {**inputs(trains["stage1"]), **inputs(trains["stage2"]), **inputs(evals["stage1"])}
+    for stage, run in trains.items():
+        history = json.loads(run.data.tags["mlflow.log-model.history"])
+        assert [h["artifact_path"] for h in history] == ["model"] and "transformers" in history[0]["flavors"]
+        assert "model/MLmodel" in {a.path for a in c.list_artifacts(run.info.run_id, "model")}
+        # Per-step training curves: each value MLflow holds is the one metrics.jsonl has for that step.
+        steps = {r["step"]: r for r in map(json.loads, (Path(s.stages[f"train_{stage}"]["outputs"]["run_dir"]) /
+                                                         "metrics.jsonl").read_text().splitlines())}
+        for m in ("loss", "ce", "mse", "mae", "grad_norm", "lr"):
+            hist = c.get_metric_history(run.info.run_id, m)
+            assert sorted(h.step for h in hist) == [1, 2]
+            assert all(h.value == pytest.approx(steps[h.step][m], rel=1e-6, nan_ok=True) for h in hist)
+    charts = {a.path for a in c.list_artifacts(s.parent_run_id, "charts")}
+    assert charts == {"charts/pearson_by_benchmark.png", "charts/scatter-stage1-vicuna-cot_rail.png",
+                      "charts/scatter-stage2-vicuna-cot_rail.png"}
