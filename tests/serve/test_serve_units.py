@@ -165,3 +165,24 @@ def test_cli_refusals(tmp_path, monkeypatch, capsys):
     assert main(["serve", str(tmp_path / "missing")]) == 2
     with pytest.raises(SystemExit):
         main(["serve", "smollm2", "--port", "70000"])
+    for argv, says in ((["--replicas", "2", "--min-replicas", "1", "--max-replicas", "3"], "one or the other"),
+                       (["--max-replicas", "3"], "needs both"),
+                       (["--min-replicas", "4", "--max-replicas", "3"], "more than --max-replicas 3")):
+        assert main(["serve", "smollm2", *argv]) == 2
+        assert says in capsys.readouterr().err
+
+
+def test_fixed_or_autoscaled_replicas():
+    """A fixed count, or Serve's autoscaler between the bounds with a full batch per replica as its target."""
+    from tract_dist.serve.app import ServeOptions
+    from tract_dist.serve.replica import judge_deployment
+
+    fixed = judge_deployment(num_replicas=2, num_cpus=1, num_gpus=0, max_ongoing_requests=32)
+    assert fixed.num_replicas == 2 and fixed._deployment_config.autoscaling_config is None
+    auto = judge_deployment(num_replicas=1, num_cpus=1, num_gpus=0, max_ongoing_requests=32, autoscale=(0, 3),
+                            target_ongoing_requests=16)
+    a = auto._deployment_config.autoscaling_config
+    assert (a.min_replicas, a.max_replicas, a.initial_replicas, a.target_ongoing_requests) == (0, 3, 1, 16)
+    opts = ServeOptions(model_id="m", autoscale=(1, 4))
+    assert opts.max_replicas == 4 and opts.describe_replicas() == "1-4 replicas, autoscaled"
+    assert ServeOptions(model_id="m", replicas=2).max_replicas == 2

@@ -26,7 +26,8 @@ class ServeOptions:
     """How the judge is served (the CLI's flags); the model, backend, prompt and sampling come from the config."""
 
     model_id: str
-    replicas: int = 1
+    replicas: int = 1  # fixed replica count; ignored when ``autoscale`` is set
+    autoscale: tuple[int, int] | None = None  # (min, max) replicas: Serve adds replicas as requests queue up
     cpus_per_replica: float = 1.0
     gpus_per_replica: float = 0.0
     torch_threads: int | None = None  # per CPU replica; None: the cores shared out among replicas
@@ -36,6 +37,16 @@ class ServeOptions:
     max_body_bytes: int = MAX_BODY_BYTES
     api_key: str | None = field(default=None, repr=False)  # only its SHA-256 leaves this process
     default_rubric: dict[str, Any] | None = None
+
+
+    @property
+    def max_replicas(self) -> int:
+        """The most replicas this deployment can run (what resources and threads are sized for)."""
+        return self.autoscale[1] if self.autoscale else self.replicas
+
+    def describe_replicas(self) -> str:
+        return f"{self.autoscale[0]}-{self.autoscale[1]} replicas, autoscaled" if self.autoscale \
+            else f"{self.replicas} replica(s)"
 
 
 def default_model_id(model_path: str) -> str:
@@ -48,15 +59,17 @@ def default_model_id(model_path: str) -> str:
 
 
 def build_app(cfg: Any, model_path: str, opts: ServeOptions) -> Any:
-    """The Serve application: the JudgeServer ingress bound to ``opts.replicas`` JudgeModel replicas."""
+    """The Serve application: the JudgeServer ingress bound to ``opts.replicas`` JudgeModel replicas (or
+    between ``opts.autoscale``'s bounds)."""
     from tract_dist.serve.ingress import IngressSettings, JudgeServer
     from tract_dist.serve.replica import judge_deployment
 
     threads = opts.torch_threads
     if threads is None and not opts.gpus_per_replica:
-        threads = max(1, (os.cpu_count() or 1) // max(1, opts.replicas))
+        threads = max(1, (os.cpu_count() or 1) // max(1, opts.max_replicas))
     model = judge_deployment(num_replicas=opts.replicas, num_cpus=opts.cpus_per_replica,
-                             num_gpus=opts.gpus_per_replica,
+                             num_gpus=opts.gpus_per_replica, autoscale=opts.autoscale,
+                             target_ongoing_requests=opts.max_batch_size,
                              max_ongoing_requests=max(32, 2 * opts.max_batch_size)).bind(
         cfg, model_path, torch_threads=threads, max_batch_size=opts.max_batch_size,
         batch_wait_timeout_s=opts.batch_wait_timeout_s)
@@ -94,7 +107,7 @@ def run_server(cfg: Any, model_path: str, opts: ServeOptions, *, host: str, port
 
     from tract_dist.runtime.ray_cluster import init_ray
 
-    need = opts.replicas * opts.cpus_per_replica
+    need = opts.max_replicas * opts.cpus_per_replica
     init_ray(address, need_cpus=need + 1, env_vars={"TOKENIZERS_PARALLELISM": "false"}, log_to_driver=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -103,7 +116,7 @@ def run_server(cfg: Any, model_path: str, opts: ServeOptions, *, host: str, port
         deploy(cfg, model_path, opts, host=host, port=port)
         where = f"http://{host}:{port}"
         auth = "an API key is required" if opts.api_key else "no API key (loopback only is the safe default)"
-        print(f"[serve] {opts.model_id} on {where} ({opts.replicas} replica(s), {auth}); POST /v1/judge, "
+        print(f"[serve] {opts.model_id} on {where} ({opts.describe_replicas()}, {auth}); POST /v1/judge, "
               f"/v1/chat/completions, /get_reward; GET /health, /v1/models. Ctrl-C stops.", file=sys.stderr,
               flush=True)
         if tracking:
@@ -128,7 +141,7 @@ def _log_served_model(cfg: Any, model_path: str, opts: ServeOptions, where: str,
     t = cfg.tracking
     with start_run(t.tracking_uri, t.experiment, t.run_name or f"serve-{opts.model_id}",
                    tags={"tract.stage": "serve"}) as handle:
-        log_params(handle, {"model_path": model_path, "model_id": opts.model_id, "replicas": opts.replicas,
+        log_params(handle, {"model_path": model_path, "model_id": opts.model_id, "replicas": opts.describe_replicas(),
                             "max_batch_size": opts.max_batch_size, "backend": cfg.evaluation.backend,
                             "mode": cfg.evaluation.mode, "num_cots": cfg.evaluation.num_cots})
         set_tags(handle, {"tract.serve.url": where})

@@ -28,13 +28,44 @@ def _seconds(text: str) -> float:
     return v
 
 
+def _count(text: str) -> int:
+    from tract_dist.cli import _int
+
+    v = _int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
+    return v
+
+
+def _replicas(args: argparse.Namespace) -> tuple[int, tuple[int, int] | None]:
+    """``--replicas N`` (fixed) or ``--min-replicas A --max-replicas B`` (autoscaled), never both."""
+    from tract_dist.cli import UsageError
+
+    lo, hi = args.min_replicas, args.max_replicas
+    if lo is None and hi is None:
+        return args.replicas or 1, None
+    if args.replicas is not None:
+        raise UsageError("--replicas is a fixed count; with --min-replicas/--max-replicas the autoscaler decides: "
+                         "give one or the other")
+    if lo is None or hi is None:
+        raise UsageError("autoscaling needs both --min-replicas and --max-replicas")
+    if lo > hi:
+        raise UsageError(f"--min-replicas {lo} is more than --max-replicas {hi}")
+    return max(lo, 1), (lo, hi)
+
+
 def register(sub: Any, add_config_args: Callable[..., None]) -> None:
     from tract_dist.cli import _positive, safe_name_arg
 
     p = sub.add_parser("serve", help="serve a judge over HTTP (Ray Serve): /v1/judge, OpenAI /v1/chat/completions, "
                                      "OpenRLHF /get_reward")
     p.add_argument("model", help="HF folder (e.g. a TRACT export), hub name or alias (smollm2)")
-    p.add_argument("--replicas", type=_positive, default=1, help="judge replicas (one per GPU on a GPU cluster)")
+    p.add_argument("--replicas", type=_positive, default=None,
+                   help="judge replicas, fixed (one per GPU on a GPU cluster; default 1)")
+    p.add_argument("--min-replicas", type=_count, help="autoscaling: at least this many replicas (0: scale to zero; "
+                                                       "the first request then waits for a model to load)")
+    p.add_argument("--max-replicas", type=_positive, help="autoscaling: at most this many replicas (Serve adds one "
+                                                          "when each holds more than a batch of requests)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--address", help="Ray cluster to deploy on (ray://HOST:PORT or auto); default: a local Ray")
@@ -61,6 +92,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from tract_dist.pipeline_checks import check_model_source
     from tract_dist.serve.app import ServeOptions, default_model_id, run_server
 
+    replicas, autoscale = _replicas(args)
     overrides = list(args.overrides or [])
     if args.backend:
         overrides.append(f"evaluation.backend={args.backend}")
@@ -80,7 +112,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from tract_dist.models.loading import materialize_alias
 
     model_path = materialize_alias(args.model)
-    opts = ServeOptions(model_id=args.model_id or default_model_id(args.model), replicas=args.replicas,
+    opts = ServeOptions(model_id=args.model_id or default_model_id(args.model), replicas=replicas,
+                        autoscale=autoscale,
                         cpus_per_replica=args.cpus_per_replica,
                         gpus_per_replica=float(cfg.evaluation.tensor_parallel_size) if cfg.cluster.use_gpu else 0.0,
                         max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s,

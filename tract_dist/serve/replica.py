@@ -93,10 +93,18 @@ class JudgeModel:
         return [o or {"score": None, "failure": "error: no result"} for o in out]
 
 
-def judge_deployment(*, num_replicas: int, num_cpus: float, num_gpus: float, max_ongoing_requests: int) -> Any:
-    """The judge as a Serve deployment with these resources (one replica per GPU on a GPU cluster)."""
+def judge_deployment(*, num_replicas: int, num_cpus: float, num_gpus: float, max_ongoing_requests: int,
+                     autoscale: tuple[int, int] | None = None, target_ongoing_requests: int = 16) -> Any:
+    """The judge as a Serve deployment with these resources (one replica per GPU on a GPU cluster): a fixed
+    ``num_replicas``, or with ``autoscale=(min, max)`` Serve's autoscaler, which adds a replica when the
+    replicas hold more than ``target_ongoing_requests`` each (a full batch waiting) and removes idle ones."""
+    scaling: dict[str, Any] = {"num_replicas": num_replicas}
+    if autoscale is not None:
+        lo, hi = autoscale
+        scaling = {"autoscaling_config": {"min_replicas": lo, "max_replicas": hi, "initial_replicas": max(lo, 1),
+                                          "target_ongoing_requests": target_ongoing_requests}}
     return serve.deployment(
-        JudgeModel, name="JudgeModel", num_replicas=num_replicas,
+        JudgeModel, name="JudgeModel", **scaling,
         ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
         max_ongoing_requests=max_ongoing_requests,
         # A replica loads a model: give its constructor time, and let a slow CPU forward pass not be taken for
