@@ -23,6 +23,12 @@ def require_vllm() -> None:
         pytest.skip(detail)
 
 
+@pytest.fixture(scope="session")
+def vllm_available() -> None:
+    """For a test that builds its own vLLM engine (outside the session one): skip or fail as require_vllm."""
+    require_vllm()
+
+
 @pytest.fixture(autouse=True)
 def _one_thread(one_torch_thread):
     """Every test here generates in-process: one intra-op thread (tests/conftest.py says why)."""

@@ -11,7 +11,8 @@ from tract_dist.runtime.sampling import SamplingParams
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 SAMPLING = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=6, stop=("So the overall", "[RESULT]"))
-YHAT_ATOL = 1e-4  # see test_vllm_engine.py: float32 log-softmax vs float64 softmax
+P_RTOL = 1e-4  # per-token probabilities, vLLM's float32 log-softmax vs HF's float64 softmax (test_vllm_engine.py)
+YHAT_ATOL = 5 * P_RTOL  # ŷ = Σ k p_k, k <= 5: what P_RTOL on every p_k allows (test_vllm_engine.py says why)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def test_cot_rail_greedy_equals_hf(judges, quickstart_examples):
         assert a.cots == b.cots  # greedy CoTs, token for token
         assert a.score == pytest.approx(b.score, abs=YHAT_ATOL)
         assert [a.distribution[k] for k in range(1, 6)] == pytest.approx([b.distribution[k] for k in range(1, 6)],
-                                                                          rel=1e-4)
+                                                                          rel=P_RTOL)
 
 
 def test_cot_rail_on_the_same_sampled_cots(judges, quickstart_examples):

@@ -31,10 +31,7 @@ def adapter_and_merged(smollm2_dir, tmp_path_factory):
     return str(out), merged
 
 
-def test_unmerged_lora_equals_merged(adapter_and_merged, hf_engine, smollm2_dir, prompts):
-    from conftest import require_vllm
-
-    require_vllm()
+def test_unmerged_lora_equals_merged(vllm_available, adapter_and_merged, hf_engine, smollm2_dir, prompts):
     from tract_dist.data.score_tokens import derive_score_tokens
     from tract_dist.runtime.adapters import adapter_base
     from tract_dist.runtime.engine import EngineSpec
