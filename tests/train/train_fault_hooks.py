@@ -24,9 +24,10 @@ def _first_time(ctx: HookContext, marker: str) -> bool:
     return True
 
 
-def fail_once(point: str, ctx: HookContext, *, after_step: int) -> None:
-    """Rank 0 raises right after step ``after_step`` completed (before the next step's first forward)."""
-    if point == STEP_BEGIN and ctx.step == after_step + 1 and ctx.rank == 0 and _first_time(ctx, ".injected_failure"):
+def fail_once(point: str, ctx: HookContext, *, after_step: int, marker: str = ".injected_failure") -> None:
+    """Rank 0 raises right after step ``after_step`` completed (before the next step's first forward); once
+    per run folder and ``marker`` (a second fault in the same folder names another marker)."""
+    if point == STEP_BEGIN and ctx.step == after_step + 1 and ctx.rank == 0 and _first_time(ctx, marker):
         raise RuntimeError(f"injected failure after step {after_step} (fault-tolerance test)")
 
 
