@@ -106,32 +106,10 @@ def test_tract_pipeline_end_to_end(tmp_path, quickstart_data, ray_local, monkeyp
 
 
 @pytest.mark.timeout(600)
-def test_pipeline_against_mlflow_server(tmp_path, quickstart_data, ray_local, mlflow_server, monkeypatch):
-    from mlflow.tracking import MlflowClient
-
-    from tract_dist.pipeline import run_pipeline
-
-    uri, _ = mlflow_server
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    # Tracking is what this test is about: train in-process and evaluate without Ray (the Ray paths have
-    # their own tests), so the server sees the same runs at a fraction of the start-up cost.
-    cfg = _cfg(tmp_path, quickstart_data, **{"pipeline.method": "cot_raft", "training.max_steps": 2,
-                                             "cluster.launcher": "inline", "cluster.num_workers": 1,
-                                             "evaluation.ray": False})
-    s = run_pipeline(cfg, name="srv")
-    c = MlflowClient(uri)
-    runs = c.search_runs([c.get_experiment_by_name("pipe").experiment_id])
-    assert {r.data.tags.get("stage") for r in runs} == {"pipeline", "train", "evaluate"}
-    assert all(r.info.status == "FINISHED" for r in runs)
-    ev = next(r for r in runs if r.data.tags.get("stage") == "evaluate")
-    assert any(a.path.startswith("evaluate") for a in c.list_artifacts(ev.info.run_id))
-    assert s.parent_run_id in {r.info.run_id for r in runs}
-
-
-@pytest.mark.timeout(600)
-def test_pipeline_runs_without_ray(tmp_path, quickstart_data, monkeypatch, capfd):
+def test_pipeline_runs_without_ray(tmp_path, quickstart_data, mlflow_server, monkeypatch, capfd):
     """GPU machines without Ray: torchrun trains (2 processes), generation and evaluation run in-process, and
-    nothing may start or join a Ray cluster. Its console is the quiet one (tract_dist/console.py)."""
+    nothing may start or join a Ray cluster. Its console is the quiet one (tract_dist/console.py). It tracks to
+    a real ``mlflow server`` over HTTP, as a team's runs do, and reads the runs back as the UI shows them."""
     import ray
 
     import tract_dist.runtime.ray_cluster as ray_cluster
@@ -143,9 +121,11 @@ def test_pipeline_runs_without_ray(tmp_path, quickstart_data, monkeypatch, capfd
     monkeypatch.setattr(ray, "init", no_ray)
     monkeypatch.setattr(ray_cluster, "init_ray", no_ray)  # every start-up or connection goes through it
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    uri, _ = mlflow_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     cfg = _cfg(tmp_path, quickstart_data, **{"cluster.launcher": "torchrun", "generation.ray": False,
                                          "evaluation.ray": False, "training.max_steps": 2,
-                                         "data.max_examples": 4})
+                                         "data.max_examples": 4, "tracking.tracking_uri": uri})
     monkeypatch.delenv("TRACT_DIST_VERBOSE", raising=False)
     s = run_pipeline(cfg, name="noray")
     assert [k for k, v in s.stages.items() if v["status"] == "ran"] == [
@@ -159,7 +139,7 @@ def test_pipeline_runs_without_ray(tmp_path, quickstart_data, monkeypatch, capfd
     rows = [json.loads(x) for x in (tmp_path / "pipe" / "noray" / "stage2.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(r["feedback"] for r in rows)
     assert {v["status"] for v in run_pipeline(cfg, name="noray").stages.values()} == {"skipped"}
-    _check_mlflow_as_users_compare(f"sqlite:///{tmp_path}/mlflow.db", s, quickstart_data)
+    _check_mlflow_as_users_compare(uri, s, quickstart_data)
 
 
 def _check_quiet_console(cap, s) -> None:
@@ -198,6 +178,7 @@ def _check_mlflow_as_users_compare(uri: str, s, data: Path) -> None:
     trains = {r.data.tags["model_stage"]: r for r in children if r.data.tags["stage"] == "train"}
     evals = {r.data.tags["model_stage"]: r for r in children if r.data.tags["stage"] == "evaluate"}
     assert set(trains) == set(evals) == {"stage1", "stage2"}
+    assert parent.info.status == "FINISHED" and all(r.info.status == "FINISHED" for r in children)
 
     # Headline metrics on the parent equal the children's; the methods' settings as params.
     for stage, ev in evals.items():
