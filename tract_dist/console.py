@@ -84,6 +84,16 @@ def log_path() -> Path | None:
     return _log_path
 
 
+def _point_std_at(path: Path) -> None:
+    """File descriptors 1 and 2 append to ``path`` from now on (the log this process's output goes to)."""
+    global _log_path
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    _log_path = path
+
+
 @contextlib.contextmanager
 def output_to(path: Path) -> Iterator[None]:
     """This process's stdout and stderr (file descriptors 1 and 2: C++ and subprocess output too) append to
@@ -100,11 +110,7 @@ def output_to(path: Path) -> Iterator[None]:
     previous = _console_fd, _console_err_fd, _log_path
     if _console_fd is None:
         _console_fd, _console_err_fd = os.dup(1), os.dup(2)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    _log_path = path
+    _point_std_at(path)
     try:
         yield
     finally:
@@ -132,11 +138,7 @@ def setup_ray_worker() -> None:
     path = Path(log_dir) / RAY_WORKERS_LOG
     path.parent.mkdir(parents=True, exist_ok=True)
     _console_fd, _console_err_fd = os.dup(1), os.dup(2)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    _log_path = path
+    _point_std_at(path)
     warnings.simplefilter("once")
 
 

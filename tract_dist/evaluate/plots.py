@@ -6,14 +6,30 @@ from pathlib import Path
 from typing import Any
 
 
-def scatter_plot(records: list[dict[str, Any]], path: str | Path, title: str,
-                 scale: tuple[int, int] = (1, 5)) -> Path:
-    """Predicted (y) vs gold (x) with the identity line; failed predictions are listed in the title count."""
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend (no display on training and evaluation machines)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    """Write ``fig`` to ``path`` (its folder made) and free it: pyplot keeps every open figure alive."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    _pyplot().close(fig)
+    return path
+
+
+def scatter_plot(records: list[dict[str, Any]], path: str | Path, title: str,
+                 scale: tuple[int, int] = (1, 5)) -> Path:
+    """Predicted (y) vs gold (x) with the identity line; failed predictions are listed in the title count."""
+    plt = _pyplot()
     good = [r for r in records if r["prediction"] is not None]
     fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
     ax.scatter([r["gold"] for r in good], [r["prediction"] for r in good], s=12, alpha=0.6)
@@ -24,12 +40,7 @@ def scatter_plot(records: list[dict[str, Any]], path: str | Path, title: str,
     ax.set_xlabel("gold score")
     ax.set_ylabel("predicted score")
     ax.set_title(f"{title} (n={len(good)}, failed={len(records) - len(good)})")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def pearson_bars(values: dict[tuple[str, str], float | None], path: str | Path, title: str) -> Path:
@@ -37,11 +48,7 @@ def pearson_bars(values: dict[tuple[str, str], float | None], path: str | Path, 
     Pearson correlation; an undefined one (a constant prediction vector) is marked ``n/a`` instead of drawn.
 
     ``values``: ``{(series, benchmark): pearson}``, e.g. ``{("stage2 cot_rail", "vicuna"): 0.41}``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     series = sorted({s for s, _ in values})
     benches = sorted({b for _, b in values})
     width = 0.8 / max(1, len(series))
@@ -59,9 +66,4 @@ def pearson_bars(values: dict[tuple[str, str], float | None], path: str | Path, 
     ax.set_ylabel("Pearson (predicted vs gold)")
     ax.set_title(title)
     ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
