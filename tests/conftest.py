@@ -45,16 +45,16 @@ def _mlflow_template_db(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def _migrated_mlflow_db(request) -> None:
-    """A test with a ``tmp_path`` finds ``tmp_path/mlflow.db`` (where the tests' configs track) as a freshly
-    migrated, empty store: MLflow's schema migrations cost 2.4 s per new sqlite store on cpu-2core, paid by
-    about 30 tests, and a copy of the migrated file is the same empty store."""
-    if "tmp_path" not in request.fixturenames:
-        return
-    target = request.getfixturevalue("tmp_path") / "mlflow.db"
+@pytest.fixture
+def migrated_mlflow_db(tmp_path, _mlflow_template_db) -> str:
+    """``tmp_path/mlflow.db`` (where the tracking tests' configs point) as a freshly migrated, empty store; its
+    URI. MLflow's schema migrations cost 2.4 s per new sqlite store on cpu-2core, paid by about 30 tests; a
+    copy of the migrated file is the same empty store. Modules that track ask for it with
+    ``pytest.mark.usefixtures("migrated_mlflow_db")``."""
+    target = tmp_path / "mlflow.db"
     if not target.exists():
-        shutil.copyfile(request.getfixturevalue("_mlflow_template_db"), target)
+        shutil.copyfile(_mlflow_template_db, target)
+    return f"sqlite:///{target}"
 
 
 def shared_data_dir() -> Path:

@@ -11,7 +11,7 @@ import torch
 
 from tract_dist.config import load_config
 
-pytestmark = [pytest.mark.slow]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("migrated_mlflow_db")]
 
 
 def _cfg(tmp: Path, data: Path, **over):

@@ -11,7 +11,7 @@ import pytest
 from tract_dist.cli import main
 from tract_dist.config import load_config
 
-pytestmark = [pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("migrated_mlflow_db")]
 
 
 def _cfg(tmp: Path, data: Path, **over):

@@ -17,7 +17,7 @@ import pytest
 
 from tract_dist.cli import main
 
-pytestmark = [pytest.mark.slow]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("migrated_mlflow_db")]
 REPO = Path(__file__).resolve().parents[1]
 
 

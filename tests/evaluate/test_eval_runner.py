@@ -9,6 +9,8 @@ import pytest
 from tract_dist.config import load_config
 from tract_dist.evaluate.runner import evaluate_model, load_predictions
 
+pytestmark = [pytest.mark.usefixtures("migrated_mlflow_db")]
+
 
 def _cfg(model, data_path, tmp_path, *extra):
     return load_config(None, [

@@ -14,6 +14,8 @@ from tract_dist.runtime.hf_engine import HFEngine as Engine
 from tract_dist.generate.shards import StaleGenerationError, read_generated
 from tract_dist.generate.stage2 import build_stage2_dataset
 
+pytestmark = [pytest.mark.usefixtures("migrated_mlflow_db")]
+
 
 def _by_uid(out_dir) -> dict[str, dict]:
     records = read_generated(out_dir)

@@ -8,7 +8,7 @@ from gen_helpers import gen_config
 from tract_dist.generate import pipeline
 from tract_dist.generate.shards import read_generated
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240), pytest.mark.usefixtures("migrated_mlflow_db")]
 
 
 def test_ray_pool_matches_in_process(ray_local, tiny_export, quickstart_data, tmp_path, monkeypatch):

@@ -2,6 +2,8 @@ import pytest
 
 from tract_dist.tracking import log_artifact, log_metrics, log_params, start_run
 
+pytestmark = [pytest.mark.usefixtures("migrated_mlflow_db")]
+
 
 def test_parent_child_status_and_logging(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

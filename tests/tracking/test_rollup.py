@@ -11,6 +11,8 @@ import pytest
 
 from tract_dist.tracking import log_artifact, log_metrics, log_params, set_tags, start_run
 
+pytestmark = [pytest.mark.usefixtures("migrated_mlflow_db")]
+
 
 @pytest.fixture
 def uri(tmp_path, monkeypatch):

@@ -16,6 +16,8 @@ import pytest
 import tract_dist.tracking.mlflow_run as mr
 from tract_dist.tracking import STATS, flush, log_metrics, log_params, start_run
 
+pytestmark = [pytest.mark.usefixtures("migrated_mlflow_db")]
+
 
 @pytest.fixture
 def store(tmp_path, monkeypatch):
