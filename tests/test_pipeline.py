@@ -43,7 +43,9 @@ def test_tract_pipeline_end_to_end(tmp_path, quickstart_data, ray_local, monkeyp
     from tract_dist.train.hooks import HOOKS_ENV, HookSpec, encode_hooks
     from tract_dist.train.model_init import load_training_model
 
-    cfg = _cfg(tmp_path, quickstart_data, **{"cluster.max_failures": 0})
+    # Training and generation on Ray; the evaluations in-process (the Ray evaluation pool against in-process:
+    # tests/evaluate/test_eval_runner.py), which spares two pool start-ups of suite time.
+    cfg = _cfg(tmp_path, quickstart_data, **{"cluster.max_failures": 0, "evaluation.ray": False})
     # 1) interrupted: stage 1 dies after its step-2 checkpoint
     hook = HookSpec(f"{Path(__file__).parent / 'train' / 'train_fault_hooks.py'}:fail_once", {"after_step": 3})
     monkeypatch.setenv(HOOKS_ENV, encode_hooks(hook))

@@ -112,4 +112,4 @@ def test_a_damaged_record_is_named(exports, tmp_path):
         resolve_rail_normalize(None, bad)
 
 # The training run's own export writer leaving the record is checked where a real run is trained already:
-# tests/train/test_training.py::test_real_smollm2_trains_a_couple_of_steps (no second training run here).
+# tests/train/test_training.py::test_real_smollm2_trains_a_step_and_records_its_loss_choice (no second training run here).

@@ -216,19 +216,19 @@ def test_lora_with_torchrun_changes_only_adapters(work, quickstart_data):
 
 
 @pytest.mark.timeout(300)
-def test_real_smollm2_trains_a_couple_of_steps(work, quickstart_data):
+def test_real_smollm2_trains_a_step_and_records_its_loss_choice(work, quickstart_data):
     from transformers import AutoModelForCausalLM
 
     from tract_dist.train.trainer import run_training
 
     cfg = _cfg(work, quickstart_data, **{"model.name_or_path": "smollm2", "model.tokenizer": None,
-                                     "data.max_examples": 2, "data.max_length": 768, "training.max_steps": 2,
+                                     "data.max_examples": 2, "data.max_length": 768, "training.max_steps": 1,
                                      "training.micro_batch_size": 1, "training.gradient_accumulation_steps": 1,
                                      "training.learning_rate": 1e-5, "cluster.num_workers": 1,
                                      "loss.rail_normalize": True, "loss.lam": 0.5, "tracking.enabled": False})
     result = run_training(cfg, run_name="smol", launcher="inline")
     steps = _steps(result.run_dir)
-    assert len(steps) == 2 and all(0 < s["ce"] < 5 for s in steps)  # a trained model, not a random one
+    assert len(steps) == 1 and 0 < steps[0]["ce"] < 5  # a trained model, not a random one
     model = AutoModelForCausalLM.from_pretrained(str(result.export_dir / "model"))
     assert sum(p.numel() for p in model.parameters()) > 100e6
     # the run's own export writer leaves the loss choice beside the weights, which evaluation then follows
