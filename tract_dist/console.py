@@ -131,7 +131,7 @@ def setup_ray_worker() -> None:
     """Ray's ``worker_process_setup_hook`` of a local cluster started by a quiet run: every Ray worker process
     (Ray Train's controller and workers, Ray Data's actors) writes its output to the run folder's
     ``logs/ray-workers.log``; the project's console lines still reach the driver (``log_to_driver``)."""
-    global _console_fd, _console_err_fd, _log_path
+    global _console_fd, _console_err_fd
     log_dir = os.environ.get(LOG_DIR_ENV)
     if is_verbose() or not log_dir or _console_fd is not None:
         return
