@@ -1,3 +1,7 @@
+import random
+import re
+import time
+
 import pytest
 
 from tract_dist.data.prompts import normalize_feedback, parse_prompt, render_prompt, render_target, score_text
@@ -43,3 +47,74 @@ def test_target_and_rounding():
     assert render_target("Fine.", 3) == "Fine. So the overall score is 3"
     assert score_text(3.67) == "4" and score_text(3.5) == "4" and score_text(3.33) == "3"
     assert score_text(9, 1, 5) == "5"
+
+
+# The regex parse_prompt used before it became linear (#22): the reference its results must equal on prompts
+# where it terminates quickly (each section header once).
+_OLD_PARSE = re.compile(
+    r"\A###Task Description:\n.*?\n\n"
+    r"###The instruction to evaluate:\n(?P<instruction>.*?)\n\n"
+    r"###Response to evaluate:\n(?P<response>.*?)\n\n"
+    r"(?:###Reference Answer \(Score (?P<refmax>\d+)\):\n(?P<reference>.*?)\n\n)?"
+    r"###Score Rubrics:\n\[(?P<criteria>.*?)\]\n(?P<scores>Score .*?)\n\n###Feedback: ?\Z",
+    re.S,
+)
+
+
+def _old_parse(text):
+    m = _OLD_PARSE.match(text)
+    if m is None:
+        return None
+    starts = list(re.finditer(r"^Score (\d+): ", m.group("scores"), re.M))
+    values = [int(s.group(1)) for s in starts]
+    if not values or values != list(range(values[0], values[0] + len(values))):
+        return None
+    descs = [m.group("scores")[s.end():(starts[i + 1].start() - 1 if i + 1 < len(starts) else None)]
+             for i, s in enumerate(starts)]
+    return {"instruction": m.group("instruction"), "response": m.group("response"),
+            "reference_answer": m.group("reference"), "criteria": m.group("criteria"), "score_descriptions": descs,
+            "scale_min": values[0], "scale_max": values[-1]}
+
+
+def test_split_equals_the_old_regex_on_awkward_fields():
+    """Fields full of the characters the layout is made of (blank lines, brackets, "Score k:" lines, "###"):
+    the linear split gives exactly what the old regex gave, or both refuse."""
+    rng = random.Random(0)
+    atoms = ["\n", "\n\n", "]", "[", "Score 3: ", "]\nScore 2: x", "### ", "Feedback:", "a", " ", "(Score 5)"]
+    agreed = refused = 0
+    for trial in range(400):
+        def text(pool=atoms):
+            return "x" + "".join(rng.choice(pool) for _ in range(rng.randint(0, 8))) + "y"
+        desc_atoms = atoms if trial % 4 == 0 else [a for a in atoms if "Score" not in a]
+        ex = JudgeExample(id="t", instruction=text(), response=text(), criteria=text(),
+                          score_descriptions=[text(desc_atoms) for _ in range(5)], score=3,
+                          reference_answer=text() if trial % 2 else None)
+        prompt = render_prompt(ex)
+        want = _old_parse(prompt)
+        if want is None:
+            with pytest.raises(ValueError):
+                parse_prompt(prompt)
+            refused += 1
+        else:
+            assert parse_prompt(prompt) == want
+            agreed += 1
+    assert agreed > 100 and refused > 20  # both branches exercised
+
+
+def test_repeated_markers_are_refused_in_linear_time():
+    """The prompt that stalled the judge server (#22: the section headers repeated; the old regex took ~m^4.5
+    steps), at ten times the reported size (1050 repeats, ~130 KB): refused at once, naming the marker."""
+    block = ("###Task Description:\nx\n\n###The instruction to evaluate:\nWhy?\n\n###Response to evaluate:\nr\n\n"
+             "###Score Rubrics:\n[c]\nScore 1: a\n\n")
+    prompt = block * 1050 + "###Feedback: "
+    assert len(prompt) > 130_000
+    t = time.perf_counter()
+    with pytest.raises(ValueError, match="section marker '###Task Description:' 1050 times"):
+        parse_prompt(prompt)
+    without_header = prompt.replace("###Task Description:", "###Task:")
+    with pytest.raises(ValueError, match="section '###Task Description:' missing"):
+        parse_prompt(without_header)
+    assert time.perf_counter() - t < 0.5  # microseconds of str.count; the regex needed minutes at 105 repeats
+    with pytest.raises(ValueError, match="out of the expected layout"):  # each header once, in the wrong order
+        parse_prompt("###Task Description:\n\n\n###Response to evaluate:\nr\n\n###The instruction to evaluate:\n"
+                     "i\n\n###Score Rubrics:\n[c]\nScore 1: a\n\n###Feedback: ")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from tract_dist.data.prompts import normalize_feedback, parse_prompt, section_marker_counts
+from tract_dist.data.prompts import normalize_feedback, parse_prompt
 from tract_dist.data.schema import DataError, JudgeExample
 
 FORMATS = ("feedback-collection", "prometheus-eval", "jsonl")
@@ -123,11 +123,6 @@ def _from_prometheus_eval(rec: dict[str, Any], i: int, lo: int, hi: int, need_fb
         p = parse_prompt(prompt)
     except ValueError as e:
         raise _RecordError("instruction", str(e)) from None
-    for marker, n in section_marker_counts(prompt).items():
-        if n > 1:  # a field holds a section header: the split is ambiguous, so it may be wrong
-            raise _RecordError("instruction", f"the prompt contains the section marker '{marker}' {n} times (an "
-                                              "instruction or response quotes it), so it cannot be split into its "
-                                              "fields unambiguously")
     if (p["scale_min"], p["scale_max"]) != (lo, hi):
         raise _RecordError("instruction", f"rubric scale {p['scale_min']}-{p['scale_max']} != configured {lo}-{hi}")
     scores = rec.get("gpt4_score")

@@ -62,56 +62,86 @@ def render_prompt(ex: JudgeExample, scale_min: int = 1, scale_max: int = 5) -> s
     return text
 
 
-_PARSE = re.compile(
-    r"\A###Task Description:\n.*?\n\n"
-    r"###The instruction to evaluate:\n(?P<instruction>.*?)\n\n"
-    r"###Response to evaluate:\n(?P<response>.*?)\n\n"
-    r"(?:###Reference Answer \(Score (?P<refmax>\d+)\):\n(?P<reference>.*?)\n\n)?"
-    r"###Score Rubrics:\n\[(?P<criteria>.*?)\]\n(?P<scores>Score .*?)\n\n###Feedback: ?\Z",
-    re.S,
-)
-_SCORE_LINE = re.compile(r"^Score (\d+): ", re.M)
+SECTION_MARKERS = ("###Task Description:", "###The instruction to evaluate:", "###Response to evaluate:",
+                   "###Reference Answer (Score", "###Score Rubrics:", "###Feedback:")
+_TASK, _INSTRUCTION, _RESPONSE, _REFERENCE, _RUBRICS, _FEEDBACK = SECTION_MARKERS
+_SCORE_LINE = re.compile(r"^Score (\d{1,9}): ", re.M)  # bounded: int() of a huge digit run is itself costly
+_REF_HEAD = re.compile(r"###Reference Answer \(Score \d{1,9}\):\n")  # anchored with .match: constant work
+
+
+def section_marker_counts(text: str) -> dict[str, int]:
+    """How often each Prometheus section header occurs in a prompt (once each in a well-formed one)."""
+    return {m: text.count(m) for m in SECTION_MARKERS}
 
 
 def parse_prompt(text: str) -> dict[str, Any]:
     """Split a formatted Prometheus prompt back into its fields (the inverse of :func:`render_prompt`).
 
-    Raises ``ValueError`` naming the section that could not be found.
+    Linear in the prompt's length whatever it holds: the section headers are counted first (each must occur
+    once, the reference answer's at most once; a field that quotes one makes the split ambiguous) and the text
+    is then cut at their positions with ``str.find``. The regex this replaces backtracked on prompts repeating
+    the headers (about m^4.5 steps for m repeats: seconds of a server's time for a 10 KB request).
+
+    Raises ``ValueError`` naming the section that is missing, repeated or out of the expected layout.
     """
-    m = _PARSE.match(text)
-    if m is None:
-        for marker in ("###Task Description:", "###The instruction to evaluate:", "###Response to evaluate:",
-                       "###Score Rubrics:", "###Feedback:"):
-            if marker not in text:
-                raise ValueError(f"not a Prometheus absolute-grading prompt: section '{marker}' missing")
-        raise ValueError("not a Prometheus absolute-grading prompt: sections are out of the expected layout")
-    scores_text = m.group("scores")
+    counts = section_marker_counts(text)
+    for marker in (_TASK, _INSTRUCTION, _RESPONSE, _RUBRICS, _FEEDBACK):
+        if counts[marker] == 0:
+            raise ValueError(f"not a Prometheus absolute-grading prompt: section '{marker}' missing")
+    for marker, n in counts.items():
+        if n > 1:
+            raise ValueError(f"the prompt contains the section marker '{marker}' {n} times (an instruction or "
+                             "response quotes it), so it cannot be split into its fields unambiguously")
+    bad = "not a Prometheus absolute-grading prompt: sections are out of the expected layout"
+    i_ins, i_resp, i_rub, i_fb = (text.find(m) for m in (_INSTRUCTION, _RESPONSE, _RUBRICS, _FEEDBACK))
+    i_ref = text.find(_REFERENCE)
+    order = [0, i_ins, i_resp] + ([i_ref] if i_ref >= 0 else []) + [i_rub, i_fb]
+    if not text.startswith(_TASK + "\n") or order != sorted(order):
+        raise ValueError(bad)
+
+    def body(start: int, head: str, end: int) -> str:
+        """The text between ``head`` (at ``start``, then a newline) and the blank line before ``end``."""
+        lo, hi = start + len(head) + 1, end - 2
+        if text[lo - 1] != "\n" or hi < lo or text[hi:end] != "\n\n":
+            raise ValueError(bad)
+        return text[lo:hi]
+
+    body(0, _TASK, i_ins)  # the fixed task description: any text, as prometheus-eval's templates vary it
+    instruction = body(i_ins, _INSTRUCTION, i_resp)
+    response = body(i_resp, _RESPONSE, i_ref if i_ref >= 0 else i_rub)
+    reference = None
+    if i_ref >= 0:
+        head = _REF_HEAD.match(text, i_ref)
+        if head is None:
+            raise ValueError(bad)
+        reference = body(i_ref, head.group(0)[:-1], i_rub)
+    rubric = body(i_rub, _RUBRICS, i_fb)
+    if text[i_fb + len(_FEEDBACK):] not in ("", " "):
+        raise ValueError(bad)
+    close = rubric.find("]\nScore ")  # the criteria end at the first "]" that a score line follows
+    if not rubric.startswith("[") or close < 0:
+        raise ValueError(bad)
+    criteria, scores_text = rubric[1:close], rubric[close + 2:]
     starts = list(_SCORE_LINE.finditer(scores_text))
     values = [int(s.group(1)) for s in starts]
-    if not values or values != list(range(values[0], values[0] + len(values))):
+    if not starts or starts[0].start() != 0:
+        raise ValueError("the score rubric does not continue with a 'Score N: description' line after its "
+                         "[criteria]")
+    if values != list(range(values[0], values[0] + len(values))):
         raise ValueError(f"rubric score lines are not consecutive: {values}")
     descriptions = []
     for i, s in enumerate(starts):
         end = starts[i + 1].start() - 1 if i + 1 < len(starts) else len(scores_text)
         descriptions.append(scores_text[s.end():end])
     return {
-        "instruction": m.group("instruction"),
-        "response": m.group("response"),
-        "reference_answer": m.group("reference"),
-        "criteria": m.group("criteria"),
+        "instruction": instruction,
+        "response": response,
+        "reference_answer": reference,
+        "criteria": criteria,
         "score_descriptions": descriptions,
         "scale_min": values[0],
         "scale_max": values[-1],
     }
-
-
-SECTION_MARKERS = ("###Task Description:", "###The instruction to evaluate:", "###Response to evaluate:",
-                   "###Reference Answer (Score", "###Score Rubrics:", "###Feedback:")
-
-
-def section_marker_counts(text: str) -> dict[str, int]:
-    """How often each Prometheus section header occurs in a prompt (once each in a well-formed one)."""
-    return {m: text.count(m) for m in SECTION_MARKERS}
 
 
 _LEADING_FEEDBACK = re.compile(r"\A\s*(?:Feedback:)\s*", re.I)
