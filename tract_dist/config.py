@@ -292,6 +292,16 @@ class EvaluationSection(_Section):
                           "TRAINING.OUTPUT_DIR/evaluate")
 
 
+class ServeSection(_Section):
+    max_new_tokens: int | None = Field(
+        None, gt=0, le=_BIG, description="`tract-dist serve`: most new tokens per CoT a served judge generates "
+                                         "(cot_rail, decode); None: generation.max_new_tokens. Printed at start-up "
+                                         "with the replica's measured decode speed; a request that cannot finish "
+                                         "within --request-timeout-s at that speed is refused (422) naming this "
+                                         "key. On a CPU a few hundred tokens take minutes: use mode rail or a "
+                                         "small budget there")
+
+
 class PipelineSection(_Section):
     method: Literal["tract", "cot_raft", "ce_cot", "raft"] = Field(
         "tract", description="tract: both stages; cot_raft: stage 1 only; ce_cot: CE only (lam 0, CE on the score "
@@ -371,6 +381,7 @@ class Config(_Section):
     tracking: TrackingSection = Field(TrackingSection(), description="MLflow tracking")
     cluster: ClusterSection = Field(ClusterSection(), description="Ray cluster, workers and launcher")
     pipeline: PipelineSection = Field(PipelineSection(), description="the end-to-end pipeline and its method")
+    serve: ServeSection = Field(ServeSection(), description="the judge server (tract-dist serve)")
 
     @model_validator(mode="after")
     def _check_scale(self) -> "Config":

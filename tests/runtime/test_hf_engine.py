@@ -1,10 +1,14 @@
-"""Batched left-padded generation on a tiny model: same tokens as one-by-one, seeds per row, stop strings."""
+"""Batched left-padded generation on a tiny model: same tokens as one-by-one, seeds per row, stop strings, and
+per-row stop signals (a server's deadline or cancellation)."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 
 from tract_dist.data.encode import EncodeOptions, fit_prompt
+from tract_dist.runtime.deadline import StopSignal
 from tract_dist.runtime.hf_engine import HFEngine as Engine
 from tract_dist.runtime.sampling import SamplingParams
 
@@ -50,3 +54,33 @@ def test_stop_strings_end_generation(engine, prompts):
     assert cut.finish_reason == "stop"
     assert cut.new_tokens < 8
     assert free.text.startswith(cut.text) and stop in cut.text
+
+
+class _FiresAfter(StopSignal):
+    """A stop signal that fires after it has been read ``reads`` times (a deadline, deterministically)."""
+
+    def __init__(self, reads: int):
+        super().__init__(None)
+        self.left = reads
+
+    def reason(self, now=None):
+        self.left -= 1
+        return "deadline" if self.left < 0 else super().reason(now)
+
+
+def test_a_rows_stop_signal_ends_only_that_row(engine, prompts):
+    """Row 0 has no signal, row 1's deadline passes mid-generation, row 2 was cancelled before its batch: row 1
+    stops where it was (a prefix of its free greedy text), row 0 is exactly what it is alone, row 2 never runs;
+    the pad-is-EOS tokenizer (SmolLM2's) does not hide the cut."""
+    params = SamplingParams(temperature=0.0, max_new_tokens=24)
+    free = engine.generate(prompts, [0, 0, 0], params)
+    assert all(g.new_tokens == 24 for g in free)
+    cancelled = StopSignal(None)
+    cancelled.cancel()
+    out = engine.generate(prompts, [0, 0, 0], params, stops=[None, _FiresAfter(6), cancelled])
+    assert (out[0].text, out[0].new_tokens, out[0].finish_reason) == (free[0].text, 24, "length")
+    assert out[1].finish_reason == "deadline" and 0 < out[1].new_tokens < 24
+    assert free[1].text.startswith(out[1].text)
+    assert (out[2].text, out[2].new_tokens, out[2].finish_reason) == ("", 0, "cancelled")
+    past = StopSignal(time.monotonic() - 1)  # a deadline already passed: nothing runs
+    assert engine.generate(prompts[:1], [0], params, stops=[past])[0].finish_reason == "deadline"

@@ -83,3 +83,28 @@ def test_score_probs_equal_hf_full_vocabulary(vllm_engine, hf_engine, prompts):
         assert a == pytest.approx(b, rel=P_RTOL, abs=1e-12)
         assert sum(k * q for k, q in zip(st.scores, a)) == pytest.approx(sum(k * q for k, q in zip(st.scores, b)),
                                                                        abs=YHAT_ATOL)
+
+
+def test_a_stopped_request_is_aborted_and_the_engine_goes_on(vllm_engine, prompts):
+    """A request whose stop signal fires mid-generation is aborted in the engine (nothing unfinished is left
+    behind), one cancelled before it was queued never runs, the others finish exactly as without signals."""
+    from tract_dist.runtime.deadline import StopSignal
+
+    class FiresAfter(StopSignal):
+        def __init__(self, reads):
+            super().__init__(None)
+            self.left = reads
+
+        def reason(self, now=None):
+            self.left -= 1
+            return "deadline" if self.left < 0 else None
+
+    params = SamplingParams(temperature=0.0, max_new_tokens=12)
+    free = vllm_engine.generate(prompts[:2], [0, 0], params)
+    cancelled = StopSignal(None)
+    cancelled.cancel()
+    out = vllm_engine.generate(prompts, [0, 0, 0], params, stops=[None, FiresAfter(3), cancelled])
+    assert (out[0].text, out[0].finish_reason) == (free[0].text, free[0].finish_reason)
+    assert [(g.finish_reason, g.new_tokens) for g in out[1:]] == [("deadline", 0), ("cancelled", 0)]
+    assert not vllm_engine.llm.llm_engine.has_unfinished_requests()
+    assert vllm_engine.generate(prompts[1:2], [0], params)[0].text == free[1].text  # the abort left no trace

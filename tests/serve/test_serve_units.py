@@ -1,17 +1,20 @@
-"""The server's parts without a server: request models, query splitting, the ingress's deadline and retry, the
-CLI's refusals. Fast (no Ray cluster, no model)."""
+"""The server's parts without a server: request models, query splitting in every chat template, the ingress's
+deadline, cancellation, retry, work bound, authentication and error shapes, the CLI's refusals. Fast (no Ray
+cluster, no model)."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import gc
 import json
 
 import pytest
 from pydantic import ValidationError
 
-from tract_dist.serve.prompting import ChatMarkers, RequestError, chat_to_fields, completion_text, rubric_from_label
-from tract_dist.serve.prompting import split_query
-from tract_dist.serve.schemas import JudgeInput, JudgeRequest, describe_errors
+from tract_dist.serve.prompting import RequestError, chat_to_fields, completion_text, rubric_from_label
+from tract_dist.serve.schemas import ChatCompletionRequest, JudgeInput, JudgeRequest, RewardRequest, describe_errors
+from tract_dist.serve.templates import KNOWN, judge_template, split_query
 
 RUBRIC = {"criteria": "Is it right?", "score_descriptions": ["no", "barely", "partly", "mostly", "yes"]}
 
@@ -56,23 +59,54 @@ def test_completion_text_ends_with_the_rounded_score():
     assert completion_text({"score": 9.0, "cots": [""]}, (1, 5)) == "[RESULT] 5"
 
 
-@pytest.mark.parametrize("name", ["smollm2", "llama3", "mistral"])
-def test_openrlhf_query_split_with_real_chat_templates(tokenizers, name):
-    tok = tokenizers[name]
-    markers = ChatMarkers.from_tokenizer(tok)
+def _chat(tok, turns, generation_prompt=True):
+    return tok.apply_chat_template([{"role": r, "content": c} for r, c in turns],
+                                   add_generation_prompt=generation_prompt, tokenize=False)
+
+
+@pytest.mark.parametrize("policy", ["smollm2", "llama3", "mistral"])
+def test_openrlhf_queries_split_in_the_policys_own_template(tokenizers, policy):
+    """A ChatML judge (SmolLM2) gets queries in each real template: detected and split with that template
+    (with or without prompts[i], single- and multi-turn), never with the judge's."""
+    judge = judge_template(tokenizers["smollm2"])
+    tok = tokenizers[policy]
     instruction, response = "How do I sort a list in Python?", "Use sorted(xs), or xs.sort() in place."
-    prompt = tok.apply_chat_template([{"role": "user", "content": instruction}], add_generation_prompt=True,
-                                     tokenize=False)
+    prompt = _chat(tok, [("user", instruction)])
     query = prompt + response + (tok.eos_token or "")
-    assert split_query(query, prompt, markers, 0) == (instruction, response)
-    assert split_query(query, None, markers, 0) == (instruction, response)
-    multi = tok.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-                                     {"role": "user", "content": instruction}], add_generation_prompt=True,
-                                    tokenize=False)
-    assert split_query(multi + response, None, markers, 3) == (instruction, response)  # the last user turn
+    assert split_query(query, prompt, 0, judge=judge) == (instruction, response)
+    assert split_query(query, None, 0, judge=judge) == (instruction, response)
+    multi = _chat(tok, [("user", "Hi"), ("assistant", "Hello!"), ("user", instruction)])
+    assert split_query(multi + response, None, 3, judge=judge) == (instruction, response)  # the last user turn
+    name = {"smollm2": "chatml"}.get(policy, policy)
+    assert split_query(query, prompt, 0, template=name, judge=judge) == (instruction, response)  # named
+    other = next(n for n in ("llama3", "gemma") if n != name)
+    with pytest.raises(RequestError, match=f"not in the {other} chat template") as e:  # named, but wrong
+        split_query(query, None, 5, template=other, judge=judge)
+    assert e.value.field == "query.5"
     with pytest.raises(RequestError, match="cannot be split") as e:
-        split_query("plain text", None, markers, 3)
+        split_query("plain text", None, 3, judge=judge)
     assert e.value.field == "query.3"
+
+
+def test_gemma_phi3_and_plain_queries_and_template_text_is_never_graded():
+    instruction, response = "Name a prime.", "7"
+    gemma = f"<bos><start_of_turn>user\n{instruction}<end_of_turn>\n<start_of_turn>model\n"
+    assert split_query(gemma + response + "<end_of_turn>\n", None, 0) == (instruction, response)
+    phi3 = f"<|user|>\n{instruction}<|end|>\n<|assistant|>\n"
+    assert split_query(phi3 + response + "<|end|>", phi3, 0) == (instruction, response)
+    plain = f"Question: {instruction}\nAnswer:"
+    assert split_query(plain + " " + response, plain, 0) == (plain, response)  # no template: the prompt itself
+    # the first template marker decides: ChatML text quoted inside a Llama-3 conversation stays content
+    llama = KNOWN["llama3"]
+    quoted = "Explain <|im_start|> tokens."
+    q = f"<|begin_of_text|>{llama.user_open}{quoted}{llama.turn_end}{llama.assistant_open}"
+    with pytest.raises(RequestError, match="instruction still holds chat-template text"):
+        split_query(q + "They open a turn.<|eot_id|>", None, 1)  # ... which is then refused, not graded
+    # a template the server does not know, split by prompts[i] as plain text: refused, naming the query
+    other = "<|turn|>user: Name a prime.<|turn|>bot: "
+    with pytest.raises(RequestError, match=r"query.2: after splitting with no chat template, the instruction") as e:
+        split_query(other + "7", other, 2, template="none")
+    assert "policy_template" in str(e.value) and e.value.field == "query.2"
 
 
 def test_reward_rubric_from_labels():
@@ -88,13 +122,27 @@ class _Settings:
     request_timeout_s = 0.3
 
 
+class _Response:
+    """Stands in for Serve's DeploymentResponse: awaitable, and records ``cancel()``."""
+
+    def __init__(self, coro, method):
+        self.coro, self.method = coro, method
+
+    def __await__(self):
+        return self.coro.__await__()
+
+    def cancel(self):
+        self.method.cancelled += 1
+
+
 class _Method:
     def __init__(self, behaviour):
-        self.behaviour, self.calls = behaviour, 0
+        self.behaviour, self.calls, self.cancelled, self.args = behaviour, 0, 0, []
 
     def remote(self, *args):
         self.calls += 1
-        return self.behaviour(self.calls, *args)
+        self.args.append(args)
+        return _Response(self.behaviour(self.calls, *args), self)
 
 
 class _Handle:
@@ -111,19 +159,51 @@ def _ingress(behaviour):
     cls = JudgeServer.func_or_class
     obj = SimpleNamespace(judge=_Handle(behaviour), settings=_Settings())
     obj._call = lambda method, *a: cls._call(obj, method, *a)
+    obj._deadline = lambda: cls._deadline(obj)
     return cls, obj
 
 
-def test_deadline_answers_504():
+def test_deadline_answers_504_and_cancels_the_replica_calls():
+    """The deadline travels with each call (Unix time), and at it the ingress answers 504 and cancels the calls
+    still running (Serve then drops them from the batch or the replica stops their rows)."""
+    import time
+
     from tract_dist.serve.ingress import ApiError
 
     async def slow(n, call):
         await asyncio.sleep(5)
 
     cls, obj = _ingress(slow)
+    t = time.time()
     with pytest.raises(ApiError) as e:
-        asyncio.run(cls._judge_all(obj, [{"fields": {}}]))
+        asyncio.run(cls._judge_all(obj, [{"fields": {}}, {"fields": {}}]))
     assert e.value.status == 504 and "did not answer within 0.3 s" in e.value.message
+    assert obj.judge.score.calls == 2 and obj.judge.score.cancelled == 2
+    assert all(abs(args[0]["deadline"] - (t + 0.3)) < 0.2 for args in obj.judge.score.args)
+
+
+def test_client_disconnect_cancels_the_replica_calls():
+    """A request cancelled from outside (Serve cancels the route when its HTTP client goes away) cancels its
+    replica calls too, and nothing is left to log as an unretrieved exception."""
+    cls, obj = _ingress(lambda n, call: asyncio.sleep(5))
+    obj.settings.request_timeout_s = 30
+
+    logged = []
+
+    async def client_goes_away():
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: logged.append(ctx))
+        route = asyncio.ensure_future(cls._judge_all(obj, [{"fields": {}}] * 3))
+        await asyncio.sleep(0.1)
+        route.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await route
+        await asyncio.sleep(0)  # the cancelled calls run their handlers
+        del route
+        gc.collect()  # an unretrieved future's exception is reported when it is collected
+
+    asyncio.run(client_goes_away())
+    assert obj.judge.score.calls == 3 and obj.judge.score.cancelled == 3
+    assert logged == []
 
 
 def test_dead_replica_is_retried_then_503():
@@ -186,3 +266,106 @@ def test_fixed_or_autoscaled_replicas():
     opts = ServeOptions(model_id="m", autoscale=(1, 4))
     assert opts.max_replicas == 4 and opts.describe_replicas() == "1-4 replicas, autoscaled"
     assert ServeOptions(model_id="m", replicas=2).max_replicas == 2
+
+
+def test_numbers_and_switches_are_strict_and_chat_content_is_capped():
+    from tract_dist.serve.schemas import MAX_CHAT_CHARS
+
+    x = {"instruction": "i", "response": "r", **RUBRIC}
+    for body, where in (({"input": x, "seed": "5"}, "seed"), ({"input": x, "n_cots": True}, "n_cots"),
+                        ({"input": x, "n_cots": 2.0}, "n_cots"), ({"input": x, "n_cots": "3"}, "n_cots")):
+        with pytest.raises(ValidationError) as e:
+            JudgeRequest.model_validate_json(json.dumps(body))
+        assert describe_errors(e.value)[1] == where
+    assert JudgeRequest.model_validate_json(json.dumps({"input": x, "n_cots": 3, "seed": 5})).n_cots == 3
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    for extra, where in (({"stream": "false"}, "stream"), ({"n": True}, "n"), ({"seed": "1"}, "seed")):
+        with pytest.raises(ValidationError) as e:
+            ChatCompletionRequest.model_validate_json(json.dumps({**chat, **extra}))
+        assert describe_errors(e.value)[1] == where
+    with pytest.raises(ValidationError, match=f"at most {MAX_CHAT_CHARS}"):
+        ChatCompletionRequest.model_validate({**chat, "messages": [{"role": "user", "content": "x" * (MAX_CHAT_CHARS + 1)}]})
+    parts = [{"type": "text", "text": "x" * (MAX_CHAT_CHARS // 2)}] * 3  # each part under the cap, together over
+    with pytest.raises(ValidationError, match=f"at most {MAX_CHAT_CHARS}"):
+        ChatCompletionRequest.model_validate({**chat, "messages": [{"role": "user", "content": parts}]})
+    with pytest.raises(ValidationError, match="policy_template"):
+        RewardRequest.model_validate({"query": ["q"], "policy_template": "vicuna"})
+
+
+class _Headers:
+    def __init__(self, **h):
+        self.headers = {k.replace("_", "-"): v for k, v in h.items()}
+
+
+def test_credentials_bearer_x_api_key_and_basic_auth_and_empty_headers_veto_nothing():
+    """OpenRLHF's aiohttp client (like requests) turns a URL's user info into HTTP Basic: the key as password."""
+    import aiohttp
+
+    from tract_dist.serve.ingress import _credentials
+
+    key = "k-123"
+    assert _credentials(_Headers(x_api_key="", authorization=f"Bearer {key}")) == [key]  # empty header: nothing
+    assert _credentials(_Headers(x_api_key="  ", authorization="Bearer ")) == []
+    assert _credentials(_Headers(authorization=aiohttp.BasicAuth("tract", key).encode())) == [key]
+    assert _credentials(_Headers(authorization=aiohttp.BasicAuth(key, "").encode())) == [key]  # http://KEY@host
+    assert _credentials(_Headers(authorization="Basic !!notbase64")) == []
+    assert _credentials(_Headers(x_api_key="wrong", authorization=f"Bearer {key}")) == ["wrong", key]
+    assert base64.b64decode(aiohttp.BasicAuth("tract", key).encode().split()[1]) == b"tract:k-123"
+
+
+def test_every_error_is_openai_shaped_and_headers_are_capped():
+    """FastAPI's own 404 and 405, an unexpected 500 and an over-large header block, through the handlers and the
+    middleware the ingress installs (on a throwaway app: the ingress's routes need Serve)."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from tract_dist.serve.ingress import HeaderLimit, install_error_handlers
+    from tract_dist.serve.schemas import MAX_HEADER_BYTES
+
+    app = FastAPI()
+    install_error_handlers(app)
+    app.add_middleware(HeaderLimit)
+
+    @app.post("/v1/judge")
+    async def judge():
+        raise RuntimeError("boom: secret details")
+
+    client = TestClient(app, raise_server_exceptions=False)
+    for method, path, status, says in (("GET", "/nope", 404, "no such route: GET /nope"),
+                                       ("GET", "/v1/judge", 405, "method not allowed: GET /v1/judge"),
+                                       ("POST", "/v1/judge", 500, "internal error: RuntimeError")):
+        r = client.request(method, path)
+        err = r.json()["error"]
+        assert r.status_code == status and says in err["message"] and set(err) == {"message", "type", "param",
+                                                                                   "code"}
+        assert "secret" not in r.text
+    assert client.get("/v1/judge").headers["allow"] == "POST"
+    r = client.get("/nope", headers={"x-big": "a" * MAX_HEADER_BYTES})
+    assert r.status_code == 431 and "over the limit" in r.json()["error"]["message"]
+
+
+def test_work_that_cannot_meet_the_deadline_is_refused_naming_the_options():
+    import time
+
+    from tract_dist.serve.app import budget_statement
+    from tract_dist.serve.ingress import ApiError, _work_bound
+
+    info = {"max_new_tokens": 512, "budget_source": "generation.max_new_tokens", "decode_step_s": 0.05,
+            "rows_per_pass": 8, "defaults": {"mode": "cot_rail", "n_cots": 1}}
+    assert _work_bound(info, "rail", 16, 64) == 0.0  # one forward pass, no generation
+    assert _work_bound(info, "cot_rail", 1, 1) == pytest.approx(25.6)  # 512 steps of 50 ms
+    assert _work_bound(info, "decode", 3, 3) == pytest.approx(2 * 25.6)  # 9 CoTs: two passes of up to 8 rows
+    cls, obj = _ingress(None)
+    obj.settings.request_timeout_s = 20
+    with pytest.raises(ApiError) as e:
+        cls._check_work(obj, info, None, None, 1, time.time() + 20)
+    assert e.value.status == 422 and e.value.code == "over_deadline"
+    for says in ("mode cot_rail", "512 new tokens per CoT (generation.max_new_tokens)", "at least 26 s",
+                 "serve.max_new_tokens", "--request-timeout-s", "mode rail"):
+        assert says in e.value.message
+    cls._check_work(obj, info, "rail", 16, 64, time.time() + 20)  # fits: no error
+    cls._check_work(obj, info, None, None, 1, time.time() + 30)
+    line = budget_statement(info, 20)
+    assert "512 new tokens per CoT (generation.max_new_tokens)" in line and "warning" in line
+    assert "serve.max_new_tokens=200" in line  # half of the 20 s deadline at 50 ms a step
+    assert "warning" not in budget_statement(info, 120)

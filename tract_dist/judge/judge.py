@@ -6,6 +6,10 @@
 - ``decode``: generate the whole answer (no stop strings) and parse the number after the score phrase or
   ``[RESULT]``; unparseable answers are counted, never guessed.
 - ``rail``: RAIL without CoT: the prompt followed immediately by "So the overall score is".
+
+``score_batch(..., stops=)`` takes one :class:`~tract_dist.runtime.deadline.StopSignal` per input (a server's
+request deadline or cancellation): the engine stops that input's generation at its next step, and an input whose
+signal has fired gets no read-out and the failure ``"deadline: ..."`` or ``"cancelled: ..."``.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from tract_dist.data.score_tokens import ScoreTokens, derive_score_tokens, parse
 from tract_dist.judge.parsing import parse_decoded_score
 from tract_dist.judge.rail import readouts
 from tract_dist.protocol import SCORE_PHRASE, STOP_STRINGS
-from tract_dist.runtime.engine import EngineSpec, InferenceEngine, VllmOptions, extract_cot
+from tract_dist.runtime.deadline import StopSignal, fired
+from tract_dist.runtime.engine import EngineSpec, Generation, InferenceEngine, VllmOptions, extract_cot
 from tract_dist.runtime.sampling import SamplingParams, example_seed
 
 Mode = Literal["cot_rail", "decode", "rail"]
@@ -138,14 +143,18 @@ class Judge:
         return prompt + self._bare_suffix
 
     # -- generation ------------------------------------------------------------------------------------
-    def _generate(self, jobs: list[tuple[str, int, list[int]]], params: SamplingParams) -> list[str]:
-        """Texts for (example id, CoT index, prompt ids) jobs; each samples with its own id-derived seed.
+    def _generate(self, jobs: list[tuple[str, int, list[int]]], params: SamplingParams,
+                  stops: list[StopSignal | None] | None = None) -> list[Generation]:
+        """Generations for (example id, CoT index, prompt ids) jobs; each samples with its own id-derived seed.
 
         All jobs go to the engine at once: HF batches them by ``batch_size``, vLLM schedules them continuously
-        (and the n CoTs of one prompt share its cached prefix)."""
-        gens = self.engine.generate([p for _, _, p in jobs], [example_seed(self.seed, ex_id, j) for ex_id, j, _ in jobs],
-                                    params)
-        return [g.text for g in gens]
+        (and the n CoTs of one prompt share its cached prefix). ``stops`` (one per job) is passed only when a
+        job has one, so engines without stop signals keep working."""
+        prompts = [p for _, _, p in jobs]
+        seeds = [example_seed(self.seed, ex_id, j) for ex_id, j, _ in jobs]
+        if stops and any(s is not None for s in stops):
+            return self.engine.generate(prompts, seeds, params, stops=stops)
+        return self.engine.generate(prompts, seeds, params)
 
     def _params(self, n_cots: int, decode: bool) -> SamplingParams:
         p = self.sampling
@@ -160,8 +169,9 @@ class Judge:
         return self.score_batch([example_or_fields], n_cots=n_cots, mode=mode)[0]
 
     def score_batch(self, examples: list[JudgeExample | dict[str, Any]], n_cots: int = 1,
-                    mode: Mode = "cot_rail") -> list[JudgeResult]:
-        """Judge many inputs, batching generation and scoring passes; one result per input, in order."""
+                    mode: Mode = "cot_rail", stops: list[StopSignal | None] | None = None) -> list[JudgeResult]:
+        """Judge many inputs, batching generation and scoring passes; one result per input, in order.
+        ``stops[i]`` (optional) ends input i's work early: see the module docstring."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if n_cots < 1:
@@ -176,15 +186,22 @@ class Judge:
             except DroppedExample as e:
                 results[i].failure = f"dropped: {e}"
         if mode == "rail":
+            self._drop_stopped(results, prompts, stops, None)
             seqs = {i: p + self._bare_suffix for i, p in prompts.items()}
             self._read(results, {i: [s] for i, s in seqs.items()})
             return results
         owners = [i for i in prompts for _ in range(n_cots)]
         jobs = [(exs[i].id, j, prompts[i]) for i in prompts for j in range(n_cots)]
-        texts = self._generate(jobs, self._params(n_cots, decode=mode == "decode"))
+        params = self._params(n_cots, decode=mode == "decode")
+        gens = self._generate(jobs, params, [stops[i] for i in owners] if stops else None)
+        made: dict[int, int] = {}  # most new tokens of any of the input's CoTs (for a stop's failure message)
+        for i, g in zip(owners, gens):
+            made[i] = max(made.get(i, 0), g.new_tokens)
+        self._drop_stopped(results, prompts, stops, {i: (n, params.max_new_tokens) for i, n in made.items()})
         by_example: dict[int, list[str]] = {}
-        for i, text in zip(owners, texts):
-            by_example.setdefault(i, []).append(text)
+        for i, g in zip(owners, gens):
+            if i in prompts:
+                by_example.setdefault(i, []).append(g.text)
         if mode == "decode":
             for i, outs in by_example.items():
                 r = results[i]
@@ -204,6 +221,20 @@ class Judge:
             seqs_by[i] = [self.score_sequence(prompts[i], c) for c in cots]
         self._read(results, seqs_by)
         return results
+
+    @staticmethod
+    def _drop_stopped(results: list[JudgeResult], prompts: dict[int, list[int]],
+                      stops: list[StopSignal | None] | None, made: dict[int, tuple[int, int]] | None) -> None:
+        """Inputs whose signal has fired leave ``prompts`` (no read-out: nobody waits for it) with a failure."""
+        if not stops:
+            return
+        for i in list(prompts):
+            why = fired(stops, i)
+            if why:
+                del prompts[i]
+                n, budget = made.get(i, (0, 0)) if made is not None else (0, 0)
+                results[i].failure = (f"{why}: stopped after {n} of {budget} new tokens" if made is not None
+                                      else f"{why}: stopped before the read-out")
 
     def _read(self, results: list[JudgeResult], seqs_by: dict[int, list[list[int]]]) -> None:
         """Run the RAIL read-out over every sequence and average ŷ and p over each input's CoTs."""

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from tract_dist.data.prompts import normalize_feedback
 from tract_dist.protocol import DANGLING_SCORE_RE
+from tract_dist.runtime.deadline import StopSignal
 from tract_dist.runtime.sampling import SamplingParams
 
 BACKENDS: tuple[str, ...] = ("hf", "vllm")
@@ -31,7 +32,7 @@ BACKENDS: tuple[str, ...] = ("hf", "vllm")
 class Generation:
     text: str  # decoded new tokens (special tokens removed), including the stop string that ended it, before any cut
     new_tokens: int  # generated tokens up to and including the stop/EOS token
-    finish_reason: str  # "eos", "stop" (a stop string) or "length"
+    finish_reason: str  # "eos", "stop" (a stop string), "length", or "deadline" / "cancelled" (its StopSignal)
 
 
 class InferenceEngine(Protocol):
@@ -40,8 +41,10 @@ class InferenceEngine(Protocol):
     backend: str
     tokenizer: Any
 
-    def generate(self, prompts: list[list[int]], seeds: list[int], params: SamplingParams) -> list[Generation]:
-        """One continuation per prompt, in input order."""
+    def generate(self, prompts: list[list[int]], seeds: list[int], params: SamplingParams,
+                 stops: list[StopSignal | None] | None = None) -> list[Generation]:
+        """One continuation per prompt, in input order; row i ends early, with ``finish_reason`` "deadline" or
+        "cancelled", once ``stops[i]`` fires (:mod:`tract_dist.runtime.deadline`)."""
         ...
 
     def score_probs(self, sequences: list[list[int]], token_ids: list[int]) -> list[list[float]]:

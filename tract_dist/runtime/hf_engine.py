@@ -5,16 +5,45 @@ Left padding keeps every row's last prompt token at the same position, which ``g
 decoding; HF derives position ids from the attention mask. Static batches of ``batch_size`` rows: a batch runs
 until its longest row ends (vLLM's continuous batching does not wait). Runs anywhere torch does, which is why
 it stays the fallback and the backend of the GPU check machine (no vLLM wheel there).
+
+A row may carry a :class:`~tract_dist.runtime.deadline.StopSignal` (a judge server's request deadline or
+cancellation): :class:`RowStops` ends that row at the next decode step, the other rows of the batch go on, and a
+batch whose rows have all stopped returns at once.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
+from transformers import StoppingCriteria
 
+from tract_dist.runtime.deadline import StopSignal, fired
 from tract_dist.runtime.engine import EngineSpec, Generation
 from tract_dist.runtime.sampling import PerRowSampler, SamplingParams
+
+
+class RowStops(StoppingCriteria):
+    """A transformers stopping criterion (a ``StoppingCriteriaList`` member) that ends each row whose
+    :class:`StopSignal` fired: generate marks the row finished and pads it, the batch ends when every row has.
+    One clock read and one small bool tensor per decode step; no device synchronisation. ``fired_at[i]`` is the
+    sequence length at which row i was first told to stop (its padding then starts there, which tells a row
+    cut by its signal from one that had already ended, even where padding is the EOS token)."""
+
+    def __init__(self, stops: list[StopSignal | None]):
+        self.stops = stops
+        self.fired_at: list[int | None] = [None] * len(stops)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        now = time.monotonic()
+        done = []
+        for i, s in enumerate(self.stops):
+            stop = s is not None and s.reason(now) is not None
+            if stop and self.fired_at[i] is None:
+                self.fired_at[i] = input_ids.shape[1]
+            done.append(stop)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 class HFEngine:
@@ -38,26 +67,47 @@ class HFEngine:
         self.eos_ids = sorted(eos)
         self._stop_cache: dict[tuple[str, ...], Any] = {}
 
-    def _stopping(self, stop: tuple[str, ...]) -> Any:
-        """Transformers' StopStringCriteria, built once per stop tuple (it pre-processes the whole vocabulary)."""
-        if not stop:
-            return None
-        if stop not in self._stop_cache:
-            from transformers import StoppingCriteriaList, StopStringCriteria
+    def _stopping(self, stop: tuple[str, ...], row_stops: RowStops | None = None) -> Any:
+        """Transformers' StopStringCriteria, built once per stop tuple (it pre-processes the whole vocabulary:
+        seconds for a 50k vocabulary, so a server builds it at start-up), plus the rows' stop signals."""
+        from transformers import StoppingCriteriaList
 
-            self._stop_cache[stop] = StoppingCriteriaList([StopStringCriteria(self.tokenizer, list(stop))])
-        return self._stop_cache[stop]
+        criteria: list[Any] = []
+        if stop:
+            if stop not in self._stop_cache:
+                from transformers import StopStringCriteria
+
+                self._stop_cache[stop] = StopStringCriteria(self.tokenizer, list(stop))
+            criteria.append(self._stop_cache[stop])
+        if row_stops is not None:
+            criteria.append(row_stops)
+        return StoppingCriteriaList(criteria) if criteria else None
 
     def _chunks(self, n: int) -> list[slice]:
         step = self.batch_size or max(n, 1)
         return [slice(i, i + step) for i in range(0, n, step)]
 
-    def generate(self, prompts: list[list[int]], seeds: list[int], params: SamplingParams) -> list[Generation]:
-        """Generate one continuation per prompt; row i samples with ``seeds[i]`` only (ignored when greedy)."""
-        out: list[Generation] = []
+    def generate(self, prompts: list[list[int]], seeds: list[int], params: SamplingParams,
+                 stops: list[StopSignal | None] | None = None) -> list[Generation]:
+        """Generate one continuation per prompt; row i samples with ``seeds[i]`` only (ignored when greedy) and
+        stops early when ``stops[i]`` fires (``finish_reason`` "deadline" or "cancelled"; a row whose signal has
+        fired before its batch starts is not run at all)."""
+        out: list[Generation | None] = [None] * len(prompts)
         for c in self._chunks(len(prompts)):
-            out += self._generate_batch(prompts[c], seeds[c], params)
-        return out
+            rows = range(len(prompts))[c]
+            live = []
+            for i in rows:
+                why = fired(stops, i)
+                if why:
+                    out[i] = Generation(text="", new_tokens=0, finish_reason=why)
+                else:
+                    live.append(i)
+            if live:
+                gens = self._generate_batch([prompts[i] for i in live], [seeds[i] for i in live], params,
+                                            [stops[i] for i in live] if stops else None)
+                for i, g in zip(live, gens):
+                    out[i] = g
+        return [g for g in out if g is not None]
 
     def score_probs(self, sequences: list[list[int]], token_ids: list[int]) -> list[list[float]]:
         """Float64 full-vocabulary softmax at the last position of each sequence, read at ``token_ids``."""
@@ -67,7 +117,8 @@ class HFEngine:
         return out
 
     @torch.no_grad()
-    def _generate_batch(self, prompts: list[list[int]], seeds: list[int], params: SamplingParams) -> list[Generation]:
+    def _generate_batch(self, prompts: list[list[int]], seeds: list[int], params: SamplingParams,
+                        stops: list[StopSignal | None] | None = None) -> list[Generation]:
         from transformers import GenerationConfig, LogitsProcessorList
 
         if not prompts:
@@ -80,22 +131,31 @@ class HFEngine:
         processors = LogitsProcessorList()
         if not params.greedy:
             processors.append(PerRowSampler(seeds, params.temperature, params.top_p, self.device))
+        row_stops = RowStops(stops) if stops and any(s is not None for s in stops) else None
         out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                   generation_config=config, logits_processor=processors,
-                                  stopping_criteria=self._stopping(params.stop))
+                                  stopping_criteria=self._stopping(params.stop, row_stops))
         results = []
         eos = set(self.eos_ids)
-        for row in out[:, width:].tolist():
+        for k, row in enumerate(out[:, width:].tolist()):
             n, reason = len(row), "length"
             for j, t in enumerate(row):  # finished rows are padded; EOS counts as generated, padding does not
                 if t in eos or t == self.pad_id:
                     n, reason = (j + 1, "eos") if t in eos else (j, "stop")
                     break
+            cut = row_stops.fired_at[k] if row_stops is not None else None
+            if cut is not None and _end_index(row, eos, self.pad_id) >= cut - width:  # padded from where it was told
+                n, reason = cut - width, fired(stops, k) or "cancelled"
             text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
             if params.stop and any(s in text for s in params.stop):
                 reason = "stop"
             results.append(Generation(text=text, new_tokens=n, finish_reason=reason))
         return results
+
+
+def _end_index(row: list[int], eos: set[int], pad_id: int) -> int:
+    """Index of a generated row's first EOS or padding token (its length when it has none)."""
+    return next((j for j, t in enumerate(row) if t in eos or t == pad_id), len(row))
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,9 @@ Why these choices (vllm 0.32, checked in its source):
 - The RAIL read-out is ``SamplingParams(max_tokens=1, logprob_token_ids=ids)``: vLLM computes
   ``log_softmax`` over the full vocabulary in float32 on the raw logits (``logprobs_mode="raw_logprobs"``, the
   default) and gathers the requested ids, so p_k = exp(logprob_k) is the full-vocabulary probability.
+- A row with a :class:`~tract_dist.runtime.deadline.StopSignal` (a judge server's deadline or cancellation):
+  its requests are added with ``LLMEngine.add_request`` and the engine is stepped here, as ``LLM.generate``
+  steps it, aborting (``LLMEngine.abort_request``) each request whose signal has fired; the others run on.
 - ``include_stop_str_in_output=True``: the text keeps the stop string, as HF's does, so ``extract_cot`` cuts both.
 - The engine core runs in a spawned process: scripts that build an engine need the ``__main__`` guard.
 - On CPU vLLM reserves ``gpu_memory_utilization`` of *host* memory for the KV cache unless
@@ -26,6 +29,7 @@ import math
 import os
 from typing import Any, Iterator
 
+from tract_dist.runtime.deadline import StopSignal, fired
 from tract_dist.runtime.engine import EngineSpec, Generation
 from tract_dist.runtime.sampling import SamplingParams
 
@@ -143,8 +147,42 @@ class VLLMEngine:
         self.last_cached_tokens = [int(o.num_cached_tokens or 0) for o in outs]
         return outs
 
-    def generate(self, prompts: list[list[int]], seeds: list[int], params: SamplingParams) -> list[Generation]:
-        """All prompts are handed to the scheduler at once (continuous batching); outputs come back in order."""
+    def _run_stoppable(self, prompts: list[list[int]], params: list[Any],
+                       stops: list[StopSignal | None]) -> list[Any | None]:
+        """``_run`` with each request aborted once its signal fires (its output is then None). The loop of
+        ``LLM.generate`` (add the requests, ``step`` until none is unfinished) with the signals read between
+        steps; the requests carry request ids of this call's own, which outputs echo and ``abort_request``
+        takes. A row whose signal fired before it was queued is never queued."""
+        import uuid
+
+        engine = self.llm.llm_engine
+        tag = uuid.uuid4().hex[:12]
+        row_of: dict[str, int] = {}
+        for i, p in enumerate(prompts):
+            if not fired(stops, i):
+                rid = f"tract-{tag}-{i}"
+                engine.add_request(rid, {"prompt_token_ids": list(p)}, params[i], lora_request=self.lora_request)
+                row_of[rid] = i
+        outs: list[Any | None] = [None] * len(prompts)
+        pending = set(row_of)
+        while pending and engine.has_unfinished_requests():
+            stop_now = [rid for rid in pending if fired(stops, row_of[rid])]
+            if stop_now:
+                engine.abort_request(stop_now)
+                pending.difference_update(stop_now)
+                if not pending:
+                    break
+            for o in engine.step():
+                if o.finished and o.request_id in pending:
+                    outs[row_of[o.request_id]] = o
+                    pending.discard(o.request_id)
+        self.last_cached_tokens = [int(o.num_cached_tokens or 0) if o is not None else 0 for o in outs]
+        return outs
+
+    def generate(self, prompts: list[list[int]], seeds: list[int], params: SamplingParams,
+                 stops: list[StopSignal | None] | None = None) -> list[Generation]:
+        """All prompts are handed to the scheduler at once (continuous batching); outputs come back in order.
+        A row whose ``stops[i]`` fires is aborted (``finish_reason`` "deadline" or "cancelled", no text)."""
         from vllm import SamplingParams as VSamplingParams
 
         if not prompts:
@@ -154,8 +192,12 @@ class VLLMEngine:
                                 seed=None if params.greedy else int(seed), stop=list(params.stop) or None,
                                 include_stop_str_in_output=True, skip_special_tokens=True)
                 for seed in seeds]
+        stoppable = bool(stops) and any(s is not None for s in stops)
         results = []
-        for o in self._run(prompts, reqs):
+        for i, o in enumerate(self._run_stoppable(prompts, reqs, stops) if stoppable else self._run(prompts, reqs)):
+            if o is None:
+                results.append(Generation(text="", new_tokens=0, finish_reason=fired(stops, i) or "cancelled"))
+                continue
             c = o.outputs[0]
             if c.finish_reason == "length":
                 reason = "length"

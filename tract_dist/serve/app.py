@@ -37,7 +37,7 @@ class ServeOptions:
     max_body_bytes: int = MAX_BODY_BYTES
     api_key: str | None = field(default=None, repr=False)  # only its SHA-256 leaves this process
     default_rubric: dict[str, Any] | None = None
-
+    policy_template: str = "auto"  # /get_reward: the chat template of the policy's queries (serve/templates.py)
 
     @property
     def max_replicas(self) -> int:
@@ -76,7 +76,7 @@ def build_app(cfg: Any, model_path: str, opts: ServeOptions) -> Any:
     key_sha = hashlib.sha256(opts.api_key.encode()).hexdigest() if opts.api_key else None
     settings = IngressSettings(model_id=opts.model_id, api_key_sha256=key_sha,
                                request_timeout_s=opts.request_timeout_s, max_body_bytes=opts.max_body_bytes,
-                               default_rubric=opts.default_rubric)
+                               default_rubric=opts.default_rubric, policy_template=opts.policy_template)
     return JudgeServer.bind(model, settings)
 
 
@@ -117,8 +117,10 @@ def run_server(cfg: Any, model_path: str, opts: ServeOptions, *, host: str, port
         where = f"http://{host}:{port}"
         auth = "an API key is required" if opts.api_key else "no API key (loopback only is the safe default)"
         print(f"[serve] {opts.model_id} on {where} ({opts.describe_replicas()}, {auth}); POST /v1/judge, "
-              f"/v1/chat/completions, /get_reward; GET /health, /v1/models. Ctrl-C stops.", file=sys.stderr,
-              flush=True)
+              f"/v1/chat/completions, /get_reward (also under /rail, /cot_rail, /decode); GET /health, /v1/models. "
+              f"Ctrl-C stops.", file=sys.stderr, flush=True)
+        info = serve.get_deployment_handle("JudgeModel", APP_NAME).describe.remote().result(timeout_s=120)
+        print(budget_statement(info, opts.request_timeout_s), file=sys.stderr, flush=True)
         if tracking:
             _log_served_model(cfg, model_path, opts, where, registered_name)
         while not stop.wait(1.0):
@@ -130,6 +132,25 @@ def run_server(cfg: Any, model_path: str, opts: ServeOptions, *, host: str, port
         finally:
             serve.shutdown()
     return 0
+
+
+def budget_statement(info: dict[str, Any], request_timeout_s: float) -> str:
+    """The start-up line on the serving budget: new tokens per CoT, where that number comes from, the measured
+    decode step and what a default request costs at it, with a warning when it cannot meet the deadline."""
+    from tract_dist.serve.ingress import _work_bound
+
+    mode, n_cots = info["defaults"]["mode"], info["defaults"]["n_cots"]
+    bound = _work_bound(info, mode, n_cots, 1)
+    line = (f"[serve] generation budget {info['max_new_tokens']} new tokens per CoT ({info['budget_source']}); one "
+            f"decode step {info['decode_step_s'] * 1000:.1f} ms measured on the replica, so a default {mode} "
+            f"request (n_cots {n_cots}) generates for up to ~{bound:.0f} s; deadline {request_timeout_s:g} s "
+            "(--request-timeout-s)")
+    if bound > request_timeout_s:
+        fit = int(request_timeout_s / max(info["decode_step_s"], 1e-9) / 2)
+        line += (f"\n[serve] warning: a default {mode} request cannot finish within the deadline here and will be "
+                 f"refused (422); use evaluation.mode=rail (one forward pass) or serve.max_new_tokens={max(fit, 1)} "
+                 "(half the deadline), or raise --request-timeout-s")
+    return line
 
 
 def _log_served_model(cfg: Any, model_path: str, opts: ServeOptions, where: str, name: str | None) -> None:

@@ -80,6 +80,11 @@ def register(sub: Any, add_config_args: Callable[..., None]) -> None:
     p.add_argument("--max-body-bytes", type=_positive, default=None, help="largest request body (default 4 MiB)")
     p.add_argument("--rubric", help="JSON file {criteria, score_descriptions}: /get_reward's rubric when a label "
                                     "gives none")
+    from tract_dist.serve.templates import ALIASES, CHOICES
+
+    p.add_argument("--policy-template", default="auto", choices=[*CHOICES, *ALIASES],
+                   help="/get_reward: the chat template of the policy's queries (auto: detected per query among "
+                        "llama3, chatml, mistral, gemma, phi3, then the judge's own; none: plain text)")
     p.add_argument("--register-name", type=safe_name_arg,
                    help="register the served model under this name in the MLflow model registry")
     add_config_args(p, required=False)
@@ -118,6 +123,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                         gpus_per_replica=float(cfg.evaluation.tensor_parallel_size) if cfg.cluster.use_gpu else 0.0,
                         max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s,
                         request_timeout_s=args.request_timeout_s, api_key=api_key, default_rubric=rubric,
+                        policy_template=args.policy_template,
                         **({"max_body_bytes": args.max_body_bytes} if args.max_body_bytes else {}))
     tracking = cfg.tracking.enabled and bool(args.config or os.environ.get("MLFLOW_TRACKING_URI") or
                                              args.register_name)

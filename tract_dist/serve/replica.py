@@ -9,6 +9,17 @@ The model runs in a worker thread so the replica's event loop keeps collecting t
 Serve's health checks meanwhile; ``max_concurrent_batches=1`` keeps the judge single-threaded. A failure while
 judging is returned per input (``failure``), never raised through the batch, so one bad input cannot fail the
 other requests of its batch or the replica.
+
+Deadlines and cancellation: each call carries its request's deadline (Unix time, set by the ingress), which
+becomes a :class:`~tract_dist.runtime.deadline.StopSignal`. When Serve cancels a call (the ingress gave up at
+its deadline, or the HTTP client went away), Serve raises ``asyncio.CancelledError`` in :meth:`score`: a call
+still queued is dropped by ``serve.batch`` itself, and one already in the running batch has its signal
+cancelled, so the engine ends its rows at the next decode step (HF) or aborts its requests (vLLM), and the
+batch's slot goes to the next call. A call past its deadline stops the same way without any message.
+
+Serving has its own generation budget (``serve.max_new_tokens``, else ``generation.max_new_tokens``); at
+start-up the replica measures how long one decode step takes, so the ingress can refuse a request whose
+generation cannot finish before its deadline instead of running it into a 504.
 """
 
 from __future__ import annotations
@@ -16,21 +27,28 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import time
+from collections import Counter, deque
+from dataclasses import replace
 from typing import Any
 
 from ray import serve
 
-from tract_dist.serve.prompting import ChatMarkers, RequestError, split_query
+from tract_dist.runtime.deadline import StopSignal
+from tract_dist.serve.templates import judge_template
 
 DEFAULT_MAX_BATCH_SIZE = 16
 """Calls per ``score_batch``: on a CPU a RAIL forward pass of 16 prompts still fits a few hundred MiB of
 activations for a 135M model; on a GPU the HF engine chunks by ``evaluation.batch_size`` and vLLM schedules
 continuously, so a larger batch only adds waiting. The benchmark (benchmarks/serve/) measures the effect."""
 DEFAULT_BATCH_WAIT_S = 0.01  # Serve's default: a lone request waits at most 10 ms for company
+PROBE_TOKENS = 8  # new tokens of the start-up decode probe: enough steps to amortise the prefill of ~10 tokens
+VLLM_ROWS_PER_PASS = 256  # vLLM's default max_num_seqs: rows it decodes together when the config sets none
 
 
 class JudgeModel:
-    """The replica's state: the judge, its scale and chat markers, and the config's default options."""
+    """The replica's state: the judge, its scale and chat template, the serving budget and decode speed, and
+    what is running now (for ``activity``)."""
 
     def __init__(self, cfg: Any, model_path: str, *, torch_threads: int | None = None,
                  max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_S):
@@ -41,41 +59,89 @@ class JudgeModel:
         from tract_dist.judge import Judge
 
         self.judge = Judge.from_config(cfg, model_path)
+        budget = cfg.serve.max_new_tokens or cfg.generation.max_new_tokens
+        self.budget_source = "serve.max_new_tokens" if cfg.serve.max_new_tokens else "generation.max_new_tokens"
+        self.judge.sampling = replace(self.judge.sampling, max_new_tokens=budget)
         self.scale = tuple(self.judge.scale)
-        self.markers = ChatMarkers.from_tokenizer(self.judge.tokenizer)
+        self.template = judge_template(self.judge.tokenizer)
         self.defaults = {"mode": cfg.evaluation.mode, "n_cots": cfg.evaluation.num_cots, "seed": cfg.generation.seed}
         self.backend = getattr(self.judge.engine, "backend", "hf")
-        self.score.set_max_batch_size(max_batch_size)
-        self.score.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.rows_per_pass = (getattr(self.judge.engine, "batch_size", None) or 1) if self.backend == "hf" \
+            else (cfg.generation.vllm.max_num_seqs or VLLM_ROWS_PER_PASS)
+        self.decode_step_s = self._probe_decode_step()
+        self._score_batched.set_max_batch_size(max_batch_size)
+        self._score_batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batch_sizes: list[int] = []  # sizes of the last batches (tests and the benchmark read them)
+        self.in_flight = 0  # calls received and not yet answered or cancelled
+        self.running_rows = 0  # inputs in the batch the worker thread is running now
+        self.counts: Counter[str] = Counter()  # calls, cancelled, and failures by kind (deadline, ...)
+        self.recent_stops: deque[str] = deque(maxlen=64)  # the last stopped inputs' failure messages
         print(f"[serve] judge replica pid {os.getpid()} ready: {model_path} on {self.backend}, batches of up to "
-              f"{max_batch_size} within {batch_wait_timeout_s * 1000:g} ms", file=sys.stderr, flush=True)
+              f"{max_batch_size} within {batch_wait_timeout_s * 1000:g} ms; generation budget {budget} new tokens "
+              f"per CoT ({self.budget_source}), one decode step {self.decode_step_s * 1000:.1f} ms measured",
+              file=sys.stderr, flush=True)
+
+    def _probe_decode_step(self) -> float:
+        """Seconds per decode step of one sequence, measured now (twice; the first run warms up and builds the
+        stop-string criterion): the unit of the ingress's lower bound on a request's generation time."""
+        from tract_dist.runtime.sampling import SamplingParams
+
+        tok = self.judge.tokenizer
+        ids = list(tok("Rate the response on a scale of 1 to 5.", add_special_tokens=True)["input_ids"])
+        # the judge's stop strings: the HF engine builds their criterion (seconds) here, not in a first request
+        params = SamplingParams(temperature=0.0, max_new_tokens=PROBE_TOKENS, stop=self.judge.sampling.stop)
+        best = float("inf")
+        for _ in range(2):
+            t = time.perf_counter()
+            g = self.judge.engine.generate([ids], [0], params)[0]
+            best = min(best, (time.perf_counter() - t) / max(g.new_tokens, 1))
+        return best
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.backend, "scale": list(self.scale), "defaults": self.defaults,
-                "score_values": list(self.judge.score_tokens.scores), "pid": os.getpid()}
+                "score_values": list(self.judge.score_tokens.scores), "pid": os.getpid(),
+                "max_new_tokens": self.judge.sampling.max_new_tokens, "budget_source": self.budget_source,
+                "decode_step_s": self.decode_step_s, "rows_per_pass": self.rows_per_pass,
+                "template": self.template.as_dict()}
 
     def recent_batch_sizes(self) -> list[int]:
         return list(self.batch_sizes)
 
-    def split_queries(self, queries: list[str], prompts: list[str] | None) -> list[dict[str, Any]]:
-        """OpenRLHF queries -> {instruction, response} or {error, field} each (needs the tokenizer's template)."""
-        out = []
-        for i, q in enumerate(queries):
-            try:
-                ins, resp = split_query(q, prompts[i] if prompts else None, self.markers, i)
-                out.append({"instruction": ins, "response": resp})
-            except RequestError as e:
-                out.append({"error": str(e), "field": e.field})
-        return out
+    def activity(self) -> dict[str, Any]:
+        """What this replica holds now and has stopped: ``in_flight`` calls (queued or running), the inputs of
+        the running batch, counts (calls, cancelled, deadline, ...) and the last stops' messages."""
+        return {"in_flight": self.in_flight, "running_rows": self.running_rows, "counts": dict(self.counts),
+                "recent_stops": list(self.recent_stops)}
+
+    async def score(self, call: dict[str, Any]) -> dict[str, Any]:
+        """One input ({fields, mode, n_cots, seed, deadline}) -> its JudgeResult as a dict. Cancellation by
+        Serve (``asyncio.CancelledError`` here) cancels the input's stop signal, then propagates."""
+        stop = StopSignal.until_unix(call.get("deadline"))
+        self.in_flight += 1
+        self.counts["calls"] += 1
+        try:
+            return await self._score_batched({**call, "stop": stop})
+        except asyncio.CancelledError:
+            stop.cancel()
+            self.counts["cancelled"] += 1
+            raise
+        finally:
+            self.in_flight -= 1
 
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
-    async def score(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Batched: each call is {fields, mode, n_cots, seed}; each answer the input's JudgeResult as a dict."""
+    async def _score_batched(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Batched by Serve; the model runs in a worker thread (see the module docstring)."""
         return await asyncio.to_thread(self._score_now, calls)
 
     def _score_now(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
         self.batch_sizes = (self.batch_sizes + [len(calls)])[-1000:]
+        self.running_rows = len(calls)
+        try:
+            return self._score_groups(calls)
+        finally:
+            self.running_rows = 0
+
+    def _score_groups(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out: list[dict[str, Any] | None] = [None] * len(calls)
         groups: dict[tuple[str, int, int], list[int]] = {}
         for i, c in enumerate(calls):
@@ -84,12 +150,19 @@ class JudgeModel:
         for (mode, n_cots, seed), idxs in groups.items():
             self.judge.seed = seed  # the base of every CoT's sampling seed (Judge reads it per call)
             try:
-                results = self.judge.score_batch([calls[i]["fields"] for i in idxs], n_cots=n_cots, mode=mode)
+                results = self.judge.score_batch([calls[i]["fields"] for i in idxs], n_cots=n_cots, mode=mode,
+                                                 stops=[calls[i].get("stop") for i in idxs])
                 for i, r in zip(idxs, results):
                     out[i] = r.to_dict()
             except Exception as e:  # noqa: BLE001 - answered per input; the replica and the batch go on
                 for i in idxs:
                     out[i] = {"score": None, "mode": mode, "failure": f"error: {type(e).__name__}: {e}"[:500]}
+        for o in out:
+            why = (o or {}).get("failure") or ""
+            kind = why.split(":", 1)[0]
+            if kind in ("deadline", "cancelled"):
+                self.counts[f"stopped_{kind}"] += 1
+                self.recent_stops.append(why)
         return [o or {"score": None, "failure": "error: no result"} for o in out]
 
 

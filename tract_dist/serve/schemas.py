@@ -2,7 +2,8 @@
 
 Every limit is here so that a malformed or hostile request costs the ingress a parse, never a replica: a
 missing or mistyped field, an unknown field (a typo would otherwise be ignored silently), an over-long text,
-an unknown mode or too many inputs is a 4xx whose message names the field (``inputs.0.response``).
+an unknown mode or too many inputs is a 4xx whose message names the field (``inputs.0.response``). Numbers and
+switches are strict: ``"seed": "5"``, ``"n_cots": true`` or ``"n_cots": 2.0`` are refused, not coerced.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, model_validator
 
 MAX_TEXT_CHARS = 100_000
 """Longest instruction, response or reference answer: far above any benchmark record (Feedback Collection's
@@ -24,8 +25,16 @@ judge --file``)."""
 MAX_N_COTS = 16  # CoTs per input; the paper reports 1 and 5
 MAX_BODY_BYTES = 4 << 20  # default --max-body-bytes: 64 inputs of ~60 KiB each
 MAX_MESSAGES = 64
+MAX_CHAT_CHARS = 4 * MAX_TEXT_CHARS
+"""Longest chat message (a string, or the text parts of one together): a Prometheus prompt holds an
+instruction, a response, a reference answer and a rubric, each capped as above."""
+MAX_TEXT_PARTS = 64  # content parts per chat message
+MAX_HEADER_BYTES = 32 << 10
+"""Request headers, names and values together: nginx's default for a request's headers (4 x 8 KiB buffers);
+OpenAI clients send well under 2 KiB. Checked before authentication."""
 
 Mode = Literal["cot_rail", "decode", "rail"]
+PolicyTemplate = Literal["auto", "llama3", "chatml", "qwen", "smollm2", "mistral", "gemma", "phi3", "judge", "none"]
 _SCORE_KEY = re.compile(r"score(\d{1,2})_description\Z")
 
 
@@ -82,20 +91,14 @@ class JudgeInput(BaseModel):
                 "score_descriptions": list(self.score_descriptions or []), "reference_answer": self.reference_answer}
 
 
-class JudgeOptions(_Strict):
-    mode: Mode | None = Field(None, description="default: evaluation.mode of the server's config")
-    n_cots: int | None = Field(None, ge=1, le=MAX_N_COTS, description="default: evaluation.num_cots")
-    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="default: generation.seed")
-
-
 class JudgeRequest(_Strict):
     """``POST /v1/judge``: ``input`` (one) or ``inputs`` (a list), plus options."""
 
     input: JudgeInput | None = None
     inputs: list[JudgeInput] | None = Field(None, min_length=1, max_length=MAX_INPUTS)
-    mode: Mode | None = None
-    n_cots: int | None = Field(None, ge=1, le=MAX_N_COTS)
-    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    mode: Mode | None = Field(None, description="default: evaluation.mode of the server's config")
+    n_cots: StrictInt | None = Field(None, ge=1, le=MAX_N_COTS, description="default: evaluation.num_cots")
+    seed: StrictInt | None = Field(None, ge=0, le=2**32 - 1, description="default: generation.seed")
 
     @model_validator(mode="after")
     def _one_of(self) -> "JudgeRequest":
@@ -106,20 +109,31 @@ class JudgeRequest(_Strict):
     def all_inputs(self) -> list[JudgeInput]:
         return [self.input] if self.input is not None else list(self.inputs or [])
 
-    def options(self) -> JudgeOptions:
-        return JudgeOptions(mode=self.mode, n_cots=self.n_cots, seed=self.seed)
-
 
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["text"]
-    text: str = Field(max_length=4 * MAX_TEXT_CHARS)
+    text: str = Field(max_length=MAX_CHAT_CHARS)
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")  # name, tool_calls, ...: accepted and unused
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = Field(None)
+
+    @model_validator(mode="after")
+    def _capped(self) -> "ChatMessage":
+        if isinstance(self.content, str):
+            n = len(self.content)
+        elif self.content is not None:
+            if len(self.content) > MAX_TEXT_PARTS:
+                raise ValueError(f"content: {len(self.content)} parts; at most {MAX_TEXT_PARTS}")
+            n = sum(len(p.text) for p in self.content)
+        else:
+            n = 0
+        if n > MAX_CHAT_CHARS:
+            raise ValueError(f"content: {n} characters; at most {MAX_CHAT_CHARS}")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -138,11 +152,11 @@ class ChatCompletionRequest(BaseModel):
 
     model: str = Field(min_length=1, max_length=256)
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
-    n: int = Field(1, ge=1, le=1, description="one choice per request: the judgement is the answer")
-    stream: bool = Field(False)
-    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    n: StrictInt = Field(1, ge=1, le=1, description="one choice per request: the judgement is the answer")
+    stream: StrictBool = Field(False)
+    seed: StrictInt | None = Field(None, ge=0, le=2**32 - 1)
     mode: Mode | None = None
-    n_cots: int | None = Field(None, ge=1, le=MAX_N_COTS)
+    n_cots: StrictInt | None = Field(None, ge=1, le=MAX_N_COTS)
 
     @model_validator(mode="after")
     def _no_stream(self) -> "ChatCompletionRequest":
@@ -163,8 +177,10 @@ class RewardRequest(BaseModel):
     prompts: list[str] | None = Field(None, max_length=MAX_INPUTS)
     labels: list[Any] | None = Field(None, max_length=MAX_INPUTS)
     mode: Mode | None = None
-    n_cots: int | None = Field(None, ge=1, le=MAX_N_COTS)
-    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    n_cots: StrictInt | None = Field(None, ge=1, le=MAX_N_COTS)
+    seed: StrictInt | None = Field(None, ge=0, le=2**32 - 1)
+    policy_template: PolicyTemplate | None = Field(
+        None, description="the chat template of the queries (see serve/templates.py); default: --policy-template")
 
     @model_validator(mode="after")
     def _lengths(self) -> "RewardRequest":
@@ -172,9 +188,10 @@ class RewardRequest(BaseModel):
             v = getattr(self, name)
             if v is not None and len(v) != len(self.query):
                 raise ValueError(f"{name}: {len(v)} entries for {len(self.query)} queries")
-        for i, q in enumerate(self.query):
-            if len(q) > 2 * MAX_TEXT_CHARS:
-                raise ValueError(f"query.{i}: longer than {2 * MAX_TEXT_CHARS} characters")
+        for name in ("query", "prompts"):
+            for i, q in enumerate(getattr(self, name) or []):
+                if len(q) > 2 * MAX_TEXT_CHARS:
+                    raise ValueError(f"{name}.{i}: longer than {2 * MAX_TEXT_CHARS} characters")
         return self
 
 
