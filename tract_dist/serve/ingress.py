@@ -360,8 +360,8 @@ class JudgeServer:
         if bound > left:
             raise ApiError(422, f"mode {mode}: this request generates up to {info['max_new_tokens']} new tokens per "
                                 f"CoT ({info['budget_source']}) for {n_inputs * n} CoT(s); at this replica's measured "
-                                f"{info['decode_step_s'] * 1000:.1f} ms per decode step that takes at least "
-                                f"{bound:.0f} s, more than the {left:.0f} s left before the deadline "
+                                f"{info['decode_step_s'] * 1000:.1f} ms per decode step that takes {bound:.0f} s or "
+                                f"more, more than the {left:.0f} s left before the deadline "
                                 f"(--request-timeout-s {self.settings.request_timeout_s:g}). Use mode rail, fewer "
                                 "inputs or n_cots, a smaller serve.max_new_tokens, or a longer --request-timeout-s",
                            param="mode", code="over_deadline")

@@ -43,6 +43,9 @@ activations for a 135M model; on a GPU the HF engine chunks by ``evaluation.batc
 continuously, so a larger batch only adds waiting. The benchmark (benchmarks/serve/) measures the effect."""
 DEFAULT_BATCH_WAIT_S = 0.01  # Serve's default: a lone request waits at most 10 ms for company
 PROBE_TOKENS = 8  # new tokens of the start-up decode probe: enough steps to amortise the prefill of ~10 tokens
+PROBE_RUNS = 3
+"""Timed probe runs, the fastest kept: on a shared CPU one run can land on a busy moment (a descheduled OpenMP
+thread stalls every step), which would make the work bound refuse requests that fit."""
 VLLM_ROWS_PER_PASS = 256  # vLLM's default max_num_seqs: rows it decodes together when the config sets none
 
 
@@ -82,16 +85,18 @@ class JudgeModel:
               file=sys.stderr, flush=True)
 
     def _probe_decode_step(self) -> float:
-        """Seconds per decode step of one sequence, measured now (twice; the first run warms up and builds the
-        stop-string criterion): the unit of the ingress's lower bound on a request's generation time."""
+        """Seconds per decode step of one sequence, measured now (a warm-up run, which also builds the
+        stop-string criterion, then the fastest of ``PROBE_RUNS``): the unit of the ingress's bound on a
+        request's generation time."""
         from tract_dist.runtime.sampling import SamplingParams
 
         tok = self.judge.tokenizer
         ids = list(tok("Rate the response on a scale of 1 to 5.", add_special_tokens=True)["input_ids"])
         # the judge's stop strings: the HF engine builds their criterion (seconds) here, not in a first request
         params = SamplingParams(temperature=0.0, max_new_tokens=PROBE_TOKENS, stop=self.judge.sampling.stop)
+        self.judge.engine.generate([ids], [0], params)  # warm-up
         best = float("inf")
-        for _ in range(2):
+        for _ in range(PROBE_RUNS):
             t = time.perf_counter()
             g = self.judge.engine.generate([ids], [0], params)[0]
             best = min(best, (time.perf_counter() - t) / max(g.new_tokens, 1))
