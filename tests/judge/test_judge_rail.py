@@ -96,6 +96,25 @@ def test_rail_without_cot(judge64, quickstart_examples):
     assert res.score == pytest.approx(ref, rel=1e-9)
 
 
+def test_an_input_whose_stop_signal_fires_gets_no_score(judge64, quickstart_examples):
+    """A server's deadline or cancellation (runtime/deadline.py) per input: the input's CoT stops, it gets no
+    read-out and says why; the other inputs of the batch are judged as without signals (the same CoTs; ŷ to
+    float64 rounding, the read-out batch being smaller)."""
+    from tract_dist.runtime.deadline import StopSignal
+
+    exs = quickstart_examples[:2]
+    free = judge64.score_batch(exs, n_cots=2, mode="cot_rail")
+    cancelled = StopSignal(None)
+    cancelled.cancel()
+    out = judge64.score_batch(exs, n_cots=2, mode="cot_rail", stops=[None, cancelled])
+    assert out[0].cots == free[0].cots and out[0].score == pytest.approx(free[0].score, abs=1e-12)
+    budget = judge64.sampling.max_new_tokens
+    assert out[1].score is None and out[1].failure == f"cancelled: stopped after 0 of {budget} new tokens"
+    rail = judge64.score_batch(exs, mode="rail", stops=[StopSignal(0.0), None])  # monotonic 0: long past
+    assert rail[0].failure == "deadline: stopped before the read-out" and rail[0].score is None
+    assert rail[1].score == pytest.approx(judge64.score(exs[1], mode="rail").score, abs=1e-9)
+
+
 def test_score_accepts_plain_fields(judge64, quickstart_examples):
     ex = quickstart_examples[0]
     fields = {"instruction": ex.instruction, "response": ex.response, "criteria": ex.criteria,

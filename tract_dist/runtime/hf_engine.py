@@ -27,13 +27,15 @@ from tract_dist.runtime.sampling import PerRowSampler, SamplingParams
 class RowStops(StoppingCriteria):
     """A transformers stopping criterion (a ``StoppingCriteriaList`` member) that ends each row whose
     :class:`StopSignal` fired: generate marks the row finished and pads it, the batch ends when every row has.
-    One clock read and one small bool tensor per decode step; no device synchronisation. ``fired_at[i]`` is the
+    One clock read per decode step; a host-to-device copy of the flags only once a signal has fired (until then
+    one all-False tensor made on the device is returned). ``fired_at[i]`` is the
     sequence length at which row i was first told to stop (its padding then starts there, which tells a row
     cut by its signal from one that had already ended, even where padding is the EOS token)."""
 
     def __init__(self, stops: list[StopSignal | None]):
         self.stops = stops
         self.fired_at: list[int | None] = [None] * len(stops)
+        self._none: torch.Tensor | None = None  # all False, on the device: no copy while nothing has fired
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
         now = time.monotonic()
@@ -43,7 +45,11 @@ class RowStops(StoppingCriteria):
             if stop and self.fired_at[i] is None:
                 self.fired_at[i] = input_ids.shape[1]
             done.append(stop)
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+        if any(done):
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+        if self._none is None:
+            self._none = torch.zeros(len(done), dtype=torch.bool, device=input_ids.device)
+        return self._none
 
 
 class HFEngine:
