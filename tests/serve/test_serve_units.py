@@ -284,7 +284,8 @@ def test_numbers_and_switches_are_strict_and_chat_content_is_capped():
             ChatCompletionRequest.model_validate_json(json.dumps({**chat, **extra}))
         assert describe_errors(e.value)[1] == where
     with pytest.raises(ValidationError, match=f"at most {MAX_CHAT_CHARS}"):
-        ChatCompletionRequest.model_validate({**chat, "messages": [{"role": "user", "content": "x" * (MAX_CHAT_CHARS + 1)}]})
+        ChatCompletionRequest.model_validate({**chat, "messages": [{"role": "user",
+                                                                    "content": "x" * (MAX_CHAT_CHARS + 1)}]})
     parts = [{"type": "text", "text": "x" * (MAX_CHAT_CHARS // 2)}] * 3  # each part under the cap, together over
     with pytest.raises(ValidationError, match=f"at most {MAX_CHAT_CHARS}"):
         ChatCompletionRequest.model_validate({**chat, "messages": [{"role": "user", "content": parts}]})

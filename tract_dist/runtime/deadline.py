@@ -44,9 +44,6 @@ class StopSignal:
             return "deadline"
         return None
 
-    def remaining_s(self) -> float | None:
-        return None if self.deadline is None else self.deadline - time.monotonic()
-
 
 def fired(stops: list[StopSignal | None] | None, i: int, now: float | None = None) -> str | None:
     """The reason row ``i`` must stop (None when it has no signal or its signal has not fired)."""
