@@ -42,8 +42,8 @@ DEFAULT_MAX_BATCH_SIZE = 16
 activations for a 135M model; on a GPU the HF engine chunks by ``evaluation.batch_size`` and vLLM schedules
 continuously, so a larger batch only adds waiting. The benchmark (benchmarks/serve/) measures the effect."""
 DEFAULT_BATCH_WAIT_S = 0.01  # Serve's default: a lone request waits at most 10 ms for company
-PROBE_TOKENS = 8  # new tokens of the start-up decode probe: enough steps to amortise the prefill of ~10 tokens
-PROBE_RUNS = 3
+PROBE_TOKENS = 6  # new tokens per start-up decode probe: enough steps to amortise the prefill of ~10 tokens
+PROBE_RUNS = 2
 """Timed probe runs, the fastest kept: on a shared CPU one run can land on a busy moment (a descheduled OpenMP
 thread stalls every step), which would make the work bound refuse requests that fit."""
 VLLM_ROWS_PER_PASS = 256  # vLLM's default max_num_seqs: rows it decodes together when the config sets none
