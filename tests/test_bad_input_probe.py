@@ -210,3 +210,46 @@ def test_every_data_command_exits_2_on_a_broken_file(tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert "b.jsonl, record 0" in err and "Traceback" not in err
+
+
+def test_the_last_two_crashing_inputs_exit_2_naming_file_record_and_field(tmp_path, quickstart_examples, capsys):
+    """Issue #23: a prometheus-eval record whose gpt4_feedback holds numbers (TypeError in normalize_feedback) and
+    a JSONL record nested 5,000 levels deep (RecursionError in the JSON decoder) ended in tracebacks."""
+    recs = [{"instruction": render_prompt(e), "gpt4_score": [4, 5], "gpt4_feedback": [e.feedback]}
+            for e in quickstart_examples[:3]]
+    recs[2]["gpt4_feedback"] = [4, 5]
+    numbers = tmp_path / "numbers.json"
+    numbers.write_text(json.dumps(recs))
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text(json.dumps(_jsonl_record(id="a")) + "\n"
+                    + '{"id": "b", "response": "ok", "feedback": ' + "[" * 5000 + "]" * 5000 + "}\n")
+    deep_array = tmp_path / "deep.json"
+    deep_array.write_text("[" + json.dumps(_jsonl_record(id="a")) + ', {"criteria": ' + "{\"k\": " * 5000 + "1"
+                          + "}" * 5000 + "}]")
+    cases = [(numbers, "prometheus-eval", "numbers.json, record 2, field 'gpt4_feedback': expected a list of strings"),
+             (deep, "jsonl", "deep.jsonl, record 1, field 'feedback': line 2 cannot be parsed as JSON: nested more "
+                             "than 500 levels deep"),
+             (deep_array, "jsonl", "deep.json, record 1, field 'criteria': cannot be parsed as a JSON array: nested "
+                                   "more than 500 levels deep")]
+    for path, fmt, msg in cases:
+        assert main(["data", "convert", str(path), "--format", fmt, "-o", str(tmp_path / "o.jsonl")]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err, err
+    # The same decoder behind the other JSON a user hands over: judge --json, a predictions file.
+    assert main(["judge", "--model", "tiny-llama", "--json", '{"instruction": ' + "[" * 5000 + "]" * 5000 + "}"]) == 2
+    assert "--json: not valid JSON: nested more than 500 levels deep" in capsys.readouterr().err
+    from tract_dist.evaluate.runner import load_predictions
+
+    preds = tmp_path / "predictions.jsonl"
+    preds.write_text('{"prediction": 1, "gold": ' + "[" * 5000 + "]" * 5000 + "}\n")
+    with pytest.raises(DataError, match=r"predictions\.jsonl, record 0: not valid JSON: nested more than 500"):
+        load_predictions(preds)
+
+
+def test_a_config_nested_thousands_of_levels_deep_exits_2(tmp_path, capsys):
+    p = _cfg_file(tmp_path, BASE + "data:\n  system_prompt: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert main(["config", "show", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert f"{p}: not valid YAML: nested too deeply to parse" in err and "Traceback" not in err
+    with pytest.raises(ConfigError, match="override data.system_prompt: .* nested too deeply"):
+        load_config(_cfg_file(tmp_path, BASE, "ok.yaml"), ["data.system_prompt=" + "[" * 5000 + "]" * 5000])

@@ -451,8 +451,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def safe_load_yaml(text: str) -> Any:
-    """``yaml.safe_load`` semantics (no arbitrary objects) plus duplicate-key rejection."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    """``yaml.safe_load`` semantics (no arbitrary objects) plus duplicate-key rejection. PyYAML composes nested
+    collections recursively: a document nested ~1000 levels deep raises RecursionError, reported as a YAML error
+    (the callers name the file or override) rather than a traceback."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply to parse (lists/mappings inside each other, hundreds of levels "
+                             "deep)") from None
 
 
 def read_text_file(path: Path, what: str = "file") -> str:

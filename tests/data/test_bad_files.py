@@ -122,3 +122,43 @@ def test_offset_and_limit_keep_file_positions(tmp_path):
     p = _write_jsonl(tmp_path / "o.jsonl", recs)
     r = read_examples(p, "feedback-collection", offset=2, limit=3, skip_invalid=True)
     assert r.records == 3 and [e.id for e in r.examples] == ["2", "3"] and r.invalid[0].index == 4
+
+
+@pytest.mark.parametrize("feedback,msg", [
+    ([3, 4], "expected a list of strings, got a list holding int"),
+    (["fine", 2.5], "expected a list of strings, got a list holding float"),
+    ([["nested"]], "expected a list of strings, got a list holding list"),
+    (4, "expected a string or a list of strings, got int"),
+    ({"text": "x"}, "expected a string or a list of strings, got dict"),
+])
+def test_prometheus_eval_feedback_of_another_type_is_named(tmp_path, quickstart_examples, feedback, msg):
+    """gpt4_feedback holding numbers reached normalize_feedback and ended in a TypeError (issue #23)."""
+    recs = [{"instruction": render_prompt(e), "gpt4_score": [4], "gpt4_feedback": [e.feedback]}
+            for e in quickstart_examples[:2]]
+    recs[1]["gpt4_feedback"] = feedback
+    p = _write_json(tmp_path / "pe.json", recs)
+    for need_feedback in (True, False):  # an evaluation set (feedback optional) is checked the same way
+        with pytest.raises(DataError) as ei:
+            read_examples(p, "prometheus-eval", require_feedback=need_feedback)
+        assert (ei.value.index, ei.value.field) == (1, "gpt4_feedback") and msg in str(ei.value)
+    r = read_examples(p, "prometheus-eval", skip_invalid=True)
+    assert len(r.examples) == 1 and [(x.index, x.field) for x in r.invalid] == [(1, "gpt4_feedback")]
+
+
+@pytest.mark.parametrize("key,value,msg", [
+    ("id", [1], "expected a string or an integer, got list"),
+    ("id", True, "expected a string or an integer, got bool"),
+    ("id", 1.5, "expected a string or an integer, got float"),
+    ("id", " ", "empty"),
+    ("category", 3, "expected a string, got int"),
+])
+def test_ids_and_categories_of_another_type_are_named(tmp_path, key, value, msg):
+    """Siblings of the gpt4_feedback bug in the readers: a field of another type was turned into a string no one
+    wrote (an id "[1]") or dropped without a word (a category 3: the record left its category's metrics)."""
+    rec = {"id": "a", "instruction": "i", "response": "r", "criteria": "c", "feedback": "f", "score": 3,
+           "score_descriptions": ["a", "b", "c", "d", "e"]}
+    p = _write_jsonl(tmp_path / "t.jsonl", [rec, {**rec, "id": "b", key: value}])
+    with pytest.raises(DataError) as ei:
+        read_examples(p, "jsonl")
+    assert (ei.value.index, ei.value.field) == (1, key) and msg in str(ei.value)
+    assert read_examples(p, "jsonl", skip_invalid=True).examples[0].id == "a"

@@ -116,6 +116,8 @@ def test_reward_rubric_from_labels():
         rubric_from_label("", None, 2)
     with pytest.raises(RequestError, match="unknown key"):
         rubric_from_label({"criterion": "x"}, RUBRIC, 1)
+    with pytest.raises(RequestError, match="labels.3.*nested more than 500 levels deep"):  # a 4xx, not a 500 (#23)
+        rubric_from_label('{"criteria": ' + "[" * 5000 + "]" * 5000 + "}", None, 3)
 
 
 class _Settings:

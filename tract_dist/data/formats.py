@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from tract_dist import jsontext
 from tract_dist.data.prompts import normalize_feedback, parse_prompt
 from tract_dist.data.schema import DataError, JudgeExample
 
@@ -106,7 +107,7 @@ def _feedback(text: str | None, key: str, required: bool) -> str | None:
 def _from_feedback_collection(rec: dict[str, Any], i: int, lo: int, hi: int, need_fb: bool) -> JudgeExample:
     descs = [_str(rec, f"orig_score{k}_description") for k in range(lo, hi + 1)]
     return JudgeExample(
-        id=str(rec.get("id") if rec.get("id") is not None else i),
+        id=_id(rec, i),
         instruction=_str(rec, "orig_instruction"),
         response=_str(rec, "orig_response"),
         reference_answer=_str(rec, "orig_reference_answer", required=False) or None,
@@ -129,15 +130,50 @@ def _from_prometheus_eval(rec: dict[str, Any], i: int, lo: int, hi: int, need_fb
     if not isinstance(scores, list) or not scores:
         raise _RecordError("gpt4_score", "expected a non-empty list of scores")
     label = sum(_score(s, "gpt4_score", lo, hi, integer=False) for s in scores) / len(scores)
-    fbs = rec.get("gpt4_feedback")
-    fb_text = fbs[0] if isinstance(fbs, list) and fbs else (fbs if isinstance(fbs, str) else None)
     return JudgeExample(
-        id=str(rec.get("id") if rec.get("id") is not None else i),  # benchmark "idx" repeats per response
+        id=_id(rec, i),  # benchmark "idx" repeats per response
         instruction=p["instruction"], response=p["response"], reference_answer=p["reference_answer"],
         criteria=p["criteria"], score_descriptions=p["score_descriptions"],
-        feedback=_feedback(fb_text, "gpt4_feedback", need_fb), score=label,
-        category=rec.get("category") if isinstance(rec.get("category"), str) else None,
+        feedback=_feedback(_first_feedback(rec.get("gpt4_feedback")), "gpt4_feedback", need_fb), score=label,
+        category=_category(rec),
     )
+
+
+def _first_feedback(fbs: Any) -> str | None:
+    """prometheus-eval's ``gpt4_feedback``: a list of feedback strings (one per GPT-4 grading; the first is the
+    CoT) or one string. Anything else is named, never passed on (numbers there crashed ``normalize_feedback``)."""
+    if fbs is None or fbs == []:
+        return None
+    if isinstance(fbs, str):
+        return fbs
+    if isinstance(fbs, list):
+        bad = sorted({type(x).__name__ for x in fbs if not isinstance(x, str)})
+        if bad:
+            raise _RecordError("gpt4_feedback", f"expected a list of strings, got a list holding {', '.join(bad)}")
+        return fbs[0]
+    raise _RecordError("gpt4_feedback", f"expected a string or a list of strings, got {type(fbs).__name__}")
+
+
+def _id(rec: dict[str, Any], i: int) -> str:
+    """The record's ``id`` (a string or an integer; absent: its position). A list, object, boolean or float
+    would become an id that no one wrote (``"[1]"``, ``"True"``, ``"1.0"``), so it is named instead."""
+    v = rec.get("id")
+    if v is None:
+        return str(i)
+    if isinstance(v, bool) or not isinstance(v, (str, int)):
+        raise _RecordError("id", f"expected a string or an integer, got {type(v).__name__}")
+    if isinstance(v, str) and not v.strip():
+        raise _RecordError("id", "empty")
+    return str(v)
+
+
+def _category(rec: dict[str, Any]) -> str | None:
+    """The optional ``category`` (per-category metrics): a string, or absent; another type is named, not
+    dropped (its records would silently leave their category's metrics)."""
+    v = rec.get("category")
+    if v is not None and not isinstance(v, str):
+        raise _RecordError("category", f"expected a string, got {type(v).__name__}")
+    return v
 
 
 def _from_jsonl(rec: dict[str, Any], i: int, lo: int, hi: int, need_fb: bool) -> JudgeExample:
@@ -145,13 +181,13 @@ def _from_jsonl(rec: dict[str, Any], i: int, lo: int, hi: int, need_fb: bool) ->
     if not isinstance(descs, list) or len(descs) != hi - lo + 1 or not all(isinstance(d, str) and d for d in descs):
         raise _RecordError("score_descriptions", f"expected {hi - lo + 1} non-empty strings")
     return JudgeExample(
-        id=str(rec.get("id") if rec.get("id") is not None else i),
+        id=_id(rec, i),
         instruction=_str(rec, "instruction"), response=_str(rec, "response"),
         reference_answer=_str(rec, "reference_answer", required=False) or None,
         criteria=_str(rec, "criteria"), score_descriptions=descs,
         feedback=_feedback(_str(rec, "feedback", required=need_fb), "feedback", need_fb),
         score=_score(rec.get("score"), "score", lo, hi, integer=False),
-        category=rec.get("category") if isinstance(rec.get("category"), str) else None,
+        category=_category(rec),
     )
 
 
@@ -213,7 +249,10 @@ def read_json_records(path: str | Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = jsontext.loads(line)
+        except jsontext.JSONNestingError as e:
+            raise DataError(str(path), f"line {lineno} cannot be parsed as JSON: {e.msg} at column {e.colno}",
+                            index=len(records), field_name=e.field) from None
         except json.JSONDecodeError as e:
             hint = "; the file ends inside this record (truncated?)" if lineno - 1 == last else ""
             raise DataError(str(path), f"line {lineno} cannot be parsed as JSON: {e.msg} at column {e.colno}{hint}",
@@ -231,9 +270,10 @@ def _json_array(path: Path, text: str) -> list[dict[str, Any]]:
     pos = text.index("[") + 1
     records: list[dict[str, Any]] = []
 
-    def fail(msg: str, at: int) -> DataError:
+    def fail(msg: str, at: int, field_name: str | None = None) -> DataError:
         line = text.count("\n", 0, at) + 1
-        return DataError(str(path), f"cannot be parsed as a JSON array: {msg} (line {line})", index=len(records))
+        return DataError(str(path), f"cannot be parsed as a JSON array: {msg} (line {line})", index=len(records),
+                         field_name=field_name)
 
     def skip_ws(i: int) -> int:
         while i < len(text) and text[i] in " \t\r\n":
@@ -249,7 +289,9 @@ def _json_array(path: Path, text: str) -> list[dict[str, Any]]:
         if pos >= len(text):
             raise fail("the file ends inside the array (truncated?)", pos)
         try:
-            obj, pos = dec.raw_decode(text, pos)
+            obj, pos = jsontext.raw_decode(dec, text, pos)
+        except jsontext.JSONNestingError as e:
+            raise fail(e.msg, e.pos, e.field) from None
         except json.JSONDecodeError as e:
             truncated = " (the file ends inside this record: truncated?)" if e.pos >= len(text.rstrip()) - 1 else ""
             raise fail(f"{e.msg}{truncated}", e.pos) from None

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tract_dist import jsontext
 from tract_dist.data.formats import read_examples
 from tract_dist.data.schema import DataError, JudgeExample
 from tract_dist.data.score_tokens import parse_scale
@@ -82,8 +83,8 @@ def load_predictions(path: str | Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f):
             try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
+                r = jsontext.loads(line)
+            except json.JSONDecodeError as e:  # deep nesting too (jsontext)
                 raise DataError(str(path), f"not valid JSON: {e}", index=i) from None
             for key in ("prediction", "gold"):
                 if key not in r:

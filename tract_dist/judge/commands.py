@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from tract_dist import jsontext
 from tract_dist.errors import UsageError
 
 
@@ -51,8 +52,8 @@ def _inputs(args: argparse.Namespace, scale: tuple[int, int]) -> list[Any]:
                 raise UsageError(f"--json: {text} is neither a JSON object nor a file")
             text = path.read_text(encoding="utf-8")
         try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
+            obj = jsontext.loads(text)
+        except json.JSONDecodeError as e:  # deep nesting too (jsontext)
             raise UsageError(f"--json: not valid JSON: {e}") from None
         if not isinstance(obj, dict):
             raise UsageError("--json: expected one JSON object with instruction, response, criteria, "
@@ -78,9 +79,9 @@ def _read_jsonl_inputs(path: str) -> list[Any]:
         if not line.strip():
             continue
         try:
-            out.append(as_example(json.loads(line), i))
+            out.append(as_example(jsontext.loads(line), i))
         except (json.JSONDecodeError, ValueError, TypeError) as e:
-            raise DataError(path, str(e), index=i) from None
+            raise DataError(path, str(e), index=i, field_name=getattr(e, "field", None)) from None
     return out
 
 

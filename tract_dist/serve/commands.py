@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from tract_dist import jsontext
+
 
 def _port(text: str) -> int:
     from tract_dist.cli import _int
@@ -135,7 +137,7 @@ def _read_rubric(path: str) -> dict[str, Any]:
     from tract_dist.cli import UsageError
 
     try:
-        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+        obj = jsontext.loads(Path(path).read_text(encoding="utf-8"))  # deep nesting: a JSONDecodeError too
     except json.JSONDecodeError as e:
         raise UsageError(f"--rubric {path}: not valid JSON: {e}") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("criteria"), str) or not isinstance(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from tract_dist import jsontext
 from tract_dist.data.prompts import normalize_feedback, parse_prompt, score_text
 from tract_dist.protocol import RESULT_MARKER
 from tract_dist.serve.templates import RequestError
@@ -57,7 +58,7 @@ def rubric_from_label(label: Any, default: dict[str, Any] | None, index: int) ->
     rubric: dict[str, Any] = dict(default or {})
     if isinstance(label, str) and label.strip().startswith("{"):
         try:
-            label = json.loads(label)
+            label = jsontext.loads(label)  # deep nesting: a JSONDecodeError too, so a 4xx
         except json.JSONDecodeError as e:
             raise RequestError(f"labels.{index}", f"looks like JSON but does not parse: {e}") from None
     if isinstance(label, dict):
