@@ -84,3 +84,37 @@ def test_a_rows_stop_signal_ends_only_that_row(engine, prompts):
     assert (out[2].text, out[2].new_tokens, out[2].finish_reason) == ("", 0, "cancelled")
     past = StopSignal(time.monotonic() - 1)  # a deadline already passed: nothing runs
     assert engine.generate(prompts[:1], [0], params, stops=[past])[0].finish_reason == "deadline"
+
+
+def test_read_out_after_generate_reuses_the_prompt_cache_exactly(tiny_export, prompts):
+    """CoT-RAIL's read-out of prompt + CoT + suffix right after generating the CoT reuses the prompt's keys and
+    values cut out of the left-padded batch (#23): in float64 it equals the full forward pass to 1e-12."""
+    import torch
+
+    from tract_dist.models.loading import load_causal_lm, load_tokenizer_for
+    from tract_dist.runtime.hf_engine import score_token_probs
+
+    model = load_causal_lm(tiny_export, dtype=torch.float64)
+    engine = Engine(model, load_tokenizer_for(tiny_export), batch_size=2)  # two generate batches, one padded
+    gens = engine.generate(prompts, [1, 2, 3], SamplingParams(temperature=1.0, max_new_tokens=6))
+    suffix = engine.tokenizer.encode(" So the overall score is", add_special_tokens=False)
+    seqs = [p + engine.tokenizer.encode(g.text, add_special_tokens=False) + suffix for p, g in zip(prompts, gens)]
+    seqs.append(prompts[0][:50] + suffix)  # extends no generated prompt: read in full
+    token_ids = engine.tokenizer.convert_tokens_to_ids(["1", "2", "3", "4", "5"])
+    assert len(engine._prefixes) == 3
+    calls = []
+    forward = model.forward
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape)
+        return forward(*args, **kwargs)
+
+    model.forward = counting
+    try:
+        got = engine.score_probs(seqs, token_ids)
+    finally:
+        model.forward = forward
+    assert [c[1] for c in calls[:3]] == [len(s) - len(p) for s, p in zip(seqs, prompts)]  # new tokens only
+    want = score_token_probs(model, seqs, token_ids, pad_id=engine.pad_id)
+    for g, w in zip(got, want):
+        assert g == pytest.approx(w, rel=1e-12, abs=1e-15)
