@@ -35,7 +35,7 @@ def load_training_model(cfg: Any, tokenizer: Any, *, use_cuda: bool) -> torch.nn
     """The seed model named by ``cfg.model`` (HF path/name, ``smollm2``, or ``tiny-llama`` for smoke runs)."""
     from transformers import AutoModelForCausalLM
 
-    from tract_dist.data.assets import model_source
+    from tract_dist.models.loading import materialize_alias
 
     m = cfg.model
     attn = attn_implementation(m.attn_implementation, use_cuda)
@@ -52,10 +52,13 @@ def load_training_model(cfg: Any, tokenizer: Any, *, use_cuda: bool) -> torch.nn
         else:
             model = build_tiny_model(config, seed=cfg.training.seed)
     else:
-        path, extra = model_source(m.name_or_path)
+        # An alias with GGUF weights (smollm2) loads from its cached de-quantised HF folder, as inference does:
+        # de-quantising in every worker took ~10 s and ~5 GB of memory per rank; the folder is a memory map.
+        # The driver materialises it before the workers start (trainer.py), so they never convert it twice.
+        path = materialize_alias(m.name_or_path)
         # fp32 master weights under DeepSpeed; its bf16 setting casts the working copy.
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn,
-                                                     trust_remote_code=m.trust_remote_code, **extra)
+                                                     trust_remote_code=m.trust_remote_code)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if m.gradient_checkpointing:

@@ -45,13 +45,19 @@ class TrainRecipe:
         self.start_step = 0
         self.metrics: dict[str, float] = {}  # the last step's
         self.window = ThroughputWindow()
+        # Where this worker's time went (seconds; rank 0's in train_result.json), so a slow stage can be read
+        # off its run folder: setup (process group, data, model load, DeepSpeed), steps, checkpoints, export.
+        self.timings: dict[str, float] = {"setup": 0.0, "steps": 0.0, "checkpoints": 0.0, "export": 0.0}
 
     # ---- setup ----------------------------------------------------------------------------------
     def setup(self) -> None:
-        self._setup_process()
-        self._setup_data()
-        self._setup_model()
-        self._resume()
+        t0 = time.perf_counter()
+        for part, step in (("setup_process", self._setup_process), ("setup_data", self._setup_data),
+                           ("setup_model", self._setup_model), ("setup_resume", self._resume)):
+            t = time.perf_counter()
+            step()
+            self.timings[part] = time.perf_counter() - t
+        self.timings["setup"] = time.perf_counter() - t0
         if self.rank == 0:
             s = self.steps
             where = f"resumed at step {self.start_step}" if self.start_step else "from the seed model"
@@ -129,12 +135,16 @@ class TrainRecipe:
     def train(self) -> None:
         t = self.cfg.training
         for step in range(self.start_step, self.steps.total_steps):
+            t0 = time.perf_counter()
             self.metrics = self.train_step(step)
+            self.timings["steps"] += time.perf_counter() - t0
             done = step + 1
             save = done % t.save_steps == 0 or done == self.steps.total_steps
             self._log_step(done, self.metrics, to_tracking=done % t.logging_steps == 0 or save)
             if save:
+                t0 = time.perf_counter()
                 self.save_checkpoint(done, {**self.metrics, "step": done})
+                self.timings["checkpoints"] += time.perf_counter() - t0
             elif done % t.logging_steps == 0:
                 self.session.report({**self.metrics, "step": done})
 
@@ -210,15 +220,17 @@ class TrainRecipe:
         from tract_dist.train.export import export_model
 
         export_dir = Path(self.plan.export_dir or self.run_dir / "export")
+        t0 = time.perf_counter()
         export_model(self.strategy.engine, self.model, self.tokenizer, self.cfg, export_dir, self.rank)
         self.strategy.barrier()
+        self.timings["export"] = time.perf_counter() - t0
         peak_rss = self.strategy.max_float(_peak_rss_gb())
         if self.rank == 0:
             flush(self.handle)  # metrics buffered through a tracking outage get their last chance here
             atomic_write_json(self.run_dir / "train_result.json", {
                 "export_dir": str(export_dir), "steps": self.steps.total_steps, "start_step": self.start_step,
                 "params_total": self.n_params, "peak_rss_gb": peak_rss, "params_per_rank": self.params_per_rank,
-                "final_metrics": self.metrics})
+                "final_metrics": self.metrics, "timings_s": {k: round(v, 3) for k, v in self.timings.items()}})
 
     def _hook_context(self, step: int, checkpoint: str | None = None) -> HookContext:
         return HookContext(step=step, rank=self.rank, world_size=self.world, run_dir=self.run_dir,

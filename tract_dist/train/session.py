@@ -10,8 +10,11 @@ file it wrote with its size). Resuming checks it: a checkpoint of another config
 is refused naming both, and a file that is missing or has the wrong size (a broken shard) is named; the
 torchrun session then falls back to the previous good checkpoint, Ray Train's has only its latest one.
 
-Under Ray every rank saves into a local temporary folder and reports it (Ray Train persists all ranks' files
-into one checkpoint, registers it only when every upload finished, and keeps ``num_to_keep`` of them). Under
+Under Ray every rank saves its files straight into the checkpoint's folder in the run's storage when that storage
+is a local (or mounted) filesystem, and reports it without an upload (``CheckpointUploadMode.NO_UPLOAD``: a
+ZeRO-3 checkpoint of even a 135M model is 1.6 GB, which a temporary copy would write twice); on remote storage
+(s3://...) into a local temporary folder that Ray Train uploads. Either way Ray Train registers the checkpoint only
+when every rank reported it, and keeps ``num_to_keep`` of them. Under
 torchrun the ranks write into ``tmp-step-N`` on shared storage; rank 0 writes ``COMPLETE``, fsyncs the folder
 and renames it to ``step-N`` (``fsutil.publish_dir``), atomically rewrites the ``latest`` pointer and prunes the oldest checkpoints beyond ``keep``,
 never one holding a ``PINNED`` marker (the last good checkpoint before a non-finite loss).
@@ -199,21 +202,53 @@ class RaySession:
 
     def begin(self, step: int) -> str:
         self._pending: str | None = None
-        self._pending = tempfile.mkdtemp(prefix=f"tract-ckpt-{step}-")
+        folder = self._storage_folder(step)
+        self._direct = folder is not None
+        if folder is None:
+            self._pending = tempfile.mkdtemp(prefix=f"tract-ckpt-{step}-")
+            return self._pending
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if rank == 0:  # a folder of this step can only be a dead attempt's partial one (resuming starts after the
+            shutil.rmtree(folder, ignore_errors=True)  # registered checkpoint): never mix its files with ours
+        _barrier()
+        folder.mkdir(parents=True, exist_ok=True)
+        self._pending = str(folder)
         return self._pending
 
+    def _storage_folder(self, step: int) -> Path | None:
+        """``<storage>/<run>/checkpoint_step-N`` when the run's storage is a local filesystem, else None."""
+        try:
+            import pyarrow.fs
+
+            storage = self._train.get_context().get_storage()
+            if not isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
+                return None
+            return Path(storage.experiment_fs_path) / f"checkpoint_step-{step:06d}"
+        except Exception:  # noqa: BLE001 - a Ray without this developer API: the upload path
+            return None
+
     def abort(self) -> None:
-        if getattr(self, "_pending", None):
+        if not getattr(self, "_pending", None):
+            return
+        if not self._direct:
             shutil.rmtree(self._pending, ignore_errors=True)
+            return
+        if (dist.get_rank() if dist.is_initialized() else 0) == 0:  # never registered: Ray knows nothing of it
+            shutil.rmtree(self._pending, ignore_errors=True)
+        _barrier()
 
     def commit(self, ckpt: str, step: int, metrics: dict[str, Any]) -> None:
-        from ray.train import Checkpoint
+        from ray.train import Checkpoint, CheckpointUploadMode
 
         write_manifest(ckpt, dist.get_rank() if dist.is_initialized() else 0, step, self.fingerprint)
-        try:
-            self._train.report(metrics, checkpoint=Checkpoint.from_directory(ckpt))
-        finally:
-            shutil.rmtree(ckpt, ignore_errors=True)  # uploaded (or failed): the local copy goes either way
+        if self._direct:  # already in the run's storage: registered once every rank reported it
+            self._train.report(metrics, checkpoint=Checkpoint.from_directory(ckpt),
+                               checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+        else:
+            try:
+                self._train.report(metrics, checkpoint=Checkpoint.from_directory(ckpt))
+            finally:
+                shutil.rmtree(ckpt, ignore_errors=True)  # uploaded (or failed): the local copy goes either way
         self.last_good = f"Ray Train checkpoint of step {step}"
 
     def pin(self, ckpt: str, reason: str) -> None:
