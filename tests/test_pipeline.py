@@ -204,10 +204,31 @@ def _check_mlflow_as_users_compare(uri: str, s, data: Path) -> None:
     assert inputs(trains["stage2"])["stage2"][1] == 4 and inputs(evals["stage1"])["vicuna"][1] == 6
     assert inputs(evals["stage1"]) == inputs(evals["stage2"])  # the same 6 records: the same digest
     assert inputs(parent) == {**inputs(trains["stage1"]), **inputs(trains["stage2"]), **inputs(evals["stage1"])}
+    # The runs table at a glance (#23): short distinct names, Source and User set.
+    assert parent.info.run_name == "noray"
+    assert sorted(r.info.run_name for r in children) == ["eval-stage1-vicuna", "eval-stage2-vicuna", "stage1-generate",
+                                                        "stage1-train", "stage2-train"]
+    for run in [parent, *children]:
+        assert run.data.tags["mlflow.source.type"] == "LOCAL" and run.data.tags["mlflow.source.name"]
+        assert run.data.tags["mlflow.user"]
+    # MLflow 3 logged models, as the Models tab and the run pages list them: one per export, named after its
+    # stage and pipeline, produced by its training run, the input of the runs that used it, carrying the
+    # evaluation's metrics on the benchmark.
+    models = {m.name: m for m in c.search_logged_models([exp.experiment_id])}
+    assert set(models) == {"stage1-noray", "stage2-noray"}
+    gen = next(r for r in children if r.data.tags["stage"] == "generate")
     for stage, run in trains.items():
-        history = json.loads(run.data.tags["mlflow.log-model.history"])
-        assert [h["artifact_path"] for h in history] == ["model"] and "transformers" in history[0]["flavors"]
-        assert "model/MLmodel" in {a.path for a in c.list_artifacts(run.info.run_id, "model")}
+        m = models[f"{stage}-noray"]
+        assert m.source_run_id == run.info.run_id and str(m.status).endswith("READY")
+        assert [o.model_id for o in c.get_run(run.info.run_id).outputs.model_outputs] == [m.model_id]
+        assert "MLmodel" in {a.path for a in c.list_logged_model_artifacts(m.model_id)}
+        assert [i.model_id for i in c.get_run(evals[stage].info.run_id).inputs.model_inputs] == [m.model_id]
+        pearson = {x.key: x for x in c.get_logged_model(m.model_id).metrics}.get("vicuna.pearson")
+        if "vicuna.pearson" in evals[stage].data.metrics:  # (undefined when every prediction is equal)
+            assert (pearson.value, pearson.dataset_name) == (evals[stage].data.metrics["vicuna.pearson"], "vicuna")
+    assert [i.model_id for i in c.get_run(gen.info.run_id).inputs.model_inputs] == [models["stage1-noray"].model_id]
+    assert f"#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning" in s.render()
+    for stage, run in trains.items():
         # Per-step training curves: each value MLflow holds is the one metrics.jsonl has for that step.
         steps = {r["step"]: r for r in map(json.loads, (Path(s.stages[f"train_{stage}"]["outputs"]["run_dir"]) /
                                                          "metrics.jsonl").read_text().splitlines())}

@@ -206,13 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name in sub.choices:
             sub.choices[name].add_argument(
                 "-v", "--verbose", action="store_true",
-                help="show every library's output (Ray, Ray Data, DeepSpeed, transformers, MLflow) on the console; "
-                     "default: only the run's own lines, the rest in the run folder's logs/")
+                help="show every library's output (Ray, Ray Data, Ray Serve, DeepSpeed, transformers, vLLM, MLflow) "
+                     "on the console; default: only the run's own lines, the rest in the run folder's logs/")
     return parser
 
 
 # The commands that run workers and libraries whose chatter console.py keeps off the terminal.
-_VERBOSE_COMMANDS = ("pipeline", "train", "generate", "evaluate")
+_VERBOSE_COMMANDS = ("pipeline", "train", "generate", "evaluate", "serve")
 
 
 class Terminated(SystemExit):
@@ -275,6 +275,10 @@ def _main(argv: list[str] | None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = list(args.overrides or []) + extra
+    from tract_dist.tracking.mlflow_run import set_source
+
+    # The runs' Source column: the command and its config, e.g. "tract-dist pipeline configs/quickstart.yaml".
+    set_source(" ".join(["tract-dist", *(a for a in (argv if argv is not None else sys.argv[1:])[:2])]))
     if getattr(args, "verbose", False):
         from tract_dist import console
 

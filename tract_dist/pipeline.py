@@ -63,6 +63,7 @@ class TrainOutputs(StageOutputs):
     run_dir: str = ""  # empty for a given stage-1 export
     mlflow_run_id: str | None = None
     summary: str = ""
+    mlflow_model_id: str | None = None  # the export's MLflow logged model (absent from older records)
 
     def paths(self) -> list[str]:
         return [self.model]
@@ -152,6 +153,8 @@ class PipelineSummary:
     method: str
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     parent_run_id: str | None = None
+    tracking_uri: str | None = None
+    experiment_id: str | None = None
 
     def render(self) -> str:
         lines = [f"[pipeline] {self.name} ({self.method}) in {self.directory}"]
@@ -160,6 +163,11 @@ class PipelineSummary:
             lines.append(f"  {name:<32} {status:<8} {rec.get('outputs', {}).get('summary', '')}")
         if self.parent_run_id:
             lines.append(f"  MLflow parent run: {self.parent_run_id}")
+        if self.tracking_uri and self.experiment_id:
+            from tract_dist.tracking.mlflow_run import runs_url
+
+            url, serve = runs_url(self.tracking_uri, self.experiment_id)
+            lines.append(f"  MLflow runs: {url}" + (f"  (after: {serve})" if serve else ""))
         return "\n".join(lines)
 
 
@@ -439,6 +447,7 @@ def _run_locked(cfg: Config, name: str, pdir: Path, *, config_path: str | None, 
             if config_path:
                 log_artifact(parent, config_path, "config")
         summary.parent_run_id = parent.run_id
+        summary.tracking_uri, summary.experiment_id = parent.tracking_uri, parent.experiment_id
         ctx.parent = parent
         ctx.tags.update(method=method, model=model_tag, pipeline=name)
         finished, _ = _walk(stages, state, selected, summary)
@@ -482,21 +491,26 @@ def _train(cfg: Config, run_name: str, ctx: _Context, model_stage: str) -> Train
     from tract_dist.train.trainer import run_training
 
     release_engine()  # an in-process inference engine kept from an earlier stage must not hold memory training needs
+    # Folders keep their fingerprinted names; MLflow shows short distinct ones: the run "stage1-train" under the
+    # pipeline's run, its export the logged model "stage1-<pipeline>" (the stage first: the UI cuts long names).
+    pipeline = ctx.tags.get("pipeline")
     r = run_training(cfg, run_name=run_name, parent=ctx.parent, address=ctx.address, stage="train",
-                     launcher=cfg.cluster.launcher, fresh=ctx.fresh)
+                     launcher=cfg.cluster.launcher, fresh=ctx.fresh, display_name=f"{model_stage}-train",
+                     model_name=f"{model_stage}-{pipeline}" if pipeline else run_name)
     if r.mlflow_run_id:
         set_tags(RunHandle(r.tracking_uri, r.mlflow_run_id), {**ctx.tags, "model_stage": model_stage})
     model = str(r.export_dir / "model")
     if not (r.export_dir / "model").is_dir() and (r.export_dir / "adapter").is_dir():
         model = str(r.export_dir / "adapter")  # LoRA without merge_on_export: served unmerged by both backends
     return TrainOutputs(model=model, run_dir=str(r.run_dir), mlflow_run_id=r.mlflow_run_id,
-                        summary=f"{r.data_summary['encode_encoded']} examples")
+                        summary=f"{r.data_summary['encode_encoded']} examples", mlflow_model_id=r.mlflow_model_id)
 
 
 def _generate(cfg: Config, model: str, out: Path, ctx: _Context, fp: str) -> GenerateOutputs:
     from tract_dist.generate.pipeline import generate_cots
 
-    s = generate_cots(cfg, model, out, parent_run=ctx.parent, fingerprint=fp, fresh=ctx.fresh)
+    named = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"run_name": "stage1-generate"})})
+    s = generate_cots(named, model, out, parent_run=ctx.parent, fingerprint=fp, fresh=ctx.fresh)
     if s.get("missing"):
         raise RuntimeError(f"generation left {s['missing']} CoTs missing in {out}; rerun the pipeline to resume")
     return GenerateOutputs(dir=str(out), ok=s.get("ok"), failed=s.get("failed"),
@@ -518,7 +532,10 @@ def _evaluate(cfg: Config, model: str, bench: Any, mode: str, out: Path, parent:
 
     d = cfg.model_dump()
     d["evaluation"].update(benchmarks=[bench.model_dump()], mode=mode, output_dir=str(out))
-    d["tracking"]["run_name"] = f"eval-{tags['model_stage']}-{bench.name}-{mode}"
+    # Short and distinct in the runs table: eval-stage2-vicuna (the inference mode only when the method
+    # evaluates in more than one, as ce_cot does).
+    several = len(EVAL_MODES[cfg.pipeline.method]) > 1
+    d["tracking"]["run_name"] = f"eval-{tags['model_stage']}-{bench.name}" + (f"-{mode}" if several else "")
     ecfg = Config.model_validate(d)
     res = evaluate_model(ecfg, model, out, parent_run=parent, tags=tags)
     metrics = res[bench.name]

@@ -155,34 +155,3 @@ def test_roll_up_puts_the_childrens_headline_on_the_parent(uri, tmp_path, capsys
         roll_up(again, {"method": "tract", "lam": 0.5}, charts=False)
     assert c.get_run(parent.run_id).data.params["lam"] == "1.0"
     assert "param lam stays '1.0'" in capsys.readouterr().err
-
-
-@pytest.mark.timeout(300)
-def test_logged_models_show_in_the_runs_table(tiny_export, tmp_path, monkeypatch):
-    """The runs table's Models column reads the run's mlflow.log-model.history tag, not its artifacts."""
-    from mlflow.tracking import MlflowClient
-
-    from tract_dist.tracking.mlflow_run import start_run
-    from tract_dist.tracking.models import log_model_folder
-
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    uri = f"sqlite:///{tmp_path}/m.db"
-    import shutil
-
-    # A folder MLflow's flavour cannot describe (here: a config naming no class) is logged as a pointer.
-    odd = Path(shutil.copytree(tiny_export, tmp_path / "odd"))
-    config = json.loads((odd / "config.json").read_text())
-    config.pop("architectures")
-    (odd / "config.json").write_text(json.dumps(config))
-    with start_run(uri, "e", "train") as handle:
-        log_model_folder(handle, tiny_export)
-        log_model_folder(handle, tiny_export, artifact_path="pointer", max_copy_bytes=1 << 20)
-        fallback = log_model_folder(handle, odd, artifact_path="odd")
-    c = MlflowClient(uri)
-    history = json.loads(c.get_run(handle.run_id).data.tags["mlflow.log-model.history"])
-    assert [(h["artifact_path"], h["run_id"]) for h in history] == [("model", handle.run_id),
-                                                                   ("pointer", handle.run_id), ("odd", handle.run_id)]
-    assert "transformers" in history[0]["flavors"] and list(history[1]["flavors"]) == ["tract_pointer"]
-    assert fallback is not None and fallback.kind == "pointer" and list(history[2]["flavors"]) == ["tract_pointer"]
-    meta = json.loads(Path(c.download_artifacts(handle.run_id, "odd/tract_pointer.json", str(tmp_path))).read_text())
-    assert meta["path"] == str(odd.resolve()) and "transformers flavour could not save it" in meta["why"]

@@ -163,7 +163,7 @@ def test_credentials_are_redacted_from_params_and_written_files(store, tmp_path,
 
     seen = {}
 
-    def fake_run(cmd, env):
+    def fake_run(cmd, env, **kwargs):  # stdout/stderr: the terminal when the driver is quiet
         seen["env"] = env
         return subprocess.CompletedProcess(cmd, 0)
 

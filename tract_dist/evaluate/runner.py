@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +55,10 @@ def predict(cfg: Any, model_path: str, examples: list[JudgeExample], *, show_pro
     worker_kwargs = {"engine": engine.as_dict(), "judge_kwargs": kw, "n_cots": e.num_cots, "mode": e.mode}
     rows = [{"id": ex.id, "example": json.dumps(ex.to_dict(), ensure_ascii=False)} for ex in examples]
     got: dict[str, dict[str, Any]] = {}
+    t0, first = time.perf_counter(), None
     with tqdm(total=len(rows), desc=desc, unit="ex", disable=not show_progress) as bar:
         for batch in map_rows(rows, JudgeWorker, worker_kwargs, spec):
+            first = first if first is not None else time.perf_counter() - t0
             for p in batch:
                 pred = p["prediction"]
                 p["prediction"] = None if pred is None or (isinstance(pred, float) and math.isnan(pred)) else pred
@@ -65,7 +68,14 @@ def predict(cfg: Any, model_path: str, examples: list[JudgeExample], *, show_pro
     missing = [ex.id for ex in examples if ex.id not in got]
     if missing:  # the pool maps every row to one result; anything else is a bug worth stopping for
         raise RuntimeError(f"evaluation lost {len(missing)} predictions (first ids: {missing[:5]})")
+    # Where the time went (the benchmark reads it): the first result waits for the pool's start-up and model
+    # loading as well as its batch; the rest is judging.
+    LAST_TIMING.update(seconds=round(time.perf_counter() - t0, 3), seconds_to_first_result=round(first or 0.0, 3),
+                       rows=len(rows), use_ray=spec.use_ray, replicas=spec.replicas)
     return [got[ex.id] for ex in examples]
+
+
+LAST_TIMING: dict[str, Any] = {}  # predict()'s last timing, written beside the predictions (timing.json)
 
 
 def write_predictions(records: list[dict[str, Any]], path: str | Path) -> Path:
@@ -110,20 +120,29 @@ def evaluate_model(cfg: Any, model_path: str | None, out_dir: str | Path | None 
     """Evaluate ``model_path`` on every ``evaluation.benchmarks`` entry; returns ``{benchmark: metrics}``.
 
     ``tags`` are added to the MLflow run (the pipeline tags method, model, stage and benchmark for compare)."""
+    from tract_dist import console
     from tract_dist.config import ConfigError
+
+    e = cfg.evaluation
+    if not e.benchmarks:
+        raise ConfigError("evaluation.benchmarks: no benchmark to evaluate on")
+    out = Path(out_dir or e.output_dir or Path(cfg.training.output_dir) / "evaluate")
+    # A quiet console (a pipeline's stage keeps the pipeline's): library chatter to OUT/logs/driver.log.
+    with console.quiet_run(out / "logs"):
+        return _evaluate(cfg, model_path, out, parent_run, show_progress, tags)
+
+
+def _evaluate(cfg: Any, model_path: str | None, out: Path, parent_run: Any, show_progress: bool,
+              tags: dict[str, str] | None) -> dict[str, Any]:
+    from tract_dist.export_record import resolve_rail_normalize
+    from tract_dist.runtime.backend import choose_backend
     from tract_dist.tracking import log_artifact, log_metrics, log_params, start_run
     from tract_dist.tracking.datasets import EVALUATION, examples_dataset, log_datasets
 
     e, t = cfg.evaluation, cfg.tracking
-    if not e.benchmarks:
-        raise ConfigError("evaluation.benchmarks: no benchmark to evaluate on")
-    from tract_dist.export_record import resolve_rail_normalize
-    from tract_dist.runtime.backend import choose_backend
-
     choice = choose_backend(cfg, "evaluation")  # before any replica starts
     model_path = model_path or cfg.model.name_or_path
     rail = resolve_rail_normalize(e.rail_normalize, model_path)  # the export's training choice unless set
-    out = Path(out_dir or e.output_dir or Path(cfg.training.output_dir) / "evaluate")
     scale = parse_scale(cfg.data.scale)
     results: dict[str, Any] = {}
     with start_run(t.tracking_uri, t.experiment, t.run_name or "evaluate", enabled=t.enabled, parent=parent_run,
@@ -132,16 +151,24 @@ def evaluate_model(cfg: Any, model_path: str | None, out_dir: str | Path | None 
                          "rail_normalize": rail, "use_ray": e.ray, "backend": choice.backend,
                          "backend_reason": choice.reason, "tensor_parallel_size": e.tensor_parallel_size,
                          "benchmarks": ",".join(b.name for b in e.benchmarks)})
+        # The MLflow 3 logged model of the weights scored (a training run logged it): this run's input, and the
+        # model its metrics are filed under, so the Models tab shows each export's results per benchmark.
+        from tract_dist.tracking.models import link_model_input
+
+        model_id = link_model_input(run, model_path) if Path(str(model_path)).is_dir() else None
         for spec in e.benchmarks:
             examples = load_benchmark(spec, scale, cfg.data.skip_invalid)
-            log_datasets(run, [examples_dataset(spec.name, spec.path, examples, EVALUATION)])
+            dataset = examples_dataset(spec.name, spec.path, examples, EVALUATION)
+            log_datasets(run, [dataset])
             records = predict(cfg, str(model_path), examples, show_progress=show_progress, desc=spec.name,
                               backend=choice.backend)
             bdir = out / spec.name
             write_predictions(records, bdir / "predictions.jsonl")
+            atomic_write_json(bdir / "timing.json", dict(LAST_TIMING))
             result = report(records, bdir, spec.name, scale)
             results[spec.name] = result
-            log_metrics(run, flat_metrics(spec.name, result))
+            log_metrics(run, flat_metrics(spec.name, result), model_id=model_id,
+                        dataset=(dataset.name, dataset.digest) if model_id else None)
             for f in ("predictions.jsonl", "metrics.json", "scatter.png"):
                 log_artifact(run, bdir / f, f"evaluate/{spec.name}")
         atomic_write_json(out / "summary.json", results)

@@ -133,8 +133,9 @@ def generate_cots(cfg: Any, model_path: str | None, out_dir: str | Path | None =
     from tract_dist.fsutil import exclusive_lock
     from tract_dist.runtime.backend import choose_backend
 
+    from tract_dist import console
+
     g = cfg.generation
-    backend = choose_backend(cfg, "generation")  # before any replica starts: a bad choice is a config error
     model_path = model_path or cfg.model.name_or_path
     out = Path(out_dir or g.output_dir or Path(cfg.training.output_dir) / "generate")
     examples = examples if examples is not None else load_training_examples(cfg)
@@ -143,8 +144,11 @@ def generate_cots(cfg: Any, model_path: str | None, out_dir: str | Path | None =
             moved = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
             os.replace(out, moved)
             print(f"generate: --fresh: moved {out} to {moved}")
-        return _generate_locked(cfg, str(model_path), out, examples, backend, parent_run, show_progress,
-                                fingerprint)
+        # A quiet console (a pipeline's stage keeps the pipeline's): library chatter to OUT/logs/driver.log.
+        with console.quiet_run(out / "logs"):
+            backend = choose_backend(cfg, "generation")  # before any replica starts: a bad choice is a config error
+            return _generate_locked(cfg, str(model_path), out, examples, backend, parent_run, show_progress,
+                                    fingerprint)
 
 
 def _generate_locked(cfg: Any, model_path: str, out: Path, examples: list[JudgeExample], backend: Any,
@@ -179,6 +183,10 @@ def _generate_locked(cfg: Any, model_path: str, out: Path, examples: list[JudgeE
                          "backend": backend.backend, "backend_reason": backend.reason,
                          "tensor_parallel_size": g.tensor_parallel_size,
                          **{f"sampling.{k}": v for k, v in sampling.as_dict().items()}})
+        if Path(model_path).is_dir():  # the stage-1 export's logged model is this run's input
+            from tract_dist.tracking.models import link_model_input
+
+            link_model_input(run, model_path)
         progress = _Progress(len(todo), show_progress)
         step = 0
         try:

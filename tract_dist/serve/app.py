@@ -99,7 +99,30 @@ def deploy(cfg: Any, model_path: str, opts: ServeOptions, *, host: str, port: in
 
 def run_server(cfg: Any, model_path: str, opts: ServeOptions, *, host: str, port: int, address: str | None,
                tracking: bool, registered_name: str | None = None) -> int:
-    """``tract-dist serve``: connect to (or start) Ray, deploy, log the model, wait for Ctrl-C, shut down."""
+    """``tract-dist serve``: connect to (or start) Ray, deploy, log the model, wait for Ctrl-C, shut down.
+
+    A quiet console (unless --verbose): Ray's and Serve's lines, the replicas' output and the access log go to
+    ``serve_log_dir(cfg, opts)`` (``runs/serve/<model id>/logs``); the terminal shows the project's lines."""
+    from tract_dist import console
+
+    log_dir = serve_log_dir(cfg, opts)
+    with console.quiet_run(log_dir):
+        if not console.is_verbose():
+            print(f"[serve] Ray, Serve and replica output: {log_dir}", file=sys.stderr, flush=True)
+        return _run_server(cfg, model_path, opts, host=host, port=port, address=address, tracking=tracking,
+                           registered_name=registered_name)
+
+
+def serve_log_dir(cfg: Any, opts: ServeOptions) -> Path:
+    """Where a server's library output goes: ``training.output_dir``/serve/<model id>/logs (the id made a plain
+    folder name: --model-id is the user's)."""
+    from tract_dist.tracking.models import model_name
+
+    return Path(cfg.training.output_dir).resolve() / "serve" / model_name(opts.model_id) / "logs"
+
+
+def _run_server(cfg: Any, model_path: str, opts: ServeOptions, *, host: str, port: int, address: str | None,
+                tracking: bool, registered_name: str | None) -> int:
     import signal
     import threading
 
@@ -166,7 +189,12 @@ def _log_served_model(cfg: Any, model_path: str, opts: ServeOptions, where: str,
                             "max_batch_size": opts.max_batch_size, "backend": cfg.evaluation.backend,
                             "mode": cfg.evaluation.mode, "num_cots": cfg.evaluation.num_cots})
         set_tags(handle, {"tract.serve.url": where})
-        logged = log_model_folder(handle, model_path, registered_model_name=name)
+        # The served weights: the logged model a training run made of them (linked, not copied again), else a
+        # new one; the serve run's input either way.
+        from tract_dist.tracking.models import model_name
+
+        logged = log_model_folder(handle, model_path, name=model_name("served", opts.model_id),
+                                  registered_model_name=name, role="input")
         if logged is not None:
             print(f"[serve] model logged to MLflow: {logged.model_uri}"
                   + (f" (registered {logged.registered_name} v{logged.version})" if logged.version else ""),

@@ -70,6 +70,21 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
                                     tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
 
 
+UI_DEFAULT = "http://127.0.0.1:5000"  # where ``mlflow ui`` serves a local store by default
+RUNS_VIEW = "runs?workflowType=machine_learning"
+"""The runs table. MLflow 3.17's UI ignores the experiment kind and opens an experiment on its GenAI overview
+(traces) until one clicks "Model training"; this query opens the runs table directly."""
+
+
+def runs_url(tracking_uri: str, experiment_id: str) -> tuple[str, str | None]:
+    """(URL of the experiment's runs table, the command that serves it or None): a tracking server serves its
+    UI at its own address; a local store (sqlite, folder) needs ``mlflow ui`` first."""
+    uri = resolve_uri(tracking_uri)
+    if uri.startswith(("http://", "https://")):
+        return f"{redact_uri(uri).rstrip('/')}/#/experiments/{experiment_id}/{RUNS_VIEW}", None
+    return f"{UI_DEFAULT}/#/experiments/{experiment_id}/{RUNS_VIEW}", f"mlflow ui --backend-store-uri {redact_uri(uri)}"
+
+
 # A tracking server that is down must cost a training step no more than a short wait: MLflow's own defaults
 # retry a request 7 times with exponential backoff (minutes). Users who set these variables keep theirs.
 _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -156,7 +171,7 @@ def start_run(tracking_uri: str, experiment: str, run_name: str | None = None, *
             else:
                 client.update_run(run_id, status="RUNNING")
         if run_id is None:
-            all_tags = dict(tags or {})
+            all_tags = {**source_tags(), **(tags or {})}
             if parent is not None and parent.run_id:
                 all_tags["mlflow.parentRunId"] = parent.run_id
             run_id = client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
@@ -178,6 +193,28 @@ def start_run(tracking_uri: str, experiment: str, run_name: str | None = None, *
         raise
     flush(handle)
     _terminate(handle, "FINISHED")
+
+
+_SOURCE: dict[str, str] = {}  # set_source: what started this process, for the runs table's Source column
+
+
+def set_source(name: str) -> None:
+    """Name what started this process (the CLI: ``tract-dist pipeline configs/quickstart.yaml``) as the Source of
+    the runs it creates; otherwise the script's name is used, as MLflow's fluent API does."""
+    _SOURCE["name"] = name
+
+
+def source_tags() -> dict[str, str]:
+    """The Source and User columns of the runs table (``mlflow.source.*``, ``mlflow.user``): ``MlflowClient``
+    runs get none, only the fluent API resolves them, and this module never uses the fluent API."""
+    import getpass
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no login name for this uid (containers)
+        user = str(os.getuid()) if hasattr(os, "getuid") else "unknown"
+    name = _SOURCE.get("name") or (Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python")
+    return {"mlflow.source.name": redact_text(name), "mlflow.source.type": "LOCAL", "mlflow.user": user}
 
 
 def _terminate(handle: RunHandle, status: str) -> None:
@@ -215,9 +252,13 @@ def _drop(box: _Outbox, n: int, why: str) -> None:
     _warn(msg)
 
 
-def log_metrics(handle: RunHandle, metrics: dict[str, float], step: int | None = None) -> None:
+def log_metrics(handle: RunHandle, metrics: dict[str, float], step: int | None = None, *,
+                model_id: str | None = None, dataset: tuple[str, str] | None = None) -> None:
     """Log metric values; during a tracking outage they are buffered and retried with backoff (a failed
-    attempt costs the caller one short request), then dropped with a counted warning."""
+    attempt costs the caller one short request), then dropped with a counted warning.
+
+    ``model_id`` (an MLflow 3 logged model) and ``dataset`` ((name, digest) of a dataset input of the run) file
+    the values under that model too: the Models tab shows them per model and dataset."""
     if not handle.enabled or not metrics:
         return
     import time
@@ -225,8 +266,10 @@ def log_metrics(handle: RunHandle, metrics: dict[str, float], step: int | None =
     from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
+    name, digest = dataset or (None, None)
     box = _OUTBOXES.setdefault((handle.tracking_uri, handle.run_id), _Outbox())
-    box.pending += [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if v is not None]
+    box.pending += [Metric(k, float(v), ts, step or 0, model_id=model_id, dataset_name=name, dataset_digest=digest)
+                    for k, v in metrics.items() if v is not None]
     if len(box.pending) > _MAX_PENDING:
         _drop(box, len(box.pending) - _MAX_PENDING, f"more than {_MAX_PENDING} waiting for the tracking store")
     now = time.monotonic()

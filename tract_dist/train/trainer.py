@@ -39,6 +39,7 @@ class TrainResult:
     mlflow_run_id: str | None
     tracking_uri: str
     data_summary: dict[str, Any]
+    mlflow_model_id: str | None = None  # the export's MLflow logged model (None: not logged)
 
 
 def run_fingerprint(cfg: Config) -> str:
@@ -60,8 +61,13 @@ def check_batch(cfg: Config, n_examples: int) -> None:
 
 def run_training(cfg: Config, *, config_path: str | None = None, run_name: str | None = None,
                  launcher: str = "ray", address: str | None = None, parent: RunHandle | None = None,
-                 stage: str = "train", fresh: bool = False) -> TrainResult:
+                 stage: str = "train", fresh: bool = False, display_name: str | None = None,
+                 model_name: str | None = None) -> TrainResult:
     """Run one CoT-RAFT training stage; rerunning with the same config and name resumes it.
+
+    ``run_name`` names the run folder (and, unless ``display_name`` is given, the MLflow run); ``model_name`` the
+    export's MLflow logged model (default: the MLflow run's name). The pipeline gives short readable ones
+    (``stage1-train``; ``stage1-<pipeline>``) while its folders keep their fingerprints.
 
     One invocation per run folder at a time (a second one fails at once, naming the holder). A run folder or
     checkpoint made with another configuration is refused, naming both fingerprints, unless ``fresh``: then
@@ -73,7 +79,8 @@ def run_training(cfg: Config, *, config_path: str | None = None, run_name: str |
     run_dir = Path(cfg.training.output_dir).resolve() / name
     with exclusive_lock(run_dir, "training run"):
         return _run_locked(cfg, name, run_dir, config_path=config_path, launcher=launcher, address=address,
-                           parent=parent, stage=stage, fresh=fresh)
+                           parent=parent, stage=stage, fresh=fresh, display_name=display_name or name,
+                           model_name=model_name or display_name or name)
 
 
 def _storage_dir(cfg: Config, name: str) -> Path | None:
@@ -132,16 +139,33 @@ def check_resume(cfg: Config, name: str, run_dir: Path, fp: str, *, fresh: bool)
 
 
 def _run_locked(cfg: Config, name: str, run_dir: Path, *, config_path: str | None, launcher: str,
-                address: str | None, parent: RunHandle | None, stage: str, fresh: bool) -> TrainResult:
+                address: str | None, parent: RunHandle | None, stage: str, fresh: bool, display_name: str,
+                model_name: str) -> TrainResult:
+    from tract_dist import console
+
+    fp = run_fingerprint(cfg)
+    check_resume(cfg, name, run_dir, fp, fresh=fresh)  # --fresh moves the old folder aside: logs go in the new
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # A quiet console (a pipeline's stage keeps the pipeline's): library chatter to RUN_DIR/logs/driver.log.
+    with console.quiet_run(run_dir / "logs"):
+        return _prepare_and_fit(cfg, name, run_dir, fp, config_path=config_path, launcher=launcher,
+                                address=address, parent=parent, stage=stage, display_name=display_name,
+                                model_name=model_name)
+
+
+def _prepare_and_fit(cfg: Config, name: str, run_dir: Path, fp: str, *, config_path: str | None, launcher: str,
+                     address: str | None, parent: RunHandle | None, stage: str, display_name: str,
+                     model_name: str) -> TrainResult:
     from tract_dist.data.assets import load_tokenizer
     from tract_dist.train.data import prepare_dataset
 
-    fp = run_fingerprint(cfg)
-    check_resume(cfg, name, run_dir, fp, fresh=fresh)
-    run_dir.mkdir(parents=True, exist_ok=True)
     tok_name = cfg.model.tokenizer or cfg.model.name_or_path
     summary = prepare_dataset(cfg, load_tokenizer(tok_name), run_dir)
     check_batch(cfg, summary["encode_encoded"])
+    # A GGUF alias (smollm2) is de-quantised once, here, into its cached HF folder, which every worker loads.
+    from tract_dist.models.loading import materialize_alias
+
+    materialize_alias(cfg.model.name_or_path)
     # Recorded only once the input is valid: an invocation refused for bad input (then fixed) owns nothing yet.
     if not (run_dir / RUN_RECORD).exists():
         atomic_write_json(run_dir / RUN_RECORD, {"fingerprint": fp, "name": name, "created": time.time()})
@@ -151,8 +175,8 @@ def _run_locked(cfg: Config, name: str, run_dir: Path, *, config_path: str | Non
     id_file = run_dir / "mlflow_run_id"
     previous = id_file.read_text().strip() if id_file.exists() else None
     tr = cfg.tracking
-    with start_run(tr.tracking_uri, tr.experiment, name, enabled=tr.enabled, parent=parent, run_id=previous,
-                   tags={"stage": stage}) as handle:
+    with start_run(tr.tracking_uri, tr.experiment, display_name, enabled=tr.enabled, parent=parent, run_id=previous,
+                   tags={"stage": stage, "tract.run_dir": str(run_dir)}) as handle:
         if handle.run_id:
             atomic_write_text(id_file, handle.run_id)
             if handle.run_id != previous:  # a new run (first invocation, or the old one was deleted)
@@ -165,6 +189,7 @@ def _run_locked(cfg: Config, name: str, run_dir: Path, *, config_path: str | Non
         loop = WorkerPlan(config=cfg.model_dump(), run_dir=str(run_dir), launcher=launcher,
                           tracking_uri=handle.tracking_uri, run_id=handle.run_id, export_dir=str(run_dir / "export"),
                           fingerprint=fp, invocation=invocation, hooks=hooks_from_env())
+        t_fit = time.perf_counter()
         try:
             if launcher == "ray":
                 ckpt = _fit_with_ray(cfg, loop, name, address)
@@ -178,8 +203,22 @@ def _run_locked(cfg: Config, name: str, run_dir: Path, *, config_path: str | Non
         except Exception as e:
             _raise_nonfinite(cfg, name, run_dir, invocation, e)
             raise
-        _log_outcome(handle, cfg, run_dir)
-    return TrainResult(name, run_dir, run_dir / "export", ckpt, handle.run_id, handle.tracking_uri, summary)
+        t_fit, t_log = time.perf_counter() - t_fit, time.perf_counter()
+        model_id = _log_outcome(handle, cfg, run_dir, model_name)
+        _record_driver_timings(run_dir, fit=t_fit, log_model=time.perf_counter() - t_log)
+    return TrainResult(name, run_dir, run_dir / "export", ckpt, handle.run_id, handle.tracking_uri, summary, model_id)
+
+
+def _record_driver_timings(run_dir: Path, **seconds: float) -> None:
+    """The driver's side of where a stage's time went, beside the workers' (``timings_s`` of train_result.json):
+    ``fit`` (launcher start to the workers' end: start-up is ``fit`` minus the workers' own phases) and
+    ``log_model`` (the export into MLflow)."""
+    path = run_dir / "train_result.json"
+    if not path.exists():
+        return
+    result = read_json(path, "the training result")
+    result.setdefault("timings_s", {}).update({k: round(v, 3) for k, v in seconds.items()})
+    atomic_write_json(path, result)
 
 
 def _log_training_data(handle: RunHandle, cfg: Config, summary: dict[str, Any]) -> None:
@@ -196,19 +235,24 @@ def _log_training_data(handle: RunHandle, cfg: Config, summary: dict[str, Any]) 
     log_params(handle, {"train_examples": n})
 
 
-def _log_outcome(handle: RunHandle, cfg: Config, run_dir: Path) -> None:
+def _log_outcome(handle: RunHandle, cfg: Config, run_dir: Path, model_name: str) -> str | None:
     """After a finished fit: the steps the plan ran (epochs or max_steps) as ``train_steps``, and the export
-    as the run's MLflow model (registered under ``tracking.registered_model_name``), so the run leads to it."""
+    as the run's MLflow logged model named ``model_name`` (registered under ``tracking.registered_model_name``),
+    so the run leads to it; returns the model's id."""
     if not handle.enabled:
-        return
+        return None
     result = run_dir / "train_result.json"
+    steps = read_json(result, "the training result")["steps"] if result.exists() else 0
     if result.exists():
-        log_params(handle, {"train_steps": read_json(result, "the training result")["steps"]})
+        log_params(handle, {"train_steps": steps})
     model = run_dir / "export" / "model"  # a LoRA adapter left unmerged is not a model folder: not logged
     if cfg.tracking.log_models and model.is_dir():
-        from tract_dist.tracking.models import log_model_folder
+        from tract_dist.tracking.models import log_model_folder, model_name as safe_model_name
 
-        log_model_folder(handle, model, registered_model_name=cfg.tracking.registered_model_name)
+        logged = log_model_folder(handle, model, name=safe_model_name(model_name), step=int(steps),
+                                  registered_model_name=cfg.tracking.registered_model_name)
+        return logged.model_id if logged else None
+    return None
 
 
 def log_config_artifact(handle: RunHandle, config_path: str) -> None:
@@ -312,7 +356,12 @@ def _fit_with_torchrun(cfg: Config, loop: WorkerPlan, run_dir: Path) -> str:
            "TRACT_DIST_WORKER_TRACKING_URI": uri}
     if not cfg.cluster.use_gpu:
         env.setdefault("OMP_NUM_THREADS", str(max(1, int(cfg.cluster.cpus_per_worker))))
-    proc = subprocess.run(cmd, env=env)
+    from tract_dist import console
+
+    # The ranks print their console lines on the stdout they inherit: the terminal, also when this quiet driver's
+    # own output goes to its log (each rank sends the rest of its output to RUN_DIR/logs, worker.py).
+    out, err = console.terminal_fds()
+    proc = subprocess.run(cmd, env=env, stdout=out, stderr=err)
     if proc.returncode != 0:
         raise WorkerFailedError(f"torchrun workers failed (exit status {proc.returncode}); see their output above")
     return str(run_dir / "checkpoints")
