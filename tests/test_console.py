@@ -6,6 +6,7 @@ The pipeline's own console is checked in tests/test_pipeline.py::test_pipeline_r
 from __future__ import annotations
 
 import logging
+import logging.config
 import subprocess
 import sys
 import warnings
@@ -109,7 +110,7 @@ def test_cli_verbose_flag_sets_the_environment(monkeypatch):
     from tract_dist.cli import build_parser
 
     parser = build_parser()
-    for cmd in ("pipeline", "train"):
+    for cmd in ("pipeline", "train", "generate", "evaluate", "serve"):
         args, _ = parser.parse_known_args([cmd, "c.yaml", "--verbose"])
         assert args.verbose is True
         assert parser.parse_known_args([cmd, "c.yaml"])[0].verbose is False
@@ -133,3 +134,111 @@ def test_quiet_run_keeps_ray_data_info_off_the_console_through_its_logging_confi
         assert console_levels() == [logging.ERROR]
     assert "RAY_DATA_LOGGING_CONFIG" not in console.os.environ
     assert console_levels() == [logging.INFO]  # Ray Data's own default again
+
+
+def test_quiet_driver_sends_c_level_and_child_output_to_its_log(tmp_path, capfd, quiet):
+    """A quiet driver's file descriptors 1 and 2 are its log (Ray's core worker, C++ libraries and the processes
+    it starts, such as vLLM's engine core, write there), while Python's sys.stdout/sys.stderr, and so the
+    project's lines, progress bars, Ray's forwarded worker lines and the libraries' console handlers, stay on the
+    terminal (#23: core_worker.cc errors, vLLM and Triton lines reached the console)."""
+    import os
+
+    lib = logging.getLogger("ray.data")  # a library handler made before the run, on the original stderr
+    handler = logging.StreamHandler(sys.__stderr__)
+    lib.addHandler(handler)
+    try:
+        with console.quiet_run(tmp_path / "logs"):
+            os.write(2, b"[2026-12-07 04:31:35,876 E 5144 5144] core_worker.cc:2465: Actor with class name\n")
+            subprocess.run([sys.executable, "-c", "import sys; print('engine core INFO'); "
+                            "print('FutureWarning: triton', file=sys.stderr)"], check=True)
+            print("[pipeline] train_stage1: running")
+            print("generate: 50%|#####", file=sys.stderr)
+            console.line("[train] step 1/3")
+            lib.error("a real problem")
+            assert console.terminal_fds()[0] is not None
+        assert console.terminal_fds() == (None, None)
+        cap = capfd.readouterr()
+        assert cap.out.splitlines() == ["[pipeline] train_stage1: running", "[train] step 1/3"]
+        assert cap.err.splitlines() == ["generate: 50%|#####", "a real problem"]
+        log = (tmp_path / "logs" / console.DRIVER_LOG).read_text()
+        for chatter in ("core_worker.cc", "engine core INFO", "FutureWarning: triton"):
+            assert chatter in log
+        assert handler.stream is sys.__stderr__  # restored
+        print("after")
+        assert capfd.readouterr().out == "after\n"
+    finally:
+        lib.removeHandler(handler)
+
+
+def test_ray_token_notice_and_vllm_lines_go_to_the_log(tmp_path, capfd, quiet, monkeypatch):
+    """Ray's "Token authentication is enabled" WARNING (token auth stays on by design) and everything vLLM logs
+    below ERROR, in this process and the processes it starts (its engine core), go to the run's logs."""
+    import json
+
+    monkeypatch.delenv("VLLM_LOGGING_CONFIG_PATH", raising=False)
+    ray_logger = logging.getLogger("ray")
+    ray_handler = logging.StreamHandler(sys.stderr)  # as Ray's own console handler
+    ray_logger.addHandler(ray_handler)
+    vllm = logging.getLogger("vllm")
+    vllm_before = list(vllm.handlers), vllm.propagate, vllm.level
+    try:
+        with console.quiet_run(tmp_path / "logs"):
+            logging.getLogger("ray._private.authentication.authentication_token_setup").warning(
+                "Token authentication is enabled for this Ray cluster.")
+            logging.getLogger("ray.train").warning("a Ray warning worth seeing")
+            config = console.os.environ["VLLM_LOGGING_CONFIG_PATH"]
+            # vLLM reads the config when imported: in a process the run starts (its engine core) ...
+            subprocess.run([sys.executable, "-c", "import json, logging.config, os; logging.config.dictConfig(json.load("
+                            "open(os.environ['VLLM_LOGGING_CONFIG_PATH']))); log = logging.getLogger('vllm.engine'); "
+                            "log.info('Initializing a V1 LLM engine'); log.warning('Triton is installed, but does not "
+                            "include CPU backend'); log.error('engine core died')"], check=True)
+            # ... and in the driver, where errors still reach the terminal
+            logging.config.dictConfig(json.loads(open(config).read()))
+            logging.getLogger("vllm.config").warning("Casting torch.bfloat16 to torch.float32")
+            logging.getLogger("vllm.llm").error("vLLM failed in the driver")
+        err = capfd.readouterr().err
+        assert "Token authentication" not in err and "a Ray warning worth seeing" in err
+        assert "vLLM failed in the driver" in err
+        for chatter in ("Initializing", "Triton", "engine core died", "Casting"):
+            assert chatter not in err
+        logs = tmp_path / "logs"
+        assert "Token authentication is enabled" in (logs / console.DRIVER_LOG).read_text()
+        vllm_log = (logs / console.VLLM_LOG).read_text()
+        for line in ("Initializing a V1 LLM engine", "Triton is installed", "engine core died", "Casting"):
+            assert line in vllm_log
+        assert json.loads(open(config).read())["loggers"]["vllm"]["propagate"] is False
+        assert "VLLM_LOGGING_CONFIG_PATH" not in console.os.environ  # unset again after the run
+        assert not logging.getLogger(
+            "ray._private.authentication.authentication_token_setup").handlers  # restored
+    finally:
+        ray_logger.removeHandler(ray_handler)
+        for h in [h for h in vllm.handlers if h not in vllm_before[0]]:  # the config applied in this process
+            vllm.removeHandler(h)
+            h.close()
+        vllm.propagate, vllm.level = vllm_before[1], vllm_before[2]
+
+
+def test_ray_forwards_worker_lines_without_the_pid_prefix_when_quiet(quiet, monkeypatch):
+    """The (pid=...) prefix Ray puts on the workers' lines it prints in the driver (only the project's console
+    lines reach it in a quiet run) is off for a quiet run's ray.init, on again afterwards and under --verbose."""
+    from ray._private import ray_constants
+    from ray._private.worker import _should_ignore_worker_log_prefix
+
+    class Worker:
+        job_logging_config = None
+
+    before = ray_constants.RAY_DISABLE_WORKER_LOG_PREFIX
+    with console.ray_worker_lines_unprefixed():
+        assert _should_ignore_worker_log_prefix(Worker()) is True
+    assert ray_constants.RAY_DISABLE_WORKER_LOG_PREFIX == before
+    monkeypatch.setenv(console.VERBOSE_ENV, "1")
+    with console.ray_worker_lines_unprefixed():
+        assert ray_constants.RAY_DISABLE_WORKER_LOG_PREFIX == before
+
+
+def test_quiet_runs_nest_into_the_outer_one(tmp_path, quiet):
+    """A pipeline's stages (train, generate, evaluate) keep the pipeline's logs/ rather than opening their own."""
+    with console.quiet_run(tmp_path / "outer"):
+        with console.quiet_run(tmp_path / "inner"):
+            assert console.os.environ[console.LOG_DIR_ENV] == str(tmp_path / "outer")
+    assert not (tmp_path / "inner").exists()

@@ -38,9 +38,15 @@ _QUIET_ENV = {
     "TRANSFORMERS_VERBOSITY": "error",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # "Downloading artifacts" bars of the pipeline's roll-up
 }
-# Loggers whose INFO lines are chatter on a terminal; their console handlers are raised to WARNING.
-_LIBRARY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "mlflow", "alembic", "DeepSpeed", "transformers",
-                    "datasets", "torch.distributed", "filelock", "urllib3")
+# Loggers whose INFO lines are chatter on a terminal; their console handlers are raised to WARNING (vLLM's to
+# ERROR: its start-up warnings, dozens on a CPU, are about its own configuration, not the user's run).
+_LIBRARY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "mlflow", "alembic", "DeepSpeed",
+                    "transformers", "datasets", "torch.distributed", "filelock", "urllib3", "vllm")
+_CONSOLE_LEVELS = {"vllm": logging.ERROR}
+# Warnings that describe what the project chose on purpose, not a problem of the run: to the log only. Ray's
+# "Token authentication is enabled" notice is printed by every local ray.init (token auth stays on, README).
+_NOTICE_LOGGERS = ("ray._private.authentication.authentication_token_setup",)
+VLLM_LOG = "vllm.log"
 
 _console_fd: int | None = None  # the terminal's stdout, when this process's own stdout/stderr go to a log file
 _console_err_fd: int | None = None  # and its stderr
@@ -144,20 +150,108 @@ def setup_ray_worker() -> None:
 
 @contextlib.contextmanager
 def quiet_run(log_dir: Path) -> Iterator[None]:
-    """The driver's side of a quiet run (a pipeline): library chatter off the terminal (see the module's
-    docstring), Ray workers started meanwhile write to ``log_dir``; everything is restored on exit.
-    No-op under ``--verbose``."""
-    if is_verbose():
+    """The driver's side of a quiet run (pipeline, train, generate, evaluate, serve): library chatter off the
+    terminal (see the module's docstring), Ray workers started meanwhile write to ``log_dir``; everything is
+    restored on exit. No-op under ``--verbose``, and inside a quiet run already (a pipeline's stages keep the
+    pipeline's logs/)."""
+    if is_verbose() or _active_env is not None:
         yield
         return
     log_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         stack.callback(_restore_ray_data_logging)  # last: once RAY_DATA_LOGGING_CONFIG is unset again
-        stack.enter_context(_env({**{k: v for k, v in _QUIET_ENV.items() if k not in os.environ},
-                                  LOG_DIR_ENV: str(log_dir)}))
+        env = {k: v for k, v in _QUIET_ENV.items() if k not in os.environ}
+        if "VLLM_LOGGING_CONFIG_PATH" not in os.environ:  # vLLM's documented logging config: every process
+            env["VLLM_LOGGING_CONFIG_PATH"] = str(_write_vllm_logging_config(log_dir))  # (driver, engine core,
+        stack.enter_context(_env({**env, LOG_DIR_ENV: str(log_dir)}))  # Ray actors) logs to log_dir/vllm.log
+        stack.enter_context(_driver_output(log_dir / DRIVER_LOG))
         stack.enter_context(_quiet_loggers(log_dir / DRIVER_LOG))
         stack.enter_context(_quiet_progress_bars())
         yield
+
+
+_terminal_streams: dict[tuple[int, int, int], Any] = {}  # a text stream per terminal, kept for the process
+_driver_fds: tuple[int, int] | None = None  # a quiet driver's terminal (stdout, stderr) while fds 1 and 2 are its log
+
+
+def terminal_fds() -> tuple[int | None, int | None]:
+    """The terminal's stdout and stderr descriptors while this process's own fds 1 and 2 go to a log (a quiet
+    driver, a worker), for a subprocess whose output must reach the terminal (torchrun's ranks print their
+    console lines on the stdout they inherit); (None, None) when output is not redirected."""
+    return _driver_fds if _driver_fds is not None else (_console_fd, _console_err_fd)
+
+
+@contextlib.contextmanager
+def _driver_output(path: Path) -> Iterator[None]:
+    """The driver of a quiet run: file descriptors 1 and 2 append to ``path`` (C++ libraries, Ray's core worker,
+    processes started meanwhile such as vLLM's engine core), while Python's ``sys.stdout`` / ``sys.stderr``, when
+    they are those descriptors, are rebound to the terminal: the project's lines, progress bars, Ray's forwarded
+    worker lines and tracebacks still print there. Library loggers' console handlers follow them
+    (:func:`_quiet_loggers`)."""
+    global _driver_fds
+    if _console_fd is not None or _driver_fds is not None:  # already redirected (a worker process)
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    old_streams = sys.stdout, sys.stderr
+    _driver_fds = saved
+    sys.stdout = _rebound(sys.stdout, 1, saved[0])
+    sys.stderr = _rebound(sys.stderr, 2, saved[1])
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    try:
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+        sys.stdout, sys.stderr = old_streams
+        _driver_fds = None
+
+
+def _rebound(stream: Any, fd: int, terminal: int) -> Any:
+    """``stream`` if it does not write to ``fd`` (pytest's capture, a notebook's), else a line-buffered text stream
+    on a duplicate of the terminal (kept open for the process: handlers may hold it after the run)."""
+    try:
+        if stream.fileno() != fd:
+            return stream
+    except (AttributeError, OSError, ValueError):
+        return stream
+    st = os.fstat(terminal)
+    key = (st.st_dev, st.st_ino, fd)
+    if key not in _terminal_streams:
+        _terminal_streams[key] = os.fdopen(os.dup(terminal), "w", buffering=1,
+                                           encoding=getattr(stream, "encoding", None) or "utf-8",
+                                           errors=getattr(stream, "errors", None) or "replace")
+    return _terminal_streams[key]
+
+
+def _write_vllm_logging_config(log_dir: Path) -> Path:
+    """vLLM's logging as a ``logging.config.dictConfig`` file (``VLLM_LOGGING_CONFIG_PATH``): everything of the
+    ``vllm`` logger into ``log_dir/vllm.log``, errors also on stderr. Read by vLLM when it is imported, so every
+    process started during the run (the engine core, Ray actors) applies it too."""
+    import json
+
+    config = {
+        "version": 1, "disable_existing_loggers": False,
+        "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"}},
+        "handlers": {"file": {"class": "logging.FileHandler", "filename": str(log_dir / VLLM_LOG),
+                              "formatter": "plain", "level": "DEBUG", "encoding": "utf-8"},
+                     "errors": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr",
+                                "formatter": "plain", "level": "ERROR"}},
+        "loggers": {"vllm": {"handlers": ["file", "errors"], "level": "INFO", "propagate": False}},
+    }
+    path = log_dir / "vllm-logging.json"
+    path.write_text(json.dumps(config, indent=1), encoding="utf-8")
+    return path
 
 
 _active_env: dict[str, str | None] | None = None  # a quiet run's previous values of the variables it set
@@ -193,15 +287,23 @@ def _quiet_loggers(path: Path) -> Iterator[None]:
     file_handler.setLevel(logging.INFO)
     raised: list[tuple[logging.Handler, int]] = []
     touched: list[logging.Logger] = []
+    moved: list[tuple[logging.StreamHandler, Any]] = []
     for name in _LIBRARY_LOGGERS:
         logger = logging.getLogger(name)
         for h in logger.handlers:
             if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
                 raised.append((h, h.level))
-                h.setLevel(max(h.level, logging.WARNING))
+                h.setLevel(max(h.level, _CONSOLE_LEVELS.get(name, logging.WARNING)))
+                target = {id(sys.__stdout__): sys.stdout, id(sys.__stderr__): sys.stderr}.get(id(h.stream))
+                if target is not None and target is not h.stream:  # made before the run: the terminal still
+                    moved.append((h, h.setStream(target)))
         if logger.handlers or not logger.propagate:
             logger.addHandler(file_handler)
             touched.append(logger)
+    notices = [(logging.getLogger(n), logging.getLogger(n).propagate) for n in _NOTICE_LOGGERS]
+    for logger, _ in notices:
+        logger.propagate = False  # off Ray's console handler; into the log
+        logger.addHandler(file_handler)
     root = logging.getLogger()
     root.addHandler(file_handler)  # the libraries' loggers without handlers of their own propagate here
     py_warnings = logging.getLogger("py.warnings")
@@ -214,6 +316,9 @@ def _quiet_loggers(path: Path) -> Iterator[None]:
             warnings.simplefilter("once")
             yield
     finally:
+        for logger, propagate in notices:
+            logger.removeHandler(file_handler)
+            logger.propagate = propagate
         logging.captureWarnings(False)
         py_warnings.removeHandler(file_handler)
         py_warnings.propagate = old_propagate
@@ -222,6 +327,8 @@ def _quiet_loggers(path: Path) -> Iterator[None]:
             logger.removeHandler(file_handler)
         for h, level in raised:
             h.setLevel(level)
+        for h, stream in moved:
+            h.setStream(stream)
         file_handler.close()
 
 
@@ -280,6 +387,25 @@ _RAY_DATA_CONFIG_ENV = "RAY_DATA_LOGGING_CONFIG"
 def _restore_ray_data_logging() -> None:
     if "ray.data._internal.logging" in sys.modules and _RAY_DATA_CONFIG_ENV not in os.environ:
         sys.modules["ray.data._internal.logging"].configure_logging()
+
+
+@contextlib.contextmanager
+def ray_worker_lines_unprefixed() -> Iterator[None]:
+    """Around ``ray.init`` in a quiet run: the workers' lines that reach the driver (only the project's console
+    lines do: the rest is in the log) print as they are, without Ray's colour-coded ``(pid=...)`` prefix.
+    Ray decides it once, when it connects, from ``RAY_DISABLE_WORKER_LOG_PREFIX`` (read when ray is imported,
+    which may have happened before: the constant is set for the call, then restored)."""
+    if is_verbose():
+        yield
+        return
+    from ray._private import ray_constants
+
+    old = ray_constants.RAY_DISABLE_WORKER_LOG_PREFIX
+    ray_constants.RAY_DISABLE_WORKER_LOG_PREFIX = True
+    try:
+        yield
+    finally:
+        ray_constants.RAY_DISABLE_WORKER_LOG_PREFIX = old
 
 
 def ray_init_options(local: bool) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -69,15 +69,17 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, need_cp
     if address:
         # Inside a submitted job the job's runtime env already applies; merge ours into it.
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
-        ray.init(address=address, runtime_env=runtime_env, **init_opts)
+        with console.ray_worker_lines_unprefixed():
+            ray.init(address=address, runtime_env=runtime_env, **init_opts)
         return
     import math
 
     _bind_to_loopback()
     cpus = max(num_cpus or 0, math.ceil(need_cpus) + 1, 4)
-    ctx = ray.init(num_cpus=cpus, object_store_memory=object_store_memory_mb << 20, include_dashboard=True,
-                   dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK, runtime_env=runtime_env,
-                   log_to_driver=log_to_driver, **init_opts)
+    with console.ray_worker_lines_unprefixed():
+        ctx = ray.init(num_cpus=cpus, object_store_memory=object_store_memory_mb << 20, include_dashboard=True,
+                       dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK, runtime_env=runtime_env,
+                       log_to_driver=log_to_driver, **init_opts)
     if init_opts:  # Ray's own start-up line was INFO: one line instead, naming where the output goes
         print(f"[ray] local Ray started (dashboard http://{getattr(ctx, 'dashboard_url', '') or '-'}); worker output: "
               f"{os.environ.get(console.LOG_DIR_ENV, console.ray_session_logs())}, Ray's own logs: "

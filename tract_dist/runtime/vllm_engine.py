@@ -129,6 +129,8 @@ class VLLMEngine:
             if spec.torch_threads:
                 env["OMP_NUM_THREADS"] = str(spec.torch_threads)
         kw = engine_kwargs(spec, gpu)
+        # The engine core process inherits this process's file descriptors: in a quiet run they are the run's log
+        # (console.py), so its warnings, Triton's and the C++ lines go there for the engine's life.
         with _env(env):
             self.llm = LLM(**kw)
         base = adapter_base(spec.model_path)
