@@ -227,7 +227,15 @@ def _check_mlflow_as_users_compare(uri: str, s, data: Path) -> None:
         if "vicuna.pearson" in evals[stage].data.metrics:  # (undefined when every prediction is equal)
             assert (pearson.value, pearson.dataset_name) == (evals[stage].data.metrics["vicuna.pearson"], "vicuna")
     assert [i.model_id for i in c.get_run(gen.info.run_id).inputs.model_inputs] == [models["stage1-noray"].model_id]
-    assert f"#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning" in s.render()
+    # The printed URL opens the runs table (not the GenAI overview) in the view the pipeline published: Source,
+    # User, Models, Dataset and the headline columns shown (MLflow's shared-view tag, as its UI reads it).
+    assert (f"#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey=tract-dist"
+            in s.render())
+    view = json.loads(c.get_experiment(exp.experiment_id).tags["mlflow.sharedViewState.tract-dist"])
+    assert view["selectedColumns"][:4] == ["attributes.`Source`", "attributes.`User`", "attributes.`Models`",
+                                           "attributes.`Dataset`"]
+    assert {"metrics.`vicuna.pearson`", "metrics.`loss`", "params.`method`"} <= set(view["selectedColumns"])
+    assert {f"metrics.`{k}`" for k in parent.data.metrics if k.endswith(".pearson")} <= set(view["selectedColumns"])
     for stage, run in trains.items():
         # Per-step training curves: each value MLflow holds is the one metrics.jsonl has for that step.
         steps = {r["step"]: r for r in map(json.loads, (Path(s.stages[f"train_{stage}"]["outputs"]["run_dir"]) /

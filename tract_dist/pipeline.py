@@ -165,8 +165,9 @@ class PipelineSummary:
             lines.append(f"  MLflow parent run: {self.parent_run_id}")
         if self.tracking_uri and self.experiment_id:
             from tract_dist.tracking.mlflow_run import runs_url
+            from tract_dist.tracking.rollup import RUNS_VIEW_KEY
 
-            url, serve = runs_url(self.tracking_uri, self.experiment_id)
+            url, serve = runs_url(self.tracking_uri, self.experiment_id, RUNS_VIEW_KEY)
             lines.append(f"  MLflow runs: {url}" + (f"  (after: {serve})" if serve else ""))
         return "\n".join(lines)
 

@@ -148,6 +148,15 @@ def test_roll_up_puts_the_childrens_headline_on_the_parent(uri, tmp_path, capsys
                       "charts/scatter-stage2-vicuna-cot_rail.png"} == set(res.charts)
     got = Path(c.download_artifacts(parent.run_id, "charts/pearson_by_benchmark.png", str(tmp_path / "dl")))
     assert got.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The runs view the pipeline links to (#23): the headline Pearson columns shown, not among 188 others.
+    exp_tags = c.get_experiment(run.info.experiment_id).tags
+    view = json.loads(exp_tags["mlflow.sharedViewState.tract-dist"])
+    assert view["selectedColumns"] == ["attributes.`Source`", "attributes.`User`", "attributes.`Models`",
+                                       "attributes.`Dataset`", "metrics.`stage1.vicuna.cot_rail.pearson`",
+                                       "metrics.`stage2.vicuna.cot_rail.pearson`", "metrics.`vicuna.pearson`",
+                                       "metrics.`loss`", "params.`method`", "params.`model`"]
+    c.set_experiment_tag(run.info.experiment_id, "mlflow.sharedViewState.tract-dist",
+                         json.dumps({"selectedColumns": ["metrics.`other.pearson`"]}))  # an earlier pipeline's
 
     # A rerun with another value for a param keeps MLflow's (immutable) one and says so.
     capsys.readouterr()
@@ -155,3 +164,5 @@ def test_roll_up_puts_the_childrens_headline_on_the_parent(uri, tmp_path, capsys
         roll_up(again, {"method": "tract", "lam": 0.5}, charts=False)
     assert c.get_run(parent.run_id).data.params["lam"] == "1.0"
     assert "param lam stays '1.0'" in capsys.readouterr().err
+    kept = json.loads(c.get_experiment(run.info.experiment_id).tags["mlflow.sharedViewState.tract-dist"])
+    assert "metrics.`other.pearson`" in kept["selectedColumns"]  # earlier pipelines' columns stay

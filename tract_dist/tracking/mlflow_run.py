@@ -76,13 +76,15 @@ RUNS_VIEW = "runs?workflowType=machine_learning"
 (traces) until one clicks "Model training"; this query opens the runs table directly."""
 
 
-def runs_url(tracking_uri: str, experiment_id: str) -> tuple[str, str | None]:
+def runs_url(tracking_uri: str, experiment_id: str, view: str | None = None) -> tuple[str, str | None]:
     """(URL of the experiment's runs table, the command that serves it or None): a tracking server serves its
-    UI at its own address; a local store (sqlite, folder) needs ``mlflow ui`` first."""
+    UI at its own address; a local store (sqlite, folder) needs ``mlflow ui`` first. ``view``: a shared view's
+    key (``rollup.publish_runs_view``: the headline columns shown)."""
     uri = resolve_uri(tracking_uri)
+    path = f"#/experiments/{experiment_id}/{RUNS_VIEW}" + (f"&viewStateShareKey={view}" if view else "")
     if uri.startswith(("http://", "https://")):
-        return f"{redact_uri(uri).rstrip('/')}/#/experiments/{experiment_id}/{RUNS_VIEW}", None
-    return f"{UI_DEFAULT}/#/experiments/{experiment_id}/{RUNS_VIEW}", f"mlflow ui --backend-store-uri {redact_uri(uri)}"
+        return f"{redact_uri(uri).rstrip('/')}/{path}", None
+    return f"{UI_DEFAULT}/{path}", f"mlflow ui --backend-store-uri {redact_uri(uri)}"
 
 
 # A tracking server that is down must cost a training step no more than a short wait: MLflow's own defaults

@@ -10,7 +10,9 @@ opening each child. :func:`roll_up` copies, from the children of the pipeline's 
   ``<stage>.train_examples``, from the evaluation runs ``rail_normalize`` (as the judge read ŷ);
 - every dataset input of the children (training data, stage-2 data, benchmarks);
 - image artifacts under ``charts/``: each evaluation's scatter plot and a bar chart of Pearson per benchmark
-  per stage.
+  per stage;
+- the experiment's runs view (:func:`publish_runs_view`): the runs table with the headline Pearson columns
+  shown, where MLflow's UI would otherwise list them among every config key and per-category metric.
 
 When a stage ran more than once (a crash, then a rerun) the latest FINISHED run of it wins, as in
 ``tract-dist compare``. MLflow params cannot change: one already logged with another value is kept and named
@@ -128,12 +130,42 @@ def roll_up(parent: RunHandle, params: dict[str, Any] | None = None, *, charts: 
         out.params = _log_new_params(client, parent, {**(params or {}), **derived_params(trains, evals)})
         used = [r.info.run_id for r in [*trains.values(), *evals.values()]]
         out.datasets = copy_dataset_inputs(client, used, parent)
+        benchmarks = sorted({b for _, b, _ in evals})
+        publish_runs_view(client, exp_id, [f"metrics.`{k}`" for k in sorted(out.metrics) if k.endswith(".pearson")]
+                          + [f"metrics.`{b}.pearson`" for b in benchmarks] + ["metrics.`loss`"]
+                          + [f"params.`{k}`" for k in ("method", "model") if k in out.params])
     except Exception as e:  # noqa: BLE001 - tracking observes
         _failed(f"rolling the stage results up onto pipeline run {parent.run_id}", e)
         return out
     if charts and evals:
         out.charts = _charts(client, parent, evals)
     return out
+
+
+RUNS_VIEW_KEY = "tract-dist"
+"""The shared view the pipeline prints a link to (``#/experiments/<id>/runs?...&viewStateShareKey=tract-dist``)."""
+_SHARED_VIEW_TAG = "mlflow.sharedViewState."  # MLflow 3.17's UI: the experiment tag behind a shared runs view
+_DEFAULT_COLUMNS = ["attributes.`Source`", "attributes.`User`", "attributes.`Models`", "attributes.`Dataset`"]
+
+
+def publish_runs_view(client: Any, experiment_id: str, columns: list[str]) -> None:
+    """The runs table as the pipeline wants it read: the Source, User, Models and Dataset columns, then the
+    headline metrics (``columns``: MLflow's ``metrics.`key``` / ``params.`key``` column ids), newest runs first.
+
+    MLflow 3.17's UI shows a run's 188 params and metrics only through its column picker; its "share view"
+    stores a table's state as the experiment tag ``mlflow.sharedViewState.<key>`` (JSON it reads back), opened
+    by ``?viewStateShareKey=<key>``. Columns of earlier pipelines stay (another method's stages, benchmarks)."""
+    import json
+
+    tag = _SHARED_VIEW_TAG + RUNS_VIEW_KEY
+    old = client.get_experiment(experiment_id).tags.get(tag)
+    try:
+        before = json.loads(old).get("selectedColumns", []) if old else []
+    except ValueError:
+        before = []
+    selected = list(dict.fromkeys([*_DEFAULT_COLUMNS, *[c for c in before if c not in _DEFAULT_COLUMNS], *columns]))
+    state = {"selectedColumns": selected, "orderByKey": "attributes.start_time", "orderByAsc": False}
+    client.set_experiment_tag(experiment_id, tag, json.dumps(state))
 
 
 @contextlib.contextmanager
