@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup-env.sh
 VENV=$(cd "${TRACT_VENV:-.venv}" && pwd)  # the environment setup-env.sh prepared (TRACT_VENV, else .venv)
 export PATH="$VENV/bin:$PATH" TOKENIZERS_PARALLELISM=false
-# `python -m` from the checkout: this checkout's tract_dist runs even when TRACT_VENV is an environment whose
-# editable install points at another checkout.
+# This checkout's tract_dist, also when TRACT_VENV is an environment whose editable install points at another
+# checkout: `python -m` from here for the driver, PYTHONPATH for the processes it starts (Ray workers, torchrun
+# ranks), which would otherwise import the installed one.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 exec python -m tract_dist.cli pipeline configs/quickstart.yaml "$@"
