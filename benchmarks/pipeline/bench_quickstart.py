@@ -144,8 +144,9 @@ def quickstart(checkout: Path, venv: Path, logs: Path, label: str) -> dict[str, 
     if not stamp_ok(checkout, venv):
         raise SystemExit(f"{venv} has no set-up stamp for {checkout}'s pins: quickstart.sh would install into it. "
                          "Use --setup (a fresh environment) or an environment set up for these pins")
-    env = dict(os.environ, TRACT_VENV=str(venv), TOKENIZERS_PARALLELISM="false")
-    env.pop("PYTHONPATH", None)  # quickstart.sh puts the clone first for the driver and the workers
+    # The clone's tract_dist in the driver and every worker: the environment's editable install points at the
+    # checkout that set it up (older quickstart.sh versions did not set PYTHONPATH themselves).
+    env = dict(os.environ, TRACT_VENV=str(venv), TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(checkout))
     env.pop("MLFLOW_TRACKING_URI", None)
     r = timed(["bash", "scripts/quickstart.sh"], checkout, env, logs / f"quickstart-{label}.log")
     r["label"] = label
