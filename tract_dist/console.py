@@ -1,13 +1,18 @@
 """What a run prints on the terminal, and where everything else goes.
 
-Without ``--verbose`` a run prints its own lines only: a line per stage (started, finished in N s, failed with
-the path of the full log), progress (training's step lines every ``training.logging_steps``, generation's and
-evaluation's one updating bar) and the summary table. The libraries' chatter goes to the run folder's
-``logs/``: worker processes (Ray workers, torchrun ranks) write their whole stdout/stderr there, keeping only
-the project's console lines on the terminal, and in the driver the library loggers (Ray, Ray Data, MLflow,
-DeepSpeed, transformers, datasets) print warnings only, their progress bars are off, and Python warnings of
-libraries are logged to ``logs/driver.log`` once each. Ray's own session logs stay under Ray's temporary
-folder (named once on the console). Errors are never hidden: they reach the terminal, with the log's path.
+Without ``--verbose`` a run (pipeline, train, generate, evaluate, serve) prints its own lines only: a line per
+stage (started, finished in N s, failed with the path of the full log), progress (training's step lines every
+``training.logging_steps``, generation's and evaluation's one updating bar) and the summary table. The
+libraries' chatter goes to the run folder's ``logs/``: worker processes (Ray workers, torchrun ranks) write
+their whole stdout/stderr there, keeping only the project's console lines on the terminal (forwarded by Ray
+without its ``(pid=...)`` prefix); the driver's own file descriptors 1 and 2 go to ``logs/driver.log`` too
+(Ray's core worker, C++ libraries, and processes it starts, such as vLLM's engine core), while Python's
+``sys.stdout`` / ``sys.stderr`` stay on the terminal; there the library loggers (Ray, Ray Data, Ray Serve,
+MLflow, DeepSpeed, transformers, datasets; vLLM below ERROR) print warnings only, their progress bars are off,
+notices of choices the project made on purpose (Ray's token authentication) and Python warnings of libraries
+are logged to ``logs/driver.log`` once each, and vLLM logs to ``logs/vllm.log`` in every process (its
+``VLLM_LOGGING_CONFIG_PATH``). Ray's own session logs stay under Ray's temporary folder (named once on the
+console). Errors are never hidden: they reach the terminal, with the log's path.
 
 ``--verbose`` (``TRACT_DIST_VERBOSE=1``, inherited by Ray workers and subprocesses) leaves every library as it
 is: today's full output.
