@@ -96,7 +96,14 @@ def test_read_out_after_generate_reuses_the_prompt_cache_exactly(tiny_export, pr
 
     model = load_causal_lm(tiny_export, dtype=torch.float64)
     engine = Engine(model, load_tokenizer_for(tiny_export), batch_size=2)  # two generate batches, one padded
-    gens = engine.generate(prompts, [1, 2, 3], SamplingParams(temperature=1.0, max_new_tokens=6))
+    params = SamplingParams(temperature=1.0, max_new_tokens=6)
+    engine.generate(prompts, [1, 2, 3], params)
+    assert not engine._prefixes  # generation alone keeps nothing; a Judge asks for it
+    from tract_dist.judge.judge import Judge
+
+    Judge(engine=engine)
+    assert engine.keep_prompt_cache is True
+    gens = engine.generate(prompts, [1, 2, 3], params)
     suffix = engine.tokenizer.encode(" So the overall score is", add_special_tokens=False)
     seqs = [p + engine.tokenizer.encode(g.text, add_special_tokens=False) + suffix for p, g in zip(prompts, gens)]
     seqs.append(prompts[0][:50] + suffix)  # extends no generated prompt: read in full
@@ -118,3 +125,4 @@ def test_read_out_after_generate_reuses_the_prompt_cache_exactly(tiny_export, pr
     want = score_token_probs(model, seqs, token_ids, pad_id=engine.pad_id)
     for g, w in zip(got, want):
         assert g == pytest.approx(w, rel=1e-12, abs=1e-15)
+    assert not engine._prefixes  # released once read out

@@ -87,6 +87,8 @@ class Judge:
 
             engine = HFEngine(model, tokenizer, batch_size=batch_size)
         self.engine = engine
+        if hasattr(engine, "keep_prompt_cache"):  # HF: the read-out after a CoT reuses its prompt's keys/values
+            engine.keep_prompt_cache = True
         self.model = getattr(engine, "model", None)  # the transformers model (HF backend only)
         self.tokenizer = tokenizer = engine.tokenizer
         self.scale = parse_scale(scale)

@@ -84,6 +84,8 @@ class HFEngine:
         self._stop_cache: dict[tuple[str, ...], Any] = {}
         self._prefixes: dict[tuple[int, ...], Any] = {}  # prompt -> its keys/values from the last generate call
         self._prefix_bytes = 0
+        # Set by a caller that reads out what it generates (the Judge); CoT generation alone keeps nothing.
+        self.keep_prompt_cache = False
 
     def _stopping(self, stop: tuple[str, ...], row_stops: RowStops | None = None) -> Any:
         """Transformers' StopStringCriteria, built once per stop tuple (it pre-processes the whole vocabulary:
@@ -146,6 +148,7 @@ class HFEngine:
             for i, probs in zip(rows, score_token_probs(self.model, [sequences[j] for j in rows], token_ids,
                                                         pad_id=self.pad_id)):
                 results[i] = probs
+        self._prefixes, self._prefix_bytes = {}, 0  # read out: the memory goes back now
         return results  # type: ignore[return-value]
 
     def _cached_prefix(self, seq: list[int]) -> tuple[Any, int] | None:
@@ -197,7 +200,7 @@ class HFEngine:
                                   stopping_criteria=self._stopping(params.stop, row_stops),
                                   return_dict_in_generate=True)
         out = gen.sequences
-        if getattr(gen, "past_key_values", None) is not None:
+        if self.keep_prompt_cache and getattr(gen, "past_key_values", None) is not None:
             self._keep_prefixes(prompts, gen.past_key_values, width)
         results = []
         eos = set(self.eos_ids)
