@@ -110,7 +110,7 @@ def test_cli_verbose_flag_sets_the_environment(monkeypatch):
     from tract_dist.cli import build_parser
 
     parser = build_parser()
-    for cmd in ("pipeline", "train", "generate", "evaluate", "serve"):
+    for cmd in ("pipeline", "train", "generate", "evaluate", "serve", "judge"):
         args, _ = parser.parse_known_args([cmd, "c.yaml", "--verbose"])
         assert args.verbose is True
         assert parser.parse_known_args([cmd, "c.yaml"])[0].verbose is False

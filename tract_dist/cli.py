@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # The commands that run workers and libraries whose chatter console.py keeps off the terminal.
-_VERBOSE_COMMANDS = ("pipeline", "train", "generate", "evaluate", "serve")
+_VERBOSE_COMMANDS = ("pipeline", "train", "generate", "evaluate", "serve", "judge")
 
 
 class Terminated(SystemExit):

@@ -102,9 +102,14 @@ def _cmd_judge(args: argparse.Namespace) -> int:
     from tract_dist.pipeline_checks import check_model_source
 
     check_model_source(args.model or cfg.model.name_or_path, "--model" if args.model else "model.name_or_path")
-    judge = Judge.from_config(cfg, args.model)
-    results = judge.score_batch(exs, n_cots=args.n_cots or cfg.evaluation.num_cots,
-                                mode=args.mode or cfg.evaluation.mode)
+    from tract_dist import console
+
+    # A quiet console: the judgements are the output (JSON lines, often piped); the engine's chatter (vLLM's
+    # start-up, transformers) goes to training.output_dir/judge/logs (--verbose: the terminal).
+    with console.quiet_run(Path(cfg.training.output_dir) / "judge" / "logs"):
+        judge = Judge.from_config(cfg, args.model)
+        results = judge.score_batch(exs, n_cots=args.n_cots or cfg.evaluation.num_cots,
+                                    mode=args.mode or cfg.evaluation.mode)
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     try:
         for ex, r in zip(exs, results):
