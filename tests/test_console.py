@@ -242,3 +242,26 @@ def test_quiet_runs_nest_into_the_outer_one(tmp_path, quiet):
         with console.quiet_run(tmp_path / "inner"):
             assert console.os.environ[console.LOG_DIR_ENV] == str(tmp_path / "outer")
     assert not (tmp_path / "inner").exists()
+
+
+def test_handlers_a_library_adds_during_the_run_are_quieted_too(tmp_path, capfd, quiet):
+    """Ray Serve sets up its driver logger when it starts, after the run began (#23: "Started Serve",
+    "Application ... is ready" on the serve console)."""
+    serve_logger = logging.getLogger("ray.serve")
+    handler = logging.StreamHandler(sys.stderr)
+    old_level = serve_logger.level
+    serve_logger.setLevel(logging.INFO)
+    try:
+        with console.quiet_run(tmp_path / "logs"):
+            serve_logger.addHandler(handler)  # as serve.start does
+            console.quiet_new_loggers()
+            serve_logger.info('Started Serve in namespace "serve".')
+            serve_logger.warning("a replica died")
+        err = capfd.readouterr().err
+        assert "a replica died" in err and "Started Serve" not in err
+        assert "Started Serve" in (tmp_path / "logs" / console.DRIVER_LOG).read_text()
+        assert handler.level == logging.NOTSET
+        console.quiet_new_loggers()  # outside a run: nothing to do
+    finally:
+        serve_logger.removeHandler(handler)
+        serve_logger.setLevel(old_level)

@@ -279,6 +279,16 @@ def _env(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+_requiet: Any = None  # the quiet run's logger quieting, for handlers libraries add later (quiet_new_loggers)
+
+
+def quiet_new_loggers() -> None:
+    """Within a quiet run, treat the console handlers libraries added since it began as the run treated the others
+    (Ray Serve sets up its logger when it starts). No-op outside a quiet run."""
+    if _requiet is not None:
+        _requiet()
+
+
 @contextlib.contextmanager
 def _quiet_loggers(path: Path) -> Iterator[None]:
     """Library loggers: console handlers at WARNING, INFO to ``path``; library warnings logged there, once each."""
@@ -293,18 +303,25 @@ def _quiet_loggers(path: Path) -> Iterator[None]:
     raised: list[tuple[logging.Handler, int]] = []
     touched: list[logging.Logger] = []
     moved: list[tuple[logging.StreamHandler, Any]] = []
-    for name in _LIBRARY_LOGGERS:
-        logger = logging.getLogger(name)
-        for h in logger.handlers:
-            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
-                raised.append((h, h.level))
-                h.setLevel(max(h.level, _CONSOLE_LEVELS.get(name, logging.WARNING)))
-                target = {id(sys.__stdout__): sys.stdout, id(sys.__stderr__): sys.stderr}.get(id(h.stream))
-                if target is not None and target is not h.stream:  # made before the run: the terminal still
-                    moved.append((h, h.setStream(target)))
-        if logger.handlers or not logger.propagate:
-            logger.addHandler(file_handler)
-            touched.append(logger)
+
+    def quiet_handlers() -> None:
+        for name in _LIBRARY_LOGGERS:
+            logger = logging.getLogger(name)
+            for h in list(logger.handlers):
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) and \
+                        all(h is not r for r, _ in raised):
+                    raised.append((h, h.level))
+                    h.setLevel(max(h.level, _CONSOLE_LEVELS.get(name, logging.WARNING)))
+                    target = {id(sys.__stdout__): sys.stdout, id(sys.__stderr__): sys.stderr}.get(id(h.stream))
+                    if target is not None and target is not h.stream:  # made before the run: the terminal still
+                        moved.append((h, h.setStream(target)))
+            if (logger.handlers or not logger.propagate) and logger not in touched:
+                logger.addHandler(file_handler)
+                touched.append(logger)
+
+    global _requiet
+    quiet_handlers()
+    _requiet = quiet_handlers
     notices = [(logging.getLogger(n), logging.getLogger(n).propagate) for n in _NOTICE_LOGGERS]
     for logger, _ in notices:
         logger.propagate = False  # off Ray's console handler; into the log
@@ -321,6 +338,7 @@ def _quiet_loggers(path: Path) -> Iterator[None]:
             warnings.simplefilter("once")
             yield
     finally:
+        _requiet = None
         for logger, propagate in notices:
             logger.removeHandler(file_handler)
             logger.propagate = propagate

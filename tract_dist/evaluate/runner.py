@@ -22,7 +22,7 @@ from tract_dist.evaluate.metrics import evaluate_predictions, flat_metrics
 from tract_dist.evaluate.plots import scatter_plot
 from tract_dist.evaluate.worker import JudgeWorker
 from tract_dist.fsutil import atomic_write_json, atomic_write_jsonl
-from tract_dist.runtime.pool import PoolSpec, map_rows
+from tract_dist.runtime.pool import PoolSpec, ensure_ray, map_rows
 
 
 def load_benchmark(spec: Any, scale: tuple[int, int], skip_invalid: bool = False) -> list[JudgeExample]:
@@ -56,6 +56,8 @@ def predict(cfg: Any, model_path: str, examples: list[JudgeExample], *, show_pro
     rows = [{"id": ex.id, "example": json.dumps(ex.to_dict(), ensure_ascii=False)} for ex in examples]
     got: dict[str, dict[str, Any]] = {}
     t0, first = time.perf_counter(), None
+    if spec.use_ray and rows:
+        ensure_ray(spec)  # before the progress bar: Ray's start-up line is not drawn into it
     with tqdm(total=len(rows), desc=desc, unit="ex", disable=not show_progress) as bar:
         for batch in map_rows(rows, JudgeWorker, worker_kwargs, spec):
             first = first if first is not None else time.perf_counter() - t0

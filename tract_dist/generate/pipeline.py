@@ -22,7 +22,7 @@ from tract_dist.data.score_tokens import parse_scale
 from tract_dist.generate.shards import ShardStore, cot_uid, retryable
 from tract_dist.generate.worker import CotWorker
 from tract_dist.models.loading import materialize_alias
-from tract_dist.runtime.pool import PoolSpec, map_rows
+from tract_dist.runtime.pool import PoolSpec, ensure_ray, map_rows
 from tract_dist.runtime.sampling import SamplingParams, example_seed
 
 
@@ -187,6 +187,8 @@ def _generate_locked(cfg: Any, model_path: str, out: Path, examples: list[JudgeE
             from tract_dist.tracking.models import link_model_input
 
             link_model_input(run, model_path)
+        if spec.use_ray and todo:
+            ensure_ray(spec)  # before the progress bar: Ray's start-up line is not drawn into it
         progress = _Progress(len(todo), show_progress)
         step = 0
         try:

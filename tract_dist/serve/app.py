@@ -130,13 +130,19 @@ def _run_server(cfg: Any, model_path: str, opts: ServeOptions, *, host: str, por
 
     from tract_dist.runtime.ray_cluster import init_ray
 
+    from tract_dist import console
+
     need = opts.max_replicas * opts.cpus_per_replica
-    init_ray(address, need_cpus=need + 1, env_vars={"TOKENIZERS_PARALLELISM": "false"}, log_to_driver=True)
+    # Quiet: the replicas' and Ray's output stays in the logs (the setup hook), nothing is forwarded here.
+    init_ray(address, need_cpus=need + 1, env_vars={"TOKENIZERS_PARALLELISM": "false"},
+             log_to_driver=console.is_verbose())
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    console.quiet_new_loggers()  # Serve's driver logger, made when ray.serve is imported
     try:
         deploy(cfg, model_path, opts, host=host, port=port)
+        console.quiet_new_loggers()
         where = f"http://{host}:{port}"
         auth = "an API key is required" if opts.api_key else "no API key (loopback only is the safe default)"
         print(f"[serve] {opts.model_id} on {where} ({opts.describe_replicas()}, {auth}); POST /v1/judge, "
