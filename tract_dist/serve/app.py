@@ -128,9 +128,8 @@ def _run_server(cfg: Any, model_path: str, opts: ServeOptions, *, host: str, por
 
     from ray import serve
 
-    from tract_dist.runtime.ray_cluster import init_ray
-
     from tract_dist import console
+    from tract_dist.runtime.ray_cluster import init_ray
 
     need = opts.max_replicas * opts.cpus_per_replica
     # Quiet: the replicas' and Ray's output stays in the logs (the setup hook), nothing is forwarded here.
@@ -156,6 +155,7 @@ def _run_server(cfg: Any, model_path: str, opts: ServeOptions, *, host: str, por
             pass
         print("[serve] shutting down", file=sys.stderr, flush=True)
     finally:
+        _mute_ray_errors_on_shutdown()
         try:
             serve.delete(APP_NAME)
         finally:
@@ -180,6 +180,22 @@ def budget_statement(info: dict[str, Any], request_timeout_s: float) -> str:
                  f"refused (422); use evaluation.mode=rail (one forward pass) or serve.max_new_tokens={max(fit, 1)} "
                  "(half the deadline), or raise --request-timeout-s")
     return line
+
+
+def _mute_ray_errors_on_shutdown() -> None:
+    """Quiet: Serve's shutdown kills its controller while Ray retries a call to it, and Ray's driver prints that
+    retry ("(raylet) Task ServeController.graceful_shutdown failed ...") from its error channel, which ignores
+    log_to_driver. The flag Ray itself turns off for a breakpoint stops it (the raylet's log keeps the line)."""
+    from tract_dist import console
+
+    if console.is_verbose():
+        return
+    try:
+        import ray._private.worker as ray_worker
+
+        ray_worker._worker_logs_enabled = False
+    except (ImportError, AttributeError):  # another Ray: the line may show, nothing else changes
+        pass
 
 
 def _log_served_model(cfg: Any, model_path: str, opts: ServeOptions, where: str, name: str | None) -> None:
