@@ -38,8 +38,10 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _host_reads(monkeypatch, backward: bool = True, **tiles) -> list[str]:
+def _host_reads(monkeypatch, backward: bool = True, weighted: bool = False, **tiles) -> list[str]:
     p = make_problem(n=100, h=16, v=211, dtype=torch.float32, score_rows=list(range(5, 100, 13)), seed=21)
+    if weighted:  # per-sequence weights (#24): device tensors gathered with the rows, checked in the one read
+        tiles = {**tiles, "ce_weights": torch.rand(100), "mse_weights": torch.rand(p.score_rows.numel())}
     counter = HostReads()
     original = torch.Tensor.tolist
 
@@ -62,6 +64,7 @@ def test_host_reads_do_not_grow_with_chunks_or_shards(monkeypatch):
     assert many == one_tile
     # The row plan: one read of every check and count together, one for the active-row count (nonzero).
     assert sorted(one_tile) == sorted(["tolist", str(torch.ops.aten.nonzero.default)])
+    assert _host_reads(monkeypatch, weighted=True, chunk_size=7, vocab_shard=30) == one_tile
 
 
 def test_backward_reads_nothing(monkeypatch):

@@ -13,8 +13,10 @@ from loss_helpers import make_problem, rel_err, run  # tests/loss is on sys.path
 from tract_dist.loss import cot_raft_loss
 
 # (split of V=53 between ranks 0 and 1, options, dtype, tolerance)
+_W = torch.linspace(-0.5, 2.0, 40, dtype=torch.float64)  # signed per-row CE weights (#24)
 CASES = [
     ([27, 26], dict(), torch.float64, 1e-12),
+    ([27, 26], dict(ce_weights=_W, mse_weights=_W[:5].flip(0), rail_normalize=True), torch.float64, 1e-12),
     ([40, 13], dict(rail_normalize=True, ce_on_score_token=True, lam=0.4), torch.float64, 1e-12),
     ([53, 0], dict(ce_on_score_token=True), torch.float64, 1e-12),  # an empty shard still joins in
     ([20, 33], dict(), torch.float32, 1e-5),

@@ -45,7 +45,9 @@ def check_kernels() -> None:
 
 def check_fused_loss() -> None:
     p = make_problem(n=30, h=8, v=45, dtype=torch.float32, score_rows=[0, 7, 8, 29], score_ids=[0, 15, 16, 31, 44], seed=3)
-    for opts in (dict(), dict(rail_normalize=True, ce_on_score_token=True, lam=0.5)):
+    w = torch.linspace(-1.0, 2.0, 30, dtype=torch.float64)  # per-sequence weights (#24), per row here
+    for opts in (dict(), dict(rail_normalize=True, ce_on_score_token=True, lam=0.5),
+                 dict(ce_weights=w, mse_weights=torch.tensor([0.5, 2.0, -1.0, 0.0], dtype=torch.float64))):
         ref, g_ref = run(p, "reference", **opts)
         results = {}
         for mode in ("0", "force"):

@@ -44,6 +44,7 @@ class Encoded:
     score_token_id: int
     score: float
     truncated: bool = False
+    weight: float | None = None  # the example's training weight (None: unweighted)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -136,7 +137,7 @@ def encode_example(tokenizer: Any, ex: JudgeExample, st: ScoreTokens, opts: Enco
     input_ids = p_ids + cot + [score_id, eos]
     labels = [IGNORE_INDEX] * len(p_ids) + cot + [IGNORE_INDEX, eos]
     return Encoded(id=ex.id, input_ids=input_ids, labels=labels, score_position=len(p_ids) + len(cot) - 1,
-                   score_token_id=score_id, score=float(ex.score), truncated=truncated)
+                   score_token_id=score_id, score=float(ex.score), truncated=truncated, weight=ex.weight)
 
 
 def encode_examples(tokenizer: Any, examples: list[JudgeExample], st: ScoreTokens,

@@ -188,7 +188,19 @@ def _from_jsonl(rec: dict[str, Any], i: int, lo: int, hi: int, need_fb: bool) ->
         feedback=_feedback(_str(rec, "feedback", required=need_fb), "feedback", need_fb),
         score=_score(rec.get("score"), "score", lo, hi, integer=False),
         category=_category(rec),
+        weight=_weight(rec.get("weight")),
     )
+
+
+def _weight(v: Any) -> float | None:
+    """An optional training weight: a finite JSON number (signed allowed); absent or null: unweighted."""
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _RecordError("weight", f"expected a number, got {type(v).__name__}")
+    if not math.isfinite(float(v)):
+        raise _RecordError("weight", f"not a finite number: {v!r}")
+    return float(v)
 
 
 _CONVERTERS: dict[str, Callable[[dict[str, Any], int, int, int, bool], JudgeExample]] = {

@@ -27,6 +27,8 @@ class JudgeExample:
 
     ``score`` is the gold y*; evaluation labels may be means (e.g. 3.67), training labels are integers.
     ``feedback`` is the chain of thought without any trailing score statement (may be None for eval sets).
+    ``weight`` is an optional real weight of the example in the training loss (stage-2 selection weights;
+    None: unweighted, and left out of written records).
     """
 
     id: str
@@ -38,9 +40,13 @@ class JudgeExample:
     reference_answer: str | None = None
     feedback: str | None = None
     category: str | None = None
+    weight: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["weight"] is None:  # unweighted records keep the schema (and content hashes) they always had
+            del d["weight"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "JudgeExample":

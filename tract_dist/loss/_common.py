@@ -17,8 +17,8 @@ from tract_dist.protocol import IGNORE_INDEX  # noqa: F401 - re-exported to refe
 class CoTRaftLossOutput:
     """``loss`` is differentiable; the rest is detached diagnostics of this call.
 
-    ``ce`` = sum NLL / ce_denominator, ``mse`` = sum (yhat - y)^2 / mse_denominator (not scaled by lam),
-    ``loss`` = ce + lam * mse. Counts are local to this call. One shape for the reference and the fused
+    ``ce`` = sum w NLL / ce_denominator, ``mse`` = sum w (yhat - y)^2 / mse_denominator (not scaled by lam;
+    w = the per-row / per-score-row weights, 1 when none are given), ``loss`` = ce + lam * mse. Counts are local to this call. One shape for the reference and the fused
     path, so the public entry point returns either as it is.
     """
 
@@ -84,6 +84,8 @@ def validate_inputs(
     score_token_ids: torch.Tensor,
     score_values: torch.Tensor,
     bias: torch.Tensor | None,
+    ce_weights: torch.Tensor | None = None,
+    mse_weights: torch.Tensor | None = None,
 ) -> None:
     """Shape checks, without reading device values (the fused path checks values in its row plan)."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
@@ -98,6 +100,15 @@ def validate_inputs(
         raise ValueError("score rows given but no score tokens")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},)")
+    if ce_weights is not None and ce_weights.shape != targets.shape:
+        raise ValueError(f"ce_weights must have shape ({targets.shape[0]},) (one per row), got "
+                         f"{tuple(ce_weights.shape)}")
+    if mse_weights is not None and mse_weights.shape != score_rows.shape:
+        raise ValueError(f"mse_weights must have shape ({score_rows.shape[0]},) (one per score row), got "
+                         f"{tuple(mse_weights.shape)}")
+    for name, w in (("ce_weights", ce_weights), ("mse_weights", mse_weights)):
+        if w is not None and not w.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {w.dtype}")
 
 
 def validate_values(score_rows: torch.Tensor, score_token_ids: torch.Tensor) -> None:
@@ -106,3 +117,11 @@ def validate_values(score_rows: torch.Tensor, score_token_ids: torch.Tensor) -> 
         raise ValueError("score_rows must be unique")
     if torch.unique(score_token_ids).numel() != score_token_ids.numel():
         raise ValueError("score_token_ids must be unique")
+
+
+def check_finite_weights(*weights: torch.Tensor | None) -> None:
+    """Non-finite weights are rejected (reads device values: the reference path only; the fused path folds
+    this check into its row plan's one host read)."""
+    for w in weights:
+        if w is not None and w.numel() and not bool(torch.isfinite(w).all()):
+            raise ValueError("sequence weights must be finite")

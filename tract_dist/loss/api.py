@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -26,23 +28,32 @@ def cot_raft_loss_with_options(
     bias: torch.Tensor | None = None,
     ce_denominator: Denominator = None,
     mse_denominator: Denominator = None,
+    ce_weights: torch.Tensor | None = None,
+    mse_weights: torch.Tensor | None = None,
+    lam: float | None = None,
 ) -> CoTRaftLossOutput:
-    """The CoT-RAFT loss of one (micro-)batch under fixed ``options``; see :func:`cot_raft_loss`."""
+    """The CoT-RAFT loss of one (micro-)batch under fixed ``options``; see :func:`cot_raft_loss`. ``lam``
+    overrides ``options.lam`` for this call (a warm-up schedule changes it every step)."""
     ids, values = options.score_tensors(hidden.device, compute_dtype(hidden.dtype))
-    validate_inputs(hidden, weight, targets, score_rows, score_targets, ids, values, bias)
+    validate_inputs(hidden, weight, targets, score_rows, score_targets, ids, values, bias, ce_weights, mse_weights)
+    if lam is not None and not (math.isfinite(lam) and lam >= 0):
+        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
     if options.impl == "reference":
         group = options.process_group
         if group is not None and dist.get_world_size(group) > 1:
             raise NotImplementedError("impl='reference' is unsharded; gather the weight or use impl='fused'")
         validate_values(score_rows, ids)
         return reference_loss(
-            hidden, weight, targets, score_rows, score_targets, ids, values, bias=bias, lam=options.lam,
+            hidden, weight, targets, score_rows, score_targets, ids, values, bias=bias,
+            lam=options.lam if lam is None else lam,
             rail_normalize=options.rail_normalize, ce_on_score_token=options.ce_on_score_token,
-            ce_denominator=ce_denominator, mse_denominator=mse_denominator,
+            ce_denominator=ce_denominator, mse_denominator=mse_denominator, ce_weights=ce_weights,
+            mse_weights=mse_weights,
         )
     counts = FusedCounts()
     loss, ce, mse, yhat = FusedCoTRaftFunction.apply(
-        hidden, weight, bias, targets, score_rows, score_targets, options, ce_denominator, mse_denominator, counts
+        hidden, weight, bias, targets, score_rows, score_targets, options, ce_denominator, mse_denominator, counts,
+        ce_weights, mse_weights, lam,
     )
     return CoTRaftLossOutput(loss, ce, mse, yhat, counts.n_ce_tokens, counts.n_score_rows)
 
@@ -62,6 +73,8 @@ def cot_raft_loss(
     ce_on_score_token: bool = False,
     ce_denominator: Denominator = None,
     mse_denominator: Denominator = None,
+    ce_weights: torch.Tensor | None = None,
+    mse_weights: torch.Tensor | None = None,
     impl: Impl = "fused",
     chunk_size: int | None = None,
     vocab_shard: int | None = None,
@@ -85,6 +98,11 @@ def cot_raft_loss(
             and counts once in the CE token count.
         ce_denominator / mse_denominator: global CE token / score row counts of the whole batch, so
             that micro-batches or data-parallel ranks add up to the big-batch gradient; default local.
+        ce_weights / mse_weights: optional real weights, (N,) one per row on its CE term and (M,) one per
+            score row on its squared error; a sequence weight w_s is given as w_s on each of the sequence's
+            rows and on its score row. Signed values are allowed (a policy-gradient term weights CE by an
+            advantage). The denominators stay counts: a weight scales its sequence's contribution, and
+            weights of 1 give exactly the unweighted loss.
         impl: "fused" (chunked, gradients computed in forward) or "reference" (materialised logits).
         chunk_size / vocab_shard / tile_bytes: tiles of the fused path (default: one vocab shard up to
             131072 rows, as many active rows as the device's tile budget holds; ``loss/tiling.py``).
@@ -98,5 +116,6 @@ def cot_raft_loss(
     )
     return cot_raft_loss_with_options(
         hidden, weight, targets, score_rows, score_targets, options, bias=bias,
-        ce_denominator=ce_denominator, mse_denominator=mse_denominator,
+        ce_denominator=ce_denominator, mse_denominator=mse_denominator, ce_weights=ce_weights,
+        mse_weights=mse_weights,
     )

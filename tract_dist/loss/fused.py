@@ -18,8 +18,9 @@ or score rows), in token chunks x vocab shards sized from a per-device memory bu
          the weight's dtype. Several chunks: it is accumulated in fp32 by matmuls that write fp32 directly
          on CUDA (``accumulate``).
 
-Gradient w.r.t. the logits z of an active row i (p = softmax(z), c_i = [CE row] / D_ce,
-g_i = 2 lam (yhat_i - y_i) / D_mse for score rows, 0 otherwise):
+Gradient w.r.t. the logits z of an active row i (p = softmax(z), c_i = w_i [CE row] / D_ce,
+g_i = 2 lam u_i (yhat_i - y_i) / D_mse for score rows, 0 otherwise; w_i / u_i are the row's CE / squared-error
+weights, 1 unless ``ce_weights`` / ``mse_weights`` are given, and enter only these two coefficients):
   dL/dz_j = c_i (p_j - [j == t_i]) + g_i dyhat/dz_j
   full softmax:   dyhat/dz_j = p_j (v(j) - yhat),   v(j) = v_k if j == t_k else 0
   rail_normalize: dyhat/dz_j = q_k (v_k - yhat) if j == t_k else 0,   q = softmax(z_{t_1..t_K})
@@ -71,6 +72,7 @@ class RowPlan:
     tgt_local: torch.Tensor  # (A,) target - vocab_start if this rank owns it and the row is CE, else -1
     is_score: torch.Tensor  # (A,) compute dtype: 1 at score rows
     y_row: torch.Tensor  # (A,) gold score at score rows, 0 elsewhere
+    w_score: torch.Tensor | None  # (A,) weight of the squared error at score rows (0 elsewhere); None: all 1
     score_pos: torch.Tensor  # (M,) position of each score row among the active rows
     score_local: torch.Tensor  # (K,) score token id - vocab_start if owned, else -1
     n_ce: int
@@ -95,8 +97,11 @@ def plan_rows(
     v_loc: int,
     v_glob: int,
     cdt: torch.dtype,
+    ce_weights: torch.Tensor | None = None,
+    mse_weights: torch.Tensor | None = None,
 ) -> RowPlan:
-    """Select the active rows; two host synchronisations per call (the checks/counts, the row count)."""
+    """Select the active rows; two host synchronisations per call (the checks/counts, the row count). The
+    weights' finiteness is one more entry of the first read, so they cost no extra synchronisation."""
     dev = ids.device
     score_rows = score_rows.to(dev, torch.long)
     y = score_targets.to(dev, cdt)
@@ -108,8 +113,9 @@ def plan_rows(
         ((score_rows < 0) | (score_rows >= n_rows)).any() if score_rows.numel() else ce_mask.new_zeros(()),
         _has_duplicates(score_rows),
         _has_duplicates(ids),
+        _any_nonfinite(ce_weights, dev) | _any_nonfinite(mse_weights, dev),
     ]).long()
-    bad_target, bad_id, bad_row, dup_rows, dup_ids, n_ce = torch.cat([checks, ce_mask.sum()[None]]).tolist()
+    bad_target, bad_id, bad_row, dup_rows, dup_ids, bad_w, n_ce = torch.cat([checks, ce_mask.sum()[None]]).tolist()
     if bad_target or bad_id:
         raise ValueError(f"target or score token id outside the vocabulary [0, {v_glob})")
     if bad_row:
@@ -118,6 +124,8 @@ def plan_rows(
         raise ValueError("score_rows must be unique")
     if dup_ids:
         raise ValueError("score_token_ids must be unique")
+    if bad_w:
+        raise ValueError("sequence weights must be finite")
     active_mask = ce_mask.clone()
     active_mask[score_rows] = True
     active = torch.nonzero(active_mask).squeeze(1)
@@ -131,16 +139,30 @@ def plan_rows(
     tgt_act, ce_act = tgt[active], ce_mask[active]
     own_t = ce_act & (tgt_act >= v_start) & (tgt_act < v_start + v_loc)
     own_s = (ids >= v_start) & (ids < v_start + v_loc)
+    ce_coef = ce_act.to(cdt)
+    if ce_weights is not None:  # the row's CE weight rides on its 0/1 CE mask (x 1.0 is exact)
+        ce_coef = ce_coef * ce_weights.to(dev, cdt)[active]
+    w_score = None
+    if mse_weights is not None:
+        w_score = torch.zeros(active.numel(), dtype=cdt, device=dev)
+        w_score[score_pos] = mse_weights.to(dev, cdt)
     return RowPlan(
         active=active,
-        ce=ce_act.to(cdt),
+        ce=ce_coef,
         tgt_local=torch.where(own_t, tgt_act - v_start, -1),
         is_score=is_score,
         y_row=y_row,
+        w_score=w_score,
         score_pos=score_pos,
         score_local=torch.where(own_s, ids - v_start, -1),
         n_ce=int(n_ce),
     )
+
+
+def _any_nonfinite(w: torch.Tensor | None, dev: torch.device) -> torch.Tensor:
+    if w is None or w.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=dev)
+    return (~torch.isfinite(w.to(dev))).any()
 
 
 def _logits_tile(hc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, v0: int, v1: int,
@@ -234,10 +256,11 @@ class _RowTerms:
 
 
 def _row_terms(lp_t: torch.Tensor, lp_s: torch.Tensor, ce: torch.Tensor, is_score: torch.Tensor,
-               y_row: torch.Tensor, obj: _Objective) -> _RowTerms:
+               y_row: torch.Tensor, obj: _Objective, w_score: torch.Tensor | None = None) -> _RowTerms:
     """Loss parts and gradient coefficients of a block of rows from their log-probabilities: ``lp_t`` of
-    the target (any value where ``ce`` is 0) and ``lp_s`` (R, K) of the score tokens. Rows that are not
-    score rows get ``g = 0``, so no row needs a data-dependent branch."""
+    the target (any value where ``ce`` is 0) and ``lp_s`` (R, K) of the score tokens. ``ce`` is the row's
+    CE weight (its 0/1 mask times its sequence weight), ``w_score`` the squared error's weight (None: 1).
+    Rows that are not score rows get ``g = 0``, so no row needs a data-dependent branch."""
     nll_sum = -(lp_t * ce).sum()
     a = ce / obj.d_ce
     b = a
@@ -247,18 +270,20 @@ def _row_terms(lp_t: torch.Tensor, lp_s: torch.Tensor, ce: torch.Tensor, is_scor
     q = torch.softmax(lp_s, dim=1) if obj.rail else torch.exp(lp_s)  # softmax is shift-invariant: of z_s too
     yh = q @ obj.values
     err = (yh - y_row) * is_score
-    g = obj.coef * err
+    werr = err if w_score is None else err * w_score
+    g = obj.coef * werr
     if obj.rail:
         e = g[:, None] * q * (obj.values[None, :] - yh[:, None])
     else:
         e = g[:, None] * q * obj.values[None, :]
         a = a - g * yh
-    return _RowTerms(nll_sum, (err * err).sum(), yh, a, b, e)
+    return _RowTerms(nll_sum, (werr * err).sum(), yh, a, b, e)
 
 
 def _one_pass_chunk(tile: torch.Tensor, t_loc: torch.Tensor, s_loc: torch.Tensor, ce: torch.Tensor,
                     is_score: torch.Tensor, y_row: torch.Tensor, obj: _Objective, cdt: torch.dtype,
-                    need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    need_grad: bool, w_score: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PyTorch path with the whole vocabulary in one tile and no vocab-parallel group: per row block, one
     fused ``log_softmax`` gives the loss terms and, exponentiated in place, the gradient, written back over
     the tile as dlogits. One pass over the tile instead of a statistics pass and a gradient pass, and an
@@ -274,7 +299,7 @@ def _one_pass_chunk(tile: torch.Tensor, t_loc: torch.Tensor, s_loc: torch.Tensor
         r1 = min(r0 + step, n)
         lp = torch.log_softmax(tile[r0:r1], dim=1, dtype=cdt)
         terms = _row_terms(lp.gather(1, t_idx[r0:r1]).squeeze(1), lp.index_select(1, s_idx), ce[r0:r1],
-                           is_score[r0:r1], y_row[r0:r1], obj)
+                           is_score[r0:r1], y_row[r0:r1], obj, None if w_score is None else w_score[r0:r1])
         nll += terms.nll_sum
         sq += terms.sq_sum
         yhat[r0:r1] = terms.yhat
@@ -300,8 +325,12 @@ def fused_forward(
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
+    ce_weights: torch.Tensor | None = None,
+    mse_weights: torch.Tensor | None = None,
+    lam: float | None = None,
 ) -> FusedResult:
-    """Loss, detached parts and (optionally) gradients with O(chunk x vocab_shard) extra memory."""
+    """Loss, detached parts and (optionally) gradients with O(chunk x vocab_shard) extra memory. ``lam``:
+    this call's regression weight (a schedule's), default ``opt.lam``."""
     if hidden.dtype != weight.dtype:
         raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
     dev, dt = hidden.device, hidden.dtype
@@ -314,7 +343,8 @@ def fused_forward(
     ids, values = opt.score_tensors(dev, cdt)
     n_sc = score_rows.numel()
     plan = plan_rows(hidden.shape[0], targets, score_rows, score_targets, ids, values, opt.ce_on_score_token,
-                     v_start, v_loc, v_glob, cdt)
+                     v_start, v_loc, v_glob, cdt, ce_weights, mse_weights)
+    lam = opt.lam if lam is None else lam
     d_ce = resolve_denominator(ce_denominator, plan.n_ce, "ce_denominator")
     d_mse = resolve_denominator(mse_denominator, n_sc, "mse_denominator")
     n_act = plan.active.numel()
@@ -340,7 +370,7 @@ def fused_forward(
     sq_sum = torch.zeros((), dtype=cdt, device=dev)
     yhat_act = torch.zeros((n_act,), dtype=cdt, device=dev)
 
-    obj = _Objective(values=values, d_ce=d_ce, coef=2.0 * opt.lam / d_mse, rail=opt.rail_normalize,
+    obj = _Objective(values=values, d_ce=d_ce, coef=2.0 * lam / d_mse, rail=opt.rail_normalize,
                      has_scores=n_sc > 0 and values.numel() > 0)
     one_pass = len(shards) == 1 and group is None and not use_triton(h_act, opt.kernel)
 
@@ -350,10 +380,11 @@ def fused_forward(
         c1 = min(c0 + chunk, n_act)
         hc, t_loc = h_act[c0:c1], plan.tgt_local[c0:c1]
         ce_c, sc_c, y_c = plan.ce[c0:c1], plan.is_score[c0:c1], plan.y_row[c0:c1]
+        ws_c = None if plan.w_score is None else plan.w_score[c0:c1]
 
         if one_pass:
             tile = _logits_tile(hc, weight, bias, 0, v_loc, out=tile_buf[: c1 - c0])
-            nll, sq, yh = _one_pass_chunk(tile, t_loc, plan.score_local, ce_c, sc_c, y_c, obj, cdt, need_grad)
+            nll, sq, yh = _one_pass_chunk(tile, t_loc, plan.score_local, ce_c, sc_c, y_c, obj, cdt, need_grad, ws_c)
             ce_sum += nll
             sq_sum += sq
             yhat_act[c0:c1] = yh
@@ -368,7 +399,7 @@ def fused_forward(
         m, s, zt, zs, kept = _chunk_stats(hc, weight, bias, shards, t_loc, plan.score_local, cdt, keep, opt.kernel)
         m, s, zt, zs = combine_row_stats(m, s, zt, zs, group)
         lse = m + torch.log(s)
-        terms = _row_terms(zt - lse, zs - lse[:, None], ce_c, sc_c, y_c, obj)
+        terms = _row_terms(zt - lse, zs - lse[:, None], ce_c, sc_c, y_c, obj, ws_c)
         ce_sum += terms.nll_sum
         sq_sum += terms.sq_sum
         yhat_act[c0:c1] = terms.yhat
@@ -394,7 +425,7 @@ def fused_forward(
     ce = ce_sum / d_ce
     mse = sq_sum / d_mse
     return FusedResult(
-        loss=ce + opt.lam * mse,
+        loss=ce + lam * mse,
         ce=ce,
         mse=mse,
         yhat=yhat_act[plan.score_pos],
@@ -410,17 +441,19 @@ class FusedCoTRaftFunction(torch.autograd.Function):
     """Autograd wrapper: gradients come from the forward; backward scales them by grad_output (in place).
 
     Non-tensor inputs: the options object (one argument, as Cut Cross-Entropy does), the two
-    denominators and a :class:`FusedCounts` that receives the host-side counts.
+    denominators and a :class:`FusedCounts` that receives the host-side counts; then the optional per-row CE
+    and per-score-row squared-error weights (constants: no gradient flows to them) and this call's ``lam``.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, score_rows, score_targets,  # type: ignore[override]
                 options: CoTRaftLossOptions, ce_denominator: Denominator, mse_denominator: Denominator,
-                counts: FusedCounts | None = None):
+                counts: FusedCounts | None = None, ce_weights: torch.Tensor | None = None,
+                mse_weights: torch.Tensor | None = None, lam: float | None = None):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         res = fused_forward(hidden, weight, bias, targets, score_rows, score_targets, options,
-                            ce_denominator, mse_denominator, need_h, need_w, need_b)
+                            ce_denominator, mse_denominator, need_h, need_w, need_b, ce_weights, mse_weights, lam)
         if counts is not None:
             counts.n_ce_tokens, counts.n_score_rows = res.n_ce_tokens, res.n_score_rows
         ctx.save_for_backward(res.grad_hidden, res.grad_weight, res.grad_bias)
@@ -447,4 +480,4 @@ class FusedCoTRaftFunction(torch.autograd.Function):
                                    "grad_output cannot be recovered; use impl='reference'")
             ratio = grad_loss / ctx.applied
             grads = [None if g is None else g * ratio.to(g.dtype) for g in saved]
-        return grads[0], grads[1], grads[2], None, None, None, None, None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None, None, None, None, None, None, None

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import IGNORE_INDEX, CoTRaftLossOutput, compute_dtype, effective_targets, resolve_denominator
+from ._common import (IGNORE_INDEX, CoTRaftLossOutput, check_finite_weights, compute_dtype, effective_targets,
+                      resolve_denominator)
 
 
 def reference_loss(
@@ -26,8 +27,14 @@ def reference_loss(
     ce_on_score_token: bool = False,
     ce_denominator: float | int | torch.Tensor | None = None,
     mse_denominator: float | int | torch.Tensor | None = None,
+    ce_weights: torch.Tensor | None = None,
+    mse_weights: torch.Tensor | None = None,
 ) -> CoTRaftLossOutput:
-    """CE (sum NLL / ce_denominator) + lam * sum (yhat - y)^2 / mse_denominator, via full logits."""
+    """CE (sum w NLL / ce_denominator) + lam * sum w (yhat - y)^2 / mse_denominator, via full logits.
+
+    ``ce_weights`` (N,) weight each row's NLL, ``mse_weights`` (M,) each score row's squared error (None: 1);
+    the denominators are counts, whatever the weights."""
+    check_finite_weights(ce_weights, mse_weights)
     cdt = compute_dtype(hidden.dtype)
     logits = hidden.to(cdt) @ weight.to(cdt).T
     if bias is not None:
@@ -38,7 +45,10 @@ def reference_loss(
     valid = tgt != IGNORE_INDEX
     n_ce = int(valid.sum())
     nll = -logp.gather(1, tgt.clamp_min(0).long()[:, None]).squeeze(1)
-    ce = torch.where(valid, nll, 0.0).sum() / resolve_denominator(ce_denominator, n_ce, "ce_denominator")
+    nll = torch.where(valid, nll, 0.0)
+    if ce_weights is not None:
+        nll = nll * ce_weights.to(cdt)
+    ce = nll.sum() / resolve_denominator(ce_denominator, n_ce, "ce_denominator")
 
     n_sc = int(score_rows.numel())
     values = score_values.to(cdt)
@@ -48,6 +58,8 @@ def reference_loss(
         probs = logp[score_rows[:, None], score_token_ids[None, :]].exp()
     yhat = probs @ values
     sq = (yhat - score_targets.to(cdt)) ** 2
+    if mse_weights is not None:
+        sq = sq * mse_weights.to(cdt)
     mse = sq.sum() / resolve_denominator(mse_denominator, n_sc, "mse_denominator")
     loss = ce + lam * mse
     return CoTRaftLossOutput(loss, ce.detach(), mse.detach(), yhat.detach(), n_ce, n_sc)

@@ -9,6 +9,9 @@ Batch contract (one micro-batch, all tensors on the model's device):
 * ``score_positions`` (B,) long: the position whose *next* token is the score token, i.e. the row
   that predicts the score (-1 = no score in this example).
 * ``score_targets`` (B,) float: the gold score of each example (ignored where the position is -1).
+* ``ce_weights`` / ``mse_weights`` (B,) float, optional: a real weight per sequence on its CE tokens / on
+  its squared error (stage-2 selection weights, a policy-gradient advantage); absent: 1. They reach the loss
+  as one weight per loss row (:func:`select_loss_rows`), which is all a packed layout needs to provide too.
 
 The score row's own label is masked out of the CE here; whether the score token is trained with CE
 as well is the loss's ``ce_on_score_token`` switch, so the decision lives in one place.
@@ -41,15 +44,24 @@ class LossRows:
     targets: torch.Tensor  # (N,) long, next-token targets, -100 where only the score is trained
     score_rows: torch.Tensor  # (M,) long, into row_index
     score_targets: torch.Tensor  # (M,) float
+    ce_weights: torch.Tensor | None = None  # (N,) the weight of each kept row's sequence on its CE term
+    mse_weights: torch.Tensor | None = None  # (M,) the weight of each score row's sequence on its squared error
 
 
-def select_loss_rows(labels: torch.Tensor, score_positions: torch.Tensor, score_targets: torch.Tensor) -> LossRows:
-    """Shift the labels and keep only rows with a CE target or a score, so the loss sees N << B*T rows."""
+def select_loss_rows(labels: torch.Tensor, score_positions: torch.Tensor, score_targets: torch.Tensor,
+                     ce_weights: torch.Tensor | None = None, mse_weights: torch.Tensor | None = None) -> LossRows:
+    """Shift the labels and keep only rows with a CE target or a score, so the loss sees N << B*T rows.
+
+    ``ce_weights`` / ``mse_weights`` (B,): per-sequence weights, gathered here to one per kept row (the
+    sequence of flattened row r is r // T) and one per score row."""
     if labels.dim() != 2:
         raise ValueError(f"labels must be (B, T), got {tuple(labels.shape)}")
     batch, seq = labels.shape
     if score_positions.shape != (batch,) or score_targets.shape != (batch,):
         raise ValueError("score_positions and score_targets must have shape (B,)")
+    for name, w in (("ce_weights", ce_weights), ("mse_weights", mse_weights)):
+        if w is not None and w.shape != (batch,):
+            raise ValueError(f"{name} must have shape (B,) = ({batch},), one weight per sequence")
     has_score = score_positions >= 0
     if bool((score_positions[has_score] >= seq).any()):
         raise ValueError(f"score_positions must be < T={seq}")
@@ -69,6 +81,8 @@ def select_loss_rows(labels: torch.Tensor, score_positions: torch.Tensor, score_
         targets=shifted[row_index],
         score_rows=compact[score_flat],
         score_targets=score_targets[has_score],
+        ce_weights=None if ce_weights is None else ce_weights[torch.div(row_index, seq, rounding_mode="floor")],
+        mse_weights=None if mse_weights is None else mse_weights[has_score],
     )
 
 
@@ -123,9 +137,13 @@ class CotRaftHead(nn.Module):
         score_targets: torch.Tensor,
         ce_denominator: Denominator = None,
         mse_denominator: Denominator = None,
+        ce_weights: torch.Tensor | None = None,
+        mse_weights: torch.Tensor | None = None,
+        lam: float | None = None,
     ) -> CotRaftOutput:
         """Loss of (N, H) ``hidden`` rows. ``hidden`` is positional on purpose: ZeRO-3's post-backward
-        hook, which releases the gathered weight, is attached to positional inputs only."""
+        hook, which releases the gathered weight, is attached to positional inputs only. ``ce_weights`` (N,)
+        / ``mse_weights`` (M,): per-row weights; ``lam``: this step's λ (None: the options')."""
         weight, bias = self.head_params
         if is_zero3_param(weight) and weight.data.numel() == 0:
             raise RuntimeError(
@@ -144,8 +162,20 @@ class CotRaftHead(nn.Module):
             bias=bias,
             ce_denominator=ce_denominator,
             mse_denominator=mse_denominator,
+            **_optional(ce_weights=_real(ce_weights, hidden.device, real),
+                        mse_weights=_real(mse_weights, hidden.device, real), lam=lam),
         )
         return CotRaftOutput(out.loss, out.ce, out.mse, out.yhat, int(out.n_ce_tokens), int(out.n_score_rows))
+
+
+def _real(w: torch.Tensor | None, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if w is None else w.to(device=device, dtype=dtype)
+
+
+def _optional(**kw: Any) -> dict[str, Any]:
+    """Keyword arguments that are set: a custom ``loss_fn`` without weight or λ arguments keeps working
+    for unweighted batches."""
+    return {k: v for k, v in kw.items() if v is not None}
 
 
 def _loss_through_head(
@@ -154,11 +184,14 @@ def _loss_through_head(
     batch: Mapping[str, torch.Tensor | None],
     ce_denominator: Denominator,
     mse_denominator: Denominator,
+    lam: float | None = None,
 ) -> CotRaftOutput:
     hidden = final_hidden_states(lm, batch["input_ids"], batch.get("attention_mask"))
-    rows = select_loss_rows(batch["labels"], batch["score_positions"], batch["score_targets"])
+    rows = select_loss_rows(batch["labels"], batch["score_positions"], batch["score_targets"],
+                            batch.get("ce_weights"), batch.get("mse_weights"))
     flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.row_index)
-    return head(flat, rows.targets, rows.score_rows, rows.score_targets, ce_denominator, mse_denominator)
+    return head(flat, rows.targets, rows.score_rows, rows.score_targets, ce_denominator, mse_denominator,
+                **_optional(ce_weights=rows.ce_weights, mse_weights=rows.mse_weights, lam=lam))
 
 
 def causal_lm_cot_raft_loss(
@@ -169,6 +202,7 @@ def causal_lm_cot_raft_loss(
     ce_denominator: Denominator = None,
     mse_denominator: Denominator = None,
     loss_fn: LossFn | None = None,
+    lam: float | None = None,
 ) -> CotRaftOutput:
     """CoT-RAFT loss of ``model`` (HF causal LM or PEFT-wrapped) on ``batch``, never forming (B, T, V) logits.
 
@@ -184,7 +218,7 @@ def causal_lm_cot_raft_loss(
             "lm_head is a ZeRO-3 parameter: wrap the model in CotRaftCausalLM before deepspeed.initialize"
         )
     head = CotRaftHead(weight, bias, options, loss_fn=loss_fn, zero3=False)
-    return _loss_through_head(lm, head, batch, ce_denominator, mse_denominator)
+    return _loss_through_head(lm, head, batch, ce_denominator, mse_denominator, lam)
 
 
 class CotRaftCausalLM(nn.Module):
@@ -213,6 +247,9 @@ class CotRaftCausalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         ce_denominator: Denominator = None,
         mse_denominator: Denominator = None,
+        ce_weights: torch.Tensor | None = None,
+        mse_weights: torch.Tensor | None = None,
+        lam: float | None = None,
     ) -> CotRaftOutput:
         # No ``self.lm.lm_head.weight`` here: under a ZeRO-3 engine, reading a partitioned parameter
         # through its module during forward makes DeepSpeed gather it and register it as external to
@@ -223,5 +260,7 @@ class CotRaftCausalLM(nn.Module):
             "labels": labels,
             "score_positions": score_positions,
             "score_targets": score_targets,
+            "ce_weights": ce_weights,
+            "mse_weights": mse_weights,
         }
-        return _loss_through_head(self.lm, self.head, batch, ce_denominator, mse_denominator)
+        return _loss_through_head(self.lm, self.head, batch, ce_denominator, mse_denominator, lam)

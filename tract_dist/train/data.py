@@ -52,6 +52,14 @@ def prepare_dataset(cfg: Any, tokenizer: Any, out_dir: str | Path) -> dict[str, 
             f"{d.train_path}: no trainable example: {read.records} records, {len(read.invalid)} invalid, "
             f"{stats.dropped} dropped as too long ({stats.drop_reasons}); raise data.max_length or fix the file")
     rows = [{**e.to_dict(), "n_ce": sum(1 for x in e.labels if x != IGNORE_INDEX)} for e in encoded]
+    weighted = any(e.weight is not None for e in encoded)
+    for r in rows:  # a weight column only for a weighted data set (its rows then all carry one; missing = 1)
+        w = r.pop("weight", None)
+        if weighted:
+            r["weight"] = 1.0 if w is None else float(w)
+    if weighted:
+        ws = [r["weight"] for r in rows]
+        summary["weights"] = {"min": min(ws), "max": max(ws), "mean": sum(ws) / len(ws)}
     out = Path(out_dir)
     datasets.Dataset.from_list(rows).save_to_disk(str(out / "encoded"))
     atomic_write_json(out / "data_summary.json", summary)
@@ -162,7 +170,12 @@ class StepPlan:
 
 
 def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch; the score position is unaffected by right padding."""
+    """Right-pad a micro-batch; the score position is unaffected by right padding.
+
+    Rows of a weighted data set (a ``weight`` column: stage-2 selection weights) also give ``ce_weights`` and
+    ``mse_weights`` (B,): the sequence's weight on its CE tokens and on its squared error (the same weight on
+    both; the loss takes them separately so that a policy-gradient term can weight CE alone). The loss
+    denominators stay counts (:func:`loss_denominators`): a weight scales its sequence's contribution."""
     length = max(len(r["input_ids"]) for r in rows)
     n = len(rows)
     input_ids = torch.full((n, length), pad_id, dtype=torch.long)
@@ -173,10 +186,16 @@ def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
         input_ids[i, :t] = torch.tensor(r["input_ids"])
         labels[i, :t] = torch.tensor(r["labels"])
         mask[i, :t] = 1
-    return {
+    batch = {
         "input_ids": input_ids,
         "attention_mask": mask,
         "labels": labels,
         "score_positions": torch.tensor([r["score_position"] for r in rows], dtype=torch.long),
         "score_targets": torch.tensor([r["score"] for r in rows], dtype=torch.float32),
     }
+    if rows[0].get("weight") is not None:
+        # float64 on the host: the loss casts to its compute dtype, so a weight reaches it rounded once
+        weights = torch.tensor([float(r["weight"]) for r in rows], dtype=torch.float64)
+        batch["ce_weights"] = weights
+        batch["mse_weights"] = weights.clone()
+    return batch
