@@ -7,7 +7,7 @@ once instead of surfacing as a worker crash an hour into a run.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -106,6 +106,10 @@ class LossSection(_Section):
         1.0, ge=0, le=1e6, description="weight of the MSE term, 0-1e6: loss = ce + lam * mse, mse the global "
                                        "per-sequence mean of (ŷ - y)²; 1.0 is the paper's formula, the official runs' "
                                        "code amounts to 1 / per-device batch (FIDELITY.md)")
+    lam_warmup_steps: int = Field(
+        0, ge=0, le=1 << 40, description="ramp λ linearly from 0 at the first optimizer step to lam at this step "
+                                         "(lam * step / N, 0-based); 0: lam throughout. The λ in force is logged "
+                                         "every step (metric lam)")
     rail_normalize: bool = Field(
         False, description="train ŷ over the score tokens' renormalised distribution (Σ v_k p_k / Σ p_k) instead "
                            "of the full-vocabulary softmax (off: as the paper); recorded in the export, which "
@@ -223,7 +227,20 @@ class GenerationSection(_Section):
                                         "keeps them free in data.max_length")
     num_cots: int = Field(
         1, gt=0, le=1000, description="CoTs generated per training example for stage 2 (the official stage-2 data: "
-                                      "one)")
+                                      "one); each is read out by RAIL as it is written, for generation.select")
+    select: Literal["all", "nearest", "within", "weighted"] = Field(
+        "all", description="which generated CoTs stage 2 trains on, judged by |ŷ - y*| (each CoT's own RAIL "
+                           "read-out against the gold score): all (the paper), nearest (per prompt the CoT with "
+                           "the smallest error), within (every CoT with error <= select_tolerance), weighted "
+                           "(every CoT, weight n_p * softmax(-error² / 2 tolerance²) per prompt; "
+                           "generate/select.py)")
+    select_tolerance: float = Field(
+        0.5, ge=0, le=1e6, description="an acceptable CoT's largest |ŷ - y*| (within, the fallback rule), and the "
+                                       "width of the weighted rule's weights (> 0 there)")
+    select_fallback: Literal["nearest", "drop"] = Field(
+        "nearest", description="a prompt none of whose CoTs is within select_tolerance (nearest, within, "
+                               "weighted): nearest keeps its nearest CoT (weighted: its CoTs, weight concentrated "
+                               "on the nearest), drop leaves the prompt out of stage 2; both are counted")
     seed: int = Field(
         0, ge=0, le=2**32 - 1, description="base of the per-(example, CoT) sampling seeds of generation and judging: "
                                            "a CoT depends only on its prompt, index and this seed, so reruns and "
@@ -272,9 +289,15 @@ class EvaluationSection(_Section):
         1, gt=0, le=1024, description="GPUs per judge replica (vLLM only), for a model too big for one GPU")
     benchmarks: list[BenchmarkSpec] = Field(
         [], description="the benchmarks to evaluate on, each {name, path, format, split, max_examples, offset}")
-    num_cots: int = Field(
-        1, gt=0, le=1000, description="CoTs per input, their ŷ averaged: 1 is greedy, more are sampled with "
-                                      "generation's temperature / top_p (the paper reports 1 and 5)")
+    num_cots: Annotated[int, Field(gt=0, le=1000)] | Literal["auto"] = Field(
+        1, description="CoTs per input, their ŷ averaged: 1 is greedy, more are sampled with generation's "
+                       "temperature / top_p (the paper reports 1 and 5); auto: sample until the standard error of "
+                       "the mean ŷ is <= cot_se_target or max_cots are drawn (at least 3; judge/adaptive.py)")
+    cot_se_target: float = Field(
+        0.1, gt=0, le=1e6, description="num_cots=auto: stop sampling an input's CoTs once the standard error of its "
+                                       "mean ŷ (sample sd / sqrt(n)) is at most this")
+    max_cots: int = Field(
+        8, ge=3, le=1000, description="num_cots=auto: the most CoTs drawn per input")
     rail_normalize: bool | None = Field(
         None, description="read ŷ over the score tokens' renormalised distribution (Σ v_k p_k / Σ p_k) instead of "
                           "the full-vocabulary softmax; None: what the export records training used "

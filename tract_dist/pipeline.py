@@ -33,7 +33,8 @@ from tract_dist import console
 from tract_dist.config import Config, ConfigError
 from tract_dist.fsutil import CorruptStateError, atomic_write_json, content_fingerprint, exclusive_lock, \
     file_fingerprint
-from tract_dist.pipeline_checks import check_data_files, check_stage1_export, fingerprint, preflight
+from tract_dist.pipeline_checks import (check_data_files, check_stage1_export, fingerprint, hashed_section, preflight,
+                                       selection_key)
 from tract_dist.tracking import RunHandle, log_artifact, log_params, set_tags, start_run
 
 EVAL_MODES = {"tract": ["cot_rail"], "cot_raft": ["cot_rail"], "ce_cot": ["decode", "cot_rail"], "raft": ["rail"]}
@@ -94,6 +95,7 @@ class Stage2DataOutputs(StageOutputs):
     examples_without_cot_ids: list[str] = field(default_factory=list)
     unknown_example_ids: int | None = None
     duplicates: int | None = None
+    selection: dict[str, Any] = field(default_factory=dict)  # generation.select's counts (generate/select.py)
     summary: str = ""
 
     def paths(self) -> list[str]:
@@ -233,15 +235,15 @@ def build_stages(cfg: Config, pdir: Path, name: str, ctx: _Context | None = None
         # ---- generation: the stage-1 model writes a CoT for every training prompt ---------------------------
         gen: Stage[GenerateOutputs] = Stage(
             "generate", (s1,),
-            key=lambda f: ("generate", f.fp(s1), cfg.generation.model_dump(), cfg.data.model_dump()),
+            key=lambda f: ("generate", f.fp(s1), hashed_section(cfg, "generation"), cfg.data.model_dump()),
             run=lambda f, fp: _generate(cfg, f.out(s1).model, pdir / f"generate-{fp[:8]}", ctx, fp),
             outputs=GenerateOutputs)
         # ---- stage-2 dataset: the self-generated CoTs with the gold scores ---------------------------------
         s2_path = pdir / "stage2.jsonl"
         build: Stage[Stage2DataOutputs] = Stage(
             "build_stage2", (gen,),
-            key=lambda f: ("stage2_data", f.fp(gen)),
-            run=lambda f, fp: _build_stage2(cfg, pdir / f"generate-{f.fp(gen)[:8]}", s2_path),
+            key=lambda f: ("stage2_data", f.fp(gen), *selection_key(cfg)),
+            run=lambda f, fp: _build_stage2(cfg, f.out(s1).model, pdir / f"generate-{f.fp(gen)[:8]}", s2_path, ctx),
             outputs=Stage2DataOutputs)
         # ---- stage 2: CoT-RAFT from the *seed* model on the self-generated CoTs -----------------------------
         s2_cfg = stage_config(cfg, pdir, train_path=str(s2_path), train_format="jsonl", stage="stage2")
@@ -267,7 +269,10 @@ def _evaluation_settings(cfg: Config) -> dict[str, Any]:
     as the value the pipeline's own exports record, ``loss.rail_normalize``, which is what it was spelled as when
     the key defaulted to false, so pipeline folders made before the key could be unset keep their evaluations.
     (A ``pipeline.stage1_export`` model's own record is covered by that stage's content fingerprint.)"""
-    d = cfg.evaluation.model_dump()
+    d = hashed_section(cfg, "evaluation")
+    if d.get("num_cots") != "auto":  # the adaptive count's settings change nothing for a fixed count
+        d.pop("cot_se_target", None)
+        d.pop("max_cots", None)
     if d.get("rail_normalize") is None:
         d["rail_normalize"] = cfg.loss.rail_normalize
     return d
@@ -280,7 +285,7 @@ def _evaluation(cfg: Config, pdir: Path, ctx: _Context, mstage: str, model: Stag
     return Stage(
         f"evaluate_{mstage}_{bench.name}_{mode}", (model,),
         key=lambda f: ("evaluate", f.fp(model), bench.model_dump(), mode, _evaluation_settings(cfg),
-                       cfg.generation.model_dump(), file_fingerprint(bench.path)),
+                       hashed_section(cfg, "generation"), file_fingerprint(bench.path)),
         run=lambda f, fp: _evaluate(cfg, f.out(model).model, bench, mode, out, ctx.parent, {**ctx.tags, **tags}),
         outputs=EvalOutputs)
 
@@ -518,11 +523,28 @@ def _generate(cfg: Config, model: str, out: Path, ctx: _Context, fp: str) -> Gen
                            summary=f"{s.get('ok')} CoTs, {s.get('failed')} failed")
 
 
-def _build_stage2(cfg: Config, gen_dir: Path, out: Path) -> Stage2DataOutputs:
-    from tract_dist.generate.pipeline import load_training_examples
+def _build_stage2(cfg: Config, stage1_model: str, gen_dir: Path, out: Path, ctx: _Context) -> Stage2DataOutputs:
+    """The stage-2 JSONL from the generated CoTs under ``generation.select``; the selection's counts go to the
+    console, this stage's MLflow run and (returned) state.json."""
+    from tract_dist.data.score_tokens import parse_scale
+    from tract_dist.generate.pipeline import judge_rail_normalize, load_training_examples
+    from tract_dist.generate.select import SelectionSpec, summary_line
     from tract_dist.generate.stage2 import build_stage2_dataset
+    from tract_dist.tracking import log_metrics
 
-    stats = build_stage2_dataset(gen_dir, load_training_examples(cfg), out)
+    lo, hi = parse_scale(cfg.data.scale)
+    spec = SelectionSpec.from_config(cfg.generation)
+    t = cfg.tracking
+    with start_run(t.tracking_uri, t.experiment, "build_stage2", enabled=t.enabled, parent=ctx.parent,
+                   tags={**ctx.tags, "stage": "build_stage2"}) as run:
+        log_params(run, {f"select.{k}": v for k, v in spec.as_dict().items()} | {"num_cots": cfg.generation.num_cots})
+        stats = build_stage2_dataset(gen_dir, load_training_examples(cfg), out, spec,
+                                     score_values=list(range(lo, hi + 1)),
+                                     rail_normalize=judge_rail_normalize(cfg, stage1_model))
+        sel = stats["selection"]
+        log_metrics(run, {f"select.{k}": float(v) for k, v in sel.items() if isinstance(v, (int, float))
+                          and not isinstance(v, bool)} | {"written": float(stats["written"])})
+    console.line(f"[pipeline] build_stage2: {summary_line(sel)}")
     return Stage2DataOutputs.from_record(  # type: ignore[return-value]
         {**stats, "path": str(out), "summary": f"{stats.get('written', '?')} examples"})
 
@@ -543,5 +565,7 @@ def _evaluate(cfg: Config, model: str, bench: Any, mode: str, out: Path, parent:
     overall = metrics["overall"]
     summary = " ".join(f"{k}={overall[k]:.3f}" for k in ("pearson", "spearman", "kendall", "rmse")
                        if overall.get(k) is not None)
+    if cfg.evaluation.num_cots == "auto" and overall.get("cots_mean") is not None:
+        summary += f" cots_mean={overall['cots_mean']:.2f}"
     return EvalOutputs(metrics=metrics, summary=f"{summary} (n={overall.get('n')}, failed={overall.get('failed')})",
                        dir=str(out))

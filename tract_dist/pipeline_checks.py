@@ -15,12 +15,42 @@ from pathlib import Path
 from tract_dist.config import Config, ConfigError
 
 
+# Keys added after pipelines were made, hashed only once set away from their default (which computes what the
+# configs before them computed), so the folders made before them keep their fingerprints and resume.
+LATER_KEYS: dict[str, dict[str, object]] = {
+    "loss": {"lam_warmup_steps": 0},
+    "evaluation": {"cot_se_target": 0.1, "max_cots": 8},
+}
+# What builds the stage-2 data from the CoTs, not the CoTs themselves (the generation stage does not hash them).
+SELECTION_KEYS = ("select", "select_tolerance", "select_fallback")
+
+
+def hashed_section(cfg: Config, section: str) -> dict[str, object]:
+    """``cfg.<section>`` as fingerprints hash it: later keys at their defaults left out (``LATER_KEYS``), and
+    for ``generation`` the selection keys too (the build_stage2 stage hashes them: :func:`selection_key`)."""
+    d = getattr(cfg, section).model_dump()
+    for key, default in LATER_KEYS.get(section, {}).items():
+        if d.get(key) == default:
+            d.pop(key, None)
+    if section == "generation":
+        for key in SELECTION_KEYS:
+            d.pop(key, None)
+    return d
+
+
+def selection_key(cfg: Config) -> tuple[object, ...]:
+    """What the stage-2 data depend on beyond the CoTs: nothing for ``select: all`` (the data every pipeline
+    built before selection existed), else the rule, tolerance and fallback."""
+    g = cfg.generation
+    return () if g.select == "all" else ((g.select, g.select_tolerance, g.select_fallback),)
+
+
 def fingerprint(cfg: Config, *extra: str) -> str:
     """Hash of everything that changes what a stage computes (not where it runs or how it is tracked).
 
     Pipeline names, training-run names and stage fingerprints are built on it: changing what it covers renames
     every existing run folder (they would no longer resume)."""
-    d = cfg.model_dump(include={"model", "data", "loss", "training"})
+    d = {s: hashed_section(cfg, s) for s in ("model", "data", "loss", "training")}
     for key in ("output_dir", "num_to_keep"):  # where and how many checkpoints: the same computation
         d["training"].pop(key, None)
     blob = json.dumps(d, sort_keys=True) + "|".join(extra)

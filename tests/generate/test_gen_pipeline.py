@@ -47,6 +47,32 @@ def test_complete_run_writes_every_cot_once(clean_run, quickstart_examples):
     assert not list(out.glob(".*.tmp"))
 
 
+def test_each_cot_carries_its_rail_readout(clean_run, tiny_export, quickstart_examples):
+    """The ŷ stored with each CoT is the model's read-out of ``<prompt><CoT> So the overall score is``,
+    recomputed here by a plain unbatched forward pass of the same export (no engine code)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tract_dist.data.encode import EncodeOptions, fit_prompt
+    from tract_dist.data.prompts import render_target
+
+    cfg, out, _ = clean_run
+    model = AutoModelForCausalLM.from_pretrained(tiny_export, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_export)
+    ids = [tok.encode(f"So the overall score is {k}", add_special_tokens=False)[-1] for k in range(1, 6)]
+    opts = EncodeOptions(max_length=640, system_prompt=cfg.data.system_prompt)
+    examples = {ex.id: ex for ex in quickstart_examples[:5]}
+    for r in _by_uid(out).values():
+        prompt, _ = fit_prompt(tok, examples[r["example_id"]], 640 - 6, opts)
+        target = tok.encode(render_target(r["cot"], 1), add_special_tokens=False)[:-1]  # up to the score token
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + target])).logits[0, -1].double()
+        p = torch.softmax(logits, -1)[ids]
+        assert r["rail_probs"] == pytest.approx(p.tolist(), rel=1e-4, abs=1e-9)
+        assert r["yhat"] == pytest.approx(float(p @ torch.arange(1, 6, dtype=torch.float64)), rel=1e-4)
+        assert r["rail_mass"] == pytest.approx(float(p.sum()), rel=1e-4)
+
+
 def test_rerun_of_a_complete_folder_generates_nothing(clean_run, tiny_export):
     cfg, out, _ = clean_run
     before = sorted(p.name for p in out.glob("part-*.jsonl"))
@@ -143,3 +169,28 @@ def test_stage2_dataset_pairs_cots_with_gold(clean_run, quickstart_examples, tmp
         assert e.feedback == gen[e.id]["cot"]
         assert e.score == src.score and e.instruction == src.instruction and e.response == src.response
         assert render_target(e.feedback, e.score).endswith(f"So the overall score is {int(src.score + 0.5)}")
+
+
+@pytest.mark.parametrize("rule", ["nearest", "weighted"])
+def test_stage2_selection_on_stored_readouts(clean_run, quickstart_examples, tmp_path, rule):
+    from tract_dist.data.formats import read_examples
+    from tract_dist.generate.select import SelectionSpec
+
+    _, out, _ = clean_run
+    gen = _by_uid(out)
+    spec = SelectionSpec(rule, tolerance=0.5, fallback="nearest")
+    stats = build_stage2_dataset(out, quickstart_examples[:5], tmp_path / "s2.jsonl", spec,
+                                 score_values=[1, 2, 3, 4, 5])
+    back = read_examples(str(tmp_path / "s2.jsonl"), "jsonl").examples
+    sel = stats["selection"]
+    assert sel["cots_before"] == 10 and sel["rule"] == rule and stats["written"] == sel["kept"] == len(back)
+    if rule == "nearest":
+        for ex in quickstart_examples[:5]:
+            errs = {j: abs(gen[f"{ex.id}#cot{j}"]["yhat"] - ex.score) for j in range(2)}
+            want = min(errs, key=lambda j: (errs[j], j))
+            assert [e.id for e in back if e.id.startswith(f"{ex.id}#")] == [f"{ex.id}#cot{want}"]
+        assert all(e.weight is None for e in back) and "weight" not in (tmp_path / "s2.jsonl").read_text()
+    else:  # every CoT, weights written and read back; mean 1 per prompt
+        assert len(back) == 10 and all(e.weight is not None for e in back)
+        for ex in quickstart_examples[:5]:
+            assert sum(e.weight for e in back if e.id.startswith(f"{ex.id}#")) == pytest.approx(2.0)

@@ -39,12 +39,18 @@ def _ok(x: Any) -> bool:
 def evaluate_predictions(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Metrics over records with ``prediction`` (None when failed), ``gold`` and optional ``category``.
 
-    Returns ``{"overall": {..., "total", "failed"}, "per_category": {name: {...}}}``.
+    Returns ``{"overall": {..., "total", "failed"}, "per_category": {name: {...}}}``; with CoT judgements
+    (a ``detail`` holding the ``cots``), also ``cots_mean``: the mean number of CoTs per judged input (fixed by
+    ``evaluation.num_cots``, or chosen per input by ``auto``).
     """
     def block(rs: list[dict[str, Any]]) -> dict[str, Any]:
         good = [r for r in rs if _ok(r["prediction"])]
         m = regression_metrics([r["prediction"] for r in good], [r["gold"] for r in good])
-        return {**m, "total": len(rs), "failed": len(rs) - len(good)}
+        out = {**m, "total": len(rs), "failed": len(rs) - len(good)}
+        counts = [len(d["cots"]) for r in good if isinstance(d := r.get("detail"), dict) and d.get("cots")]
+        if counts:
+            out["cots_mean"] = sum(counts) / len(counts)
+        return out
 
     cats: dict[str, list[dict[str, Any]]] = {}
     for r in records:

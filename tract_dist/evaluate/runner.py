@@ -150,6 +150,7 @@ def _evaluate(cfg: Any, model_path: str | None, out: Path, parent_run: Any, show
     with start_run(t.tracking_uri, t.experiment, t.run_name or "evaluate", enabled=t.enabled, parent=parent_run,
                    tags={**(tags or {}), "stage": "evaluate"}) as run:
         log_params(run, {"model_path": model_path, "mode": e.mode, "num_cots": e.num_cots,
+                         **({"cot_se_target": e.cot_se_target, "max_cots": e.max_cots} if e.num_cots == "auto" else {}),
                          "rail_normalize": rail, "use_ray": e.ray, "backend": choice.backend,
                          "backend_reason": choice.reason, "tensor_parallel_size": e.tensor_parallel_size,
                          "benchmarks": ",".join(b.name for b in e.benchmarks)})

@@ -12,7 +12,8 @@ def register(sub: Any, add_config_args: Callable[..., None]) -> None:
     p.add_argument("--model", help="the stage-1 export (HF folder); overrides model.name_or_path")
     p.add_argument("--output-dir", help="default generation.output_dir, else {training.output_dir}/generate")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--stage2-out", help="also build the stage-2 training JSONL here from the generations")
+    p.add_argument("--stage2-out", help="also build the stage-2 training JSONL here from the generations, selected "
+                                        "by generation.select")
     p.add_argument("--fresh", action="store_true",
                    help="if the output folder holds CoTs made with other settings, move it aside and start afresh "
                         "(default: refuse, naming both fingerprints)")
@@ -35,6 +36,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                             fresh=args.fresh)
     out = {"generate": summary}
     if args.stage2_out:
-        out["stage2"] = build_stage2_dataset(summary["output_dir"], examples, args.stage2_out)
+        from tract_dist.data.score_tokens import parse_scale
+        from tract_dist.generate.pipeline import judge_rail_normalize
+        from tract_dist.generate.select import SelectionSpec, summary_line
+
+        lo, hi = parse_scale(cfg.data.scale)
+        model = args.model or cfg.model.name_or_path
+        out["stage2"] = build_stage2_dataset(summary["output_dir"], examples, args.stage2_out,
+                                             SelectionSpec.from_config(cfg.generation),
+                                             score_values=list(range(lo, hi + 1)),
+                                             rail_normalize=judge_rail_normalize(cfg, model))
+        print(f"stage2: {summary_line(out['stage2']['selection'])}")
     print(json.dumps(out, indent=2))
     return 0

@@ -2,7 +2,8 @@
 
 Flow: read the training set -> one work row per (example, CoT index) with a seed derived from its id -> drop
 rows whose uid is already resolved in a committed shard (generated, failed for good, or out of attempts) ->
-map the rest through the replica pool -> commit results as shards of ``generation.shard_size`` -> retry rows
+map the rest through the replica pool (each CoT read out by RAIL in the same engine: its ŷ is stored with it,
+for stage-2 selection) -> commit results as shards of ``generation.shard_size`` -> retry rows
 that failed with an error, up to ``generation.max_attempts`` in all -> summarise (counts, failures by reason,
 throughput) -> MLflow. One invocation per output folder at a time (a lock beside it).
 """
@@ -52,7 +53,7 @@ def work_rows(examples: list[JudgeExample], num_cots: int, seed: int) -> list[di
 
 
 def worker_kwargs(cfg: Any, model_path: str, backend: str, sampling: SamplingParams,
-                  spec: PoolSpec) -> dict[str, Any]:
+                  spec: PoolSpec, rail_normalize: bool = False) -> dict[str, Any]:
     """Constructor arguments for a replica (plain data: they are pickled to every Ray actor)."""
     from tract_dist.runtime.backend import spec_from_config
 
@@ -64,6 +65,7 @@ def worker_kwargs(cfg: Any, model_path: str, backend: str, sampling: SamplingPar
         "encode_opts": {"max_length": d.max_length, "truncation": d.truncation, "system_prompt": d.system_prompt,
                         "scale": list(parse_scale(d.scale))},
         "sampling": sampling.as_dict(),
+        "rail_normalize": rail_normalize,
     }
 
 
@@ -104,11 +106,21 @@ class _Progress:
         return out
 
 
+def judge_rail_normalize(cfg: Any, model_path: str) -> bool:
+    """How each CoT's ŷ is read: as the stage-1 model's judge reads it (``evaluation.rail_normalize``, or what
+    its export records training used), so selection compares with y* the number that model's judge gives."""
+    from tract_dist.export_record import resolve_rail_normalize
+
+    return resolve_rail_normalize(cfg.evaluation.rail_normalize, model_path)
+
+
 def generation_settings(cfg: Any, model_path: str, backend: str, sampling: SamplingParams,
                         fingerprint: str | None = None) -> dict[str, Any]:
     """What the CoTs of a folder depend on. The model is identified by the content hash of its files (a
     retrained model at the same path is another model), the path kept for people; ``fingerprint`` is the
-    pipeline stage's, or a hash of these settings."""
+    pipeline stage's, or a hash of these settings. How ŷ is read is not among them: every record keeps the score
+    tokens' probabilities, from which selection reads ŷ the way the stage-1 judge does (folders made before the
+    read-out existed keep their fingerprint; their records carry none)."""
     from tract_dist.fsutil import content_fingerprint
 
     settings = {"model": str(model_path), "model_sha256": content_fingerprint(model_path), "backend": backend,
@@ -193,7 +205,8 @@ def _generate_locked(cfg: Any, model_path: str, out: Path, examples: list[JudgeE
         step = 0
         try:
             # An alias with GGUF weights is converted once here, not by every replica at once.
-            kwargs = worker_kwargs(cfg, materialize_alias(str(model_path)), backend.backend, sampling, spec)
+            kwargs = worker_kwargs(cfg, materialize_alias(str(model_path)), backend.backend, sampling, spec,
+                                   judge_rail_normalize(cfg, model_path))
             while todo:
                 buffer: list[dict[str, Any]] = []
                 try:

@@ -1,5 +1,12 @@
 """The generator replica: builds its engine once (HF or vLLM, from an ``EngineSpec``), turns batches of
-(example, CoT index, seed) rows into CoT records.
+(example, CoT index, seed) rows into CoT records, each with its own RAIL read-out.
+
+The read-out is the model's ŷ for the CoT it just wrote: ``<prompt><CoT> So the overall score is`` (the tokens
+training and the judge use, ``score_prompt_ids``) scored by the same engine right after the batch is
+generated: on vLLM a follow-up request per CoT with ``logprob_token_ids`` whose prompt blocks are served from
+the prefix cache the generation filled, on HF one forward pass per batch. Stage-2 selection
+(``generate/select.py``) compares it with the gold score, so a CoT whose own verdict is far off can be dropped
+or down-weighted without running the model again.
 
 Instantiated by Ray Data once per actor, or once in-process. With vLLM the whole Ray Data batch goes to the
 scheduler at once (continuous batching), so ``generation.batch_size`` is the unit of commit and retry there,
@@ -16,6 +23,8 @@ from typing import Any
 
 from tract_dist.data.encode import DroppedExample, EncodeOptions, fit_prompt
 from tract_dist.data.schema import JudgeExample
+from tract_dist.data.score_tokens import derive_score_tokens, score_prompt_ids
+from tract_dist.judge.rail import readouts
 from tract_dist.runtime.engine import EngineSpec, extract_cot
 from tract_dist.runtime.pool import RowBatchWorker
 from tract_dist.runtime.sampling import SamplingParams
@@ -32,12 +41,15 @@ def encode_options(opts: dict[str, Any]) -> EncodeOptions:
 class CotWorker(RowBatchWorker):
     """Callable class for ``map_batches``: columns uid, example_id, cot_index, seed, example (JSON) -> records."""
 
-    def __init__(self, engine: dict[str, Any], encode_opts: dict[str, Any], sampling: dict[str, Any]):
+    def __init__(self, engine: dict[str, Any], encode_opts: dict[str, Any], sampling: dict[str, Any],
+                 rail_normalize: bool = False):
         from tract_dist.runtime.backend import build_engine
 
         self.engine = build_engine(EngineSpec.from_dict(engine))
         self.opts = encode_options(encode_opts)
         self.params = SamplingParams(**{**sampling, "stop": tuple(sampling.get("stop", ()))})
+        self.score_tokens = derive_score_tokens(self.engine.tokenizer, self.opts.scale)
+        self.rail_normalize = rail_normalize
 
     def _prompt(self, row: dict[str, Any]) -> tuple[list[int], bool]:
         ex = JudgeExample.from_dict(json.loads(row["example"]))
@@ -57,26 +69,41 @@ class CotWorker(RowBatchWorker):
         gens = self.engine.generate([t[1] for t in todo], [int(rows[t[0]]["seed"]) for t in todo], self.params)
         secs = time.perf_counter() - t0
         ended = time.time()  # wall clock: comparable across replicas on one machine (pool makespan)
-        for (i, ids, truncated), g in zip(todo, gens):
-            cot = extract_cot(g.text, self.params.stop)
+        cots = [extract_cot(g.text, self.params.stop) for g in gens]
+        t1 = time.perf_counter()
+        reads = self._read([(ids, cot) for (_, ids, _), cot in zip(todo, cots)])
+        read_secs = time.perf_counter() - t1
+        for (i, ids, truncated), g, cot in zip(todo, gens, cots):
             out[i] = _record(rows[i], status="ok" if cot else "failed", reason=None if cot else "empty_cot",
                              cot=cot, raw_text=g.text, finish_reason=g.finish_reason, prompt_tokens=len(ids),
                              new_tokens=g.new_tokens, truncated=truncated, batch_seconds=secs,
-                             batch_end_time=ended)
+                             batch_end_time=ended, readout_seconds=read_secs, **reads.get(i, {}))
         return [r for r in out if r is not None]
+
+    def _read(self, items: list[tuple[list[int], str]]) -> dict[int, dict[str, Any]]:
+        """The RAIL read-out of each non-empty CoT (by position in ``items``): ŷ, the score tokens'
+        probabilities and their mass, in one engine call."""
+        seqs = {i: ids + score_prompt_ids(self.engine.tokenizer, cot, self.score_tokens)
+                for i, (ids, cot) in enumerate(items) if cot}
+        if not seqs:
+            return {}
+        probs = self.engine.score_probs(list(seqs.values()), self.score_tokens.token_ids)
+        reads = readouts(probs, self.score_tokens.scores, normalize=self.rail_normalize)
+        return {i: {"yhat": r.score, "rail_probs": r.probs, "rail_mass": r.mass} for i, r in zip(seqs, reads)}
 
     def failed(self, row: dict[str, Any], reason: str) -> dict[str, Any]:
         return _record(row, status="failed", reason=reason)
 
 
 _FIELDS = ("cot", "raw_text", "finish_reason", "prompt_tokens", "new_tokens", "truncated", "batch_seconds",
-           "batch_end_time")
+           "batch_end_time", "yhat", "rail_probs", "rail_mass", "readout_seconds")
 
 
 def _record(row: dict[str, Any], *, status: str, reason: str | None, **values: Any) -> dict[str, Any]:
     rec = {"uid": row["uid"], "example_id": row["example_id"], "cot_index": int(row["cot_index"]),
            "seed": int(row["seed"]), "attempt": int(row.get("attempt") or 1), "status": status, "reason": reason}
     defaults = {"cot": "", "raw_text": "", "finish_reason": None, "prompt_tokens": 0, "new_tokens": 0,
-                "truncated": False, "batch_seconds": 0.0, "batch_end_time": None}
+                "truncated": False, "batch_seconds": 0.0, "batch_end_time": None, "yhat": None, "rail_probs": None,
+                "rail_mass": None, "readout_seconds": 0.0}
     rec.update({k: values.get(k, defaults[k]) for k in _FIELDS})
     return rec

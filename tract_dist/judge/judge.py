@@ -2,7 +2,9 @@
 
 - ``cot_rail``: n CoTs (greedy when n = 1, sampled otherwise), then for each one forward pass over
   ``<prompt><CoT> So the overall score is`` built with :func:`score_prompt_ids` — the tokens training used —
-  and ŷ = Σ_k v_k p_k read from the full-vocabulary softmax; the CoTs' ŷ are averaged.
+  and ŷ = Σ_k v_k p_k read from the full-vocabulary softmax; the CoTs' ŷ are averaged. ``n_cots="auto"``
+  samples rounds of CoTs per input until the standard error of its mean ŷ reaches ``cot_se_target`` or
+  ``max_cots`` (:mod:`tract_dist.judge.adaptive`).
 - ``decode``: generate the whole answer (no stop strings) and parse the number after the score phrase or
   ``[RESULT]``; unparseable answers are counted, never guessed.
 - ``rail``: RAIL without CoT: the prompt followed immediately by "So the overall score is".
@@ -22,14 +24,16 @@ from tract_dist.data.encode import DroppedExample, EncodeOptions, fit_prompt
 from tract_dist.data.prompts import ABS_SYSTEM_PROMPT
 from tract_dist.data.schema import JudgeExample
 from tract_dist.data.score_tokens import ScoreTokens, derive_score_tokens, parse_scale, score_prompt_ids, split_at_score
+from tract_dist.judge.adaptive import MIN_COTS, converged, next_count
 from tract_dist.judge.parsing import parse_decoded_score
-from tract_dist.judge.rail import readouts
+from tract_dist.judge.rail import RailReadout, readouts
 from tract_dist.protocol import SCORE_PHRASE, STOP_STRINGS
 from tract_dist.runtime.deadline import StopSignal, fired
 from tract_dist.runtime.engine import EngineSpec, Generation, InferenceEngine, VllmOptions, extract_cot
 from tract_dist.runtime.sampling import SamplingParams, example_seed
 
 Mode = Literal["cot_rail", "decode", "rail"]
+NCots = int | Literal["auto"]
 MODES: tuple[str, ...] = ("cot_rail", "decode", "rail")
 _SUFFIX_RESERVE = 32  # tokens kept free after the CoT for " So the overall score is"
 
@@ -79,7 +83,8 @@ class Judge:
     def __init__(self, model: Any = None, tokenizer: Any = None, *, engine: InferenceEngine | None = None,
                  scale: str | tuple[int, int] = "1-5", system_prompt: str | None = ABS_SYSTEM_PROMPT,
                  max_length: int = 3000, sampling: SamplingParams | None = None, seed: int = 0,
-                 rail_normalize: bool = False, batch_size: int = 8):
+                 rail_normalize: bool = False, batch_size: int = 8, cot_se_target: float = 0.1,
+                 max_cots: int = 8):
         if engine is None:
             if model is None or tokenizer is None:
                 raise ValueError("Judge needs a model and its tokenizer, or engine=")
@@ -99,6 +104,10 @@ class Judge:
         self.seed = seed
         self.rail_normalize = rail_normalize
         self.batch_size = batch_size
+        if not cot_se_target > 0 or max_cots < MIN_COTS:
+            raise ValueError(f"cot_se_target must be > 0 and max_cots >= {MIN_COTS}, got {cot_se_target}, {max_cots}")
+        self.cot_se_target = cot_se_target  # num_cots="auto": the standard error to reach
+        self.max_cots = max_cots
         # "So the overall score is" straight after the prompt (RAIL without CoT), ending where the score is read.
         self._bare_suffix = split_at_score(tokenizer, f"{SCORE_PHRASE} {self.scale[0]}", self.score_tokens,
                                            self.scale[0])
@@ -165,19 +174,23 @@ class Judge:
         return replace(p, stop=()) if decode else p
 
     # -- public API ------------------------------------------------------------------------------------
-    def score(self, example_or_fields: JudgeExample | dict[str, Any], n_cots: int = 1,
+    def score(self, example_or_fields: JudgeExample | dict[str, Any], n_cots: NCots = 1,
               mode: Mode = "cot_rail") -> JudgeResult:
         """Judge one input (a JudgeExample or a dict of its fields)."""
         return self.score_batch([example_or_fields], n_cots=n_cots, mode=mode)[0]
 
-    def score_batch(self, examples: list[JudgeExample | dict[str, Any]], n_cots: int = 1,
+    def score_batch(self, examples: list[JudgeExample | dict[str, Any]], n_cots: NCots = 1,
                     mode: Mode = "cot_rail", stops: list[StopSignal | None] | None = None) -> list[JudgeResult]:
         """Judge many inputs, batching generation and scoring passes; one result per input, in order.
-        ``stops[i]`` (optional) ends input i's work early: see the module docstring."""
+        ``stops[i]`` (optional) ends input i's work early: see the module docstring. ``n_cots="auto"``
+        (cot_rail only) adapts the count per input (:mod:`tract_dist.judge.adaptive`)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if n_cots < 1:
-            raise ValueError(f"n_cots must be >= 1, got {n_cots}")
+        if n_cots == "auto":
+            if mode == "decode":
+                raise ValueError("n_cots='auto' needs a RAIL read-out per CoT (mode cot_rail), not decode")
+        elif not isinstance(n_cots, int) or isinstance(n_cots, bool) or n_cots < 1:
+            raise ValueError(f"n_cots must be an integer >= 1 or 'auto', got {n_cots!r}")
         exs = [as_example(e, i) for i, e in enumerate(examples)]
         results: list[JudgeResult] = [JudgeResult(score=None, mode=mode) for _ in exs]
         reserve = 0 if mode == "rail" else self.sampling.max_new_tokens + _SUFFIX_RESERVE
@@ -192,9 +205,13 @@ class Judge:
             seqs = {i: p + self._bare_suffix for i, p in prompts.items()}
             self._read(results, {i: [s] for i, s in seqs.items()})
             return results
+        if mode == "cot_rail":
+            self._cot_rail(results, exs, prompts, n_cots, stops)
+            return results
+        assert n_cots != "auto"
         owners = [i for i in prompts for _ in range(n_cots)]
         jobs = [(exs[i].id, j, prompts[i]) for i in prompts for j in range(n_cots)]
-        params = self._params(n_cots, decode=mode == "decode")
+        params = self._params(n_cots, decode=True)
         gens = self._generate(jobs, params, [stops[i] for i in owners] if stops else None)
         made: dict[int, int] = {}  # most new tokens of any of the input's CoTs (for a stop's failure message)
         for i, g in zip(owners, gens):
@@ -204,25 +221,56 @@ class Judge:
         for i, g in zip(owners, gens):
             if i in prompts:
                 by_example.setdefault(i, []).append(g.text)
-        if mode == "decode":
-            for i, outs in by_example.items():
-                r = results[i]
-                r.cots = outs
-                parsed = [parse_decoded_score(t, self.scale) for t in outs]
-                r.per_cot = [s for s, _ in parsed]
-                r.unparseable = sum(s is None for s, _ in parsed)
-                good = [s for s, _ in parsed if s is not None]
-                r.score = sum(good) / len(good) if good else None
-                r.failure = None if good else "unparseable: " + ",".join(sorted({w for _, w in parsed if w}))
-            return results
-        seqs_by: dict[int, list[list[int]]] = {}
-        for i, outs in by_example.items():
-            cots = [extract_cot(t, self.sampling.stop) for t in outs]
-            results[i].cots = cots
-            results[i].empty_cots = sum(not c for c in cots)
-            seqs_by[i] = [self.score_sequence(prompts[i], c) for c in cots]
-        self._read(results, seqs_by)
+        for i, outs in by_example.items():  # decode
+            r = results[i]
+            r.cots = outs
+            parsed = [parse_decoded_score(t, self.scale) for t in outs]
+            r.per_cot = [s for s, _ in parsed]
+            r.unparseable = sum(s is None for s, _ in parsed)
+            good = [s for s, _ in parsed if s is not None]
+            r.score = sum(good) / len(good) if good else None
+            r.failure = None if good else "unparseable: " + ",".join(sorted({w for _, w in parsed if w}))
         return results
+
+    def _cot_rail(self, results: list[JudgeResult], exs: list[JudgeExample], prompts: dict[int, list[int]],
+                  n_cots: NCots, stops: list[StopSignal | None] | None) -> None:
+        """CoTs, then the RAIL read-out of each, averaged per input. A fixed count is one round (one generation
+        call, one read-out call); ``auto`` repeats rounds for the inputs whose standard error is still above
+        the target, each round drawing up to the count the estimate asks for (``adaptive.next_count``). An
+        input whose stop signal fires leaves with its failure (``_drop_stopped``), its partial CoTs unscored."""
+        adaptive = n_cots == "auto"
+        params = self._params(MIN_COTS if adaptive else int(n_cots), decode=False)  # auto samples
+        want = {i: next_count([], self.cot_se_target, self.max_cots) if adaptive else int(n_cots) for i in prompts}
+        reads: dict[int, list[RailReadout]] = {i: [] for i in prompts}
+        cots_of: dict[int, list[str]] = {i: [] for i in prompts}
+        while want:
+            jobs = [(i, j) for i, n in want.items() for j in range(len(reads[i]), n)]
+            gens = self._generate([(exs[i].id, j, prompts[i]) for i, j in jobs], params,
+                                  [stops[i] for i, _ in jobs] if stops else None)
+            made: dict[int, int] = {}  # most new tokens of any of the input's CoTs (for a stop's failure message)
+            for (i, _), g in zip(jobs, gens):
+                made[i] = max(made.get(i, 0), g.new_tokens)
+            self._drop_stopped(results, prompts, stops, {i: (n, params.max_new_tokens) for i, n in made.items()})
+            live = [(i, extract_cot(g.text, self.sampling.stop)) for (i, _), g in zip(jobs, gens) if i in prompts]
+            probs = self.engine.score_probs([self.score_sequence(prompts[i], c) for i, c in live],
+                                            self.score_tokens.token_ids)
+            for (i, cot), r in zip(live, readouts(probs, self.score_tokens.scores, normalize=self.rail_normalize)):
+                cots_of[i].append(cot)
+                reads[i].append(r)
+            if not adaptive:
+                break
+            want = {i: next_count([r.score for r in reads[i]], self.cot_se_target, self.max_cots) for i in want
+                    if i in prompts and not converged([r.score for r in reads[i]], self.cot_se_target, self.max_cots)}
+        for i, rs in reads.items():
+            if i not in prompts or not rs:  # stopped: its failure says so, nothing is scored
+                continue
+            res = results[i]
+            res.cots = cots_of[i]
+            res.empty_cots = sum(not c for c in cots_of[i])
+            res.per_cot = [r.score for r in rs]
+            res.score = sum(res.per_cot) / len(rs)
+            res.distribution = {k: sum(r.probs[n] for r in rs) / len(rs)
+                                for n, k in enumerate(self.score_tokens.scores)}
 
     @staticmethod
     def _drop_stopped(results: list[JudgeResult], prompts: dict[int, list[int]],
@@ -265,4 +313,4 @@ def judge_kwargs(cfg: Any, model_path: str | None = None) -> dict[str, Any]:
     rail = resolve_rail_normalize(e.rail_normalize, model_path or cfg.model.name_or_path)
     return {"scale": d.scale, "system_prompt": d.system_prompt, "max_length": d.max_length,
             "sampling": SamplingParams.from_config(g), "seed": g.seed, "rail_normalize": rail,
-            "batch_size": e.batch_size}
+            "batch_size": e.batch_size, "cot_se_target": e.cot_se_target, "max_cots": e.max_cots}

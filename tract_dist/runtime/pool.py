@@ -67,9 +67,14 @@ def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
     return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
 
 
+def _plain(x: Any) -> Any:
+    """A value of a numpy column as plain Python: Arrow list columns arrive as arrays inside object arrays."""
+    return x.tolist() if isinstance(x, np.ndarray) else x
+
+
 def rows_of(batch: dict[str, Any]) -> list[dict[str, Any]]:
     """A column batch (lists or numpy arrays) as a list of plain-Python row dicts."""
-    cols = {k: (v.tolist() if isinstance(v, np.ndarray) else list(v)) for k, v in batch.items()}
+    cols = {k: ([_plain(x) for x in v.tolist()] if isinstance(v, np.ndarray) else list(v)) for k, v in batch.items()}
     n = len(next(iter(cols.values()))) if cols else 0
     return [{k: cols[k][i] for k in cols} for i in range(n)]
 

@@ -154,14 +154,19 @@ class TrainRecipe:
         from tract_dist.train.data import collate
 
         self.hooks.call(STEP_BEGIN, self._hook_context(step + 1))
+        from tract_dist.train.schedule import lam_at
+
         den = self.steps.loss_denominators(step, self.n_ce, ce_on_score_token=self.cfg.loss.ce_on_score_token)
+        lam = lam_at(step, self.cfg.loss.lam, self.cfg.loss.lam_warmup_steps)
+        # λ travels with the denominators only while it differs from the options' (warm-up): unchanged calls
+        forward_args = {**den.per_rank(), **({"lam": lam} if lam != self.cfg.loss.lam else {})}
         lr = self.strategy.lr()  # the rate this step's update uses
         t0 = time.perf_counter()
         acc = StepAccumulator(self.strategy.device)
         for micro in range(self.cfg.training.gradient_accumulation_steps):
             rows = [self.data[i] for i in self.steps.micro_indices(step, micro, self.rank)]
             batch = {k: v.to(self.strategy.device) for k, v in collate(rows, self.tokenizer.pad_token_id).items()}
-            out = self.strategy.forward(batch, den.per_rank())
+            out = self.strategy.forward(batch, forward_args)
             self.strategy.backward(out.loss)
             self.strategy.step()
             acc.add(out, batch)
@@ -174,7 +179,7 @@ class TrainRecipe:
         if bad := nonfinite_values(checked):
             ids = [str(self.data[i]["id"]) for i in self.steps.step_indices(step).tolist()]
             stop_nonfinite(step + 1, bad, ids, self.session, self.run_dir, self.rank, self.plan.invocation)
-        return step_metrics(stats, world_size=self.world, sequences=den.mse, lr=lr,
+        return step_metrics(stats, world_size=self.world, sequences=den.mse, lr=lr, lam=lam,
                             grad_norm=norm if norm is not None else float("nan"), window=self.window,
                             epoch=(step + 1) / self.steps.steps_per_epoch, n_params=self.n_params,
                             use_cuda=self.use_cuda)

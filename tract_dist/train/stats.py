@@ -73,11 +73,13 @@ class ThroughputWindow:
 
 
 def step_metrics(stats: StepStats, *, world_size: int, sequences: float, lr: float, grad_norm: float,
-                 window: ThroughputWindow, epoch: float, n_params: int, use_cuda: bool) -> dict[str, float]:
-    """The metrics of a step, by the names metrics.jsonl, MLflow and the console use."""
+                 window: ThroughputWindow, epoch: float, n_params: int, use_cuda: bool,
+                 lam: float | None = None) -> dict[str, float]:
+    """The metrics of a step, by the names metrics.jsonl, MLflow and the console use (``lam``: the λ in force,
+    which ``loss.lam_warmup_steps`` ramps)."""
     metrics = {
         "loss": stats.loss / world_size, "ce": stats.ce / world_size, "mse": stats.mse / world_size,
-        "mae": stats.abs_err / sequences, "lr": lr,
+        "mae": stats.abs_err / sequences, "lr": lr, **({"lam": lam} if lam is not None else {}),
         "grad_norm": grad_norm, "tokens_per_s": window.rate(),
         "tokens_per_s_per_worker": window.rate() / world_size, "epoch": epoch,
     }
