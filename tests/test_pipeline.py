@@ -95,7 +95,7 @@ def test_tract_pipeline_end_to_end(tmp_path, quickstart_data, ray_local, monkeyp
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     kinds = sorted(r.data.tags.get("stage") for r in children)
-    assert kinds == ["evaluate", "evaluate", "generate", "train", "train"]
+    assert kinds == ["build_stage2", "evaluate", "evaluate", "generate", "train", "train"]
     evals = [r for r in children if r.data.tags.get("stage") == "evaluate"]
     assert all("vicuna.pearson" in r.data.metrics or "vicuna.rmse" in r.data.metrics for r in evals)
 
@@ -111,7 +111,9 @@ def test_tract_pipeline_end_to_end(tmp_path, quickstart_data, ray_local, monkeyp
 def test_pipeline_runs_without_ray(tmp_path, quickstart_data, mlflow_server, monkeypatch, capfd):
     """GPU machines without Ray: torchrun trains (2 processes), generation and evaluation run in-process, and
     nothing may start or join a Ray cluster. Its console is the quiet one (tract_dist/console.py). It tracks to
-    a real ``mlflow server`` over HTTP, as a team's runs do, and reads the runs back as the UI shows them."""
+    a real ``mlflow server`` over HTTP, as a team's runs do, and reads the runs back as the UI shows them.
+    Stage 2 learns from gold-checked CoTs (#24): two CoTs per prompt, each read out as it is written, the
+    nearest to the gold score kept; the counts on the console, the build_stage2 run and state.json."""
     import ray
 
     import tract_dist.runtime.ray_cluster as ray_cluster
@@ -127,7 +129,8 @@ def test_pipeline_runs_without_ray(tmp_path, quickstart_data, mlflow_server, mon
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     cfg = _cfg(tmp_path, quickstart_data, **{"cluster.launcher": "torchrun", "generation.ray": False,
                                          "evaluation.ray": False, "training.max_steps": 2,
-                                         "data.max_examples": 4, "tracking.tracking_uri": uri})
+                                         "data.max_examples": 4, "tracking.tracking_uri": uri,
+                                         "generation.num_cots": 2, "generation.select": "nearest"})
     monkeypatch.delenv("TRACT_DIST_VERBOSE", raising=False)
     s = run_pipeline(cfg, name="noray")
     assert [k for k, v in s.stages.items() if v["status"] == "ran"] == [
@@ -140,8 +143,26 @@ def test_pipeline_runs_without_ray(tmp_path, quickstart_data, mlflow_server, mon
         assert len(json.loads((run_dir / "train_result.json").read_text())["params_per_rank"]) == 2
     rows = [json.loads(x) for x in (tmp_path / "pipe" / "noray" / "stage2.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(r["feedback"] for r in rows)
+    _check_selection(s, rows)
     assert {v["status"] for v in run_pipeline(cfg, name="noray").stages.values()} == {"skipped"}
     _check_mlflow_as_users_compare(uri, s, quickstart_data)
+
+
+def _check_selection(s, rows) -> None:
+    """generation.num_cots=2, select=nearest: of each prompt's two CoTs the one whose stored read-out is nearer
+    its gold score is the one stage 2 trains on; the counts are in state.json (and the console, MLflow)."""
+    from tract_dist.generate.shards import read_generated
+
+    sel = s.stages["build_stage2"]["outputs"]["selection"]
+    assert (sel["rule"], sel["cots_before"], sel["kept"], sel["prompts_kept"], sel["no_readout"]) == (
+        "nearest", 8, 4, 4, 0)
+    gen = {r["uid"]: r for r in read_generated(s.stages["generate"]["outputs"]["dir"]) if r["status"] == "ok"}
+    assert len(gen) == 8 and all(r["yhat"] is not None for r in gen.values())
+    for row in rows:
+        ex = row["id"].split("#")[0]
+        errs = {j: abs(gen[f"{ex}#cot{j}"]["yhat"] - row["score"]) for j in range(2)}
+        assert row["id"] == f"{ex}#cot{min(errs, key=lambda j: (errs[j], j))}"
+    assert sel["mae_after"] <= sel["mae_before"]
 
 
 def _check_quiet_console(cap, s) -> None:
@@ -156,8 +177,11 @@ def _check_quiet_console(cap, s) -> None:
         assert start == f"[pipeline] {k}: running" and done.startswith(f"[pipeline] {k}: done in "), (start, done)
     own = [x for x in lines if not x.startswith("[pipeline] ")]
     # per training stage: its data line, the plan line and a step line per logging step (2); generation and each
-    # evaluation: a backend line and a progress bar; a tracking warning per export at most
-    assert len(own) <= 2 * (1 + 1 + 2) + 2 + 2 * 2 + 2, "\n".join(own)
+    # evaluation: a backend line and a progress bar; the stage-2 selection's line; a tracking warning per export
+    # at most
+    assert len(own) <= 2 * (1 + 1 + 2) + 2 + 1 + 2 * 2 + 2, "\n".join(own)
+    assert sum(x.startswith("[stage2] select=nearest (tolerance 0.5, fallback nearest): kept 4 of 8 CoTs")
+               for x in own) == 1, "\n".join(own)
     assert sum(x.startswith("[train] step ") for x in own) == 4
     for chatter in ("built successfully", " INFO ", "Saving the dataset", "Loading weights", "UserWarning",
                     "Setting ds_accelerator", "View run"):
@@ -180,6 +204,12 @@ def _check_mlflow_as_users_compare(uri: str, s, data: Path) -> None:
     trains = {r.data.tags["model_stage"]: r for r in children if r.data.tags["stage"] == "train"}
     evals = {r.data.tags["model_stage"]: r for r in children if r.data.tags["stage"] == "evaluate"}
     assert set(trains) == set(evals) == {"stage1", "stage2"}
+    (build,) = [r for r in children if r.data.tags["stage"] == "build_stage2"]
+    sel = s.stages["build_stage2"]["outputs"]["selection"]
+    assert build.data.params["select.rule"] == "nearest"
+    assert {k: build.data.metrics[f"select.{k}"] for k in ("kept", "dropped", "cots_before")} == {
+        k: sel[k] for k in ("kept", "dropped", "cots_before")}
+    assert build.data.metrics["select.mae_before"] == pytest.approx(sel["mae_before"])
     assert parent.info.status == "FINISHED" and all(r.info.status == "FINISHED" for r in children)
 
     # Headline metrics on the parent equal the children's; the methods' settings as params.

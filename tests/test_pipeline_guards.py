@@ -98,7 +98,10 @@ def test_stage_list_keeps_the_fingerprints_of_existing_pipeline_folders(tmp_path
     pdir = tmp_path / "pipe" / "p"
     data_fp = file_fingerprint(str(quickstart_data))
     s1 = _digest("train", fingerprint(stage_config(cfg, pdir)), data_fp)
-    gen = _digest("generate", s1, cfg.generation.model_dump(), cfg.data.model_dump())
+    # keys added later (#24: selection, the adaptive CoT count) are absent from what earlier folders hashed
+    generation = {k: v for k, v in cfg.generation.model_dump().items()
+                  if k not in ("select", "select_tolerance", "select_fallback")}
+    gen = _digest("generate", s1, generation, cfg.data.model_dump())
     s2d = _digest("stage2_data", gen)
     s2 = _digest("train", fingerprint(stage_config(cfg, pdir, train_path=str(pdir / "stage2.jsonl"),
                                                    train_format="jsonl")), s2d)
@@ -106,11 +109,11 @@ def test_stage_list_keeps_the_fingerprints_of_existing_pipeline_folders(tmp_path
 
     # the evaluation settings as folders made before evaluation.rail_normalize could be unset hashed them: false,
     # the training default the pipeline's exports record
-    evaluation = {**cfg.evaluation.model_dump(), "rail_normalize": False}
+    evaluation = {k: v for k, v in cfg.evaluation.model_dump().items() if k not in ("cot_se_target", "max_cots")}
+    evaluation["rail_normalize"] = False
 
     def ev(model_fp):
-        return _digest("evaluate", model_fp, b.model_dump(), "cot_rail", evaluation,
-                       cfg.generation.model_dump(), data_fp)
+        return _digest("evaluate", model_fp, b.model_dump(), "cot_rail", evaluation, generation, data_fp)
 
     plan = plan_pipeline(cfg, name="p")
     assert {k: v.fingerprint for k, v in plan.items()} == {
@@ -119,6 +122,14 @@ def test_stage_list_keeps_the_fingerprints_of_existing_pipeline_folders(tmp_path
     assert list(plan) == ["train_stage1", "generate", "build_stage2", "train_stage2",
                           "evaluate_stage1_v_cot_rail", "evaluate_stage2_v_cot_rail"]
     assert {v.status for v in plan.values()} == {"to run"}
+    # a selection rule is the stage-2 data's business: the CoTs (and stage 1) keep their fingerprints
+    sel = plan_pipeline(_cfg(tmp_path, quickstart_data, **{"pipeline.method": "tract", "evaluation.benchmarks": [bench],
+                                                           "generation.select": "nearest"}), name="p")
+    assert [sel[k].fingerprint == plan[k].fingerprint for k in plan] == [True, True, False, False, True, False]
+    # a λ warm-up is a training setting (and 0, its default, hashes as configs before it did)
+    warm = plan_pipeline(_cfg(tmp_path, quickstart_data, **{"pipeline.method": "tract", "evaluation.benchmarks": [bench],
+                                                            "loss.lam_warmup_steps": 3}), name="p")
+    assert warm["train_stage1"].fingerprint != s1
 
 
 def _recorded_stage1(tmp_path, cfg) -> Path:

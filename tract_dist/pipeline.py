@@ -544,7 +544,7 @@ def _build_stage2(cfg: Config, stage1_model: str, gen_dir: Path, out: Path, ctx:
         sel = stats["selection"]
         log_metrics(run, {f"select.{k}": float(v) for k, v in sel.items() if isinstance(v, (int, float))
                           and not isinstance(v, bool)} | {"written": float(stats["written"])})
-    console.line(f"[pipeline] build_stage2: {summary_line(sel)}")
+    console.line(f"[stage2] {summary_line(sel)}")
     return Stage2DataOutputs.from_record(  # type: ignore[return-value]
         {**stats, "path": str(out), "summary": f"{stats.get('written', '?')} examples"})
 

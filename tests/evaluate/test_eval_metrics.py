@@ -47,3 +47,15 @@ def test_failed_predictions_are_counted_not_scored():
     assert a["pearson"] == pytest.approx(stats.pearsonr(PRED[1::2], GOLD[1::2])[0], rel=1e-12)
     flat = flat_metrics("bench", res)
     assert flat["bench.pearson"] == res["overall"]["pearson"] and flat["bench.a.failed"] == 1.0
+
+
+def test_mean_cot_count_is_reported_with_the_metrics():
+    """The CoTs each judged input used (fixed, or chosen per input by num_cots=auto) are averaged into
+    cots_mean; failed predictions and judgements without CoTs (rail) do not count."""
+    recs = [{"prediction": p, "gold": g, "detail": {"cots": ["c"] * n}} for p, g, n in zip(PRED, GOLD, [3, 8, 3, 5, 4, 3, 8, 6])]
+    recs.append({"prediction": None, "gold": 3.0, "detail": {"cots": ["c"] * 8}})
+    res = evaluate_predictions(recs)
+    assert res["overall"]["cots_mean"] == pytest.approx(40 / 8)
+    assert flat_metrics("bench", res)["bench.cots_mean"] == pytest.approx(5.0)
+    rail = evaluate_predictions([{"prediction": p, "gold": g, "detail": {"cots": []}} for p, g in zip(PRED, GOLD)])
+    assert "cots_mean" not in rail["overall"]

@@ -143,3 +143,14 @@ def test_real_smollm2_cot_rail_matches_full_logits(quickstart_examples):
     assert res.per_cot == pytest.approx(refs, rel=1e-5)
     assert res.score == pytest.approx(sum(refs) / 2, rel=1e-5)
     assert 0 < sum(res.distribution.values()) <= 1
+
+
+def test_auto_count_reads_the_fixed_counts_first_cots(judge64, quickstart_examples):
+    """num_cots=auto (judge/adaptive.py) on the tiny model: CoT j is the same sample whichever round draws it,
+    so its first three CoTs and read-outs are those of n_cots=3; it stops within [3, max_cots]."""
+    ex = quickstart_examples[4]
+    fixed = judge64.score(ex, n_cots=3)
+    auto = judge64.score(ex, n_cots="auto")
+    assert auto.cots[:3] == fixed.cots and auto.per_cot[:3] == pytest.approx(fixed.per_cot, rel=1e-12)
+    assert 3 <= len(auto.per_cot) <= judge64.max_cots
+    assert auto.score == pytest.approx(sum(auto.per_cot) / len(auto.per_cot), rel=1e-12)

@@ -149,3 +149,11 @@ def test_hooks_are_called_at_named_points_with_their_options(tmp_path, monkeypat
     assert hooks_from_env() == ()
     with pytest.raises(HookError, match="nope"):
         Hooks((HookSpec(f"{mod}:nope"),))
+
+
+def test_lam_warmup_ramps_linearly_from_zero():
+    from tract_dist.train.schedule import lam_at
+
+    assert [lam_at(s, 0.5, 4) for s in range(7)] == [0.0, 0.125, 0.25, 0.375, 0.5, 0.5, 0.5]
+    assert [lam_at(s, 0.5, 0) for s in range(3)] == [0.5, 0.5, 0.5]  # no warm-up: lam from the first step
+    assert lam_at(0, 2.0, 1) == 0.0 and lam_at(1, 2.0, 1) == 2.0

@@ -69,7 +69,7 @@ def _plain_pytorch_run(cfg, run_dir: Path, world: int):
     from tract_dist.models import causal_lm_cot_raft_loss
     from tract_dist.train.data import StepPlan, collate, load_encoded, load_score_tokens
     from tract_dist.train.model_init import load_training_model
-    from tract_dist.train.schedule import lr_lambda
+    from tract_dist.train.schedule import lam_at, lr_lambda
 
     tok = load_tokenizer("smollm2")
     model = load_training_model(cfg, tok, use_cuda=False)
@@ -82,7 +82,8 @@ def _plain_pytorch_run(cfg, run_dir: Path, world: int):
     losses, norms = [], []
     for step in range(plan.total_steps):
         batch = collate([data[i] for i in plan.step_indices(step).tolist()], tok.pad_token_id)
-        out = causal_lm_cot_raft_loss(model, batch, CoTRaftLossOptions(st.token_ids, st.scores, impl="reference"))
+        options = CoTRaftLossOptions(st.token_ids, st.scores, lam=cfg.loss.lam, impl="reference")
+        out = causal_lm_cot_raft_loss(model, batch, options, lam=lam_at(step, cfg.loss.lam, cfg.loss.lam_warmup_steps))
         opt.zero_grad()
         out.loss.backward()
         # float64: torch's fp32 norm over the 3M-element embedding gradient is off by ~6e-5 relative.
@@ -117,14 +118,22 @@ def test_zero3_partitions_and_matches_plain_pytorch(reference_run):
 @pytest.mark.timeout(300)
 def test_inline_without_zero_matches_plain_pytorch_and_logs_grad_norm(work, quickstart_data):
     """ZeRO stage 0 in fp32: DeepSpeed clips through a plain clip_grad_norm_ and keeps no norm, so the worker
-    measures it (it used to log NaN)."""
+    measures it (it used to log NaN). The data carry per-record weights (stage-2 selection, #24) and λ warms
+    up over 2 steps: the plain run applies both as documented (weights on each sequence's CE and squared error,
+    λ = lam * step / 2), so the weights reach the loss from the JSONL through encoding and the batch."""
     from tract_dist.train.trainer import run_training
 
-    cfg = _cfg(work / "stage0", quickstart_data, **{"training.zero_stage": 0, "training.max_steps": 3,
-                                                "training.max_grad_norm": 0.5, "cluster.num_workers": 1})
+    weighted = work / "weighted.jsonl"
+    rows = [json.loads(x) for x in quickstart_data.read_text().splitlines()]
+    weighted.write_text("".join(json.dumps({**r, "weight": 0.25 + 0.5 * (i % 4)}) + "\n" for i, r in enumerate(rows)))
+    cfg = _cfg(work / "stage0", weighted, **{"training.zero_stage": 0, "training.max_steps": 3,
+                                             "training.max_grad_norm": 0.5, "cluster.num_workers": 1,
+                                             "loss.lam": 0.8, "loss.lam_warmup_steps": 2})
     result = run_training(cfg, run_name="stage0", launcher="inline")
+    assert json.loads((result.run_dir / "data_summary.json").read_text())["weights"]["max"] == 1.75
     want, want_norms, model = _plain_pytorch_run(cfg, result.run_dir, world=1)
     steps = _steps(result.run_dir)
+    assert [s["lam"] for s in steps] == [0.0, 0.4, 0.8]  # the λ in force, logged every step
     torch.testing.assert_close(torch.tensor([s["loss"] for s in steps]), torch.tensor(want), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.tensor([s["grad_norm"] for s in steps]), torch.tensor(want_norms),
                                rtol=2e-5, atol=1e-6)
