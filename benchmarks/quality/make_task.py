@@ -19,6 +19,16 @@ Two variants (``--variant``):
   matches inside one forward pass.
 * ``arith``: no reference answer; the judge must re-add every pair itself. SmolLM2-135M did not learn this one
   at CPU budgets (all methods at chance; see benchmarks/results/quality-cpu-2core-arith.md).
+* ``annotator`` (#24, the paper's situation): the prompt is the ``reference`` one, so the score still depends on
+  reasoning the model can learn (compare each result with the reference's), but the annotated CoTs are written
+  by a stronger annotator that never looks at the reference: it re-derives every sum itself and writes it out
+  in words ("seven and five make twelve"), states how far a wrong result is off ("one too high") and adds a
+  multiplication cross-check ("7 x 5 = 35"), and gives only a closing tally, no running count. A 135M model can
+  reproduce none of that reliably (it cannot add or multiply at these budgets: the ``arith`` variant), as a 7B
+  model cannot reproduce GPT-4's CoTs; what it can learn is to copy the reference's answer into the sum and
+  compare. So its stage-1 CoTs carry wrong sums, offsets and verdicts, its read-out was trained on CoTs whose
+  every statement is right, and stage 2, on its own CoTs, is where it can repair that (#24's gold-checked
+  selection keeps the CoTs whose read-out lands near the gold score).
 
 Deterministic in ``--seed``; train and test responses are disjoint (no identical 4-step response in both).
 
@@ -78,7 +88,34 @@ _REF_WRONG = [
     "Step {i}: {a} + {b} = {c} and Answer {i}: {s} disagree. Incorrect, which leaves {k} correct so far.",
     "Step {i}: {a} + {b} = {c} vs Answer {i}: {s}: no match ({k} so far).",
 ]
-VARIANTS = ("reference", "arith")
+VARIANTS = ("reference", "arith", "annotator")
+
+# Annotator variant: the stronger annotator's own arithmetic, in words, with facts the small model cannot
+# reproduce (the offset of a wrong result, a product as a cross-check) and no running count. Verdict words are
+# right / correct / holds and wrong / incorrect / fails, one per step sentence (report.py reads them).
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+                "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen",
+                "twenty", "twenty-one"]
+_ANN_OPENERS = [
+    "I worked out every sum myself before reading the response's results.",
+    "Recomputing the four additions from scratch:",
+    "Adding each pair independently and setting it against the response:",
+]
+_ANN_RIGHT = [
+    "Step {i}: {A} and {B} make {S}, which is what the response has, so it is right (cross-check: {a} x {b} = {p}).",
+    "In step {i} the sum of {A} and {B} is {S}; the response agrees, so this one holds ({a} x {b} = {p}, for the record).",
+    "Step {i} is correct: {S} is indeed {A} plus {B} (and {a} x {b} = {p}).",
+]
+_ANN_WRONG = [
+    "Step {i}: {A} and {B} make {S}, but the response has {c}, {D} too {dir}, so it is wrong (cross-check: {a} x {b} = {p}).",
+    "In step {i} the sum of {A} and {B} is {S}; the response's {c} is {D} too {dir}, so this one fails ({a} x {b} = {p}, for the record).",
+    "Step {i} is incorrect: {A} plus {B} is {S}, and {c} is {D} too {dir} (and {a} x {b} = {p}).",
+]
+_ANN_CLOSERS = [
+    "Altogether {w} of the four steps {hold}.",
+    "That makes {w} of the four additions right.",
+    "In all, {w} of the four steps {be} correct.",
+]
 
 _CLOSERS = [
     "That is {n} correct step{pl} out of four.",
@@ -111,7 +148,23 @@ def render_reference(steps: list[tuple[int, int, int]]) -> str:
     return "\n".join(f"Answer {i + 1}: {a + b}" for i, (a, b, _) in enumerate(steps))
 
 
+def annotator_feedback(rng: random.Random, steps: list[tuple[int, int, int]]) -> str:
+    """The stronger annotator's CoT (variant ``annotator``): sums in words, offsets, products, a closing tally."""
+    parts = [rng.choice(_ANN_OPENERS)]
+    for i, (a, b, c) in enumerate(steps):
+        s = a + b
+        fields = dict(i=i + 1, a=a, b=b, c=c, p=a * b, A=NUMBER_WORDS[a], B=NUMBER_WORDS[b], S=NUMBER_WORDS[s],
+                      D=NUMBER_WORDS[abs(c - s)], dir="high" if c > s else "low")
+        parts.append(rng.choice(_ANN_RIGHT if c == s else _ANN_WRONG).format(**fields))
+    n = sum(a + b == c for a, b, c in steps)
+    parts.append(rng.choice(_ANN_CLOSERS).format(w=WORDS[n], hold="holds" if n == 1 else "hold",
+                                                 be="is" if n == 1 else "are"))
+    return " ".join(parts)
+
+
 def annotated_feedback(rng: random.Random, steps: list[tuple[int, int, int]], variant: str = "arith") -> str:
+    if variant == "annotator":
+        return annotator_feedback(rng, steps)
     ref = variant == "reference"
     parts = [rng.choice(_REF_OPENERS if ref else _OPENERS)]
     k = 0
@@ -140,7 +193,7 @@ def make_example(rng: random.Random, ex_id: str, score: int, variant: str = "ari
         "criteria": CRITERIA,
         "score_descriptions": list(SCORE_DESCRIPTIONS),
         "score": score,
-        "reference_answer": render_reference(steps) if variant == "reference" else None,
+        "reference_answer": render_reference(steps) if variant in ("reference", "annotator") else None,
         "feedback": annotated_feedback(rng, steps, variant),
         "category": f"{score - 1}_correct",
     }

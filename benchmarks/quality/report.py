@@ -22,7 +22,28 @@ from pathlib import Path
 from typing import Any
 
 METHODS = ["cot_raft", "tract", "raft", "ce_cot"]  # cot_raft first: tract's stage 1 is its model
+SELECT_PREFIX = "tract_"  # tract_<rule>: TRACT with gold-checked selection (#24), k CoTs per prompt, one rule
 MAIN_MODE = {"ce_cot": "cot_rail", "raft": "rail", "cot_raft": "cot_rail", "tract": "cot_rail"}
+
+
+def select_methods(rules: list[str] | None) -> list[str]:
+    """The gold-checked-selection cells' method names, one per rule (``tract_nearest``, ...)."""
+    return [f"{SELECT_PREFIX}{r}" for r in rules or []]
+
+
+def is_tract(method: str) -> bool:
+    """TRACT and its gold-checked-selection variants: stage 1 is the cot_raft cell's model, the row is stage 2."""
+    return method == "tract" or method.startswith(SELECT_PREFIX)
+
+
+def main_mode(method: str) -> str:
+    return "cot_rail" if is_tract(method) else MAIN_MODE[method]
+
+
+def all_methods(settings: dict[str, Any]) -> list[str]:
+    """Every method of a work dir, in the runner's order (selection cells right after tract)."""
+    sel = select_methods((settings.get("select") or {}).get("rules"))
+    return METHODS[:2] + sel + METHODS[2:]
 EXTRA_MODES = {"ce_cot": ["decode"]}
 METRICS = ["pearson", "spearman", "kendall", "rmse"]
 BENCH = "stepcheck"  # the held-out benchmark's name (a folder under each evaluation)
@@ -30,7 +51,7 @@ BENCH = "stepcheck"  # the held-out benchmark's name (a folder under each evalua
 
 def model_stage(method: str) -> str:
     """The pipeline stage whose model a method's row reports: TRACT's stage 2, the others' stage 1."""
-    return "stage2" if method == "tract" else "stage1"
+    return "stage2" if is_tract(method) else "stage1"
 
 
 def _state(cell: Path) -> dict[str, Any]:
@@ -58,7 +79,7 @@ def train_dir(cell: Path, method: str) -> Path | None:
 def trained_model(cell: Path, method: str) -> Path | None:
     """The exported model of a cell (TRACT: stage 2), or None before it exists."""
     stages = _state(cell)
-    for name in ["train_stage2"] if method == "tract" else ["train_stage1", "stage1_export"]:
+    for name in ["train_stage2"] if is_tract(method) else ["train_stage1", "stage1_export"]:
         model = stages.get(name, {}).get("outputs", {}).get("model")
         if model and Path(model).exists():
             return Path(model)
@@ -173,7 +194,9 @@ def _pred_stats(pred_path: Path) -> dict[str, Any]:
 def _train_stats(cell: Path, method: str, reference: bool,
                  train_truth: dict[str, list[tuple[int, int, int]]] | None) -> dict[str, Any]:
     """From the cell's training log: mean grad norm and CE over the first 10 steps, MSE over the last 20; for
-    TRACT, the share of the stage-2 training CoTs (the stage-1 model's own) whose step verdicts are all right."""
+    TRACT, the share of the stage-2 training CoTs (the stage-1 model's own) whose step verdicts are all right
+    (weighted by their stage-2 weight), and the selection's counts (state.json): the share of the generated
+    CoTs whose read-out is within 0.5 of y* before and after selection, CoTs generated and kept."""
     out: dict[str, Any] = {}
     run = train_dir(cell, method)
     log = run / "metrics.jsonl" if run else None
@@ -183,14 +206,23 @@ def _train_stats(cell: Path, method: str, reference: bool,
                "ce_first10": statistics.fmean(r["ce"] for r in rows[:10]),
                "mse_last20": statistics.fmean(r["mse"] for r in rows[-20:])}
     stage2 = cell / "stage2.jsonl"
-    if reference and train_truth and stage2.exists():
+    if train_truth and stage2.exists():
         cots = [json.loads(line) for line in stage2.read_text().splitlines()]
-        ok = 0
+        ok = total = 0.0
         for r in cots:
-            checks = _ref_step_checks(r["feedback"])
             steps = train_truth[r["id"].split("#")[0]]
-            ok += all(checks.get(k, (None, None))[0] == (a + b == c) for k, (a, b, c) in enumerate(steps, start=1))
-        out["stage2_cots_all_right"] = ok / len(cots) if cots else None
+            if reference:
+                verdicts = {k: v for k, (v, _) in _ref_step_checks(r["feedback"]).items()}
+            else:
+                verdicts = _step_verdicts(r["feedback"])
+            w = float(r.get("weight") if r.get("weight") is not None else 1.0)
+            ok += w * all(verdicts.get(k) == (a + b == c) for k, (a, b, c) in enumerate(steps, start=1))
+            total += w
+        out["stage2_cots_all_right"] = ok / total if total else None
+    sel = _state(cell).get("build_stage2", {}).get("outputs", {}).get("selection") or {}
+    for key in ("within_0.5_before", "within_0.5_after", "cots_before", "kept", "mae_before", "mae_after"):
+        if sel.get(key) is not None:
+            out[f"select_{key}"] = sel[key]
     return out
 
 
@@ -199,11 +231,12 @@ def collect(work: Path, seeds: list[int]) -> dict[str, Any]:
     test_path = work / "data" / "test.jsonl"
     truth = _true_steps(test_path) if test_path.exists() else None
     settings = work / "settings.json"
-    reference = settings.exists() and json.loads(settings.read_text()).get("task_variant") == "reference"
+    s = json.loads(settings.read_text()) if settings.exists() else {}
+    reference = s.get("task_variant") == "reference"  # annotator CoTs state verdicts as the arith ones do
     train_path = work / "data" / "train.jsonl"
     train_truth = _true_steps(train_path) if train_path.exists() else None
-    for method in METHODS:
-        for mode in [MAIN_MODE[method]] + EXTRA_MODES.get(method, []):
+    for method in all_methods(s):
+        for mode in [main_mode(method)] + EXTRA_MODES.get(method, []):
             key = f"{method} ({mode})"
             per_seed = {}
             for seed in seeds:
@@ -223,7 +256,8 @@ def collect(work: Path, seeds: list[int]) -> dict[str, Any]:
             agg: dict[str, Any] = {}
             for k in METRICS + ["failed", "cot_words_mean", "cot_tally_correct", "step_verdict_acc", "step_quote_acc",
                                 "pred_mean", "pred_std", "grad_norm_first10", "ce_first10", "mse_last20",
-                                "stage2_cots_all_right"]:
+                                "stage2_cots_all_right", "select_within_0.5_before", "select_within_0.5_after",
+                                "select_cots_before", "select_kept", "select_mae_before", "select_mae_after"]:
                 vals = [v[k] for v in per_seed.values() if v.get(k) is not None]
                 vals = [float("nan") if (isinstance(x, float) and math.isnan(x)) else x for x in vals]
                 if vals:
@@ -231,6 +265,29 @@ def collect(work: Path, seeds: list[int]) -> dict[str, Any]:
                               "n": len(vals)}
             rows[key] = {"method": method, "mode": mode, "seeds": per_seed, "aggregate": agg}
     return rows
+
+
+_TASK_TEXT = {
+    "reference": "Prometheus absolute-grading prompt with a reference answer listing the true results (`Answer i: s`); "
+                 "annotated CoTs quote each step next to its answer, give the verdict and a running count, in a varied "
+                 "3-template style.",
+    "arith": "Prometheus absolute-grading prompt without reference answer; annotated CoTs in a varied 3-template style.",
+    "annotator": "Prometheus absolute-grading prompt with a reference answer listing the true results (`Answer i: s`), "
+                 "as in `reference`; the annotated CoTs are a stronger annotator's, in the paper's situation: they never "
+                 "quote the reference, re-derive every sum in words, state each wrong result's offset and a product as "
+                 "a cross-check, and give only a closing tally (varied 3-template style), so the small model cannot "
+                 "reproduce them and stage 2 matters.",
+}
+
+
+def _select_text(s: dict[str, Any]) -> str:
+    sel = s.get("select")
+    if not sel or not sel.get("rules"):
+        return ""
+    return (f" `tract_<rule>` = TRACT with gold-checked selection (#24): the same stage 1, k = {sel['k']} CoTs per "
+            f"training prompt sampled at T={sel['temperature']}, each read out by RAIL as it is written; "
+            f"generation.select=<rule> (tolerance {sel['tolerance']}, fallback {sel['fallback']}) builds the stage-2 "
+            f"data, and stage 2 trains {sel['steps']} optimizer steps, the others' budget.")
 
 
 def _precision(s: dict[str, Any]) -> str:
@@ -282,10 +339,7 @@ def write_report(work: Path, s: dict[str, Any], seeds: list[int], out_prefix: Pa
         "Task: step-checking judge (benchmarks/quality/make_task.py, variant "
         f"`{s.get('task_variant', 'arith')}`): a response of 4 steps `Step i: a + b = c`",
         "(a, b in 2..9, wrong results off by 1-3); gold score = 1 + number of correct steps, uniform over 1..5;",
-        ("Prometheus absolute-grading prompt with a reference answer listing the true results (`Answer i: s`); "
-         "annotated CoTs quote each step next to its answer, give the verdict and a running count, in a varied "
-         "3-template style." if s.get("task_variant") == "reference" else
-         "Prometheus absolute-grading prompt without reference answer; annotated CoTs in a varied 3-template style."),
+        _TASK_TEXT.get(s.get("task_variant", "arith"), _TASK_TEXT["arith"]),
         "",
         f"Model `{s['model']}`; {s['train_examples']} training / {s['test_examples']} held-out examples "
         f"(task seed {s['task_seed']}); every method: {s['epochs']} epoch(s), micro batch {s['micro_batch_size']} x "
@@ -293,7 +347,7 @@ def write_report(work: Path, s: dict[str, Any], seeds: list[int], out_prefix: Pa
         f"(0 for ce_cot), 1 worker, ZeRO stage 0, {_precision(s)}; inference greedy, max {s['max_new_tokens']} new tokens. "
         f"TRACT stage 1 = the cot_raft model of the same seed; stage 2 trains the seed model on one "
         f"{'greedy' if s['gen_temperature'] == 0 else 'T=' + str(s['gen_temperature'])} self-generated CoT per "
-        f"training prompt with the same budget.",
+        f"training prompt with the same budget." + _select_text(s),
         "",
         "Mean ± sample std over the seeds that finished (of " + ", ".join(map(str, seeds)) + "), held-out set:",
         "",
@@ -318,16 +372,23 @@ def write_report(work: Path, s: dict[str, Any], seeds: list[int], out_prefix: Pa
         lines.append(f"| {key} | {cell(a, 'pred_mean')} | {cell(a, 'pred_std')} | {cell(a, 'step_verdict_acc')} | "
                      f"{cell(a, 'step_quote_acc')} | {cell(a, 'cot_tally_correct')} | {cell(a, 'cot_words_mean')} |")
     lines += ["", "Training (same seeds; for tract, its stage 2): mean gradient norm (before clipping) and CE over "
-              "the first 10 steps, MSE over the last 20; `stage-2 CoTs right` = share of the stage-1 model's own "
-              "training CoTs whose every step verdict is right (what stage 2 learns from).", "",
-              "| method | grad norm, steps 1-10 | CE, steps 1-10 | MSE, last 20 steps | stage-2 CoTs right |",
-              "|---|---|---|---|---|"]
+              "the first 10 steps, MSE over the last 20; `stage-2 CoTs right` = share of the stage-2 training CoTs "
+              "(the stage-1 model's own, as selected and weighted) whose every step verdict is right (what stage 2 "
+              "learns from); `ŷ within 0.5` = share of the generated CoTs whose own RAIL read-out lies within 0.5 "
+              "of the gold score, before -> after selection (weighted); `CoTs kept` = generated -> kept.", "",
+              "| method | grad norm, steps 1-10 | CE, steps 1-10 | MSE, last 20 steps | stage-2 CoTs right | "
+              "ŷ within 0.5 before -> after | CoTs kept |",
+              "|---|---|---|---|---|---|---|"]
     for key, r in rows.items():
-        if r["mode"] != MAIN_MODE[r["method"]]:
+        if r["mode"] != main_mode(r["method"]):
             continue
         a = r["aggregate"]
+        within = "-" if "select_within_0.5_before" not in a else \
+            f"{cell(a, 'select_within_0.5_before')} -> {cell(a, 'select_within_0.5_after')}"
+        kept = "-" if "select_kept" not in a else \
+            f"{a['select_cots_before']['mean']:.0f} -> {a['select_kept']['mean']:.0f}"
         lines.append(f"| {r['method']} | {cell(a, 'grad_norm_first10')} | {cell(a, 'ce_first10')} | "
-                     f"{cell(a, 'mse_last20')} | {cell(a, 'stage2_cots_all_right')} |")
+                     f"{cell(a, 'mse_last20')} | {cell(a, 'stage2_cots_all_right')} | {within} | {kept} |")
     lines += ["", "Per seed (Pearson / RMSE):", ""]
     for key, r in rows.items():
         def fmt(x: Any) -> str:

@@ -9,6 +9,11 @@ steps, learning rate and seed, then is evaluated on the held-out set in the meth
     tract     stage 1 = the cot_raft model of the same seed (identical config, data and seed, so the very same
               training run is reused), generation of one greedy CoT per training prompt by that model, stage 2
               = CoT-RAFT from the seed model on the self-generated CoTs with the gold scores -> cot_rail
+    tract_<rule>  (``--select-rules``, #24) TRACT with gold-checked selection: the same stage 1, k CoTs per
+              training prompt sampled at ``--select-temperature`` (``--select-k``, default 4), each read out by
+              RAIL as it is written, ``generation.select=<rule>`` builds the stage-2 data, and stage 2 trains
+              exactly as many optimizer steps as every other model (``training.max_steps``). The cells of one
+              seed share one generation (the same CoTs, hard-linked), so rules compare on the same samples.
 
 Each cell is a ``tract-dist pipeline`` folder (``cells/<method>-s<seed>``, the pipeline's ``pipeline.method``);
 TRACT's is started from the cot_raft cell's export (``pipeline.stage1_export``). Each phase (train / generate +
@@ -20,6 +25,8 @@ it stopped. Cells run seed-major (all methods of seed 0, then seed 1, ...) so th
 complete seeds; ce_cot's decode evaluation runs last. The report is report.py's.
 
     python benchmarks/quality/run_quality.py --work /tmp/tract-quality --seeds 0 1 2
+    python benchmarks/quality/run_quality.py --work /tmp/tract-quality-ann --variant annotator \
+        --select-rules weighted --seeds 0 1 2        # the paper's situation, with gold-checked selection
     python benchmarks/quality/run_quality.py --work /tmp/tract-quality --report-only   # re-aggregate
 """
 
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -39,7 +47,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
-from report import BENCH, EXTRA_MODES, MAIN_MODE, METHODS, eval_dir, model_stage, trained_model, train_dir  # noqa: E402
+from report import (BENCH, EXTRA_MODES, METHODS, SELECT_PREFIX, all_methods, eval_dir, is_tract, main_mode,  # noqa: E402
+                    model_stage, select_methods, trained_model, train_dir)
 from report import write_report  # noqa: E402
 
 
@@ -54,7 +63,16 @@ def settings_from_args(a: argparse.Namespace) -> dict[str, Any]:
             "epochs": a.epochs, "lam": a.lam, "warmup_ratio": a.warmup, "lr_scheduler": "cosine",
             "max_new_tokens": a.max_new_tokens, "eval_batch_size": a.eval_batch, "gen_temperature": a.gen_temperature,
             "system_prompt": "Prometheus ABS_SYSTEM_PROMPT", "zero_stage": 0, "workers": 1,
-            "launcher": "inline (one process per stage)", "max_length": 1024}
+            "launcher": "inline (one process per stage)", "max_length": 1024,
+            **({"select": {"rules": a.select_rules, "k": a.select_k, "temperature": a.select_temperature,
+                           "tolerance": a.select_tolerance, "fallback": a.select_fallback,
+                           "steps": budget_steps(a.train, a.micro, a.accum, a.epochs)}} if a.select_rules else {})}
+
+
+def budget_steps(n_train: int, micro: int, accum: int, epochs: float) -> int:
+    """Optimizer steps every model trains (the step plan's rule, one worker): a selection cell's stage 2 trains
+    this many whatever number of CoTs it kept (up to k per prompt), so every row has the same budget."""
+    return max(1, math.ceil(epochs * max(1, math.ceil(n_train / (micro * accum)))))
 
 
 def cell_overrides(s: dict[str, Any], method: str, seed: int, train_path: str, test_path: str,
@@ -76,14 +94,19 @@ def cell_overrides(s: dict[str, Any], method: str, seed: int, train_path: str, t
         "generation.shard_size=1000",
         "evaluation.ray=false", f"evaluation.batch_size={s['eval_batch_size']}",
         "tracking.enabled=false", "cluster.num_workers=1", "cluster.launcher=inline",
-        f"pipeline.method={method}", f"pipeline.output_dir={work / 'cells'}",
+        f"pipeline.method={'tract' if is_tract(method) else method}", f"pipeline.output_dir={work / 'cells'}",
     ]
     if s.get("tokenizer"):
         ov.append(f"model.tokenizer={s['tokenizer']}")
-    if method == "tract":  # stage 1 is the cot_raft cell's model; its own evaluation is that cell's
+    if method.startswith(SELECT_PREFIX):  # gold-checked selection (#24): k sampled CoTs, one rule, same budget
+        sel = s["select"]
+        ov += [f"generation.num_cots={sel['k']}", f"generation.temperature={sel['temperature']}",
+               f"generation.select={method[len(SELECT_PREFIX):]}", f"generation.select_tolerance={sel['tolerance']}",
+               f"generation.select_fallback={sel['fallback']}", f"training.max_steps={sel['steps']}"]
+    if is_tract(method):  # stage 1 is the cot_raft cell's model; its own evaluation is that cell's
         stage1 = trained_model(work / "cells" / f"cot_raft-s{seed}", "cot_raft")
         if stage1 is None:
-            raise RuntimeError(f"tract-s{seed} needs its stage 1 (cot_raft-s{seed}) first")
+            raise RuntimeError(f"{method}-s{seed} needs its stage 1 (cot_raft-s{seed}) first")
         ov += [f"pipeline.stage1_export={stage1}", "pipeline.evaluate_stage1=false"]
     return ov
 
@@ -171,8 +194,28 @@ def ensure_data(work: Path, s: dict[str, Any]) -> tuple[str, str]:
 def cell_phases(method: str, modes: list[str]) -> list[tuple[str, list[str]]]:
     """(timings name, pipeline stages) of each phase of a cell, in order."""
     train = ([("generate", ["stage1_export", "generate", "build_stage2"]), ("train_stage2", ["train_stage2"])]
-             if method == "tract" else [("train", ["train_stage1"])])
+             if is_tract(method) else [("train", ["train_stage1"])])
     return train + [(f"eval_{m}", [f"evaluate_{model_stage(method)}_{BENCH}_{m}"]) for m in modes]
+
+
+def share_generation(work: Path, cdir: Path, seed: int, fingerprint: str | None) -> None:
+    """Hard-link the CoTs another selection cell of this seed already generated with the same fingerprint (same
+    stage-1 model, k, sampling, seed) into this cell, whose generation stage then finds them all done: the rules
+    are compared on the same samples, and the k x n CoTs are generated once per seed."""
+    if fingerprint is None:
+        return
+    name = f"generate-{fingerprint[:8]}"
+    target = cdir / name
+    if (target / "summary.json").exists():
+        return
+    for other in sorted((work / "cells").glob(f"{SELECT_PREFIX}*-s{seed}")):
+        src = other / name
+        if other != cdir and (src / "summary.json").exists():
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.copytree(src, target, copy_function=os.link)
+            print(f"[quality] {cdir.name}: CoTs shared from {other.name}/{name}", flush=True)
+            return
 
 
 def run_cell(work: Path, s: dict[str, Any], method: str, seed: int, modes: list[str], paths: tuple[str, str],
@@ -185,7 +228,7 @@ def run_cell(work: Path, s: dict[str, Any], method: str, seed: int, modes: list[
     if all((eval_dir(cdir, method, m) / "summary.json").exists() for m in modes):
         return  # done (also a cell of the runner's older layout, which has no pipeline state)
     overrides = cell_overrides(s, method, seed, *paths, work)
-    legacy = None if method == "tract" else trained_model(cdir, method)
+    legacy = None if is_tract(method) else trained_model(cdir, method)
     if legacy is not None and legacy.parent.parent != cdir / "train":
         legacy = None  # trained by this runner's pipeline
     if legacy is not None:  # trained by the older runner (no pipeline state): evaluate that model
@@ -199,6 +242,8 @@ def run_cell(work: Path, s: dict[str, Any], method: str, seed: int, modes: list[
         plan = plan_pipeline(cfg, name=cell)
         if all(plan[st].status == "up to date" for st in stages):
             continue
+        if phase == "generate" and method.startswith(SELECT_PREFIX):
+            share_generation(work, cdir, seed, plan["generate"].fingerprint)
         print(f"[quality] {time.strftime('%H:%M:%S')} {cell}: {phase} ...", flush=True)
         t0 = time.perf_counter()
         threads = run_stages(cell, config, stages, cdir / f"{phase}.log")
@@ -218,7 +263,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/tract-quality", help="work dir (data, runs, logs; not committed)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS,
+                    help="the baseline methods to run (the selection cells come from --select-rules)")
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--dtype", default="bfloat16", choices=["auto", "float32", "bfloat16"],
@@ -227,8 +273,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train", type=int, default=32)
     ap.add_argument("--test", type=int, default=40)
     ap.add_argument("--task-seed", type=int, default=0)
-    ap.add_argument("--variant", choices=["reference", "arith"], default="reference",
-                    help="task variant (make_task.py): reference answer in the prompt, or none")
+    ap.add_argument("--variant", choices=["reference", "arith", "annotator"], default="reference",
+                    help="task variant (make_task.py): reference answer in the prompt, none, or the reference prompt "
+                         "with a stronger annotator's CoTs (the paper's situation, #24)")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--micro", type=int, default=2)
     ap.add_argument("--accum", type=int, default=1)
@@ -241,6 +288,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-batch", type=int, default=16)
     ap.add_argument("--gen-temperature", type=float, default=0.0)
     ap.add_argument("--no-extras", action="store_true", help="skip ce_cot's decode evaluation")
+    ap.add_argument("--select-rules", nargs="*", default=[], choices=["all", "nearest", "within", "weighted"],
+                    help="TRACT with gold-checked selection: one cell tract_<rule> per rule (#24)")
+    ap.add_argument("--select-k", type=int, default=4, help="CoTs sampled per training prompt for selection")
+    ap.add_argument("--select-temperature", type=float, default=1.0,
+                    help="sampling temperature of those CoTs (the official inference: 1.0)")
+    ap.add_argument("--select-tolerance", type=float, default=0.5, help="generation.select_tolerance")
+    ap.add_argument("--select-fallback", choices=["nearest", "drop"], default="nearest",
+                    help="generation.select_fallback")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality-cpu-2core"))
     ap.add_argument("--analysis", default=str(HERE / "ANALYSIS.md"), help="markdown appended as ## Analysis")
@@ -261,10 +316,10 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     if not a.report_only:
         paths = ensure_data(work, s)
-        methods = [m for m in METHODS if m in a.methods]
+        methods = [m for m in all_methods(s) if m in a.methods or m.startswith(SELECT_PREFIX)]
         for seed in a.seeds:
             for method in methods:
-                run_cell(work, s, method, seed, [MAIN_MODE[method]], paths, timings)
+                run_cell(work, s, method, seed, [main_mode(method)], paths, timings)
                 write_report(work, s, a.seeds, Path(a.out), timings.data, None, analysis, command)
         if not a.no_extras:
             for seed in a.seeds:
@@ -272,7 +327,8 @@ def main(argv: list[str] | None = None) -> None:
                     if EXTRA_MODES.get(method):
                         run_cell(work, s, method, seed, EXTRA_MODES[method], paths, timings)
                         write_report(work, s, a.seeds, Path(a.out), timings.data, None, analysis, command)
-    expected = sum(1 + (0 if a.no_extras else len(EXTRA_MODES.get(m, []))) for m in a.methods)
+    expected = sum(1 + (0 if a.no_extras else len(EXTRA_MODES.get(m, [])))
+                   for m in list(a.methods) + select_methods(a.select_rules))
     write_report(work, s, a.seeds, Path(a.out), timings.data, None if a.report_only else time.perf_counter() - t0,
                  analysis, command, show=True, expected_rows=expected)
 

@@ -106,14 +106,71 @@ def test_runner_phases_name_the_pipeline_stages(report):
     from tract_dist.config import load_config
     from tract_dist.pipeline import build_stages
 
-    for method in report.METHODS:
-        modes = [report.MAIN_MODE[method]] + report.EXTRA_MODES.get(method, [])
-        over = [f"pipeline.method={method}", "pipeline.evaluate_stage1=false"]
+    for method in report.METHODS + report.select_methods(["weighted"]):
+        modes = [report.main_mode(method)] + report.EXTRA_MODES.get(method, [])
+        over = [f"pipeline.method={'tract' if report.is_tract(method) else method}", "pipeline.evaluate_stage1=false"]
         cfg = load_config(None, over, base={"model": {"name_or_path": "tiny-llama"}, "evaluation": {"benchmarks": [
             {"name": report.BENCH, "path": "t.jsonl", "format": "jsonl"}]}})
         names = [s.name for s in build_stages(cfg, Path("/nonexistent"), "p")]
-        if method == "tract":
+        if report.is_tract(method):
             names[0] = "stage1_export"  # the runner starts TRACT from the cot_raft cell's export
         phases = runner.cell_phases(method, modes)
         assert sorted(st for _, sts in phases for st in sts) == sorted(names)  # each stage in one phase
-        assert [p for p, _ in phases][:1] == (["generate"] if method == "tract" else ["train"])
+        assert [p for p, _ in phases][:1] == (["generate"] if report.is_tract(method) else ["train"])
+
+
+def test_selection_cell_config_and_report(report, tmp_path):
+    """A gold-checked selection cell (#24): tract from the cot_raft cell's export with k sampled CoTs, the rule,
+    and stage 2 held to the others' step budget; its report row carries the selection's counts."""
+    sys.path.insert(0, str(QUALITY))
+    try:
+        runner = _load("quality_runner_sel", "run_quality.py")
+    finally:
+        sys.path.remove(str(QUALITY))
+    make_task = _load("quality_make_task_s", "make_task.py")
+    work = tmp_path / "work"
+    train, test = make_task.make_task(10, 10, seed=0, variant="annotator")
+    make_task.write_jsonl(train, work / "data" / "train.jsonl")
+    make_task.write_jsonl(test, work / "data" / "test.jsonl")
+    a = runner.main.__globals__["argparse"].Namespace(
+        model="smollm2", tokenizer=None, dtype="bfloat16", train=10, test=10, task_seed=0, variant="annotator",
+        lr=1e-4, micro=2, accum=1, epochs=1.0, lam=0.5, warmup=0.1, max_new_tokens=64, eval_batch=4,
+        gen_temperature=0.0, select_rules=["weighted"], select_k=4, select_temperature=1.0, select_tolerance=0.5,
+        select_fallback="nearest")
+    settings = runner.settings_from_args(a)
+    assert settings["select"]["steps"] == 5  # ceil(10 / 2): cot_raft's 5 steps, whatever stage 2 keeps
+    stage1 = work / "cells" / "cot_raft-s0" / "run" / "export" / "model"
+    stage1.mkdir(parents=True)
+    (stage1 / "config.json").write_text("{}")
+    (work / "cells" / "cot_raft-s0" / "state.json").write_text(json.dumps(
+        {"stages": {"train_stage1": {"outputs": {"model": str(stage1)}}}}))
+    cfg = runner._config(runner.cell_overrides(settings, "tract_weighted", 0, "tr.jsonl", "te.jsonl", work))
+    g = cfg.generation
+    assert (cfg.pipeline.method, cfg.pipeline.stage1_export, g.num_cots, g.temperature, g.select) == (
+        "tract", str(stage1), 4, 1.0, "weighted")
+    assert cfg.training.max_steps == 5 and cfg.pipeline.evaluate_stage1 is False
+
+    # its report row: the selection's counts from state.json, stage-2 CoTs right weighted by their weights
+    (work / "settings.json").write_text(json.dumps(settings))
+    cell = work / "cells" / "tract_weighted-s0"
+    run = cell / "tract_weighted-s0-stage2-abcd1234"
+    _metrics(run, [1.0] * 5)
+    sel = {"within_0.5_before": 0.4, "within_0.5_after": 0.7, "cots_before": 40, "kept": 40, "mae_before": 0.9,
+           "mae_after": 0.5}
+    (cell / "state.json").write_text(json.dumps({"stages": {
+        "train_stage2": {"outputs": {"model": str(run / "export" / "model"), "run_dir": str(run)}},
+        "build_stage2": {"outputs": {"selection": sel}}}}))
+    other = next(ex for ex in train[1:] if ex["score"] > 1)  # a right step to call wrong
+    wrong = other["feedback"].replace("so it is right", "so it is wrong").replace("this one holds", "this one fails") \
+        .replace("is correct:", "is incorrect:")
+    assert wrong != other["feedback"]
+    _write_jsonl(cell / "stage2.jsonl", [{**train[0], "id": train[0]["id"] + "#cot0", "weight": 3.0},
+                                         {**other, "id": other["id"] + "#cot2", "feedback": wrong, "weight": 1.0}])
+    _eval(cell / "evaluate" / "stage2-stepcheck-cot_rail", 0.8, 0.4, test, [3.0] * 10)
+    report.write_report(work, settings, [0], tmp_path / "q", {}, None, None, "cmd", expected_rows=1)
+    row = json.loads((tmp_path / "q.json").read_text())["results"]["tract_weighted (cot_rail)"]["seeds"]["0"]
+    assert row["stage2_cots_all_right"] == pytest.approx(3.0 / 4.0)  # the right CoT weighs 3, the wrong one 1
+    assert (row["select_within_0.5_before"], row["select_within_0.5_after"], row["select_kept"]) == (0.4, 0.7, 40)
+    md = (tmp_path / "q.md").read_text()
+    assert "| tract_weighted | 1.000 ± 0.000 |" in md and "0.400 ± 0.000 -> 0.700 ± 0.000 | 40 -> 40 |" in md
+    assert "k = 4 CoTs per training prompt" in md

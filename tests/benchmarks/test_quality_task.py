@@ -37,7 +37,7 @@ def _correct_steps(response: str) -> int:
     return n
 
 
-@pytest.mark.parametrize("variant", ["reference", "arith"])
+@pytest.mark.parametrize("variant", ["reference", "arith", "annotator"])
 def test_score_is_one_plus_correct_steps(make_task, variant):
     train, test = make_task.make_task(200, 100, seed=3, variant=variant)
     for ex in train + test:
@@ -105,3 +105,54 @@ def test_jsonl_reads_through_project_reader(make_task, tmp_path):
                                                                    first["reference_answer"])
     assert ex.reference_answer.startswith("Answer 1: ")
     assert ex.feedback and len(ex.score_descriptions) == 5
+
+
+_WORD_VALUES = {w: i for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen".split())}
+
+
+def _reparse_annotator_step(segment: str) -> dict:
+    """One step's statement of an annotator CoT, read back with this test's own patterns: the operand and sum
+    words, the offset of a wrong result, the response's result, the cross-check product, the verdict."""
+    offset = re.search(r"\b([a-z]+) too (high|low)\b", segment)
+    body = segment.replace(offset.group(0), "") if offset else segment
+    cross = re.search(r"\b(\d) x (\d) = (\d+)\b", body)
+    body = body.replace(cross.group(0), "") if cross else body
+    prose = re.sub(r"\bthis one\b", "", body.lower())  # "this one holds": a pronoun, not a number
+    words = [_WORD_VALUES[w] for w in re.findall(r"\b[a-z]+\b", prose) if w in _WORD_VALUES]
+    low = body.lower()
+    bad = [w for w in ("wrong", "incorrect", "fails") if re.search(rf"\b{w}\b", low)]
+    good = [w for w in ("right", "correct", "holds") if re.search(rf"\b{w}\b", low)]
+    digits = [int(x) for x in re.findall(r"(?<![\w.])(\d+)(?![\w])", body)]
+    return {"words": sorted(words), "offset": (_WORD_VALUES[offset.group(1)], offset.group(2)) if offset else None,
+            "cross": tuple(int(x) for x in cross.groups()) if cross else None, "digits": digits,
+            "verdict": None if bool(bad) == bool(good) else bool(good)}
+
+
+def test_annotator_variant_reparsed_independently(make_task):
+    """variant=annotator (#24): the reference prompt of the `reference` variant, and a stronger annotator's CoT
+    that never quotes the reference, states every sum in words, the offset of each wrong result and a product,
+    and only a closing tally. Every statement is re-derived here from the response alone."""
+    train, test = make_task.make_task(150, 50, seed=6, variant="annotator")
+    for ex in train + test:
+        steps = [tuple(int(x) for x in _STEP.match(line).groups()[1:]) for line in ex["response"].split("\n")]
+        assert ex["reference_answer"] == "\n".join(f"Answer {i}: {a + b}" for i, (a, b, _) in enumerate(steps, 1))
+        fb = ex["feedback"]
+        assert "Answer" not in fb and "so far" not in fb and "So the overall score is" not in fb
+        marks = [m.start() for m in re.finditer(r"\b[Ss]tep (\d)\b", fb)]
+        assert [int(re.match(r"[Ss]tep (\d)", fb[m:]).group(1)) for m in marks] == [1, 2, 3, 4]
+        tally_at = fb.rfind(". ") + 2
+        for k, (start, end) in enumerate(zip(marks, marks[1:] + [tally_at]), start=1):
+            a, b, c = steps[k - 1]
+            got = _reparse_annotator_step(fb[start:end])
+            assert got["cross"] == (a, b, a * b)
+            assert got["words"] == sorted([a, b, a + b])  # the operands and their sum, in words
+            assert got["verdict"] is (a + b == c)
+            if a + b == c:
+                assert got["offset"] is None and got["digits"] == [k]  # only the step number
+            else:
+                assert got["offset"] == (abs(c - (a + b)), "high" if c > a + b else "low")
+                assert sorted(got["digits"]) == sorted([k, c])
+        tally = re.search(r"\b(zero|one|two|three|four) of the four\b", fb[tally_at:])
+        assert tally and _WORD_VALUES[tally.group(1)] + 1 == ex["score"] == 1 + _correct_steps(ex["response"])

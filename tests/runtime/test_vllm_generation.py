@@ -34,12 +34,36 @@ def _cots(out):
 
 
 @pytest.fixture(scope="module")
-def clean_run(vllm_engine, quickstart_data, tmp_path_factory):
-    """An uninterrupted in-process vLLM run (it reuses the session engine: same spec)."""
+def clean_out(vllm_engine, quickstart_data, tmp_path_factory):
+    """An uninterrupted in-process vLLM run (it reuses the session engine: same spec); its folder."""
     out = tmp_path_factory.mktemp("vllm_clean") / "out"
     summary = generate_cots(load_config(None, _overrides(quickstart_data, 4)), None, out, show_progress=False)
     assert summary["backend"] == "vllm" and summary["ok"] + summary["failed"] == 8
-    return _cots(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def clean_run(clean_out):
+    return _cots(clean_out)
+
+
+def test_vllm_readout_of_each_cot_equals_hf(clean_out, hf_engine, quickstart_examples):
+    """The ŷ vLLM stored with each CoT (its follow-up request on the score prefix, #24) is HF's float32
+    read-out of the same sequence, within the backends' bound (p_k within 1e-4 relative, ŷ within 5e-4)."""
+    from tract_dist.data.encode import EncodeOptions, fit_prompt
+    from tract_dist.data.score_tokens import derive_score_tokens, score_prompt_ids
+
+    tok = hf_engine.tokenizer
+    st = derive_score_tokens(tok)
+    examples = {ex.id: ex for ex in quickstart_examples}
+    opts = EncodeOptions(max_length=480)
+    recs = [r for r in read_generated(clean_out) if r["status"] == "ok"]
+    assert recs
+    for r in recs:
+        prompt, _ = fit_prompt(tok, examples[r["example_id"]], 480 - 6, opts)
+        (p,) = hf_engine.score_probs([prompt + score_prompt_ids(tok, r["cot"], st)], st.token_ids)
+        assert r["rail_probs"] == pytest.approx(p, rel=1e-4, abs=1e-9)
+        assert r["yhat"] == pytest.approx(sum(v * q for v, q in zip(st.scores, p)), abs=5e-4)
 
 
 @pytest.mark.timeout(400)
