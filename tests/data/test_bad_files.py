@@ -94,6 +94,20 @@ def test_duplicate_ids_in_jsonl(tmp_path):
         read_examples(p, "jsonl")
 
 
+@pytest.mark.parametrize("weight, msg", [("2", "expected a number, got str"), (True, "expected a number, got bool"),
+                                         (float("nan"), "not a finite number")])
+def test_bad_training_weight_names_its_field(tmp_path, weight, msg):
+    """The optional per-record training weight (stage-2 selection, #24): a finite number, signed allowed."""
+    rec = {"id": "x", "instruction": "i", "response": "r", "criteria": "c", "feedback": "f", "score": 3,
+           "score_descriptions": ["a", "b", "c", "d", "e"]}
+    good = read_examples(_write_jsonl(tmp_path / "g.jsonl", [{**rec, "weight": -0.5}, {**rec, "id": "y"}]), "jsonl")
+    assert [e.weight for e in good.examples] == [-0.5, None]
+    assert "weight" not in good.examples[1].to_dict()  # unweighted records keep the schema they always had
+    p = _write_jsonl(tmp_path / "w.jsonl", [rec, {**rec, "id": "y", "weight": weight}])
+    with pytest.raises(DataError, match=rf"record 1, field 'weight': {msg}"):
+        read_examples(p, "jsonl")
+
+
 def test_cli_inspect_counts_and_errors(tmp_path, capsys):
     long = _fc_record(orig_response="word " * 3000)
     p = _write_jsonl(tmp_path / "mix.jsonl", [_fc_record(), _fc_record(orig_score=7), long, _fc_record(output="")])

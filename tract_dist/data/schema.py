@@ -53,5 +53,6 @@ class JudgeExample:
         return cls(**{f.name: d.get(f.name) for f in fields(cls)})
 
 
-# Columns of the project's normalised JSONL, in file order.
-JSONL_FIELDS = [f.name for f in fields(JudgeExample)]
+# Columns of the project's normalised JSONL, in file order; the optional ones are written only when set.
+OPTIONAL_JSONL_FIELDS = ("weight",)
+JSONL_FIELDS = [f.name for f in fields(JudgeExample) if f.name not in OPTIONAL_JSONL_FIELDS]
