@@ -32,6 +32,13 @@ def test_ray_pool_matches_in_process(ray_local, tiny_export, quickstart_data, tm
     by_ray = {r["uid"]: r["cot"] for r in recs}
     by_local = {r["uid"]: r["cot"] for r in read_generated(tmp_path / "local")}
     assert by_ray == by_local  # same seeds per example, whichever replica and batch an example lands in
+    # each CoT's read-out (#24) comes back through Arrow as plain numbers, the in-process one's
+    local = {r["uid"]: r for r in read_generated(tmp_path / "local")}
+    for r in recs:
+        if r["status"] == "ok":
+            assert isinstance(r["rail_probs"], list) and all(isinstance(p, float) for p in r["rail_probs"])
+            assert r["rail_probs"] == pytest.approx(local[r["uid"]]["rail_probs"], rel=1e-5)
+            assert r["yhat"] == pytest.approx(local[r["uid"]]["yhat"], rel=1e-5)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("tract-dist").experiment_id],
                               order_by=["attributes.start_time ASC"])
