@@ -46,6 +46,10 @@ def type_name(annotation: Any) -> str:
     if annotation is type(None):
         return "null"
     origin = get_origin(annotation)
+    if origin is typing.Annotated:  # a constrained member of a union, e.g. evaluation.num_cots: int (> 0) or auto
+        base, *meta = get_args(annotation)
+        bounds = ", ".join(b for m in meta if isinstance(m, FieldInfo) and (b := _bounds(m)))
+        return f"{type_name(base)} ({bounds})" if bounds else type_name(base)
     if origin is Literal:
         return "|".join(str(a) for a in get_args(annotation))
     if origin in (typing.Union, types.UnionType):
