@@ -40,10 +40,16 @@ def main_mode(method: str) -> str:
     return "cot_rail" if is_tract(method) else MAIN_MODE[method]
 
 
-def all_methods(settings: dict[str, Any]) -> list[str]:
-    """Every method of a work dir, in the runner's order (selection cells right after tract)."""
-    sel = select_methods((settings.get("select") or {}).get("rules"))
-    return METHODS[:2] + sel + METHODS[2:]
+SELECT_RULES = ["all", "nearest", "within", "weighted"]
+
+
+def all_methods(work: Path, rules: list[str] | None = None) -> list[str]:
+    """Every method of a work dir in the runner's order (selection cells right after tract): the baselines, the
+    selection rules ``rules`` asks for and those whose cells the work dir already holds."""
+    found = {c.name.rsplit("-s", 1)[0][len(SELECT_PREFIX):] for c in (work / "cells").glob(f"{SELECT_PREFIX}*-s*")
+             if c.is_dir()}
+    wanted = set(rules or []) | found
+    return METHODS[:2] + select_methods([r for r in SELECT_RULES if r in wanted]) + METHODS[2:]
 EXTRA_MODES = {"ce_cot": ["decode"]}
 METRICS = ["pearson", "spearman", "kendall", "rmse"]
 BENCH = "stepcheck"  # the held-out benchmark's name (a folder under each evaluation)
@@ -235,7 +241,7 @@ def collect(work: Path, seeds: list[int]) -> dict[str, Any]:
     reference = s.get("task_variant") == "reference"  # annotator CoTs state verdicts as the arith ones do
     train_path = work / "data" / "train.jsonl"
     train_truth = _true_steps(train_path) if train_path.exists() else None
-    for method in all_methods(s):
+    for method in all_methods(work):
         for mode in [main_mode(method)] + EXTRA_MODES.get(method, []):
             key = f"{method} ({mode})"
             per_seed = {}
@@ -282,7 +288,7 @@ _TASK_TEXT = {
 
 def _select_text(s: dict[str, Any]) -> str:
     sel = s.get("select")
-    if not sel or not sel.get("rules"):
+    if not sel:
         return ""
     return (f" `tract_<rule>` = TRACT with gold-checked selection (#24): the same stage 1, k = {sel['k']} CoTs per "
             f"training prompt sampled at T={sel['temperature']}, each read out by RAIL as it is written; "

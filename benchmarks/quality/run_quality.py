@@ -47,8 +47,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
-from report import (BENCH, EXTRA_MODES, METHODS, SELECT_PREFIX, all_methods, eval_dir, is_tract, main_mode,  # noqa: E402
-                    model_stage, select_methods, trained_model, train_dir)
+from report import (BENCH, EXTRA_MODES, METHODS, SELECT_PREFIX, SELECT_RULES, eval_dir, is_tract,  # noqa: E402
+                    main_mode, model_stage, select_methods, trained_model, train_dir)
 from report import write_report  # noqa: E402
 
 
@@ -64,9 +64,10 @@ def settings_from_args(a: argparse.Namespace) -> dict[str, Any]:
             "max_new_tokens": a.max_new_tokens, "eval_batch_size": a.eval_batch, "gen_temperature": a.gen_temperature,
             "system_prompt": "Prometheus ABS_SYSTEM_PROMPT", "zero_stage": 0, "workers": 1,
             "launcher": "inline (one process per stage)", "max_length": 1024,
-            **({"select": {"rules": a.select_rules, "k": a.select_k, "temperature": a.select_temperature,
-                           "tolerance": a.select_tolerance, "fallback": a.select_fallback,
-                           "steps": budget_steps(a.train, a.micro, a.accum, a.epochs)}} if a.select_rules else {})}
+            # the selection cells' shared settings; which rules run is per invocation (cells tract_<rule>), so
+            # a table grows rule by rule and seed by seed in one work dir
+            "select": {"k": a.select_k, "temperature": a.select_temperature, "tolerance": a.select_tolerance,
+                       "fallback": a.select_fallback, "steps": budget_steps(a.train, a.micro, a.accum, a.epochs)}}
 
 
 def budget_steps(n_train: int, micro: int, accum: int, epochs: float) -> int:
@@ -288,8 +289,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-batch", type=int, default=16)
     ap.add_argument("--gen-temperature", type=float, default=0.0)
     ap.add_argument("--no-extras", action="store_true", help="skip ce_cot's decode evaluation")
-    ap.add_argument("--select-rules", nargs="*", default=[], choices=["all", "nearest", "within", "weighted"],
-                    help="TRACT with gold-checked selection: one cell tract_<rule> per rule (#24)")
+    ap.add_argument("--select-rules", nargs="*", default=[], choices=SELECT_RULES,
+                    help="TRACT with gold-checked selection: one cell tract_<rule> per rule (#24); rules can be "
+                         "added to a work dir later (the report shows every rule whose cells it holds)")
     ap.add_argument("--select-k", type=int, default=4, help="CoTs sampled per training prompt for selection")
     ap.add_argument("--select-temperature", type=float, default=1.0,
                     help="sampling temperature of those CoTs (the official inference: 1.0)")
@@ -316,7 +318,8 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     if not a.report_only:
         paths = ensure_data(work, s)
-        methods = [m for m in all_methods(s) if m in a.methods or m.startswith(SELECT_PREFIX)]
+        order = METHODS[:2] + select_methods([r for r in SELECT_RULES if r in a.select_rules]) + METHODS[2:]
+        methods = [m for m in order if m in a.methods or m.startswith(SELECT_PREFIX)]
         for seed in a.seeds:
             for method in methods:
                 run_cell(work, s, method, seed, [main_mode(method)], paths, timings)
