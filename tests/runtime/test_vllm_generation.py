@@ -59,9 +59,9 @@ def test_vllm_readout_of_each_cot_equals_hf(clean_out, hf_engine, quickstart_exa
     opts = EncodeOptions(max_length=480)
     recs = [r for r in read_generated(clean_out) if r["status"] == "ok"]
     assert recs
-    for r in recs:
-        prompt, _ = fit_prompt(tok, examples[r["example_id"]], 480 - 6, opts)
-        (p,) = hf_engine.score_probs([prompt + score_prompt_ids(tok, r["cot"], st)], st.token_ids)
+    seqs = [fit_prompt(tok, examples[r["example_id"]], 480 - 6, opts)[0] + score_prompt_ids(tok, r["cot"], st)
+            for r in recs]
+    for r, p in zip(recs, hf_engine.score_probs(seqs, st.token_ids)):
         assert r["rail_probs"] == pytest.approx(p, rel=1e-4, abs=1e-9)
         assert r["yhat"] == pytest.approx(sum(v * q for v, q in zip(st.scores, p)), abs=5e-4)
 
