@@ -370,5 +370,11 @@ def test_work_that_cannot_meet_the_deadline_is_refused_naming_the_options():
     cls._check_work(obj, info, None, None, 1, time.time() + 30)
     line = budget_statement(info, 20)
     assert "512 new tokens per CoT (generation.max_new_tokens)" in line and "warning" in line
+    # evaluation.num_cots: auto (#24) as the served default: its bound counts the 3 CoTs it draws at least
+    auto = {**info, "defaults": {"mode": "cot_rail", "n_cots": "auto"}}
+    assert _work_bound(auto, "cot_rail", "auto", 3) == pytest.approx(2 * 25.6)  # 9 CoTs: two passes
+    with pytest.raises(ApiError) as e:
+        cls._check_work(obj, auto, None, None, 1, time.time() + 20)
+    assert "for 3 CoT(s) or more" in e.value.message and "(n_cots auto)" in budget_statement(auto, 20)
     assert "serve.max_new_tokens=200" in line  # half of the 20 s deadline at 50 ms a step
     assert "warning" not in budget_statement(info, 120)

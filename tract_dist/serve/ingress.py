@@ -202,12 +202,19 @@ def _parse_body(model: type[BaseModel], body: bytes) -> Any:
         raise ApiError(status, msg, param=param) from None
 
 
-def _work_bound(info: dict[str, Any], mode: str, n_cots: int, n_inputs: int) -> float:
+def _least_cots(n_cots: int | str) -> int:
+    """The fewest CoTs an input is judged with: ``evaluation.num_cots: auto`` draws at least MIN_COTS."""
+    from tract_dist.judge.adaptive import MIN_COTS
+
+    return MIN_COTS if n_cots == "auto" else int(n_cots)
+
+
+def _work_bound(info: dict[str, Any], mode: str, n_cots: int | str, n_inputs: int) -> float:
     """A lower bound on a request's generation time: the replica's engine runs its rows in passes of
     ``rows_per_pass``, each at least ``max_new_tokens`` decode steps of one sequence. 0 for rail (no CoT)."""
     if mode == "rail":
         return 0.0
-    passes = math.ceil(n_inputs * n_cots / max(int(info["rows_per_pass"]), 1))
+    passes = math.ceil(n_inputs * _least_cots(n_cots) / max(int(info["rows_per_pass"]), 1))
     return passes * int(info["max_new_tokens"]) * float(info["decode_step_s"])
 
 
@@ -359,7 +366,8 @@ class JudgeServer:
         left = deadline - time.time()
         if bound > left:
             raise ApiError(422, f"mode {mode}: this request generates up to {info['max_new_tokens']} new tokens per "
-                                f"CoT ({info['budget_source']}) for {n_inputs * n} CoT(s); at this replica's measured "
+                                f"CoT ({info['budget_source']}) for {n_inputs * _least_cots(n)} CoT(s) or more; at this "
+                                "replica's measured "
                                 f"{info['decode_step_s'] * 1000:.1f} ms per decode step that takes {bound:.0f} s or "
                                 f"more, more than the {left:.0f} s left before the deadline "
                                 f"(--request-timeout-s {self.settings.request_timeout_s:g}). Use mode rail, fewer "
