@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from tract_dist.models import cpu_attention
 from tract_dist.data.assets import model_source
 from tract_dist.fsutil import publish_dir_once
 
@@ -47,11 +48,17 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: str | torch.device 
 
 
 def choose_attn_implementation(requested: str | None = None, device: str | torch.device | None = None) -> str:
-    """``flash_attention_2`` when flash_attn is importable and the model runs on CUDA, else ``sdpa``."""
+    """``flash_attention_2`` when flash_attn is importable and the model runs on CUDA, ``sdpa`` on other
+    accelerators, and on CPU sdpa with one-token decode steps as plain matmuls (:mod:`.cpu_attention`)."""
     if requested:
+        if requested == cpu_attention.NAME:
+            cpu_attention.register()
         return requested
-    if resolve_device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+    dev = resolve_device(device).type
+    if dev == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
+    if dev == "cpu":
+        return cpu_attention.register()
     return "sdpa"
 
 
