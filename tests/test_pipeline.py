@@ -237,7 +237,7 @@ def _check_mlflow_as_users_compare(uri: str, s, data: Path) -> None:
     # The runs table at a glance (#23): short distinct names, Source and User set.
     assert parent.info.run_name == "noray"
     assert sorted(r.info.run_name for r in children) == ["eval-stage1-vicuna", "eval-stage2-vicuna", "stage1-generate",
-                                                        "stage1-train", "stage2-train"]
+                                                        "stage1-train", "stage2-data", "stage2-train"]
     for run in [parent, *children]:
         assert run.data.tags["mlflow.source.type"] == "LOCAL" and run.data.tags["mlflow.source.name"]
         assert run.data.tags["mlflow.user"]

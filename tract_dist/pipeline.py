@@ -535,7 +535,7 @@ def _build_stage2(cfg: Config, stage1_model: str, gen_dir: Path, out: Path, ctx:
     lo, hi = parse_scale(cfg.data.scale)
     spec = SelectionSpec.from_config(cfg.generation)
     t = cfg.tracking
-    with start_run(t.tracking_uri, t.experiment, "build_stage2", enabled=t.enabled, parent=ctx.parent,
+    with start_run(t.tracking_uri, t.experiment, "stage2-data", enabled=t.enabled, parent=ctx.parent,
                    tags={**ctx.tags, "stage": "build_stage2"}) as run:
         log_params(run, {f"select.{k}": v for k, v in spec.as_dict().items()} | {"num_cots": cfg.generation.num_cots})
         stats = build_stage2_dataset(gen_dir, load_training_examples(cfg), out, spec,
