@@ -13,6 +13,13 @@ Batch contract (one micro-batch, all tensors on the model's device):
   its squared error (stage-2 selection weights, a policy-gradient advantage); absent: 1. They reach the loss
   as one weight per loss row (:func:`select_loss_rows`), which is all a packed layout needs to provide too.
 
+A *packed* micro-batch (:func:`tract_dist.train.batching.collate_packed`) is one row (B = 1) of several whole
+examples: ``position_ids`` (1, T) restart at 0 for each (transformers then keeps attention inside each example),
+``sequence_index`` (1, T) names each token's example, no ``attention_mask``, and ``score_positions`` /
+``score_targets`` have one entry per example (S,), positions within the row. With B = 1 the two layouts agree,
+so the rule is: B > 1 needs one score position per row; B = 1 takes any number. No target is taken across a
+change of ``sequence_index``.
+
 The score row's own label is masked out of the CE here; whether the score token is trained with CE
 as well is the loss's ``ce_on_score_token`` switch, so the decision lives in one place.
 """
@@ -49,26 +56,38 @@ class LossRows:
 
 
 def select_loss_rows(labels: torch.Tensor, score_positions: torch.Tensor, score_targets: torch.Tensor,
-                     ce_weights: torch.Tensor | None = None, mse_weights: torch.Tensor | None = None) -> LossRows:
+                     sequence_index: torch.Tensor | None = None, ce_weights: torch.Tensor | None = None,
+                     mse_weights: torch.Tensor | None = None) -> LossRows:
     """Shift the labels and keep only rows with a CE target or a score, so the loss sees N << B*T rows.
 
-    ``ce_weights`` / ``mse_weights`` (B,): per-sequence weights, gathered here to one per kept row (the
-    sequence of flattened row r is r // T) and one per score row."""
+    ``sequence_index`` (packed rows): a row whose next token belongs to another example gets no target.
+    ``ce_weights`` / ``mse_weights`` (S,), one per example (per row when B > 1): gathered here to one per kept
+    row (its example: ``sequence_index`` when packed, else r // T) and one per score row."""
     if labels.dim() != 2:
         raise ValueError(f"labels must be (B, T), got {tuple(labels.shape)}")
     batch, seq = labels.shape
-    if score_positions.shape != (batch,) or score_targets.shape != (batch,):
-        raise ValueError("score_positions and score_targets must have shape (B,)")
+    if score_positions.dim() != 1 or score_targets.shape != score_positions.shape:
+        raise ValueError("score_positions and score_targets must have the same shape (S,)")
+    if batch > 1 and score_positions.shape[0] != batch:
+        raise ValueError("score_positions and score_targets must have shape (B,) when B > 1 (one per row; a packed "
+                         "row of several examples has B = 1)")
     for name, w in (("ce_weights", ce_weights), ("mse_weights", mse_weights)):
-        if w is not None and w.shape != (batch,):
-            raise ValueError(f"{name} must have shape (B,) = ({batch},), one weight per sequence")
+        if w is not None and w.shape != score_positions.shape:
+            raise ValueError(f"{name} must have shape {tuple(score_positions.shape)}, one weight per example")
     has_score = score_positions >= 0
     if bool((score_positions[has_score] >= seq).any()):
         raise ValueError(f"score_positions must be < T={seq}")
 
     shifted = torch.full_like(labels, IGNORE_INDEX)
     shifted[:, :-1] = labels[:, 1:]
-    score_flat = torch.arange(batch, device=labels.device)[has_score] * seq + score_positions[has_score]
+    if sequence_index is not None:
+        if sequence_index.shape != labels.shape:
+            raise ValueError("sequence_index must have the shape of labels (B, T)")
+        crossing = sequence_index[:, 1:] != sequence_index[:, :-1]
+        shifted[:, :-1] = shifted[:, :-1].masked_fill(crossing, IGNORE_INDEX)
+    row_of = (torch.arange(batch, device=labels.device) if batch > 1
+              else torch.zeros(score_positions.shape[0], dtype=torch.long, device=labels.device))
+    score_flat = row_of[has_score] * seq + score_positions[has_score]
     shifted = shifted.flatten()
     shifted[score_flat] = IGNORE_INDEX  # CE on the score token is the loss's decision (ce_on_score_token)
 
@@ -81,7 +100,9 @@ def select_loss_rows(labels: torch.Tensor, score_positions: torch.Tensor, score_
         targets=shifted[row_index],
         score_rows=compact[score_flat],
         score_targets=score_targets[has_score],
-        ce_weights=None if ce_weights is None else ce_weights[torch.div(row_index, seq, rounding_mode="floor")],
+        ce_weights=None if ce_weights is None else ce_weights[
+            sequence_index.flatten()[row_index] if sequence_index is not None
+            else torch.div(row_index, seq, rounding_mode="floor")],
         mse_weights=None if mse_weights is None else mse_weights[has_score],
     )
 
@@ -186,9 +207,9 @@ def _loss_through_head(
     mse_denominator: Denominator,
     lam: float | None = None,
 ) -> CotRaftOutput:
-    hidden = final_hidden_states(lm, batch["input_ids"], batch.get("attention_mask"))
+    hidden = final_hidden_states(lm, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
     rows = select_loss_rows(batch["labels"], batch["score_positions"], batch["score_targets"],
-                            batch.get("ce_weights"), batch.get("mse_weights"))
+                            batch.get("sequence_index"), batch.get("ce_weights"), batch.get("mse_weights"))
     flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.row_index)
     return head(flat, rows.targets, rows.score_rows, rows.score_targets, ce_denominator, mse_denominator,
                 **_optional(ce_weights=rows.ce_weights, mse_weights=rows.mse_weights, lam=lam))
@@ -250,6 +271,8 @@ class CotRaftCausalLM(nn.Module):
         ce_weights: torch.Tensor | None = None,
         mse_weights: torch.Tensor | None = None,
         lam: float | None = None,
+        position_ids: torch.Tensor | None = None,
+        sequence_index: torch.Tensor | None = None,
     ) -> CotRaftOutput:
         # No ``self.lm.lm_head.weight`` here: under a ZeRO-3 engine, reading a partitioned parameter
         # through its module during forward makes DeepSpeed gather it and register it as external to
@@ -262,5 +285,7 @@ class CotRaftCausalLM(nn.Module):
             "score_targets": score_targets,
             "ce_weights": ce_weights,
             "mse_weights": mse_weights,
+            "position_ids": position_ids,
+            "sequence_index": sequence_index,
         }
         return _loss_through_head(self.lm, self.head, batch, ce_denominator, mse_denominator, lam)

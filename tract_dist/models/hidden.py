@@ -39,11 +39,19 @@ def unwrap_causal_lm(model: nn.Module) -> nn.Module:
 
 
 def final_hidden_states(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(B, T, H) hidden states after the final norm, i.e. the lm_head's input, via the bare decoder."""
+    """(B, T, H) hidden states after the final norm, i.e. the lm_head's input, via the bare decoder.
+
+    ``position_ids`` that restart at 0 inside a row, with no ``attention_mask``, are transformers' packed-sequence
+    format: its mask builder then confines attention to each example (sdpa / eager) and flash-attention runs its
+    variable-length kernel (``masking_utils.find_packed_sequence_indices``, ``_is_packed_sequence``)."""
     decoder = unwrap_causal_lm(model).get_decoder()
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True)
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                  return_dict=True)
     return out.last_hidden_state
 
 
