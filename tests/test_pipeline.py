@@ -69,7 +69,7 @@ def test_tract_pipeline_end_to_end(tmp_path, quickstart_data, ray_local, monkeyp
     first = json.loads((s2_dir / "metrics.jsonl").read_text().splitlines()[0])["loss"]
     data, st = load_encoded(s2_dir), load_score_tokens(s2_dir)
     t = cfg.training
-    plan = StepPlan(len(data), t.micro_batch_size, t.gradient_accumulation_steps, 2, t.seed, t.epochs, t.max_steps)
+    plan = StepPlan(len(data), t.micro_batch_size * t.gradient_accumulation_steps * 2, t.seed, t.epochs, t.max_steps)
     batch = collate([data[i] for i in plan.step_indices(0).tolist()], load_tokenizer("smollm2").pad_token_id)
 
     def loss_of(model):

@@ -147,6 +147,24 @@ class TrainingSection(_Section):
                                          "micro_batch_size x gradient_accumulation_steps x cluster.num_workers")
     gradient_accumulation_steps: int = Field(
         1, gt=0, le=1 << 16, description="micro-batches accumulated per optimizer step")
+    global_batch_size: int | None = Field(
+        None, gt=0, le=1 << 24, description="samples per optimizer step, all workers together, whatever the number "
+                                            "of workers (each worker's share is split into micro-batches of at most "
+                                            "micro_batch_size; gradient_accumulation_steps is then unused); None: "
+                                            "micro_batch_size x gradient_accumulation_steps x cluster.num_workers at "
+                                            "the run's start. A run resumed on another number of workers keeps its "
+                                            "global batch either way; required with cluster.min_workers")
+    packing: bool = Field(
+        False, description="pack whole examples into rows of at most max_tokens_per_micro_batch tokens, no padding, "
+                           "attention kept inside each example (flash-attention varlen on GPU, a block-diagonal mask "
+                           "with sdpa/eager); the same samples per step and the same loss as padded batches")
+    max_tokens_per_micro_batch: int | None = Field(
+        None, gt=0, le=1 << 24, description="packing: tokens per packed row (one row per forward), at least "
+                                            "data.max_length; None: micro_batch_size x data.max_length (never more "
+                                            "tokens than a full padded micro-batch)")
+    group_by_length: bool = Field(
+        False, description="padded batches: sort each step's samples by length before splitting them into "
+                           "micro-batches (less padding; the step's samples, and so its gradient, unchanged)")
     learning_rate: float = Field(
         1e-5, gt=0, le=10, description="peak AdamW learning rate (the official runs: 1e-5)")
     weight_decay: float = Field(0.0, ge=0, le=1e3, description="AdamW (decoupled) weight decay")
@@ -224,7 +242,12 @@ class GenerationSection(_Section):
                                        "inference: 1.03)")
     max_new_tokens: int = Field(
         512, gt=0, le=_BIG, description="most tokens generated per CoT (the official inference: up to 1024); a judge "
-                                        "keeps them free in data.max_length")
+                                        "keeps them free in its context (generation.max_length)")
+    max_length: int | None = Field(
+        None, ge=64, le=1 << 24, description="tokens of an inference sequence (prompt + CoT + score read-out) for "
+                                             "stage-2 generation and judging; the prompt is shortened to leave "
+                                             "max_new_tokens free. None: data.max_length (the training cutoff); the "
+                                             "official inference ran vLLM with a 4900-token context")
     num_cots: int = Field(
         1, gt=0, le=1000, description="CoTs generated per training example for stage 2 (the official stage-2 data: "
                                       "one); each is read out by RAIL as it is written, for generation.select")
@@ -290,14 +313,18 @@ class EvaluationSection(_Section):
     benchmarks: list[BenchmarkSpec] = Field(
         [], description="the benchmarks to evaluate on, each {name, path, format, split, max_examples, offset}")
     num_cots: Annotated[int, Field(gt=0, le=1000)] | Literal["auto"] = Field(
-        1, description="CoTs per input, their ŷ averaged: 1 is greedy, more are sampled with generation's "
-                       "temperature / top_p (the paper reports 1 and 5); auto: sample until the standard error of "
-                       "the mean ŷ is <= cot_se_target or max_cots are drawn (at least 3; judge/adaptive.py)")
+        1, description="CoTs per input, their ŷ averaged: 1 is greedy (unless sample_single_cot), more are sampled "
+                       "with generation's temperature / top_p (the paper reports 1 and 5); auto: sample until the "
+                       "standard error of the mean ŷ is <= cot_se_target or max_cots are drawn (at least 3; "
+                       "judge/adaptive.py)")
     cot_se_target: float = Field(
         0.1, gt=0, le=1e6, description="num_cots=auto: stop sampling an input's CoTs once the standard error of its "
                                        "mean ŷ (sample sd / sqrt(n)) is at most this")
     max_cots: int = Field(
         8, ge=3, le=1000, description="num_cots=auto: the most CoTs drawn per input")
+    sample_single_cot: bool = Field(
+        False, description="with num_cots 1, sample the CoT with generation's temperature / top_p / seed as the "
+                           "official inference did (vLLM, temperature 1.0) instead of decoding it greedily")
     rail_normalize: bool | None = Field(
         None, description="read ŷ over the score tokens' renormalised distribution (Σ v_k p_k / Σ p_k) instead of "
                           "the full-vocabulary softmax; None: what the export records training used "
@@ -379,6 +406,15 @@ class ClusterSection(_Section):
     max_failures: int = Field(
         0, ge=0, le=10_000, description="times Ray Train restarts a failed worker group from the last checkpoint "
                                         "before the run fails; 0: none")
+    min_workers: int | None = Field(
+        None, gt=0, le=100_000, description="elastic training (Ray launcher): Ray Train starts between min_workers "
+                                            "and num_workers workers, as many as the cluster can place, and restarts "
+                                            "the group at another size from the last checkpoint when workers are lost "
+                                            "or resources appear; needs training.global_batch_size. None: exactly "
+                                            "num_workers")
+    elastic_resize_interval_s: float = Field(
+        60.0, ge=0, le=1e6, description="elastic training: how often Ray Train checks, while healthy, whether more "
+                                        "workers could run (a resize restarts from the last checkpoint)")
     launcher: Literal["ray", "torchrun", "inline"] = Field(
         "ray", description="how training starts its workers: Ray Train, torchrun (no Ray), or inline (in this "
                            "process, no Ray)")
@@ -414,6 +450,21 @@ class Config(_Section):
         if hi - lo + 1 > MAX_SCALE_VALUES:
             raise ValueError(f"data.scale {self.data.scale} has {hi - lo + 1} values; at most {MAX_SCALE_VALUES} "
                              "(every value must be its own score token)")
+        t, c = self.training, self.cluster
+        budget = t.max_tokens_per_micro_batch
+        if t.packing and budget is not None and budget < self.data.max_length:
+            raise ValueError(f"training.max_tokens_per_micro_batch ({t.max_tokens_per_micro_batch}) must be at least "
+                             f"data.max_length ({self.data.max_length}): a packed row holds whole examples")
+        if c.min_workers is not None:
+            if c.min_workers > c.num_workers:
+                raise ValueError(f"cluster.min_workers ({c.min_workers}) must not exceed cluster.num_workers "
+                                 f"({c.num_workers}), the most workers an elastic run starts")
+            if t.global_batch_size is None:
+                raise ValueError("cluster.min_workers (elastic training) needs training.global_batch_size: the "
+                                 "samples per step must not depend on how many workers Ray could start")
+            if t.global_batch_size < c.num_workers:
+                raise ValueError(f"training.global_batch_size ({t.global_batch_size}) is smaller than "
+                                 f"cluster.num_workers ({c.num_workers}): some worker would have no sample")
         names = [b.name for b in self.evaluation.benchmarks]
         if len(set(names)) != len(names):
             raise ValueError(f"evaluation.benchmarks: names must be unique (they name output folders), got {names}")

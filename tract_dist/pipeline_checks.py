@@ -19,10 +19,13 @@ from tract_dist.config import Config, ConfigError
 # configs before them computed), so the folders made before them keep their fingerprints and resume.
 LATER_KEYS: dict[str, dict[str, object]] = {
     "loss": {"lam_warmup_steps": 0},
-    "evaluation": {"cot_se_target": 0.1, "max_cots": 8},
+    "generation": {"max_length": None},
+    "evaluation": {"cot_se_target": 0.1, "max_cots": 8, "sample_single_cot": False},
 }
 # What builds the stage-2 data from the CoTs, not the CoTs themselves (the generation stage does not hash them).
 SELECTION_KEYS = ("select", "select_tolerance", "select_fallback")
+LAYOUT_KEYS = ("packing", "max_tokens_per_micro_batch", "group_by_length")
+"""training keys that change how a step is computed, not what: outside every fingerprint."""
 
 
 def hashed_section(cfg: Config, section: str) -> dict[str, object]:
@@ -53,6 +56,12 @@ def fingerprint(cfg: Config, *extra: str) -> str:
     d = {s: hashed_section(cfg, s) for s in ("model", "data", "loss", "training")}
     for key in ("output_dir", "num_to_keep"):  # where and how many checkpoints: the same computation
         d["training"].pop(key, None)
+    # How a step's samples are laid out (padded, grouped, packed) changes only the summation order: the same
+    # run may switch it when it resumes (e.g. packing on a GPU cluster with flash-attention).
+    for key in LAYOUT_KEYS:
+        d["training"].pop(key, None)
+    if d["training"].get("global_batch_size") is None:  # unset: the rule of every earlier version, same hash
+        d["training"].pop("global_batch_size", None)
     blob = json.dumps(d, sort_keys=True) + "|".join(extra)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 

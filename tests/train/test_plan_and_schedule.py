@@ -4,31 +4,32 @@ import math
 
 import pytest
 
+from tract_dist.train.batching import split_padded
 from tract_dist.train.data import StepPlan, collate
 from tract_dist.train.schedule import lr_lambda
 
 
 def test_every_sample_once_per_epoch_and_disjoint_ranks():
-    plan = StepPlan(n_examples=10, micro_batch_size=1, grad_accum=2, world_size=2, seed=3, epochs=2)
-    assert plan.global_batch == 4 and plan.steps_per_epoch == 3 and plan.total_steps == 6
+    plan = StepPlan(n_examples=10, global_batch=4, seed=3, epochs=2)  # micro 1 x accum 2 x world 2
+    assert plan.steps_per_epoch == 3 and plan.total_steps == 6
     assert plan.padded_per_epoch == 2
     for epoch in range(2):
         seen = []
         for step in range(epoch * 3, epoch * 3 + 3):
-            parts = [plan.micro_indices(step, m, r) for m in range(2) for r in range(2)]
-            flat = [i for p in parts for i in p]
+            layout = split_padded(plan.step_indices(step).tolist(), [1] * 10, world=2, micro=1)
+            flat = [i for m in layout for r in m for i in r]
             assert sorted(flat) == sorted(plan.step_indices(step).tolist())
             seen += flat
         assert set(seen) == set(range(10)) and len(seen) == 12  # 2 repeats fill the last batch
     # Pure function of the step: a fresh plan (a resumed process) gives the same samples.
-    again = StepPlan(10, 1, 2, 2, 3, 2)
+    again = StepPlan(10, 4, 3, 2)
     assert all(again.step_indices(s).tolist() == plan.step_indices(s).tolist() for s in range(6))
     assert plan.step_indices(0).tolist() != plan.step_indices(3).tolist()  # epochs are reshuffled
 
 
 def test_max_steps_and_fractional_epochs():
-    assert StepPlan(100, 2, 1, 2, 0, 0.5).total_steps == math.ceil(0.5 * 25)
-    assert StepPlan(100, 2, 1, 2, 0, 3, max_steps=7).total_steps == 7
+    assert StepPlan(100, 4, 0, 0.5).total_steps == math.ceil(0.5 * 25)
+    assert StepPlan(100, 4, 0, 3, max_steps=7).total_steps == 7
 
 
 @pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
@@ -64,10 +65,12 @@ def test_user_deepspeed_json_gets_auto_values_filled():
     repo = Path(__file__).resolve().parents[2]
     cfg = load_config(repo / "configs" / "paper-mistral-7b.yaml")
     ds = build_ds_config(cfg, world_size=8, bf16=True, gpu=True)
-    assert ds["train_batch_size"] == 2 * 8 * 8 and ds["gradient_accumulation_steps"] == 8
+    assert ds["train_batch_size"] == 8 * 1 * 8 and ds["gradient_accumulation_steps"] == 1
     assert ds["optimizer"]["params"]["lr"] == 1e-5 and ds["optimizer"]["params"]["weight_decay"] == 0.0
     assert ds["zero_optimization"]["reduce_bucket_size"] == 50_000_000 and ds["gradient_clipping"] == 1.0
-    assert "auto" not in str(ds)
+    assert "auto" not in str(ds) and "checkpoint" not in ds
+    universal = build_ds_config(cfg, world_size=8, bf16=True, gpu=True, load_universal=True)
+    assert universal["checkpoint"] == {"load_universal": True}  # resuming a checkpoint of another world size
 
 
 def _encoded_rows(n: int, seed: int) -> list[dict]:
@@ -95,13 +98,14 @@ def test_step_denominators_are_the_losss_own_counts_over_the_whole_global_batch(
     from tract_dist.models import select_loss_rows
 
     rows = _encoded_rows(11, seed=4)
-    plan = StepPlan(n_examples=11, micro_batch_size=2, grad_accum=2, world_size=2, seed=1, epochs=2)
+    plan = StepPlan(n_examples=11, global_batch=8, seed=1, epochs=2)
     options = CoTRaftLossOptions([1, 2, 3, 4, 5], [1.0, 2.0, 3.0, 4.0, 5.0], ce_on_score_token=ce_on_score_token,
                                  impl="reference")
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(20, 8, generator=g)
     for step in range(plan.total_steps):
-        den = plan.loss_denominators(step, [r["n_ce"] for r in rows], ce_on_score_token=ce_on_score_token)
+        den = plan.loss_denominators(step, [r["n_ce"] for r in rows], ce_on_score_token=ce_on_score_token,
+                                     world_size=2)
         batch = collate([rows[i] for i in plan.step_indices(step).tolist()], pad_id=0)
         sel = select_loss_rows(batch["labels"], batch["score_positions"], batch["score_targets"])
         hidden = torch.randn(sel.row_index.numel(), 8, generator=g)

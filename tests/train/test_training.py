@@ -1,8 +1,9 @@
 """End-to-end training on CPU: Ray Train + DeepSpeed ZeRO-3 (2 gloo workers) against plain PyTorch.
 
 One uninterrupted Ray run is the reference for equivalence (a single plain-PyTorch process on the same
-global batches), for the exported model, and for the fault-tolerance and resume runs, whose final weights
-must equal it.
+global batches), for the exported model, for the fault-tolerance and resume runs, whose final weights
+must equal it, for a packed run, whose loss trajectory must equal it, and for runs resuming its step-2
+checkpoint on 1 and 3 workers. Every run records the record ids each rank trained on at each step.
 """
 
 from __future__ import annotations
@@ -55,8 +56,10 @@ def work(tmp_path_factory):
 def reference_run(work, quickstart_data, ray_local):
     from tract_dist.train.trainer import run_training
 
-    cfg = _cfg(work, quickstart_data)
-    return cfg, run_training(cfg, run_name="ref")
+    cfg = _cfg(work, quickstart_data, **{"training.num_to_keep": 3})  # keeps step 2 for the elastic resumes
+    with pytest.MonkeyPatch.context() as mp:
+        train_fault_hooks.install(mp, "record_ids")
+        return cfg, run_training(cfg, run_name="ref")
 
 
 def _plain_pytorch_run(cfg, run_dir: Path, world: int):
@@ -75,7 +78,7 @@ def _plain_pytorch_run(cfg, run_dir: Path, world: int):
     model = load_training_model(cfg, tok, use_cuda=False)
     data, st = load_encoded(run_dir), load_score_tokens(run_dir)
     t = cfg.training
-    plan = StepPlan(len(data), t.micro_batch_size, t.gradient_accumulation_steps, world, t.seed, t.epochs,
+    plan = StepPlan(len(data), t.micro_batch_size * t.gradient_accumulation_steps * world, t.seed, t.epochs,
                     t.max_steps)
     opt = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     sched = LambdaLR(opt, lr_lambda(t.lr_scheduler, plan.total_steps, t.warmup_ratio))
@@ -246,6 +249,81 @@ def test_real_smollm2_trains_a_step_and_records_its_loss_choice(work, quickstart
     record = json.loads((result.export_dir / "model" / RECORD_NAME).read_text())
     assert record["loss"] == {"rail_normalize": True, "lam": 0.5, "ce_on_score_token": False}
     assert resolve_rail_normalize(None, result.export_dir / "model") is True
+
+
+@pytest.mark.timeout(300)
+def test_packed_zero3_run_has_the_padded_runs_loss_trajectory(work, quickstart_data, reference_run, monkeypatch):
+    """The reference run again with packing (one row of at most 4000 tokens per rank and step: its 4 samples,
+    where the padded run makes 2 micro-batches of 2): the same samples per step, and the same losses and gradient
+    norms to float32 summation-order noise, with no padding at all."""
+    from tract_dist.train.trainer import run_training
+
+    _, ref = reference_run
+    train_fault_hooks.install(monkeypatch, "record_ids")
+    cfg = _cfg(work, quickstart_data, **{"training.packing": True, "training.max_tokens_per_micro_batch": 4000})
+    result = run_training(cfg, run_name="packed")
+    got, want = _steps(result.run_dir), _steps(ref.run_dir)
+    torch.testing.assert_close(torch.tensor([s["loss"] for s in got]), torch.tensor([s["loss"] for s in want]),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor([s["grad_norm"] for s in got]),
+                               torch.tensor([s["grad_norm"] for s in want]), rtol=1e-4, atol=1e-6)
+    assert all(s["pad_fraction"] == 0 for s in got) and any(s["pad_fraction"] > 0 for s in want)
+    assert train_fault_hooks.seen_ids(result.run_dir) == train_fault_hooks.seen_ids(ref.run_dir)
+    seen = [json.loads(x) for x in (result.run_dir / "seen-rank0.jsonl").read_text().splitlines()]
+    assert [len(x["ids"]) for x in seen] == [4] * STEPS  # one packed row per step on this rank
+
+
+def _checkpoint_of_step(storage: Path, step: int) -> Path:
+    found = [p.parent for p in storage.glob("checkpoint_*/train_state.json")
+             if json.loads(p.read_text())["step"] == step]
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.mark.timeout(600)
+def test_a_two_worker_checkpoint_resumes_on_one_and_on_three_workers(work, quickstart_data, reference_run,
+                                                                     monkeypatch):
+    """The reference run's step-2 checkpoint (2 workers, ZeRO-3 shards) resumed on 1 worker (inline, padded
+    micro-batches grouped by length) and on 3 (torchrun, packed rows of one sample: 8 samples in 9 rows, so one
+    rank runs a filler): DeepSpeed's universal checkpoint carries the weights and the Adam state, the run keeps
+    its global batch of 8, so steps 3-5 hold the samples they held in the uninterrupted run (each record once per
+    epoch), with its losses, and the final weights equal its export to 1e-5 (1.2e-7 measured: only the order of
+    float sums differs; the weights moved by up to 1e-2 in 5 steps at lr 2e-3, and Adam moments or a schedule not
+    restored would show at ~1e-3)."""
+    import shutil
+
+    from tract_dist.train.trainer import run_training
+
+    cfg, ref = reference_run
+    step2 = _checkpoint_of_step(Path(cfg.cluster.storage_path) / "ref", 2)
+    ref_seen, ref_steps, ref_export = train_fault_hooks.seen_ids(ref.run_dir), _steps(ref.run_dir), _export_state(
+        ref.run_dir)
+    train_fault_hooks.install(monkeypatch, "record_ids")
+    for name, launcher, over in (
+            ("to1", "inline", {"cluster.num_workers": 1, "training.group_by_length": True}),
+            ("to3", "torchrun", {"cluster.num_workers": 3, "training.packing": True,
+                                 "training.max_tokens_per_micro_batch": 768})):
+        ckpts = work / "runs" / name / "checkpoints"
+        shutil.copytree(step2, ckpts / "step-2")  # the Ray checkpoint, as the torchrun/inline layout holds it
+        (ckpts / "step-2" / "COMPLETE").write_text("2")
+        (ckpts / "latest").write_text("step-2")
+        result = run_training(_cfg(work, quickstart_data, **over, **{"tracking.enabled": False}), run_name=name,
+                              launcher=launcher)
+        info = json.loads((result.run_dir / "train_result.json").read_text())
+        assert (info["start_step"], info["world_size"], info["resumed_from_world_size"], info["global_batch"]) == (
+            2, over["cluster.num_workers"], 2, 8)
+        seen = train_fault_hooks.seen_ids(result.run_dir)
+        assert seen == {s: ref_seen[s] for s in (3, 4, 5)}
+        assert sorted(seen[3] + seen[4]) == sorted(str(i) for i in range(16))  # epoch 2: every record once
+        assert len(set(seen[5])) == 8
+        got = _steps(result.run_dir)
+        assert [s["step"] for s in got] == [3, 4, 5]
+        torch.testing.assert_close(torch.tensor([s["loss"] for s in got]),
+                                   torch.tensor([s["loss"] for s in ref_steps[2:]]), rtol=1e-5, atol=1e-5)
+        exported = _export_state(result.run_dir)
+        for k, v in ref_export.items():
+            torch.testing.assert_close(exported[k], v, rtol=0, atol=1e-5, msg=f"{name}: {k}")
+        assert not (result.run_dir / "universal").exists()  # the converted copy is removed once loaded
 
 
 def test_bad_input_fails_before_workers_start(work, quickstart_data, ray_local, tmp_path):

@@ -1,4 +1,4 @@
-"""Fault-injection hooks for the training tests, installed through the recipe's hook points.
+"""Fault-injection (and observing) hooks for the training tests, installed through the recipe's hook points.
 
 Each fault fires once per run folder (a marker file there survives the worker's restart), so a resumed or
 restarted worker runs clean. ``install(monkeypatch, name, **options)`` sets ``TRACT_DIST_TRAIN_HOOKS`` for a
@@ -8,12 +8,14 @@ The hooks are named by this file's path: Ray's workers and torchrun's ranks do n
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
 from typing import Any
 
-from tract_dist.train.hooks import CHECKPOINT_WRITTEN, HOOKS_ENV, STEP_BEGIN, HookContext, HookSpec, encode_hooks
+from tract_dist.train.hooks import (CHECKPOINT_WRITTEN, HOOKS_ENV, MICRO_BATCH, STEP_BEGIN, HookContext, HookSpec,
+                                   encode_hooks)
 
 
 def _first_time(ctx: HookContext, marker: str) -> bool:
@@ -37,6 +39,24 @@ def kill_in_save(point: str, ctx: HookContext, *, step: int) -> None:
     if (point == CHECKPOINT_WRITTEN and ctx.step == step and ctx.rank == ctx.world_size - 1
             and _first_time(ctx, ".injected_kill")):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def record_ids(point: str, ctx: HookContext) -> None:
+    """Every rank appends the record ids of each micro-batch it trains on (fillers are not reported) to
+    ``RUN_DIR/seen-rank<R>.jsonl``, one ``{"step", "ids"}`` line per micro-batch; :func:`seen_ids` reads them."""
+    if point == MICRO_BATCH:
+        with open(ctx.run_dir / f"seen-rank{ctx.rank}.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": ctx.step, "ids": list(ctx.ids)}) + "\n")
+
+
+def seen_ids(run_dir: Path) -> dict[int, list[str]]:
+    """Step -> the sorted record ids every rank trained on at that step (a multiset: repeats stay)."""
+    out: dict[int, list[str]] = {}
+    for f in sorted(Path(run_dir).glob("seen-rank*.jsonl")):
+        for line in f.read_text(encoding="utf-8").splitlines():
+            d = json.loads(line)
+            out.setdefault(d["step"], []).extend(d["ids"])
+    return {k: sorted(v) for k, v in sorted(out.items())}
 
 
 def env_value(name: str, **options: Any) -> str:

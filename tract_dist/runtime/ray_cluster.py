@@ -109,13 +109,14 @@ def check_placement(cfg: "Config") -> None:
     from tract_dist.config import ConfigError
 
     c = cfg.cluster
+    n = c.min_workers or c.num_workers  # an elastic run starts with what fits, at least min_workers
+    key = "cluster.min_workers" if c.min_workers else "cluster.num_workers"
     have = ray.cluster_resources()
-    need = {"CPU": c.num_workers * c.cpus_per_worker, **{k: c.num_workers * v for k, v in
-                                                        c.resources_per_worker.items()}}
+    need = {"CPU": n * c.cpus_per_worker, **{k: n * v for k, v in c.resources_per_worker.items()}}
     if c.use_gpu:
-        need["GPU"] = need.get("GPU", c.num_workers)
+        need["GPU"] = need.get("GPU", n)
     short = {k: (v, have.get(k, 0)) for k, v in need.items() if have.get(k, 0) < v}
     if short:
         detail = ", ".join(f"{k}: need {v:g}, cluster has {h:g}" for k, (v, h) in short.items())
-        raise ConfigError(f"cluster.num_workers={c.num_workers} cannot be placed ({detail}); lower "
-                          f"cluster.num_workers or cluster.cpus_per_worker, or add nodes")
+        raise ConfigError(f"{key}={n} cannot be placed ({detail}); lower {key} or cluster.cpus_per_worker, or "
+                          "add nodes")

@@ -51,7 +51,8 @@ def prepare_dataset(cfg: Any, tokenizer: Any, out_dir: str | Path) -> dict[str, 
         raise EmptyDatasetError(
             f"{d.train_path}: no trainable example: {read.records} records, {len(read.invalid)} invalid, "
             f"{stats.dropped} dropped as too long ({stats.drop_reasons}); raise data.max_length or fix the file")
-    rows = [{**e.to_dict(), "n_ce": sum(1 for x in e.labels if x != IGNORE_INDEX)} for e in encoded]
+    rows = [{**e.to_dict(), "n_ce": sum(1 for x in e.labels if x != IGNORE_INDEX), "length": len(e.input_ids)}
+            for e in encoded]
     weighted = any(e.weight is not None for e in encoded)
     for r in rows:  # a weight column only for a weighted data set (its rows then all carry one; missing = 1)
         w = r.pop("weight", None)
@@ -70,6 +71,14 @@ def load_encoded(out_dir: str | Path) -> Any:
     import datasets
 
     return datasets.load_from_disk(str(Path(out_dir) / "encoded"))
+
+
+def encoded_lengths(data: Any) -> list[int]:
+    """Token count of every encoded sample (the ``length`` column; counted from ``input_ids`` for data prepared
+    before the column existed)."""
+    if "length" in data.column_names:
+        return [int(x) for x in data["length"]]
+    return [len(x) for x in data["input_ids"]]
 
 
 def load_score_tokens(out_dir: str | Path) -> ScoreTokens:
@@ -114,19 +123,23 @@ def loss_denominators(ce_tokens: int, sequences: int, *, ce_on_score_token: bool
 
 @dataclass(frozen=True)
 class StepPlan:
-    """Which samples each rank's micro-batches hold at every optimizer step."""
+    """Which samples every optimizer step holds: a pure function of (seed, global batch, step).
+
+    The global batch (samples per optimizer step, all workers together) is a property of the *run*, not of the
+    number of workers: a run resumed on another number of workers keeps it, so every step holds the same samples
+    and the learning-rate schedule keeps its length. How a step's samples are split over workers and
+    micro-batches is :mod:`tract_dist.train.batching`'s business."""
 
     n_examples: int
-    micro_batch_size: int
-    grad_accum: int
-    world_size: int
+    global_batch: int
     seed: int
     epochs: float
     max_steps: int | None = None
 
-    @property
-    def global_batch(self) -> int:
-        return self.micro_batch_size * self.grad_accum * self.world_size
+    def __post_init__(self) -> None:
+        if self.global_batch < 1 or self.n_examples < 1:
+            raise ValueError(f"a step plan needs examples and a global batch, got {self.n_examples} examples and a "
+                             f"global batch of {self.global_batch}")
 
     @property
     def steps_per_epoch(self) -> int:
@@ -152,21 +165,26 @@ class StepPlan:
         return order
 
     def step_indices(self, step: int) -> torch.Tensor:
-        """Global sample indices of optimizer step ``step`` (0-based), laid out [micro][rank][sample]."""
+        """Global sample indices of optimizer step ``step`` (0-based)."""
         epoch, i = divmod(step, self.steps_per_epoch)
         return self.epoch_order(epoch)[i * self.global_batch:(i + 1) * self.global_batch]
 
-    def loss_denominators(self, step: int, n_ce: Any, *, ce_on_score_token: bool) -> LossDenominators:
+    def loss_denominators(self, step: int, n_ce: Any, *, ce_on_score_token: bool,
+                          world_size: int) -> LossDenominators:
         """The loss denominators of step ``step``: ``n_ce[i]`` is sample i's CE token count (the encoded
         column); every encoded sample has one score position, so the step's sequences are its samples."""
         idx = self.step_indices(step).tolist()
         return loss_denominators(sum(n_ce[i] for i in idx), len(idx), ce_on_score_token=ce_on_score_token,
-                                 world_size=self.world_size)
+                                 world_size=world_size)
 
-    def micro_indices(self, step: int, micro: int, rank: int) -> list[int]:
-        idx = self.step_indices(step)
-        start = (micro * self.world_size + rank) * self.micro_batch_size
-        return idx[start:start + self.micro_batch_size].tolist()
+
+def global_batch_size(training: Any, world_size: int) -> int:
+    """Samples per optimizer step, all workers together: ``training.global_batch_size``, else
+    micro_batch_size x gradient_accumulation_steps x workers (the run's first world size: a resumed run keeps the
+    global batch its checkpoint records)."""
+    if training.global_batch_size is not None:
+        return int(training.global_batch_size)
+    return training.micro_batch_size * training.gradient_accumulation_steps * world_size
 
 
 def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:

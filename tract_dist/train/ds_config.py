@@ -7,8 +7,13 @@ from pathlib import Path
 from typing import Any
 
 
-def build_ds_config(cfg: Any, world_size: int, *, bf16: bool, gpu: bool) -> dict[str, Any]:
-    """ZeRO-3 (or the configured stage), AdamW without DeepSpeed's C++ ops, clipping, accumulation."""
+def build_ds_config(cfg: Any, world_size: int, *, bf16: bool, gpu: bool,
+                    load_universal: bool = False) -> dict[str, Any]:
+    """ZeRO-3 (or the configured stage), AdamW without DeepSpeed's C++ ops, clipping, accumulation.
+
+    ``load_universal``: the engine will resume from a universal checkpoint (another world size wrote the run's
+    checkpoint). The accumulation values only keep DeepSpeed's bookkeeping consistent: the recipe sets the
+    boundary of every step itself (packed steps have as many micro-batches as their tokens need)."""
     t = cfg.training
     ours: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -31,12 +36,18 @@ def build_ds_config(cfg: Any, world_size: int, *, bf16: bool, gpu: bool) -> dict
         "wall_clock_breakdown": False,
     }
     if not t.deepspeed_config:
-        return ours
+        return _with_universal(ours, load_universal)
     path = Path(t.deepspeed_config)
     if not path.is_file():
         raise FileNotFoundError(f"training.deepspeed_config: {path} not found")
     user = json.loads(path.read_text())
-    return _fill_auto(user, ours)
+    return _with_universal(_fill_auto(user, ours), load_universal)
+
+
+def _with_universal(ds: dict[str, Any], load_universal: bool) -> dict[str, Any]:
+    if load_universal:
+        ds = {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}
+    return ds
 
 
 def _fill_auto(user: Any, ours: Any) -> Any:

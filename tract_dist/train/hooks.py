@@ -28,7 +28,10 @@ STEP_BEGIN = "step_begin"
 CHECKPOINT_WRITTEN = "checkpoint_written"
 """This rank has written its files of checkpoint ``ctx.step`` into ``ctx.checkpoint``; the ranks have not yet
 agreed that the save succeeded, so nothing is published."""
-POINTS = (STEP_BEGIN, CHECKPOINT_WRITTEN)
+MICRO_BATCH = "micro_batch"
+"""Before the forward of one micro-batch of step ``ctx.step`` on this rank; ``ctx.ids`` are its record ids (a
+filler, which a rank runs with weight 0 when it has no sample of its own, is not reported)."""
+POINTS = (STEP_BEGIN, CHECKPOINT_WRITTEN, MICRO_BATCH)
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class HookContext:
     world_size: int
     run_dir: Path
     checkpoint: str | None = None  # the folder being written (CHECKPOINT_WRITTEN)
+    ids: tuple[str, ...] = ()  # the record ids of the micro-batch (MICRO_BATCH)
 
 
 class HookError(ValueError):

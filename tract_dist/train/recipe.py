@@ -25,7 +25,7 @@ from tract_dist.config import Config
 from tract_dist.fsutil import atomic_write_json
 from tract_dist.tracking import RunHandle, log_metrics
 from tract_dist.train.guards import nonfinite_values, refuse_known_nonfinite, stop_nonfinite
-from tract_dist.train.hooks import CHECKPOINT_WRITTEN, STEP_BEGIN, HookContext, Hooks
+from tract_dist.train.hooks import CHECKPOINT_WRITTEN, MICRO_BATCH, STEP_BEGIN, HookContext, Hooks
 from tract_dist.train.plan import WorkerPlan
 from tract_dist.train.stats import StepAccumulator, ThroughputWindow, step_metrics
 from tract_dist.train.strategy import DeepSpeedStrategy
@@ -51,18 +51,39 @@ class TrainRecipe:
 
     # ---- setup ----------------------------------------------------------------------------------
     def setup(self) -> None:
+        from tract_dist.train.resume import read_checkpoint_state
+        from tract_dist.train.session import CheckpointError
+
         t0 = time.perf_counter()
-        for part, step in (("setup_process", self._setup_process), ("setup_data", self._setup_data),
-                           ("setup_model", self._setup_model), ("setup_resume", self._resume)):
+
+        def timed(part: str, step, *args) -> None:
             t = time.perf_counter()
-            step()
+            step(*args)
             self.timings[part] = time.perf_counter() - t
+
+        timed("setup_process", self._setup_process)
+        # The checkpoint to resume (if any) is read first: its global batch fixes the step plan, and a checkpoint
+        # of another world size needs an engine that loads DeepSpeed's universal format.
+        with self.session.resume_dir() as resume:
+            try:
+                self.resume_from = read_checkpoint_state(resume) if resume is not None else None
+            except ValueError as e:
+                raise CheckpointError(f"{e}; remove checkpoint {resume} to resume from the one before, or start "
+                                      "afresh with --fresh") from None
+            timed("setup_data", self._setup_data)
+            timed("setup_model", self._setup_model)
+            timed("setup_resume", self._resume, resume)
         self.timings["setup"] = time.perf_counter() - t0
         if self.rank == 0:
             s = self.steps
             where = f"resumed at step {self.start_step}" if self.start_step else "from the seed model"
+            if self.resumed_world not in (None, self.world):
+                where += f" (a checkpoint of {self.resumed_world} workers, through DeepSpeed's universal format)"
+            mode = (f"packed rows of <= {self.layout.max_tokens} tokens" if self.layout.packing else
+                    f"padded micro-batches of <= {self.layout.micro_batch_size}"
+                    + (", grouped by length" if self.layout.group_by_length else ""))
             _console(f"[train] {s.total_steps} steps x {s.global_batch} samples ({s.n_examples} examples, "
-                     f"{s.padded_per_epoch} repeated per epoch to fill the last batch), world {self.world}, "
+                     f"{s.padded_per_epoch} repeated per epoch to fill the last batch), world {self.world}, {mode}, "
                      f"{where}; {self.n_params / 1e6:.1f}M params, {self.local_params / 1e6:.2f}M on this rank")
 
     def _setup_process(self) -> None:
@@ -81,17 +102,27 @@ class TrainRecipe:
         torch.manual_seed(t.seed)  # identical initialisation on every rank
 
     def _setup_data(self) -> None:
-        """Tokenizer, the encoded data the driver prepared, and the global sample order of every step."""
+        """Tokenizer, the encoded data the driver prepared, the global sample order of every step (its global
+        batch: the checkpoint's when resuming, so another world size continues the same run) and how a step's
+        samples become this rank's micro-batches."""
         from tract_dist.data.assets import load_tokenizer
-        from tract_dist.train.data import StepPlan, load_encoded, load_score_tokens
+        from tract_dist.train.batching import BatchLayout
+        from tract_dist.train.data import StepPlan, encoded_lengths, global_batch_size, load_encoded, load_score_tokens
 
         t = self.cfg.training
         self.tokenizer = load_tokenizer(self.cfg.model.tokenizer or _tokenizer_source(self.cfg))
         self.data = load_encoded(self.run_dir)
         self.score_tokens = load_score_tokens(self.run_dir)
         self.n_ce = self.data["n_ce"]
-        self.steps = StepPlan(len(self.data), t.micro_batch_size, t.gradient_accumulation_steps, self.world, t.seed,
-                              t.epochs, t.max_steps)
+        self.lengths = encoded_lengths(self.data)
+        resumed = self.resume_from
+        self.resumed_world = resumed.world_size if resumed is not None else None
+        # the checkpoint's global batch (older checkpoints: the rule at the world size that wrote them)
+        batch = (resumed.global_batch or global_batch_size(t, resumed.world_size) if resumed is not None
+                 else global_batch_size(t, self.world))
+        self.steps = StepPlan(len(self.data), batch, t.seed, t.epochs, t.max_steps)
+        self.layout = BatchLayout(world_size=self.world, micro_batch_size=t.micro_batch_size, packing=t.packing,
+                                  max_tokens=packed_row_tokens(self.cfg), group_by_length=t.group_by_length)
 
     def _setup_model(self) -> None:
         """The seed model (partitioned at load under ZeRO-3), the loss wrapper, the engine and the schedule."""
@@ -101,11 +132,13 @@ class TrainRecipe:
         from tract_dist.models import CotRaftCausalLM
         from tract_dist.train.ds_config import build_ds_config
         from tract_dist.train.model_init import load_training_model, training_dtype
+        from tract_dist.train.resume import needs_universal
         from tract_dist.train.schedule import lr_lambda
 
         cfg, t = self.cfg, self.cfg.training
         bf16 = training_dtype(cfg.model.dtype, self.use_cuda) == torch.bfloat16
-        ds_config = build_ds_config(cfg, self.world, bf16=bf16, gpu=self.use_cuda)
+        ds_config = build_ds_config(cfg, self.world, bf16=bf16, gpu=self.use_cuda,
+                                    load_universal=needs_universal(self.resume_from, self.world))
         # Alive for the recipe's life: while it exists, from_pretrained/from_config build under zero.Init.
         self._hf_ds = HfDeepSpeedConfig(ds_config) if t.zero_stage == 3 else None
         self.model = load_training_model(cfg, self.tokenizer, use_cuda=self.use_cuda)
@@ -116,20 +149,33 @@ class TrainRecipe:
         self.local_params = sum(getattr(p, "ds_tensor", p).numel() for p in wrapper.parameters())
         self.params_per_rank = self.strategy.all_gather_int(self.local_params)
 
-    def _resume(self) -> None:
-        """Model, optimizer, scheduler, RNG and the data position from the newest good checkpoint, if any."""
+    def _resume(self, resume: str | None) -> None:
+        """Model, optimizer, scheduler, RNG and the data position from the newest good checkpoint, if any.
+
+        A checkpoint of another world size is converted once (rank 0) into DeepSpeed's universal format under
+        ``RUN_DIR/universal`` and loaded by every rank from there; the data position is the step (the step plan
+        keeps the checkpoint's global batch), and each rank's RNG stream starts afresh from (seed, step, rank)."""
+        from tract_dist.train.resume import needs_universal, universal_copy
         from tract_dist.train.session import CheckpointError
 
-        with self.session.resume_dir() as resume:
-            if resume is None:
-                torch.manual_seed(self.cfg.training.seed + 1 + self.rank)  # per-rank stream for dropout and the like
-                return
-            try:
+        if resume is None:
+            torch.manual_seed(self.cfg.training.seed + 1 + self.rank)  # per-rank stream for dropout and the like
+            return
+        try:
+            if needs_universal(self.resume_from, self.world):
+                with universal_copy(self.strategy, resume, self.resume_from, self.run_dir) as (folder, tag):
+                    self.start_step = int(self.strategy.load(folder, tag)["step"])
+            else:
                 self.start_step = int(self.strategy.load(resume)["step"])
-            except Exception as e:  # noqa: BLE001 - a checkpoint that cannot be read is named, not a traceback
-                raise CheckpointError(f"checkpoint {resume} cannot be loaded ({type(e).__name__}: {e}); remove it "
-                                      "to resume from the one before, or start afresh with --fresh") from e
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a checkpoint that cannot be read is named, not a traceback
+            raise CheckpointError(f"checkpoint {resume} cannot be loaded ({type(e).__name__}: {e}); remove it "
+                                  "to resume from the one before, or start afresh with --fresh") from e
+        if self.resumed_world == self.world:
             _restore_rng(Path(resume) / f"rng_rank{self.rank}.pt", self.rank)
+        else:
+            torch.manual_seed(self.cfg.training.seed + 1 + self.rank + 1_000_003 * self.start_step)
 
     # ---- the loop -------------------------------------------------------------------------------
     def train(self) -> None:
@@ -151,25 +197,30 @@ class TrainRecipe:
     def train_step(self, step: int) -> dict[str, float]:
         """One optimizer step (``step`` 0-based) over every micro-batch of this rank; returns its metrics.
         Stops the run (every rank together) when the all-reduced values are not finite."""
-        from tract_dist.train.data import collate
-
         self.hooks.call(STEP_BEGIN, self._hook_context(step + 1))
         from tract_dist.train.schedule import lam_at
 
-        den = self.steps.loss_denominators(step, self.n_ce, ce_on_score_token=self.cfg.loss.ce_on_score_token)
+        indices = self.steps.step_indices(step).tolist()
+        den = self.steps.loss_denominators(step, self.n_ce, ce_on_score_token=self.cfg.loss.ce_on_score_token,
+                                           world_size=self.world)
         lam = lam_at(step, self.cfg.loss.lam, self.cfg.loss.lam_warmup_steps)
         # λ travels with the denominators only while it differs from the options' (warm-up): unchanged calls
         forward_args = {**den.per_rank(), **({"lam": lam} if lam != self.cfg.loss.lam else {})}
         lr = self.strategy.lr()  # the rate this step's update uses
         t0 = time.perf_counter()
         acc = StepAccumulator(self.strategy.device)
-        for micro in range(self.cfg.training.gradient_accumulation_steps):
-            rows = [self.data[i] for i in self.steps.micro_indices(step, micro, self.rank)]
-            batch = {k: v.to(self.strategy.device) for k, v in collate(rows, self.tokenizer.pad_token_id).items()}
+        micro_batches = self.layout.rank_batches(indices, self.lengths, self.rank)  # as many on every rank
+        for i, micro in enumerate(micro_batches):
+            rows = [self.data[j] for j in micro.indices]
+            if not micro.filler:
+                self.hooks.call(MICRO_BATCH, self._hook_context(step + 1, ids=tuple(str(r["id"]) for r in rows)))
+            batch = {k: v.to(self.strategy.device) for k, v in self._collate(rows).items()}
+            self.strategy.set_boundary(i == len(micro_batches) - 1)
             out = self.strategy.forward(batch, forward_args)
-            self.strategy.backward(out.loss)
+            self.strategy.backward(out.loss * 0.0 if micro.filler else out.loss)  # a filler: collectives only
             self.strategy.step()
-            acc.add(out, batch)
+            if not micro.filler:
+                acc.add(out, batch)
         stats = acc.reduce()
         self.window.add(stats.tokens, time.perf_counter() - t0)
         norm = self.strategy.grad_norm()
@@ -177,12 +228,18 @@ class TrainRecipe:
         if norm is not None and not self.strategy.fp16_enabled():
             checked["grad_norm"] = norm
         if bad := nonfinite_values(checked):
-            ids = [str(self.data[i]["id"]) for i in self.steps.step_indices(step).tolist()]
+            ids = [str(self.data[i]["id"]) for i in indices]
             stop_nonfinite(step + 1, bad, ids, self.session, self.run_dir, self.rank, self.plan.invocation)
         return step_metrics(stats, world_size=self.world, sequences=den.mse, lr=lr, lam=lam,
                             grad_norm=norm if norm is not None else float("nan"), window=self.window,
                             epoch=(step + 1) / self.steps.steps_per_epoch, n_params=self.n_params,
                             use_cuda=self.use_cuda)
+
+    def _collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        from tract_dist.train.batching import collate_packed
+        from tract_dist.train.data import collate
+
+        return collate_packed(rows) if self.layout.packing else collate(rows, self.tokenizer.pad_token_id)
 
     def _log_step(self, done: int, metrics: dict[str, float], *, to_tracking: bool) -> None:
         if self.rank != 0:
@@ -198,14 +255,19 @@ class TrainRecipe:
     def save_checkpoint(self, step: int, metrics: dict[str, Any]) -> None:
         """Write every rank's shards, agree that every rank succeeded, then publish; otherwise remove the partial
         checkpoint and stop, naming the cause and the last good checkpoint (which stays where it was)."""
+        from tract_dist.train.resume import CheckpointState
         from tract_dist.train.session import CheckpointError
 
         error: BaseException | None = None
         ckpt = ""
         try:
             ckpt = self.session.begin(step)
-            self.strategy.save(ckpt, step, {"step": step, "fingerprint": self.plan.fingerprint})
+            state = CheckpointState(step=step, world_size=self.world, global_batch=self.steps.global_batch,
+                                    fingerprint=self.plan.fingerprint)
+            self.strategy.save(ckpt, step, state.client_state())
             torch.save(_rng_state(), Path(ckpt) / f"rng_rank{self.rank}.pt")
+            if self.rank == 0:
+                state.write(ckpt)
             self.hooks.call(CHECKPOINT_WRITTEN, self._hook_context(step, checkpoint=ckpt))
         except Exception as e:  # noqa: BLE001 - every rank must reach the agreement below, whatever failed
             error = e
@@ -235,11 +297,13 @@ class TrainRecipe:
             atomic_write_json(self.run_dir / "train_result.json", {
                 "export_dir": str(export_dir), "steps": self.steps.total_steps, "start_step": self.start_step,
                 "params_total": self.n_params, "peak_rss_gb": peak_rss, "params_per_rank": self.params_per_rank,
-                "final_metrics": self.metrics, "timings_s": {k: round(v, 3) for k, v in self.timings.items()}})
+                "world_size": self.world, "resumed_from_world_size": self.resumed_world,
+                "global_batch": self.steps.global_batch, "final_metrics": self.metrics,
+                "timings_s": {k: round(v, 3) for k, v in self.timings.items()}})
 
-    def _hook_context(self, step: int, checkpoint: str | None = None) -> HookContext:
+    def _hook_context(self, step: int, checkpoint: str | None = None, ids: tuple[str, ...] = ()) -> HookContext:
         return HookContext(step=step, rank=self.rank, world_size=self.world, run_dir=self.run_dir,
-                           checkpoint=checkpoint)
+                           checkpoint=checkpoint, ids=ids)
 
 
 def run_recipe(plan: WorkerPlan) -> None:
@@ -296,6 +360,15 @@ def _restore_rng(path: Path, rank: int) -> None:
 
 def _tuplify(x: Any) -> Any:
     return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def packed_row_tokens(cfg: Config) -> int | None:
+    """Tokens per packed row: ``training.max_tokens_per_micro_batch``, else micro_batch_size x data.max_length
+    (never more tokens than a full padded micro-batch); None without packing."""
+    t = cfg.training
+    if not t.packing:
+        return None
+    return t.max_tokens_per_micro_batch or t.micro_batch_size * cfg.data.max_length
 
 
 def _tokenizer_source(cfg: Config) -> str:

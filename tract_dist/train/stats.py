@@ -25,7 +25,8 @@ class StepStats:
     ce: float  # the same for the CE term
     mse: float  # the same for the regression term (not multiplied by lam)
     abs_err: float  # sum of |yhat - y| over the step's scored sequences
-    tokens: float  # attention-mask tokens of the step (for throughput)
+    tokens: float  # real (non-pad) tokens of the step (for throughput)
+    slots: float  # token slots the forwards computed (tokens + padding)
 
 
 _FIELDS = tuple(f.name for f in fields(StepStats))
@@ -38,9 +39,12 @@ class StepAccumulator:
         self._sums = torch.zeros(len(_FIELDS), dtype=torch.float64, device=device)
 
     def add(self, out: Any, batch: dict[str, torch.Tensor]) -> None:
-        """``out``: the model's CotRaftOutput (loss, ce, mse, yhat) for ``batch``."""
+        """``out``: the model's CotRaftOutput (loss, ce, mse, yhat) for ``batch`` (padded or packed)."""
+        from tract_dist.train.batching import batch_tokens
+
         values = {"loss": out.loss.detach(), "ce": out.ce, "mse": out.mse, "abs_err": _abs_err_sum(out.yhat, batch),
-                  "tokens": batch["attention_mask"].sum()}
+                  "tokens": batch_tokens(batch),
+                  "slots": torch.tensor(batch["input_ids"].numel(), device=self._sums.device)}
         self._sums += torch.stack([values[k] for k in _FIELDS]).double()
 
     def reduce(self) -> StepStats:
@@ -82,6 +86,7 @@ def step_metrics(stats: StepStats, *, world_size: int, sequences: float, lr: flo
         "mae": stats.abs_err / sequences, "lr": lr, **({"lam": lam} if lam is not None else {}),
         "grad_norm": grad_norm, "tokens_per_s": window.rate(),
         "tokens_per_s_per_worker": window.rate() / world_size, "epoch": epoch,
+        "pad_fraction": 1.0 - stats.tokens / stats.slots if stats.slots else 0.0,
     }
     if use_cuda:
         metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30

@@ -82,6 +82,11 @@ class DeepSpeedStrategy:
         division cancel out."""
         self.engine.backward(loss * self.accumulation_steps)
 
+    def set_boundary(self, last: bool) -> None:
+        """Whether the next micro-batch is the step's last: the recipe owns the accumulation boundary, because a
+        packed step has as many micro-batches as its tokens need, not ``gradient_accumulation_steps``."""
+        self.engine.set_gradient_accumulation_boundary(last)
+
     def step(self) -> None:
         """DeepSpeed's step (it updates only at the accumulation boundary). At the boundary, before the update,
         the pre-clipping norm is measured where DeepSpeed keeps none (see :meth:`grad_norm`)."""
@@ -119,10 +124,28 @@ class DeepSpeedStrategy:
         """This rank's ZeRO shards (model, optimizer, scheduler) under ``folder/step-N``."""
         self.engine.save_checkpoint(folder, tag=f"step-{step}", client_state=client_state)
 
-    def load(self, folder: str) -> dict[str, Any]:
-        """Restore model, optimizer and scheduler from ``folder``; return its client state."""
-        _, client = self.engine.load_checkpoint(folder, load_module_strict=True)
+    def load(self, folder: str, tag: str | None = None) -> dict[str, Any]:
+        """Restore model, optimizer and scheduler from ``folder`` (its ``latest`` tag, or ``tag``); return its
+        client state. A universal checkpoint (:meth:`to_universal`) needs an engine prepared with
+        ``checkpoint.load_universal`` (:func:`tract_dist.train.ds_config.build_ds_config`)."""
+        _, client = self.engine.load_checkpoint(folder, tag=tag, load_module_strict=True)
+        if client is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {folder}" + (f" (tag {tag})" if tag else ""))
         return client
+
+    @staticmethod
+    def to_universal(tag_dir: str, out_dir: str) -> None:
+        """Convert one ZeRO checkpoint (``tag_dir``: every rank's model and optimizer shards) into DeepSpeed's
+        universal format in ``out_dir`` (one fp32 tensor and its Adam moments per parameter, partition-free), which
+        any number of ranks can load. DeepSpeed's own ``ds_to_universal``, run in this process (no worker pool:
+        a worker process may not fork a pool)."""
+        import argparse
+
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        ds_to_universal(argparse.Namespace(input_folder=tag_dir, output_folder=out_dir, num_extract_workers=1,
+                                           num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                           inject_missing_state=False))
 
     # ---- collectives ----------------------------------------------------------------------------
     def all_ranks_ok(self, ok: bool) -> bool:

@@ -49,14 +49,17 @@ def run_fingerprint(cfg: Config) -> str:
 
 def check_batch(cfg: Config, n_examples: int) -> None:
     """The global batch must fit in the training set (else not one optimizer step would run)."""
+    from tract_dist.train.data import global_batch_size
+
     t = cfg.training
     world = cfg.cluster.num_workers
-    global_batch = t.micro_batch_size * t.gradient_accumulation_steps * world
+    global_batch = global_batch_size(t, world)
     if global_batch > n_examples:
-        raise ConfigError(
-            f"training: a global batch of {global_batch} samples (micro_batch_size {t.micro_batch_size} x "
-            f"gradient_accumulation_steps {t.gradient_accumulation_steps} x cluster.num_workers {world}) exceeds "
-            f"the {n_examples} training examples; lower one of them or add data")
+        how = (f"training.global_batch_size {global_batch}" if t.global_batch_size is not None else
+               f"micro_batch_size {t.micro_batch_size} x gradient_accumulation_steps {t.gradient_accumulation_steps} "
+               f"x cluster.num_workers {world}")
+        raise ConfigError(f"training: a global batch of {global_batch} samples ({how}) exceeds the {n_examples} "
+                          "training examples; lower one of them or add data")
 
 
 def run_training(cfg: Config, *, config_path: str | None = None, run_name: str | None = None,
@@ -316,7 +319,7 @@ def _pin_ray_checkpoint(storage: Path | None, run_dir: Path, info: dict[str, Any
 
 
 def _fit_with_ray(cfg: Config, loop: WorkerPlan, name: str, address: str | None) -> str:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from tract_dist.train.worker import train_worker
@@ -324,13 +327,12 @@ def _fit_with_ray(cfg: Config, loop: WorkerPlan, name: str, address: str | None)
     init_ray_from_config(cfg, address)
     check_placement(cfg)
     c = cfg.cluster
-    resources = {"CPU": c.cpus_per_worker, **c.resources_per_worker}
     storage = str(Path(c.storage_path).resolve()) if "://" not in c.storage_path else c.storage_path
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=loop.to_dict(),  # a dict: Ray Train validates its train_loop_config as one
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources),
+        scaling_config=scaling_config(cfg),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=c.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.training.num_to_keep)),
     )
@@ -338,6 +340,21 @@ def _fit_with_ray(cfg: Config, loop: WorkerPlan, name: str, address: str | None)
     if result.error:
         raise result.error
     return result.checkpoint.path if result.checkpoint else ""
+
+
+def scaling_config(cfg: Config) -> Any:
+    """Ray Train's ScalingConfig: ``cluster.num_workers`` workers, or with ``cluster.min_workers`` the elastic
+    range ``(min_workers, num_workers)`` (Ray Train V2: it starts as many as the cluster can place, and restarts the
+    group at another size from the latest checkpoint when workers are lost or resources appear; the worker resumes
+    that checkpoint through DeepSpeed's universal format, :mod:`tract_dist.train.resume`)."""
+    from ray.train import ScalingConfig
+
+    c = cfg.cluster
+    resources = {"CPU": c.cpus_per_worker, **c.resources_per_worker}
+    if c.min_workers is None:
+        return ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources)
+    return ScalingConfig(num_workers=(c.min_workers, c.num_workers), use_gpu=c.use_gpu,
+                         resources_per_worker=resources, elastic_resize_monitor_interval_s=c.elastic_resize_interval_s)
 
 
 class WorkerFailedError(RuntimeError):
