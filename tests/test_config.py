@@ -65,3 +65,42 @@ def test_cli_overrides_for_every_command(tmp_path, capsys):
     assert '"token_ids": [16, 17, 18, 19, 20, 21, 22, 23, 24, 605]' in capsys.readouterr().out
     assert main(["score-tokens", "--tokenizer", "llama3", "data.bogus=1"]) == 2
     assert "data.bogus: unknown key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family,batch,epochs,lam", [("mistral-7b", 8, 2, 0.125), ("llama31-8b", 4, 1, 0.25)])
+def test_paper_configs_hold_the_official_settings(family, batch, epochs, lam):
+    """configs/paper-*.yaml as the official code ran them (../shared/FIDELITY.md, d223302/TRACT at dcb7a64), and
+    the -packed variants identical but for the settings their header argues for."""
+    cfg = load_config(REPO_CONFIGS / f"paper-{family}.yaml")
+    m, d, t, g, e = cfg.model, cfg.data, cfg.training, cfg.generation, cfg.evaluation
+    assert (m.lora.enabled, m.lora.r, m.lora.alpha, m.lora.dropout, m.lora.target_modules) == (
+        True, 8, 16, 0.0, "all-linear")
+    assert (d.system_prompt, d.max_length, cfg.loss.lam, cfg.loss.rail_normalize) == (None, 3000, lam, False)
+    assert (t.epochs, t.micro_batch_size, t.gradient_accumulation_steps, t.learning_rate, t.lr_scheduler,
+            t.warmup_ratio, t.packing, t.global_batch_size) == (epochs, batch, 1, 1e-5, "cosine", 0.1, False, None)
+    assert (g.temperature, g.top_p, g.repetition_penalty, g.max_new_tokens, g.seed, g.num_cots, g.max_length) == (
+        1.0, 0.9, 1.03, 1024, 42, 1, 4900)
+    assert set(g.stop) == {"[RESULT]", "So the overall"}
+    assert (e.num_cots, e.sample_single_cot, e.mode) == (1, True, "cot_rail")
+    faster = load_config(REPO_CONFIGS / f"paper-{family}-packed.yaml").flat()
+    differs = {k for k, v in cfg.flat().items() if faster[k] != v}
+    assert differs == {"training.packing", "training.max_tokens_per_micro_batch", "training.global_batch_size"}
+    assert faster["training.global_batch_size"] == batch * cfg.cluster.num_workers  # the same steps on 8 GPUs
+
+
+def test_layout_and_elastic_settings_are_checked(tmp_path):
+    p = _write(tmp_path, "model:\n  name_or_path: m\n")
+    with pytest.raises(ConfigError, match=r"max_tokens_per_micro_batch \(1000\) must be at least data.max_length"):
+        load_config(p, ["training.packing=true", "training.max_tokens_per_micro_batch=1000"])
+    with pytest.raises(ConfigError, match="cluster.min_workers .* needs training.global_batch_size"):
+        load_config(p, ["cluster.min_workers=2", "cluster.num_workers=4"])
+    with pytest.raises(ConfigError, match=r"cluster.min_workers \(5\) must not exceed cluster.num_workers \(4\)"):
+        load_config(p, ["cluster.min_workers=5", "cluster.num_workers=4", "training.global_batch_size=8"])
+    cfg = load_config(p, ["cluster.min_workers=2", "cluster.num_workers=4", "training.global_batch_size=8",
+                          "cluster.elastic_resize_interval_s=5"])
+    from tract_dist.train.trainer import scaling_config
+
+    sc = scaling_config(cfg)  # Ray Train V2's elastic range for TorchTrainer
+    assert sc.elasticity_enabled and (sc.min_workers, sc.max_workers) == (2, 4)
+    assert sc.elastic_resize_monitor_interval_s == 5
+    assert not scaling_config(load_config(p)).elasticity_enabled

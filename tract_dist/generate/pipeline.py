@@ -62,7 +62,8 @@ def worker_kwargs(cfg: Any, model_path: str, backend: str, sampling: SamplingPar
                               torch_threads=spec.torch_threads())
     return {
         "engine": engine.as_dict(),
-        "encode_opts": {"max_length": d.max_length, "truncation": d.truncation, "system_prompt": d.system_prompt,
+        "encode_opts": {"max_length": inference_max_length(cfg), "truncation": d.truncation,
+                        "system_prompt": d.system_prompt,
                         "scale": list(parse_scale(d.scale))},
         "sampling": sampling.as_dict(),
         "rail_normalize": rail_normalize,
@@ -124,7 +125,7 @@ def generation_settings(cfg: Any, model_path: str, backend: str, sampling: Sampl
     from tract_dist.fsutil import content_fingerprint
 
     settings = {"model": str(model_path), "model_sha256": content_fingerprint(model_path), "backend": backend,
-                "sampling": sampling.as_dict(), "seed": cfg.generation.seed, "max_length": cfg.data.max_length,
+                "sampling": sampling.as_dict(), "seed": cfg.generation.seed, "max_length": inference_max_length(cfg),
                 "system_prompt": cfg.data.system_prompt, "scale": cfg.data.scale}
     ident = {k: v for k, v in settings.items() if k != "model" or settings["model_sha256"] is None}
     settings["fingerprint"] = fingerprint or hashlib.sha256(
@@ -236,3 +237,9 @@ def _generate_locked(cfg: Any, model_path: str, out: Path, examples: list[JudgeE
         for name in ("summary.json", "failures.jsonl", "settings.json"):
             log_artifact(run, out / name, "generate")
     return summary
+
+
+def inference_max_length(cfg: Any) -> int:
+    """Tokens of an inference sequence (generation and judging): ``generation.max_length``, else the training
+    cutoff ``data.max_length``."""
+    return cfg.generation.max_length or cfg.data.max_length

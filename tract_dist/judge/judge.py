@@ -1,6 +1,6 @@
 """``Judge``: CoT-RAIL inference (the paper's method) and its two baselines on one model, on either backend.
 
-- ``cot_rail``: n CoTs (greedy when n = 1, sampled otherwise), then for each one forward pass over
+- ``cot_rail``: n CoTs (greedy when n = 1 unless ``sample_single_cot``, sampled otherwise), then for each one forward pass over
   ``<prompt><CoT> So the overall score is`` built with :func:`score_prompt_ids` — the tokens training used —
   and ŷ = Σ_k v_k p_k read from the full-vocabulary softmax; the CoTs' ŷ are averaged. ``n_cots="auto"``
   samples rounds of CoTs per input until the standard error of its mean ŷ reaches ``cot_se_target`` or
@@ -84,7 +84,7 @@ class Judge:
                  scale: str | tuple[int, int] = "1-5", system_prompt: str | None = ABS_SYSTEM_PROMPT,
                  max_length: int = 3000, sampling: SamplingParams | None = None, seed: int = 0,
                  rail_normalize: bool = False, batch_size: int = 8, cot_se_target: float = 0.1,
-                 max_cots: int = 8):
+                 max_cots: int = 8, sample_single_cot: bool = False):
         if engine is None:
             if model is None or tokenizer is None:
                 raise ValueError("Judge needs a model and its tokenizer, or engine=")
@@ -108,6 +108,7 @@ class Judge:
             raise ValueError(f"cot_se_target must be > 0 and max_cots >= {MIN_COTS}, got {cot_se_target}, {max_cots}")
         self.cot_se_target = cot_se_target  # num_cots="auto": the standard error to reach
         self.max_cots = max_cots
+        self.sample_single_cot = sample_single_cot  # the official inference samples its one CoT (temperature 1.0)
         # "So the overall score is" straight after the prompt (RAIL without CoT), ending where the score is read.
         self._bare_suffix = split_at_score(tokenizer, f"{SCORE_PHRASE} {self.scale[0]}", self.score_tokens,
                                            self.scale[0])
@@ -169,7 +170,7 @@ class Judge:
 
     def _params(self, n_cots: int, decode: bool) -> SamplingParams:
         p = self.sampling
-        if n_cots == 1:
+        if n_cots == 1 and not self.sample_single_cot:
             p = replace(p, temperature=0.0)
         return replace(p, stop=()) if decode else p
 
@@ -311,6 +312,7 @@ def judge_kwargs(cfg: Any, model_path: str | None = None) -> dict[str, Any]:
 
     d, g, e = cfg.data, cfg.generation, cfg.evaluation
     rail = resolve_rail_normalize(e.rail_normalize, model_path or cfg.model.name_or_path)
-    return {"scale": d.scale, "system_prompt": d.system_prompt, "max_length": d.max_length,
+    return {"scale": d.scale, "system_prompt": d.system_prompt, "max_length": g.max_length or d.max_length,
             "sampling": SamplingParams.from_config(g), "seed": g.seed, "rail_normalize": rail,
-            "batch_size": e.batch_size, "cot_se_target": e.cot_se_target, "max_cots": e.max_cots}
+            "batch_size": e.batch_size, "cot_se_target": e.cot_se_target, "max_cots": e.max_cots,
+            "sample_single_cot": e.sample_single_cot}
