@@ -82,6 +82,12 @@ def test_paper_configs_hold_the_official_settings(family, batch, epochs, lam):
         1.0, 0.9, 1.03, 1024, 42, 1, 4900)
     assert set(g.stop) == {"[RESULT]", "So the overall"}
     assert (e.num_cots, e.sample_single_cot, e.mode) == (1, True, "cot_rail")
+    from tract_dist.generate.pipeline import inference_max_length
+    from tract_dist.judge.judge import judge_kwargs
+
+    judge = judge_kwargs(cfg)  # what evaluation and serving build their judge with
+    assert (judge["system_prompt"], judge["max_length"], judge["sample_single_cot"]) == (None, 4900, True)
+    assert inference_max_length(cfg) == 4900 and judge["sampling"].repetition_penalty == 1.03
     faster = load_config(REPO_CONFIGS / f"paper-{family}-packed.yaml").flat()
     differs = {k for k, v in cfg.flat().items() if faster[k] != v}
     assert differs == {"training.packing", "training.max_tokens_per_micro_batch", "training.global_batch_size"}

@@ -84,6 +84,12 @@ def test_greedy_single_cot_is_deterministic_and_sampled_cots_differ(judge64, qui
     assert a.cots == b.cots and a.score == b.score
     many = judge64.score(quickstart_examples[0], n_cots=3)
     assert len(set(many.cots)) == 3
+    judge64.sample_single_cot = True  # the official inference samples its one CoT (evaluation.sample_single_cot)
+    try:
+        sampled = judge64.score(quickstart_examples[0], n_cots=1)
+    finally:
+        judge64.sample_single_cot = False
+    assert sampled.cots == many.cots[:1] != a.cots  # CoT 0's own seed, as in the n = 3 run; not the greedy one
 
 
 def test_rail_without_cot(judge64, quickstart_examples):
