@@ -61,7 +61,7 @@ def test_nan_stops_before_any_save_names_step_records_and_pins_the_last_good(tmp
     run_dir = tmp_path / "runs" / "nan"
     data = load_encoded(run_dir)
     t = cfg.training
-    plan = StepPlan(len(data), t.micro_batch_size, t.gradient_accumulation_steps, 1, t.seed, t.epochs, t.max_steps)
+    plan = StepPlan(len(data), t.micro_batch_size * t.gradient_accumulation_steps, t.seed, t.epochs, t.max_steps)
     ids = [str(data[i]["id"]) for i in plan.step_indices(2).tolist()]
     msg = str(ei.value)
     assert "non-finite training values at step 3: loss=nan" in msg
