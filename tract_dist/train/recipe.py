@@ -66,7 +66,7 @@ class TrainRecipe:
         # of another world size needs an engine that loads DeepSpeed's universal format.
         with self.session.resume_dir() as resume:
             try:
-                self.resume_from = read_checkpoint_state(resume) if resume is not None else None
+                self.resume_from = read_checkpoint_state(resume, self.world) if resume is not None else None
             except ValueError as e:
                 raise CheckpointError(f"{e}; remove checkpoint {resume} to resume from the one before, or start "
                                       "afresh with --fresh") from None

@@ -53,10 +53,11 @@ class CheckpointState:
         atomic_write_json(Path(ckpt) / STATE_FILE, d)
 
 
-def read_checkpoint_state(ckpt: str | Path) -> CheckpointState:
+def read_checkpoint_state(ckpt: str | Path, world_size: int) -> CheckpointState:
     """The state of checkpoint folder ``ckpt``. The world size is counted from the ZeRO shard files (the truth),
     with ``train_state.json`` for the rest; a checkpoint without that file (older versions) gives its step from
-    DeepSpeed's ``latest`` tag and no global batch."""
+    DeepSpeed's ``latest`` tag and no global batch, and an unpartitioned one of an older version (ZeRO-0, no shard
+    files) is taken to be of ``world_size``, the resuming world (it loads on any)."""
     root = Path(ckpt)
     f = root / STATE_FILE
     if f.is_file():
@@ -70,12 +71,10 @@ def read_checkpoint_state(ckpt: str | Path) -> CheckpointState:
         tag = latest.read_text(encoding="utf-8").strip() if latest.is_file() else ""
         if not tag.startswith("step-") or not tag[5:].isdigit():
             raise ValueError(f"{root}: neither {STATE_FILE} nor a DeepSpeed 'latest' tag names the checkpoint's step")
-        step, world, batch, fp = int(tag[5:]), 0, None, None
+        step, world, batch, fp = int(tag[5:]), world_size, None, None
     shards = sorted((root / f"step-{step}").glob("*zero_pp_rank_*_optim_states.pt"))
     if shards:
         world = len(shards)
-    elif not world:
-        raise ValueError(f"{root / f'step-{step}'}: no DeepSpeed checkpoint files and no {STATE_FILE}")
     return CheckpointState(step=step, world_size=world, global_batch=int(batch) if batch else None,
                            fingerprint=fp, sharded=bool(shards))
 
