@@ -11,7 +11,12 @@ lent H100/H200, and writes JSON + markdown into ``--out``:
   3. train_step    ``benchmarks/train/bench_step.py --preset gpu-1b``: one training step of the ~1.2B
                    Llama-3-shaped model with the fused vs the reference head;
   4. generation    the HF half of ``benchmarks/generate/bench_backends.py`` on CUDA (random-1b, bf16): CoT
-                   generation tokens/s at batch 1/8/32/64 and at the quickstart's shape, CoT-RAIL examples/s.
+                   generation tokens/s at batch 1/8/32/64 and at the quickstart's shape, CoT-RAIL examples/s;
+  5. train_packing ``benchmarks/train/bench_packing.py`` (random-1b, bf16, gradient checkpointing): packed rows of
+                   16,384 tokens vs padded micro-batches of 8 (and length-grouped) on the Vicuna sample's and
+                   Feedback-Collection-like lengths, useful tokens/s, padding, peak memory; with the default
+                   attention (flash-attention varlen if it imports, else sdpa's block-diagonal mask) and with
+                   transformers' flex_attention (block-sparse packed mask, compiled by torch).
 vLLM is not measured here: its wheel is too large to travel to the device machine, so the vLLM/HF ratio, tensor
 parallelism and served LoRA on GPU stay unmeasured until a machine with vLLM is lent.
 
@@ -116,11 +121,35 @@ def stage_generation(out: Path, smoke: bool) -> dict[str, Any]:
     return _subprocess(cmd, timeout=300)
 
 
+def stage_train_packing(out: Path, smoke: bool) -> dict[str, Any]:
+    """Packed vs padded training steps (``bench_packing.py``); on CUDA once more with flex_attention, whose
+    block mask skips the cross-example blocks that sdpa's dense mask computes. The reports go into the summary
+    (few files travel back)."""
+    import bench_packing
+
+    if smoke:
+        runs = {"default": ["--smoke", "--device", "cpu"]}
+    else:
+        common = ["--device", "cuda", "--model", "random-1b", "--bf16", "--samples", "32", "--micro", "8",
+                  "--budget", "16384", "--steps", "3"]
+        runs = {"default": common, "flex_attention": common + ["--attn", "flex_attention"]}
+    reports, status = {}, "ok"
+    for name, argv in runs.items():
+        try:
+            reports[name] = bench_packing.run(bench_packing.parse_args(argv))
+        except Exception as exc:  # noqa: BLE001 - flex_attention may not compile on every stack: record why
+            reports[name] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+            status = "ok" if name != "default" else f"failed: {reports[name]['error']}"
+    tables = {k: bench_packing.format_table(r) for k, r in reports.items() if "rows" in r}
+    return {"status": status, "reports": reports, "tables": tables}
+
+
 STAGES: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
     "loss_tests": stage_loss_tests,
     "loss_bench": stage_loss_bench,
     "train_step": stage_train_step,
     "generation": stage_generation,
+    "train_packing": stage_train_packing,
 }
 
 
@@ -135,6 +164,8 @@ def summarize(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
     step = results.get("train_step", {}).get("report")
     if step:
         lines += ["", "## Training step (fused vs reference head)", "", "```json", json.dumps(step, indent=2), "```"]
+    for attn, table in results.get("train_packing", {}).get("tables", {}).items():
+        lines += ["", f"## Packed vs padded training steps ({attn} attention)", "", table]
     for name, r in results.items():
         if r.get("tail") and (r["status"] != "ok" or name == "loss_tests"):
             lines += ["", f"## {name}: output tail", "", "```", r.get("tail", ""), "```"]

@@ -21,7 +21,7 @@ def test_gpu_check_smoke(tmp_path):
                           env=env, capture_output=True, text=True, timeout=850)
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     results = summary["results"]
-    assert set(results) == {"loss_tests", "loss_bench", "train_step", "generation"}
+    assert set(results) == {"loss_tests", "loss_bench", "train_step", "generation", "train_packing"}
     bad = {k: v["status"] for k, v in results.items() if v["status"] != "ok"}
     assert not bad and proc.returncode == 0, (bad, proc.stdout[-3000:], proc.stderr[-3000:])
     # The loss benchmark ran the baselines and the project's fused loss, all returning the objective.
@@ -34,6 +34,13 @@ def test_gpu_check_smoke(tmp_path):
     # The training step compared the two heads on the same model and batch.
     step = results["train_step"]["report"]
     assert step["first_loss_rel_diff"] < 1e-5 and step["head_grad_rel_diff"] < 1e-4
+    # The packing benchmark ran every layout on both length distributions; packed rows have no padding and
+    # compute the padded run's loss (the same step).
+    packing = {(r["distribution"], r["variant"]): r for r in results["train_packing"]["reports"]["default"]["rows"]}
+    assert set(packing) == {(d, v) for d in ("vicuna", "fc") for v in ("padded", "grouped", "packed")}
+    for d in ("vicuna", "fc"):
+        assert packing[(d, "packed")]["pad_fraction"] == 0 < packing[(d, "padded")]["pad_fraction"]
+        assert packing[(d, "packed")]["first_loss_rel_diff"] < 1e-5
     assert (tmp_path / "gpu_check.md").read_text().startswith("# GPU check")
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert len(files) <= 8  # at most 8 files come back from the device machine
