@@ -1,13 +1,17 @@
 """Padding-free packing vs padded micro-batches: the same training steps, side by side in one process.
 
-Each variant trains the same model copy on the same steps (the same samples per step, the same global loss
-denominators), laid out by the project's own code (:mod:`tract_dist.train.batching`):
+Each variant runs the forward and backward passes of the same training steps (the same samples per step, the same
+global loss denominators) on the same model, laid out by the project's own code (:mod:`tract_dist.train.batching`);
+the optimizer update, identical in every layout, is left out:
 
   padded     micro-batches of ``--micro`` samples in the step's shuffled order, right-padded (the default)
   grouped    the same after sorting the step by length (``training.group_by_length``)
-  packed     rows of at most ``--budget`` tokens, no padding, attention confined to each example
-             (``training.packing``; sdpa's block-diagonal mask on CPU, flash-attention varlen on CUDA when
-             ``flash_attn`` imports, else sdpa)
+  packed     rows of at most ``--budget`` tokens, no padding, attention confined to each example as training does
+             it (``training.packing``): flash-attention's varlen kernel when that is the attention, else one
+             causal sdpa per example (``tract_dist.models.packed_attention``); flex_attention uses its block mask
+  packed_mask  the same rows through transformers' block-diagonal mask with plain sdpa, which computes each row's
+             whole attention square (cross-example blocks masked, not skipped): what packing costs without a
+             per-example kernel (only when the attention is sdpa)
 
 Length distributions (SmolLM2's tokenizer and chat template, ``data.max_length`` 3000):
 
@@ -19,10 +23,11 @@ Length distributions (SmolLM2's tokenizer and chat template, ``data.max_length``
 
 Reported per (distribution, variant): useful (non-pad) tokens/s over the measured steps (the first ``--warmup``
 steps are excluded), the same per second of this process's CPU time (on a shared CPU machine the steadier of
-the two: other processes' load stretches wall time far more than it does CPU time), the padding fraction (pad slots / computed slots), step seconds, peak tensor memory of one
-micro-batch's forward+backward (the largest micro-batch of the step; CUDA: max_memory_allocated, CPU: the
-profiler's allocator events, ``tract_dist.loss.memory_probe``), and each variant's first loss against the
-padded one (they must agree: the same step). Ratios are to ``padded``.
+the two: other processes' load stretches wall time far more than it does CPU time), the padding fraction (pad
+slots / computed slots), step seconds, peak tensor memory of one micro-batch's forward+backward (the largest
+micro-batch of the step; CUDA: max_memory_allocated, CPU: the profiler's allocator events,
+``tract_dist.loss.memory_probe``), and each variant's first loss against the padded one (they must agree: the
+same step). Ratios are to ``padded``.
 
     python benchmarks/train/bench_packing.py --out benchmarks/results/packing-cpu-2core          # CPU, SmolLM2
     python benchmarks/train/bench_packing.py --device cuda --model random-1b --bf16 --samples 32 --micro 8 \\
@@ -33,7 +38,7 @@ padded one (they must agree: the same step). Ratios are to ``padded``.
 from __future__ import annotations
 
 import argparse
-import copy
+import gc
 import json
 import math
 import os
@@ -57,7 +62,7 @@ from tract_dist.models import CotRaftCausalLM  # noqa: E402
 from tract_dist.train.batching import batch_tokens, collate_packed, pack_step, split_padded  # noqa: E402
 from tract_dist.train.data import collate, loss_denominators  # noqa: E402
 
-VARIANTS = ("padded", "grouped", "packed")
+VARIANTS = ("padded", "grouped", "packed", "packed_mask")
 FC_MEDIAN, FC_SIGMA, FC_MIN, FC_MAX = 1200, 0.45, 300, 3000  # lognormal: mean = median * exp(sigma^2 / 2) ~ 1,310
 MAX_LENGTH = 3000  # data.max_length of the paper configs (the official cutoff)
 
@@ -117,25 +122,30 @@ def steps_of(rows: list[dict[str, Any]], samples: int, steps: int, seed: int) ->
 
 def layout(variant: str, step: list[int], lengths: list[int], micro: int, budget: int) -> list[list[int]]:
     """One worker's micro-batches of the step, by the project's own layout functions."""
-    if variant == "packed":
+    if variant.startswith("packed"):
         return [m[0] for m in pack_step(step, lengths, world=1, budget=budget)]
     return [m[0] for m in split_padded(step, lengths, world=1, micro=micro, group_by_length=variant == "grouped")]
 
 
-def run_variant(variant: str, base: torch.nn.Module, rows: list[dict[str, Any]], steps: list[list[int]],
+def run_variant(variant: str, model: torch.nn.Module, rows: list[dict[str, Any]], steps: list[list[int]],
                 args: argparse.Namespace, options: CoTRaftLossOptions, device: torch.device, pad_id: int) -> dict:
-    model = copy.deepcopy(base)
+    """Forward + backward of every micro-batch of each step. No optimizer update: it is the same in every layout
+    (and small beside a step's forwards and backwards), and without it every layout sees the same weights, so
+    their losses must agree; gradients are dropped after each step."""
+    base_attn = model.config._attn_implementation
+    model.set_attn_implementation(attention_for(variant, base_attn))
     wrapper = CotRaftCausalLM(model, options)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     lengths = [len(r["input_ids"]) for r in rows]
     times, cpu_times, tokens, slots, losses, peak = [], [], [], [], [], 0
     for s, step in enumerate(steps):
         n_ce = sum(sum(x != -100 for x in rows[i]["labels"]) for i in step)
         den = loss_denominators(n_ce, len(step), ce_on_score_token=False, world_size=1).per_rank()
         micro_batches = layout(variant, step, lengths, args.micro, args.budget)
-        batches = [{k: v.to(device) for k, v in (collate_packed([rows[i] for i in m]) if variant == "packed" else
-                                                 collate([rows[i] for i in m], pad_id)).items()}
+        batches = [{k: v.to(device) for k, v in (collate_packed([rows[i] for i in m]) if variant.startswith("packed")
+                                                 else collate([rows[i] for i in m], pad_id)).items()}
                    for m in micro_batches]
+        if variant == "packed_mask":  # no example bounds: transformers' block mask from the position ids alone
+            batches = [{k: v for k, v in b.items() if k != "cu_seq_lens"} for b in batches]
         _sync(device)
         t0, c0 = time.perf_counter(), time.process_time()
         loss = 0.0
@@ -144,8 +154,6 @@ def run_variant(variant: str, base: torch.nn.Module, rows: list[dict[str, Any]],
                 out = wrapper(**b, **den)
             out.loss.backward()
             loss += float(out.loss.detach())
-        opt.step()
-        opt.zero_grad(set_to_none=True)
         _sync(device)
         if s >= args.warmup:
             times.append(time.perf_counter() - t0)
@@ -153,6 +161,7 @@ def run_variant(variant: str, base: torch.nn.Module, rows: list[dict[str, Any]],
             tokens.append(sum(float(batch_tokens(b)) for b in batches))
             slots.append(sum(b["input_ids"].numel() for b in batches))
         losses.append(loss)
+        model.zero_grad(set_to_none=True)
         if s == args.warmup and not args.no_memory:  # one extra fwd+bwd of the step's largest micro-batch
             largest = max(batches, key=lambda b: b["input_ids"].numel())
 
@@ -162,17 +171,31 @@ def run_variant(variant: str, base: torch.nn.Module, rows: list[dict[str, Any]],
                 o.loss.backward()
 
             _, peak = peak_tensor_bytes(fwd_bwd, device)
-            opt.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)
         print(f"[bench] {variant} step {s + 1}/{len(steps)}: {len(batches)} micro-batches, "
               f"{time.perf_counter() - t0:.1f} s", flush=True)
-    del model, wrapper, opt
+    del wrapper, batches
+    gc.collect()
+    attention = model.config._attn_implementation
+    model.set_attn_implementation(base_attn)
     total = sum(times)
     return {"variant": variant, "useful_tokens_per_s": sum(tokens) / total if total else float("nan"),
             "useful_tokens_per_cpu_s": sum(tokens) / sum(cpu_times) if cpu_times else float("nan"),
             "pad_fraction": 1 - sum(tokens) / sum(slots) if slots else float("nan"),
             "step_s_median": statistics.median(times) if times else float("nan"), "measured_steps": len(times),
             "useful_tokens": sum(tokens), "slots": sum(slots), "micro_batches_per_step": len(micro_batches),
-            "peak_micro_batch_mib": peak / 2**20, "losses": losses}
+            "peak_micro_batch_mib": peak / 2**20, "losses": losses, "attention": attention}
+
+
+def attention_for(variant: str, base: str) -> str:
+    """The attention a layout runs with, as training picks it (tract_dist.train.model_init)."""
+    from tract_dist.models.packed_attention import PACKED_SDPA, register_packed_sdpa
+
+    if variant == "packed" and base == "sdpa":
+        return register_packed_sdpa()
+    if variant == "packed_mask" and base in ("sdpa", PACKED_SDPA):
+        return "sdpa"
+    return base
 
 
 def _warm_up(base: torch.nn.Module, row: dict[str, Any], options: CoTRaftLossOptions, device: torch.device,
@@ -241,6 +264,8 @@ def run(args: argparse.Namespace) -> dict:
                                          "median": statistics.median(lens), "max": lens[-1], "min": lens[0]}
         steps = steps_of(rows, args.samples, args.steps, seed=2)
         for variant in args.variants.split(","):
+            if variant == "packed_mask" and model.config._attn_implementation != "sdpa":
+                continue  # the block-mask comparison is sdpa's
             r = run_variant(variant, model, rows, steps, args, options, device, tok.pad_token_id)
             report["rows"].append({"distribution": name, **r})
     for row in report["rows"]:
@@ -263,14 +288,14 @@ def run(args: argparse.Namespace) -> dict:
 
 def format_table(report: dict) -> str:
     lines = ["| lengths | layout | useful tokens/s | vs padded | per CPU-second | vs padded | pad fraction | "
-             "micro-batches / step | step s | peak MiB (1 micro-batch) | vs padded | 1st loss vs padded |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "micro-batches / step | step s | peak MiB (1 micro-batch) | vs padded | 1st loss vs padded | attention |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         lines.append(f"| {r['distribution']} | {r['variant']} | {r['useful_tokens_per_s']:.1f} | "
                      f"{r['speedup_vs_padded']:.2f}x | {r['useful_tokens_per_cpu_s']:.1f} | "
                      f"{r['cpu_speedup_vs_padded']:.2f}x | {r['pad_fraction']:.3f} | {r['micro_batches_per_step']} | "
                      f"{r['step_s_median']:.1f} | {r['peak_micro_batch_mib']:.0f} | {r['memory_vs_padded']:.2f} | "
-                     f"{r['first_loss_rel_diff']:.1e} |")
+                     f"{r['first_loss_rel_diff']:.1e} | {r['attention']} |")
     return "\n".join(lines)
 
 

@@ -37,10 +37,12 @@ def test_gpu_check_smoke(tmp_path):
     # The packing benchmark ran every layout on both length distributions; packed rows have no padding and
     # compute the padded run's loss (the same step).
     packing = {(r["distribution"], r["variant"]): r for r in results["train_packing"]["reports"]["default"]["rows"]}
-    assert set(packing) == {(d, v) for d in ("vicuna", "fc") for v in ("padded", "grouped", "packed")}
+    assert set(packing) == {(d, v) for d in ("vicuna", "fc") for v in ("padded", "grouped", "packed", "packed_mask")}
     for d in ("vicuna", "fc"):
         assert packing[(d, "packed")]["pad_fraction"] == 0 < packing[(d, "padded")]["pad_fraction"]
-        assert packing[(d, "packed")]["first_loss_rel_diff"] < 1e-5
+        assert packing[(d, "packed")]["attention"] == "tract_packed_sdpa"  # training's choice for packed sdpa
+        for v in ("grouped", "packed", "packed_mask"):
+            assert packing[(d, v)]["first_loss_rel_diff"] < 1e-5
     assert (tmp_path / "gpu_check.md").read_text().startswith("# GPU check")
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert len(files) <= 8  # at most 8 files come back from the device machine

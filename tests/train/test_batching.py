@@ -78,19 +78,24 @@ def _encoded(examples, max_length: int):
     return tok, st, [e.to_dict() for e in enc]
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "tract_packed_sdpa"])
 def test_packed_loss_and_gradients_equal_padded_in_float64(quickstart_examples, attn):
-    """Real Vicuna records (the committed sample) through a tiny Llama in float64: one packed row and a padded
-    batch of the same records give the same loss, CE, MSE, ŷ and gradient of every parameter, with the step's
-    global denominators as training passes them; position ids that do not restart (attention across examples)
-    give another loss, so the equality is not vacuous."""
+    """Real Vicuna records (the committed sample) through a tiny Llama in float64: one packed row gives the loss,
+    CE, MSE, ŷ and gradient of every parameter of a padded batch of the same records (sdpa with its padding mask),
+    with the step's global denominators as training passes them. Packed attention: transformers' block-diagonal
+    mask (sdpa; eager builds the same mask, but its softmax runs in float32) or one causal sdpa per example
+    (tract_packed_sdpa, the training default with sdpa, which also runs the padded batch here: plain causal sdpa,
+    exact for right padding). Position ids that do not restart, without the example bounds (attention across
+    examples), give another loss, so the equality is not vacuous."""
     from tract_dist.loss import CoTRaftLossOptions
     from tract_dist.models import CotRaftCausalLM, build_tiny_model, tiny_llama_config
+    from tract_dist.models.packed_attention import register_packed_sdpa
 
+    register_packed_sdpa()
     # records 15, 8 and 4: 696, 952 and 998 tokens untruncated (SmolLM2's template), so the padded batch pads
     tok, st, rows = _encoded([quickstart_examples[i] for i in (15, 8, 4)], max_length=1024)
     assert len({len(r["input_ids"]) for r in rows}) == 3
-    model = build_tiny_model(tiny_llama_config(len(tok), attn_implementation=attn, max_position_embeddings=512),
+    model = build_tiny_model(tiny_llama_config(len(tok), attn_implementation="sdpa", max_position_embeddings=512),
                              seed=3).double()
     wrapper = CotRaftCausalLM(model, CoTRaftLossOptions(st.token_ids, st.scores, lam=0.5, impl="fused"))
     den = {"ce_denominator": 1.7 * sum(sum(x != -100 for x in r["labels"]) for r in rows), "mse_denominator": 9.0}
@@ -101,15 +106,18 @@ def test_packed_loss_and_gradients_equal_padded_in_float64(quickstart_examples, 
         out.loss.backward()
         return out, {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    padded, g_padded = run(collate(rows, tok.pad_token_id))
-    packed_batch = collate_packed(rows)
+    padded_batch, packed_batch = collate(rows, tok.pad_token_id), collate_packed(rows)
+    reference, g_reference = run(padded_batch)  # with the padding mask
+    model.set_attn_implementation(attn)
     assert packed_batch["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows))
-    packed, g_packed = run(packed_batch)
-    for name in ("loss", "ce", "mse", "yhat"):
-        torch.testing.assert_close(getattr(packed, name), getattr(padded, name), rtol=1e-10, atol=1e-12)
-    assert (packed.n_ce_tokens, packed.n_score_rows) == (padded.n_ce_tokens, padded.n_score_rows) != (0, 0)
-    for name, g in g_padded.items():
-        torch.testing.assert_close(g_packed[name], g, rtol=1e-9, atol=1e-12, msg=name)
-    leaky = dict(packed_batch, position_ids=torch.arange(packed_batch["input_ids"].shape[1])[None])
+    assert packed_batch["cu_seq_lens"].tolist() == [0, 696, 696 + 952, 696 + 952 + 998]
+    for batch in (packed_batch, padded_batch):
+        out, grads = run(batch)
+        for name in ("loss", "ce", "mse", "yhat"):
+            torch.testing.assert_close(getattr(out, name), getattr(reference, name), rtol=1e-10, atol=1e-12)
+        assert (out.n_ce_tokens, out.n_score_rows) == (reference.n_ce_tokens, reference.n_score_rows) != (0, 0)
+        for name, g in g_reference.items():
+            torch.testing.assert_close(grads[name], g, rtol=1e-9, atol=1e-12, msg=name)
+    leaky = dict(packed_batch, position_ids=torch.arange(packed_batch["input_ids"].shape[1])[None], cu_seq_lens=None)
     with torch.no_grad():
-        assert abs(wrapper(**leaky, **den).loss.item() - padded.loss.item()) > 1e-3
+        assert abs(wrapper(**leaky, **den).loss.item() - reference.loss.item()) > 1e-3

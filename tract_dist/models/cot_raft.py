@@ -15,7 +15,9 @@ Batch contract (one micro-batch, all tensors on the model's device):
 
 A *packed* micro-batch (:func:`tract_dist.train.batching.collate_packed`) is one row (B = 1) of several whole
 examples: ``position_ids`` (1, T) restart at 0 for each (transformers then keeps attention inside each example),
-``sequence_index`` (1, T) names each token's example, no ``attention_mask``, and ``score_positions`` /
+``cu_seq_lens`` (S + 1,) their start offsets (flash-attention's varlen kernel and the per-example sdpa of
+:mod:`.packed_attention` run each example alone), ``sequence_index`` (1, T) names each token's example, no
+``attention_mask``, and ``score_positions`` /
 ``score_targets`` have one entry per example (S,), positions within the row. With B = 1 the two layouts agree,
 so the rule is: B > 1 needs one score position per row; B = 1 takes any number. No target is taken across a
 change of ``sequence_index``.
@@ -207,7 +209,8 @@ def _loss_through_head(
     mse_denominator: Denominator,
     lam: float | None = None,
 ) -> CotRaftOutput:
-    hidden = final_hidden_states(lm, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
+    hidden = final_hidden_states(lm, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"),
+                                 batch.get("cu_seq_lens"))
     rows = select_loss_rows(batch["labels"], batch["score_positions"], batch["score_targets"],
                             batch.get("sequence_index"), batch.get("ce_weights"), batch.get("mse_weights"))
     flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.row_index)
@@ -273,6 +276,7 @@ class CotRaftCausalLM(nn.Module):
         lam: float | None = None,
         position_ids: torch.Tensor | None = None,
         sequence_index: torch.Tensor | None = None,
+        cu_seq_lens: torch.Tensor | None = None,
     ) -> CotRaftOutput:
         # No ``self.lm.lm_head.weight`` here: under a ZeRO-3 engine, reading a partitioned parameter
         # through its module during forward makes DeepSpeed gather it and register it as external to
@@ -287,5 +291,6 @@ class CotRaftCausalLM(nn.Module):
             "mse_weights": mse_weights,
             "position_ids": position_ids,
             "sequence_index": sequence_index,
+            "cu_seq_lens": cu_seq_lens,
         }
         return _loss_through_head(self.lm, self.head, batch, ce_denominator, mse_denominator, lam)

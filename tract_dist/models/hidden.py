@@ -9,6 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .packed_attention import packed_attention_kwargs, register_packed_sdpa
+
+register_packed_sdpa()  # a valid attn_implementation in every process that computes hidden states
+
 # Config attributes that make HF's logits differ from ``hidden @ W.T + b``. None of the supported
 # families (Llama, Mistral, Qwen2) sets them; refuse models that do rather than silently diverge.
 _LOGIT_MODIFIERS = ("final_logit_softcapping", "logit_scale", "logits_scaling")  # Gemma2+, Cohere, Granite
@@ -43,15 +47,19 @@ def final_hidden_states(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
+    cu_seq_lens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, T, H) hidden states after the final norm, i.e. the lm_head's input, via the bare decoder.
 
     ``position_ids`` that restart at 0 inside a row, with no ``attention_mask``, are transformers' packed-sequence
-    format: its mask builder then confines attention to each example (sdpa / eager) and flash-attention runs its
-    variable-length kernel (``masking_utils.find_packed_sequence_indices``, ``_is_packed_sequence``)."""
-    decoder = unwrap_causal_lm(model).get_decoder()
+    format: its mask builder then confines attention to each example (sdpa / eager: a block-diagonal mask,
+    ``masking_utils.find_packed_sequence_indices``). ``cu_seq_lens`` (the examples' start offsets) lets
+    flash-attention and :data:`~tract_dist.models.packed_attention.PACKED_SDPA` run each example alone instead."""
+    lm = unwrap_causal_lm(model)
+    decoder = lm.get_decoder()
+    extra = packed_attention_kwargs(getattr(lm.config, "_attn_implementation", None) or "", cu_seq_lens)
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                  return_dict=True)
+                  return_dict=True, **extra)
     return out.last_hidden_state
 
 

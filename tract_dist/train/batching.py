@@ -12,10 +12,11 @@ assignment of its samples to workers and micro-batches gives the gradient of one
   as its largest micro-batch, so the long samples cost one forward instead of several).
 - **packed** (``training.packing``): each micro-batch is one row of whole examples, at most
   ``max_tokens_per_micro_batch`` tokens, no padding; position ids restart at 0 for every example and attention
-  stays inside each example (flash-attention's variable-length kernel on GPU, transformers' block-diagonal mask
-  with sdpa / eager; :func:`collate_packed`). The step's samples are spread over ``world x k`` rows with the
-  longest-processing-time-first rule (each sample into the least-filled row), ``k`` the fewest rows per worker
-  that fit the budget, so rows and workers carry similar token counts.
+  stays inside each example (flash-attention's variable-length kernel; with sdpa one causal call per example,
+  :mod:`tract_dist.models.packed_attention`; transformers' block-diagonal mask with eager; :func:`collate_packed`).
+  The step's samples are spread over ``world x k`` rows with the longest-processing-time-first rule (each sample
+  into the least-filled row), ``k`` the fewest rows per worker that fit the budget, so rows and workers carry
+  similar token counts.
 
 A worker left without a sample for one micro-batch (a step with fewer samples than rows, e.g. after resuming on
 more workers) runs a *filler*: the step's first sample with its loss multiplied by 0, so its collectives still
@@ -128,11 +129,13 @@ def collate_packed(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Concatenate whole examples into one row (batch 1, no padding, no attention mask).
 
     ``position_ids`` restart at 0 for every example: transformers reads that as packed sequences (block-diagonal
-    causal mask with sdpa / eager, flash-attention's varlen kernel), so no token attends across examples.
+    causal mask with sdpa / eager), so no token attends across examples; with ``cu_seq_lens`` flash-attention's
+    varlen kernel and the per-example sdpa run each example alone.
     ``sequence_index`` (1, T) says which example (index into ``score_targets``) each token belongs to: the loss
     never predicts across a boundary, and per-sequence attributes (weights) can be mapped to tokens.
-    ``score_positions`` (S,) are positions in the row (one per example)."""
-    ids, labels, pos, seq, score_pos = [], [], [], [], []
+    ``score_positions`` (S,) are positions in the row (one per example); ``cu_seq_lens`` (S + 1,) the examples'
+    start offsets and the row's length (flash-attention's varlen arguments; the per-example sdpa's bounds)."""
+    ids, labels, pos, seq, score_pos, bounds = [], [], [], [], [], [0]
     start = 0
     for s, r in enumerate(rows):
         t = len(r["input_ids"])
@@ -144,6 +147,7 @@ def collate_packed(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         seq += [s] * t
         score_pos.append(start + r["score_position"] if r["score_position"] >= 0 else -1)
         start += t
+        bounds.append(start)
     return {
         "input_ids": torch.tensor([ids], dtype=torch.long),
         "labels": torch.tensor([labels], dtype=torch.long),
@@ -151,6 +155,7 @@ def collate_packed(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         "sequence_index": torch.tensor([seq], dtype=torch.long),
         "score_positions": torch.tensor(score_pos, dtype=torch.long),
         "score_targets": torch.tensor([r["score"] for r in rows], dtype=torch.float32),
+        "cu_seq_lens": torch.tensor(bounds, dtype=torch.long),
     }
 
 
