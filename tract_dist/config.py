@@ -58,7 +58,8 @@ class ModelSection(_Section):
                             "(bf16 matmuls are slow on most CPUs)")
     attn_implementation: str | None = Field(
         None, description="transformers attn_implementation (sdpa, eager, flash_attention_2); None: "
-                          "flash_attention_2 when flash-attn imports and the model runs on CUDA, else sdpa")
+                          "flash_attention_2 when flash-attn imports and the model runs on CUDA, else sdpa. Packed "
+                          "training runs sdpa per example (tract_packed_sdpa)")
     trust_remote_code: bool = Field(
         False, description="let HF / vLLM run a model repository's own Python code; off by default (security): "
                            "set it only for a model you trust")
