@@ -74,7 +74,8 @@ def independent_objective(hidden, weight, batch, st, w, u, lam, rail_normalize=F
 
 
 def _ours(hidden, weight, batch, st, impl, lam, ce_w=None, mse_w=None, **kw):
-    rows = select_loss_rows(batch["labels"], batch["score_positions"], batch["score_targets"].double(), ce_w, mse_w)
+    rows = select_loss_rows(batch["labels"], batch["score_positions"], batch["score_targets"].double(),
+                            ce_weights=ce_w, mse_weights=mse_w)
     flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.row_index)
     return cot_raft_loss(flat, weight, rows.targets, rows.score_rows, rows.score_targets, torch.tensor(st.token_ids),
                          torch.tensor(st.scores, dtype=torch.float64), lam=lam, impl=impl, ce_weights=rows.ce_weights,
@@ -187,9 +188,10 @@ def test_bad_weights_are_named(impl):
 def test_batch_weights_reach_the_rows(batch_and_tokens):
     batch, _, _ = batch_and_tokens
     w = torch.tensor(WEIGHTS, dtype=torch.float64)
-    rows = select_loss_rows(batch["labels"], batch["score_positions"], batch["score_targets"], w, -w)
+    rows = select_loss_rows(batch["labels"], batch["score_positions"], batch["score_targets"],
+                            ce_weights=w, mse_weights=-w)
     t = batch["labels"].shape[1]
     assert torch.equal(rows.ce_weights, w[rows.row_index // t])
     assert torch.equal(rows.mse_weights, -w)  # every sequence has a score row
-    with pytest.raises(ValueError, match=r"shape \(B,\)"):
-        select_loss_rows(batch["labels"], batch["score_positions"], batch["score_targets"], w[:3])
+    with pytest.raises(ValueError, match="one weight per example"):
+        select_loss_rows(batch["labels"], batch["score_positions"], batch["score_targets"], ce_weights=w[:3])

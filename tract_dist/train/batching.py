@@ -156,7 +156,17 @@ def collate_packed(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         "score_positions": torch.tensor(score_pos, dtype=torch.long),
         "score_targets": torch.tensor([r["score"] for r in rows], dtype=torch.float32),
         "cu_seq_lens": torch.tensor(bounds, dtype=torch.long),
+        **_weights(rows),
     }
+
+
+def _weights(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """``ce_weights`` / ``mse_weights`` (S,) of a weighted data set's examples, as :func:`..data.collate` gives
+    them (float64 on the host, rounded once by the loss); nothing for an unweighted one."""
+    if rows[0].get("weight") is None:
+        return {}
+    weights = torch.tensor([float(r["weight"]) for r in rows], dtype=torch.float64)
+    return {"ce_weights": weights, "mse_weights": weights.clone()}
 
 
 def batch_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
