@@ -98,9 +98,10 @@ def test_stage_list_keeps_the_fingerprints_of_existing_pipeline_folders(tmp_path
     pdir = tmp_path / "pipe" / "p"
     data_fp = file_fingerprint(str(quickstart_data))
     s1 = _digest("train", fingerprint(stage_config(cfg, pdir)), data_fp)
-    # keys added later (#24: selection, the adaptive CoT count) are absent from what earlier folders hashed
+    # keys added later (#24: selection, the adaptive CoT count; #26: the inference context) are absent from what
+    # earlier folders hashed
     generation = {k: v for k, v in cfg.generation.model_dump().items()
-                  if k not in ("select", "select_tolerance", "select_fallback")}
+                  if k not in ("select", "select_tolerance", "select_fallback", "max_length")}
     gen = _digest("generate", s1, generation, cfg.data.model_dump())
     s2d = _digest("stage2_data", gen)
     s2 = _digest("train", fingerprint(stage_config(cfg, pdir, train_path=str(pdir / "stage2.jsonl"),
@@ -109,7 +110,8 @@ def test_stage_list_keeps_the_fingerprints_of_existing_pipeline_folders(tmp_path
 
     # the evaluation settings as folders made before evaluation.rail_normalize could be unset hashed them: false,
     # the training default the pipeline's exports record
-    evaluation = {k: v for k, v in cfg.evaluation.model_dump().items() if k not in ("cot_se_target", "max_cots")}
+    evaluation = {k: v for k, v in cfg.evaluation.model_dump().items()
+                  if k not in ("cot_se_target", "max_cots", "sample_single_cot")}
     evaluation["rail_normalize"] = False
 
     def ev(model_fp):
@@ -130,6 +132,19 @@ def test_stage_list_keeps_the_fingerprints_of_existing_pipeline_folders(tmp_path
     warm = plan_pipeline(_cfg(tmp_path, quickstart_data, **{"pipeline.method": "tract", "evaluation.benchmarks": [bench],
                                                             "loss.lam_warmup_steps": 3}), name="p")
     assert warm["train_stage1"].fingerprint != s1
+
+    def changed(**over):  # which stages a setting re-runs (#26's keys)
+        other = plan_pipeline(_cfg(tmp_path, quickstart_data, **{"pipeline.method": "tract",
+                                                                 "evaluation.benchmarks": [bench], **over}), name="p")
+        return [k for k in plan if other[k].fingerprint != plan[k].fingerprint]
+
+    # how a step's samples are laid out changes no result: a run may switch it, and resume
+    assert changed(**{"training.packing": True, "training.max_tokens_per_micro_batch": 4096,
+                      "training.group_by_length": True}) == []
+    assert "train_stage1" in changed(**{"training.global_batch_size": 4})  # another step plan
+    assert changed(**{"evaluation.sample_single_cot": True}) == ["evaluate_stage1_v_cot_rail",
+                                                                 "evaluate_stage2_v_cot_rail"]
+    assert "generate" in changed(**{"generation.max_length": 2048})
 
 
 def _recorded_stage1(tmp_path, cfg) -> Path:

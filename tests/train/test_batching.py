@@ -78,15 +78,18 @@ def _encoded(examples, max_length: int):
     return tok, st, [e.to_dict() for e in enc]
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "tract_packed_sdpa"])
-def test_packed_loss_and_gradients_equal_padded_in_float64(quickstart_examples, attn):
+@pytest.mark.parametrize("attn,weights", [("sdpa", None), ("tract_packed_sdpa", (0.25, 1.5, 0.8))])
+def test_packed_loss_and_gradients_equal_padded_in_float64(quickstart_examples, attn, weights):
     """Real Vicuna records (the committed sample) through a tiny Llama in float64: one packed row gives the loss,
     CE, MSE, ŷ and gradient of every parameter of a padded batch of the same records (sdpa with its padding mask),
     with the step's global denominators as training passes them. Packed attention: transformers' block-diagonal
     mask (sdpa; eager builds the same mask, but its softmax runs in float32) or one causal sdpa per example
     (tract_packed_sdpa, the training default with sdpa, which also runs the padded batch here: plain causal sdpa,
     exact for right padding). Position ids that do not restart, without the example bounds (attention across
-    examples), give another loss, so the equality is not vacuous."""
+    examples), give another loss, so the equality is not vacuous. The second case is a weighted data set (the
+    encoded ``weight`` column of stage-2 selection): each example's weight reaches its own CE tokens and squared
+    error in the packed row (through ``sequence_index``) as in the padded batch; the same weights given to the
+    wrong examples give another loss."""
     from tract_dist.loss import CoTRaftLossOptions
     from tract_dist.models import CotRaftCausalLM, build_tiny_model, tiny_llama_config
     from tract_dist.models.packed_attention import register_packed_sdpa
@@ -95,6 +98,8 @@ def test_packed_loss_and_gradients_equal_padded_in_float64(quickstart_examples, 
     # records 15, 8 and 4: 696, 952 and 998 tokens untruncated (SmolLM2's template), so the padded batch pads
     tok, st, rows = _encoded([quickstart_examples[i] for i in (15, 8, 4)], max_length=1024)
     assert len({len(r["input_ids"]) for r in rows}) == 3
+    if weights is not None:
+        rows = [{**r, "weight": w} for r, w in zip(rows, weights)]
     model = build_tiny_model(tiny_llama_config(len(tok), attn_implementation="sdpa", max_position_embeddings=512),
                              seed=3).double()
     wrapper = CotRaftCausalLM(model, CoTRaftLossOptions(st.token_ids, st.scores, lam=0.5, impl="fused"))
@@ -111,7 +116,11 @@ def test_packed_loss_and_gradients_equal_padded_in_float64(quickstart_examples, 
     model.set_attn_implementation(attn)
     assert packed_batch["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows))
     assert packed_batch["cu_seq_lens"].tolist() == [0, 696, 696 + 952, 696 + 952 + 998]
-    for batch in (packed_batch, padded_batch):
+    if weights is not None:
+        for key in ("ce_weights", "mse_weights"):
+            assert packed_batch[key].tolist() == padded_batch[key].tolist() == list(weights)
+    # tract_packed_sdpa also runs the padded batch (plain causal sdpa); with sdpa that would repeat the reference
+    for batch in (packed_batch, padded_batch) if attn != "sdpa" else (packed_batch,):
         out, grads = run(batch)
         for name in ("loss", "ce", "mse", "yhat"):
             torch.testing.assert_close(getattr(out, name), getattr(reference, name), rtol=1e-10, atol=1e-12)
@@ -121,3 +130,7 @@ def test_packed_loss_and_gradients_equal_padded_in_float64(quickstart_examples, 
     leaky = dict(packed_batch, position_ids=torch.arange(packed_batch["input_ids"].shape[1])[None], cu_seq_lens=None)
     with torch.no_grad():
         assert abs(wrapper(**leaky, **den).loss.item() - reference.loss.item()) > 1e-3
+        if weights is not None:
+            swapped = dict(packed_batch, ce_weights=packed_batch["ce_weights"].flip(0),
+                           mse_weights=packed_batch["mse_weights"].flip(0))
+            assert abs(wrapper(**swapped, **den).loss.item() - reference.loss.item()) > 1e-3
