@@ -23,9 +23,10 @@ from pathlib import Path
 
 H100_BF16_DENSE = 989e12  # FLOP/s, NVIDIA H100 SXM datasheet (dense bf16); also tract_dist/train/stats.py
 # Published training efficiency: torchtitan (pytorch/torchtitan docs/performance.md), Llama 3.1 8B, FSDP2 on 8 H100
-# (NVLink), bf16, selective activation checkpointing: 5,762 tokens/s/GPU, "33% to 39% MFU" (without / with
-# torch.compile). A DeepSpeed ZeRO-3 + transformers eager stack with LoRA, full recomputation and ~1.3K-token
-# sequences runs smaller, less fused kernels: assumed 20-35 % MFU (the band's top is torchtitan's).
+# (NVLink; 96 GB HBM2e cards at a 500 W limit), bf16, local batch 2, selective activation checkpointing: 5,762
+# tokens/s/GPU (6,667 with torch.compile), "33% to 39% MFU" (its words: "with or without torch.compile,
+# respectively"). A DeepSpeed ZeRO-3 + transformers eager stack with LoRA, full recomputation and ~1.3K-token
+# sequences runs smaller, less fused kernels: assumed 20-35 % MFU (the band's top is about torchtitan's).
 MFU_BAND = (0.20, 0.35)
 # Published packing gains (cross-check of the padding arithmetic, not used in it): Hugging Face blog "Improving
 # Hugging Face Training Efficiency Through Packing with Flash Attention 2" (2024-08-21) and Kundu et al.,
