@@ -24,12 +24,15 @@ Length distributions (SmolLM2's tokenizer and chat template, ``data.max_length``
 Reported per (distribution, variant): useful (non-pad) tokens/s over the measured steps (the first ``--warmup``
 steps are excluded), the same per second of this process's CPU time (on a shared CPU machine the steadier of
 the two: other processes' load stretches wall time far more than it does CPU time), the padding fraction (pad
-slots / computed slots), step seconds, peak tensor memory of one micro-batch's forward+backward (the largest
-micro-batch of the step; CUDA: max_memory_allocated, CPU: the profiler's allocator events,
-``tract_dist.loss.memory_probe``), and each variant's first loss against the padded one (they must agree: the
-same step). Ratios are to ``padded``.
+slots / computed slots), step seconds, peak tensor memory of the first measured step's forwards and backwards (its activations and
+the gradients it allocates, measured in the timed pass itself: CUDA max_memory_allocated, CPU the profiler's
+allocator events, ``tract_dist.loss.memory_probe``, whose bookkeeping is small beside steps of seconds), and each
+variant's first loss against the padded one (they must agree: the same step). Ratios are to ``padded``; the *padding bound* is the
+ratio a step time proportional to its computed token slots would give.
 
-    python benchmarks/train/bench_packing.py --out benchmarks/results/packing-cpu-2core          # CPU, SmolLM2
+    MALLOC_MMAP_THRESHOLD_=131072 python benchmarks/train/bench_packing.py --samples 4 --micro 4 --budget 6000 \
+        --steps 1 --warmup 0 --variants padded,packed --out benchmarks/results/packing-cpu-2core  # CPU, SmolLM2
+        # (~580 CPU-s: 5 min on an idle 2-core machine; the fixed glibc mmap threshold keeps RSS at 2.3 GB, not 7.6)
     python benchmarks/train/bench_packing.py --device cuda --model random-1b --bf16 --samples 32 --micro 8 \\
         --budget 16384 --steps 3 --out benchmarks/results/packing-<card>                        # one GPU (gpu_check)
     python benchmarks/train/bench_packing.py --smoke --out /tmp/packing                            # tiny, seconds
@@ -146,14 +149,22 @@ def run_variant(variant: str, model: torch.nn.Module, rows: list[dict[str, Any]]
                    for m in micro_batches]
         if variant == "packed_mask":  # no example bounds: transformers' block mask from the position ids alone
             batches = [{k: v for k, v in b.items() if k != "cu_seq_lens"} for b in batches]
+
+        def one_step(batches: list = batches, den: dict = den) -> float:
+            loss = 0.0
+            for b in batches:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                    out = wrapper(**b, **den)
+                out.loss.backward()
+                loss += float(out.loss.detach())
+            return loss
+
         _sync(device)
         t0, c0 = time.perf_counter(), time.process_time()
-        loss = 0.0
-        for b in batches:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                out = wrapper(**b, **den)
-            out.loss.backward()
-            loss += float(out.loss.detach())
+        if s == args.warmup and not args.no_memory:  # the first measured step, with its peak tensor memory
+            loss, peak = peak_tensor_bytes(one_step, device)
+        else:
+            loss = one_step()
         _sync(device)
         if s >= args.warmup:
             times.append(time.perf_counter() - t0)
@@ -162,18 +173,8 @@ def run_variant(variant: str, model: torch.nn.Module, rows: list[dict[str, Any]]
             slots.append(sum(b["input_ids"].numel() for b in batches))
         losses.append(loss)
         model.zero_grad(set_to_none=True)
-        if s == args.warmup and not args.no_memory:  # one extra fwd+bwd of the step's largest micro-batch
-            largest = max(batches, key=lambda b: b["input_ids"].numel())
-
-            def fwd_bwd(b: dict = largest) -> None:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                    o = wrapper(**b, **den)
-                o.loss.backward()
-
-            _, peak = peak_tensor_bytes(fwd_bwd, device)
-            model.zero_grad(set_to_none=True)
         print(f"[bench] {variant} step {s + 1}/{len(steps)}: {len(batches)} micro-batches, "
-              f"{time.perf_counter() - t0:.1f} s", flush=True)
+              f"{time.perf_counter() - t0:.1f} s, {time.process_time() - c0:.1f} CPU-s", flush=True)
     del wrapper, batches
     gc.collect()
     attention = model.config._attn_implementation
@@ -184,7 +185,7 @@ def run_variant(variant: str, model: torch.nn.Module, rows: list[dict[str, Any]]
             "pad_fraction": 1 - sum(tokens) / sum(slots) if slots else float("nan"),
             "step_s_median": statistics.median(times) if times else float("nan"), "measured_steps": len(times),
             "useful_tokens": sum(tokens), "slots": sum(slots), "micro_batches_per_step": len(micro_batches),
-            "peak_micro_batch_mib": peak / 2**20, "losses": losses, "attention": attention}
+            "peak_step_mib": peak / 2**20, "losses": losses, "attention": attention}
 
 
 def attention_for(variant: str, base: str) -> str:
@@ -273,9 +274,11 @@ def run(args: argparse.Namespace) -> dict:
                       and r["variant"] == "padded")
         row["speedup_vs_padded"] = row["useful_tokens_per_s"] / padded["useful_tokens_per_s"]
         row["cpu_speedup_vs_padded"] = row["useful_tokens_per_cpu_s"] / padded["useful_tokens_per_cpu_s"]
-        row["memory_vs_padded"] = (row["peak_micro_batch_mib"] / padded["peak_micro_batch_mib"]
-                                   if padded["peak_micro_batch_mib"] else float("nan"))
+        row["memory_vs_padded"] = (row["peak_step_mib"] / padded["peak_step_mib"]
+                                   if padded["peak_step_mib"] else float("nan"))
         row["first_loss_rel_diff"] = abs(row["losses"][0] - padded["losses"][0]) / abs(padded["losses"][0])
+        # what the useful tokens/s ratio would be if a step's time were proportional to the token slots it computes
+        row["padding_bound_vs_padded"] = (padded["slots"] / padded["useful_tokens"]) / (row["slots"] / row["useful_tokens"])
     report["settings"] = {k: v for k, v in vars(args).items() if k != "out"}
     report["settings"]["attn_implementation"] = model.config._attn_implementation
     report["settings"]["params"] = sum(p.numel() for p in model.parameters())
@@ -287,14 +290,14 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def format_table(report: dict) -> str:
-    lines = ["| lengths | layout | useful tokens/s | vs padded | per CPU-second | vs padded | pad fraction | "
-             "micro-batches / step | step s | peak MiB (1 micro-batch) | vs padded | 1st loss vs padded | attention |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| lengths | layout | useful tokens/s | vs padded | per CPU-second | vs padded | padding bound | "
+             "pad fraction | micro-batches / step | step s | peak MiB (step) | vs padded | 1st loss vs padded | "
+             "attention |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         lines.append(f"| {r['distribution']} | {r['variant']} | {r['useful_tokens_per_s']:.1f} | "
                      f"{r['speedup_vs_padded']:.2f}x | {r['useful_tokens_per_cpu_s']:.1f} | "
-                     f"{r['cpu_speedup_vs_padded']:.2f}x | {r['pad_fraction']:.3f} | {r['micro_batches_per_step']} | "
-                     f"{r['step_s_median']:.1f} | {r['peak_micro_batch_mib']:.0f} | {r['memory_vs_padded']:.2f} | "
+                     f"{r['cpu_speedup_vs_padded']:.2f}x | {r['padding_bound_vs_padded']:.2f}x | {r['pad_fraction']:.3f} | {r['micro_batches_per_step']} | "
+                     f"{r['step_s_median']:.1f} | {r['peak_step_mib']:.0f} | {r['memory_vs_padded']:.2f} | "
                      f"{r['first_loss_rel_diff']:.1e} | {r['attention']} |")
     return "\n".join(lines)
 
@@ -313,7 +316,9 @@ def write(report: dict, out: Path) -> None:
         f"micro-batches of {s['micro']}, packed rows of <= {s['budget']} tokens, attention "
         f"`{s['attn_implementation']}`, {'bf16 autocast' if s['bf16'] else 'fp32'}"
         f"{', gradient checkpointing' if s['gradient_checkpointing'] else ''}.\n\n{dist}\n\n"
-        f"{format_table(report)}\n")
+        f"{format_table(report)}\n\n*Padding bound*: the ratio if a step's time were proportional to the token slots "
+        "it computes (padded slots per useful token over the layout's); attention, which grows with the square of "
+        "each sequence, and per-call overheads move the measured ratio off it.\n")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -335,7 +340,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
                     help="keep every activation (the paper's runs recompute them: LLaMA-Factory's default)")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    ap.add_argument("--no-memory", action="store_true", help="do not record the peak memory of the first measured "
+                                                                "step")
     ap.add_argument("--smoke", action="store_true", help="tiny random Llama, one step of 2 samples: checks it runs")
     ap.add_argument("--out", default=None, help="output stem (.json and .md)")
     args = ap.parse_args(argv)
