@@ -190,12 +190,12 @@ def run_variant(variant: str, model: torch.nn.Module, rows: list[dict[str, Any]]
 
 def attention_for(variant: str, base: str) -> str:
     """The attention a layout runs with, as training picks it (tract_dist.train.model_init)."""
-    from tract_dist.models.packed_attention import PACKED_SDPA, register_packed_sdpa
+    from tract_dist.models.packed_attention import PACKED_SDPA, packed_implementation
 
-    if variant == "packed" and base == "sdpa":
-        return register_packed_sdpa()
-    if variant == "packed_mask" and base in ("sdpa", PACKED_SDPA):
-        return "sdpa"
+    if variant == "packed":
+        return packed_implementation(base)
+    if variant == "packed_mask" and packed_implementation(base) == PACKED_SDPA:
+        return "sdpa"  # transformers' block-diagonal mask over the row's whole square
     return base
 
 
@@ -265,7 +265,7 @@ def run(args: argparse.Namespace) -> dict:
                                          "median": statistics.median(lens), "max": lens[-1], "min": lens[0]}
         steps = steps_of(rows, args.samples, args.steps, seed=2)
         for variant in args.variants.split(","):
-            if variant == "packed_mask" and model.config._attn_implementation != "sdpa":
+            if variant == "packed_mask" and attention_for(variant, model.config._attn_implementation) != "sdpa":
                 continue  # the block-mask comparison is sdpa's
             r = run_variant(variant, model, rows, steps, args, options, device, tok.pad_token_id)
             report["rows"].append({"distribution": name, **r})

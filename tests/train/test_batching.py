@@ -134,3 +134,21 @@ def test_packed_loss_and_gradients_equal_padded_in_float64(quickstart_examples, 
             swapped = dict(packed_batch, ce_weights=packed_batch["ce_weights"].flip(0),
                            mse_weights=packed_batch["mse_weights"].flip(0))
             assert abs(wrapper(**swapped, **den).loss.item() - reference.loss.item()) > 1e-3
+
+
+def test_packed_training_runs_sdpa_per_example_whatever_the_sdpa_default():
+    """A packed run whose attention would be sdpa, or the CPU default that is sdpa for training
+    (models.cpu_attention), trains with tract_packed_sdpa; a padded run keeps the default; other kernels stay."""
+    from tract_dist.config import load_config
+    from tract_dist.data.assets import load_tokenizer
+    from tract_dist.models import cpu_attention
+    from tract_dist.models.packed_attention import PACKED_SDPA, packed_implementation
+    from tract_dist.train.model_init import load_training_model
+
+    base = {"model": {"name_or_path": "tiny-llama", "tokenizer": "smollm2"}, "data": {"max_length": 512}}
+    tok = load_tokenizer("smollm2")
+    for packing, want in ((True, PACKED_SDPA), (False, cpu_attention.NAME)):
+        cfg = load_config(None, [f"training.packing={str(packing).lower()}"], base=base)
+        assert load_training_model(cfg, tok, use_cuda=False).config._attn_implementation == want
+    assert [packed_implementation(a) for a in ("sdpa", cpu_attention.NAME, "flash_attention_2", "eager")] == [
+        PACKED_SDPA, PACKED_SDPA, "flash_attention_2", "eager"]

@@ -9,8 +9,8 @@ transformers' own ``sdpa_attention_forward`` with ``is_causal=True`` (so torch's
 also skip the upper triangle). The arithmetic is the padded batch's, example by example.
 
 It is registered with transformers' ``AttentionInterface`` as :data:`PACKED_SDPA` (the extension point transformers
-provides for attention kernels); training selects it for packed runs whose attention would be sdpa
-(:func:`tract_dist.train.model_init.load_training_model`). No mask function is registered with it, so
+provides for attention kernels); training selects it for packed runs whose attention would be sdpa, or the CPU
+default that is sdpa for training (:func:`packed_implementation`, :func:`tract_dist.train.model_init.load_training_model`). No mask function is registered with it, so
 transformers builds no (T, T) mask; a call without ``packed_seq_bounds`` is plain causal sdpa, which is exact for
 the right-padded batches training makes (real tokens precede the padding, so causality alone keeps them off it).
 The name is not saved with a model (``save_pretrained`` writes no attention implementation).
@@ -44,6 +44,18 @@ def packed_sdpa_attention_forward(module: torch.nn.Module, query: torch.Tensor, 
                                         is_causal=True, **kwargs)
         outs.append(out)
     return torch.cat(outs, dim=1), None
+
+
+def packed_implementation(implementation: str) -> str:
+    """The attention a packed training run uses in place of ``implementation``: :data:`PACKED_SDPA` for the ones
+    that run training-shaped calls through sdpa (``sdpa``, and the CPU default
+    :data:`tract_dist.models.cpu_attention.NAME`, which is sdpa but for one-token decode steps, never made in
+    training); any other (flash-attention's varlen kernel, eager, flex) as it is."""
+    from tract_dist.models import cpu_attention
+
+    if implementation in ("sdpa", cpu_attention.NAME):
+        return register_packed_sdpa()
+    return implementation
 
 
 def register_packed_sdpa() -> str:

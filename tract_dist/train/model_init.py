@@ -39,10 +39,10 @@ def load_training_model(cfg: Any, tokenizer: Any, *, use_cuda: bool) -> torch.nn
 
     m = cfg.model
     attn = attn_implementation(m.attn_implementation, use_cuda)
-    if cfg.training.packing and attn == "sdpa":
-        from tract_dist.models.packed_attention import register_packed_sdpa
+    if cfg.training.packing:
+        from tract_dist.models.packed_attention import packed_implementation
 
-        attn = register_packed_sdpa()  # sdpa per example of a packed row, not over the row's whole square
+        attn = packed_implementation(attn)  # sdpa per example of a packed row, not over the row's whole square
     if m.name_or_path == TINY_ALIAS or m.name_or_path in RANDOM_ALIASES:
         from tract_dist.models.tiny import build_tiny_model, tiny_llama_config
 
