@@ -15,7 +15,8 @@ lent H100/H200, and writes JSON + markdown into ``--out``:
   5. train_packing ``benchmarks/train/bench_packing.py`` (random-1b, bf16, gradient checkpointing): packed rows of
                    16,384 tokens vs padded micro-batches of 8 (and length-grouped) on the Vicuna sample's and
                    Feedback-Collection-like lengths, useful tokens/s, padding, peak memory; with the default
-                   attention (flash-attention varlen if it imports, else sdpa's block-diagonal mask) and with
+                   attention (flash-attention varlen if it imports, else one sdpa call per example; packed_mask: sdpa's
+                   block-diagonal mask) and with
                    transformers' flex_attention (block-sparse packed mask, compiled by torch).
 vLLM is not measured here: its wheel is too large to travel to the device machine, so the vLLM/HF ratio, tensor
 parallelism and served LoRA on GPU stay unmeasured until a machine with vLLM is lent.
