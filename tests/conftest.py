@@ -206,3 +206,14 @@ def lock_holder():
             proc.wait()
 
     return hold
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_zero3_context():
+    """A test starts without another test's ZeRO-3 context: transformers keeps the last live HfDeepSpeedConfig in a
+    module global, and while anything (a cached engine, a model) holds it, every model built afterwards in this
+    process is born partitioned (empty weights on one rank). Tests that want ZeRO-3 build their own."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    yield
