@@ -65,6 +65,11 @@ def load_training_model(cfg: Any, tokenizer: Any, *, use_cuda: bool) -> torch.nn
                                                      trust_remote_code=m.trust_remote_code)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    # from_pretrained returns the model in eval mode; transformers recomputes a layer only while training
+    # (GradientCheckpointingLayer checks self.training) and dropout (LoRA's included) acts only then, so without
+    # this both settings would silently do nothing (the plan's memory benchmark found it: a checkpointed
+    # SmolLM2 step kept every layer's activations).
+    model.train()
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if m.lora.enabled:
