@@ -50,6 +50,7 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
         scale=args.scale or (data.scale if data else "1-5"),
         skip_invalid=args.skip_invalid or bool(data and data.skip_invalid),
         truncation=args.truncation or (data.truncation if data else "truncate"),
+        enable_thinking=bool(data and data.enable_thinking),
     )
     print(json.dumps(summary, indent=None if args.compact else 2))
     return 0

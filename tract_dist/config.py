@@ -98,6 +98,12 @@ class DataSection(_Section):
     use_cot: bool = Field(
         True, description="train on CoT + score targets; false: score-only targets (the RAFT baseline without CoT; "
                           "records then need no feedback)")
+    enable_thinking: bool = Field(
+        False, description="the chat template's thinking switch (Qwen3 and other hybrid-reasoning templates), passed "
+                           "wherever a prompt is templated (training, generation, judging, serving): false closes an "
+                           "empty <think></think> block in the generation prompt, so the judge writes its feedback "
+                           "(the CoT) at once; true lets the model reason first. Templates without the switch "
+                           "ignore it")
 
 
 class LossSection(_Section):

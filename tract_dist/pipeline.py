@@ -235,7 +235,7 @@ def build_stages(cfg: Config, pdir: Path, name: str, ctx: _Context | None = None
         # ---- generation: the stage-1 model writes a CoT for every training prompt ---------------------------
         gen: Stage[GenerateOutputs] = Stage(
             "generate", (s1,),
-            key=lambda f: ("generate", f.fp(s1), hashed_section(cfg, "generation"), cfg.data.model_dump()),
+            key=lambda f: ("generate", f.fp(s1), hashed_section(cfg, "generation"), hashed_section(cfg, "data")),
             run=lambda f, fp: _generate(cfg, f.out(s1).model, pdir / f"generate-{fp[:8]}", ctx, fp),
             outputs=GenerateOutputs)
         # ---- stage-2 dataset: the self-generated CoTs with the gold scores ---------------------------------
@@ -275,6 +275,8 @@ def _evaluation_settings(cfg: Config) -> dict[str, Any]:
         d.pop("max_cots", None)
     if d.get("rail_normalize") is None:
         d["rail_normalize"] = cfg.loss.rail_normalize
+    if cfg.data.enable_thinking:  # judged prompts change; hashed only when on, so earlier evaluations stay valid
+        d["enable_thinking"] = True
     return d
 
 

@@ -18,6 +18,7 @@ from tract_dist.config import Config, ConfigError
 # Keys added after pipelines were made, hashed only once set away from their default (which computes what the
 # configs before them computed), so the folders made before them keep their fingerprints and resume.
 LATER_KEYS: dict[str, dict[str, object]] = {
+    "data": {"enable_thinking": False},
     "loss": {"lam_warmup_steps": 0},
     "generation": {"max_length": None},
     "evaluation": {"cot_se_target": 0.1, "max_cots": 8, "sample_single_cot": False},
@@ -68,7 +69,7 @@ def fingerprint(cfg: Config, *extra: str) -> str:
 
 def check_model_source(name: str, key: str = "model.name_or_path") -> None:
     """A local-looking model path that does not exist is a ConfigError naming ``key`` (not an HF traceback)."""
-    from tract_dist.data.assets import ALIASES
+    from tract_dist.data.assets import ALIASES, MODEL_ALIASES
     from tract_dist.train.model_init import RANDOM_ALIASES, TINY_ALIAS
 
     if name in ALIASES + (TINY_ALIAS, *RANDOM_ALIASES):
@@ -77,7 +78,7 @@ def check_model_source(name: str, key: str = "model.name_or_path") -> None:
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1  # hub ids: "name" or "org/name"
     if looks_local and not p.exists():
         raise ConfigError(f"{key}: '{name}' does not exist; give a local HF directory, a hub "
-                          f"name like org/model, or an alias ({', '.join(ALIASES[2:] + (TINY_ALIAS,))})")
+                          f"name like org/model, or an alias ({', '.join(MODEL_ALIASES + (TINY_ALIAS,))})")
     if os.environ.get("HF_HUB_OFFLINE") == "1" and not p.exists():
         raise ConfigError(f"{key}: '{name}' is not local and HF_HUB_OFFLINE=1")
 

@@ -31,6 +31,7 @@ class EncodeOptions:
     system_prompt: str | None = ABS_SYSTEM_PROMPT
     scale: tuple[int, int] = (1, 5)
     use_cot: bool = True  # False: score-only targets (RAFT without CoT)
+    enable_thinking: bool = False  # the template's thinking switch (Qwen3: off closes an empty <think> block)
 
 
 @dataclass
@@ -75,8 +76,9 @@ def prompt_ids(tokenizer: Any, ex: JudgeExample, opts: EncodeOptions) -> list[in
     """The Prometheus prompt rendered through the model's chat template, ending at the assistant turn."""
     user = render_prompt(ex, *opts.scale)
     if getattr(tokenizer, "chat_template", None):
+        # enable_thinking reaches templates that have the switch (Qwen3); the others ignore the extra variable.
         text = tokenizer.apply_chat_template(chat_messages(user, opts.system_prompt), tokenize=False,
-                                             add_generation_prompt=True)
+                                             add_generation_prompt=True, enable_thinking=opts.enable_thinking)
         return tokenizer.encode(text, add_special_tokens=False)
     # No template (a base model): system text, then the prompt, with the tokenizer's own specials.
     text = f"{opts.system_prompt}\n\n{user}" if opts.system_prompt else user

@@ -14,13 +14,15 @@ from tract_dist.protocol import IGNORE_INDEX
 
 def inspect_data(path: str, fmt: str, tokenizer_name: str, *, max_length: int = 3000, scale: str = "1-5",
                  skip_invalid: bool = False, truncation: str = "truncate",
-                 system_prompt: str | None = None, split: str = "train") -> dict[str, Any]:
+                 system_prompt: str | None = None, split: str = "train",
+                 enable_thinking: bool = False) -> dict[str, Any]:
     """The summary printed by ``tract-dist data inspect``: counts of records, invalid, truncated and dropped."""
     lo_hi = parse_scale(scale)
     tok = load_tokenizer(tokenizer_name)
     st = derive_score_tokens(tok, lo_hi)
     read = read_examples(path, fmt, scale=lo_hi, skip_invalid=skip_invalid, split=split)
-    opts = EncodeOptions(max_length=max_length, truncation=truncation, scale=lo_hi)  # type: ignore[arg-type]
+    opts = EncodeOptions(max_length=max_length, truncation=truncation, scale=lo_hi,  # type: ignore[arg-type]
+                         enable_thinking=enable_thinking)
     if system_prompt is not None:
         opts.system_prompt = system_prompt or None
     encoded, stats = encode_examples(tok, read.examples, st, opts)

@@ -64,7 +64,7 @@ def worker_kwargs(cfg: Any, model_path: str, backend: str, sampling: SamplingPar
         "engine": engine.as_dict(),
         "encode_opts": {"max_length": inference_max_length(cfg), "truncation": d.truncation,
                         "system_prompt": d.system_prompt,
-                        "scale": list(parse_scale(d.scale))},
+                        "scale": list(parse_scale(d.scale)), "enable_thinking": d.enable_thinking},
         "sampling": sampling.as_dict(),
         "rail_normalize": rail_normalize,
     }
@@ -127,6 +127,8 @@ def generation_settings(cfg: Any, model_path: str, backend: str, sampling: Sampl
     settings = {"model": str(model_path), "model_sha256": content_fingerprint(model_path), "backend": backend,
                 "sampling": sampling.as_dict(), "seed": cfg.generation.seed, "max_length": inference_max_length(cfg),
                 "system_prompt": cfg.data.system_prompt, "scale": cfg.data.scale}
+    if cfg.data.enable_thinking:  # only when on: folders generated before the switch existed keep their identity
+        settings["enable_thinking"] = True
     ident = {k: v for k, v in settings.items() if k != "model" or settings["model_sha256"] is None}
     settings["fingerprint"] = fingerprint or hashlib.sha256(
         json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -35,7 +35,8 @@ _MIN_PROMPT_BUDGET = 64
 
 def encode_options(opts: dict[str, Any]) -> EncodeOptions:
     return EncodeOptions(max_length=opts["max_length"], truncation=opts.get("truncation", "truncate"),
-                         system_prompt=opts.get("system_prompt"), scale=tuple(opts["scale"]))
+                         system_prompt=opts.get("system_prompt"), scale=tuple(opts["scale"]),
+                         enable_thinking=bool(opts.get("enable_thinking", False)))
 
 
 class CotWorker(RowBatchWorker):

@@ -84,7 +84,7 @@ class Judge:
                  scale: str | tuple[int, int] = "1-5", system_prompt: str | None = ABS_SYSTEM_PROMPT,
                  max_length: int = 3000, sampling: SamplingParams | None = None, seed: int = 0,
                  rail_normalize: bool = False, batch_size: int = 8, cot_se_target: float = 0.1,
-                 max_cots: int = 8, sample_single_cot: bool = False):
+                 max_cots: int = 8, sample_single_cot: bool = False, enable_thinking: bool = False):
         if engine is None:
             if model is None or tokenizer is None:
                 raise ValueError("Judge needs a model and its tokenizer, or engine=")
@@ -98,7 +98,8 @@ class Judge:
         self.tokenizer = tokenizer = engine.tokenizer
         self.scale = parse_scale(scale)
         self.score_tokens: ScoreTokens = derive_score_tokens(tokenizer, self.scale)
-        self.opts = EncodeOptions(max_length=max_length, system_prompt=system_prompt, scale=self.scale)
+        self.opts = EncodeOptions(max_length=max_length, system_prompt=system_prompt, scale=self.scale,
+                                  enable_thinking=enable_thinking)
         self.sampling = sampling or SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=512,
                                                    stop=STOP_STRINGS)
         self.seed = seed
@@ -315,4 +316,4 @@ def judge_kwargs(cfg: Any, model_path: str | None = None) -> dict[str, Any]:
     return {"scale": d.scale, "system_prompt": d.system_prompt, "max_length": g.max_length or d.max_length,
             "sampling": SamplingParams.from_config(g), "seed": g.seed, "rail_normalize": rail,
             "batch_size": e.batch_size, "cot_se_target": e.cot_se_target, "max_cots": e.max_cots,
-            "sample_single_cot": e.sample_single_cot}
+            "sample_single_cot": e.sample_single_cot, "enable_thinking": d.enable_thinking}

@@ -43,7 +43,7 @@ def prepare_dataset(cfg: Any, tokenizer: Any, out_dir: str | Path) -> dict[str, 
     read = read_examples(d.train_path, d.train_format, scale=scale, skip_invalid=d.skip_invalid,
                          limit=d.max_examples, split=d.split, require_feedback=d.use_cot)
     opts = EncodeOptions(max_length=d.max_length, truncation=d.truncation, system_prompt=d.system_prompt,
-                         scale=scale, use_cot=d.use_cot)
+                         scale=scale, use_cot=d.use_cot, enable_thinking=d.enable_thinking)
     encoded, stats = encode_examples(tokenizer, read.examples, st, opts)
     summary = {**read.summary(), **{f"encode_{k}": v for k, v in stats.as_dict().items()},
                "score_token_ids": st.token_ids, "scores": st.scores}
