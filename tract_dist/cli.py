@@ -95,6 +95,7 @@ _STAGE_COMMANDS = (
     "tract_dist.evaluate.commands",
     "tract_dist.pipeline_commands",
     "tract_dist.serve.commands",
+    "tract_dist.plan.commands",
 )
 
 

@@ -437,6 +437,40 @@ class ClusterSection(_Section):
                                          "descheduled OpenMP thread stalls every barrier)")
 
 
+class PlanSection(_Section):
+    """What ``tract-dist plan`` (and the check ``train``, ``pipeline`` and ``submit`` run first) assumes."""
+
+    gpu: Literal["h100-80gb", "h200-141gb", "a100-80gb", "a100-40gb", "l40s-48gb"] | None = Field(
+        None, description="the accelerator a GPU run is sized for (memory, bf16 peak, bandwidth: "
+                          "tract_dist/plan/hardware.py); None: this machine's CUDA device, else h100-80gb")
+    gpu_memory_gib: float | None = Field(
+        None, gt=0, le=1 << 16, description="the accelerator's memory in GiB, overriding the table (another card)")
+    margin: float = Field(
+        0.1, ge=0, lt=1, description="share of device memory left for what the plan does not count (CUDA context, "
+                                     "NCCL, allocator fragmentation): above (1 - margin) x memory is tight (a "
+                                     "warning), above the memory it does not fit (refused)")
+    mfu: float = Field(
+        0.35, gt=0, le=1, description="model-FLOPs utilisation assumed for training and prefill time (FLOPs / "
+                                      "(GPUs x bf16 peak x mfu)); measure yours and set it")
+    hbm_efficiency: float = Field(
+        0.6, gt=0, le=1, description="share of peak memory bandwidth a decode step reaches (decoding reads every "
+                                     "weight and each sequence's KV cache once per token)")
+    mean_tokens: int | None = Field(
+        None, gt=0, le=1 << 24, description="tokens per training sequence as computed (padded micro-batches: their "
+                                            "padded length); None: data.max_length, the bound")
+    loss_rows_fraction: float = Field(
+        0.3, gt=0, le=1, description="share of a sequence's tokens the loss reads (CoT, EOS and the score; the "
+                                     "prompt is masked): sizes the loss head's rows and FLOPs and the CoT share of "
+                                     "generation (Feedback Collection: about 0.2-0.25)")
+    examples: int | None = Field(
+        None, gt=0, le=1 << 40, description="training examples, for the number of steps and CoTs when the data "
+                                            "cannot be counted here (hf:NAME); None: data.max_examples or the local "
+                                            "file's records")
+    check: Literal["refuse", "warn"] = Field(
+        "refuse", description="a run that will not fit: refuse before anything starts (exit 2), or only warn; "
+                              "--no-plan-check skips the check")
+
+
 class Config(_Section):
     model: ModelSection = Field(description="the seed model and how to load and adapt it")
     data: DataSection = Field(DataSection(), description="training data, prompt layout and score scale")
@@ -448,6 +482,7 @@ class Config(_Section):
     cluster: ClusterSection = Field(ClusterSection(), description="Ray cluster, workers and launcher")
     pipeline: PipelineSection = Field(PipelineSection(), description="the end-to-end pipeline and its method")
     serve: ServeSection = Field(ServeSection(), description="the judge server (tract-dist serve)")
+    plan: PlanSection = Field(PlanSection(), description="what the plan (memory, FLOPs, time) assumes")
 
     @model_validator(mode="after")
     def _check_scale(self) -> "Config":

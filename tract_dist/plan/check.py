@@ -1,0 +1,76 @@
+"""The check ``train``, ``pipeline`` and ``submit`` run before anything starts: will the run fit?
+
+An out-of-memory error after a 70B model has loaded on 32 GPUs is the most expensive bad input there is, so the
+commands plan the run first and refuse (exit 2, naming what to change) when a stage's per-GPU estimate exceeds the
+device's memory, and warn when it is within ``plan.margin`` of it. ``--no-plan-check`` skips the check and
+``plan.check=warn`` downgrades a refusal to a warning. CPU runs are only warned about, against this machine's
+memory. A model whose config cannot be read without a download is not checked (a warning says why).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TextIO
+
+from tract_dist.errors import TractError
+from tract_dist.plan.hardware import GIB
+
+#: Which stage kinds each command runs (``submit`` follows the command it submits).
+COMMAND_KINDS = {"train": ("train",), "pipeline": ("train", "generate", "evaluate"),
+                 "generate": ("generate",), "evaluate": ("evaluate",)}
+
+
+class PlanRefused(TractError):
+    """The plan says the run will not fit; the message names the stage, the estimate and what to change."""
+
+
+def _advice(stage_name: str) -> str:
+    if stage_name.startswith("train"):
+        return ("lower training.micro_batch_size or data.max_length, turn on model.gradient_checkpointing or "
+                "model.lora.enabled, or add workers (cluster.num_workers)")
+    return ("raise the stage's tensor_parallel_size, lower generation.vllm.max_model_len or "
+            "generation.vllm.max_num_seqs")
+
+
+def plan_check(cfg: Any, command: str = "train", *, out: TextIO | None = None) -> None:
+    """Plan ``cfg`` for ``command``'s stages; raise :class:`PlanRefused` when a stage will not fit (unless
+    ``plan.check`` is warn), print a warning when one is tight, one summary line otherwise."""
+    from tract_dist.plan.report import host_memory_bytes, plan_run
+    from tract_dist.plan.shape import PlanUnavailable
+
+    out = out or sys.stderr
+    try:
+        plan = plan_run(cfg, kinds=COMMAND_KINDS.get(command, ("train",)))
+    except PlanUnavailable as e:
+        print(f"[plan] warning: not checked: {e}", file=out, flush=True)
+        return
+    if plan.accelerator is None:  # CPU: the local workers share this machine's memory
+        need = sum(s.memory.total * s.units for s in plan.stages if s.name.startswith("train")) / max(
+            sum(1 for s in plan.stages if s.name.startswith("train")), 1)
+        have = host_memory_bytes()
+        if need > have:
+            print(f"[plan] warning: training needs about {need / GIB:.1f} GiB of tensors over its workers, this "
+                  f"machine has {have / GIB:.1f} GiB (tract-dist plan shows the parts)", file=out, flush=True)
+        return
+    failing = plan.failing()
+    for s in plan.tight():
+        print(f"[plan] warning: {s.name}: {s.memory.total / GIB:.1f} GiB of {s.limit_bytes / GIB:.1f} GiB per GPU "
+              f"is tight (the plan leaves {cfg.plan.margin:.0%} for what it does not count)", file=out, flush=True)
+    if failing:
+        lines = []
+        for s in failing:
+            top = sorted(s.memory.components, key=lambda c: c.bytes, reverse=True)[:3]
+            parts = ", ".join(f"{c.name} {c.bytes / GIB:.1f}" for c in top)
+            why = "; ".join(s.notes) if s.notes else ""
+            lines.append(f"{s.name} needs about {s.memory.total / GIB:.1f} GiB per GPU ({parts} GiB) on "
+                         f"{plan.accelerator.name} with {plan.accelerator.memory_gib:.1f} GiB{': ' + why if why else ''}"
+                         f": {_advice(s.name)}")
+        msg = "the run will not fit: " + "; ".join(lines) + " (details: tract-dist plan CONFIG; skip: --no-plan-check)"
+        if cfg.plan.check == "warn":
+            print(f"[plan] warning: {msg}", file=out, flush=True)
+            return
+        raise PlanRefused(msg)
+    worst = max(plan.stages, key=lambda s: s.memory.total / (s.limit_bytes or 1), default=None)
+    if worst is not None:
+        print(f"[plan] fits: largest {worst.name} {worst.memory.total / GIB:.1f} GiB of "
+              f"{worst.limit_bytes / GIB:.1f} GiB per GPU ({plan.accelerator.name})", file=out, flush=True)

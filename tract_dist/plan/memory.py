@@ -1,0 +1,348 @@
+"""Per-device memory of a training step and of an inference replica, as named components in bytes.
+
+Training (one ZeRO-3 worker): model states from DeepSpeed's own estimator; the activations a decoder layer saves
+for backward, counted tensor by tensor from what transformers' Llama / Mistral / Qwen3 / Qwen3-MoE layers and
+PEFT's LoRA layers hand to autograd (checked per layer to the byte on CPU in fp32 and bf16 with the memory probe:
+``benchmarks/plan/bench_plan_memory.py``); the fused loss head's tile from :mod:`tract_dist.loss.tiling`; the
+buffers DeepSpeed allocates. Inference (one replica): weights per tensor-parallel rank, the KV cache
+(2 x layers x kv_heads x head_dim x bytes per token) and the engine's workspace.
+
+Every component says how it was computed (``how``), so a plan can be checked by hand.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from tract_dist.plan.shape import LoraShape, ModelShape
+
+FP32 = 4
+GIB = 1 << 30
+#: DeepSpeed 0.19's ZeRO-3 defaults for the buffers it sizes from config (deepspeed/runtime/zero/config.py).
+DS_REDUCE_BUCKET = 500_000_000
+DS_PREFETCH_BUCKET = 50_000_000
+DS_PERSISTENCE_THRESHOLD = 100_000
+#: Non-PyTorch memory a vLLM replica takes besides weights, KV cache and activations: CUDA graphs, NCCL, the CUDA
+#: context (vLLM's own start-up logs put CUDA graphs at 0.5-1 GiB for 7-70B models).
+VLLM_OVERHEAD_BYTES = 3 * GIB // 2
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    bytes: int
+    how: str
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    components: tuple[Component, ...]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def total(self) -> int:
+        return sum(c.bytes for c in self.components)
+
+    def get(self, name: str) -> int:
+        return sum(c.bytes for c in self.components if c.name == name)
+
+
+@dataclass(frozen=True)
+class ZeroBuffers:
+    """The ZeRO-3 settings that size DeepSpeed's buffers: the run's DeepSpeed JSON, else DeepSpeed's defaults."""
+
+    reduce_bucket_size: int = DS_REDUCE_BUCKET
+    prefetch_bucket_size: int = DS_PREFETCH_BUCKET
+    param_persistence_threshold: int = DS_PERSISTENCE_THRESHOLD
+    contiguous_gradients: bool = True
+
+    @classmethod
+    def from_ds_config(cls, ds: dict[str, Any]) -> "ZeroBuffers":
+        z = ds.get("zero_optimization") or {}
+
+        def num(key: str, default: int, alias: str | None = None) -> int:
+            value = z.get(key, z.get(alias, default) if alias else default)
+            return int(float(value)) if isinstance(value, (int, float, str)) and str(value) != "auto" else default
+
+        return cls(reduce_bucket_size=num("reduce_bucket_size", DS_REDUCE_BUCKET),
+                   prefetch_bucket_size=num("stage3_prefetch_bucket_size", DS_PREFETCH_BUCKET, "prefetch_bucket_size"),
+                   param_persistence_threshold=num("stage3_param_persistence_threshold", DS_PERSISTENCE_THRESHOLD,
+                                                   "param_persistence_threshold"),
+                   contiguous_gradients=bool(z.get("contiguous_gradients", True)))
+
+
+@dataclass(frozen=True)
+class TrainSetup:
+    """One training worker's step, as the plan sees it."""
+
+    world: int
+    zero_stage: int
+    param_bytes: int  # working weights and activations: 2 (bf16, GPU) or 4 (fp32, CPU)
+    on_cuda: bool
+    rows: int  # sequences per micro-batch (1 when packed)
+    seq_len: int  # tokens per row
+    padded: bool  # an attention mask with padding reaches sdpa (several rows of different lengths)
+    checkpointing: bool
+    loss_rows: int  # rows the loss reads per micro-batch (CoT + EOS + score rows)
+    buffers: ZeroBuffers = field(default_factory=ZeroBuffers)
+    tile_bytes: int | None = None  # loss.tile_mib; None: tiling's device default
+    triton_loss: bool = True  # CUDA with Triton kernels: no fp32 work block
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.seq_len
+
+
+# ---- model states ------------------------------------------------------------------------------------------
+
+def zero3_states(trainable: int, largest_layer: int, world: int) -> tuple[int, str]:
+    """GPU bytes of ZeRO-3 model states without offload, by DeepSpeed's estimator
+    (``estimate_zero3_model_states_mem_needs``, the function behind ``..._all_cold``): 18 bytes per trainable
+    parameter over the world (16-bit weight, fp32 gradient partition, fp32 master weight and two Adam moments)
+    plus 4 bytes per parameter of the largest layer (gathered 16-bit weight and gradient). Its own arithmetic when
+    DeepSpeed is not installed (the GPU check machine)."""
+    try:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    except ImportError:
+        return 4 * largest_layer + int(18 * trainable / world), "DeepSpeed's estimator formula (not installed)"
+    _, gpu, _ = estimate_zero3_model_states_mem_needs(
+        total_params=trainable, largest_layer_params=largest_layer, num_gpus_per_node=world, num_nodes=1,
+        cpu_offload=False, cpu_offload_params=False, zero_init=True)
+    return int(gpu), "DeepSpeed's estimate_zero3_model_states_mem_needs"
+
+
+def model_states(shape: ModelShape, lora: LoraShape | None, s: TrainSetup) -> list[Component]:
+    """Weights, gradients and optimizer state of one worker."""
+    b, n = s.param_bytes, s.world
+    trainable = lora.trainable if lora else shape.params
+    frozen = shape.params if lora else 0
+    out: list[Component] = []
+    if s.zero_stage == 3:
+        states, source = zero3_states(trainable, shape.largest_module_params, n)
+        how = (f"{source}: 18 B x {_n(trainable)} trainable / {n} + 4 B x largest layer "
+               f"{_n(shape.largest_module_params)}")
+        if b == FP32:  # the estimator assumes 16-bit working weights; in fp32 the master copy is still separate
+            states += 2 * trainable // n + 4 * shape.largest_module_params
+            how += "; fp32 working weights: +2 B per trainable parameter / world, +4 B per largest-layer parameter"
+        out.append(Component("model states", states, how))
+        if frozen:
+            out.append(Component("frozen base weights", b * frozen // n,
+                                 f"{b} B x {_n(frozen)} partitioned over {n} (no gradient, no optimizer state)"))
+        small = sum(x for x in shape.param_numels if x < s.buffers.param_persistence_threshold)
+        if n > 1 and small:
+            out.append(Component("whole small tensors", int(b * small * (1 - 1 / n)),
+                                 f"ZeRO-3 keeps tensors under {_n(s.buffers.param_persistence_threshold)} elements "
+                                 f"whole on every rank: {_n(small)} parameters"))
+        return out
+    # Stages 0-2: the ZeRO paper's accounting with DeepSpeed's fp32 gradient, master weight and Adam moments.
+    opt = 16 * trainable // (n if s.zero_stage >= 1 else 1)
+    grads = b * trainable // (n if s.zero_stage >= 2 else 1)
+    out.append(Component("model states", b * shape.params + grads + opt,
+                         f"ZeRO-{s.zero_stage}: {b} B weights whole, {b} B gradients"
+                         f"{' partitioned' if s.zero_stage >= 2 else ''}, 16 B optimizer state per trainable "
+                         f"parameter{' partitioned' if s.zero_stage >= 1 else ''}"))
+    return out
+
+
+# ---- activations -------------------------------------------------------------------------------------------
+
+def layer_activation_bytes(shape: ModelShape, lora: LoraShape | None, b: int, *, on_cuda: bool,
+                           padded: bool = False) -> int:
+    """Bytes per token that one decoder layer saves for backward (no checkpointing), as autograd keeps them for
+    transformers' Llama-family layers with sdpa / flash attention (no T x T matrix) and, with ``lora``, PEFT's
+    adapters. ``padded``: sdpa gets a padding mask, so transformers repeats the K/V heads up to the query heads
+    (``repeat_kv``) instead of sdpa's grouped-query path. Measured equal to the byte on CPU (fp32 and bf16, Llama,
+    Qwen3, Qwen3-MoE, LoRA with and without dropout, padded or not) by ``benchmarks/plan/bench_plan_memory.py
+    --layers``."""
+    f = FP32
+    h, q, kv, i = shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate
+    full = lora is None
+
+    def norm(width: int, rows: int) -> int:  # RMSNorm: fp32 copy of the input, per-row rsqrt, and the normalised
+        return (f + (b if full else 0)) * width + f * rows  # copy only when its weight gets a gradient
+
+    total = 2 * norm(h, 1)  # input and post-attention RMSNorm
+    if shape.qk_norm:  # Qwen3: RMSNorm over every query and key head
+        total += norm(q, shape.heads) + norm(kv, shape.kv_heads)
+    total += b * (q + 2 * kv)  # rotated q and k, and v: saved by attention
+    total += b * q + f * shape.heads  # attention output (o_proj's input is a view of it) and its log-sum-exp
+    if padded:  # K and V repeated to every query head; on CPU the masked kernel's output is copied for o_proj
+        total += 2 * b * (q - kv) + (0 if on_cuda else b * q)
+    moe = shape.experts > 0
+    if moe:  # router softmax (fp32), and per routed token: its gathered input, gate_up out, act, product, down out
+        experts_train = full or bool(lora and lora.experts_adapted)
+        per_routed = b * (2 * h + 4 * shape.moe_intermediate) if experts_train else b * (h + 3 * shape.moe_intermediate)
+        # + per routed token: its routing indices (four int64 tensors) and weight
+        total += f * shape.experts + shape.experts_per_token * (per_routed + 32 + b)
+    else:
+        total += 3 * b * i  # gate output (SiLU's input), SiLU output and up output (the product's inputs)
+    # The inputs linear layers save for their weight gradients: y1 (q/k/v), y2 (MLP or router), the product
+    # (down_proj); the attention output is saved by attention anyway.
+    inputs = {"y1": (h, ("q_proj", "k_proj", "v_proj")), "y2": (h, ("gate_proj", "up_proj", "mlp.gate")),
+              "attn": (q, ("o_proj",)), "prod": (0 if moe else i, ("down_proj",))}
+    if full:
+        total += b * (inputs["y1"][0] + inputs["y2"][0] + inputs["prod"][0])
+        return total
+    mask = 1 if on_cuda else b  # dropout's saved mask: bool on CUDA (fused kernel), a full noise tensor on CPU
+    for key, (width, readers) in inputs.items():
+        adapted = [name for name, _ in lora.adapted if name.endswith(readers)]
+        if not adapted or not width:
+            continue
+        if lora.dropout > 0:  # each adapter gets its own dropped copy (and mask) of the input
+            total += len(adapted) * (mask + b) * width
+        elif key != "attn":  # the adapters share the one input tensor
+            total += b * width
+    total += b * lora.rank * len(lora.adapted)  # each lora_A output, saved by lora_B
+    return total
+
+
+def activation_components(shape: ModelShape, lora: LoraShape | None, s: TrainSetup) -> list[Component]:
+    """Activations of one micro-batch: saved by every layer (or only the layer inputs, with checkpointing), the
+    final norm, and the largest transient of backward (one layer's recomputation and its input gradients)."""
+    b, f, t, h = s.param_bytes, FP32, s.tokens, shape.hidden
+    per_layer = layer_activation_bytes(shape, lora, b, on_cuda=s.on_cuda, padded=s.padded)
+    full = lora is None
+    out = []
+    if s.checkpointing:
+        out.append(Component("activations (checkpoints)", shape.layers * b * h * t,
+                             f"{shape.layers} layers x their input ({b} B x hidden {h}) x {t} tokens"))
+        out.append(Component("activations (one layer recomputed)", per_layer * t,
+                             f"{per_layer} B per token (the layer's saved tensors) x {t} tokens"))
+    else:
+        out.append(Component("activations (saved by layers)", shape.layers * per_layer * t,
+                             f"{shape.layers} layers x {per_layer} B per token x {t} tokens"))
+    final = (f + (b if full else 0)) * h + f
+    i = shape.moe_intermediate * shape.experts_per_token if shape.experts else shape.intermediate
+    backward = b * (2 * i + 2 * h) + f * h
+    out.append(Component("activations (final norm, backward transients)", (final + backward) * t,
+                         f"final RMSNorm {final} B + one layer's input gradients {backward} B per token x {t}"))
+    if s.padded:
+        out.append(Component("attention mask", s.rows * s.seq_len ** 2,
+                             f"boolean {s.rows} x {s.seq_len} x {s.seq_len}, shared by the layers"))
+    return out
+
+
+# ---- the fused loss head -----------------------------------------------------------------------------------
+
+def loss_components(shape: ModelShape, lora: LoraShape | None, s: TrainSetup) -> list[Component]:
+    """The fused CoT-RAFT head: its logits tile (``tract_dist.loss.tiling``), the gathered rows and their gradient,
+    and the lm_head's weight gradient, which the loss computes in its forward (full fine-tuning only)."""
+    from tract_dist.loss import tiling
+
+    b, f, h, v, n = s.param_bytes, FP32, shape.hidden, shape.vocab, max(s.loss_rows, 1)
+    budget = s.tile_bytes or (tiling.CUDA_TILE_BYTES if s.on_cuda else tiling.CPU_TILE_BYTES)
+    shard = tiling.vocab_shard_size(v, None)
+    chunk = tiling.chunk_rows(n, min(shard, v), b, budget, None)
+    tile = min(chunk, n) * min(shard, v) * b
+    multi_shard = shard < v
+    out = [Component("loss tile", tile, f"{min(chunk, n)} rows x {min(shard, v)} vocabulary rows x {b} B "
+                                        f"(budget {budget / 2**20:.0f} MiB)")]
+    rows = 2 * n * h * b + (n * h * f if multi_shard else 0)
+    out.append(Component("loss rows", rows, f"{n} rows x hidden {h}: gathered, their gradient"
+                                            f"{', an fp32 partial sum over vocabulary shards' if multi_shard else ''}"))
+    if not s.on_cuda:
+        out.append(Component("loss work block", tiling.CPU_BLOCK_BYTES, "fp32 work block of the CPU tile ops"))
+    elif not s.triton_loss:
+        out.append(Component("loss work block", tiling.CUDA_BLOCK_ELEMENTS * f, "fp32 work block of the torch tile ops"))
+    if lora is None:  # the head is trained: its gradient exists from the loss forward until backward hands it over
+        single = n <= chunk
+        out.append(Component("lm_head gradient", v * h * (b if single else f),
+                             f"{v} x {h} x {b if single else f} B ({'one chunk' if single else 'fp32 accumulator'})"))
+    return out
+
+
+def buffer_components(shape: ModelShape, s: TrainSetup) -> list[Component]:
+    """DeepSpeed ZeRO-3's own buffers: the contiguous gradient bucket (allocated whole at start-up, whatever the
+    model's size) and the parameters gathered ahead of the layer running (at most the prefetch bucket)."""
+    if s.zero_stage != 3:
+        return []
+    b, z = s.param_bytes, s.buffers
+    out = []
+    if z.contiguous_gradients:
+        out.append(Component("DeepSpeed gradient bucket", z.reduce_bucket_size * b,
+                             f"reduce_bucket_size {_n(z.reduce_bucket_size)} x {b} B"))
+    ahead = min(z.prefetch_bucket_size, shape.params)
+    out.append(Component("DeepSpeed prefetch", ahead * b,
+                         f"min(stage3_prefetch_bucket_size, parameters) {_n(ahead)} x {b} B"))
+    return out
+
+
+def training_memory(shape: ModelShape, lora: LoraShape | None, s: TrainSetup) -> MemoryEstimate:
+    comps = (model_states(shape, lora, s) + buffer_components(shape, s) + activation_components(shape, lora, s)
+             + loss_components(shape, lora, s))
+    notes = []
+    if lora is not None and lora.experts_adapted:
+        notes.append("PEFT adapts the MoE experts' 3D weights (all-linear): it builds every expert's full delta "
+                     "weight each forward, which this plan does not count; adapt the attention projections only")
+    return MemoryEstimate(tuple(comps), tuple(notes))
+
+
+# ---- inference ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class InferenceSetup:
+    backend: str  # vllm or hf
+    tp: int
+    dtype_bytes: int
+    context: int  # tokens per sequence the engine must hold (vLLM: max_model_len)
+    concurrency: int  # sequences decoded together
+    shared_prefix: int = 0  # prompt tokens shared by a prompt's n CoTs (prefix caching)
+    cots_per_prompt: int = 1
+    utilization: float = 0.9  # vLLM gpu_memory_utilization
+    kv_cache_bytes: int | None = None  # vLLM kv_cache_memory_gb, if set
+    max_num_seqs: int = 1024  # vLLM's default on >= 70 GiB GPUs (engine/arg_utils.py, LLM class)
+    max_batched_tokens: int = 16384  # vLLM's default on >= 70 GiB GPUs
+
+
+def kv_bytes_per_token(shape: ModelShape, b: int, tp: int) -> int:
+    """One token's K and V in every layer on one tensor-parallel rank (KV heads are split, or replicated when
+    there are fewer than ranks)."""
+    return 2 * shape.layers * max(1, math.ceil(shape.kv_heads / tp)) * shape.head_dim * b
+
+
+def inference_memory(shape: ModelShape, s: InferenceSetup, device_bytes: float) -> tuple[MemoryEstimate, dict]:
+    """One replica's per-GPU memory and its KV-cache budget: (estimate, {kv capacity and need in tokens})."""
+    b, tp = s.dtype_bytes, s.tp
+    weights = shape.params * b // tp
+    kv_tok = kv_bytes_per_token(shape, b, tp)
+    h, i = shape.hidden, (shape.moe_intermediate * shape.experts_per_token if shape.experts else shape.intermediate)
+    need_tokens = s.concurrency * s.context
+    if s.shared_prefix and s.cots_per_prompt > 1:
+        prompts = max(1, s.concurrency // s.cots_per_prompt)
+        need_tokens = prompts * (s.shared_prefix + s.cots_per_prompt * (s.context - s.shared_prefix))
+    comps = [Component("weights", weights, f"{_n(shape.params)} x {b} B / tensor-parallel {tp}")]
+    if s.backend == "vllm":
+        act_tok = (2 * h + (2 * shape.q_dim + 2 * shape.kv_dim + 3 * i) // tp) * b
+        work = s.max_batched_tokens * act_tok + 3 * min(s.max_num_seqs, s.max_batched_tokens) * shape.vocab * FP32
+        comps.append(Component("engine workspace", work,
+                               f"a forward of max_num_batched_tokens {s.max_batched_tokens} ({act_tok} B per token) "
+                               f"+ fp32 logits of {min(s.max_num_seqs, s.max_batched_tokens)} sequences (x3)"))
+        comps.append(Component("CUDA graphs, NCCL, context", VLLM_OVERHEAD_BYTES, "fixed allowance"))
+        budget = s.kv_cache_bytes if s.kv_cache_bytes is not None else (
+            s.utilization * device_bytes - weights - work - VLLM_OVERHEAD_BYTES)
+        budget = max(int(budget), 0)
+        comps.append(Component("KV cache (vLLM's pool)", budget,
+                               "kv_cache_memory_gb" if s.kv_cache_bytes is not None else
+                               f"gpu_memory_utilization {s.utilization} x device - the rest"))
+        capacity = budget // kv_tok
+    else:
+        kv = need_tokens * kv_tok
+        comps.append(Component("KV cache", kv, f"{s.concurrency} sequences x {s.context} tokens x {kv_tok} B"))
+        act = s.concurrency * s.context * (2 * h + 2 * shape.q_dim + 3 * i) * b // max(shape.layers, 1)
+        act = max(act, s.concurrency * s.context * (2 * h + 3 * i) * b)
+        comps.append(Component("prefill activations", act, "one layer's forward over the batch, no gradient"))
+        comps.append(Component("logits", 3 * s.concurrency * shape.vocab * FP32,
+                               "last-position logits and their softmax (logits_to_keep=1)"))
+        capacity = need_tokens
+    return MemoryEstimate(tuple(comps)), {"kv_bytes_per_token": kv_tok, "kv_capacity_tokens": int(capacity),
+                                          "kv_needed_tokens": int(need_tokens), "context": s.context}
+
+
+def _n(x: float) -> str:
+    """A count in words people read: 1.23B, 456.7M, 12.3K."""
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.4g}{unit}"
+    return f"{x:g}"
