@@ -12,6 +12,21 @@ from tract_dist.config import ConfigError, dump_config, load_config
 from tract_dist.errors import TractError, UsageError  # noqa: F401 - UsageError stays importable from here
 
 
+def add_plan_check_arg(p: argparse.ArgumentParser) -> None:
+    """``--no-plan-check`` of the commands that plan a run before starting it (train, pipeline, submit)."""
+    p.add_argument("--no-plan-check", action="store_true",
+                   help="start without checking the plan (tract-dist plan): per-GPU memory against the device's")
+
+
+def run_plan_check(args: argparse.Namespace, cfg: Any, command: str) -> None:
+    """The plan check before a run starts (tract_dist.plan.check), unless ``--no-plan-check``."""
+    if getattr(args, "no_plan_check", False):
+        return
+    from tract_dist.plan.check import plan_check
+
+    plan_check(cfg, command)
+
+
 def _add_config_args(p: argparse.ArgumentParser, *, required: bool) -> None:
     if required:
         p.add_argument("config", help="YAML config file")

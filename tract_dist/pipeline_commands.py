@@ -7,12 +7,16 @@ from typing import Any, Callable
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
+    from tract_dist.cli import run_plan_check
+    from tract_dist.config import load_config
     from tract_dist.submit import job_logs, submit_pipeline, wait_for
 
+    # The same check as the command it submits, here, before the upload and the cluster's start-up.
+    run_plan_check(args, load_config(args.config, args.overrides), args.command_name)
     job_id = submit_pipeline(args.address, args.config, args.overrides,
                              working_dir=None if args.no_working_dir else ".", pip=args.pip or None,
                              command=args.command_name, max_upload_mb=args.max_upload_mb, force=args.force,
-                             excludes=args.exclude)
+                             excludes=args.exclude, no_plan_check=args.no_plan_check)
     print(job_id)
     if args.wait:
         status = wait_for(args.address, job_id)
@@ -40,6 +44,10 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     from tract_dist.pipeline import plan_pipeline, run_pipeline
 
     cfg = load_config(args.config, args.overrides)
+    if not args.plan:
+        from tract_dist.cli import run_plan_check
+
+        run_plan_check(args, cfg, "pipeline")
     if args.plan:
         for stage, plan in plan_pipeline(cfg, name=args.name).items():
             print(f"  {stage:<40} {plan.status:<12} {plan.fingerprint or ''}")
@@ -69,6 +77,9 @@ def register(sub: Any, add_config_args: Callable[..., None]) -> None:
     p.add_argument("--plan", action="store_true",
                    help="print each stage's status (up to date, to run, not selected, waiting) and fingerprint; "
                         "run nothing")
+    from tract_dist.cli import add_plan_check_arg
+
+    add_plan_check_arg(p)
     add_config_args(p, required=True)
     p.set_defaults(func=_cmd_pipeline)
 
@@ -91,6 +102,7 @@ def register(sub: Any, add_config_args: Callable[..., None]) -> None:
     p.add_argument("--command", dest="command_name", default="pipeline", choices=["pipeline", "train",
                                                                                    "generate", "evaluate"])
     p.add_argument("--wait", action="store_true", help="wait for the job, print its logs, exit with its status")
+    add_plan_check_arg(p)
     add_config_args(p, required=True)
     p.set_defaults(func=_cmd_submit)
 

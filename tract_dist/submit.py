@@ -109,7 +109,7 @@ def submit_pipeline(address: str, config: str, overrides: list[str] | tuple[str,
                     working_dir: str | None = ".", pip: list[str] | None = None,
                     env_vars: dict[str, str] | None = None, submission_id: str | None = None,
                     command: str = "pipeline", max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, force: bool = False,
-                    excludes: list[str] | None = None) -> str:
+                    excludes: list[str] | None = None, no_plan_check: bool = False) -> str:
     """Submit ``tract-dist <command> CONFIG [overrides]``; returns the job's submission id.
 
     The config (with overrides) is validated first; the upload is listed and refused above ``max_upload_mb``
@@ -117,7 +117,8 @@ def submit_pipeline(address: str, config: str, overrides: list[str] | tuple[str,
     from tract_dist.config import load_config
 
     load_config(config, list(overrides))  # ConfigError naming the file and key, before anything is sent
-    entrypoint = " ".join(["tract-dist", command, shlex.quote(config), *map(shlex.quote, overrides)])
+    flags = ["--no-plan-check"] if no_plan_check and command in ("train", "pipeline") else []
+    entrypoint = " ".join(["tract-dist", command, *flags, shlex.quote(config), *map(shlex.quote, overrides)])
     runtime_env: dict[str, Any] = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", **(env_vars or {})}}
     if working_dir:
         patterns = WORKING_DIR_EXCLUDES + list(excludes or [])

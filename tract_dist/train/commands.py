@@ -11,7 +11,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from tract_dist.train.trainer import run_training
 
     cfg = load_config(args.config, args.overrides)
+    from tract_dist.cli import run_plan_check
     from tract_dist.tracking import redact_uri
+
+    run_plan_check(args, cfg, "train")
 
     r = run_training(cfg, config_path=args.config, run_name=args.run_name,
                      launcher=args.launcher or cfg.cluster.launcher, address=args.address, fresh=args.fresh)
@@ -35,5 +38,8 @@ def register(sub: Any, add_config_args: Callable[..., None]) -> None:
     p.add_argument("--fresh", action="store_true",
                    help="if the run folder holds a run of another configuration, move it aside and start afresh "
                         "(default: refuse, naming both fingerprints)")
+    from tract_dist.cli import add_plan_check_arg
+
+    add_plan_check_arg(p)
     add_config_args(p, required=True)
     p.set_defaults(func=_cmd_train)
