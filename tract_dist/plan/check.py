@@ -16,7 +16,7 @@ from tract_dist.errors import TractError
 from tract_dist.plan.hardware import GIB
 
 #: Which stage kinds each command runs (``submit`` follows the command it submits).
-COMMAND_KINDS = {"train": ("train",), "pipeline": ("train", "generate", "evaluate"),
+COMMAND_KINDS = {"train": ("train",), "pipeline": ("pipeline_train", "generate", "pipeline_evaluate"),
                  "generate": ("generate",), "evaluate": ("evaluate",)}
 
 
@@ -57,14 +57,17 @@ def plan_check(cfg: Any, command: str = "train", *, out: TextIO | None = None) -
         print(f"[plan] warning: {s.name}: {s.memory.total / GIB:.1f} GiB of {s.limit_bytes / GIB:.1f} GiB per GPU "
               f"is tight (the plan leaves {cfg.plan.margin:.0%} for what it does not count)", file=out, flush=True)
     if failing:
-        lines = []
+        # Stages with the same estimate (stage 1 and stage 2 train alike) are named together, said once.
+        groups: dict[tuple[int, str], list[str]] = {}
         for s in failing:
             top = sorted(s.memory.components, key=lambda c: c.bytes, reverse=True)[:3]
             parts = ", ".join(f"{c.name} {c.bytes / GIB:.1f}" for c in top)
             why = "; ".join(s.notes) if s.notes else ""
-            lines.append(f"{s.name} needs about {s.memory.total / GIB:.1f} GiB per GPU ({parts} GiB) on "
-                         f"{plan.accelerator.name} with {plan.accelerator.memory_gib:.1f} GiB{': ' + why if why else ''}"
-                         f": {_advice(s.name)}")
+            text = (f"about {s.memory.total / GIB:.1f} GiB per GPU ({parts} GiB) on {plan.accelerator.name} with "
+                    f"{plan.accelerator.memory_gib:.1f} GiB{': ' + why if why else ''}: {_advice(s.name)}")
+            groups.setdefault((s.memory.total, text), []).append(s.name)
+        lines = [f"{' and '.join(names)} need{'s' if len(names) == 1 else ''} {text}"
+                 for (_, text), names in groups.items()]
         msg = "the run will not fit: " + "; ".join(lines) + " (details: tract-dist plan CONFIG; skip: --no-plan-check)"
         if cfg.plan.check == "warn":
             print(f"[plan] warning: {msg}", file=out, flush=True)

@@ -3,7 +3,7 @@
 ``tract-dist plan`` must answer before anything is fetched, on a laptop or a head node without the weights, so
 the models the project's configs name carry their shapes here. Each entry is the published config.json of the
 hub repository, reduced to what changes parameter counts, activations and the KV cache; the test
-``tests/plan/test_shape.py`` checks that each one builds (on the meta device) to the exact parameter count the
+``tests/plan/test_plan.py`` checks that each one builds (on the meta device) to the exact parameter count the
 hub publishes for its safetensors, which fails on any wrong field.
 """
 
@@ -19,20 +19,19 @@ _QWEN3 = dict(model_type="qwen3", vocab_size=151936, max_position_embeddings=409
               rms_norm_eps=1e-6, head_dim=128, num_key_value_heads=8, tie_word_embeddings=False)
 
 KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
-    # Published totals (safetensors metadata of the hub repository) in the comments; the test checks them.
-    "meta-llama/Llama-3.1-8B-Instruct": dict(_LLAMA31, hidden_size=4096, intermediate_size=14336,  # 8,030,261,248
+    "meta-llama/Llama-3.1-8B-Instruct": dict(_LLAMA31, hidden_size=4096, intermediate_size=14336,
                                              num_hidden_layers=32, num_attention_heads=32),
-    "meta-llama/Llama-3.1-70B-Instruct": dict(_LLAMA31, hidden_size=8192, intermediate_size=28672,  # 70,553,706,496
+    "meta-llama/Llama-3.1-70B-Instruct": dict(_LLAMA31, hidden_size=8192, intermediate_size=28672,
                                               num_hidden_layers=80, num_attention_heads=64),
-    "mistralai/Mistral-7B-Instruct-v0.2": dict(model_type="mistral", vocab_size=32000, hidden_size=4096,  # 7,241,732,096
+    "mistralai/Mistral-7B-Instruct-v0.2": dict(model_type="mistral", vocab_size=32000, hidden_size=4096,
                                                intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                                                num_key_value_heads=8, max_position_embeddings=32768,
                                                rope_theta=1000000.0, sliding_window=None, tie_word_embeddings=False),
-    "Qwen/Qwen3-8B": dict(_QWEN3, hidden_size=4096, intermediate_size=12288,  # 8,190,735,360
+    "Qwen/Qwen3-8B": dict(_QWEN3, hidden_size=4096, intermediate_size=12288,
                           num_hidden_layers=36, num_attention_heads=32),
-    "Qwen/Qwen3-32B": dict(_QWEN3, hidden_size=5120, intermediate_size=25600,  # 32,762,123,264
+    "Qwen/Qwen3-32B": dict(_QWEN3, hidden_size=5120, intermediate_size=25600,
                            num_hidden_layers=64, num_attention_heads=64),
-    "Qwen/Qwen3-30B-A3B": dict(_QWEN3, model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144,  # 30,532,122,624
+    "Qwen/Qwen3-30B-A3B": dict(_QWEN3, model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144,
                                moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
                                num_key_value_heads=4, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
                                decoder_sparse_step=1, mlp_only_layers=[]),

@@ -57,6 +57,8 @@ class ZeroBuffers:
     prefetch_bucket_size: int = DS_PREFETCH_BUCKET
     param_persistence_threshold: int = DS_PERSISTENCE_THRESHOLD
     contiguous_gradients: bool = True
+    offload_optimizer: bool = False  # zero_optimization.offload_optimizer.device cpu/nvme: states off the GPU
+    offload_param: bool = False  # offload_param.device cpu/nvme: partitioned weights off the GPU too
 
     @classmethod
     def from_ds_config(cls, ds: dict[str, Any]) -> "ZeroBuffers":
@@ -70,7 +72,14 @@ class ZeroBuffers:
                    prefetch_bucket_size=num("stage3_prefetch_bucket_size", DS_PREFETCH_BUCKET, "prefetch_bucket_size"),
                    param_persistence_threshold=num("stage3_param_persistence_threshold", DS_PERSISTENCE_THRESHOLD,
                                                    "param_persistence_threshold"),
-                   contiguous_gradients=bool(z.get("contiguous_gradients", True)))
+                   contiguous_gradients=bool(z.get("contiguous_gradients", True)),
+                   offload_optimizer=_offloaded(z.get("offload_optimizer")),
+                   offload_param=_offloaded(z.get("offload_param")))
+
+
+def _offloaded(section: Any) -> bool:
+    """An ``offload_*`` section that moves its tensors off the GPU (device cpu or nvme; none or absent: not)."""
+    return isinstance(section, dict) and str(section.get("device", "none")).lower() in ("cpu", "nvme")
 
 
 @dataclass(frozen=True)
@@ -97,19 +106,22 @@ class TrainSetup:
 
 # ---- model states ------------------------------------------------------------------------------------------
 
-def zero3_states(trainable: int, largest_layer: int, world: int) -> tuple[int, str]:
-    """GPU bytes of ZeRO-3 model states without offload, by DeepSpeed's estimator
-    (``estimate_zero3_model_states_mem_needs``, the function behind ``..._all_cold``): 18 bytes per trainable
-    parameter over the world (16-bit weight, fp32 gradient partition, fp32 master weight and two Adam moments)
-    plus 4 bytes per parameter of the largest layer (gathered 16-bit weight and gradient). Its own arithmetic when
-    DeepSpeed is not installed (the GPU check machine)."""
+def zero3_states(trainable: int, largest_layer: int, world: int, *, offload_optimizer: bool = False,
+                 offload_param: bool = False) -> tuple[int, str]:
+    """GPU bytes of ZeRO-3 model states by DeepSpeed's estimator (``estimate_zero3_model_states_mem_needs``, the
+    function behind ``..._all_cold``): without offload 18 bytes per trainable parameter over the world (16-bit
+    weight, fp32 gradient partition, fp32 master weight and two Adam moments) plus 4 bytes per parameter of the
+    largest layer (gathered 16-bit weight and gradient); the optimizer offloaded: 2 bytes per parameter over the
+    world + the largest layer; parameters offloaded too: the largest layer only. Its own arithmetic (the same)
+    when DeepSpeed is not installed (the GPU check machine)."""
     try:
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     except ImportError:
-        return 4 * largest_layer + int(18 * trainable / world), "DeepSpeed's estimator formula (not installed)"
+        per_param = 0 if offload_param else (2 if offload_optimizer else 18)
+        return 4 * largest_layer + int(per_param * trainable / world), "DeepSpeed's estimator formula (not installed)"
     _, gpu, _ = estimate_zero3_model_states_mem_needs(
         total_params=trainable, largest_layer_params=largest_layer, num_gpus_per_node=world, num_nodes=1,
-        cpu_offload=False, cpu_offload_params=False, zero_init=True)
+        cpu_offload=offload_optimizer or offload_param, cpu_offload_params=offload_param, zero_init=True)
     return int(gpu), "DeepSpeed's estimate_zero3_model_states_mem_needs"
 
 
@@ -120,14 +132,19 @@ def model_states(shape: ModelShape, lora: LoraShape | None, s: TrainSetup) -> li
     frozen = shape.params if lora else 0
     out: list[Component] = []
     if s.zero_stage == 3:
-        states, source = zero3_states(trainable, shape.largest_module_params, n)
-        how = (f"{source}: 18 B x {_n(trainable)} trainable / {n} + 4 B x largest layer "
+        z = s.buffers
+        states, source = zero3_states(trainable, shape.largest_module_params, n,
+                                      offload_optimizer=z.offload_optimizer, offload_param=z.offload_param)
+        per_param = 0 if z.offload_param else (2 if z.offload_optimizer else 18)
+        how = (f"{source}: {per_param} B x {_n(trainable)} trainable / {n} + 4 B x largest layer "
                f"{_n(shape.largest_module_params)}")
-        if b == FP32:  # the estimator assumes 16-bit working weights; in fp32 the master copy is still separate
+        if z.offload_optimizer or z.offload_param:
+            how += f" (offloaded to the CPU: the optimizer{' and the parameters' if z.offload_param else ''})"
+        if b == FP32 and not z.offload_param:  # the estimator assumes 16-bit working weights
             states += 2 * trainable // n + 4 * shape.largest_module_params
             how += "; fp32 working weights: +2 B per trainable parameter / world, +4 B per largest-layer parameter"
         out.append(Component("model states", states, how))
-        if frozen:
+        if frozen and not z.offload_param:
             out.append(Component("frozen base weights", b * frozen // n,
                                  f"{b} B x {_n(frozen)} partitioned over {n} (no gradient, no optimizer state)"))
         small = sum(x for x in shape.param_numels if x < s.buffers.param_persistence_threshold)
@@ -245,7 +262,8 @@ def loss_components(shape: ModelShape, lora: LoraShape | None, s: TrainSetup) ->
     if not s.on_cuda:
         out.append(Component("loss work block", tiling.CPU_BLOCK_BYTES, "fp32 work block of the CPU tile ops"))
     elif not s.triton_loss:
-        out.append(Component("loss work block", tiling.CUDA_BLOCK_ELEMENTS * f, "fp32 work block of the torch tile ops"))
+        out.append(Component("loss work block", tiling.CUDA_BLOCK_ELEMENTS * f,
+                             "fp32 work block of the torch tile ops"))
     if lora is None:  # the head is trained: its gradient exists from the loss forward until backward hands it over
         single = n <= chunk
         out.append(Component("lm_head gradient", v * h * (b if single else f),

@@ -186,7 +186,8 @@ def _train_stage(ctx: _Context, name: str, examples: int | None) -> StagePlan:
     mem = training_memory(shape, ctx.lora, s)
     gb = global_batch(cfg)
     mean = cfg.plan.mean_tokens or s.seq_len
-    step = train_step_flops(shape, tokens=gb * mean, seq_len=mean, loss_rows=int(cfg.plan.loss_rows_fraction * gb * mean),
+    step = train_step_flops(shape, tokens=gb * mean, seq_len=mean,
+                            loss_rows=int(cfg.plan.loss_rows_fraction * gb * mean),
                             lora_params=ctx.lora.trainable if ctx.lora else None, checkpointing=s.checkpointing)
     figures: dict[str, Any] = {"micro_batch_tokens": s.tokens, "global_batch": gb, "tokens_per_step": gb * mean,
                                "flops_per_step": step.model, "hardware_flops_per_step": step.hardware,
@@ -206,6 +207,10 @@ def _train_stage(ctx: _Context, name: str, examples: int | None) -> StagePlan:
     figures["steps"] = steps
     if steps is None:
         notes.append("steps unknown: the training data cannot be counted here (set plan.examples)")
+    if shape.experts:
+        notes.append(f"mixture of experts: FLOPs on the active parameters ({shape.experts_per_token} of "
+                     f"{shape.experts} experts per token); transformers' expert loop under ZeRO-3 (no expert "
+                     "parallelism) rarely reaches a dense model's MFU: measure it and set plan.mfu")
     return StagePlan(name, "per training worker", cfg.cluster.num_workers, 1, mem, ctx.limit, cfg.plan.margin,
                      figures, notes, seconds)
 
@@ -267,47 +272,103 @@ def _engine_stage(ctx: _Context, name: str, section: str, *, prompts: int | None
 
 
 def _generation_stage(ctx: _Context) -> StagePlan:
+    """One work row per (example, CoT): a replica decodes generation.batch_size sequences together, a prompt's
+    CoTs sharing its prefix; each CoT's RAIL read-out is a follow-up served from the prefix cache (not counted)."""
     g = ctx.cfg.generation
     replicas = g.num_replicas or ctx.cfg.cluster.num_workers
     return _engine_stage(ctx, "generate", "generation", prompts=ctx.examples, cots=g.num_cots,
-                         concurrency=g.batch_size * g.num_cots, new_tokens=g.max_new_tokens, readout=False,
+                         concurrency=g.batch_size, new_tokens=g.max_new_tokens, readout=False,
                          replicas=replicas)
 
 
-def _evaluation_stage(ctx: _Context) -> StagePlan | None:
+# The pipeline's inference modes per method (tract_dist.pipeline.EVAL_MODES, without importing the pipeline).
+PIPELINE_EVAL_MODES = {"tract": ("cot_rail",), "cot_raft": ("cot_rail",), "ce_cot": ("decode", "cot_rail"),
+                       "raft": ("rail",)}
+
+
+def _evaluation_stage(ctx: _Context, *, pipeline: bool) -> StagePlan | None:
+    """Judging the benchmarks: one model in ``evaluation.mode`` (``tract-dist evaluate``), or in the pipeline every
+    evaluated model (stage 1 too for TRACT with ``pipeline.evaluate_stage1``) in each of its method's modes. Memory
+    is the largest mode's; the time is the sum."""
     cfg = ctx.cfg
     e = cfg.evaluation
     if not e.benchmarks:
         return None
-    records = 0
+    records, unknown = 0, []
     for bench in e.benchmarks:
         n = count_records(bench.path)
-        records = records + (min(n - bench.offset, bench.max_examples or n) if n is not None else 0)
-    cots = 0 if e.mode == "rail" else e.num_cots
+        if n is None:
+            unknown.append(bench.name)
+        else:
+            records += max(0, min(n - bench.offset, bench.max_examples or n))
+    method = cfg.pipeline.method
+    modes = PIPELINE_EVAL_MODES[method] if pipeline else (e.mode,)
+    models = 2 if pipeline and method == "tract" and cfg.pipeline.evaluate_stage1 else 1
+    # num_cots=auto draws 3 CoTs per input at least and max_cots at most: the plan sizes memory and time for the
+    # most (a bound), as it does for max_new_tokens.
+    n_cots = e.max_cots if e.num_cots == "auto" else e.num_cots
     replicas = cfg.generation.num_replicas or cfg.cluster.num_workers
-    stage = _engine_stage(ctx, "evaluate", "evaluation", prompts=records or None, cots=max(cots, 1),
-                          concurrency=e.batch_size * max(cots, 1),
-                          new_tokens=cfg.generation.max_new_tokens if cots else 1, readout=True, replicas=replicas)
-    stage.figures["benchmark_records"] = records or None
-    if not records:
-        stage.notes.append("benchmark sizes unknown here (hf: or missing files): no time projection")
+    runs = []
+    for mode in modes:
+        cots = 0 if mode == "rail" else n_cots
+        runs.append(_engine_stage(ctx, "evaluate", "evaluation", prompts=records or None, cots=max(cots, 1),
+                                  concurrency=e.batch_size * max(cots, 1),
+                                  new_tokens=cfg.generation.max_new_tokens if cots else 1, readout=mode != "decode",
+                                  replicas=replicas))
+    stage = max(runs, key=lambda r: r.memory.total)
+    if all(r.seconds is not None for r in runs):
+        stage.seconds = models * sum(r.seconds for r in runs)  # type: ignore[misc]
+    stage.figures.update(benchmark_records=records or None, modes=list(modes), models=models)
+    if models * len(modes) > 1:
+        stage.notes.append(f"{models} model(s) x {len(modes)} mode(s) ({', '.join(modes)}) judged in turn")
+    if e.num_cots == "auto" and any(m != "rail" for m in modes):
+        stage.notes.append(f"evaluation.num_cots=auto: sized for evaluation.max_cots {n_cots} CoTs per input "
+                           "(the most)")
+    if unknown:
+        stage.notes.append(f"benchmark sizes unknown here ({', '.join(unknown)}: hf: or missing files): "
+                           + ("no time projection" if not records else "not in the time projection"))
     return stage
 
 
+def _pipeline_training(ctx: _Context) -> list[StagePlan]:
+    """The pipeline's training stages: stage 1 (unless ``pipeline.stage1_export`` stands in for it) and, for
+    TRACT, stage 2 on one self-generated CoT per CoT drawn (examples x generation.num_cots)."""
+    cfg, n = ctx.cfg, ctx.examples
+    out = [] if cfg.pipeline.stage1_export else [_train_stage(ctx, "train_stage1", n)]
+    if cfg.pipeline.method == "tract":
+        g = cfg.generation  # select=nearest keeps one CoT per example; the other rules at most every CoT
+        per_example = 1 if getattr(g, "select", "all") == "nearest" else g.num_cots
+        out.append(_train_stage(ctx, "train_stage2", n * per_example if n else None))
+    return out
+
+
 STAGE_BUILDERS: dict[str, Callable[[_Context], list[StagePlan]]] = {
-    "train": lambda ctx: [_train_stage(ctx, "train_stage1", ctx.examples)] + (
-        [_train_stage(ctx, "train_stage2", ctx.examples * ctx.cfg.generation.num_cots if ctx.examples else None)]
-        if ctx.cfg.pipeline.method == "tract" else []),
+    "train": lambda ctx: [_train_stage(ctx, "train", ctx.examples)],
+    "pipeline_train": _pipeline_training,
     "generate": lambda ctx: [_generation_stage(ctx)] if ctx.cfg.pipeline.method == "tract" else [],
-    "evaluate": lambda ctx: [s for s in [_evaluation_stage(ctx)] if s is not None],
+    "evaluate": lambda ctx: [s for s in [_evaluation_stage(ctx, pipeline=False)] if s is not None],
+    "pipeline_evaluate": lambda ctx: [s for s in [_evaluation_stage(ctx, pipeline=True)] if s is not None],
 }
-"""Stage kind -> builder. ``train`` alone is what ``tract-dist train`` runs; the pipeline runs them all."""
+"""Stage kind -> builder. ``train`` is one ``tract-dist train`` run; the pipeline's kinds are ``pipeline_train``,
+``generate`` and ``pipeline_evaluate`` (:data:`tract_dist.plan.check.COMMAND_KINDS`)."""
+
+
+def _selected(cfg: Any, stages: list[StagePlan]) -> list[StagePlan]:
+    """The stages ``pipeline.stages`` selects (its fnmatch patterns; the plan's ``evaluate`` stands for every
+    ``evaluate_*`` stage of the pipeline)."""
+    import fnmatch
+
+    wanted = getattr(cfg.pipeline, "stages", None)
+    if not wanted:
+        return stages
+    return [s for s in stages if any(fnmatch.fnmatchcase(s.name, p) or (
+        s.name == "evaluate" and fnmatch.fnmatchcase("evaluate_", p[:9])) for p in wanted)]
 
 
 # ---- the plan ----------------------------------------------------------------------------------------------
 
-def plan_run(cfg: Any, *, kinds: tuple[str, ...] = ("train", "generate", "evaluate")) -> RunPlan:
-    """The plan of ``cfg`` for the stage kinds asked (``train`` for a training run, all for the pipeline), from the
+def plan_run(cfg: Any, *, kinds: tuple[str, ...] = ("pipeline_train", "generate", "pipeline_evaluate")) -> RunPlan:
+    """The plan of ``cfg`` for the stage kinds asked (``train`` for a training run; default: the pipeline), from the
     model's config alone (meta device). Raises :class:`~tract_dist.plan.shape.PlanUnavailable` when the model's
     config cannot be had without a download."""
     from tract_dist.plan.shape import build_meta, lora_shape, model_shape, resolve_config
@@ -315,12 +376,12 @@ def plan_run(cfg: Any, *, kinds: tuple[str, ...] = ("train", "generate", "evalua
     config, source = resolve_config(cfg)
     meta = build_meta(config)
     shape = model_shape(config, name=cfg.model.name_or_path, source=source, model=meta)
-    lora = lora_shape(meta, cfg.model.lora) if cfg.model.lora.enabled else None
+    lora = lora_shape(meta, cfg.model.lora, config) if cfg.model.lora.enabled else None
     acc = accelerator(cfg.plan.gpu, cfg.plan.gpu_memory_gib) if cfg.cluster.use_gpu else None
     ctx = _Context(cfg, shape, lora, acc, count_examples(cfg))
     stages = [st for kind in kinds for st in STAGE_BUILDERS[kind](ctx)]
-    if cfg.pipeline.stage1_export and stages and stages[0].name == "train_stage1":
-        stages = stages[1:]
+    if "pipeline_train" in kinds:
+        stages = _selected(cfg, stages)
     device = (f"{cfg.cluster.num_workers} x {acc.name} ({acc.memory_gib:.2f} GiB)" if acc else
               f"CPU ({cfg.cluster.num_workers} worker(s); memory not checked)")
     return RunPlan(shape, lora, device, acc, stages, _assumptions(cfg, acc))
