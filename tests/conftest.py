@@ -91,11 +91,21 @@ def quickstart_examples(quickstart_data):
     return read_examples(str(quickstart_data), "jsonl", require_feedback=False).examples
 
 
+class _Tokenizers(dict):
+    """The offline aliases' tokenizers, each loaded on first use (a few seconds each on the 2-core machine)."""
+
+    def __missing__(self, name):
+        from tract_dist.data.assets import ALIASES, load_tokenizer
+
+        if name not in ALIASES:
+            raise KeyError(name)
+        self[name] = load_tokenizer(name)
+        return self[name]
+
+
 @pytest.fixture(scope="session")
 def tokenizers():
-    from tract_dist.data.assets import load_tokenizer
-
-    return {name: load_tokenizer(name) for name in ("mistral", "llama3", "smollm2")}
+    return _Tokenizers()
 
 
 @pytest.fixture(scope="session")
