@@ -7,7 +7,9 @@ PEFT's LoRA layers hand to autograd (checked per layer to the byte on CPU in fp3
 buffers DeepSpeed allocates. Inference (one replica): weights per tensor-parallel rank, the KV cache
 (2 x layers x kv_heads x head_dim x bytes per token) and the engine's workspace.
 
-Every component says how it was computed (``how``), so a plan can be checked by hand.
+Every component says how it was computed (``how``), so a plan can be checked by hand. The training peak is what
+lives through the step plus the larger of two phases whose transients never coexist: the fused loss head and one
+layer's backward (``Component.phase``).
 """
 
 from __future__ import annotations
@@ -29,11 +31,18 @@ DS_PERSISTENCE_THRESHOLD = 100_000
 VLLM_OVERHEAD_BYTES = 3 * GIB // 2
 
 
+#: Phases of a training step whose transients never coexist: the fused loss head (its tile, work block, rows and
+#: the lm_head gradient it computes in its forward, all handed over or freed before the decoder's backward
+#: starts) and a decoder layer's backward (its recomputation and input gradients).
+LOSS_PHASE, LAYER_PHASE = "loss head", "layer backward"
+
+
 @dataclass(frozen=True)
 class Component:
     name: str
     bytes: int
     how: str
+    phase: str = ""  # "": live through the step; else only during that phase (the peak counts the largest)
 
 
 @dataclass(frozen=True)
@@ -41,9 +50,17 @@ class MemoryEstimate:
     components: tuple[Component, ...]
     notes: tuple[str, ...] = ()
 
+    def phases(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for c in self.components:
+            if c.phase:
+                out[c.phase] = out.get(c.phase, 0) + c.bytes
+        return out
+
     @property
     def total(self) -> int:
-        return sum(c.bytes for c in self.components)
+        """The peak: what lives through the step plus the largest phase's transients."""
+        return sum(c.bytes for c in self.components if not c.phase) + max(self.phases().values(), default=0)
 
     def get(self, name: str) -> int:
         return sum(c.bytes for c in self.components if c.name == name)
@@ -216,8 +233,9 @@ def layer_activation_bytes(shape: ModelShape, lora: LoraShape | None, b: int, *,
 
 
 def activation_components(shape: ModelShape, lora: LoraShape | None, s: TrainSetup) -> list[Component]:
-    """Activations of one micro-batch: saved by every layer (or only the layer inputs, with checkpointing), the
-    final norm, and the largest transient of backward (one layer's recomputation and its input gradients)."""
+    """Activations of one micro-batch: saved by every layer (or only the layer inputs, with checkpointing) and
+    the final norm, through the step; in the layer-backward phase one layer's recomputation (checkpointing) and
+    its input gradients."""
     b, f, t, h = s.param_bytes, FP32, s.tokens, shape.hidden
     per_layer = layer_activation_bytes(shape, lora, b, on_cuda=s.on_cuda, padded=s.padded)
     full = lora is None
@@ -226,15 +244,16 @@ def activation_components(shape: ModelShape, lora: LoraShape | None, s: TrainSet
         out.append(Component("activations (checkpoints)", shape.layers * b * h * t,
                              f"{shape.layers} layers x their input ({b} B x hidden {h}) x {t} tokens"))
         out.append(Component("activations (one layer recomputed)", per_layer * t,
-                             f"{per_layer} B per token (the layer's saved tensors) x {t} tokens"))
+                             f"{per_layer} B per token (the layer's saved tensors) x {t} tokens", LAYER_PHASE))
     else:
         out.append(Component("activations (saved by layers)", shape.layers * per_layer * t,
                              f"{shape.layers} layers x {per_layer} B per token x {t} tokens"))
     final = (f + (b if full else 0)) * h + f
+    out.append(Component("activations (final norm)", final * t, f"final RMSNorm {final} B per token x {t}"))
     i = shape.moe_intermediate * shape.experts_per_token if shape.experts else shape.intermediate
     backward = b * (2 * i + 2 * h) + f * h
-    out.append(Component("activations (final norm, backward transients)", (final + backward) * t,
-                         f"final RMSNorm {final} B + one layer's input gradients {backward} B per token x {t}"))
+    out.append(Component("backward transients", backward * t,
+                         f"one layer's input gradients {backward} B per token x {t}", LAYER_PHASE))
     if s.padded:
         out.append(Component("attention mask", s.rows * s.seq_len ** 2,
                              f"boolean {s.rows} x {s.seq_len} x {s.seq_len}, shared by the layers"))
@@ -255,19 +274,29 @@ def loss_components(shape: ModelShape, lora: LoraShape | None, s: TrainSetup) ->
     tile = min(chunk, n) * min(shard, v) * b
     multi_shard = shard < v
     out = [Component("loss tile", tile, f"{min(chunk, n)} rows x {min(shard, v)} vocabulary rows x {b} B "
-                                        f"(budget {budget / 2**20:.0f} MiB)")]
-    rows = 2 * n * h * b + (n * h * f if multi_shard else 0)
-    out.append(Component("loss rows", rows, f"{n} rows x hidden {h}: gathered, their gradient"
-                                            f"{', an fp32 partial sum over vocabulary shards' if multi_shard else ''}"))
-    if not s.on_cuda:
-        out.append(Component("loss work block", tiling.CPU_BLOCK_BYTES, "fp32 work block of the CPU tile ops"))
-    elif not s.triton_loss:
-        out.append(Component("loss work block", tiling.CUDA_BLOCK_ELEMENTS * f,
-                             "fp32 work block of the torch tile ops"))
+                                        f"(budget {budget / 2**20:.0f} MiB)", LOSS_PHASE)]
+    out.append(Component("final hidden states", s.tokens * h * b,
+                         f"{s.tokens} tokens x hidden {h} x {b} B: the head's input, alive through the loss forward",
+                         LOSS_PHASE))
+    rows = 3 * n * h * b + (n * h * f if multi_shard else 0)
+    out.append(Component("loss rows", rows, f"{n} rows x hidden {h}: gathered twice (the loss rows, the active "
+                                            f"ones), their gradient"
+                                            f"{', an fp32 partial sum over vocabulary shards' if multi_shard else ''}",
+                         LOSS_PHASE))
+    if not s.on_cuda or not s.triton_loss:  # the PyTorch tile ops' fp32 work blocks (tiling.block_rows)
+        elements = tiling.CUDA_BLOCK_ELEMENTS if s.on_cuda else tiling.CPU_BLOCK_BYTES // f
+        rows_per_block = max(1, min(min(chunk, n), elements // min(shard, v)))
+        # A block's log_softmax is allocated while the previous block's is still bound (when the tile has more
+        # than one block), and a 16-bit tile is first copied to fp32 for it.
+        blocks = (2 if min(chunk, n) > rows_per_block else 1) + (1 if b != f else 0)
+        out.append(Component("loss work blocks", blocks * rows_per_block * min(shard, v) * f,
+                             f"{blocks} fp32 work blocks of {rows_per_block} rows (the PyTorch tile ops)",
+                             LOSS_PHASE))
     if lora is None:  # the head is trained: its gradient exists from the loss forward until backward hands it over
         single = n <= chunk
         out.append(Component("lm_head gradient", v * h * (b if single else f),
-                             f"{v} x {h} x {b if single else f} B ({'one chunk' if single else 'fp32 accumulator'})"))
+                             f"{v} x {h} x {b if single else f} B ({'one chunk' if single else 'fp32 accumulator'})",
+                             LOSS_PHASE))
     return out
 
 

@@ -79,7 +79,8 @@ class RunPlan:
             "device": self.device,
             "stages": [{"name": s.name, "unit": s.unit, "units": s.units, "gpus_per_unit": s.gpus_per_unit,
                         "verdict": s.verdict, "total_bytes": s.memory.total, "limit_bytes": s.limit_bytes,
-                        "components": [c.__dict__ for c in s.memory.components], "figures": s.figures,
+                        "components": [c.__dict__ for c in s.memory.components],
+                        "phases": s.memory.phases(), "figures": s.figures,
                         "seconds": s.seconds, "notes": s.notes + list(s.memory.notes)} for s in self.stages],
             "assumptions": self.assumptions,
         }
@@ -419,9 +420,13 @@ def render(plan: RunPlan) -> str:
         gpus = f", {s.units} x {s.gpus_per_unit} GPU" if s.gpus_per_unit > 1 else f", {s.units} unit(s)"
         lines.append(f"{s.name}  ({s.unit}{gpus})")
         for c in s.memory.components:
-            lines.append(f"  {c.name:<44} {c.bytes / GIB:9.2f} GiB   {c.how}")
+            name = f"{c.name} [{c.phase}]" if c.phase else c.name
+            lines.append(f"  {name:<44} {c.bytes / GIB:9.2f} GiB   {c.how}")
         limit = f" of {s.limit_bytes / GIB:.2f} GiB" if s.limit_bytes else ""
-        lines.append(f"  {'total':<44} {s.memory.total / GIB:9.2f} GiB{limit}  -> {s.verdict}")
+        phases = s.memory.phases()
+        peak = (" (the rest + the larger [phase]: " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in phases.items())
+                + ")") if phases else ""
+        lines.append(f"  {'total':<44} {s.memory.total / GIB:9.2f} GiB{limit}  -> {s.verdict}{peak}")
         f = s.figures
         if "flops_per_step" in f:
             lines.append(f"  step: {f['tokens_per_step']} tokens, {f['flops_per_step']:.3g} FLOPs "
