@@ -17,7 +17,10 @@ lent H100/H200, and writes JSON + markdown into ``--out``:
                    Feedback-Collection-like lengths, useful tokens/s, padding, peak memory; with the default
                    attention (flash-attention varlen if it imports, else one sdpa call per example; packed_mask: sdpa's
                    block-diagonal mask) and with
-                   transformers' flex_attention (block-sparse packed mask, compiled by torch).
+                   transformers' flex_attention (block-sparse packed mask, compiled by torch);
+  6. plan_memory   ``tract-dist plan``'s estimate of one training step's activations and loss head against
+                   ``max_memory_allocated`` (the train_step model, checkpointing off and on:
+                   ``benchmarks/plan/bench_plan_memory.py --step``).
 vLLM is not measured here: its wheel is too large to travel to the device machine, so the vLLM/HF ratio, tensor
 parallelism and served LoRA on GPU stay unmeasured until a machine with vLLM is lent.
 
@@ -145,12 +148,27 @@ def stage_train_packing(out: Path, smoke: bool) -> dict[str, Any]:
     return {"status": status, "reports": reports, "tables": tables}
 
 
+def stage_plan_memory(out: Path, smoke: bool) -> dict[str, Any]:
+    """``tract-dist plan``'s activation and loss-head estimate against ``max_memory_allocated`` of one fused-head
+    training step of the train_step stage's model (checkpointing off and on): the memory the plan adds to
+    DeepSpeed's model-state estimator (DeepSpeed is not installed here)."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks" / "plan"))
+    import bench_plan_memory
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = [bench_plan_memory.step_case("smoke" if smoke else "gpu-1b", device, ckpt) for ckpt in (False, True)]
+    return {"status": "ok", "rows": rows, "table": bench_plan_memory.step_table(rows)}
+
+
 STAGES: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
     "loss_tests": stage_loss_tests,
     "loss_bench": stage_loss_bench,
     "train_step": stage_train_step,
     "generation": stage_generation,
     "train_packing": stage_train_packing,
+    "plan_memory": stage_plan_memory,
 }
 
 
@@ -167,6 +185,9 @@ def summarize(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
         lines += ["", "## Training step (fused vs reference head)", "", "```json", json.dumps(step, indent=2), "```"]
     for attn, table in results.get("train_packing", {}).get("tables", {}).items():
         lines += ["", f"## Packed vs padded training steps ({attn} attention)", "", table]
+    if "table" in results.get("plan_memory", {}):
+        lines += ["", "## Plan vs max_memory_allocated (one training step's activations and loss head)", "",
+                  results["plan_memory"]["table"]]
     for name, r in results.items():
         if r.get("tail") and (r["status"] != "ok" or name == "loss_tests"):
             lines += ["", f"## {name}: output tail", "", "```", r.get("tail", ""), "```"]

@@ -17,6 +17,7 @@ free, summed in time order; the project's ``tract_dist.loss.memory_probe`` does 
 
     python benchmarks/plan/bench_plan_memory.py --out benchmarks/results/plan-memory-cpu-2core
     python benchmarks/plan/bench_plan_memory.py --layers --out benchmarks/results/plan-layers-cpu-2core
+    python benchmarks/plan/bench_plan_memory.py --step gpu-1b --out OUT   # on a GPU (also in benchmarks/gpu_check.py)
 """
 
 from __future__ import annotations
@@ -113,8 +114,8 @@ def run_case(name: str, overrides: list[str], workdir: Path, max_length: int) ->
     config, source = resolve_config(cfg)
     meta = build_meta(config)
     shape = model_shape(config, name=cfg.model.name_or_path, source=source, model=meta)
-    lora = lora_shape(meta, cfg.model.lora) if cfg.model.lora.enabled else None
-    bound = next(s for s in plan_run(cfg, kinds=("train",)).stages if s.name == "train_stage1").memory.total
+    lora = lora_shape(meta, cfg.model.lora, config) if cfg.model.lora.enabled else None
+    bound = plan_run(cfg, kinds=("train",)).stages[0].memory.total
     seen: dict[str, Any] = {}
     original = recipe_mod.run_recipe
 
@@ -237,6 +238,82 @@ def layer_case(mt: str, dtype_name: str, lora: bool, dropout: float, padded: boo
             "estimate_bytes_per_token": est, "error": est / measured - 1}
 
 
+# ---- one training step on this machine's accelerator (the prepared GPU check's model) ----------------------
+
+STEP_PRESETS = {
+    # benchmarks/train/bench_step.py's gpu-1b: random-llama-1b (Llama-3.2-1B shape), Llama-3 vocabulary, bf16
+    "gpu-1b": dict(hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, intermediate_size=8192,
+                   vocab=128256, batch=2, seq=2048, dtype="bfloat16"),
+    "smoke": dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, vocab=4099,
+                  batch=2, seq=128, dtype="float32"),
+}
+
+
+def step_case(preset: str, device: torch.device, checkpointing: bool) -> dict[str, Any]:
+    """Forward and backward of one micro-batch through the fused CoT-RAFT head (bench_step's model and judge-shaped
+    batch), gradients allocated before the window: the measured peak above that (max_memory_allocated on CUDA,
+    torch's allocation records on CPU) is activations, the loss head and backward's transients, which the plan
+    estimates as ``activation_components + loss_components``. Model states are DeepSpeed's estimator's part (not
+    installed on the GPU machine). Needs only torch and transformers."""
+    sys.path.insert(0, str(REPO / "benchmarks" / "train"))
+    import bench_step
+    from transformers import AutoModelForCausalLM
+
+    from tract_dist.loss import CoTRaftLossOptions
+    from tract_dist.loss.memory_probe import peak_tensor_bytes
+    from tract_dist.models import CotRaftCausalLM, tiny_llama_config
+    from tract_dist.plan.memory import MemoryEstimate, TrainSetup, activation_components, loss_components
+    from tract_dist.plan.shape import build_meta, model_shape
+
+    p = STEP_PRESETS[preset]
+    dtype = getattr(torch, p["dtype"])
+    dims = {k: p[k] for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")}
+    config = tiny_llama_config(p["vocab"], tie=False, max_position_embeddings=p["seq"], attn_implementation="sdpa",
+                               **dims)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    wrapper = CotRaftCausalLM(model, CoTRaftLossOptions(bench_step.SCORE_TOKEN_IDS, (1.0, 2.0, 3.0, 4.0, 5.0),
+                                                        impl="fused"))
+    for q in model.parameters():
+        q.grad = torch.zeros_like(q)  # outside the window: backward accumulates into them
+    batch = bench_step.make_batch({"batch": p["batch"], "seq": p["seq"], "vocab": p["vocab"]}, device)
+
+    def step() -> None:
+        wrapper(**batch).loss.backward()
+
+    step()  # warm-up: Triton autotuning, the allocator's first blocks
+    _, measured = peak_tensor_bytes(step, device)
+    loss_rows = int((batch["labels"] != -100).sum()) + p["batch"]  # CE rows + one score row per sequence
+    shape = model_shape(config, name=f"bench_step {preset}", source="bench", model=build_meta(config))
+    on_cuda = device.type == "cuda"
+    from tract_dist.loss import triton_kernels
+
+    triton = on_cuda and triton_kernels.HAS_TRITON  # kernel auto: Triton tiles on CUDA, no fp32 work block
+    setup = TrainSetup(world=1, zero_stage=3, param_bytes=dtype.itemsize, on_cuda=on_cuda, rows=p["batch"],
+                       seq_len=p["seq"], padded=False, checkpointing=checkpointing, loss_rows=loss_rows,
+                       triton_loss=triton)
+    comps = activation_components(shape, None, setup) + loss_components(shape, None, setup)
+    estimate = MemoryEstimate(tuple(comps)).total
+    del model, wrapper
+    return {"preset": preset, "device": str(device), "dtype": p["dtype"], "checkpointing": checkpointing,
+            "tokens": p["batch"] * p["seq"], "loss_rows": loss_rows, "measured_bytes": int(measured),
+            "estimate_bytes": int(estimate), "error": estimate / measured - 1,
+            "estimate_components": {c.name: c.bytes for c in comps}}
+
+
+def step_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| model | device | dtype | checkpointing | tokens | measured GiB | plan GiB | error |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['preset']} | {r['device']} | {r['dtype']} | {r['checkpointing']} | {r['tokens']} "
+              f"| {r['measured_bytes'] / GIB:.3f} | {r['estimate_bytes'] / GIB:.3f} | {r['error']:+.1%} |"
+              for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def write(out: Path, report: dict[str, Any], table: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
@@ -248,12 +325,23 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output stem (.json and .md)")
     ap.add_argument("--layers", action="store_true", help="per-layer saved bytes instead of whole runs")
+    ap.add_argument("--step", choices=sorted(STEP_PRESETS),
+                    help="one fused-head training step of bench_step's model on this machine's accelerator (CUDA if "
+                         "present), checkpointing off and on, instead of whole runs")
     ap.add_argument("--cases", default=",".join(CASES), help="whole-run cases")
     ap.add_argument("--max-length", type=int, default=768, help="data.max_length of the whole runs")
     args = ap.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     meta = {"machine": f"cpu-{os.cpu_count()}core", "torch": torch.__version__, "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d")}
+    if args.step:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        meta["machine"] = torch.cuda.get_device_name().replace(" ", "-") if device.type == "cuda" else meta["machine"]
+        rows = [step_case(args.step, device, ckpt) for ckpt in (False, True)]
+        table = (f"# One training step's activations and loss head: measured vs plan ({meta['machine']})\n\n"
+                 f"`python benchmarks/plan/bench_plan_memory.py --step {args.step}`\n\n" + step_table(rows))
+        write(Path(args.out), {"meta": meta, "rows": rows}, table)
+        return 0
     if args.layers:
         rows = [layer_case(*c) for c in LAYER_CASES]
         lines = [f"# Saved activation bytes per token and decoder layer: measured vs plan ({meta['machine']})", "",
@@ -283,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
              "| case | params | tokens | measured GiB | estimate GiB | error | plan bound GiB | RSS during steps above "
              "pre-model GiB |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['params'] / 1e6:.1f}M{' + LoRA ' + str(round(r['lora_trainable'] / 1e6, 2)) + 'M' if r['lora_trainable'] else ''} "
+        lora = f" + LoRA {r['lora_trainable'] / 1e6:.2f}M" if r["lora_trainable"] else ""
+        lines.append(f"| {r['case']} | {r['params'] / 1e6:.1f}M{lora} "
                      f"| 2 x {r['seq_len']} | {r['measured_peak_bytes'] / GIB:.3f} | {r['estimate_bytes'] / GIB:.3f} "
                      f"| {r['estimate_error']:+.1%} | {r['plan_bound_bytes'] / GIB:.3f} "
                      f"| {r['rss_steps_above_before_model_bytes'] / GIB:.3f} |")
