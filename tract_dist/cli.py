@@ -18,13 +18,14 @@ def add_plan_check_arg(p: argparse.ArgumentParser) -> None:
                    help="start without checking the plan (tract-dist plan): per-GPU memory against the device's")
 
 
-def run_plan_check(args: argparse.Namespace, cfg: Any, command: str) -> None:
-    """The plan check before a run starts (tract_dist.plan.check), unless ``--no-plan-check``."""
+def run_plan_check(args: argparse.Namespace, cfg: Any, command: str, *, local: bool = True) -> None:
+    """The plan check before a run starts (tract_dist.plan.check), unless ``--no-plan-check``; ``local``: the
+    run uses this machine (not a submitted job), so a CPU run is checked against its memory."""
     if getattr(args, "no_plan_check", False):
         return
     from tract_dist.plan.check import plan_check
 
-    plan_check(cfg, command)
+    plan_check(cfg, command, local=local)
 
 
 def _add_config_args(p: argparse.ArgumentParser, *, required: bool) -> None:

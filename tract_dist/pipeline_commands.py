@@ -12,7 +12,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     from tract_dist.submit import job_logs, submit_pipeline, wait_for
 
     # The same check as the command it submits, here, before the upload and the cluster's start-up.
-    run_plan_check(args, load_config(args.config, args.overrides), args.command_name)
+    run_plan_check(args, load_config(args.config, args.overrides), args.command_name, local=False)
     job_id = submit_pipeline(args.address, args.config, args.overrides,
                              working_dir=None if args.no_working_dir else ".", pip=args.pip or None,
                              command=args.command_name, max_upload_mb=args.max_upload_mb, force=args.force,

@@ -108,6 +108,9 @@ def resolve_config(cfg: Any) -> tuple[Any, str]:
     if fields is not None:
         model_type = fields.pop("model_type")
         return AutoConfig.for_model(model_type, **fields), f"built-in table ({name}; tract_dist/plan/known.py)"
+    from tract_dist.pipeline_checks import check_model_source
+
+    check_model_source(name)  # a missing local path, or offline: the run's own ConfigError, before any hub access
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1":
         raise PlanUnavailable(f"model.name_or_path: no config for '{name}' without the hub (HF_HUB_OFFLINE=1): give "
                               "a local model folder, or one of the built-in models (tract-dist plan --list-models)")
