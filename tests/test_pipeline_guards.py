@@ -133,6 +133,11 @@ def test_stage_list_keeps_the_fingerprints_of_existing_pipeline_folders(tmp_path
     warm = plan_pipeline(_cfg(tmp_path, quickstart_data, **{"pipeline.method": "tract", "evaluation.benchmarks": [bench],
                                                             "loss.lam_warmup_steps": 3}), name="p")
     assert warm["train_stage1"].fingerprint != s1
+    # the template's thinking switch changes every prompt: all stages (its default hashes as before: above)
+    think = plan_pipeline(_cfg(tmp_path, quickstart_data, **{"pipeline.method": "tract",
+                                                             "evaluation.benchmarks": [bench],
+                                                             "data.enable_thinking": True}), name="p")
+    assert all(think[k].fingerprint != plan[k].fingerprint for k in plan)
 
     def changed(**over):  # which stages a setting re-runs (#26's keys)
         other = plan_pipeline(_cfg(tmp_path, quickstart_data, **{"pipeline.method": "tract",
