@@ -189,3 +189,27 @@ def test_train_pipeline_and_submit_refuse_a_run_that_will_not_fit(offline, monke
     with pytest.raises(Started):
         main(["train", cfg, *big, "plan.check=warn"])
     assert "[plan] warning: the run will not fit" in capsys.readouterr().err and started[-1] == "train"
+
+
+def test_deepspeed_json_offload_and_buckets_reach_the_estimate(offline, tmp_path):
+    """The run's DeepSpeed JSON sizes the plan: offloading the optimizer leaves 2 B per trainable parameter on
+    the GPU (DeepSpeed's estimator), offloading parameters too only the largest layer; buckets as configured."""
+    import json as _json
+
+    base = _json.loads((REPO / "configs/deepspeed/zero3-8x80gb.json").read_text())
+    plans = {}
+    for name, offload in (("none", {}), ("opt", {"offload_optimizer": {"device": "cpu"}}),
+                          ("all", {"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "nvme"}})):
+        ds = _json.loads(_json.dumps(base))
+        ds["zero_optimization"].update(offload, reduce_bucket_size=2e8)
+        (tmp_path / f"{name}.json").write_text(_json.dumps(ds))
+        plans[name] = _plan("qwen3-8b.yaml", f"training.deepspeed_config={tmp_path / f'{name}.json'}",
+                            "model.lora.enabled=false").stages[0].memory
+    p, largest, world = 8_190_735_360, 151936 * 4096, 8
+    assert plans["none"].get("model states") == int(4.0 * largest + 18.0 * p / world)
+    assert plans["opt"].get("model states") == int(4.0 * largest + 2.0 * p / world)
+    assert plans["all"].get("model states") == 4 * largest
+    assert plans["none"].get("DeepSpeed gradient bucket") == 2 * 200_000_000
+    # the optimizer's temporaries: one fp32 sqrt(v) buffer of a sub-group (CUDA's foreach AdamW); none offloaded
+    assert plans["none"].get("optimizer temporaries") == 4 * min(-(-p // world), 1_000_000_000)
+    assert plans["opt"].get("optimizer temporaries") == 0

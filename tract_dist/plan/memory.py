@@ -8,8 +8,9 @@ buffers DeepSpeed allocates. Inference (one replica): weights per tensor-paralle
 (2 x layers x kv_heads x head_dim x bytes per token) and the engine's workspace.
 
 Every component says how it was computed (``how``), so a plan can be checked by hand. The training peak is what
-lives through the step plus the larger of two phases whose transients never coexist: the fused loss head and one
-layer's backward (``Component.phase``).
+lives through the step (model states, DeepSpeed's buffers) plus the larger of the forward-backward (the
+activations, and the larger of the loss head's and one layer backward's transients, which never coexist) and the
+optimizer step's temporaries (``Component.phase``, ``MemoryEstimate.total``).
 """
 
 from __future__ import annotations
@@ -31,10 +32,14 @@ DS_PERSISTENCE_THRESHOLD = 100_000
 VLLM_OVERHEAD_BYTES = 3 * GIB // 2
 
 
-#: Phases of a training step whose transients never coexist: the fused loss head (its tile, work block, rows and
-#: the lm_head gradient it computes in its forward, all handed over or freed before the decoder's backward
-#: starts) and a decoder layer's backward (its recomputation and input gradients).
-LOSS_PHASE, LAYER_PHASE = "loss head", "layer backward"
+#: Phases of a training step. Activations live from the forward to the end of the backward; within that, the
+#: fused loss head's transients (its tile, work blocks, rows and the lm_head gradient it computes in its forward,
+#: all handed over or freed before the decoder's backward starts) and one decoder layer's backward (its
+#: recomputation and input gradients) never coexist; the optimizer step comes after the activations are freed.
+ACTIVATIONS, LOSS_PHASE, LAYER_PHASE, OPTIMIZER_PHASE = "activations", "loss head", "layer backward", "optimizer step"
+#: DeepSpeed's default zero_optimization.sub_group_size: ZeRO-3 steps the optimizer over its fp32 partition in
+#: groups of at most this many elements, which bounds the optimizer's temporaries.
+DS_SUB_GROUP_SIZE = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,7 @@ class Component:
     name: str
     bytes: int
     how: str
-    phase: str = ""  # "": live through the step; else only during that phase (the peak counts the largest)
+    phase: str = ""  # "": live through the whole step; else only in that phase (MemoryEstimate.total)
 
 
 @dataclass(frozen=True)
@@ -59,8 +64,13 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        """The peak: what lives through the step plus the largest phase's transients."""
-        return sum(c.bytes for c in self.components if not c.phase) + max(self.phases().values(), default=0)
+        """The peak: what lives through the step, plus the larger of the forward-backward (the activations and
+        the larger of the loss head's and a layer backward's transients) and the optimizer step's temporaries.
+        Without phases (inference) the sum."""
+        p = self.phases()
+        forward_backward = p.get(ACTIVATIONS, 0) + max(p.get(LOSS_PHASE, 0), p.get(LAYER_PHASE, 0))
+        return (sum(c.bytes for c in self.components if not c.phase)
+                + max(forward_backward, p.get(OPTIMIZER_PHASE, 0)))
 
     def get(self, name: str) -> int:
         return sum(c.bytes for c in self.components if c.name == name)
@@ -76,6 +86,10 @@ class ZeroBuffers:
     contiguous_gradients: bool = True
     offload_optimizer: bool = False  # zero_optimization.offload_optimizer.device cpu/nvme: states off the GPU
     offload_param: bool = False  # offload_param.device cpu/nvme: partitioned weights off the GPU too
+    sub_group_size: int = DS_SUB_GROUP_SIZE
+    # ZeRO-3's zero.Init replaces torch.nn.functional.linear for the process (memory_efficient_linear, on by
+    # default) with an autograd function that saves every linear layer's input, frozen weight or not.
+    memory_efficient_linear: bool = True
 
     @classmethod
     def from_ds_config(cls, ds: dict[str, Any]) -> "ZeroBuffers":
@@ -91,7 +105,9 @@ class ZeroBuffers:
                                                    "param_persistence_threshold"),
                    contiguous_gradients=bool(z.get("contiguous_gradients", True)),
                    offload_optimizer=_offloaded(z.get("offload_optimizer")),
-                   offload_param=_offloaded(z.get("offload_param")))
+                   offload_param=_offloaded(z.get("offload_param")),
+                   sub_group_size=num("sub_group_size", DS_SUB_GROUP_SIZE),
+                   memory_efficient_linear=bool(z.get("memory_efficient_linear", True)))
 
 
 def _offloaded(section: Any) -> bool:
@@ -161,6 +177,12 @@ def model_states(shape: ModelShape, lora: LoraShape | None, s: TrainSetup) -> li
             states += 2 * trainable // n + 4 * shape.largest_module_params
             how += "; fp32 working weights: +2 B per trainable parameter / world, +4 B per largest-layer parameter"
         out.append(Component("model states", states, how))
+        if not z.offload_optimizer:  # torch's AdamW (the project's DeepSpeed JSON: torch_adam) over each sub-group
+            k = 1 if s.on_cuda else 2  # CUDA: foreach, one sqrt(v) buffer; CPU: per tensor, sqrt(v) and its quotient
+            group = min(-(-trainable // n), z.sub_group_size)
+            out.append(Component("optimizer temporaries", k * FP32 * group,
+                                 f"{k} fp32 buffer(s) of an optimizer sub-group ({_n(group)} elements: the "
+                                 f"partition, at most sub_group_size)", OPTIMIZER_PHASE))
         if frozen and not z.offload_param:
             out.append(Component("frozen base weights", b * frozen // n,
                                  f"{b} B x {_n(frozen)} partitioned over {n} (no gradient, no optimizer state)"))
@@ -183,13 +205,14 @@ def model_states(shape: ModelShape, lora: LoraShape | None, s: TrainSetup) -> li
 # ---- activations -------------------------------------------------------------------------------------------
 
 def layer_activation_bytes(shape: ModelShape, lora: LoraShape | None, b: int, *, on_cuda: bool,
-                           padded: bool = False) -> int:
+                           padded: bool = False, zero3_linear: bool = False) -> int:
     """Bytes per token that one decoder layer saves for backward (no checkpointing), as autograd keeps them for
     transformers' Llama-family layers with sdpa / flash attention (no T x T matrix) and, with ``lora``, PEFT's
     adapters. ``padded``: sdpa gets a padding mask, so transformers repeats the K/V heads up to the query heads
-    (``repeat_kv``) instead of sdpa's grouped-query path. Measured equal to the byte on CPU (fp32 and bf16, Llama,
-    Qwen3, Qwen3-MoE, LoRA with and without dropout, padded or not) by ``benchmarks/plan/bench_plan_memory.py
-    --layers``."""
+    (``repeat_kv``) instead of sdpa's grouped-query path. ``zero3_linear``: under ZeRO-3's memory-efficient linear
+    every linear layer saves its input, frozen or not (LoRA). Measured equal to the byte on CPU without ZeRO-3
+    (fp32 and bf16, Llama, Qwen3, Qwen3-MoE, LoRA with and without dropout; +2 % padded) by
+    ``benchmarks/plan/bench_plan_memory.py --layers``; the whole ZeRO-3 step by its default mode."""
     f = FP32
     h, q, kv, i = shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate
     full = lora is None
@@ -207,7 +230,8 @@ def layer_activation_bytes(shape: ModelShape, lora: LoraShape | None, b: int, *,
     moe = shape.experts > 0
     if moe:  # router softmax (fp32), and per routed token: its gathered input, gate_up out, act, product, down out
         experts_train = full or bool(lora and lora.experts_adapted)
-        per_routed = b * (2 * h + 4 * shape.moe_intermediate) if experts_train else b * (h + 3 * shape.moe_intermediate)
+        per_routed = b * (2 * h + 4 * shape.moe_intermediate) if experts_train else b * (
+            h + (4 if zero3_linear else 3) * shape.moe_intermediate)  # ZeRO-3: the frozen down input too
         # + per routed token: its routing indices (four int64 tensors) and weight
         total += f * shape.experts + shape.experts_per_token * (per_routed + 32 + b)
     else:
@@ -222,11 +246,12 @@ def layer_activation_bytes(shape: ModelShape, lora: LoraShape | None, b: int, *,
     mask = 1 if on_cuda else b  # dropout's saved mask: bool on CUDA (fused kernel), a full noise tensor on CPU
     for key, (width, readers) in inputs.items():
         adapted = [name for name, _ in lora.adapted if name.endswith(readers)]
-        if not adapted or not width:
+        if not width:
             continue
-        if lora.dropout > 0:  # each adapter gets its own dropped copy (and mask) of the input
+        if adapted and lora.dropout > 0:  # each adapter gets its own dropped copy (and mask) of the input
             total += len(adapted) * (mask + b) * width
-        elif key != "attn":  # the adapters share the one input tensor
+        # The layer input itself: kept when adapters read it undropped, and under ZeRO-3 by the frozen layers.
+        if key != "attn" and (zero3_linear or (adapted and lora.dropout == 0)):
             total += b * width
     total += b * lora.rank * len(lora.adapted)  # each lora_A output, saved by lora_B
     return total
@@ -237,26 +262,28 @@ def activation_components(shape: ModelShape, lora: LoraShape | None, s: TrainSet
     the final norm, through the step; in the layer-backward phase one layer's recomputation (checkpointing) and
     its input gradients."""
     b, f, t, h = s.param_bytes, FP32, s.tokens, shape.hidden
-    per_layer = layer_activation_bytes(shape, lora, b, on_cuda=s.on_cuda, padded=s.padded)
+    zero3_linear = s.zero_stage == 3 and s.buffers.memory_efficient_linear
+    per_layer = layer_activation_bytes(shape, lora, b, on_cuda=s.on_cuda, padded=s.padded, zero3_linear=zero3_linear)
     full = lora is None
     out = []
     if s.checkpointing:
         out.append(Component("activations (checkpoints)", shape.layers * b * h * t,
-                             f"{shape.layers} layers x their input ({b} B x hidden {h}) x {t} tokens"))
+                             f"{shape.layers} layers x their input ({b} B x hidden {h}) x {t} tokens", ACTIVATIONS))
         out.append(Component("activations (one layer recomputed)", per_layer * t,
                              f"{per_layer} B per token (the layer's saved tensors) x {t} tokens", LAYER_PHASE))
     else:
         out.append(Component("activations (saved by layers)", shape.layers * per_layer * t,
-                             f"{shape.layers} layers x {per_layer} B per token x {t} tokens"))
+                             f"{shape.layers} layers x {per_layer} B per token x {t} tokens", ACTIVATIONS))
     final = (f + (b if full else 0)) * h + f
-    out.append(Component("activations (final norm)", final * t, f"final RMSNorm {final} B per token x {t}"))
+    out.append(Component("activations (final norm)", final * t, f"final RMSNorm {final} B per token x {t}",
+                         ACTIVATIONS))
     i = shape.moe_intermediate * shape.experts_per_token if shape.experts else shape.intermediate
     backward = b * (2 * i + 2 * h) + f * h
     out.append(Component("backward transients", backward * t,
                          f"one layer's input gradients {backward} B per token x {t}", LAYER_PHASE))
     if s.padded:
         out.append(Component("attention mask", s.rows * s.seq_len ** 2,
-                             f"boolean {s.rows} x {s.seq_len} x {s.seq_len}, shared by the layers"))
+                             f"boolean {s.rows} x {s.seq_len} x {s.seq_len}, shared by the layers", ACTIVATIONS))
     return out
 
 

@@ -203,6 +203,7 @@ def _train_stage(ctx: _Context, name: str, examples: int | None) -> StagePlan:
     if ctx.acc is not None:
         per_step = step.seconds(cfg.cluster.num_workers, ctx.acc.bf16_tflops, cfg.plan.mfu)
         figures["seconds_per_step"] = per_step
+        figures["tokens_per_s"] = gb * mean / per_step
         if steps:
             seconds = steps * per_step
     figures["steps"] = steps
@@ -268,7 +269,8 @@ def _engine_stage(ctx: _Context, name: str, section: str, *, prompts: int | None
         notes.append(f"{replicas} replicas x tensor_parallel {tp} = {replicas * tp} GPUs, more than the "
                      f"{cfg.cluster.num_workers} GPUs training uses (cluster.num_workers): set "
                      f"generation.num_replicas")
-    return StagePlan(name, "per GPU of a replica", replicas, tp, mem, limit, cfg.plan.margin, figures, notes,
+    unit = "per GPU of a replica" if ctx.on_gpu else "per replica (CPU)"
+    return StagePlan(name, unit, replicas, tp, mem, limit, cfg.plan.margin, figures, notes,
                      seconds, blocked=cannot_start)
 
 
@@ -421,17 +423,18 @@ def render(plan: RunPlan) -> str:
         lines.append(f"{s.name}  ({s.unit}{gpus})")
         for c in s.memory.components:
             name = f"{c.name} [{c.phase}]" if c.phase else c.name
-            lines.append(f"  {name:<44} {c.bytes / GIB:9.2f} GiB   {c.how}")
+            lines.append(f"  {name:<52} {c.bytes / GIB:9.2f} GiB   {c.how}")
         limit = f" of {s.limit_bytes / GIB:.2f} GiB" if s.limit_bytes else ""
         phases = s.memory.phases()
-        peak = (" (the rest + the larger [phase]: " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in phases.items())
-                + ")") if phases else ""
-        lines.append(f"  {'total':<44} {s.memory.total / GIB:9.2f} GiB{limit}  -> {s.verdict}{peak}")
+        peak = ("  (peak: the unmarked + max(activations + max(loss head, layer backward), optimizer step); "
+                + ", ".join(f"{k} {v / GIB:.2f}" for k, v in phases.items()) + ")") if phases else ""
+        lines.append(f"  {'total':<52} {s.memory.total / GIB:9.2f} GiB{limit}  -> {s.verdict}{peak}")
         f = s.figures
         if "flops_per_step" in f:
             lines.append(f"  step: {f['tokens_per_step']} tokens, {f['flops_per_step']:.3g} FLOPs "
                          f"({f['hardware_flops_per_step']:.3g} with recomputation)"
-                         + (f", {f['seconds_per_step']:.2f} s" if "seconds_per_step" in f else "")
+                         + (f", {f['seconds_per_step']:.2f} s ({f['tokens_per_s']:.0f} tokens/s)"
+                            if "seconds_per_step" in f else "")
                          + (f"; {f['steps']} steps" if f.get("steps") else ""))
         if "decode_tokens_per_s_per_replica" in f:
             lines.append(f"  decode: {f['decode_tokens_per_s_per_replica']:.0f} tokens/s per replica "
