@@ -23,9 +23,11 @@ free, summed in time order; the project's ``tract_dist.loss.memory_probe`` does 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import threading
@@ -45,18 +47,31 @@ GIB = 1 << 30
 
 # ---- torch's allocation records ----------------------------------------------------------------------------
 
-def live_peaks(prof: Any, region: str) -> tuple[int, int]:
-    """(peak live tensor bytes over the whole profile, peak inside ``region`` record_function windows)."""
+# Where a peak happened, by the profiler events around it (the plan's phases).
+PHASE_EVENTS = {"FusedCoTRaftFunction": "loss head", "Optimizer.step": "optimizer step",
+                "autograd::engine": "backward"}
+
+
+def live_peaks(prof: Any, region: str) -> tuple[int, int, str]:
+    """(peak live tensor bytes over the whole profile, peak inside ``region`` record_function windows, the phase
+    that peak was in: loss head, optimizer step, backward, else forward)."""
     events = list(prof.profiler.kineto_results.events())
     windows = [(e.start_ns(), e.start_ns() + e.duration_ns()) for e in events if e.name() == region]
     mem = sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns())
     live = peak = peak_in = 0
+    at = None
     for e in mem:
         live += e.nbytes()
         peak = max(peak, live)
-        if any(a <= e.start_ns() <= b for a, b in windows):
-            peak_in = max(peak_in, live)
-    return peak, peak_in
+        if live > peak_in and any(a <= e.start_ns() <= b for a, b in windows):
+            peak_in, at = live, e.start_ns()
+    phase = "forward"
+    for e in events:
+        if at is not None and e.start_ns() <= at <= e.start_ns() + e.duration_ns():
+            for prefix, name in PHASE_EVENTS.items():
+                if e.name().startswith(prefix) and (phase == "forward" or name != "backward"):
+                    phase = name
+    return peak, peak_in, phase
 
 
 class RssSampler:
@@ -134,6 +149,7 @@ def run_case(name: str, overrides: list[str], workdir: Path, max_length: int) ->
             if seq * len(batch) > seen.get("seq_len", 0) * 2:
                 seen["seq_len"], seen["loss_rows"] = seq, rows
                 seen["padded"] = len({len(x["input_ids"]) for x in batch}) > 1
+            gc.collect()  # the load's garbage (reference cycles) would otherwise be freed at a random point
             with record_function("tract_step"):
                 return step(i)
 
@@ -144,7 +160,7 @@ def run_case(name: str, overrides: list[str], workdir: Path, max_length: int) ->
             r._resume()
             r.train()
         seen["rss_peak"] = rss.peak
-        seen["peak_all"], seen["peak_steps"] = live_peaks(prof, "tract_step")
+        seen["peak_all"], seen["peak_steps"], seen["peak_phase"] = live_peaks(prof, "tract_step")
         seen["n_params"] = int(r.n_params)
         r.cleanup()
 
@@ -163,6 +179,7 @@ def run_case(name: str, overrides: list[str], workdir: Path, max_length: int) ->
     return {"case": name, "params": shape.params, "lora_trainable": lora.trainable if lora else 0,
             "seq_len": seen["seq_len"], "rows": 2, "loss_rows": seen["loss_rows"],
             "measured_peak_bytes": measured_bytes, "measured_peak_incl_load_bytes": seen["peak_all"],
+            "measured_peak_phase": seen["peak_phase"], "estimate_phases": est.phases(),
             "estimate_bytes": est.total, "estimate_error": est.total / measured_bytes - 1,
             "estimate_components": {c.name: c.bytes for c in est.components},
             "plan_bound_bytes": bound, "plan_bound_max_length": max_length,
@@ -293,9 +310,9 @@ def step_case(preset: str, device: torch.device, checkpointing: bool) -> dict[st
     from tract_dist.loss import triton_kernels
 
     triton = on_cuda and triton_kernels.HAS_TRITON  # kernel auto: Triton tiles on CUDA, no fp32 work block
-    setup = TrainSetup(world=1, zero_stage=3, param_bytes=dtype.itemsize, on_cuda=on_cuda, rows=p["batch"],
+    setup = TrainSetup(world=1, zero_stage=0, param_bytes=dtype.itemsize, on_cuda=on_cuda, rows=p["batch"],
                        seq_len=p["seq"], padded=False, checkpointing=checkpointing, loss_rows=loss_rows,
-                       triton_loss=triton)
+                       triton_loss=triton)  # plain PyTorch: no ZeRO-3 linear (full fine-tuning: the same)
     comps = activation_components(shape, None, setup) + loss_components(shape, None, setup)
     estimate = MemoryEstimate(tuple(comps)).total
     del model, wrapper
@@ -330,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
                          "present), checkpointing off and on, instead of whole runs")
     ap.add_argument("--cases", default=",".join(CASES), help="whole-run cases")
     ap.add_argument("--max-length", type=int, default=768, help="data.max_length of the whole runs")
+    ap.add_argument("--one", choices=sorted(CASES), help=argparse.SUPPRESS)  # internal: one case, JSON to --out
     args = ap.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     meta = {"machine": f"cpu-{os.cpu_count()}core", "torch": torch.__version__, "python": platform.python_version(),
@@ -356,11 +374,19 @@ def main(argv: list[str] | None = None) -> int:
                   f"| {r['estimate_bytes_per_token']} | {r['error']:+.2%} |" for r in rows]
         write(Path(args.out), {"meta": meta, "rows": rows}, "\n".join(lines) + "\n")
         return 0
+    if args.one:  # one case in this process (the parent runs each in its own: freed memory, no carry-over)
+        with tempfile.TemporaryDirectory() as tmp:
+            row = run_case(args.one, CASES[args.one], Path(tmp), args.max_length)
+        Path(args.out).write_text(json.dumps(row))
+        return 0
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.cases.split(","):
-            print(f"[bench] {name} ...", flush=True)
-            rows.append(run_case(name, CASES[name], Path(tmp), args.max_length))
+    for name in args.cases.split(","):
+        print(f"[bench] {name} ...", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            part = Path(tmp) / "row.json"
+            subprocess.run([sys.executable, __file__, "--one", name, "--out", str(part), "--max-length",
+                            str(args.max_length)], check=True)
+            rows.append(json.loads(part.read_text()))
     lines = [f"# Training memory: the plan's estimate vs the measured peak ({meta['machine']})", "",
              f"{meta['date']}, torch {meta['torch']}. `python benchmarks/plan/bench_plan_memory.py`: the project's "
              "trainer in-process (ZeRO-3 world 1, fp32 on CPU, fused loss, AdamW), 2 sequences per micro-batch "
@@ -368,14 +394,16 @@ def main(argv: list[str] | None = None) -> int:
              "(torch's allocation records) from before the model is built to the end of step 2. Estimate: "
              "`tract_dist.plan.memory.training_memory` at the run's padded length and loss rows; bound: the plan "
              f"of the config (data.max_length {args.max_length}, plan.loss_rows_fraction).", "",
-             "| case | params | tokens | measured GiB | estimate GiB | error | plan bound GiB | RSS during steps above "
-             "pre-model GiB |", "|---|---|---|---|---|---|---|---|"]
+             "| case | params | tokens | measured GiB | measured peak in | estimate GiB | estimate's peak phase | error "
+             "| plan bound GiB | RSS during steps above pre-model GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lora = f" + LoRA {r['lora_trainable'] / 1e6:.2f}M" if r["lora_trainable"] else ""
+        phases = r["estimate_phases"]
+        top = max(phases, key=phases.get) if phases else "-"
         lines.append(f"| {r['case']} | {r['params'] / 1e6:.1f}M{lora} "
-                     f"| 2 x {r['seq_len']} | {r['measured_peak_bytes'] / GIB:.3f} | {r['estimate_bytes'] / GIB:.3f} "
-                     f"| {r['estimate_error']:+.1%} | {r['plan_bound_bytes'] / GIB:.3f} "
-                     f"| {r['rss_steps_above_before_model_bytes'] / GIB:.3f} |")
+                     f"| 2 x {r['seq_len']} | {r['measured_peak_bytes'] / GIB:.3f} | {r['measured_peak_phase']} "
+                     f"| {r['estimate_bytes'] / GIB:.3f} | {top} | {r['estimate_error']:+.1%} "
+                     f"| {r['plan_bound_bytes'] / GIB:.3f} | {r['rss_steps_above_before_model_bytes'] / GIB:.3f} |")
     lines += ["", "Components of each estimate (GiB):", ""]
     for r in rows:
         parts = ", ".join(f"{k} {v / GIB:.3f}" for k, v in r["estimate_components"].items())
