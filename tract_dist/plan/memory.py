@@ -177,12 +177,16 @@ def model_states(shape: ModelShape, lora: LoraShape | None, s: TrainSetup) -> li
             states += 2 * trainable // n + 4 * shape.largest_module_params
             how += "; fp32 working weights: +2 B per trainable parameter / world, +4 B per largest-layer parameter"
         out.append(Component("model states", states, how))
-        if not z.offload_optimizer:  # torch's AdamW (the project's DeepSpeed JSON: torch_adam) over each sub-group
-            k = 1 if s.on_cuda else 2  # CUDA: foreach, one sqrt(v) buffer; CPU: per tensor, sqrt(v) and its quotient
+        if not z.offload_optimizer:
+            # Per optimizer sub-group (the partition, at most sub_group_size elements): the fp32 gradient DeepSpeed
+            # assembles for the step beside the one the estimator counts (measured on CPU), and torch AdamW's
+            # buffers (the project's DeepSpeed JSON sets torch_adam): CUDA's foreach path one (sqrt v), the CPU's
+            # per-tensor path two (sqrt v and its quotient).
+            k = 2 if s.on_cuda else 3
             group = min(-(-trainable // n), z.sub_group_size)
             out.append(Component("optimizer temporaries", k * FP32 * group,
-                                 f"{k} fp32 buffer(s) of an optimizer sub-group ({_n(group)} elements: the "
-                                 f"partition, at most sub_group_size)", OPTIMIZER_PHASE))
+                                 f"{k} fp32 buffers of an optimizer sub-group ({_n(group)} elements): the step's "
+                                 "gradient and AdamW's", OPTIMIZER_PHASE))
         if frozen and not z.offload_param:
             out.append(Component("frozen base weights", b * frozen // n,
                                  f"{b} B x {_n(frozen)} partitioned over {n} (no gradient, no optimizer state)"))
