@@ -25,7 +25,8 @@ def run_plan_check(args: argparse.Namespace, cfg: Any, command: str, *, local: b
         return
     from tract_dist.plan.check import plan_check
 
-    plan_check(cfg, command, local=local)
+    for line in plan_check(cfg, command, local=local):
+        print(line, file=sys.stderr, flush=True)
 
 
 def _add_config_args(p: argparse.ArgumentParser, *, required: bool) -> None:

@@ -9,8 +9,7 @@ memory. A model whose config cannot be read without a download is not checked (a
 
 from __future__ import annotations
 
-import sys
-from typing import Any, TextIO
+from typing import Any
 
 from tract_dist.errors import TractError
 from tract_dist.plan.hardware import GIB
@@ -32,33 +31,34 @@ def _advice(stage_name: str) -> str:
             "generation.vllm.max_num_seqs")
 
 
-def plan_check(cfg: Any, command: str = "train", *, local: bool = True, out: TextIO | None = None) -> None:
+def plan_check(cfg: Any, command: str = "train", *, local: bool = True) -> list[str]:
     """Plan ``cfg`` for ``command``'s stages; raise :class:`PlanRefused` when a stage will not fit (unless
-    ``plan.check`` is warn), print a warning when one is tight, one summary line otherwise. A CPU run is
-    checked against this machine's memory only when it runs here (``local``)."""
+    ``plan.check`` is warn). Returns the lines for the user (warnings for tight stages, else one summary line):
+    the entry point prints them. A CPU run is checked against this machine's memory only when it runs here
+    (``local``)."""
+    lines: list[str] = []
     if not cfg.cluster.use_gpu and not local:  # a CPU job elsewhere: nothing here to check it against
-        return
+        return lines
     from tract_dist.plan.report import host_memory_bytes, plan_run
     from tract_dist.plan.shape import PlanUnavailable
 
-    out = out or sys.stderr
     try:
         plan = plan_run(cfg, kinds=COMMAND_KINDS.get(command, ("train",)))
     except PlanUnavailable as e:
-        print(f"[plan] warning: not checked: {e}", file=out, flush=True)
-        return
+        lines.append(f"[plan] warning: not checked: {e}")
+        return lines
     if plan.accelerator is None:  # CPU: the local workers share this machine's memory
         need = sum(s.memory.total * s.units for s in plan.stages if s.name.startswith("train")) / max(
             sum(1 for s in plan.stages if s.name.startswith("train")), 1)
         have = host_memory_bytes()
         if need > have:
-            print(f"[plan] warning: training needs about {need / GIB:.1f} GiB of tensors over its workers, this "
-                  f"machine has {have / GIB:.1f} GiB (tract-dist plan shows the parts)", file=out, flush=True)
-        return
+            lines.append(f"[plan] warning: training needs about {need / GIB:.1f} GiB of tensors over its workers, "
+                         f"this machine has {have / GIB:.1f} GiB (tract-dist plan shows the parts)")
+        return lines
     failing = plan.failing()
     for s in plan.tight():
-        print(f"[plan] warning: {s.name}: {s.memory.total / GIB:.1f} GiB of {s.limit_bytes / GIB:.1f} GiB per GPU "
-              f"is tight (the plan leaves {cfg.plan.margin:.0%} for what it does not count)", file=out, flush=True)
+        lines.append(f"[plan] warning: {s.name}: {s.memory.total / GIB:.1f} GiB of {s.limit_bytes / GIB:.1f} GiB "
+                     f"per GPU is tight (the plan leaves {cfg.plan.margin:.0%} for what it does not count)")
     if failing:
         # Stages with the same estimate (stage 1 and stage 2 train alike) are named together, said once.
         groups: dict[tuple[int, str], list[str]] = {}
@@ -69,14 +69,15 @@ def plan_check(cfg: Any, command: str = "train", *, local: bool = True, out: Tex
             text = (f"about {s.memory.total / GIB:.1f} GiB per GPU ({parts} GiB) on {plan.accelerator.name} with "
                     f"{plan.accelerator.memory_gib:.1f} GiB{': ' + why if why else ''}: {_advice(s.name)}")
             groups.setdefault((s.memory.total, text), []).append(s.name)
-        lines = [f"{' and '.join(names)} need{'s' if len(names) == 1 else ''} {text}"
+        needs = [f"{' and '.join(names)} need{'s' if len(names) == 1 else ''} {text}"
                  for (_, text), names in groups.items()]
-        msg = "the run will not fit: " + "; ".join(lines) + " (details: tract-dist plan CONFIG; skip: --no-plan-check)"
+        msg = "the run will not fit: " + "; ".join(needs) + " (details: tract-dist plan CONFIG; skip: --no-plan-check)"
         if cfg.plan.check == "warn":
-            print(f"[plan] warning: {msg}", file=out, flush=True)
-            return
+            lines.append(f"[plan] warning: {msg}")
+            return lines
         raise PlanRefused(msg)
     worst = max(plan.stages, key=lambda s: s.memory.total / (s.limit_bytes or 1), default=None)
     if worst is not None:
-        print(f"[plan] fits: largest {worst.name} {worst.memory.total / GIB:.1f} GiB of "
-              f"{worst.limit_bytes / GIB:.1f} GiB per GPU ({plan.accelerator.name})", file=out, flush=True)
+        lines.append(f"[plan] fits: largest {worst.name} {worst.memory.total / GIB:.1f} GiB of "
+                     f"{worst.limit_bytes / GIB:.1f} GiB per GPU ({plan.accelerator.name})")
+    return lines
