@@ -17,23 +17,16 @@ import argparse
 import json
 import os
 import resource
+import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def best(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+sys.path.insert(0, str(REPO / "benchmarks" / "pipeline"))
+from bench_dtype import best  # noqa: E402 - the same best-of-repeats timer as the dtype benchmark
 
 
 class _Heads(torch.nn.Module):
