@@ -1,0 +1,113 @@
+"""The REAL stage end to end on CPU (#25): tiny Llama export (SmolLM2's tokenizer), LoRA, DeepSpeed ZeRO-3.
+
+- Ray launcher: the rollout engine is a long-lived Ray actor the training worker drives; two updates per round
+  (the clipped-ratio path), so every round compares the engine's sampling log-probs with the trainer's at the
+  same weights (``logp_gap``): after round 1 the adapter has moved, so a gap of ~0 means the hand-over worked.
+- Inline launcher: an uninterrupted run and a run killed after round 2 then resumed give the same round 3 (the
+  same prompts, seeds, CoTs and read-outs) and the same exported weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tract_dist.config import ConfigError, load_config
+
+pytestmark = [pytest.mark.slow]
+
+ROUNDS = 3
+
+
+def _cfg(tmp: Path, data: Path, init: str, **over):
+    base = {
+        "model": {"name_or_path": init, "lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}},
+        "data": {"train_path": str(data), "train_format": "jsonl", "max_length": 1024, "max_examples": 8},
+        "training": {"output_dir": str(tmp / "runs"), "micro_batch_size": 2, "warmup_ratio": 0.0,
+                     "lr_scheduler": "constant", "save_steps": 1, "max_grad_norm": 1.0, "seed": 3},
+        "real": {"steps": ROUNDS, "prompts_per_step": 2, "k": 2, "max_new_tokens": 12, "learning_rate": 5e-2,
+                 "rollout_cpus": 0.5, "rollout_threads": 1, "lam": 0.5},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp}/mlflow.db", "experiment": "real"},
+        "cluster": {"num_workers": 1, "storage_path": str(tmp / "ray"), "max_failures": 0, "cpus_per_worker": 1},
+    }
+    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in over.items()], base=base)
+
+
+def _steps(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("real")
+
+
+@pytest.mark.timeout(420)
+def test_ray_rollout_actor_hand_over_and_metrics(work, quickstart_data, tiny_export, ray_local):
+    from mlflow.tracking import MlflowClient
+
+    from tract_dist.real.stage import run_real
+
+    cfg = _cfg(work, quickstart_data, tiny_export, **{"real.updates_per_round": 2, "real.beta": 0.05})
+    result = run_real(cfg, tiny_export, run_name="ray", launcher="ray")
+    steps = _steps(result.run_dir)
+    assert [s["step"] for s in steps] == [1, 2, 3]
+    for s in steps:
+        assert s["logp_gap"] < 1e-5, s  # the engine holds the trainer's weights, every round
+        assert 0 <= s["tie_share"] <= 1 and s["rollout_samples_per_s"] > 0 and s["update_samples_per_s"] > 0
+        assert s["reward_mean"] == pytest.approx(-(s["abs_err_mean"] ** 2 + s["abs_err_std"] ** 2), rel=1e-9)
+        assert s["kl"] >= 0 and s["cot_tokens_mean"] > 0
+    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-12)  # round 1, update 1: the adapter is still zero
+    assert steps[-1]["kl"] > 0
+    run = MlflowClient(result.tracking_uri).get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.data.params["real.k"] == "2"
+    assert {"reward_mean", "abs_err_mean", "adv_std", "tie_share", "kl", "cot_tokens_mean",
+            "rollout_samples_per_s", "update_samples_per_s"} <= set(run.data.metrics)
+    assert (result.export_dir / "adapter" / "adapter_config.json").is_file()
+    assert (result.export_dir / "model" / "config.json").is_file()
+
+
+@pytest.mark.timeout(420)
+def test_killed_run_resumes_with_the_same_samples(work, quickstart_data, tiny_export, monkeypatch):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+    import train_fault_hooks
+
+    from tract_dist.real.stage import run_real
+    from safetensors.torch import load_file
+
+    cfg = _cfg(work, quickstart_data, tiny_export, **{"tracking.enabled": False})
+    ref = run_real(cfg, tiny_export, run_name="ref", launcher="inline")
+    train_fault_hooks.install(monkeypatch, "fail_once", after_step=2)
+    with pytest.raises(Exception, match="injected failure"):
+        run_real(cfg, tiny_export, run_name="resumed", launcher="inline")
+    train_fault_hooks.uninstall(monkeypatch)
+    res = run_real(cfg, tiny_export, run_name="resumed", launcher="inline")
+    a, b = _steps(ref.run_dir), _steps(res.run_dir)
+    assert [s["step"] for s in b] == [1, 2, 3]
+    assert json.loads((res.run_dir / "train_result.json").read_text())["start_step"] == 2
+    for key in ("reward_mean", "abs_err_mean", "adv_std", "cot_tokens_mean", "loss"):
+        assert b[2][key] == pytest.approx(a[2][key], rel=1e-6, abs=1e-9), key
+    assert a[2]["abs_err_mean"] != a[1]["abs_err_mean"]  # rounds differ: the comparison above can fail
+    wa = load_file(str(ref.export_dir / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(res.export_dir / "adapter" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys() and any(v.abs().max() > 0 for k, v in wa.items() if "lora_B" in k)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6)
+
+
+def test_config_errors_name_the_keys(work, quickstart_data, tiny_export):
+    from tract_dist.real.stage import real_stage_config
+
+    cfg = _cfg(work, quickstart_data, tiny_export)
+    with pytest.raises(ConfigError, match="model.lora.enabled"):
+        real_stage_config(load_config(None, ["model.lora.enabled=false"], base=cfg.model_dump()), tiny_export)
+    with pytest.raises(ConfigError, match="real.prompts_per_step"):
+        real_stage_config(load_config(None, ["real.k=3"], base=cfg.model_dump()), tiny_export)
+    staged = real_stage_config(cfg, tiny_export)
+    assert staged.training.gradient_accumulation_steps == 2 and staged.training.max_steps == ROUNDS
+    assert staged.training.learning_rate == cfg.real.learning_rate and staged.model.name_or_path == tiny_export

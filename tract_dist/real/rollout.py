@@ -1,0 +1,195 @@
+"""Rollouts for REAL on the project's inference runtime: long-lived engines that sample k CoTs per prompt, read
+each out by RAIL and record the sampling policy's log-probs, with the trainer's LoRA adapter handed over each step.
+
+A :class:`RolloutWorker` holds one engine for the whole stage (an HF model with a PEFT LoRA wrapper built like the
+trainer's). Under Ray it runs as an actor (``ray.remote``; :class:`RolloutPool` spreads a round's prompts over the
+actors and gathers the samples in order); without Ray (torchrun, inline: the GPU check machines) in-process. The
+weight hand-over is PEFT's own: the trainer's adapter state dict (``get_peft_model_state_dict``, gathered from the
+ZeRO-3 shards) goes once into Ray's object store and every worker loads it with ``set_peft_model_state_dict``;
+nothing of the frozen base model moves after start-up.
+
+Per sample the worker returns the training row the trainer uses (:class:`~tract_dist.real.batch.RealSample`):
+the CoT is cut and normalised as every CoT of the project is (:func:`~tract_dist.runtime.engine.extract_cot`) and
+re-tokenised with the score phrase, then ONE forward over that row gives both the RAIL read-out ŷ (float64
+softmax at the last position, the reward's input) and the log-prob of every CoT token (the sampling log-probs
+of the clipped-ratio path). So reward, importance ratios and the trainer's loss all see the same token ids.
+Where the re-tokenised CoT differs from the token ids the engine drew (the stop-string cut, whitespace
+normalisation), the policy gradient is taken on the re-tokenised CoT: recorded as a known approximation.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from tract_dist.real.batch import RealEncoder, RealSample
+
+log = logging.getLogger(__name__)
+
+
+class RolloutWorker:
+    """One engine (HF backend) with the policy's LoRA wrapper, sampling and scoring CoTs for the trainer."""
+
+    def __init__(self, config: dict[str, Any], model_path: str, threads: int | None = None) -> None:
+        from tract_dist.config import Config
+        from tract_dist.data.encode import EncodeOptions
+        from tract_dist.data.score_tokens import derive_score_tokens, parse_scale
+        from tract_dist.models.loading import load_causal_lm, load_tokenizer_for, materialize_alias
+        from tract_dist.runtime.hf_engine import HFEngine
+        from tract_dist.train.model_init import wrap_lora
+
+        if threads and not torch.cuda.is_available():
+            torch.set_num_threads(threads)
+        cfg = Config.model_validate(config)
+        self.cfg = cfg
+        r = cfg.real
+        model = load_causal_lm(model_path, dtype=r.rollout_dtype, attn_implementation=cfg.model.attn_implementation)
+        if cfg.model.lora.enabled:
+            model = wrap_lora(model, cfg.model.lora)
+        tok = load_tokenizer_for(materialize_alias(model_path), cfg.model.tokenizer)
+        self.engine = HFEngine(model, tok, batch_size=r.rollout_batch_size)
+        d = cfg.data
+        self.st = derive_score_tokens(tok, parse_scale(d.scale))
+        self.encoder = RealEncoder(tok, self.st, EncodeOptions(max_length=d.max_length, truncation=d.truncation,
+                                                               system_prompt=d.system_prompt, scale=parse_scale(d.scale)),
+                                   r.max_new_tokens)
+        self.version = -1
+
+    # ---- weights ----------------------------------------------------------------------------------
+    def load_adapter(self, state: dict[str, torch.Tensor], version: int) -> int:
+        """The trainer's LoRA weights (PEFT's state-dict format) into this engine's PEFT model."""
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(self.engine.model, state)
+        unexpected = getattr(result, "unexpected_keys", None) or []
+        if unexpected:
+            raise RuntimeError(f"rollout worker: adapter keys the engine's model does not have: {unexpected[:5]}")
+        self.engine.model.eval()
+        self.version = version
+        return version
+
+    def prompt_ids(self, examples: list[dict[str, Any]]) -> list[list[int] | str]:
+        """Fitted prompt ids per example, or the reason it cannot fit (driver-side counting)."""
+        from tract_dist.data.encode import DroppedExample
+        from tract_dist.data.schema import JudgeExample
+
+        out: list[list[int] | str] = []
+        for e in examples:
+            try:
+                out.append(self.encoder.prompt_ids(JudgeExample.from_dict(e)))
+            except DroppedExample as err:
+                out.append(str(err))
+        return out
+
+    # ---- one round ----------------------------------------------------------------------------------
+    def rollout(self, jobs: list[dict[str, Any]]) -> tuple[list[RealSample], dict[str, float]]:
+        """``jobs``: ``{"prompt": i, "prompt_ids": [...], "score": y, "seeds": [k seeds]}``. Returns every job's k
+        samples in job order, and the seconds spent generating and scoring."""
+        from tract_dist.runtime.engine import extract_cot
+        from tract_dist.runtime.sampling import SamplingParams
+
+        r = self.cfg.real
+        params = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
+                                stop=tuple(self.cfg.generation.stop))
+        flat = [(job, seed) for job in jobs for seed in job["seeds"]]
+        t0 = time.perf_counter()
+        gens = self.engine.generate([job["prompt_ids"] for job, _ in flat], [s for _, s in flat], params)
+        t1 = time.perf_counter()
+        samples = []
+        for (job, _), g in zip(flat, gens):
+            ids, labels, lead = self.encoder.sample_row(job["prompt_ids"], extract_cot(g.text, params.stop))
+            samples.append(RealSample(prompt=job["prompt"], input_ids=ids, labels=labels,
+                                      score_position=len(ids) - 1, score=float(job["score"]), yhat=0.0,
+                                      old_logprobs=[], new_tokens=g.new_tokens, finish_reason=g.finish_reason,
+                                      lead_masked=lead))
+        for s in samples:
+            s.yhat, s.old_logprobs = self._score(s)
+        return samples, {"generate_s": t1 - t0, "score_s": time.perf_counter() - t1}
+
+    @torch.no_grad()
+    def _score(self, s: RealSample) -> tuple[float, list[float]]:
+        """One forward over the sample: ŷ (float64 softmax at the last position) and each label's log-prob, from
+        the HF model's own logits at the rows that need them (``logits_to_keep`` as indices)."""
+        model = self.engine.model
+        dev = self.engine.device
+        targets = [t for t in range(1, len(s.labels)) if s.labels[t] != -100]
+        rows = torch.tensor([t - 1 for t in targets] + [s.score_position], dtype=torch.long, device=dev)
+        ids = torch.tensor([s.input_ids], dtype=torch.long, device=dev)
+        logits = model(input_ids=ids, logits_to_keep=rows, use_cache=False).logits[0]
+        lp = torch.log_softmax(logits.to(torch.float64), -1)
+        probs = torch.softmax(logits[-1].to(torch.float64), -1)[torch.tensor(self.st.token_ids, device=dev)]
+        mass = float(probs.sum())
+        yhat = float(probs @ torch.tensor(self.st.scores, dtype=torch.float64, device=dev))
+        if self.cfg.loss.rail_normalize:
+            yhat /= mass
+        old = [0.0] * len(s.labels)
+        if targets:
+            got = lp[torch.arange(len(targets), device=dev), torch.tensor([s.labels[t] for t in targets], device=dev)]
+            for t, v in zip(targets, got.tolist()):
+                old[t] = v
+        return yhat, old
+
+
+class RolloutPool:
+    """The round's prompts spread over long-lived workers (Ray actors, or one in-process worker)."""
+
+    def __init__(self, workers: list[Any], remote: bool) -> None:
+        self.workers = workers
+        self.remote = remote
+
+    @classmethod
+    def start(cls, config: dict[str, Any], model_path: str, *, use_ray: bool, replicas: int, cpus: float,
+              gpus: float = 0.0, threads: int | None = None) -> "RolloutPool":
+        if not use_ray:
+            return cls([RolloutWorker(config, model_path, threads)], remote=False)
+        import ray
+
+        actor = ray.remote(RolloutWorker).options(num_cpus=cpus, num_gpus=gpus)
+        workers = [actor.remote(config, model_path, threads) for _ in range(replicas)]
+        return cls(workers, remote=True)
+
+    def _call(self, method: str, per_worker: list[tuple[Any, ...]]) -> list[Any]:
+        if not self.remote:
+            return [getattr(w, method)(*args) for w, args in zip(self.workers, per_worker)]
+        import ray
+
+        return ray.get([getattr(w, method).remote(*args) for w, args in zip(self.workers, per_worker)])
+
+    def prompt_ids(self, examples: list[dict[str, Any]]) -> list[list[int] | str]:
+        return self._call("prompt_ids", [(examples,)])[0]
+
+    def load_adapter(self, state: dict[str, torch.Tensor], version: int) -> None:
+        """Every worker loads the same adapter (one object-store copy under Ray)."""
+        if self.remote:
+            import ray
+
+            ref = ray.put(state)
+            self._call("load_adapter", [(ref, version)] * len(self.workers))
+        else:
+            self._call("load_adapter", [(state, version)] * len(self.workers))
+
+    def rollout(self, jobs: list[dict[str, Any]]) -> tuple[list[RealSample], dict[str, float]]:
+        """Contiguous shares of ``jobs`` per worker; samples back in job order; the slowest worker's seconds."""
+        n = len(self.workers)
+        shares = [jobs[i * len(jobs) // n:(i + 1) * len(jobs) // n] for i in range(n)]
+        used = [(w, s) for w, s in zip(self.workers, shares) if s]
+        if not self.remote:
+            results = [w.rollout(s) for w, s in used]
+        else:
+            import ray
+
+            results = ray.get([w.rollout.remote(s) for w, s in used])
+        samples = [x for r, _ in results for x in r]
+        timing = {k: max(t[k] for _, t in results) for k in results[0][1]}
+        return samples, timing
+
+    def close(self) -> None:
+        if self.remote:
+            import ray
+
+            for w in self.workers:
+                ray.kill(w)
+        self.workers = []
