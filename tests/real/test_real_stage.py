@@ -60,8 +60,7 @@ def test_ray_rollout_actor_hand_over_and_metrics(work, quickstart_data, tiny_exp
         assert 0 <= s["tie_share"] <= 1 and s["rollout_samples_per_s"] > 0 and s["update_samples_per_s"] > 0
         assert s["reward_mean"] == pytest.approx(-(s["abs_err_mean"] ** 2 + s["abs_err_std"] ** 2), rel=1e-9)
         assert s["kl"] >= 0 and s["cot_tokens_mean"] > 0
-    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-12)  # round 1, update 1: the adapter is still zero
-    assert steps[-1]["kl"] > 0
+    assert steps[-1]["kl"] > 0 and steps[-1]["clip_share"] > 0  # the policy moved from its reference
     run = MlflowClient(result.tracking_uri).get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.data.params["real.k"] == "2"
     assert {"reward_mean", "abs_err_mean", "adv_std", "tie_share", "kl", "cot_tokens_mean",
@@ -107,7 +106,8 @@ def test_config_errors_name_the_keys(work, quickstart_data, tiny_export):
     with pytest.raises(ConfigError, match="model.lora.enabled"):
         real_stage_config(load_config(None, ["model.lora.enabled=false"], base=cfg.model_dump()), tiny_export)
     with pytest.raises(ConfigError, match="real.prompts_per_step"):
-        real_stage_config(load_config(None, ["real.k=3"], base=cfg.model_dump()), tiny_export)
+        real_stage_config(load_config(None, ["real.k=3", "real.prompts_per_step=1"], base=cfg.model_dump()),
+                          tiny_export)
     staged = real_stage_config(cfg, tiny_export)
     assert staged.training.gradient_accumulation_steps == 2 and staged.training.max_steps == ROUNDS
     assert staged.training.learning_rate == cfg.real.learning_rate and staged.model.name_or_path == tiny_export

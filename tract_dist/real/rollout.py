@@ -19,15 +19,30 @@ normalisation), the policy gradient is taken on the re-tokenised CoT: recorded a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from tract_dist.real.batch import RealEncoder, RealSample
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _outside_zero3() -> Iterator[None]:
+    """Build a whole (unpartitioned) model even in a process whose trainer keeps transformers' ZeRO-3 switch on
+    (the in-process engine of the torchrun / inline launchers): the switch is a module-level weak reference."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
 class RolloutWorker:
@@ -46,9 +61,11 @@ class RolloutWorker:
         cfg = Config.model_validate(config)
         self.cfg = cfg
         r = cfg.real
-        model = load_causal_lm(model_path, dtype=r.rollout_dtype, attn_implementation=cfg.model.attn_implementation)
-        if cfg.model.lora.enabled:
-            model = wrap_lora(model, cfg.model.lora)
+        with _outside_zero3():
+            model = load_causal_lm(model_path, dtype=r.rollout_dtype,
+                                   attn_implementation=cfg.model.attn_implementation)
+            if cfg.model.lora.enabled:
+                model = wrap_lora(model, cfg.model.lora)
         tok = load_tokenizer_for(materialize_alias(model_path), cfg.model.tokenizer)
         self.engine = HFEngine(model, tok, batch_size=r.rollout_batch_size)
         d = cfg.data
