@@ -111,3 +111,34 @@ def test_config_errors_name_the_keys(work, quickstart_data, tiny_export):
     staged = real_stage_config(cfg, tiny_export)
     assert staged.training.gradient_accumulation_steps == 2 and staged.training.max_steps == ROUNDS
     assert staged.training.learning_rate == cfg.real.learning_rate and staged.model.name_or_path == tiny_export
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.usefixtures("migrated_mlflow_db")
+def test_pipeline_method_real(work, quickstart_data, tiny_export):
+    """``pipeline.method=real``: with ``real_init`` the REAL stage from that export, then its evaluation like the
+    other stages' (skipped on a rerun); without it TRACT's stages come first and REAL starts from stage 2."""
+    from pathlib import Path as P
+
+    from tract_dist.pipeline import build_stages, run_pipeline
+
+    over = {"pipeline.method": "real", "pipeline.real_init": tiny_export, "pipeline.output_dir": str(work / "pipe"),
+            "cluster.launcher": "inline", "evaluation.ray": False, "generation.ray": False, "real.steps": 2,
+            "evaluation.benchmarks": [{"name": "vicuna", "path": str(quickstart_data), "format": "jsonl",
+                                       "max_examples": 2}], "evaluation.batch_size": 2,
+            "generation.max_new_tokens": 8}
+    cfg = _cfg(work, quickstart_data, tiny_export, **over)
+    s = run_pipeline(cfg, name="pr")
+    assert [k for k, v in s.stages.items() if v["status"] == "ran"] == [
+        "real_init", "train_real", "evaluate_real_vicuna_cot_rail"]
+    run_dir = P(s.stages["train_real"]["outputs"]["run_dir"])
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    assert "pearson" in json.dumps(s.stages["evaluate_real_vicuna_cot_rail"]["outputs"]["metrics"])
+    assert {v["status"] for v in run_pipeline(cfg, name="pr").stages.values()} == {"skipped"}
+    tract = load_config(None, ["pipeline.real_init=null"], base=cfg.model_dump())
+    names = [st.name for st in build_stages(tract, work / "pipe" / "dry", "dry")]
+    assert names[:5] == ["train_stage1", "generate", "build_stage2", "train_stage2", "train_real"]
+    assert names[5:] == ["evaluate_stage1_vicuna_cot_rail", "evaluate_stage2_vicuna_cot_rail",
+                         "evaluate_real_vicuna_cot_rail"]
+    real = next(st for st in build_stages(tract, work / "pipe" / "dry", "dry") if st.name == "train_real")
+    assert real.inputs[0].name == "train_stage2"
