@@ -126,28 +126,33 @@ class RolloutWorker:
             s.yhat, s.old_logprobs = self._score(s)
         return samples, {"generate_s": t1 - t0, "score_s": time.perf_counter() - t1}
 
-    @torch.no_grad()
     def _score(self, s: RealSample) -> tuple[float, list[float]]:
-        """One forward over the sample: ŷ (float64 softmax at the last position) and each label's log-prob, from
-        the HF model's own logits at the rows that need them (``logits_to_keep`` as indices)."""
-        model = self.engine.model
-        dev = self.engine.device
-        targets = [t for t in range(1, len(s.labels)) if s.labels[t] != -100]
-        rows = torch.tensor([t - 1 for t in targets] + [s.score_position], dtype=torch.long, device=dev)
-        ids = torch.tensor([s.input_ids], dtype=torch.long, device=dev)
-        logits = model(input_ids=ids, logits_to_keep=rows, use_cache=False).logits[0]
-        lp = torch.log_softmax(logits.to(torch.float64), -1)
-        probs = torch.softmax(logits[-1].to(torch.float64), -1)[torch.tensor(self.st.token_ids, device=dev)]
-        mass = float(probs.sum())
-        yhat = float(probs @ torch.tensor(self.st.scores, dtype=torch.float64, device=dev))
-        if self.cfg.loss.rail_normalize:
-            yhat /= mass
-        old = [0.0] * len(s.labels)
-        if targets:
-            got = lp[torch.arange(len(targets), device=dev), torch.tensor([s.labels[t] for t in targets], device=dev)]
-            for t, v in zip(targets, got.tolist()):
-                old[t] = v
-        return yhat, old
+        return score_sample(self.engine.model, s, self.st.token_ids, self.st.scores,
+                            normalize=self.cfg.loss.rail_normalize)
+
+
+@torch.no_grad()
+def score_sample(model: Any, s: RealSample, token_ids: list[int], values: list[int], *,
+                 normalize: bool = False) -> tuple[float, list[float]]:
+    """One forward over a sample: ŷ (float64 softmax at the last position) and each label's log-prob (aligned with
+    the labels, 0 elsewhere), from the HF model's own logits at the rows that need them (``logits_to_keep`` as
+    indices: never T x V logits)."""
+    dev = next(model.parameters()).device
+    targets = [t for t in range(1, len(s.labels)) if s.labels[t] != -100]
+    rows = torch.tensor([t - 1 for t in targets] + [s.score_position], dtype=torch.long, device=dev)
+    ids = torch.tensor([s.input_ids], dtype=torch.long, device=dev)
+    logits = model(input_ids=ids, logits_to_keep=rows, use_cache=False).logits[0]
+    probs = torch.softmax(logits[-1].to(torch.float64), -1)[torch.tensor(token_ids, device=dev)]
+    yhat = float(probs @ torch.tensor(values, dtype=torch.float64, device=dev))
+    if normalize:
+        yhat /= float(probs.sum())
+    old = [0.0] * len(s.labels)
+    if targets:
+        lp = torch.log_softmax(logits[:-1].to(torch.float64), -1)
+        got = lp[torch.arange(len(targets), device=dev), torch.tensor([s.labels[t] for t in targets], device=dev)]
+        for t, v in zip(targets, got.tolist()):
+            old[t] = v
+    return yhat, old
 
 
 class RolloutPool:
