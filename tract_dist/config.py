@@ -398,6 +398,10 @@ class RealSection(_Section):
                                                               "shares a GPU with the training workers)")
     rollout_threads: int | None = Field(None, gt=0, le=4096, description="torch CPU threads per rollout "
                                                                          "engine; None: torch's default")
+    rollout_backend: InferenceBackend = Field(
+        "auto", description="the rollout engines: hf (PEFT model, adapter loaded with set_peft_model_state_dict), "
+                            "vllm (the adapter written as a PEFT folder and served as a new LoRARequest each "
+                            "round), auto (vllm on a GPU when it imports, else hf)")
     rollout_batch_size: int = Field(8, gt=0, le=1 << 16, description="rows per HF generate call in a rollout")
     rollout_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "float32", description="the rollout engines' dtype (fp32 on CPU keeps the sampling log-probs equal to "

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -46,28 +47,43 @@ def _outside_zero3() -> Iterator[None]:
 
 
 class RolloutWorker:
-    """One engine (HF backend) with the policy's LoRA wrapper, sampling and scoring CoTs for the trainer."""
+    """One engine with the policy's LoRA adapter, sampling and scoring CoTs for the trainer: the HF backend (a PEFT
+    model built like the trainer's) or vLLM (the base model; each round's adapter a new ``LoRARequest``)."""
 
     def __init__(self, config: dict[str, Any], model_path: str, threads: int | None = None) -> None:
         from tract_dist.config import Config
         from tract_dist.data.encode import EncodeOptions
         from tract_dist.data.score_tokens import derive_score_tokens, parse_scale
         from tract_dist.models.loading import load_causal_lm, load_tokenizer_for, materialize_alias
-        from tract_dist.runtime.hf_engine import HFEngine
-        from tract_dist.train.model_init import wrap_lora
+        from tract_dist.runtime.backend import resolve_backend
 
         if threads and not torch.cuda.is_available():
             torch.set_num_threads(threads)
         cfg = Config.model_validate(config)
         self.cfg = cfg
+        self.model_path = model_path
+        self.threads = threads
         r = cfg.real
-        with _outside_zero3():
-            model = load_causal_lm(model_path, dtype=r.rollout_dtype,
-                                   attn_implementation=cfg.model.attn_implementation)
-            if cfg.model.lora.enabled:
-                model = wrap_lora(model, cfg.model.lora)
+        self.backend = resolve_backend(r.rollout_backend, "real.rollout_backend",
+                                       gpu=torch.cuda.is_available()).backend
         tok = load_tokenizer_for(materialize_alias(model_path), cfg.model.tokenizer)
-        self.engine = HFEngine(model, tok, batch_size=r.rollout_batch_size)
+        self.tokenizer = tok
+        self.engine: Any = None
+        self._lora_id = 0
+        if self.backend == "hf":
+            from tract_dist.runtime.hf_engine import HFEngine
+            from tract_dist.train.model_init import wrap_lora
+
+            with _outside_zero3():
+                model = load_causal_lm(model_path, dtype=r.rollout_dtype,
+                                       attn_implementation=cfg.model.attn_implementation)
+                if cfg.model.lora.enabled:
+                    model = wrap_lora(model, cfg.model.lora)
+            self.engine = HFEngine(model, tok, batch_size=r.rollout_batch_size)
+        else:  # vLLM is built at the first hand-over: it needs an adapter folder to enable LoRA with its rank
+            import tempfile
+
+            self.adapter_root = Path(tempfile.mkdtemp(prefix="tract-real-lora-"))
         d = cfg.data
         self.st = derive_score_tokens(tok, parse_scale(d.scale))
         self.encoder = RealEncoder(tok, self.st, EncodeOptions(max_length=d.max_length, truncation=d.truncation,
@@ -77,7 +93,10 @@ class RolloutWorker:
 
     # ---- weights ----------------------------------------------------------------------------------
     def load_adapter(self, state: dict[str, torch.Tensor], version: int) -> int:
-        """The trainer's LoRA weights (PEFT's state-dict format) into this engine's PEFT model."""
+        """The trainer's LoRA weights (PEFT's state-dict format): into the HF engine's PEFT model, or written as a
+        PEFT adapter folder that vLLM serves as a new ``LoRARequest`` (a new id: vLLM caches adapters by id)."""
+        if self.backend == "vllm":
+            return self._load_adapter_vllm(state, version)
         from peft import set_peft_model_state_dict
 
         result = set_peft_model_state_dict(self.engine.model, state)
@@ -85,6 +104,40 @@ class RolloutWorker:
         if unexpected:
             raise RuntimeError(f"rollout worker: adapter keys the engine's model does not have: {unexpected[:5]}")
         self.engine.model.eval()
+        self.version = version
+        return version
+
+    def _load_adapter_vllm(self, state: dict[str, torch.Tensor], version: int) -> int:
+        import shutil
+
+        from peft import LoraConfig
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        lora = self.cfg.model.lora
+        self._lora_id += 1
+        folder = self.adapter_root / f"v{self._lora_id}"
+        folder.mkdir(parents=True)
+        # the modules the trainer's adapter covers, read off its keys (PEFT resolves "all-linear" at injection)
+        targets = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in state if ".lora_" in k})
+        LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM",
+                   base_model_name_or_path=self.model_path).save_pretrained(str(folder))
+        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "adapter_model.safetensors"))
+        if self.engine is None:
+            from dataclasses import fields
+
+            from tract_dist.runtime.engine import EngineSpec, VllmOptions
+            from tract_dist.runtime.vllm_engine import VLLMEngine
+
+            v = self.cfg.generation.vllm
+            self.engine = VLLMEngine(EngineSpec(
+                backend="vllm", model_path=str(folder), tokenizer=self.cfg.model.tokenizer,
+                dtype=self.cfg.real.rollout_dtype, torch_threads=self.threads,
+                vllm=VllmOptions(**{f.name: getattr(v, f.name) for f in fields(VllmOptions)})))
+        self.engine.lora_request = LoRARequest(f"real-{self._lora_id}", self._lora_id, str(folder))
+        for old in self.adapter_root.glob("v*"):  # the engine holds older ones in memory or not at all
+            if old != folder and int(old.name[1:]) < self._lora_id - 1:
+                shutil.rmtree(old, ignore_errors=True)
         self.version = version
         return version
 
@@ -122,13 +175,48 @@ class RolloutWorker:
                                       score_position=len(ids) - 1, score=float(job["score"]), yhat=0.0,
                                       old_logprobs=[], new_tokens=g.new_tokens, finish_reason=g.finish_reason,
                                       lead_masked=lead))
-        for s in samples:
-            s.yhat, s.old_logprobs = self._score(s)
+        if self.backend == "vllm":
+            scored = score_samples_vllm(self.engine, samples, self.st.token_ids, self.st.scores,
+                                        normalize=self.cfg.loss.rail_normalize)
+        else:
+            scored = [self._score(s) for s in samples]
+        for s, (yhat, old) in zip(samples, scored):
+            s.yhat, s.old_logprobs = yhat, old
         return samples, {"generate_s": t1 - t0, "score_s": time.perf_counter() - t1}
 
     def _score(self, s: RealSample) -> tuple[float, list[float]]:
+        if self.backend == "vllm":
+            return score_samples_vllm(self.engine, [s], self.st.token_ids, self.st.scores,
+                                      normalize=self.cfg.loss.rail_normalize)[0]
         return score_sample(self.engine.model, s, self.st.token_ids, self.st.scores,
                             normalize=self.cfg.loss.rail_normalize)
+
+    def close(self) -> None:
+        if self.backend == "vllm" and self.engine is not None:
+            self.engine.close()
+
+
+def score_samples_vllm(engine: Any, samples: list[RealSample], token_ids: list[int], values: list[int], *,
+                       normalize: bool = False) -> list[tuple[float, list[float]]]:
+    """:func:`score_sample` on vLLM, one request per sample under the current ``LoRARequest``: the log-prob of
+    every prompt token (``prompt_logprobs=0``: the token's own) gives the labels', and the full-vocabulary
+    log-probs at ``token_ids`` after the last token (``logprob_token_ids``) give ŷ."""
+    import math
+
+    from vllm import SamplingParams as VSamplingParams
+
+    req = VSamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, logprob_token_ids=list(token_ids),
+                          detokenize=False)
+    out = []
+    for s, o in zip(samples, engine._run([s.input_ids for s in samples], [req] * len(samples))):
+        probs = [math.exp(o.outputs[0].logprobs[0][t].logprob) for t in token_ids]
+        yhat = sum(v * p for v, p in zip(values, probs)) / (sum(probs) if normalize else 1.0)
+        old = [0.0] * len(s.labels)
+        for t, lab in enumerate(s.labels):
+            if lab != -100:
+                old[t] = float(o.prompt_logprobs[t][s.input_ids[t]].logprob)
+        out.append((float(yhat), old))
+    return out
 
 
 @torch.no_grad()
@@ -212,6 +300,11 @@ class RolloutPool:
         if self.remote:
             import ray
 
+            with contextlib.suppress(Exception):  # stop vLLM's engine core before the actor goes
+                ray.get([w.close.remote() for w in self.workers], timeout=60)
             for w in self.workers:
                 ray.kill(w)
+        else:
+            for w in self.workers:
+                w.close()
         self.workers = []
