@@ -29,11 +29,40 @@ from tract_dist.train.recipe import TrainRecipe, _console
 class RealRecipe(TrainRecipe):
     """The REAL stage in one worker: ``setup()``, ``train()``, ``cleanup()`` as for TRACT's stages."""
 
+    CONSOLE = ("reward_mean", "abs_err_mean", "adv_std", "tie_share", "kl", "clip_share", "logp_gap", "loss",
+               "grad_norm", "cot_tokens_mean", "rollout_samples_per_s", "update_samples_per_s")
+    """The metrics of the console line (every metric goes to metrics.jsonl and MLflow)."""
+
     def setup(self) -> None:
-        super().setup()
-        t = time.perf_counter()
-        self._setup_rollouts()
-        self.timings["setup_rollouts"] = time.perf_counter() - t
+        t0 = time.perf_counter()
+        for part, step in (("setup_process", self._setup_process), ("setup_data", self._setup_data),
+                           ("setup_model", self._setup_model), ("setup_resume", self._resume),
+                           ("setup_rollouts", self._setup_rollouts)):
+            t = time.perf_counter()
+            step()
+            self.timings[part] = time.perf_counter() - t
+        self.timings["setup"] = time.perf_counter() - t0
+        if self.rank == 0:
+            r = self.cfg.real
+            where = f"resumed at round {self.start_step}" if self.start_step else "from the initial model"
+            _console(f"[real] {r.steps} rounds x {r.prompts_per_step} prompts x {r.k} CoTs ({len(self.examples)} "
+                     f"prompts, {self.dropped} too long), {r.updates_per_round} update(s) per round, world "
+                     f"{self.world}, {r.rollout_workers} rollout engine(s) ({self.plan.launcher}), {where}; "
+                     f"{self.n_params / 1e6:.1f}M params")
+
+    def _log_step(self, done: int, metrics: dict[str, float], *, to_tracking: bool) -> None:
+        if self.rank != 0:
+            return
+        import json
+
+        from tract_dist.tracking import log_metrics
+
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": done, **metrics}) + "\n")
+        if to_tracking:
+            log_metrics(self.handle, metrics, step=done)
+            _console(f"[real] round {done}/{self.steps.total_steps} " + " ".join(
+                f"{k}={metrics[k]:.4g}" for k in self.CONSOLE if k in metrics))
 
     # ---- data: prompts, not encoded CoTs ----------------------------------------------------------
     def _setup_data(self) -> None:
