@@ -404,8 +404,8 @@ class RealSection(_Section):
                             "round), auto (vllm on a GPU when it imports, else hf)")
     rollout_batch_size: int = Field(8, gt=0, le=1 << 16, description="rows per HF generate call in a rollout")
     rollout_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "float32", description="the rollout engines' dtype (fp32 on CPU keeps the sampling log-probs equal to "
-                               "the trainer's)")
+        "auto", description="the rollout engines' dtype; auto: bf16 on GPU, fp32 on CPU (where the sampling "
+                            "log-probs then equal the fp32 trainer's)")
 
 
 class PipelineSection(_Section):

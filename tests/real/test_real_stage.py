@@ -140,6 +140,8 @@ def test_config_errors_name_the_keys(work, quickstart_data, tiny_export):
     with pytest.raises(ConfigError, match="real.prompts_per_step"):
         real_stage_config(load_config(None, ["real.k=3", "real.prompts_per_step=1"], base=cfg.model_dump()),
                           tiny_export)
+    with pytest.raises(ConfigError, match="real_init"):
+        real_stage_config(cfg, str(work / "no-such-export"))
     staged = real_stage_config(cfg, tiny_export)
     assert staged.training.gradient_accumulation_steps == 2 and staged.training.max_steps == ROUNDS
     assert staged.training.learning_rate == cfg.real.learning_rate and staged.model.name_or_path == tiny_export

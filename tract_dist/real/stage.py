@@ -15,7 +15,10 @@ from tract_dist.config import Config, ConfigError
 
 def real_stage_config(cfg: Config, init_model: str) -> Config:
     """The REAL stage's config: starts from ``init_model`` (an HF export), LoRA required."""
+    from tract_dist.pipeline_checks import check_model_source
+
     r, t = cfg.real, cfg.training
+    check_model_source(init_model, "pipeline.real_init (train-real --init)")
     if not cfg.model.lora.enabled:
         raise ConfigError("real: the REAL stage hands the policy to its rollout engines as a LoRA adapter each "
                           "round; set model.lora.enabled=true (full fine-tuning's weight hand-over is not built)")
