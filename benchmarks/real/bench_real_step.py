@@ -204,6 +204,9 @@ def to_markdown(r: dict[str, Any]) -> str:
              f"{r['k']}, up to {r['max_new_tokens']} new tokens, threads {r['threads']}; the last of "
              f"{len(r['rounds'])} rounds (round 1 is warm-up); load average {r['loadavg'][0]:.1f} at the end; "
              f"peak memory {r['peak_memory_gb']:.2f} GB (two model copies: trainer + engine).", "",
+             *([f"**Measured on a shared machine under load {r['loadavg'][0]:.1f} on {os.cpu_count()} cores (this process "
+                f"at its share of it): every time is an upper bound, not this CPU's rate; rerun on a quiet machine.**",
+                ""] if r["machine"].startswith("cpu") and r["loadavg"][0] > 1.5 * (os.cpu_count() or 1) else []),
              "| part | seconds | rate |", "|---|---|---|",
              f"| generate ({int(m['new_tokens'])} new tokens) | {m['generate_s']:.2f} | "
              f"{r['generate_tokens_per_s']:.1f} tokens/s |",
