@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--max-length", type=int, default=1024, help="prompt + CoT budget (prompts are fitted to it)")
+    ap.add_argument("--max-length", type=int, default=768, help="prompt + CoT budget (prompts are fitted to it)")
+    ap.add_argument("--micro", type=int, default=1, help="training.micro_batch_size (memory: CPU attention keeps "
+                                                          "its weights for backward; 2 x 1,000 tokens passed 7 GB)")
     ap.add_argument("--lam", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--launcher", default="inline", choices=["inline", "ray"])
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                   "lora": {"enabled": True, "r": 16, "alpha": 32, "dropout": 0.0}},
         "data": {"train_path": str(REPO / "data" / "quickstart" / "vicuna_eval_0-15.jsonl"), "train_format": "jsonl",
                  "max_length": a.max_length},
-        "training": {"output_dir": a.work, "micro_batch_size": 2, "warmup_ratio": 0.0, "lr_scheduler": "constant",
+        "training": {"output_dir": a.work, "micro_batch_size": a.micro, "warmup_ratio": 0.0, "lr_scheduler": "constant",
                      "save_steps": 4, "max_grad_norm": 1.0, "seed": a.seed},
         "real": {"steps": a.rounds, "prompts_per_step": a.prompts_per_step, "k": a.k,
                  "max_new_tokens": a.max_new_tokens, "learning_rate": a.lr, "lam": a.lam, "seed": a.seed,
