@@ -248,6 +248,7 @@ def _loss_through_head(
     ce_denominator: Denominator,
     mse_denominator: Denominator,
     lam: float | None = None,
+    token_logprobs: bool = False,
 ) -> CotRaftOutput | torch.Tensor:
     hidden = final_hidden_states(lm, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"),
                                  batch.get("cu_seq_lens"))

@@ -34,13 +34,31 @@ class RealRecipe(TrainRecipe):
     """The metrics of the console line (every metric goes to metrics.jsonl and MLflow)."""
 
     def setup(self) -> None:
+        from tract_dist.train.resume import read_checkpoint_state
+        from tract_dist.train.session import CheckpointError
+
         t0 = time.perf_counter()
-        for part, step in (("setup_process", self._setup_process), ("setup_data", self._setup_data),
-                           ("setup_model", self._setup_model), ("setup_resume", self._resume),
-                           ("setup_rollouts", self._setup_rollouts)):
+
+        def timed(part: str, step, *args) -> None:
             t = time.perf_counter()
-            step()
+            step(*args)
             self.timings[part] = time.perf_counter() - t
+
+        timed("setup_process", self._setup_process)
+        with self.session.resume_dir() as resume:  # read first, as TrainRecipe.setup does
+            try:
+                self.resume_from = read_checkpoint_state(resume, self.world) if resume is not None else None
+            except ValueError as e:
+                raise CheckpointError(f"{e}; remove checkpoint {resume} to resume from the one before, or start "
+                                      "afresh with --fresh") from None
+            self.resumed_world = self.resume_from.world_size if self.resume_from is not None else None
+            if self.resumed_world not in (None, self.world):  # REAL's engine is not built for the universal format
+                raise CheckpointError(f"checkpoint {resume} is of {self.resumed_world} workers; REAL resumes on the "
+                                      f"same number ({self.world} now): set cluster.num_workers, or --fresh")
+            timed("setup_data", self._setup_data)
+            timed("setup_model", self._setup_model)
+            timed("setup_resume", self._resume, resume)
+        timed("setup_rollouts", self._setup_rollouts)
         self.timings["setup"] = time.perf_counter() - t0
         if self.rank == 0:
             r = self.cfg.real
@@ -96,7 +114,7 @@ class RealRecipe(TrainRecipe):
                              f"real.max_new_tokens {r.max_new_tokens} ({self.dropped} dropped), fewer than "
                              f"real.prompts_per_step {r.prompts_per_step}")
         # the round's prompts: StepPlan's seeded epoch order, one "rank" (rank 0 rolls out for everyone)
-        self.steps = StepPlan(len(self.examples), r.prompts_per_step, 1, 1, r.seed, 1.0, r.steps)
+        self.steps = StepPlan(len(self.examples), r.prompts_per_step, r.seed, 1.0, r.steps)
         self.n_ce = None
 
     def _setup_model(self) -> None:
