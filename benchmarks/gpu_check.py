@@ -163,6 +163,7 @@ def stage_plan_memory(out: Path, smoke: bool) -> dict[str, Any]:
     rows = [bench_plan_memory.step_case("smoke" if smoke else "gpu-1b", device, ckpt) for ckpt in (False, True)]
     return {"status": "ok", "rows": rows, "table": bench_plan_memory.step_table(rows)}
 
+
 def stage_real_step(out: Path, smoke: bool) -> dict[str, Any]:
     """One REAL round (``benchmarks/real/bench_real_step.py``): rollout samples/s (HF generate + the read-out /
     sampling log-prob forward), update samples/s (REAL's loss, fwd + bwd + AdamW) and the weight hand-over (every
