@@ -21,6 +21,8 @@ lent H100/H200, and writes JSON + markdown into ``--out``:
   6. plan_memory   ``tract-dist plan``'s estimate of one training step's activations and loss head against
                    ``max_memory_allocated`` (the train_step model, checkpointing off and on:
                    ``benchmarks/plan/bench_plan_memory.py --step``).
+  7. real_step     ``benchmarks/real/bench_real_step.py`` (random-1b, bf16): one REAL round, 4 prompts x 8 CoTs of up
+                   to 256 tokens: rollout and update samples/s, the weight hand-over.
 vLLM is not measured here: its wheel is too large to travel to the device machine, so the vLLM/HF ratio, tensor
 parallelism and served LoRA on GPU stay unmeasured until a machine with vLLM is lent.
 
@@ -162,6 +164,27 @@ def stage_plan_memory(out: Path, smoke: bool) -> dict[str, Any]:
     return {"status": "ok", "rows": rows, "table": bench_plan_memory.step_table(rows)}
 
 
+def stage_real_step(out: Path, smoke: bool) -> dict[str, Any]:
+    """One REAL round (``benchmarks/real/bench_real_step.py``): rollout samples/s (HF generate + the read-out /
+    sampling log-prob forward), update samples/s (REAL's loss, fwd + bwd + AdamW) and the weight hand-over (every
+    weight: PEFT does not travel, so the check's policy is fully fine-tuned; LoRA where PEFT is importable)."""
+    sys.path.insert(0, str(REPO / "benchmarks" / "real"))
+    import bench_real_step
+
+    argv = ["--out", str(out / "real-step")]
+    if smoke:
+        argv += ["--model", "tiny", "--prompts", "1", "--k", "2", "--max-new-tokens", "4"]
+    else:
+        argv += ["--model", "random-1b", "--device", "cuda", "--dtype", "bfloat16", "--prompts", "4", "--k", "8",
+                 "--max-new-tokens", "256", "--max-length", "2048", "--micro-batch", "8"]
+    bench_real_step.main(argv)
+    report = json.loads((out / "real-step.json").read_text())
+    for ext in ("md", "json"):  # the summary holds the numbers; few files travel back
+        (out / f"real-step.{ext}").unlink(missing_ok=True)
+    return {"status": "ok", "report": {k: v for k, v in report.items() if k != "rounds"},
+            "last_round": report["rounds"][-1]}
+
+
 STAGES: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
     "loss_tests": stage_loss_tests,
     "loss_bench": stage_loss_bench,
@@ -169,6 +192,7 @@ STAGES: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
     "generation": stage_generation,
     "train_packing": stage_train_packing,
     "plan_memory": stage_plan_memory,
+    "real_step": stage_real_step,
 }
 
 
@@ -188,6 +212,10 @@ def summarize(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
     if "table" in results.get("plan_memory", {}):
         lines += ["", "## Plan vs max_memory_allocated (one training step's activations and loss head)", "",
                   results["plan_memory"]["table"]]
+    real = results.get("real_step", {})
+    if real.get("report"):
+        lines += ["", "## One REAL round (rollout, update, hand-over)", "", "```json",
+                  json.dumps({**real["report"], "last_round": real.get("last_round")}, indent=2), "```"]
     for name, r in results.items():
         if r.get("tail") and (r["status"] != "ok" or name == "loss_tests"):
             lines += ["", f"## {name}: output tail", "", "```", r.get("tail", ""), "```"]

@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # The commands that run workers and libraries whose chatter console.py keeps off the terminal.
-_VERBOSE_COMMANDS = ("pipeline", "train", "generate", "evaluate", "serve", "judge")
+_VERBOSE_COMMANDS = ("pipeline", "train", "train-real", "generate", "evaluate", "serve", "judge")
 
 
 class Terminated(SystemExit):

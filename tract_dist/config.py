@@ -359,10 +359,60 @@ class ServeSection(_Section):
                                          "small budget there")
 
 
+class RealSection(_Section):
+    """REAL after TRACT (`tract-dist train-real`, the pipeline's `train_real` stage): tract_dist/real/."""
+
+    steps: int = Field(20, gt=0, le=_BIG, description="rounds: each samples `k` CoTs for `prompts_per_step` "
+                                                      "prompts and makes `updates_per_round` optimizer steps")
+    prompts_per_step: int = Field(4, gt=0, le=1 << 20, description="training prompts per round (drawn in a seeded "
+                                                                   "order from data.train_path, epoch by epoch)")
+    k: int = Field(4, ge=2, le=1024, description="CoTs sampled per prompt (>= 2: the leave-one-out baseline needs "
+                                                 "another sample; REAL's scripts: 8)")
+    temperature: float = Field(1.0, gt=0, le=100, description="rollout sampling temperature (REAL: 1.0)")
+    top_p: float = Field(1.0, gt=0, le=1, description="rollout nucleus mass (REAL: 0.9; 1.0 keeps the policy "
+                                                      "gradient unbiased: samples from π itself)")
+    max_new_tokens: int = Field(256, gt=0, le=1 << 20, description="most tokens per sampled CoT (REAL: 1,024)")
+    lam: float = Field(1.0, ge=0, le=1e6, description="λ of the prediction-refinement term λ·mean (ŷ - y)² on "
+                                                      "the sampled CoTs; 0: policy gradient only")
+    beta: float = Field(0.0, ge=0, le=1e6, description="β of the k3 KL penalty to the reference policy on the CoT "
+                                                       "tokens (the adapter disabled: needs model.lora.enabled; "
+                                                       "REAL's 32B script: 0, its README: 0.01)")
+    learning_rate: float = Field(1e-5, gt=0, le=1.0, description="AdamW rate of the REAL stage (REAL: 1e-6 full, "
+                                                                 "x10 with LoRA)")
+    updates_per_round: int = Field(1, gt=0, le=1024, description="optimizer steps per round's samples: 1 is "
+                                                                 "on-policy; more use PPO-clipped importance "
+                                                                 "ratios against the sampling log-probs")
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clip range ε of the importance ratio (REAL: 0.2)")
+    advantage_norm: Literal["none", "std"] = Field(
+        "none", description="none: A_i = r_i - mean_{j!=i} r_j (unbiased); std: divided by the prompt's std, as "
+                            "REAL's official actor with normalize_advantages")
+    advantage_clip: float | None = Field(None, gt=0, le=1e6, description="clamp advantages to [-c, c] (REAL: 1.0 "
+                                                                         "with std); None: no clamp")
+    seed: int = Field(0, ge=0, le=2**62, description="base of the prompt order and of every CoT's sampling seed "
+                                                     "(a function of round, prompt id and sample index: a resumed "
+                                                     "run draws the same CoTs)")
+    rollout_workers: int = Field(1, gt=0, le=4096, description="rollout engines (Ray actors; in-process with "
+                                                               "the torchrun / inline launchers)")
+    rollout_cpus: float = Field(1.0, gt=0, le=4096, description="CPUs Ray reserves per rollout actor (logical)")
+    rollout_gpus: float = Field(0.0, ge=0, le=64, description="GPUs per rollout actor (0 on CPU; a fraction "
+                                                              "shares a GPU with the training workers)")
+    rollout_threads: int | None = Field(None, gt=0, le=4096, description="torch CPU threads per rollout "
+                                                                         "engine; None: torch's default")
+    rollout_backend: InferenceBackend = Field(
+        "auto", description="the rollout engines: hf (PEFT model, adapter loaded with set_peft_model_state_dict), "
+                            "vllm (the adapter written as a PEFT folder and served as a new LoRARequest each "
+                            "round), auto (vllm on a GPU when it imports, else hf)")
+    rollout_batch_size: int = Field(8, gt=0, le=1 << 16, description="rows per HF generate call in a rollout")
+    rollout_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="the rollout engines' dtype; auto: bf16 on GPU, fp32 on CPU (where the sampling "
+                            "log-probs then equal the fp32 trainer's)")
+
+
 class PipelineSection(_Section):
-    method: Literal["tract", "cot_raft", "ce_cot", "raft"] = Field(
+    method: Literal["tract", "cot_raft", "ce_cot", "raft", "real"] = Field(
         "tract", description="tract: both stages; cot_raft: stage 1 only; ce_cot: CE only (lam 0, CE on the score "
-                             "token; evaluated by decode and cot_rail); raft: score-only targets, rail inference")
+                             "token; evaluated by decode and cot_rail); raft: score-only targets, rail inference; "
+                             "real: TRACT, then REAL (train_real) from the stage-2 export")
     output_dir: str = Field(
         "runs/pipeline", description="folder of pipelines: each is OUTPUT_DIR/NAME (state, runs, CoTs, evaluations)")
     evaluate_stage1: bool = Field(
@@ -371,6 +421,9 @@ class PipelineSection(_Section):
         None, description="a finished stage-1 export (an HF folder) used instead of training stage 1, e.g. the "
                           "cot_raft run of the same seed, which is TRACT's stage 1 (the quality benchmark); its "
                           "content hash is the stage's fingerprint")
+    real_init: str | None = Field(
+        None, description="real: start train_real from this export (an HF folder, e.g. a cot_raft one) instead "
+                          "of training TRACT's stages; its content hash is the stage's fingerprint")
     stages: list[str] | None = Field(
         None, description="run only these stages (names or fnmatch patterns, e.g. \"evaluate_*\"); the others are "
                           "used if up to date. None: every stage. Lets a caller run one stage per process")
@@ -483,6 +536,7 @@ class Config(_Section):
     pipeline: PipelineSection = Field(PipelineSection(), description="the end-to-end pipeline and its method")
     serve: ServeSection = Field(ServeSection(), description="the judge server (tract-dist serve)")
     plan: PlanSection = Field(PlanSection(), description="what the plan (memory, FLOPs, time) assumes")
+    real: RealSection = Field(RealSection(), description="REAL: regression-aware RL after TRACT (train-real)")
 
     @model_validator(mode="after")
     def _check_scale(self) -> "Config":

@@ -13,6 +13,8 @@ beside its folder). One MLflow parent run per pipeline, a child run per stage an
 Methods (``pipeline.method``) make the paper's baselines one override away:
 ``tract`` (two stages), ``cot_raft`` (stage 1 only), ``ce_cot`` (CE only, lambda = 0 with CE on the score
 token; evaluated by decoding and by CoT-RAIL), ``raft`` (score-only targets without CoT; RAIL inference).
+``real`` (TRACT's stages, then ``train_real``, REAL's RL stage, from the stage-2 export; or from
+``pipeline.real_init``, any export, without TRACT's stages).
 ``pipeline.stage1_export`` starts from a finished stage-1 model instead of training one; ``pipeline.stages``
 runs a subset (one stage per process, say), using the others' recorded outputs.
 """
@@ -37,7 +39,8 @@ from tract_dist.pipeline_checks import (check_data_files, check_stage1_export, f
                                        selection_key)
 from tract_dist.tracking import RunHandle, log_artifact, log_params, set_tags, start_run
 
-EVAL_MODES = {"tract": ["cot_rail"], "cot_raft": ["cot_rail"], "ce_cot": ["decode", "cot_rail"], "raft": ["rail"]}
+EVAL_MODES = {"tract": ["cot_rail"], "cot_raft": ["cot_rail"], "ce_cot": ["decode", "cot_rail"], "raft": ["rail"],
+              "real": ["cot_rail"]}
 
 
 # ---- what each stage returns (recorded in state.json as a plain mapping) --------------------------------------
@@ -213,6 +216,8 @@ def build_stages(cfg: Config, pdir: Path, name: str, ctx: _Context | None = None
     ctx = ctx or _Context()
     method = cfg.pipeline.method
     data_fp = file_fingerprint(cfg.data.train_path or "")
+    if method == "real" and cfg.pipeline.real_init is not None:
+        return _real_stages(cfg, pdir, name, ctx, None, [])
 
     # ---- stage 1: CoT-RAFT from the seed model on annotated CoTs (or a given stage-1 export) ----------------
     export = check_stage1_export(cfg)
@@ -231,7 +236,7 @@ def build_stages(cfg: Config, pdir: Path, name: str, ctx: _Context | None = None
     stages: list[Stage[Any]] = [s1]
     evaluated: list[tuple[str, Stage[TrainOutputs]]] = [("stage1", s1)]
 
-    if method == "tract":
+    if method in ("tract", "real"):
         # ---- generation: the stage-1 model writes a CoT for every training prompt ---------------------------
         gen: Stage[GenerateOutputs] = Stage(
             "generate", (s1,),
@@ -255,6 +260,8 @@ def build_stages(cfg: Config, pdir: Path, name: str, ctx: _Context | None = None
         stages += [gen, build, s2]
         evaluated = evaluated[:1] if cfg.pipeline.evaluate_stage1 else []
         evaluated.append(("stage2", s2))
+        if method == "real":
+            return _real_stages(cfg, pdir, name, ctx, s2, stages, evaluated)
 
     # ---- evaluation: every trained model on every benchmark, in the method's inference modes ----------------
     for mstage, model in evaluated:
@@ -262,6 +269,62 @@ def build_stages(cfg: Config, pdir: Path, name: str, ctx: _Context | None = None
             for mode in EVAL_MODES[method]:
                 stages.append(_evaluation(cfg, pdir, ctx, mstage, model, bench, mode))
     return stages
+
+
+def _real_stages(cfg: Config, pdir: Path, name: str, ctx: _Context, init: "Stage[TrainOutputs] | None",
+                 stages: list[Stage[Any]], evaluated: list[tuple[str, Stage[TrainOutputs]]] | None = None
+                 ) -> list[Stage[Any]]:
+    """``train_real`` from ``init`` (TRACT's stage 2) or from ``pipeline.real_init``, then the evaluations."""
+    from tract_dist.pipeline_checks import check_real_init
+
+    evaluated = list(evaluated or [])
+    if init is None:
+        given = check_real_init(cfg)
+        init = Stage("real_init", (), key=lambda f: ("real_init", content_fingerprint(given)),
+                     run=lambda f, fp: TrainOutputs(model=str(given), run_dir="", summary=f"given {given}"),
+                     outputs=TrainOutputs)
+        stages = [init]
+    src = init
+    r_cfg = stage_config(cfg, pdir, stage="real")
+    real: Stage[TrainOutputs] = Stage(
+        "train_real", (src,),
+        key=lambda f: ("train_real", fingerprint(r_cfg), hashed_section(cfg, "real"), data_fp_of(cfg), f.fp(src)),
+        run=lambda f, fp: _train_real(r_cfg, f.out(src).model, f"{name}-real-{fp[:8]}", ctx),
+        outputs=TrainOutputs)
+    stages.append(real)
+    evaluated.append(("real", real))
+    for mstage, model in evaluated:
+        for bench in cfg.evaluation.benchmarks:
+            for mode in EVAL_MODES["real"]:
+                stages.append(_evaluation(cfg, pdir, ctx, mstage, model, bench, mode))
+    return stages
+
+
+def data_fp_of(cfg: Config) -> str:
+    return file_fingerprint(cfg.data.train_path or "")
+
+
+def _train_real(cfg: Config, init_model: str, run_name: str, ctx: _Context) -> TrainOutputs:
+    from tract_dist.real.stage import run_real
+    from tract_dist.runtime.backend import release_engine
+
+    release_engine()
+    pipeline = ctx.tags.get("pipeline")
+    r = run_real(cfg, init_model, run_name=run_name, parent=ctx.parent, address=ctx.address,
+                 launcher=cfg.cluster.launcher, fresh=ctx.fresh, display_name="real-train",
+                 model_name=f"real-{pipeline}" if pipeline else run_name)
+    if r.mlflow_run_id:
+        set_tags(RunHandle(r.tracking_uri, r.mlflow_run_id), {**ctx.tags, "model_stage": "real"})
+    model = str(r.export_dir / "model")
+    if not (r.export_dir / "model").is_dir() and (r.export_dir / "adapter").is_dir():
+        model = str(r.export_dir / "adapter")
+    final = {}
+    result = Path(r.run_dir) / "train_result.json"
+    if result.exists():
+        final = json.loads(result.read_text(encoding="utf-8")).get("final_metrics", {})
+    summary = f"{cfg.real.steps} rounds" + (f", reward {final['reward_mean']:.3f}" if "reward_mean" in final else "")
+    return TrainOutputs(model=model, run_dir=str(r.run_dir), mlflow_run_id=r.mlflow_run_id, summary=summary,
+                        mlflow_model_id=r.mlflow_model_id)
 
 
 def _evaluation_settings(cfg: Config) -> dict[str, Any]:

@@ -116,6 +116,16 @@ def check_data_files(cfg: Config) -> dict[str, str]:
     return found
 
 
+def check_real_init(cfg: Config) -> Path:
+    """``pipeline.real_init``, checked to be an exported HF model folder (REAL puts its own LoRA on it)."""
+    given = cfg.pipeline.real_init or ""
+    p = Path(given).expanduser()
+    if not (p / "config.json").is_file():
+        raise ConfigError(f"pipeline.real_init: '{given}' is not an exported model folder (no config.json); give "
+                          "e.g. RUN_DIR/export/model")
+    return p.resolve()
+
+
 def check_stage1_export(cfg: Config) -> Path | None:
     """``pipeline.stage1_export``, checked to be a model folder (HF weights or a LoRA adapter); None if unset."""
     given = cfg.pipeline.stage1_export

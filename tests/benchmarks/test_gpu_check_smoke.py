@@ -24,7 +24,7 @@ def test_gpu_check_smoke(tmp_path):
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     results = summary["results"]
     assert set(results) == {"loss_tests", "loss_bench", "train_step", "generation", "train_packing",
-                            "plan_memory"}
+                            "plan_memory", "real_step"}
     bad = {k: v["status"] for k, v in results.items() if v["status"] != "ok"}
     assert not bad and proc.returncode == 0, (bad, proc.stdout[-3000:], proc.stderr[-3000:])
     # The loss benchmark ran the baselines and the project's fused loss, all returning the objective.
@@ -51,6 +51,10 @@ def test_gpu_check_smoke(tmp_path):
     plan_rows = results["plan_memory"]["rows"]
     assert [r["checkpointing"] for r in plan_rows] == [False, True]
     assert all(abs(r["error"]) < PLAN_STEP_TOLERANCE for r in plan_rows), plan_rows
+    # One REAL round ran its three parts and the hand-overs.
+    real = results["real_step"]
+    assert real["report"]["rollout_samples_per_s"] > 0 and real["report"]["update_samples_per_s"] > 0
+    assert real["last_round"]["handover_full_s"] > 0
     assert (tmp_path / "gpu_check.md").read_text().startswith("# GPU check")
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert len(files) <= 8  # at most 8 files come back from the device machine

@@ -213,3 +213,17 @@ def test_deepspeed_json_offload_and_buckets_reach_the_estimate(offline, tmp_path
     # the optimizer's temporaries on CUDA: the step's fp32 gradient and foreach AdamW's sqrt(v), one sub-group
     assert plans["none"].get("optimizer temporaries") == 2 * 4 * min(-(-p // world), 1_000_000_000)
     assert plans["opt"].get("optimizer temporaries") == 0
+
+
+def test_real_method_plans_tracts_stages_and_says_train_real_is_not_planned(offline):
+    """pipeline.method=real plans TRACT's stages (or none with pipeline.real_init) and evaluates one more model; the
+    REAL stage itself is named as not planned rather than silently missing."""
+    plain = {s.name: s for s in _plan("qwen3-8b.yaml").stages}
+    real = _plan("qwen3-8b.yaml", "pipeline.method=real")
+    stages = {s.name: s for s in real.stages}
+    assert list(stages) == list(plain)  # stage 1, stage 2, generation, evaluation
+    assert stages["evaluate"].figures["models"] == plain["evaluate"].figures["models"] + 1
+    assert any("train_real" in a and "not planned" in a for a in real.assumptions)
+    from_export = _plan("qwen3-8b.yaml", "pipeline.method=real", "pipeline.real_init=/tmp/any-export")
+    assert [s.name for s in from_export.stages] == ["evaluate"]
+    assert from_export.stages[0].figures["models"] == 1

@@ -12,6 +12,9 @@ Batch contract (one micro-batch, all tensors on the model's device):
 * ``ce_weights`` / ``mse_weights`` (B,) float, optional: a real weight per sequence on its CE tokens / on
   its squared error (stage-2 selection weights, a policy-gradient advantage); absent: 1. They reach the loss
   as one weight per loss row (:func:`select_loss_rows`), which is all a packed layout needs to provide too.
+* ``ce_token_weights`` (B, T) float, optional: a weight per label token (aligned with ``labels``), multiplied
+  into the sequence's CE weight: REAL's clipped importance ratios and KL gradient are per-token weights
+  (:mod:`tract_dist.real.objective`).
 
 A *packed* micro-batch (:func:`tract_dist.train.batching.collate_packed`) is one row (B = 1) of several whole
 examples: ``position_ids`` (1, T) restart at 0 for each (transformers then keeps attention inside each example),
@@ -59,12 +62,14 @@ class LossRows:
 
 def select_loss_rows(labels: torch.Tensor, score_positions: torch.Tensor, score_targets: torch.Tensor,
                      sequence_index: torch.Tensor | None = None, ce_weights: torch.Tensor | None = None,
-                     mse_weights: torch.Tensor | None = None) -> LossRows:
+                     mse_weights: torch.Tensor | None = None, ce_token_weights: torch.Tensor | None = None) -> LossRows:
     """Shift the labels and keep only rows with a CE target or a score, so the loss sees N << B*T rows.
 
     ``sequence_index`` (packed rows): a row whose next token belongs to another example gets no target.
     ``ce_weights`` / ``mse_weights`` (S,), one per example (per row when B > 1): gathered here to one per kept
-    row (its example: ``sequence_index`` when packed, else r // T) and one per score row."""
+    row (its example: ``sequence_index`` when packed, else r // T) and one per score row. ``ce_token_weights``
+    (B, T): one weight per label token (aligned with ``labels``, shifted here with them), multiplied into the CE
+    weight of its row."""
     if labels.dim() != 2:
         raise ValueError(f"labels must be (B, T), got {tuple(labels.shape)}")
     batch, seq = labels.shape
@@ -76,6 +81,8 @@ def select_loss_rows(labels: torch.Tensor, score_positions: torch.Tensor, score_
     for name, w in (("ce_weights", ce_weights), ("mse_weights", mse_weights)):
         if w is not None and w.shape != score_positions.shape:
             raise ValueError(f"{name} must have shape {tuple(score_positions.shape)}, one weight per example")
+    if ce_token_weights is not None and ce_token_weights.shape != labels.shape:
+        raise ValueError(f"ce_token_weights must have the shape of labels {tuple(labels.shape)}")
     has_score = score_positions >= 0
     if bool((score_positions[has_score] >= seq).any()):
         raise ValueError(f"score_positions must be < T={seq}")
@@ -97,14 +104,20 @@ def select_loss_rows(labels: torch.Tensor, score_positions: torch.Tensor, score_
     keep[score_flat] = True
     row_index = keep.nonzero().squeeze(1)
     compact = torch.cumsum(keep.long(), 0) - 1  # flattened row -> position among kept rows
+    row_w = None if ce_weights is None else ce_weights[
+        sequence_index.flatten()[row_index] if sequence_index is not None
+        else torch.div(row_index, seq, rounding_mode="floor")]
+    if ce_token_weights is not None:
+        tw = torch.zeros_like(ce_token_weights)
+        tw[:, :-1] = ce_token_weights[:, 1:]  # the row at t predicts the label at t + 1
+        tw = tw.flatten()[row_index]
+        row_w = tw if row_w is None else row_w * tw.to(row_w.dtype)
     return LossRows(
         row_index=row_index,
         targets=shifted[row_index],
         score_rows=compact[score_flat],
         score_targets=score_targets[has_score],
-        ce_weights=None if ce_weights is None else ce_weights[
-            sequence_index.flatten()[row_index] if sequence_index is not None
-            else torch.div(row_index, seq, rounding_mode="floor")],
+        ce_weights=row_w,
         mse_weights=None if mse_weights is None else mse_weights[has_score],
     )
 
@@ -163,16 +176,22 @@ class CotRaftHead(nn.Module):
         ce_weights: torch.Tensor | None = None,
         mse_weights: torch.Tensor | None = None,
         lam: float | None = None,
-    ) -> CotRaftOutput:
+        token_logprobs: bool = False,
+    ) -> CotRaftOutput | torch.Tensor:
         """Loss of (N, H) ``hidden`` rows. ``hidden`` is positional on purpose: ZeRO-3's post-backward
         hook, which releases the gathered weight, is attached to positional inputs only. ``ce_weights`` (N,)
-        / ``mse_weights`` (M,): per-row weights; ``lam``: this step's λ (None: the options')."""
+        / ``mse_weights`` (M,): per-row weights; ``lam``: this step's λ (None: the options').
+        ``token_logprobs``: return instead the float32 log-probability of each row's target (N,) (0 where the
+        target is ignored), without gradient, in row chunks (never N x V logits at once): what REAL's
+        importance ratios and KL weights are computed from, inside the forward where ZeRO-3 gathered the head."""
         weight, bias = self.head_params
         if is_zero3_param(weight) and weight.data.numel() == 0:
             raise RuntimeError(
                 "lm_head weight is partitioned inside CotRaftHead.forward: the head must be a submodule of "
                 "the model passed to deepspeed.initialize (e.g. use CotRaftCausalLM)"
             )
+        if token_logprobs:
+            return rows_target_logprobs(hidden, weight, bias, targets)
         real = torch.float64 if hidden.dtype == torch.float64 else torch.float32  # float64 runs stay exact
         fn = self.loss_fn if self.loss_fn is not None else _default_loss_fn()
         out = fn(
@@ -189,6 +208,27 @@ class CotRaftHead(nn.Module):
                         mse_weights=_real(mse_weights, hidden.device, real), lam=lam),
         )
         return CotRaftOutput(out.loss, out.ce, out.mse, out.yhat, int(out.n_ce_tokens), int(out.n_score_rows))
+
+
+LOGPROB_CHUNK_ROWS = 512
+"""Rows per logits chunk of :func:`rows_target_logprobs`: 512 x a 152k vocabulary in fp32 is 311 MB."""
+
+
+@torch.no_grad()
+def rows_target_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(hidden @ weight.T + bias)[target] per row in float32 (float64 for float64 inputs); 0 where
+    the target is ignored."""
+    real = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    out = torch.zeros(hidden.shape[0], dtype=real, device=hidden.device)
+    live = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    for i in range(0, live.numel(), LOGPROB_CHUNK_ROWS):
+        idx = live[i:i + LOGPROB_CHUNK_ROWS]
+        logits = (hidden.index_select(0, idx) @ weight.T).to(real)
+        if bias is not None:
+            logits = logits + bias.to(real)
+        out[idx] = torch.log_softmax(logits, -1).gather(1, targets[idx].unsqueeze(1)).squeeze(1)
+    return out
 
 
 def _real(w: torch.Tensor | None, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
@@ -208,12 +248,23 @@ def _loss_through_head(
     ce_denominator: Denominator,
     mse_denominator: Denominator,
     lam: float | None = None,
-) -> CotRaftOutput:
+    token_logprobs: bool = False,
+) -> CotRaftOutput | torch.Tensor:
     hidden = final_hidden_states(lm, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"),
                                  batch.get("cu_seq_lens"))
     rows = select_loss_rows(batch["labels"], batch["score_positions"], batch["score_targets"],
-                            batch.get("sequence_index"), batch.get("ce_weights"), batch.get("mse_weights"))
+                            batch.get("sequence_index"), batch.get("ce_weights"), batch.get("mse_weights"),
+                            batch.get("ce_token_weights"))
     flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.row_index)
+    if token_logprobs:  # (B, T) aligned with labels: the log-prob of labels[b, t] (0 where not trained)
+        per_row = head(flat, rows.targets, rows.score_rows, rows.score_targets, token_logprobs=True)
+        labels = batch["labels"]
+        out = torch.zeros(labels.numel(), dtype=per_row.dtype, device=per_row.device)
+        out[rows.row_index] = per_row  # at the predicting row t ...
+        out = out.view(labels.shape)
+        aligned = torch.zeros_like(out)
+        aligned[:, 1:] = out[:, :-1]  # ... moved to the label's own position t + 1
+        return aligned
     return head(flat, rows.targets, rows.score_rows, rows.score_targets, ce_denominator, mse_denominator,
                 **_optional(ce_weights=rows.ce_weights, mse_weights=rows.mse_weights, lam=lam))
 
@@ -277,7 +328,11 @@ class CotRaftCausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         sequence_index: torch.Tensor | None = None,
         cu_seq_lens: torch.Tensor | None = None,
-    ) -> CotRaftOutput:
+        ce_token_weights: torch.Tensor | None = None,
+        token_logprobs: bool = False,
+    ) -> CotRaftOutput | torch.Tensor:
+        """The loss (:class:`CotRaftOutput`); with ``token_logprobs`` instead the (B, T) log-probability of
+        every trained label token (no gradient)."""
         # No ``self.lm.lm_head.weight`` here: under a ZeRO-3 engine, reading a partitioned parameter
         # through its module during forward makes DeepSpeed gather it and register it as external to
         # the module running (this root), keeping the full lm_head for the whole forward.
@@ -292,5 +347,6 @@ class CotRaftCausalLM(nn.Module):
             "position_ids": position_ids,
             "sequence_index": sequence_index,
             "cu_seq_lens": cu_seq_lens,
+            "ce_token_weights": ce_token_weights,
         }
-        return _loss_through_head(self.lm, self.head, batch, ce_denominator, mse_denominator, lam)
+        return _loss_through_head(self.lm, self.head, batch, ce_denominator, mse_denominator, lam, token_logprobs)

@@ -286,7 +286,13 @@ def _generation_stage(ctx: _Context) -> StagePlan:
 
 # The pipeline's inference modes per method (tract_dist.pipeline.EVAL_MODES, without importing the pipeline).
 PIPELINE_EVAL_MODES = {"tract": ("cot_rail",), "cot_raft": ("cot_rail",), "ce_cot": ("decode", "cot_rail"),
-                       "raft": ("rail",)}
+                       "raft": ("rail",), "real": ("cot_rail",)}
+
+
+def _runs_tract_stages(cfg: Any) -> bool:
+    """TRACT's stage 1, generation and stage 2 run for ``tract``, and for ``real`` unless ``pipeline.real_init``
+    names the export REAL starts from."""
+    return cfg.pipeline.method == "tract" or (cfg.pipeline.method == "real" and cfg.pipeline.real_init is None)
 
 
 def _evaluation_stage(ctx: _Context, *, pipeline: bool) -> StagePlan | None:
@@ -307,6 +313,8 @@ def _evaluation_stage(ctx: _Context, *, pipeline: bool) -> StagePlan | None:
     method = cfg.pipeline.method
     modes = PIPELINE_EVAL_MODES[method] if pipeline else (e.mode,)
     models = 2 if pipeline and method == "tract" and cfg.pipeline.evaluate_stage1 else 1
+    if pipeline and method == "real":  # REAL's model, plus TRACT's stage 2 (and stage 1) when they run first
+        models = 1 + (_runs_tract_stages(cfg) * (1 + cfg.pipeline.evaluate_stage1))
     # num_cots=auto draws 3 CoTs per input at least and max_cots at most: the plan sizes memory and time for the
     # most (a bound), as it does for max_new_tokens.
     n_cots = e.max_cots if e.num_cots == "auto" else e.num_cots
@@ -337,8 +345,10 @@ def _pipeline_training(ctx: _Context) -> list[StagePlan]:
     """The pipeline's training stages: stage 1 (unless ``pipeline.stage1_export`` stands in for it) and, for
     TRACT, stage 2 on one self-generated CoT per CoT drawn (examples x generation.num_cots)."""
     cfg, n = ctx.cfg, ctx.examples
+    if cfg.pipeline.method == "real" and not _runs_tract_stages(cfg):
+        return []  # REAL from pipeline.real_init: its own stage is not planned (see the plan's notes)
     out = [] if cfg.pipeline.stage1_export else [_train_stage(ctx, "train_stage1", n)]
-    if cfg.pipeline.method == "tract":
+    if _runs_tract_stages(cfg):
         g = cfg.generation  # select=nearest keeps one CoT per example; the other rules at most every CoT
         per_example = 1 if getattr(g, "select", "all") == "nearest" else g.num_cots
         out.append(_train_stage(ctx, "train_stage2", n * per_example if n else None))
@@ -348,7 +358,7 @@ def _pipeline_training(ctx: _Context) -> list[StagePlan]:
 STAGE_BUILDERS: dict[str, Callable[[_Context], list[StagePlan]]] = {
     "train": lambda ctx: [_train_stage(ctx, "train", ctx.examples)],
     "pipeline_train": _pipeline_training,
-    "generate": lambda ctx: [_generation_stage(ctx)] if ctx.cfg.pipeline.method == "tract" else [],
+    "generate": lambda ctx: [_generation_stage(ctx)] if _runs_tract_stages(ctx.cfg) else [],
     "evaluate": lambda ctx: [s for s in [_evaluation_stage(ctx, pipeline=False)] if s is not None],
     "pipeline_evaluate": lambda ctx: [s for s in [_evaluation_stage(ctx, pipeline=True)] if s is not None],
 }
@@ -402,6 +412,9 @@ def _assumptions(cfg: Any, acc: Accelerator | None) -> list[str]:
                f"); the loss reads {p.loss_rows_fraction:g} of them (plan.loss_rows_fraction)")
     out.append("generation writes generation.max_new_tokens per CoT (the bound: CoTs stop earlier)")
     out.append(f"'tight' above {1 - p.margin:.0%} of device memory (plan.margin), refused above all of it")
+    if cfg.pipeline.method == "real":
+        out.append("pipeline.method=real: train_real (REAL's rollout engines beside its training workers) is not "
+                   "planned; its training step is sized like stage 2's, plus the engines' weights")
     return out
 
 

@@ -43,3 +43,39 @@ def register(sub: Any, add_config_args: Callable[..., None]) -> None:
     add_plan_check_arg(p)
     add_config_args(p, required=True)
     p.set_defaults(func=_cmd_train)
+    register_real(sub, add_config_args)
+
+
+def _cmd_train_real(args: argparse.Namespace) -> int:
+    from tract_dist.config import ConfigError, load_config
+    from tract_dist.real.stage import run_real
+    from tract_dist.tracking import redact_uri
+
+    cfg = load_config(args.config, args.overrides)
+    init = args.init or cfg.pipeline.real_init
+    if not init:
+        raise ConfigError("train-real: give --init EXPORT (or pipeline.real_init): the model REAL starts from")
+    r = run_real(cfg, init, config_path=args.config, run_name=args.run_name,
+                 launcher=args.launcher or cfg.cluster.launcher, address=args.address, fresh=args.fresh)
+    print(f"[train-real] checkpoint: {r.checkpoint_dir}")
+    print(f"[train-real] exported model: {r.export_dir / 'model'}")
+    if r.mlflow_run_id:
+        uri = redact_uri(r.tracking_uri)
+        print(f"[train-real] MLflow run: {r.mlflow_run_id} in {uri} (mlflow ui --backend-store-uri {uri})")
+    return 0
+
+
+def register_real(sub: Any, add_config_args: Callable[..., None]) -> None:
+    from tract_dist.cli import safe_name_arg
+
+    p = sub.add_parser("train-real", help="REAL after TRACT: RL on the judge's own sampled CoTs, rewarded by "
+                                          "-(yhat - y)^2, plus the regression term (Ray + DeepSpeed ZeRO-3, LoRA)")
+    p.add_argument("--init", help="the export REAL starts from (default: pipeline.real_init)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--launcher", choices=["ray", "torchrun", "inline"],
+                   help="ray (rollout engines as Ray actors), torchrun or inline (engine in-process)")
+    p.add_argument("--run-name", type=safe_name_arg,
+                   help="name of the run (default: train_real-<fingerprint>; same name resumes)")
+    p.add_argument("--fresh", action="store_true", help="move a run of another configuration aside and start afresh")
+    add_config_args(p, required=True)
+    p.set_defaults(func=_cmd_train_real)

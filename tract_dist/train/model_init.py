@@ -73,11 +73,12 @@ def load_training_model(cfg: Any, tokenizer: Any, *, use_cuda: bool) -> torch.nn
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if m.lora.enabled:
-        model = _wrap_lora(model, m.lora)
+        model = wrap_lora(model, m.lora)
     return model
 
 
-def _wrap_lora(model: torch.nn.Module, lora: Any) -> torch.nn.Module:
+def wrap_lora(model: torch.nn.Module, lora: Any) -> torch.nn.Module:
+    """PEFT LoRA on ``model`` from ``model.lora`` (REAL's rollout engines build the same wrapper)."""
     from peft import LoraConfig, get_peft_model
 
     targets = lora.target_modules

@@ -37,6 +37,8 @@ class WorkerPlan:
     """An id of this driver call (a non-finite stop is not retried within the same invocation)."""
     hooks: tuple[HookSpec, ...] = ()
     """Callables run at the recipe's named points (:mod:`tract_dist.train.hooks`); none in production."""
+    recipe: str = "train"
+    """``train`` (TRACT's CoT-RAFT stages) or ``real`` (:class:`tract_dist.real.recipe.RealRecipe`)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (a deep copy): Ray Train's ``train_loop_config``, torchrun's ``loop.json``."""

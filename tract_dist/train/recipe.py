@@ -307,7 +307,12 @@ class TrainRecipe:
 
 
 def run_recipe(plan: WorkerPlan) -> None:
-    recipe = TrainRecipe(plan)
+    if plan.recipe == "real":
+        from tract_dist.real.recipe import RealRecipe
+
+        recipe: TrainRecipe = RealRecipe(plan)
+    else:
+        recipe = TrainRecipe(plan)
     recipe.setup()
     recipe.train()
     recipe.cleanup()

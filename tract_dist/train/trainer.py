@@ -27,6 +27,9 @@ from tract_dist.train.hooks import hooks_from_env
 from tract_dist.train.plan import WorkerPlan
 from tract_dist.train.session import StaleResumeError
 
+WHERE_REAL_RUNS = ("rollout_workers", "rollout_cpus", "rollout_gpus", "rollout_threads", "rollout_batch_size")
+"""``real.*`` keys that place the rollouts without changing a sample (per-row seeded sampling): not fingerprinted."""
+
 RUN_RECORD = "run.json"  # the run's fingerprint, written when the run starts, checked by every later invocation
 
 
@@ -42,8 +45,14 @@ class TrainResult:
     mlflow_model_id: str | None = None  # the export's MLflow logged model (None: not logged)
 
 
-def run_fingerprint(cfg: Config) -> str:
-    """What a training run's checkpoints belong to: the config's fingerprint and the training file's content."""
+def run_fingerprint(cfg: Config, recipe: str = "train") -> str:
+    """What a training run's checkpoints belong to: the config's fingerprint and the training file's content
+    (and for REAL its ``real.*`` settings)."""
+    if recipe == "real":
+        from tract_dist.pipeline_checks import hashed_section
+
+        real = {k: v for k, v in hashed_section(cfg, "real").items() if k not in WHERE_REAL_RUNS}
+        return fingerprint(cfg, file_fingerprint(cfg.data.train_path or ""), "real", json.dumps(real, sort_keys=True))
     return fingerprint(cfg, file_fingerprint(cfg.data.train_path or ""))
 
 
@@ -65,7 +74,7 @@ def check_batch(cfg: Config, n_examples: int) -> None:
 def run_training(cfg: Config, *, config_path: str | None = None, run_name: str | None = None,
                  launcher: str = "ray", address: str | None = None, parent: RunHandle | None = None,
                  stage: str = "train", fresh: bool = False, display_name: str | None = None,
-                 model_name: str | None = None) -> TrainResult:
+                 model_name: str | None = None, recipe: str = "train") -> TrainResult:
     """Run one CoT-RAFT training stage; rerunning with the same config and name resumes it.
 
     ``run_name`` names the run folder (and, unless ``display_name`` is given, the MLflow run); ``model_name`` the
@@ -83,7 +92,7 @@ def run_training(cfg: Config, *, config_path: str | None = None, run_name: str |
     with exclusive_lock(run_dir, "training run"):
         return _run_locked(cfg, name, run_dir, config_path=config_path, launcher=launcher, address=address,
                            parent=parent, stage=stage, fresh=fresh, display_name=display_name or name,
-                           model_name=model_name or display_name or name)
+                           model_name=model_name or display_name or name, recipe=recipe)
 
 
 def _storage_dir(cfg: Config, name: str) -> Path | None:
@@ -143,28 +152,29 @@ def check_resume(cfg: Config, name: str, run_dir: Path, fp: str, *, fresh: bool)
 
 def _run_locked(cfg: Config, name: str, run_dir: Path, *, config_path: str | None, launcher: str,
                 address: str | None, parent: RunHandle | None, stage: str, fresh: bool, display_name: str,
-                model_name: str) -> TrainResult:
+                model_name: str, recipe: str = "train") -> TrainResult:
     from tract_dist import console
 
-    fp = run_fingerprint(cfg)
+    fp = run_fingerprint(cfg, recipe)
     check_resume(cfg, name, run_dir, fp, fresh=fresh)  # --fresh moves the old folder aside: logs go in the new
     run_dir.mkdir(parents=True, exist_ok=True)
     # A quiet console (a pipeline's stage keeps the pipeline's): library chatter to RUN_DIR/logs/driver.log.
     with console.quiet_run(run_dir / "logs"):
         return _prepare_and_fit(cfg, name, run_dir, fp, config_path=config_path, launcher=launcher,
                                 address=address, parent=parent, stage=stage, display_name=display_name,
-                                model_name=model_name)
+                                model_name=model_name, recipe=recipe)
 
 
 def _prepare_and_fit(cfg: Config, name: str, run_dir: Path, fp: str, *, config_path: str | None, launcher: str,
                      address: str | None, parent: RunHandle | None, stage: str, display_name: str,
-                     model_name: str) -> TrainResult:
+                     model_name: str, recipe: str = "train") -> TrainResult:
     from tract_dist.data.assets import load_tokenizer
     from tract_dist.train.data import prepare_dataset
 
     tok_name = cfg.model.tokenizer or cfg.model.name_or_path
     summary = prepare_dataset(cfg, load_tokenizer(tok_name), run_dir)
-    check_batch(cfg, summary["encode_encoded"])
+    if recipe != "real":  # REAL's batch is its own round of samples (checked by real.stage)
+        check_batch(cfg, summary["encode_encoded"])
     # A GGUF alias (smollm2) is de-quantised once, here, into its cached HF folder, which every worker loads.
     from tract_dist.models.loading import materialize_alias
 
@@ -191,7 +201,7 @@ def _prepare_and_fit(cfg: Config, name: str, run_dir: Path, fp: str, *, config_p
         invocation = uuid.uuid4().hex
         loop = WorkerPlan(config=cfg.model_dump(), run_dir=str(run_dir), launcher=launcher,
                           tracking_uri=handle.tracking_uri, run_id=handle.run_id, export_dir=str(run_dir / "export"),
-                          fingerprint=fp, invocation=invocation, hooks=hooks_from_env())
+                          fingerprint=fp, invocation=invocation, hooks=hooks_from_env(), recipe=recipe)
         t_fit = time.perf_counter()
         try:
             if launcher == "ray":

@@ -1,0 +1,44 @@
+"""The REAL stage from the driver's side: its config derived from the user's, then the training launcher.
+
+``real.*`` says what the stage does; :func:`real_stage_config` turns it into the training settings the shared
+launcher and recipe read (the model to start from, the rate, one optimizer step per round per update, the
+accumulation that makes a rank's share of a round's samples one step), and checks that a round divides evenly
+into ranks and micro-batches before any worker starts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tract_dist.config import Config, ConfigError
+
+
+def real_stage_config(cfg: Config, init_model: str) -> Config:
+    """The REAL stage's config: starts from ``init_model`` (an HF export), LoRA required."""
+    from tract_dist.pipeline_checks import check_model_source
+
+    r, t = cfg.real, cfg.training
+    check_model_source(init_model, "pipeline.real_init (train-real --init)")
+    if not cfg.model.lora.enabled:
+        raise ConfigError("real: the REAL stage hands the policy to its rollout engines as a LoRA adapter each "
+                          "round; set model.lora.enabled=true (full fine-tuning's weight hand-over is not built)")
+    world = cfg.cluster.num_workers
+    n = r.prompts_per_step * r.k
+    if n % (world * t.micro_batch_size):
+        raise ConfigError(f"real: a round's {n} samples (real.prompts_per_step {r.prompts_per_step} x real.k {r.k}) "
+                          f"must divide into cluster.num_workers {world} x training.micro_batch_size "
+                          f"{t.micro_batch_size}")
+    d = cfg.model_dump()
+    d["model"]["name_or_path"] = init_model
+    d["training"].update(learning_rate=r.learning_rate, max_steps=r.steps,
+                         gradient_accumulation_steps=n // (world * t.micro_batch_size))
+    d["data"]["use_cot"] = False  # the stage reads prompts and gold scores; a CoT in the file is not needed
+    return Config.model_validate(d)
+
+
+def run_real(cfg: Config, init_model: str, **kwargs: Any) -> Any:
+    """Run (or resume) the REAL stage from ``init_model``; ``kwargs`` as :func:`tract_dist.train.trainer.run_training`."""
+    from tract_dist.train.trainer import run_training
+
+    kwargs.setdefault("stage", "train_real")
+    return run_training(real_stage_config(cfg, init_model), recipe="real", **kwargs)
