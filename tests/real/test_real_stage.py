@@ -139,12 +139,37 @@ def test_killed_run_resumes_with_the_same_samples(work, quickstart_data, tiny_ex
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6)
 
 
+@pytest.mark.timeout(300)
+def test_full_fine_tuning_hands_every_weight_over(work, quickstart_data, tiny_export):
+    """Full fine-tuning: every weight is handed to the engine each round, so at round 2 (after two updates moved
+    the policy: the clipped-ratio pass sees ratios off 1) the engine's sampling log-probs are the trainer's; the
+    export is the whole model. A full policy has no adapter to switch off for the KL term, nor a vLLM LoRA path:
+    both are refused by key."""
+    from tract_dist.real.stage import real_stage_config, run_real
+
+    over = {"model.lora.enabled": False, "real.updates_per_round": 2, "real.beta": 0.0, "real.learning_rate": 1e-3,
+            "tracking.enabled": False}
+    cfg = _cfg(work, quickstart_data, tiny_export, **over)
+    res = run_real(cfg, tiny_export, run_name="full", launcher="inline")
+    steps = _steps(res.run_dir)
+    assert [s["step"] for s in steps] == [1, 2]
+    moved = steps[1]["ratio_dev"]  # |π_θ/π_old - 1| at the round's second update: how far one update moves it
+    assert moved > 1e-4, steps[1]
+    # the first update's no-grad pass reads the engine's weights: a missed hand-over would show a gap ~ moved
+    assert steps[1]["logp_gap"] < 1e-6 and steps[1]["logp_gap"] < 1e-2 * moved, steps[1]
+    assert (res.export_dir / "model" / "model.safetensors").is_file()
+    assert not (res.export_dir / "adapter").exists()
+    with pytest.raises(ConfigError, match="real.beta"):
+        real_stage_config(_cfg(work, quickstart_data, tiny_export, **{**over, "real.beta": 0.05}), tiny_export)
+    with pytest.raises(ConfigError, match="real.rollout_backend"):
+        real_stage_config(_cfg(work, quickstart_data, tiny_export, **{**over, "real.rollout_backend": "vllm"}),
+                          tiny_export)
+
+
 def test_config_errors_name_the_keys(work, quickstart_data, tiny_export):
     from tract_dist.real.stage import real_stage_config
 
     cfg = _cfg(work, quickstart_data, tiny_export)
-    with pytest.raises(ConfigError, match="model.lora.enabled"):
-        real_stage_config(load_config(None, ["model.lora.enabled=false"], base=cfg.model_dump()), tiny_export)
     with pytest.raises(ConfigError, match="real.prompts_per_step"):
         real_stage_config(load_config(None, ["real.k=3", "real.prompts_per_step=1"], base=cfg.model_dump()),
                           tiny_export)

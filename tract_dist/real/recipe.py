@@ -26,6 +26,11 @@ from tract_dist.train.hooks import STEP_BEGIN
 from tract_dist.train.recipe import TrainRecipe, _console
 
 
+GATHER_ELEMENTS = 1 << 28
+"""Parameters gathered at once for a full-weight hand-over (268M elements: 512 MB in bf16 per rank), so a
+70B-class policy's hand-over never needs its whole model on one device."""
+
+
 class RealRecipe(TrainRecipe):
     """The REAL stage in one worker: ``setup()``, ``train()``, ``cleanup()`` as for TRACT's stages."""
 
@@ -155,8 +160,12 @@ class RealRecipe(TrainRecipe):
 
     # ---- weights to the engines -------------------------------------------------------------------
     def adapter_state(self) -> dict[str, torch.Tensor] | None:
-        """The LoRA weights in PEFT's state-dict format on rank 0 (None elsewhere); every rank must call it
-        (under ZeRO-3 the trainable parameters are gathered from their shards, a collective)."""
+        """The policy's trainable weights on rank 0 (None elsewhere): the LoRA adapter in PEFT's state-dict format,
+        or with full fine-tuning every parameter by name. Every rank must call it (under ZeRO-3 the parameters are
+        gathered from their shards, a collective); full weights are gathered a bounded group at a time
+        (:data:`GATHER_ELEMENTS`), so no rank ever holds more than one group beyond its own shard on the device."""
+        if not self.cfg.model.lora.enabled:
+            return self._full_state()
         from peft import get_peft_model_state_dict
 
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -170,6 +179,29 @@ class RealRecipe(TrainRecipe):
                 return None
             return {k: v.detach().to("cpu", torch.float32).clone()
                     for k, v in get_peft_model_state_dict(self.model).items()}
+
+    def _full_state(self) -> dict[str, torch.Tensor] | None:
+        named = list(self.model.named_parameters())  # tied weights once, as the engine's named_parameters
+        groups, group, size = [], [], 0
+        for n, p in named:
+            numel = getattr(p, "ds_numel", p.numel())
+            if group and size + numel > GATHER_ELEMENTS:
+                groups.append(group)
+                group, size = [], 0
+            group.append((n, p))
+            size += numel
+        groups.append(group)
+        out: dict[str, torch.Tensor] = {}
+        for group in groups:
+            gather: Any = contextlib.nullcontext()
+            if self.cfg.training.zero_stage == 3:
+                import deepspeed
+
+                gather = deepspeed.zero.GatheredParameters([p for _, p in group])
+            with gather:
+                if self.rank == 0:
+                    out.update({n: p.detach().to("cpu").clone() for n, p in group})
+        return out if self.rank == 0 else None
 
     def hand_over(self, version: int) -> float:
         """Gather the adapter and load it into every engine; returns the seconds it took (rank 0)."""

@@ -6,7 +6,8 @@ trainer's). Under Ray it runs as an actor (``ray.remote``; :class:`RolloutPool` 
 actors and gathers the samples in order); without Ray (torchrun, inline: the GPU check machines) in-process. The
 weight hand-over is PEFT's own: the trainer's adapter state dict (``get_peft_model_state_dict``, gathered from the
 ZeRO-3 shards) goes once into Ray's object store and every worker loads it with ``set_peft_model_state_dict``;
-nothing of the frozen base model moves after start-up.
+nothing of the frozen base model moves after start-up. With full fine-tuning every weight makes that trip each
+round (HF engines only: ``load_weights``), at the cost ``benchmarks/real/bench_real_step.py`` measures.
 
 Per sample the worker returns the training row the trainer uses (:class:`~tract_dist.real.batch.RealSample`):
 the CoT is cut and normalised as every CoT of the project is (:func:`~tract_dist.runtime.engine.extract_cot`) and
@@ -66,6 +67,10 @@ class RolloutWorker:
         r = cfg.real
         self.backend = resolve_backend(r.rollout_backend, "real.rollout_backend",
                                        gpu=torch.cuda.is_available()).backend
+        if self.backend == "vllm" and not cfg.model.lora.enabled:
+            raise RuntimeError("real.rollout_backend resolved to vllm, whose engines take the policy as a LoRA "
+                               "adapter; full fine-tuning hands every weight to hf engines: set "
+                               "real.rollout_backend=hf or model.lora.enabled=true")
         tok = load_tokenizer_for(materialize_alias(model_path), cfg.model.tokenizer)
         self.tokenizer = tok
         self.engine: Any = None
@@ -97,12 +102,30 @@ class RolloutWorker:
         PEFT adapter folder that vLLM serves as a new ``LoRARequest`` (a new id: vLLM caches adapters by id)."""
         if self.backend == "vllm":
             return self._load_adapter_vllm(state, version)
+        if not self.cfg.model.lora.enabled:
+            return self.load_weights(state, version)
         from peft import set_peft_model_state_dict
 
         result = set_peft_model_state_dict(self.engine.model, state)
         unexpected = getattr(result, "unexpected_keys", None) or []
         if unexpected:
             raise RuntimeError(f"rollout worker: adapter keys the engine's model does not have: {unexpected[:5]}")
+        self.engine.model.eval()
+        self.version = version
+        return version
+
+    @torch.no_grad()
+    def load_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
+        """Full fine-tuning: every trainable weight (the trainer's parameter names, tied weights once) copied into
+        the HF engine's model, cast to its dtype. The names must match exactly: a partial copy would leave the
+        engine sampling from a policy the trainer does not hold."""
+        params = dict(self.engine.model.named_parameters())
+        missing, unknown = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        if missing or unknown:
+            raise RuntimeError(f"rollout worker: the handed weights do not match the engine's model (missing "
+                               f"{missing[:5]}, unknown {unknown[:5]})")
+        for name, value in state.items():
+            params[name].copy_(value)
         self.engine.model.eval()
         self.version = version
         return version

@@ -14,14 +14,22 @@ from tract_dist.config import Config, ConfigError
 
 
 def real_stage_config(cfg: Config, init_model: str) -> Config:
-    """The REAL stage's config: starts from ``init_model`` (an HF export), LoRA required."""
+    """The REAL stage's config: starts from ``init_model`` (an HF export), with LoRA (the adapter is handed to the
+    engines each round) or full fine-tuning (every weight is, HF engines only; no KL term: its reference policy
+    would be a second full model copy)."""
     from tract_dist.pipeline_checks import check_model_source
 
     r, t = cfg.real, cfg.training
     check_model_source(init_model, "pipeline.real_init (train-real --init)")
     if not cfg.model.lora.enabled:
-        raise ConfigError("real: the REAL stage hands the policy to its rollout engines as a LoRA adapter each "
-                          "round; set model.lora.enabled=true (full fine-tuning's weight hand-over is not built)")
+        if r.beta > 0:
+            raise ConfigError("real.beta: the KL term's reference policy is the LoRA adapter switched off; with "
+                              "full fine-tuning it would be a second full model per worker (not built): set "
+                              "real.beta=0 or model.lora.enabled=true")
+        if r.rollout_backend == "vllm":
+            raise ConfigError("real.rollout_backend: vLLM engines take the policy as a LoRA adapter each round; "
+                              "full fine-tuning's weight hand-over is built for the hf engines: set "
+                              "real.rollout_backend=hf or model.lora.enabled=true")
     world = cfg.cluster.num_workers
     n = r.prompts_per_step * r.k
     if n % (world * t.micro_batch_size):
