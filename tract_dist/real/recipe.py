@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -38,40 +38,24 @@ class RealRecipe(TrainRecipe):
                "grad_norm", "cot_tokens_mean", "rollout_samples_per_s", "update_samples_per_s")
     """The metrics of the console line (every metric goes to metrics.jsonl and MLflow)."""
 
-    def setup(self) -> None:
-        from tract_dist.train.resume import read_checkpoint_state
+    def _check_resume(self, resume: Any) -> None:
         from tract_dist.train.session import CheckpointError
 
-        t0 = time.perf_counter()
+        self.resumed_world = self.resume_from.world_size if self.resume_from is not None else None
+        if self.resumed_world not in (None, self.world):  # REAL's engine is not built for the universal format
+            raise CheckpointError(f"checkpoint {resume} is of {self.resumed_world} workers; REAL resumes on the "
+                                  f"same number ({self.world} now): set cluster.num_workers, or --fresh")
 
-        def timed(part: str, step, *args) -> None:
-            t = time.perf_counter()
-            step(*args)
-            self.timings[part] = time.perf_counter() - t
-
-        timed("setup_process", self._setup_process)
-        with self.session.resume_dir() as resume:  # read first, as TrainRecipe.setup does
-            try:
-                self.resume_from = read_checkpoint_state(resume, self.world) if resume is not None else None
-            except ValueError as e:
-                raise CheckpointError(f"{e}; remove checkpoint {resume} to resume from the one before, or start "
-                                      "afresh with --fresh") from None
-            self.resumed_world = self.resume_from.world_size if self.resume_from is not None else None
-            if self.resumed_world not in (None, self.world):  # REAL's engine is not built for the universal format
-                raise CheckpointError(f"checkpoint {resume} is of {self.resumed_world} workers; REAL resumes on the "
-                                      f"same number ({self.world} now): set cluster.num_workers, or --fresh")
-            timed("setup_data", self._setup_data)
-            timed("setup_model", self._setup_model)
-            timed("setup_resume", self._resume, resume)
+    def _setup_more(self, timed: Callable[..., None]) -> None:
         timed("setup_rollouts", self._setup_rollouts)
-        self.timings["setup"] = time.perf_counter() - t0
-        if self.rank == 0:
-            r = self.cfg.real
-            where = f"resumed at round {self.start_step}" if self.start_step else "from the initial model"
-            _console(f"[real] {r.steps} rounds x {r.prompts_per_step} prompts x {r.k} CoTs ({len(self.examples)} "
-                     f"prompts, {self.dropped} too long), {r.updates_per_round} update(s) per round, world "
-                     f"{self.world}, {r.rollout_workers} rollout engine(s) ({self.plan.launcher}), {where}; "
-                     f"{self.n_params / 1e6:.1f}M params")
+
+    def _setup_line(self) -> str:
+        r = self.cfg.real
+        where = f"resumed at round {self.start_step}" if self.start_step else "from the initial model"
+        return (f"[real] {r.steps} rounds x {r.prompts_per_step} prompts x {r.k} CoTs ({len(self.examples)} "
+                f"prompts, {self.dropped} too long), {r.updates_per_round} update(s) per round, world "
+                f"{self.world}, {r.rollout_workers} rollout engine(s) ({self.plan.launcher}), {where}; "
+                f"{self.n_params / 1e6:.1f}M params")
 
     def _log_step(self, done: int, metrics: dict[str, float], *, to_tracking: bool) -> None:
         if self.rank != 0:

@@ -12,17 +12,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     from tract_dist.cli import run_plan_check
-    from tract_dist.tracking import redact_uri
 
     run_plan_check(args, cfg, "train")
 
     r = run_training(cfg, config_path=args.config, run_name=args.run_name,
                      launcher=args.launcher or cfg.cluster.launcher, address=args.address, fresh=args.fresh)
-    print(f"[train] checkpoint: {r.checkpoint_dir}")
-    print(f"[train] exported model: {r.export_dir / 'model'}")
+    return _print_outputs("train", r)
+
+
+def _print_outputs(tag: str, r: Any) -> int:
+    """Where a finished training run left its checkpoint, export and MLflow run."""
+    from tract_dist.tracking import redact_uri
+
+    print(f"[{tag}] checkpoint: {r.checkpoint_dir}")
+    print(f"[{tag}] exported model: {r.export_dir / 'model'}")
     if r.mlflow_run_id:
         uri = redact_uri(r.tracking_uri)
-        print(f"[train] MLflow run: {r.mlflow_run_id} in {uri} (mlflow ui --backend-store-uri {uri})")
+        print(f"[{tag}] MLflow run: {r.mlflow_run_id} in {uri} (mlflow ui --backend-store-uri {uri})")
     return 0
 
 
@@ -49,7 +55,6 @@ def register(sub: Any, add_config_args: Callable[..., None]) -> None:
 def _cmd_train_real(args: argparse.Namespace) -> int:
     from tract_dist.config import ConfigError, load_config
     from tract_dist.real.stage import run_real
-    from tract_dist.tracking import redact_uri
 
     cfg = load_config(args.config, args.overrides)
     init = args.init or cfg.pipeline.real_init
@@ -57,12 +62,7 @@ def _cmd_train_real(args: argparse.Namespace) -> int:
         raise ConfigError("train-real: give --init EXPORT (or pipeline.real_init): the model REAL starts from")
     r = run_real(cfg, init, config_path=args.config, run_name=args.run_name,
                  launcher=args.launcher or cfg.cluster.launcher, address=args.address, fresh=args.fresh)
-    print(f"[train-real] checkpoint: {r.checkpoint_dir}")
-    print(f"[train-real] exported model: {r.export_dir / 'model'}")
-    if r.mlflow_run_id:
-        uri = redact_uri(r.tracking_uri)
-        print(f"[train-real] MLflow run: {r.mlflow_run_id} in {uri} (mlflow ui --backend-store-uri {uri})")
-    return 0
+    return _print_outputs("train-real", r)
 
 
 def register_real(sub: Any, add_config_args: Callable[..., None]) -> None:

@@ -17,7 +17,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -51,6 +51,9 @@ class TrainRecipe:
 
     # ---- setup ----------------------------------------------------------------------------------
     def setup(self) -> None:
+        """Process group, then (the checkpoint to resume read first: its global batch fixes the step plan, and a
+        checkpoint of another world size needs an engine that loads DeepSpeed's universal format) data, model and
+        the resumed state, then what the recipe adds (:meth:`_setup_more`); each part timed."""
         from tract_dist.train.resume import read_checkpoint_state
         from tract_dist.train.session import CheckpointError
 
@@ -62,29 +65,38 @@ class TrainRecipe:
             self.timings[part] = time.perf_counter() - t
 
         timed("setup_process", self._setup_process)
-        # The checkpoint to resume (if any) is read first: its global batch fixes the step plan, and a checkpoint
-        # of another world size needs an engine that loads DeepSpeed's universal format.
         with self.session.resume_dir() as resume:
             try:
                 self.resume_from = read_checkpoint_state(resume, self.world) if resume is not None else None
             except ValueError as e:
                 raise CheckpointError(f"{e}; remove checkpoint {resume} to resume from the one before, or start "
                                       "afresh with --fresh") from None
+            self._check_resume(resume)
             timed("setup_data", self._setup_data)
             timed("setup_model", self._setup_model)
             timed("setup_resume", self._resume, resume)
+        self._setup_more(timed)
         self.timings["setup"] = time.perf_counter() - t0
         if self.rank == 0:
-            s = self.steps
-            where = f"resumed at step {self.start_step}" if self.start_step else "from the seed model"
-            if self.resumed_world not in (None, self.world):
-                where += f" (a checkpoint of {self.resumed_world} workers, through DeepSpeed's universal format)"
-            mode = (f"packed rows of <= {self.layout.max_tokens} tokens" if self.layout.packing else
-                    f"padded micro-batches of <= {self.layout.micro_batch_size}"
-                    + (", grouped by length" if self.layout.group_by_length else ""))
-            _console(f"[train] {s.total_steps} steps x {s.global_batch} samples ({s.n_examples} examples, "
-                     f"{s.padded_per_epoch} repeated per epoch to fill the last batch), world {self.world}, {mode}, "
-                     f"{where}; {self.n_params / 1e6:.1f}M params, {self.local_params / 1e6:.2f}M on this rank")
+            _console(self._setup_line())
+
+    def _check_resume(self, resume: Any) -> None:
+        """Refuse a checkpoint this recipe cannot continue (TRACT's continues any world size)."""
+
+    def _setup_more(self, timed: Callable[..., None]) -> None:
+        """Set-up a recipe adds after the model (REAL: its rollout engines)."""
+
+    def _setup_line(self) -> str:
+        s = self.steps
+        where = f"resumed at step {self.start_step}" if self.start_step else "from the seed model"
+        if self.resumed_world not in (None, self.world):
+            where += f" (a checkpoint of {self.resumed_world} workers, through DeepSpeed's universal format)"
+        mode = (f"packed rows of <= {self.layout.max_tokens} tokens" if self.layout.packing else
+                f"padded micro-batches of <= {self.layout.micro_batch_size}"
+                + (", grouped by length" if self.layout.group_by_length else ""))
+        return (f"[train] {s.total_steps} steps x {s.global_batch} samples ({s.n_examples} examples, "
+                f"{s.padded_per_epoch} repeated per epoch to fill the last batch), world {self.world}, {mode}, "
+                f"{where}; {self.n_params / 1e6:.1f}M params, {self.local_params / 1e6:.2f}M on this rank")
 
     def _setup_process(self) -> None:
         """Process group, session (where checkpoints go), hooks; the same initial seed on every rank."""
