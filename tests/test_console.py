@@ -106,15 +106,21 @@ def test_ray_options_follow_verbosity(monkeypatch, tmp_path, quiet):
     assert console.ray_init_options(local=True) == ({}, {})
 
 
-def test_cli_verbose_flag_sets_the_environment(monkeypatch):
-    from tract_dist.cli import build_parser
+def test_cli_verbose_flag_sets_the_environment(monkeypatch, tmp_path, capsys):
+    """Each command's --verbose reaches the environment Ray workers and subprocesses inherit, through the CLI's
+    own entry point (the run then fails fast on a missing config: exit 2, after the flag took effect)."""
+    from tract_dist.cli import main
 
-    parser = build_parser()
+    missing = str(tmp_path / "no-such.yaml")
     for cmd in ("pipeline", "train", "generate", "evaluate", "serve", "judge"):
-        args, _ = parser.parse_known_args([cmd, "c.yaml", "--verbose"])
-        assert args.verbose is True
-        assert parser.parse_known_args([cmd, "c.yaml"])[0].verbose is False
-    assert parser.parse_known_args(["pipeline", "c.yaml", "-v"])[0].verbose is True
+        monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
+        assert main([cmd, missing]) == 2
+        assert console.VERBOSE_ENV not in console.os.environ, cmd
+        for flag in ("--verbose", "-v"):
+            monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
+            assert main([cmd, missing, flag]) == 2
+            assert console.os.environ.get(console.VERBOSE_ENV) == "1", (cmd, flag)
+    assert "no-such.yaml" in capsys.readouterr().err
 
 
 def test_quiet_run_keeps_ray_data_info_off_the_console_through_its_logging_config(tmp_path, quiet, monkeypatch):

@@ -29,10 +29,11 @@ def test_parent_child_status_and_logging(tmp_path, monkeypatch):
     assert c.get_run(parent.run_id).info.status == "FINISHED"
 
 
-def test_disabled_is_a_no_op():
-    with start_run("sqlite:///unused.db", "exp", enabled=False) as h:
+def test_disabled_is_a_no_op(tmp_path):
+    with start_run(f"sqlite:///{tmp_path}/unused.db", "exp", enabled=False) as h:
         assert not h.enabled
         log_metrics(h, {"a": 1.0})
+    assert not (tmp_path / "unused.db").exists()  # no store was opened
 
 
 def test_one_process_can_use_two_stores(tmp_path, monkeypatch):
@@ -45,3 +46,12 @@ def test_one_process_can_use_two_stores(tmp_path, monkeypatch):
         pass
     assert a.tracking_uri.endswith("a.db") and b.tracking_uri.endswith("b.db")
     assert "MLFLOW_TRACKING_URI" not in os.environ
+    # each run lives in its own store and only there (two runs in one store would fail here)
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    for mine, other in ((a, b), (b, a)):
+        client = MlflowClient(mine.tracking_uri)
+        assert client.get_run(mine.run_id).info.run_id == mine.run_id
+        with pytest.raises(MlflowException):
+            client.get_run(other.run_id)
