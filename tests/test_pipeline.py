@@ -40,7 +40,7 @@ def test_tract_pipeline_end_to_end(tmp_path, quickstart_data, ray_local, monkeyp
     from tract_dist.models import causal_lm_cot_raft_loss
     from tract_dist.pipeline import run_pipeline
     from tract_dist.train.data import StepPlan, collate, load_encoded, load_score_tokens
-    from tract_dist.train.hooks import HOOKS_ENV, HookSpec, encode_hooks
+    from tract_dist.train.hooks import HookSpec, install_hooks, uninstall_hooks
     from tract_dist.train.model_init import load_training_model
 
     # Training and generation on Ray; the evaluations in-process (the Ray evaluation pool against in-process:
@@ -48,10 +48,12 @@ def test_tract_pipeline_end_to_end(tmp_path, quickstart_data, ray_local, monkeyp
     cfg = _cfg(tmp_path, quickstart_data, **{"cluster.max_failures": 0, "evaluation.ray": False})
     # 1) interrupted: stage 1 dies after its step-2 checkpoint
     hook = HookSpec(f"{Path(__file__).parent / 'train' / 'train_fault_hooks.py'}:fail_once", {"after_step": 3})
-    monkeypatch.setenv(HOOKS_ENV, encode_hooks(hook))
-    with pytest.raises(Exception, match="injected failure"):
-        run_pipeline(cfg, name="p")
-    monkeypatch.delenv(HOOKS_ENV)
+    install_hooks(hook)
+    try:
+        with pytest.raises(Exception, match="injected failure"):
+            run_pipeline(cfg, name="p")
+    finally:
+        uninstall_hooks()
     # 2) rerun: stage 1 resumes from its checkpoint, the rest runs
     s = run_pipeline(cfg, name="p")
     assert [k for k, v in s.stages.items() if v["status"] == "ran"] == [

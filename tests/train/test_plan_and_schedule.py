@@ -138,19 +138,25 @@ def test_worker_plan_round_trips_through_ray_and_torchrun_forms(tmp_path):
 
 
 def test_hooks_are_called_at_named_points_with_their_options(tmp_path, monkeypatch):
-    from tract_dist.train.hooks import (HOOKS_ENV, STEP_BEGIN, HookContext, HookError, Hooks, HookSpec, encode_hooks,
-                                        hooks_from_env)
+    from tract_dist.train import hooks as hooks_module
+    from tract_dist.train.hooks import (STEP_BEGIN, HookContext, HookError, Hooks, HookSpec, install_hooks,
+                                        installed_hooks, uninstall_hooks)
 
     mod = tmp_path / "my_hooks.py"
     mod.write_text("seen = []\ndef record(point, ctx, *, tag):\n    seen.append((point, ctx.step, tag))\n")
     spec = HookSpec(f"{mod}:record", {"tag": "x"})
-    monkeypatch.setenv(HOOKS_ENV, encode_hooks(spec))
-    assert hooks_from_env() == (spec,)
-    hooks = Hooks(hooks_from_env())
+    monkeypatch.setattr(hooks_module, "_INSTALLED", [])
+    assert installed_hooks() == ()  # production: none
+    install_hooks(spec)
+    assert installed_hooks() == (spec,)
+    hooks = Hooks(installed_hooks())
     hooks.call(STEP_BEGIN, HookContext(step=4, rank=0, world_size=1, run_dir=tmp_path))
     assert hooks._hooks[0][0].__globals__["seen"] == [(STEP_BEGIN, 4, "x")]
-    monkeypatch.delenv(HOOKS_ENV)
-    assert hooks_from_env() == ()
+    uninstall_hooks()
+    assert installed_hooks() == ()
+    # nothing outside the process installs one: not the variable older versions read
+    monkeypatch.setenv("TRACT_DIST_TRAIN_HOOKS", f'[{{"target": "{mod}:record"}}]')
+    assert installed_hooks() == ()
     with pytest.raises(HookError, match="nope"):
         Hooks((HookSpec(f"{mod}:nope"),))
 

@@ -16,7 +16,6 @@ import torch
 import train_fault_hooks
 
 from tract_dist.config import load_config
-from tract_dist.train.hooks import HOOKS_ENV
 
 pytestmark = [pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -120,10 +119,10 @@ def test_worker_sigkilled_during_a_save_resumes_from_the_last_good_one(tmp_path,
     # max_length 1536: two ranks need two examples, and at 512 tokens only one quickstart record fits.
     cfg_file = _write_cfg(tmp_path, quickstart_data, **{"cluster.num_workers": 2, "training.max_steps": 4,
                                                         "training.num_to_keep": 2, "data.max_length": 1536})
-    cmd = [sys.executable, "-m", "tract_dist.cli", "train", str(cfg_file), "--launcher", "torchrun",
-           "--run-name", "killed"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", HOOKS_ENV: train_fault_hooks.env_value("kill_in_save", step=4)}
-    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    args = ["train", str(cfg_file), "--launcher", "torchrun", "--run-name", "killed"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(train_fault_hooks.cli_with_hook("kill_in_save", step=4) + args, env=env,
+                           capture_output=True, text=True, timeout=300)
     assert first.returncode == 1, first.stderr[-3000:]
     assert "torchrun workers failed" in first.stderr and "Traceback (most recent call last)" not in \
         first.stderr.split("torchrun workers failed")[-1]
@@ -132,8 +131,8 @@ def test_worker_sigkilled_during_a_save_resumes_from_the_last_good_one(tmp_path,
     assert (ckpt / "latest").read_text() == "step-2" and not (ckpt / "step-4").exists()
     assert (ckpt / "tmp-step-4").is_dir()  # the half-written save, never published
 
-    env.pop(HOOKS_ENV)
-    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    second = subprocess.run([sys.executable, "-m", "tract_dist.cli", *args], env=env, capture_output=True,
+                            text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     assert json.loads((run_dir / "train_result.json").read_text())["start_step"] == 2
     assert _ckpts(run_dir) == ["step-2", "step-4"]

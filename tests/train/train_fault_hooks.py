@@ -1,8 +1,9 @@
 """Fault-injection (and observing) hooks for the training tests, installed through the recipe's hook points.
 
 Each fault fires once per run folder (a marker file there survives the worker's restart), so a resumed or
-restarted worker runs clean. ``install(monkeypatch, name, **options)`` sets ``TRACT_DIST_TRAIN_HOOKS`` for a
-run started in this process; ``env_value(name, **options)`` is the same for a subprocess's environment.
+restarted worker runs clean. ``install(monkeypatch, name, **options)`` installs one for the runs this process
+starts (undone with the test's monkeypatch); ``cli_with_hook(name, **options)`` is the command that runs the CLI
+in a subprocess with it installed (``run_cli_with_hooks.py``: production reads no hook from the environment).
 The hooks are named by this file's path: Ray's workers and torchrun's ranks do not share pytest's sys.path.
 """
 
@@ -14,8 +15,10 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from tract_dist.train.hooks import (CHECKPOINT_WRITTEN, HOOKS_ENV, MICRO_BATCH, STEP_BEGIN, HookContext, HookSpec,
-                                   encode_hooks)
+import sys
+
+import tract_dist.train.hooks as hooks_module
+from tract_dist.train.hooks import CHECKPOINT_WRITTEN, MICRO_BATCH, STEP_BEGIN, HookContext, HookSpec
 
 
 def _first_time(ctx: HookContext, marker: str) -> bool:
@@ -59,13 +62,20 @@ def seen_ids(run_dir: Path) -> dict[int, list[str]]:
     return {k: sorted(v) for k, v in sorted(out.items())}
 
 
-def env_value(name: str, **options: Any) -> str:
-    return encode_hooks(HookSpec(f"{Path(__file__).resolve()}:{name}", options))
+def spec(name: str, **options: Any) -> HookSpec:
+    return HookSpec(f"{Path(__file__).resolve()}:{name}", options)
 
 
 def install(monkeypatch: Any, name: str, **options: Any) -> None:
-    monkeypatch.setenv(HOOKS_ENV, env_value(name, **options))
+    monkeypatch.setattr(hooks_module, "_INSTALLED", [spec(name, **options)])
 
 
 def uninstall(monkeypatch: Any) -> None:
-    monkeypatch.delenv(HOOKS_ENV)
+    monkeypatch.setattr(hooks_module, "_INSTALLED", [])
+
+
+def cli_with_hook(name: str, **options: Any) -> list[str]:
+    """``[python, run_cli_with_hooks.py, SPECS]``: append the CLI's arguments."""
+    s = spec(name, **options)
+    return [sys.executable, str(Path(__file__).with_name("run_cli_with_hooks.py")),
+            json.dumps([{"target": s.target, "options": s.options}])]

@@ -7,21 +7,18 @@ So a :class:`HookSpec` names an importable ``module:callable`` (or ``/path/to/fi
 are not an installed package, and neither Ray's workers nor torchrun's ranks share pytest's ``sys.path``)
 plus JSON keyword options, and each worker imports it at set-up.
 
-The driver reads the hooks from the ``TRACT_DIST_TRAIN_HOOKS`` environment variable (:func:`hooks_from_env`,
-written by :func:`encode_hooks`), so a test can install one into a run started through the CLI or a pipeline.
+Hooks are installed in the driver's process only, by a call (:func:`install_hooks`): the test suite makes it
+(in-process, or through its own launcher script around the CLI); nothing in the environment, a config or a file
+that production reads can name code to import. The driver puts :func:`installed_hooks` into the workers' plan.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
-
-HOOKS_ENV = "TRACT_DIST_TRAIN_HOOKS"
 
 STEP_BEGIN = "step_begin"
 """Before the first forward of step ``ctx.step`` (1-based, as in metrics.jsonl and checkpoint names)."""
@@ -96,19 +93,19 @@ class Hooks:
             fn(point, ctx, **options)
 
 
-def encode_hooks(*specs: HookSpec) -> str:
-    """The value of ``TRACT_DIST_TRAIN_HOOKS`` that installs ``specs``."""
-    return json.dumps([{"target": s.target, "options": s.options} for s in specs])
+_INSTALLED: list[HookSpec] = []
+"""The driver process's hooks (none in production)."""
 
 
-def hooks_from_env() -> tuple[HookSpec, ...]:
-    """The hooks ``TRACT_DIST_TRAIN_HOOKS`` installs (none when it is unset: the production case)."""
-    raw = os.environ.get(HOOKS_ENV)
-    if not raw:
-        return ()
-    try:
-        items = json.loads(raw)
-        return tuple(HookSpec.from_dict(d) for d in items)
-    except (ValueError, TypeError, KeyError) as e:
-        raise HookError(f"{HOOKS_ENV}: expected a JSON list of {{\"target\": ..., \"options\": {{...}}}} "
-                        f"({type(e).__name__}: {e})") from None
+def install_hooks(*specs: HookSpec) -> None:
+    """Install ``specs`` for the runs this process starts from now on (tests)."""
+    _INSTALLED.extend(specs)
+
+
+def uninstall_hooks() -> None:
+    _INSTALLED.clear()
+
+
+def installed_hooks() -> tuple[HookSpec, ...]:
+    """The hooks the next run's workers import (none unless this process called :func:`install_hooks`)."""
+    return tuple(_INSTALLED)

@@ -23,7 +23,7 @@ from tract_dist.fsutil import atomic_write_json, atomic_write_text, exclusive_lo
 from tract_dist.pipeline_checks import fingerprint, preflight
 from tract_dist.runtime.ray_cluster import check_placement, init_ray_from_config
 from tract_dist.tracking import RunHandle, log_artifact, log_params, redact_text, start_run
-from tract_dist.train.hooks import hooks_from_env
+from tract_dist.train.hooks import installed_hooks
 from tract_dist.train.plan import WorkerPlan
 from tract_dist.train.session import StaleResumeError
 
@@ -201,7 +201,7 @@ def _prepare_and_fit(cfg: Config, name: str, run_dir: Path, fp: str, *, config_p
         invocation = uuid.uuid4().hex
         loop = WorkerPlan(config=cfg.model_dump(), run_dir=str(run_dir), launcher=launcher,
                           tracking_uri=handle.tracking_uri, run_id=handle.run_id, export_dir=str(run_dir / "export"),
-                          fingerprint=fp, invocation=invocation, hooks=hooks_from_env(), recipe=recipe)
+                          fingerprint=fp, invocation=invocation, hooks=installed_hooks(), recipe=recipe)
         t_fit = time.perf_counter()
         try:
             if launcher == "ray":
