@@ -136,3 +136,28 @@ def derive_score_scale(tokenizer: Any, scale: str | tuple[int, int] = (1, 5)) ->
             raise ScoreTokenError(f"the EOS token {terminator} occurs inside a score value's tokens")
     seqs = [t + (terminator,) if end else t for t, end in zip(tails, needs_end)]
     return ScoreScale(scores=scores, sequences=seqs, terminator=terminator)
+
+
+def value_text_tokens(scale: ScoreScale, score: int) -> tuple[int, ...]:
+    """The tokens that write ``score`` in text (its sequence without the terminator, which is the EOS)."""
+    seq = scale.value_tokens(score)
+    return seq[:-1] if scale.terminator is not None and seq[-1] == scale.terminator else seq
+
+
+def split_at_value(tokenizer: Any, text_with_score: str, scale: ScoreScale, score: int) -> list[int]:
+    """Tokenise ``"... So the overall score is {score}"`` and return the ids before the value's tokens (the
+    multi-token form of ``score_tokens.split_at_score``; the same ids for a single-token scale)."""
+    ids = tokenizer.encode(text_with_score, add_special_tokens=False)
+    want = list(value_text_tokens(scale, score))
+    if len(ids) <= len(want) or ids[-len(want):] != want:
+        raise ScoreTokenError(f"text does not end with the tokens {want} of score {score} (last ids {ids[-4:]})")
+    return ids[:-len(want)]
+
+
+def scale_prompt_ids(tokenizer: Any, text_before_score: str, scale: ScoreScale) -> list[int]:
+    """Ids of ``text_before_score`` + the score phrase, ending where the model predicts the first score token
+    (``score_tokens.score_prompt_ids`` for any scale: the training target with a placeholder value, cut)."""
+    from tract_dist.data.prompts import render_target
+
+    k = scale.scores[0]
+    return split_at_value(tokenizer, render_target(text_before_score, k, k, k), scale, k)
