@@ -76,3 +76,6 @@ def test_multi_token_training_loss_and_gradients(tiny_export, quickstart_example
     # at a wrong position or seeing the wrong tokens moves them by O(1).
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=0, atol=2e-6 * float(r.abs().max()))
+    from tract_dist.train.batching import batch_tokens
+
+    assert int(batch_tokens(batch)) == sum(len(e.input_ids) for e in enc)  # the tree mask's real tokens

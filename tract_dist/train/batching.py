@@ -175,6 +175,8 @@ def _weights(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 def batch_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Real (non-pad) tokens of a padded or packed micro-batch, as a device scalar."""
     mask = batch.get("attention_mask")
+    if mask is not None and mask.dim() == 4:  # a tree mask (train.data.tree_batch): every real token sees token 0,
+        return mask[:, 0, :, 0].sum()  # padding (right-padded, never at 0) only itself
     if mask is not None:
         return mask.sum()
     return torch.tensor(batch["input_ids"].numel(), device=batch["input_ids"].device)
