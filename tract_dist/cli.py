@@ -39,15 +39,16 @@ def _add_config_args(p: argparse.ArgumentParser, *, required: bool) -> None:
 
 def _cmd_score_tokens(args: argparse.Namespace) -> int:
     from tract_dist.data.assets import load_tokenizer
-    from tract_dist.data.score_tokens import derive_score_tokens
+    from tract_dist.data.score_scale import derive_score_scale
 
     cfg = _optional_config(args)
     tokenizer = args.tokenizer or (cfg and (cfg.model.tokenizer or cfg.model.name_or_path))
     if not tokenizer:
         raise ConfigError("--tokenizer is required (or a config with model.name_or_path)")
     scale = args.scale or (cfg.data.scale if cfg else "1-5")
-    st = derive_score_tokens(load_tokenizer(tokenizer), scale)
-    print(json.dumps(st.as_dict()))
+    full = derive_score_scale(load_tokenizer(tokenizer), scale)
+    # one token per value: {"scores", "token_ids"} as before; else each value's tokens and the trie's nodes
+    print(json.dumps(full.score_tokens().as_dict() if full.single_token else full.as_dict()))
     return 0
 
 

@@ -89,8 +89,9 @@ class DataSection(_Section):
                            "instead of stopping at the first one with an error naming file, record and field")
     max_examples: int | None = Field(None, gt=0, description="use only the first N records of train_path; None: all")
     scale: str = Field("1-5", pattern=r"^\d{1,6}-\d{1,6}$",
-                       description=f"score range MIN-MAX (MIN < MAX, at most {MAX_SCALE_VALUES} values): each value "
-                                   "must be one token of the tokenizer, the K score tokens ŷ is read over")
+                       description=f"score range MIN-MAX (MIN < MAX, at most {MAX_SCALE_VALUES} values); ŷ = Σ v·p(v) over its "
+                                   "values; a value of several tokens (1-10 for Mistral: '10') is read over the "
+                                   "values' token trie (data/score_scale.py; not with training.packing or REAL)")
     system_prompt: str | None = Field(
         ABS_SYSTEM_PROMPT, description="system message of every prompt (training, generation, judging); default: "
                                        "Prometheus's absolute-grading system prompt; null or empty: none (the "

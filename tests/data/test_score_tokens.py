@@ -47,3 +47,38 @@ def test_score_prompt_ends_where_the_score_is_predicted(tokenizers, name):
     ids = score_prompt_ids(tok, "Nice answer.", st)
     for k, t in zip(st.scores, st.token_ids):
         assert tok.encode(f"Nice answer. So the overall score is {k}", add_special_tokens=False) == ids + [t]
+
+
+@pytest.mark.parametrize("name", ["mistral", "smollm2"])
+def test_multi_token_scale_1_to_10(tokenizers, name, capsys):
+    """#29: "10" is "1", "0"; "1" is then a prefix of "10" and ends with the EOS training appends after the score."""
+    from tract_dist.data.score_scale import derive_score_scale, scale_prompt_ids, value_text_tokens
+
+    tok = tokenizers[name]
+    sc = derive_score_scale(tok, "1-10")
+    digit = derive_score_tokens(tok, "0-9").token_ids  # the ids of "0".."9" after the phrase
+    assert not sc.single_token and sc.terminator == tok.eos_token_id
+    assert sc.sequences == [(digit[1], tok.eos_token_id)] + [(t,) for t in digit[2:]] + [(digit[1], digit[0])]
+    assert sc.trie.nodes == ((), (digit[1],))
+    ids = scale_prompt_ids(tok, "Nice answer.", sc)
+    for k in sc.scores:  # what the tokenizer writes after the phrase is exactly each value's text tokens
+        assert tok.encode(f"Nice answer. So the overall score is {k}", add_special_tokens=False) == \
+            ids + list(value_text_tokens(sc, k))
+    import json
+
+    from tract_dist.cli import main
+
+    assert main(["score-tokens", "--tokenizer", name, "--scale", "1-10"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["sequences"] == [list(q) for q in sc.sequences] and shown["nodes"] == [[], [digit[1]]]
+
+
+def test_wide_scales(tokenizers):
+    from tract_dist.data.score_scale import derive_score_scale
+
+    llama = derive_score_scale(tokenizers["llama3"], "0-100")  # one token each: the single-token form, unchanged
+    assert llama.single_token and llama.score_tokens() == derive_score_tokens(tokenizers["llama3"], "0-100")
+    smol = derive_score_scale(tokenizers["smollm2"], "0-100")  # digits: the root, "1".."9" and "10"
+    eos = tokenizers["smollm2"].eos_token_id
+    assert len(smol.trie.nodes) == 11 and len(smol.sequences[100]) == 3 and smol.sequences[10][-1] == eos
+    assert smol.sequences[0] == smol.sequences[100][1:2] and smol.sequences[55][-1] != eos  # "0" alone; "55" a leaf

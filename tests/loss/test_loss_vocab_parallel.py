@@ -55,6 +55,26 @@ def _worker(rank: int, world: int, port: int) -> None:
                 assert rel_err(gw, g_ref[1][lo:hi]) < tol, (split, opts, "weight")
                 assert rel_err(gb, g_ref[2][lo:hi]) < tol, (split, opts, "bias")
             assert gw.shape == w.shape and gb.shape == b.shape
+        # Multi-token score values (#29): the trie pre-pass combines its node rows' statistics across the ranks.
+        p = make_problem(n=40, h=9, v=53, dtype=torch.float64, score_ids=[0, 12, 26, 27, 39, 40], n_scale=6, seed=3)
+        seqs = [[0, 52], [12], [26], [27], [39], [0, 40]]  # "1" + terminator, ..., "1", "0": ids on both shards
+        taken = set(p.score_rows.tolist())
+        branch = torch.tensor([r for r in range(40) if r not in taken][: p.score_rows.numel()])[:, None]
+        kw = dict(score_sequences=seqs, score_branch_rows=branch, lam=0.7, ce_on_score_token=True)
+        empty = torch.empty(0, dtype=torch.long)
+        args = (p.targets, p.score_rows, p.score_targets, empty, p.score_values)
+        ref = cot_raft_loss(p.hidden, p.weight, *args, bias=p.bias, impl="reference", **kw)
+        g_ref = torch.autograd.grad(ref.loss, [p.hidden, p.weight, p.bias])
+        lo, hi = (0, 27) if rank == 0 else (27, 53)
+        w = p.weight.detach()[lo:hi].clone().requires_grad_()
+        b = p.bias.detach()[lo:hi].clone().requires_grad_()
+        h = p.hidden.detach().clone().requires_grad_()
+        out = cot_raft_loss(h, w, *args, bias=b, process_group=dist.group.WORLD, vocab_start=lo, chunk_size=6,
+                            vocab_shard=8, **kw)
+        gh, gw, gb = torch.autograd.grad(out.loss, [h, w, b])
+        assert rel_err(out.loss, ref.loss) < 1e-12 and rel_err(out.yhat, ref.yhat) < 1e-12
+        assert rel_err(gh, g_ref[0]) < 1e-12 and rel_err(gw, g_ref[1][lo:hi]) < 1e-12
+        assert rel_err(gb, g_ref[2][lo:hi]) < 1e-12
         # A wrong vocab_start is detected rather than silently mis-indexing.
         with pytest.raises(ValueError):
             p = make_problem(n=10, h=4, v=53, seed=1)

@@ -85,6 +85,23 @@ def test_score_probs_equal_hf_full_vocabulary(vllm_engine, hf_engine, prompts):
                                                                        abs=YHAT_ATOL)
 
 
+def test_multi_token_scale_read_out_equals_hf(vllm_engine, hf_engine, prompts):
+    """1-10 with SmolLM2 ("10" is two tokens, "1" ends with EOS): vLLM reads each trie node as the sequence plus
+    the node's tokens with logprob_token_ids (exact full-vocabulary probabilities, the nodes share the cached
+    prefix), HF computes all nodes in one tree-masked forward; p(v) and ŷ agree as the single-token read-out does."""
+    from tract_dist.data.score_scale import derive_score_scale, scale_prompt_ids
+    from tract_dist.judge.rail import readouts, trie_probs
+
+    scale = derive_score_scale(hf_engine.tokenizer, "1-10")
+    assert not scale.single_token and not hasattr(vllm_engine, "score_trie_probs")
+    seqs = [p + scale_prompt_ids(hf_engine.tokenizer, "Fine.", scale) for p in prompts]
+    pv, ph = trie_probs(vllm_engine, seqs, scale), trie_probs(hf_engine, seqs, scale)
+    for a, b in zip(pv, ph):
+        assert a == pytest.approx(b, rel=2 * P_RTOL, abs=1e-12)  # p(v) of a two-token value: two factors
+    for rv, rh in zip(readouts(pv, scale.scores), readouts(ph, scale.scores)):
+        assert rv.score == pytest.approx(rh.score, abs=2 * YHAT_ATOL)  # values up to 10, not 5
+
+
 def test_a_stopped_request_is_aborted_and_the_engine_goes_on(vllm_engine, prompts):
     """A request whose stop signal fires mid-generation is aborted in the engine (nothing unfinished is left
     behind), one cancelled before it was queued never runs, the others finish exactly as without signals."""

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from tract_dist.data.prompts import ABS_SYSTEM_PROMPT, render_prompt, render_target, score_text
 from tract_dist.data.schema import JudgeExample
+from tract_dist.data.score_scale import ScoreScale, split_at_value, value_text_tokens
 from tract_dist.data.score_tokens import ScoreTokens, split_at_score
 from tract_dist.protocol import IGNORE_INDEX  # re-exported: train.data reads it from here
 _MIN_FIELD_TOKENS = 16  # a truncated response/instruction keeps at least this many tokens
@@ -46,9 +47,18 @@ class Encoded:
     score: float
     truncated: bool = False
     weight: float | None = None  # the example's training weight (None: unweighted)
+    # Multi-token scales: one token per internal trie node appended after the EOS (positions in input_ids, in
+    # ``ScoreTrie.nodes`` order 1..N-1) and each one's parent among them (-1: the score position); collate gives
+    # them the positions and the tree attention mask that make their rows predict the node's next token.
+    branch_positions: list[int] | None = None
+    branch_parents: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        d = dict(self.__dict__)
+        if self.branch_positions is None:  # single-token data sets keep their columns
+            d.pop("branch_positions")
+            d.pop("branch_parents")
+        return d
 
 
 @dataclass
@@ -126,10 +136,39 @@ def fit_prompt(tokenizer: Any, ex: JudgeExample, budget: int, opts: EncodeOption
     raise DroppedExample("prompt_cannot_fit")
 
 
-def encode_example(tokenizer: Any, ex: JudgeExample, st: ScoreTokens, opts: EncodeOptions) -> Encoded:
-    """Tokenise one example with feedback into input ids, labels and the score position."""
+def _encode_multi(tokenizer: Any, ex: JudgeExample, scale: ScoreScale, opts: EncodeOptions) -> Encoded:
+    """A multi-token scale's sequence: prompt + CoT + the gold value's tokens + EOS, then the internal trie nodes'
+    last tokens. Labels: the CoT and EOS (as for one-token values); the value's tokens and the node tokens are
+    -100 (the value is learnt through the regression term, as the single score token is)."""
+    k = int(score_text(ex.score, *opts.scale))
+    cot = split_at_value(tokenizer, render_target(ex.feedback if opts.use_cot else "", ex.score, *opts.scale),
+                         scale, k)
+    value = list(value_text_tokens(scale, k))
+    nodes = scale.trie.nodes[1:]
+    node_of = {n: i for i, n in enumerate(nodes)}
+    eos = tokenizer.eos_token_id
+    budget = opts.max_length - len(cot) - len(value) - 1 - len(nodes)
+    if budget < _MIN_FIELD_TOKENS:
+        raise DroppedExample("target_too_long")
+    p_ids, truncated = fit_prompt(tokenizer, ex, budget, opts)
+    start = len(p_ids) + len(cot) + len(value) + 1
+    input_ids = p_ids + cot + value + [eos] + [n[-1] for n in nodes]
+    labels = [IGNORE_INDEX] * len(p_ids) + cot + [IGNORE_INDEX] * len(value) + [eos] + [IGNORE_INDEX] * len(nodes)
+    return Encoded(id=ex.id, input_ids=input_ids, labels=labels, score_position=len(p_ids) + len(cot) - 1,
+                   score_token_id=value[0], score=float(ex.score), truncated=truncated, weight=ex.weight,
+                   branch_positions=[start + i for i in range(len(nodes))],
+                   branch_parents=[node_of.get(n[:-1], -1) for n in nodes])
+
+
+def encode_example(tokenizer: Any, ex: JudgeExample, st: ScoreTokens | ScoreScale, opts: EncodeOptions) -> Encoded:
+    """Tokenise one example with feedback into input ids, labels and the score position (``st``: the score
+    tokens, or a :class:`ScoreScale`, whose multi-token values add the trie's node tokens)."""
     if opts.use_cot and ex.feedback is None:
         raise ValueError(f"example {ex.id} has no feedback to train on")
+    if isinstance(st, ScoreScale):
+        if not st.single_token:
+            return _encode_multi(tokenizer, ex, st, opts)
+        st = st.score_tokens()
     cot, score_id = target_ids(tokenizer, ex.feedback if opts.use_cot else "", ex.score, st, opts.scale)
     eos = tokenizer.eos_token_id
     budget = opts.max_length - len(cot) - 2
@@ -142,7 +181,7 @@ def encode_example(tokenizer: Any, ex: JudgeExample, st: ScoreTokens, opts: Enco
                    score_token_id=score_id, score=float(ex.score), truncated=truncated, weight=ex.weight)
 
 
-def encode_examples(tokenizer: Any, examples: list[JudgeExample], st: ScoreTokens,
+def encode_examples(tokenizer: Any, examples: list[JudgeExample], st: ScoreTokens | ScoreScale,
                     opts: EncodeOptions) -> tuple[list[Encoded], EncodeStats]:
     """Encode many examples; dropped ones are counted by reason, truncated ones are counted and flagged."""
     stats = EncodeStats(examples=len(examples))

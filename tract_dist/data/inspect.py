@@ -8,7 +8,8 @@ from typing import Any
 from tract_dist.data.assets import load_tokenizer
 from tract_dist.data.encode import EncodeOptions, encode_examples
 from tract_dist.data.formats import read_examples
-from tract_dist.data.score_tokens import derive_score_tokens, parse_scale
+from tract_dist.data.score_scale import derive_score_scale
+from tract_dist.data.score_tokens import parse_scale
 from tract_dist.protocol import IGNORE_INDEX
 
 
@@ -19,7 +20,8 @@ def inspect_data(path: str, fmt: str, tokenizer_name: str, *, max_length: int = 
     """The summary printed by ``tract-dist data inspect``: counts of records, invalid, truncated and dropped."""
     lo_hi = parse_scale(scale)
     tok = load_tokenizer(tokenizer_name)
-    st = derive_score_tokens(tok, lo_hi)
+    full = derive_score_scale(tok, lo_hi)
+    st: Any = full.score_tokens() if full.single_token else full
     read = read_examples(path, fmt, scale=lo_hi, skip_invalid=skip_invalid, split=split)
     opts = EncodeOptions(max_length=max_length, truncation=truncation, scale=lo_hi,  # type: ignore[arg-type]
                          enable_thinking=enable_thinking)
@@ -41,8 +43,9 @@ def inspect_data(path: str, fmt: str, tokenizer_name: str, *, max_length: int = 
         "dropped": stats.dropped,
         "drop_reasons": stats.drop_reasons,
         "label_mean": statistics.fmean(labels) if labels else None,
-        "score_token_ids": st.token_ids,
-        "scores": st.scores,
+        "score_token_ids": st.token_ids if full.single_token else [],
+        "scores": full.scores,
+        **({} if full.single_token else {"score_sequences": [list(q) for q in full.sequences]}),
         "max_length": max_length,
         "tokens_mean": statistics.fmean(lengths) if lengths else None,
         "tokens_max": max(lengths) if lengths else None,

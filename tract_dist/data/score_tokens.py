@@ -27,7 +27,7 @@ class ScaleError(ValueError):
     """A scale that is not ``MIN-MAX`` with 0 <= MIN < MAX and at most MAX_SCALE_VALUES values."""
 
 
-# A rubric scale must be a handful of single score tokens; 0-100 is the widest one in use.
+# 0-100 is the widest scale in use; multi-token values (``score_scale``) read one trie node per shared prefix.
 MAX_SCALE_VALUES = 101
 
 
@@ -60,8 +60,7 @@ def parse_scale(scale: str | tuple[int, int]) -> tuple[int, int]:
     if lo < 0 or hi <= lo:
         raise ScaleError(f"scale must satisfy 0 <= MIN < MAX, got {lo}-{hi}")
     if hi - lo + 1 > MAX_SCALE_VALUES:
-        raise ScaleError(f"scale {lo}-{hi} has {hi - lo + 1} values; at most {MAX_SCALE_VALUES} (each value must "
-                         "be its own score token)")
+        raise ScaleError(f"scale {lo}-{hi} has {hi - lo + 1} values; at most {MAX_SCALE_VALUES}")
     return lo, hi
 
 

@@ -23,8 +23,8 @@ from typing import Any
 
 from tract_dist.data.encode import DroppedExample, EncodeOptions, fit_prompt
 from tract_dist.data.schema import JudgeExample
-from tract_dist.data.score_tokens import derive_score_tokens, score_prompt_ids
-from tract_dist.judge.rail import readouts
+from tract_dist.data.score_scale import derive_score_scale, scale_prompt_ids
+from tract_dist.judge.rail import scale_readouts
 from tract_dist.runtime.engine import EngineSpec, extract_cot
 from tract_dist.runtime.pool import RowBatchWorker
 from tract_dist.runtime.sampling import SamplingParams
@@ -49,7 +49,7 @@ class CotWorker(RowBatchWorker):
         self.engine = build_engine(EngineSpec.from_dict(engine))
         self.opts = encode_options(encode_opts)
         self.params = SamplingParams(**{**sampling, "stop": tuple(sampling.get("stop", ()))})
-        self.score_tokens = derive_score_tokens(self.engine.tokenizer, self.opts.scale)
+        self.score_scale = derive_score_scale(self.engine.tokenizer, self.opts.scale)  # any scale: trie read-out
         self.rail_normalize = rail_normalize
 
     def _prompt(self, row: dict[str, Any]) -> tuple[list[int], bool]:
@@ -84,12 +84,11 @@ class CotWorker(RowBatchWorker):
     def _read(self, items: list[tuple[list[int], str]]) -> dict[int, dict[str, Any]]:
         """The RAIL read-out of each non-empty CoT (by position in ``items``): ŷ, the score tokens'
         probabilities and their mass, in one engine call."""
-        seqs = {i: ids + score_prompt_ids(self.engine.tokenizer, cot, self.score_tokens)
+        seqs = {i: ids + scale_prompt_ids(self.engine.tokenizer, cot, self.score_scale)
                 for i, (ids, cot) in enumerate(items) if cot}
         if not seqs:
             return {}
-        probs = self.engine.score_probs(list(seqs.values()), self.score_tokens.token_ids)
-        reads = readouts(probs, self.score_tokens.scores, normalize=self.rail_normalize)
+        reads = scale_readouts(self.engine, list(seqs.values()), self.score_scale, normalize=self.rail_normalize)
         return {i: {"yhat": r.score, "rail_probs": r.probs, "rail_mass": r.mass} for i, r in zip(seqs, reads)}
 
     def failed(self, row: dict[str, Any], reason: str) -> dict[str, Any]:

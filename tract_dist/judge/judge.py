@@ -1,8 +1,9 @@
 """``Judge``: CoT-RAIL inference (the paper's method) and its two baselines on one model, on either backend.
 
 - ``cot_rail``: n CoTs (greedy when n = 1 unless ``sample_single_cot``, sampled otherwise), then for each one forward pass over
-  ``<prompt><CoT> So the overall score is`` built with :func:`score_prompt_ids` — the tokens training used —
-  and ŷ = Σ_k v_k p_k read from the full-vocabulary softmax; the CoTs' ŷ are averaged. ``n_cots="auto"``
+  ``<prompt><CoT> So the overall score is`` built with :func:`scale_prompt_ids` — the tokens training used —
+  and ŷ = Σ_k v_k p_k read from the full-vocabulary softmax (Σ_v v·p(v) over the value trie when a value is
+  several tokens, :mod:`tract_dist.judge.rail`); the CoTs' ŷ are averaged. ``n_cots="auto"``
   samples rounds of CoTs per input until the standard error of its mean ŷ reaches ``cot_se_target`` or
   ``max_cots`` (:mod:`tract_dist.judge.adaptive`).
 - ``decode``: generate the whole answer (no stop strings) and parse the number after the score phrase or
@@ -23,10 +24,11 @@ from typing import Any, Literal
 from tract_dist.data.encode import DroppedExample, EncodeOptions, fit_prompt
 from tract_dist.data.prompts import ABS_SYSTEM_PROMPT
 from tract_dist.data.schema import JudgeExample
-from tract_dist.data.score_tokens import ScoreTokens, derive_score_tokens, parse_scale, score_prompt_ids, split_at_score
+from tract_dist.data.score_scale import ScoreScale, derive_score_scale, scale_prompt_ids, split_at_value
+from tract_dist.data.score_tokens import ScoreTokens, parse_scale
 from tract_dist.judge.adaptive import MIN_COTS, converged, next_count
 from tract_dist.judge.parsing import parse_decoded_score
-from tract_dist.judge.rail import RailReadout, readouts
+from tract_dist.judge.rail import RailReadout, scale_readouts
 from tract_dist.protocol import SCORE_PHRASE, STOP_STRINGS
 from tract_dist.runtime.deadline import StopSignal, fired
 from tract_dist.runtime.engine import EngineSpec, Generation, InferenceEngine, VllmOptions, extract_cot
@@ -97,7 +99,11 @@ class Judge:
         self.model = getattr(engine, "model", None)  # the transformers model (HF backend only)
         self.tokenizer = tokenizer = engine.tokenizer
         self.scale = parse_scale(scale)
-        self.score_tokens: ScoreTokens = derive_score_tokens(tokenizer, self.scale)
+        # Every value's tokens after the score phrase; a multi-token scale (Mistral's "10") is read out through
+        # its trie (judge.rail.scale_readouts). score_tokens: the single-token view, None for multi-token scales.
+        self.score_scale: ScoreScale = derive_score_scale(tokenizer, self.scale)
+        self.score_tokens: ScoreTokens | None = (self.score_scale.score_tokens() if self.score_scale.single_token
+                                                 else None)
         self.opts = EncodeOptions(max_length=max_length, system_prompt=system_prompt, scale=self.scale,
                                   enable_thinking=enable_thinking)
         self.sampling = sampling or SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=512,
@@ -111,7 +117,7 @@ class Judge:
         self.max_cots = max_cots
         self.sample_single_cot = sample_single_cot  # the official inference samples its one CoT (temperature 1.0)
         # "So the overall score is" straight after the prompt (RAIL without CoT), ending where the score is read.
-        self._bare_suffix = split_at_score(tokenizer, f"{SCORE_PHRASE} {self.scale[0]}", self.score_tokens,
+        self._bare_suffix = split_at_value(tokenizer, f"{SCORE_PHRASE} {self.scale[0]}", self.score_scale,
                                            self.scale[0])
 
     @classmethod
@@ -152,7 +158,7 @@ class Judge:
     def score_sequence(self, prompt: list[int], cot: str | None) -> list[int]:
         """The ids whose last position predicts the score: prompt + CoT + " So the overall score is"."""
         if cot:
-            return prompt + score_prompt_ids(self.tokenizer, cot, self.score_tokens)
+            return prompt + scale_prompt_ids(self.tokenizer, cot, self.score_scale)
         return prompt + self._bare_suffix
 
     # -- generation ------------------------------------------------------------------------------------
@@ -254,9 +260,9 @@ class Judge:
                 made[i] = max(made.get(i, 0), g.new_tokens)
             self._drop_stopped(results, prompts, stops, {i: (n, params.max_new_tokens) for i, n in made.items()})
             live = [(i, extract_cot(g.text, self.sampling.stop)) for (i, _), g in zip(jobs, gens) if i in prompts]
-            probs = self.engine.score_probs([self.score_sequence(prompts[i], c) for i, c in live],
-                                            self.score_tokens.token_ids)
-            for (i, cot), r in zip(live, readouts(probs, self.score_tokens.scores, normalize=self.rail_normalize)):
+            reads_now = scale_readouts(self.engine, [self.score_sequence(prompts[i], c) for i, c in live],
+                                       self.score_scale, normalize=self.rail_normalize)
+            for (i, cot), r in zip(live, reads_now):
                 cots_of[i].append(cot)
                 reads[i].append(r)
             if not adaptive:
@@ -272,7 +278,7 @@ class Judge:
             res.per_cot = [r.score for r in rs]
             res.score = sum(res.per_cot) / len(rs)
             res.distribution = {k: sum(r.probs[n] for r in rs) / len(rs)
-                                for n, k in enumerate(self.score_tokens.scores)}
+                                for n, k in enumerate(self.score_scale.scores)}
 
     @staticmethod
     def _drop_stopped(results: list[JudgeResult], prompts: dict[int, list[int]],
@@ -291,8 +297,7 @@ class Judge:
     def _read(self, results: list[JudgeResult], seqs_by: dict[int, list[list[int]]]) -> None:
         """Run the RAIL read-out over every sequence and average ŷ and p over each input's CoTs."""
         flat = [(i, s) for i, seqs in seqs_by.items() for s in seqs]
-        probs = self.engine.score_probs([s for _, s in flat], self.score_tokens.token_ids)
-        reads = readouts(probs, self.score_tokens.scores, normalize=self.rail_normalize)
+        reads = scale_readouts(self.engine, [s for _, s in flat], self.score_scale, normalize=self.rail_normalize)
         grouped: dict[int, list[Any]] = {}
         for (i, _), r in zip(flat, reads):
             grouped.setdefault(i, []).append(r)
@@ -301,7 +306,7 @@ class Judge:
             res.per_cot = [r.score for r in rs]
             res.score = sum(res.per_cot) / len(rs)
             res.distribution = {k: sum(r.probs[n] for r in rs) / len(rs)
-                                for n, k in enumerate(self.score_tokens.scores)}
+                                for n, k in enumerate(self.score_scale.scores)}
 
 
 def judge_kwargs(cfg: Any, model_path: str | None = None) -> dict[str, Any]:

@@ -7,6 +7,14 @@
 The probabilities come from the engine (``InferenceEngine.score_probs``): the HF backend's float64 softmax of
 one forward pass, or vLLM's float32 full-vocabulary log-softmax at the requested ids. The expectation is taken
 here in float64, the same way for both.
+
+Multi-token scales (``data.score_scale``: "10" is "1", "0" for Mistral): p(v) is the product of the conditional
+probabilities of v's tokens, read at every node of the values' trie (:func:`trie_readouts`): the position after
+the score phrase and the position after each internal node's tokens. The HF backend computes all nodes of a
+sequence in one forward (``HFEngine.score_trie_probs``: the node tokens appended with a tree attention mask);
+otherwise (vLLM) each node is the sequence plus the node's tokens, read with ``score_probs``, which is exact (the
+full-vocabulary log-softmax at the requested ids, not a top-k list) and whose requests share the sequence's
+cached prefix blocks.
 """
 
 from __future__ import annotations
@@ -31,6 +39,38 @@ def readouts(probs: list[list[float]], values: list[int] | tuple[int, ...], *,
         score = sum(v * q for v, q in zip(values, p)) / (mass if normalize else 1.0)
         out.append(RailReadout(score=float(score), probs=[float(q) for q in p], mass=mass))
     return out
+
+
+def trie_probs(engine: Any, sequences: list[list[int]], scale: Any) -> list[list[float]]:
+    """p(v) for every value of a multi-token ``scale`` (``ScoreScale``) after each sequence, in score order."""
+    trie = scale.trie
+    if hasattr(engine, "score_trie_probs"):
+        per_node = engine.score_trie_probs(sequences, [list(n) for n in trie.nodes], list(trie.edge_ids))
+    else:  # one request per (sequence, node): the sequence followed by the node's tokens
+        flat = engine.score_probs([s + list(n) for s in sequences for n in trie.nodes], list(trie.edge_ids))
+        n_nodes = len(trie.nodes)
+        per_node = [flat[i * n_nodes:(i + 1) * n_nodes] for i in range(len(sequences))]
+    out = []
+    for nodes in per_node:  # float64 products along each value's path
+        row = []
+        for path in trie.paths:
+            p = 1.0
+            for n, j in path:
+                p *= nodes[n][j]
+            row.append(p)
+        out.append(row)
+    return out
+
+
+def scale_readouts(engine: Any, sequences: list[list[int]], scale: Any, *, normalize: bool = False
+                   ) -> list[RailReadout]:
+    """RAIL read-outs of any scale: single-token scales exactly as before (one ``score_probs`` at the score
+    position), multi-token scales through the trie (:func:`trie_probs`)."""
+    if scale.single_token:
+        probs = engine.score_probs(sequences, [s[0] for s in scale.sequences])
+    else:
+        probs = trie_probs(engine, sequences, scale)
+    return readouts(probs, scale.scores, normalize=normalize)
 
 
 def score_distribution(model: Any, sequences: list[list[int]], token_ids: list[int], values: list[int], *,

@@ -86,15 +86,18 @@ def validate_inputs(
     bias: torch.Tensor | None,
     ce_weights: torch.Tensor | None = None,
     mse_weights: torch.Tensor | None = None,
+    multi_token: bool = False,
 ) -> None:
-    """Shape checks, without reading device values (the fused path checks values in its row plan)."""
+    """Shape checks, without reading device values (the fused path checks values in its row plan).
+    ``multi_token``: the ids are a trie's edge tokens, not one per value."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be (N,H), (V,H)")
     if targets.shape != (hidden.shape[0],):
         raise ValueError(f"targets must have shape ({hidden.shape[0]},), got {tuple(targets.shape)}")
     if score_rows.dim() != 1 or score_targets.shape != score_rows.shape:
         raise ValueError("score_rows and score_targets must be 1-D of equal length")
-    if score_token_ids.dim() != 1 or score_values.shape != score_token_ids.shape:
+    if score_token_ids.dim() != 1 or score_values.dim() != 1 or (
+            score_values.shape != score_token_ids.shape and not multi_token):
         raise ValueError("score_token_ids and score_values must be 1-D of equal length")
     if score_rows.numel() and score_token_ids.numel() == 0:
         raise ValueError("score rows given but no score tokens")
@@ -125,3 +128,41 @@ def check_finite_weights(*weights: torch.Tensor | None) -> None:
     for w in weights:
         if w is not None and w.numel() and not bool(torch.isfinite(w).all()):
             raise ValueError("sequence weights must be finite")
+
+
+def node_rows(score_rows: torch.Tensor, score_branch_rows: torch.Tensor | None, num_nodes: int) -> torch.Tensor:
+    """(M, N) rows of every trie node of each score: the root (``score_rows``) then the internal nodes in
+    ``ScoreTrie.nodes`` order (``score_branch_rows`` (M, N - 1))."""
+    if num_nodes == 1:
+        return score_rows[:, None]
+    if score_branch_rows is None or score_branch_rows.shape != (score_rows.shape[0], num_nodes - 1):
+        got = None if score_branch_rows is None else tuple(score_branch_rows.shape)
+        raise ValueError(f"a multi-token scale needs score_branch_rows of shape ({score_rows.shape[0]}, "
+                         f"{num_nodes - 1}) (one row per internal trie node of each score), got {got}")
+    return torch.cat([score_rows[:, None], score_branch_rows.to(score_rows.device, torch.long)], dim=1)
+
+
+def nearest_value_index(score_targets: torch.Tensor, score_values: torch.Tensor) -> torch.Tensor:
+    """Index of the score value nearest to each gold score (ties to the first, as :func:`nearest_score_token`)."""
+    return (score_targets.double()[:, None] - score_values.double()[None, :]).abs().argmin(dim=1)
+
+
+def effective_targets_multi(targets: torch.Tensor, rows: torch.Tensor, score_targets: torch.Tensor,
+                            edge_ids: torch.Tensor, score_values: torch.Tensor, path_nodes: torch.Tensor,
+                            path_edges: torch.Tensor, ce_on_score_token: bool) -> torch.Tensor:
+    """Multi-token ``ce_on_score_token``: every node row on the nearest value's path gets that path's token
+    (the value's tokens and, for a value that is a prefix of another, its terminator) as its CE target."""
+    if not ce_on_score_token or rows.numel() == 0:
+        return targets
+    tgt = targets.clone()
+    v = nearest_value_index(score_targets, score_values)
+    pn, pe = path_nodes[v], path_edges[v]  # (M, L)
+    valid = pn >= 0
+    on_path = rows.gather(1, pn.clamp_min(0))
+    tgt[on_path[valid]] = edge_ids[pe[valid]].to(tgt.dtype)
+    return tgt
+
+
+def value_logprobs(lp_nodes: torch.Tensor, incidence: torch.Tensor) -> torch.Tensor:
+    """log p(v) (M, K) from the log-probabilities of the edge tokens at every node (M, N, K_u)."""
+    return lp_nodes.reshape(lp_nodes.shape[0], -1) @ incidence.T

@@ -36,7 +36,8 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._common import IGNORE_INDEX, CoTRaftLossOutput, compute_dtype, effective_targets, resolve_denominator
+from ._common import (IGNORE_INDEX, CoTRaftLossOutput, compute_dtype, effective_targets, effective_targets_multi,
+                      resolve_denominator, value_logprobs)
 from .accumulate import matmul_into
 from .options import CoTRaftLossOptions
 from .tile_ops import tile_grad_, tile_stats, use_triton
@@ -76,6 +77,7 @@ class RowPlan:
     score_pos: torch.Tensor  # (M,) position of each score row among the active rows
     score_local: torch.Tensor  # (K,) score token id - vocab_start if owned, else -1
     n_ce: int
+    node_pos: torch.Tensor | None = None  # (M, N) position of each trie node's row among the active rows
 
 
 def _has_duplicates(x: torch.Tensor) -> torch.Tensor:
@@ -99,19 +101,29 @@ def plan_rows(
     cdt: torch.dtype,
     ce_weights: torch.Tensor | None = None,
     mse_weights: torch.Tensor | None = None,
+    nodes: torch.Tensor | None = None,
+    trie: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> RowPlan:
     """Select the active rows; two host synchronisations per call (the checks/counts, the row count). The
-    weights' finiteness is one more entry of the first read, so they cost no extra synchronisation."""
+    weights' finiteness is one more entry of the first read, so they cost no extra synchronisation.
+    ``nodes`` (M, N) / ``trie``: a multi-token scale, every trie node's row is active (and unique)."""
     dev = ids.device
     score_rows = score_rows.to(dev, torch.long)
     y = score_targets.to(dev, cdt)
-    tgt = effective_targets(targets.to(dev), score_rows, y, ids, values, ce_on_score_token).long()
+    if nodes is None or trie is None:
+        tgt = effective_targets(targets.to(dev), score_rows, y, ids, values, ce_on_score_token).long()
+        read_rows = score_rows
+    else:
+        nodes = nodes.to(dev, torch.long)
+        tgt = effective_targets_multi(targets.to(dev), nodes, y, ids, values, trie[1], trie[2],
+                                      ce_on_score_token).long()
+        read_rows = nodes.flatten()
     ce_mask = tgt != IGNORE_INDEX
     checks = torch.stack([
         (ce_mask & ((tgt < 0) | (tgt >= v_glob))).any(),
         ((ids < 0) | (ids >= v_glob)).any(),
-        ((score_rows < 0) | (score_rows >= n_rows)).any() if score_rows.numel() else ce_mask.new_zeros(()),
-        _has_duplicates(score_rows),
+        ((read_rows < 0) | (read_rows >= n_rows)).any() if read_rows.numel() else ce_mask.new_zeros(()),
+        _has_duplicates(read_rows),
         _has_duplicates(ids),
         _any_nonfinite(ce_weights, dev) | _any_nonfinite(mse_weights, dev),
     ]).long()
@@ -127,7 +139,7 @@ def plan_rows(
     if bad_w:
         raise ValueError("sequence weights must be finite")
     active_mask = ce_mask.clone()
-    active_mask[score_rows] = True
+    active_mask[read_rows] = True
     active = torch.nonzero(active_mask).squeeze(1)
     pos = torch.full((n_rows,), -1, dtype=torch.long, device=dev)
     pos[active] = torch.arange(active.numel(), device=dev)
@@ -156,6 +168,7 @@ def plan_rows(
         score_pos=score_pos,
         score_local=torch.where(own_s, ids - v_start, -1),
         n_ce=int(n_ce),
+        node_pos=None if nodes is None else pos[nodes],
     )
 
 
@@ -243,6 +256,7 @@ class _Objective:
     coef: float  # 2 lam / D_mse
     rail: bool
     has_scores: bool
+    multi: bool = False  # multi-token scale: the score coefficients come from the trie pre-pass (_TrieTerms)
 
 
 @dataclass
@@ -255,8 +269,43 @@ class _RowTerms:
     e: torch.Tensor  # (R, K)
 
 
+@dataclass
+class _TrieTerms:
+    """A multi-token scale's regression part, computed before the chunk loop from every trie node's row (a
+    score's nodes may fall in different chunks, and each node's coefficients need all of them)."""
+
+    sq_sum: torch.Tensor  # sum over scores of u (yhat - y)^2
+    yhat: torch.Tensor  # (M,)
+    a_shift: torch.Tensor  # (A,) g * S_n at node rows, 0 elsewhere: subtracted from a
+    e: torch.Tensor  # (A, K_u) g * S_{n,j} at node rows, 0 elsewhere
+
+
+def _trie_terms(lp_nodes: torch.Tensor, y: torch.Tensor, u: torch.Tensor | None, node_pos: torch.Tensor,
+                n_act: int, incidence: torch.Tensor, obj: _Objective) -> _TrieTerms:
+    """log p(v) = Σ_edges log p(edge | node) along v's path, ŷ = Σ v p(v) (or the renormalised q), and
+    ∂ŷ/∂z_{n,j} = S_{n,j} - S_n p_n(j) with S_{n,j} = Σ_{v through edge (n, j)} w_v, S_n = Σ_j S_{n,j},
+    w_v = v p(v) (full softmax) or (v - ŷ) q(v) (rail_normalize). So a node row's dlogits are
+    a p - b onehot(t) + Σ_j e_j onehot(t_j) with a = c - g S_n and e_j = g S_{n,j}: the single-token form."""
+    m, n, k_u = lp_nodes.shape
+    logpv = value_logprobs(lp_nodes, incidence)
+    q = torch.softmax(logpv, dim=1) if obj.rail else logpv.exp()
+    yh = q @ obj.values
+    err = yh - y
+    werr = err if u is None else err * u
+    g = obj.coef * werr
+    w = q * (obj.values[None, :] - yh[:, None]) if obj.rail else q * obj.values[None, :]
+    s_edge = (w @ incidence).view(m, n, k_u) * g[:, None, None]
+    a_shift = torch.zeros(n_act, dtype=lp_nodes.dtype, device=lp_nodes.device)
+    e = torch.zeros((n_act, k_u), dtype=lp_nodes.dtype, device=lp_nodes.device)
+    flat = node_pos.flatten()
+    a_shift[flat] = s_edge.sum(dim=2).flatten()
+    e[flat] = s_edge.reshape(m * n, k_u)
+    return _TrieTerms((werr * err).sum(), yh, a_shift, e)
+
+
 def _row_terms(lp_t: torch.Tensor, lp_s: torch.Tensor, ce: torch.Tensor, is_score: torch.Tensor,
-               y_row: torch.Tensor, obj: _Objective, w_score: torch.Tensor | None = None) -> _RowTerms:
+               y_row: torch.Tensor, obj: _Objective, w_score: torch.Tensor | None = None,
+               pre: tuple[torch.Tensor, torch.Tensor] | None = None) -> _RowTerms:
     """Loss parts and gradient coefficients of a block of rows from their log-probabilities: ``lp_t`` of
     the target (any value where ``ce`` is 0) and ``lp_s`` (R, K) of the score tokens. ``ce`` is the row's
     CE weight (its 0/1 mask times its sequence weight), ``w_score`` the squared error's weight (None: 1).
@@ -264,6 +313,9 @@ def _row_terms(lp_t: torch.Tensor, lp_s: torch.Tensor, ce: torch.Tensor, is_scor
     nll_sum = -(lp_t * ce).sum()
     a = ce / obj.d_ce
     b = a
+    if pre is not None:  # multi-token scale: the trie pre-pass has the coefficients (and the squared errors)
+        zeros = lp_s.new_zeros(lp_s.shape[0])
+        return _RowTerms(nll_sum, zeros.sum(), zeros, a - pre[0], b, pre[1])
     if not obj.has_scores:
         zeros = lp_s.new_zeros(lp_s.shape[0])
         return _RowTerms(nll_sum, zeros.sum(), zeros, a, b, lp_s.new_zeros(lp_s.shape))
@@ -282,7 +334,8 @@ def _row_terms(lp_t: torch.Tensor, lp_s: torch.Tensor, ce: torch.Tensor, is_scor
 
 def _one_pass_chunk(tile: torch.Tensor, t_loc: torch.Tensor, s_loc: torch.Tensor, ce: torch.Tensor,
                     is_score: torch.Tensor, y_row: torch.Tensor, obj: _Objective, cdt: torch.dtype,
-                    need_grad: bool, w_score: torch.Tensor | None = None
+                    need_grad: bool, w_score: torch.Tensor | None = None,
+                    pre: tuple[torch.Tensor, torch.Tensor] | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PyTorch path with the whole vocabulary in one tile and no vocab-parallel group: per row block, one
     fused ``log_softmax`` gives the loss terms and, exponentiated in place, the gradient, written back over
@@ -299,7 +352,8 @@ def _one_pass_chunk(tile: torch.Tensor, t_loc: torch.Tensor, s_loc: torch.Tensor
         r1 = min(r0 + step, n)
         lp = torch.log_softmax(tile[r0:r1], dim=1, dtype=cdt)
         terms = _row_terms(lp.gather(1, t_idx[r0:r1]).squeeze(1), lp.index_select(1, s_idx), ce[r0:r1],
-                           is_score[r0:r1], y_row[r0:r1], obj, None if w_score is None else w_score[r0:r1])
+                           is_score[r0:r1], y_row[r0:r1], obj, None if w_score is None else w_score[r0:r1],
+                           None if pre is None else (pre[0][r0:r1], pre[1][r0:r1]))
         nll += terms.nll_sum
         sq += terms.sq_sum
         yhat[r0:r1] = terms.yhat
@@ -328,9 +382,11 @@ def fused_forward(
     ce_weights: torch.Tensor | None = None,
     mse_weights: torch.Tensor | None = None,
     lam: float | None = None,
+    score_branch_rows: torch.Tensor | None = None,
 ) -> FusedResult:
     """Loss, detached parts and (optionally) gradients with O(chunk x vocab_shard) extra memory. ``lam``:
-    this call's regression weight (a schedule's), default ``opt.lam``."""
+    this call's regression weight (a schedule's), default ``opt.lam``. ``score_branch_rows`` (M, N - 1): the
+    rows of a multi-token scale's internal trie nodes (``opt.score_sequences``)."""
     if hidden.dtype != weight.dtype:
         raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
     dev, dt = hidden.device, hidden.dtype
@@ -342,8 +398,15 @@ def fused_forward(
         raise ValueError(f"vocab_start={opt.vocab_start} disagrees with the shard layout (start {v_start})")
     ids, values = opt.score_tensors(dev, cdt)
     n_sc = score_rows.numel()
+    multi = opt.score_sequences is not None
+    trie = opt.trie_tensors(dev, cdt) if multi else None
+    nodes = None
+    if multi:
+        nodes = score_rows.to(dev, torch.long)[:, None]
+        if score_branch_rows is not None and score_branch_rows.numel():
+            nodes = torch.cat([nodes, score_branch_rows.to(dev, torch.long)], dim=1)
     plan = plan_rows(hidden.shape[0], targets, score_rows, score_targets, ids, values, opt.ce_on_score_token,
-                     v_start, v_loc, v_glob, cdt, ce_weights, mse_weights)
+                     v_start, v_loc, v_glob, cdt, ce_weights, mse_weights, nodes, trie)
     lam = opt.lam if lam is None else lam
     d_ce = resolve_denominator(ce_denominator, plan.n_ce, "ce_denominator")
     d_mse = resolve_denominator(mse_denominator, n_sc, "mse_denominator")
@@ -371,7 +434,27 @@ def fused_forward(
     yhat_act = torch.zeros((n_act,), dtype=cdt, device=dev)
 
     obj = _Objective(values=values, d_ce=d_ce, coef=2.0 * lam / d_mse, rail=opt.rail_normalize,
-                     has_scores=n_sc > 0 and values.numel() > 0)
+                     has_scores=n_sc > 0 and values.numel() > 0, multi=multi)
+    pre_terms = None
+    if multi and trie is not None and plan.node_pos is not None:
+        # Trie pre-pass: the edge log-probabilities at every node row (M x N rows, a few per score), so that
+        # each node's coefficients, which depend on all of its score's nodes, are known before the chunk loop.
+        # These rows' logits are computed again in the loop (for their dlogits): M x N extra rows of matmul.
+        node_flat = plan.active.index_select(0, plan.node_pos.flatten())
+        h_nodes = hidden.index_select(0, node_flat)
+        no_tgt = torch.full((h_nodes.shape[0],), -1, dtype=torch.long, device=dev)
+        lp_parts = []
+        for r0 in range(0, h_nodes.shape[0], max(chunk, 1)):
+            r1 = min(r0 + max(chunk, 1), h_nodes.shape[0])
+            m, s_, zt, zs, _ = _chunk_stats(h_nodes[r0:r1], weight, bias, shards, no_tgt[r0:r1], plan.score_local,
+                                            cdt, False, opt.kernel)
+            m, s_, zt, zs = combine_row_stats(m, s_, zt, zs, group)
+            lp_parts.append(zs - (m + torch.log(s_))[:, None])
+        lp_nodes = torch.cat(lp_parts).view(n_sc, -1, ids.numel()) if lp_parts else \
+            torch.zeros((0, plan.node_pos.shape[1], ids.numel()), dtype=cdt, device=dev)
+        u = None if mse_weights is None else mse_weights.to(dev, cdt)
+        pre_terms = _trie_terms(lp_nodes, score_targets.to(dev, cdt), u, plan.node_pos, n_act, trie[0], obj)
+        sq_sum += pre_terms.sq_sum
     one_pass = len(shards) == 1 and group is None and not use_triton(h_act, opt.kernel)
 
     tile_buf = torch.empty((min(chunk, n_act), v_loc), dtype=dt, device=dev) if one_pass and n_act else None
@@ -381,10 +464,12 @@ def fused_forward(
         hc, t_loc = h_act[c0:c1], plan.tgt_local[c0:c1]
         ce_c, sc_c, y_c = plan.ce[c0:c1], plan.is_score[c0:c1], plan.y_row[c0:c1]
         ws_c = None if plan.w_score is None else plan.w_score[c0:c1]
+        pre_c = None if pre_terms is None else (pre_terms.a_shift[c0:c1], pre_terms.e[c0:c1])
 
         if one_pass:
             tile = _logits_tile(hc, weight, bias, 0, v_loc, out=tile_buf[: c1 - c0])
-            nll, sq, yh = _one_pass_chunk(tile, t_loc, plan.score_local, ce_c, sc_c, y_c, obj, cdt, need_grad, ws_c)
+            nll, sq, yh = _one_pass_chunk(tile, t_loc, plan.score_local, ce_c, sc_c, y_c, obj, cdt, need_grad, ws_c,
+                                          pre_c)
             ce_sum += nll
             sq_sum += sq
             yhat_act[c0:c1] = yh
@@ -399,7 +484,7 @@ def fused_forward(
         m, s, zt, zs, kept = _chunk_stats(hc, weight, bias, shards, t_loc, plan.score_local, cdt, keep, opt.kernel)
         m, s, zt, zs = combine_row_stats(m, s, zt, zs, group)
         lse = m + torch.log(s)
-        terms = _row_terms(zt - lse, zs - lse[:, None], ce_c, sc_c, y_c, obj, ws_c)
+        terms = _row_terms(zt - lse, zs - lse[:, None], ce_c, sc_c, y_c, obj, ws_c, pre_c)
         ce_sum += terms.nll_sum
         sq_sum += terms.sq_sum
         yhat_act[c0:c1] = terms.yhat
@@ -428,7 +513,7 @@ def fused_forward(
         loss=ce + lam * mse,
         ce=ce,
         mse=mse,
-        yhat=yhat_act[plan.score_pos],
+        yhat=yhat_act[plan.score_pos] if pre_terms is None else pre_terms.yhat,
         n_ce_tokens=plan.n_ce,
         n_score_rows=n_sc,
         grad_hidden=grad_hidden,
@@ -449,11 +534,13 @@ class FusedCoTRaftFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, score_rows, score_targets,  # type: ignore[override]
                 options: CoTRaftLossOptions, ce_denominator: Denominator, mse_denominator: Denominator,
                 counts: FusedCounts | None = None, ce_weights: torch.Tensor | None = None,
-                mse_weights: torch.Tensor | None = None, lam: float | None = None):
+                mse_weights: torch.Tensor | None = None, lam: float | None = None,
+                score_branch_rows: torch.Tensor | None = None):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         res = fused_forward(hidden, weight, bias, targets, score_rows, score_targets, options,
-                            ce_denominator, mse_denominator, need_h, need_w, need_b, ce_weights, mse_weights, lam)
+                            ce_denominator, mse_denominator, need_h, need_w, need_b, ce_weights, mse_weights, lam,
+                            score_branch_rows)
         if counts is not None:
             counts.n_ce_tokens, counts.n_score_rows = res.n_ce_tokens, res.n_score_rows
         ctx.save_for_backward(res.grad_hidden, res.grad_weight, res.grad_bias)
@@ -480,4 +567,4 @@ class FusedCoTRaftFunction(torch.autograd.Function):
                                    "grad_output cannot be recovered; use impl='reference'")
             ratio = grad_loss / ctx.applied
             grads = [None if g is None else g * ratio.to(g.dtype) for g in saved]
-        return grads[0], grads[1], grads[2], None, None, None, None, None, None, None, None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None, None, None, None, None, None, None, None

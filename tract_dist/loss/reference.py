@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ._common import (IGNORE_INDEX, CoTRaftLossOutput, check_finite_weights, compute_dtype, effective_targets,
-                      resolve_denominator)
+                      effective_targets_multi, resolve_denominator, value_logprobs)
 
 
 def reference_loss(
@@ -29,11 +29,15 @@ def reference_loss(
     mse_denominator: float | int | torch.Tensor | None = None,
     ce_weights: torch.Tensor | None = None,
     mse_weights: torch.Tensor | None = None,
+    trie: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    node_rows: torch.Tensor | None = None,
 ) -> CoTRaftLossOutput:
     """CE (sum w NLL / ce_denominator) + lam * sum w (yhat - y)^2 / mse_denominator, via full logits.
 
     ``ce_weights`` (N,) weight each row's NLL, ``mse_weights`` (M,) each score row's squared error (None: 1);
-    the denominators are counts, whatever the weights."""
+    the denominators are counts, whatever the weights. ``trie`` (incidence, path nodes, path edges;
+    ``CoTRaftLossOptions.trie_tensors``) and ``node_rows`` (M, N): a multi-token scale, whose ``score_token_ids``
+    are the trie's edge tokens and p(v) the product of the edge probabilities along v's path."""
     check_finite_weights(ce_weights, mse_weights)
     cdt = compute_dtype(hidden.dtype)
     logits = hidden.to(cdt) @ weight.to(cdt).T
@@ -41,7 +45,11 @@ def reference_loss(
         logits = logits + bias.to(cdt)
     logp = F.log_softmax(logits, dim=-1)
 
-    tgt = effective_targets(targets, score_rows, score_targets, score_token_ids, score_values, ce_on_score_token)
+    if trie is None:
+        tgt = effective_targets(targets, score_rows, score_targets, score_token_ids, score_values, ce_on_score_token)
+    else:
+        tgt = effective_targets_multi(targets, node_rows, score_targets, score_token_ids, score_values, trie[1],
+                                      trie[2], ce_on_score_token)
     valid = tgt != IGNORE_INDEX
     n_ce = int(valid.sum())
     nll = -logp.gather(1, tgt.clamp_min(0).long()[:, None]).squeeze(1)
@@ -52,7 +60,10 @@ def reference_loss(
 
     n_sc = int(score_rows.numel())
     values = score_values.to(cdt)
-    if rail_normalize:
+    if trie is not None:
+        logpv = value_logprobs(logp[node_rows][:, :, score_token_ids], trie[0].to(cdt))
+        probs = torch.softmax(logpv, dim=-1) if rail_normalize else logpv.exp()
+    elif rail_normalize:
         probs = torch.softmax(logits[score_rows[:, None], score_token_ids[None, :]], dim=-1)
     else:
         probs = logp[score_rows[:, None], score_token_ids[None, :]].exp()

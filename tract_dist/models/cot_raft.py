@@ -12,6 +12,9 @@ Batch contract (one micro-batch, all tensors on the model's device):
 * ``ce_weights`` / ``mse_weights`` (B,) float, optional: a real weight per sequence on its CE tokens / on
   its squared error (stage-2 selection weights, a policy-gradient advantage); absent: 1. They reach the loss
   as one weight per loss row (:func:`select_loss_rows`), which is all a packed layout needs to provide too.
+* ``score_branch_positions`` (B, E) long, optional: a multi-token scale's trie-node tokens (``data.encode``,
+  padded layout with the (B, 1, T, T) tree ``attention_mask`` and ``position_ids`` of ``train.data.collate``);
+  their rows reach the loss as ``score_branch_rows``.
 * ``ce_token_weights`` (B, T) float, optional: a weight per label token (aligned with ``labels``), multiplied
   into the sequence's CE weight: REAL's clipped importance ratios and KL gradient are per-token weights
   (:mod:`tract_dist.real.objective`).
@@ -58,18 +61,21 @@ class LossRows:
     score_targets: torch.Tensor  # (M,) float
     ce_weights: torch.Tensor | None = None  # (N,) the weight of each kept row's sequence on its CE term
     mse_weights: torch.Tensor | None = None  # (M,) the weight of each score row's sequence on its squared error
+    score_branch_rows: torch.Tensor | None = None  # (M, E) multi-token scales: the trie-node rows, into row_index
 
 
 def select_loss_rows(labels: torch.Tensor, score_positions: torch.Tensor, score_targets: torch.Tensor,
                      sequence_index: torch.Tensor | None = None, ce_weights: torch.Tensor | None = None,
-                     mse_weights: torch.Tensor | None = None, ce_token_weights: torch.Tensor | None = None) -> LossRows:
+                     mse_weights: torch.Tensor | None = None, ce_token_weights: torch.Tensor | None = None,
+                     score_branch_positions: torch.Tensor | None = None) -> LossRows:
     """Shift the labels and keep only rows with a CE target or a score, so the loss sees N << B*T rows.
 
     ``sequence_index`` (packed rows): a row whose next token belongs to another example gets no target.
     ``ce_weights`` / ``mse_weights`` (S,), one per example (per row when B > 1): gathered here to one per kept
     row (its example: ``sequence_index`` when packed, else r // T) and one per score row. ``ce_token_weights``
     (B, T): one weight per label token (aligned with ``labels``, shifted here with them), multiplied into the CE
-    weight of its row."""
+    weight of its row. ``score_branch_positions`` (B, E): a multi-token scale's trie-node tokens (padded layout),
+    whose rows the loss reads beside the score row; they are kept and get no CE target."""
     if labels.dim() != 2:
         raise ValueError(f"labels must be (B, T), got {tuple(labels.shape)}")
     batch, seq = labels.shape
@@ -99,9 +105,17 @@ def select_loss_rows(labels: torch.Tensor, score_positions: torch.Tensor, score_
     score_flat = row_of[has_score] * seq + score_positions[has_score]
     shifted = shifted.flatten()
     shifted[score_flat] = IGNORE_INDEX  # CE on the score token is the loss's decision (ce_on_score_token)
+    branch_flat = None
+    if score_branch_positions is not None:
+        if batch == 1 and score_positions.shape[0] > 1 or score_branch_positions.shape[0] != score_positions.shape[0]:
+            raise ValueError("score_branch_positions needs the padded layout, one row of (E,) positions per example")
+        branch_flat = (row_of[:, None] * seq + score_branch_positions)[has_score]
+        shifted[branch_flat.flatten()] = IGNORE_INDEX
 
     keep = shifted != IGNORE_INDEX
     keep[score_flat] = True
+    if branch_flat is not None:
+        keep[branch_flat.flatten()] = True
     row_index = keep.nonzero().squeeze(1)
     compact = torch.cumsum(keep.long(), 0) - 1  # flattened row -> position among kept rows
     row_w = None if ce_weights is None else ce_weights[
@@ -119,6 +133,7 @@ def select_loss_rows(labels: torch.Tensor, score_positions: torch.Tensor, score_
         score_targets=score_targets[has_score],
         ce_weights=row_w,
         mse_weights=None if mse_weights is None else mse_weights[has_score],
+        score_branch_rows=None if branch_flat is None else compact[branch_flat],
     )
 
 
@@ -177,8 +192,9 @@ class CotRaftHead(nn.Module):
         mse_weights: torch.Tensor | None = None,
         lam: float | None = None,
         token_logprobs: bool = False,
+        score_branch_rows: torch.Tensor | None = None,
     ) -> CotRaftOutput | torch.Tensor:
-        """Loss of (N, H) ``hidden`` rows. ``hidden`` is positional on purpose: ZeRO-3's post-backward
+        """Loss of (N, H) ``hidden`` rows. ``score_branch_rows`` (M, E): a multi-token scale's trie-node rows. ``hidden`` is positional on purpose: ZeRO-3's post-backward
         hook, which releases the gathered weight, is attached to positional inputs only. ``ce_weights`` (N,)
         / ``mse_weights`` (M,): per-row weights; ``lam``: this step's λ (None: the options').
         ``token_logprobs``: return instead the float32 log-probability of each row's target (N,) (0 where the
@@ -205,7 +221,8 @@ class CotRaftHead(nn.Module):
             ce_denominator=ce_denominator,
             mse_denominator=mse_denominator,
             **_optional(ce_weights=_real(ce_weights, hidden.device, real),
-                        mse_weights=_real(mse_weights, hidden.device, real), lam=lam),
+                        mse_weights=_real(mse_weights, hidden.device, real), lam=lam,
+                        score_branch_rows=score_branch_rows),
         )
         return CotRaftOutput(out.loss, out.ce, out.mse, out.yhat, int(out.n_ce_tokens), int(out.n_score_rows))
 
@@ -254,7 +271,7 @@ def _loss_through_head(
                                  batch.get("cu_seq_lens"))
     rows = select_loss_rows(batch["labels"], batch["score_positions"], batch["score_targets"],
                             batch.get("sequence_index"), batch.get("ce_weights"), batch.get("mse_weights"),
-                            batch.get("ce_token_weights"))
+                            batch.get("ce_token_weights"), batch.get("score_branch_positions"))
     flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.row_index)
     if token_logprobs:  # (B, T) aligned with labels: the log-prob of labels[b, t] (0 where not trained)
         per_row = head(flat, rows.targets, rows.score_rows, rows.score_targets, token_logprobs=True)
@@ -266,7 +283,8 @@ def _loss_through_head(
         aligned[:, 1:] = out[:, :-1]  # ... moved to the label's own position t + 1
         return aligned
     return head(flat, rows.targets, rows.score_rows, rows.score_targets, ce_denominator, mse_denominator,
-                **_optional(ce_weights=rows.ce_weights, mse_weights=rows.mse_weights, lam=lam))
+                **_optional(ce_weights=rows.ce_weights, mse_weights=rows.mse_weights, lam=lam,
+                            score_branch_rows=rows.score_branch_rows))
 
 
 def causal_lm_cot_raft_loss(
@@ -330,6 +348,7 @@ class CotRaftCausalLM(nn.Module):
         cu_seq_lens: torch.Tensor | None = None,
         ce_token_weights: torch.Tensor | None = None,
         token_logprobs: bool = False,
+        score_branch_positions: torch.Tensor | None = None,
     ) -> CotRaftOutput | torch.Tensor:
         """The loss (:class:`CotRaftOutput`); with ``token_logprobs`` instead the (B, T) log-probability of
         every trained label token (no gradient)."""
@@ -348,5 +367,6 @@ class CotRaftCausalLM(nn.Module):
             "sequence_index": sequence_index,
             "cu_seq_lens": cu_seq_lens,
             "ce_token_weights": ce_token_weights,
+            "score_branch_positions": score_branch_positions,
         }
         return _loss_through_head(self.lm, self.head, batch, ce_denominator, mse_denominator, lam, token_logprobs)

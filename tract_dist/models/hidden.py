@@ -57,6 +57,12 @@ def final_hidden_states(
     flash-attention and :data:`~tract_dist.models.packed_attention.PACKED_SDPA` run each example alone instead."""
     lm = unwrap_causal_lm(model)
     decoder = lm.get_decoder()
+    if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
+        # a tree mask (multi-token score scales, train.data.tree_batch): additive, as every attention with masks
+        # takes it (transformers passes a 4D mask through unchanged)
+        dtype = lm.get_input_embeddings().weight.dtype
+        attention_mask = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device).masked_fill(
+            ~attention_mask, torch.finfo(dtype).min)
     extra = packed_attention_kwargs(getattr(lm.config, "_attn_implementation", None) or "", cu_seq_lens)
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                   return_dict=True, **extra)

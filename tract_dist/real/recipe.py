@@ -85,6 +85,11 @@ class RealRecipe(TrainRecipe):
         d = cfg.data
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or _tokenizer_source(cfg))
         self.score_tokens = load_score_tokens(self.run_dir)
+        if not self.score_tokens.token_ids:  # prepared with a multi-token scale (#29): REAL reads one score token
+            from tract_dist.data.score_tokens import ScoreTokenError
+
+            raise ScoreTokenError(f"data.scale {d.scale} has values of several tokens for this tokenizer; REAL "
+                                  "(train-real) needs a scale whose values are single tokens")
         scale = parse_scale(d.scale)
         read = read_examples(d.train_path, d.train_format, scale=scale, skip_invalid=d.skip_invalid,
                              require_feedback=False, limit=d.max_examples, split=d.split)

@@ -151,6 +151,36 @@ class HFEngine:
         self._prefixes, self._prefix_bytes = {}, 0  # read out: the memory goes back now
         return results  # type: ignore[return-value]
 
+    def score_trie_probs(self, sequences: list[list[int]], nodes: list[list[int]],
+                         token_ids: list[int]) -> list[list[list[float]]]:
+        """Float64 probabilities of ``token_ids`` after each sequence extended by each trie node's tokens
+        (``nodes[0] == []``, then each node after its parent, as ``ScoreTrie.nodes``): (S, N, K).
+
+        One forward per batch computes every node of every sequence: the nodes' last tokens are appended after
+        the sequence with a tree attention mask (each sees the sequence and its own ancestors) and the
+        positions they would have in the extended sequence. A sequence that extends a prompt of the last
+        ``generate`` call runs only its new tokens and the node tokens on that prompt's cached keys/values.
+        Attention implementations that take no custom mask (flash-attention) read each node as its own
+        sequence instead."""
+        if len(nodes) == 1 or not _takes_custom_mask(self.model):
+            flat = self.score_probs([s + n for s in sequences for n in nodes], token_ids)
+            return [flat[i * len(nodes):(i + 1) * len(nodes)] for i in range(len(sequences))]
+        results: list[list[list[float]] | None] = [None] * len(sequences)
+        rest: list[int] = []
+        for i, seq in enumerate(sequences):
+            cached = self._cached_prefix(seq)
+            if cached is None:
+                rest.append(i)
+            else:
+                results[i] = trie_after_prefix(self.model, cached[0], seq[cached[1]:], cached[1], nodes, token_ids)
+        for c in self._chunks(len(rest)):
+            rows = rest[c]
+            for i, probs in zip(rows, trie_token_probs(self.model, [sequences[j] for j in rows], nodes, token_ids,
+                                                       pad_id=self.pad_id)):
+                results[i] = probs
+        self._prefixes, self._prefix_bytes = {}, 0
+        return results  # type: ignore[return-value]
+
     def _cached_prefix(self, seq: list[int]) -> tuple[Any, int] | None:
         """(cache, length) of a kept prompt that ``seq`` extends by at least one token."""
         for prompt, cache in list(self._prefixes.items()):  # a copy: a server's other call may add to it
@@ -277,6 +307,92 @@ def score_after_prefix(model: torch.nn.Module, prefix_kv: list[tuple[torch.Tenso
                    logits_to_keep=1, use_cache=True).logits[:, -1, :]
     probs = torch.softmax(logits.to(torch.float64), dim=-1)[:, torch.tensor(token_ids, device=device)]
     return probs[0].cpu().tolist()
+
+
+def _takes_custom_mask(model: torch.nn.Module) -> bool:
+    """Whether the model's attention takes a custom 4D additive mask (sdpa, eager and the project's CPU
+    attention do; flash-attention's kernels take none)."""
+    impl = str(getattr(getattr(model, "config", None), "_attn_implementation", "") or "")
+    return "flash" not in impl and "flex" not in impl and "paged" not in impl
+
+
+def tree_suffix(nodes: list[list[int]]) -> tuple[list[int], list[int], torch.Tensor]:
+    """(tokens, depths, ancestor mask (E, E) bool) of the non-root trie nodes appended after a sequence: node
+    n >= 1 contributes its last token at depth len(node) after the score position and sees the tokens of its
+    ancestors (and itself) among the appended ones."""
+    extra = nodes[1:]
+    tokens = [n[-1] for n in extra]
+    depths = [len(n) for n in extra]
+    sees = torch.tensor([[len(a) <= len(b) and b[:len(a)] == a for a in extra] for b in extra], dtype=torch.bool)
+    return tokens, depths, sees.reshape(len(extra), len(extra))
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attend-mask as the additive float mask every attention implementation with masks accepts."""
+    return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def _trie_rows(logits: torch.Tensor, token_ids: list[int]) -> list[list[list[float]]]:
+    probs = torch.softmax(logits.to(torch.float64), dim=-1)[..., torch.tensor(token_ids, device=logits.device)]
+    return probs.cpu().tolist()
+
+
+@torch.no_grad()
+def trie_token_probs(model: torch.nn.Module, sequences: list[list[int]], nodes: list[list[int]],
+                     token_ids: list[int], *, pad_id: int) -> list[list[list[float]]]:
+    """:func:`score_token_probs` at every trie node of every sequence in one forward: each row is left-padded
+    ``sequence + node tokens`` with a tree mask, and only the last N columns' logits are computed."""
+    if not sequences:
+        return []
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    tokens, depths, sees = tree_suffix(nodes)
+    n_extra = len(tokens)
+    width = max(len(s) for s in sequences) + n_extra
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(sequences), width), dtype=torch.long)
+    allow = torch.eye(width, dtype=torch.bool).repeat(len(sequences), 1, 1)  # padding sees itself (no NaN rows)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    for b, s in enumerate(sequences):
+        start, end = width - n_extra - len(s), width - n_extra
+        ids[b, start:end] = torch.tensor(s, dtype=torch.long)
+        ids[b, end:] = torch.tensor(tokens, dtype=torch.long)
+        positions[b, start:end] = torch.arange(len(s))
+        positions[b, end:] = len(s) - 1 + torch.tensor(depths)
+        allow[b, start:end, start:end] = causal[:len(s), :len(s)]
+        allow[b, end:, start:end] = True
+        allow[b, end:, end:] = sees
+    mask = _additive(allow[:, None], dtype).to(device)
+    logits = model(input_ids=ids.to(device), attention_mask=mask, position_ids=positions.to(device),
+                   logits_to_keep=n_extra + 1, use_cache=False).logits
+    return _trie_rows(logits, token_ids)
+
+
+@torch.no_grad()
+def trie_after_prefix(model: torch.nn.Module, prefix_kv: list[tuple[torch.Tensor, torch.Tensor]], suffix: list[int],
+                      prefix_len: int, nodes: list[list[int]], token_ids: list[int]) -> list[list[float]]:
+    """:func:`trie_token_probs` of one ``prefix + suffix`` whose prefix keys/values are known (as
+    :func:`score_after_prefix`): one forward over the suffix and the node tokens."""
+    from transformers.cache_utils import DynamicCache
+
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    tokens, depths, sees = tree_suffix(nodes)
+    n, n_extra = len(suffix), len(tokens)
+    q = n + n_extra
+    allow = torch.zeros((q, prefix_len + q), dtype=torch.bool)
+    allow[:, :prefix_len] = True
+    allow[:n, prefix_len:prefix_len + n] = torch.ones((n, n), dtype=torch.bool).tril()
+    allow[n:, prefix_len:prefix_len + n] = True
+    allow[n:, prefix_len + n:] = sees
+    end = prefix_len + n
+    positions = torch.cat([torch.arange(prefix_len, end), end - 1 + torch.tensor(depths, dtype=torch.long)])
+    cache = DynamicCache(ddp_cache_data=prefix_kv)
+    logits = model(input_ids=torch.tensor([suffix + tokens], dtype=torch.long, device=device),
+                   attention_mask=_additive(allow[None, None], dtype).to(device),
+                   position_ids=positions[None].to(device), past_key_values=cache, logits_to_keep=n_extra + 1,
+                   use_cache=True).logits
+    return _trie_rows(logits, token_ids)[0]
 
 
 def build_hf_engine(spec: EngineSpec) -> HFEngine:

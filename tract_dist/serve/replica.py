@@ -104,7 +104,7 @@ class JudgeModel:
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.backend, "scale": list(self.scale), "defaults": self.defaults,
-                "score_values": list(self.judge.score_tokens.scores), "pid": os.getpid(),
+                "score_values": list(self.judge.score_scale.scores), "pid": os.getpid(),
                 "max_new_tokens": self.judge.sampling.max_new_tokens, "budget_source": self.budget_source,
                 "decode_step_s": self.decode_step_s, "rows_per_pass": self.rows_per_pass,
                 "template": self.template.as_dict()}

@@ -135,6 +135,9 @@ def collate_packed(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     never predicts across a boundary, and per-sequence attributes (weights) can be mapped to tokens.
     ``score_positions`` (S,) are positions in the row (one per example); ``cu_seq_lens`` (S + 1,) the examples'
     start offsets and the row's length (flash-attention's varlen arguments; the per-example sdpa's bounds)."""
+    if rows and rows[0].get("branch_positions"):
+        raise ValueError("training.packing does not support multi-token score scales (their trie-node tokens need a "
+                         "tree attention mask); set training.packing=false or a scale of single-token values")
     ids, labels, pos, seq, score_pos, bounds = [], [], [], [], [], [0]
     start = 0
     for s, r in enumerate(rows):
@@ -172,6 +175,8 @@ def _weights(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 def batch_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Real (non-pad) tokens of a padded or packed micro-batch, as a device scalar."""
     mask = batch.get("attention_mask")
+    if mask is not None and mask.dim() == 4:  # a tree mask (train.data.tree_batch): every real token sees token 0,
+        return mask[:, 0, :, 0].sum()  # padding (right-padded, never at 0) only itself
     if mask is not None:
         return mask.sum()
     return torch.tensor(batch["input_ids"].numel(), device=batch["input_ids"].device)

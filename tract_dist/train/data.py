@@ -21,6 +21,7 @@ import torch
 from tract_dist.data.encode import IGNORE_INDEX, EncodeOptions, encode_examples
 from tract_dist.fsutil import atomic_write_json
 from tract_dist.data.formats import read_examples
+from tract_dist.data.score_scale import derive_score_scale
 from tract_dist.data.score_tokens import ScoreTokens, derive_score_tokens, parse_scale
 
 
@@ -39,14 +40,17 @@ def prepare_dataset(cfg: Any, tokenizer: Any, out_dir: str | Path) -> dict[str, 
     if not d.train_path:
         raise EmptyDatasetError("data.train_path is not set: point it at a training file (or hf:NAME)")
     scale = parse_scale(d.scale)
-    st = derive_score_tokens(tokenizer, scale)
+    full = derive_score_scale(tokenizer, scale)  # any scale; one token per value keeps the score-token form
+    st: Any = derive_score_tokens(tokenizer, scale) if full.single_token else full
     read = read_examples(d.train_path, d.train_format, scale=scale, skip_invalid=d.skip_invalid,
                          limit=d.max_examples, split=d.split, require_feedback=d.use_cot)
     opts = EncodeOptions(max_length=d.max_length, truncation=d.truncation, system_prompt=d.system_prompt,
                          scale=scale, use_cot=d.use_cot, enable_thinking=d.enable_thinking)
     encoded, stats = encode_examples(tokenizer, read.examples, st, opts)
     summary = {**read.summary(), **{f"encode_{k}": v for k, v in stats.as_dict().items()},
-               "score_token_ids": st.token_ids, "scores": st.scores}
+               "score_token_ids": st.token_ids if full.single_token else [], "scores": full.scores}
+    if not full.single_token:  # each value's tokens (the loss's score_sequences; load_score_sequences)
+        summary["score_sequences"] = [list(q) for q in full.sequences]
     if not encoded:
         raise EmptyDatasetError(
             f"{d.train_path}: no trainable example: {read.records} records, {len(read.invalid)} invalid, "
@@ -84,6 +88,46 @@ def encoded_lengths(data: Any) -> list[int]:
 def load_score_tokens(out_dir: str | Path) -> ScoreTokens:
     s = json.loads((Path(out_dir) / "data_summary.json").read_text())
     return ScoreTokens(scores=s["scores"], token_ids=s["score_token_ids"])
+
+
+def load_score_sequences(out_dir: str | Path) -> list[list[int]] | None:
+    """Each score value's tokens when the prepared data use a multi-token scale, else None."""
+    s = json.loads((Path(out_dir) / "data_summary.json").read_text())
+    return s.get("score_sequences")
+
+
+def tree_batch(rows: list[dict[str, Any]], length: int, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Position ids, a (B, 1, T, T) boolean attention mask and ``score_branch_positions`` (B, E) for rows of a
+    multi-token scale (``data.encode``): every token attends causally to the real tokens before it, except the
+    appended trie-node tokens, which attend to the sequence up to the score position and to their own ancestors,
+    at the positions they would have after the score phrase (score position + depth). Padding attends to
+    itself only (no empty softmax rows)."""
+    n = len(rows)
+    positions = torch.arange(length).repeat(n, 1)
+    allow = torch.eye(length, dtype=torch.bool).repeat(n, 1, 1)
+    causal = torch.ones((length, length), dtype=torch.bool).tril()
+    branch = []
+    for i, r in enumerate(rows):
+        t = int(mask[i].sum())
+        allow[i, :t, :t] = causal[:t, :t]
+        pos, parents = list(r["branch_positions"]), list(r["branch_parents"])
+        root = int(r["score_position"])
+        depth: list[int] = []
+        for j, (p, parent) in enumerate(zip(pos, parents)):
+            allow[i, p, :] = False
+            allow[i, p, :root + 1] = True
+            allow[i, p, p] = True
+            a = parent
+            while a >= 0:  # its ancestors among the node tokens
+                allow[i, p, pos[a]] = True
+                a = parents[a]
+            depth.append(1 if parent < 0 else depth[parent] + 1)
+            positions[i, p] = root + depth[j]
+        branch.append(pos)
+    if len({len(b) for b in branch}) != 1:
+        raise ValueError("rows of one batch have different numbers of trie-node tokens (mixed scales)")
+    return {"position_ids": positions, "attention_mask": allow[:, None],
+            "score_branch_positions": torch.tensor(branch, dtype=torch.long)}
 
 
 @dataclass(frozen=True)
@@ -211,6 +255,8 @@ def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
         "score_positions": torch.tensor([r["score_position"] for r in rows], dtype=torch.long),
         "score_targets": torch.tensor([r["score"] for r in rows], dtype=torch.float32),
     }
+    if rows[0].get("branch_positions"):  # a multi-token scale: the trie-node tokens need their tree mask
+        batch.update(tree_batch(rows, length, mask))
     if rows[0].get("weight") is not None:
         # float64 on the host: the loss casts to its compute dtype, so a weight reaches it rounded once
         weights = torch.tensor([float(r["weight"]) for r in rows], dtype=torch.float64)

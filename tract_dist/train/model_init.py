@@ -6,9 +6,12 @@ Under ZeRO-3 the caller keeps an ``HfDeepSpeedConfig`` alive while this runs, so
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 TINY_ALIAS = "tiny-llama"
 # Randomly initialised Llama-3-shaped models for throughput benchmarks (no weights to download).
@@ -31,6 +34,12 @@ def training_dtype(setting: str, use_cuda: bool) -> torch.dtype:
     return resolve_dtype(setting, "cuda" if use_cuda else "cpu")
 
 
+def _multi_token_scale(cfg: Any, tokenizer: Any) -> bool:
+    from tract_dist.data.score_scale import derive_score_scale
+
+    return not derive_score_scale(tokenizer, cfg.data.scale).single_token
+
+
 def load_training_model(cfg: Any, tokenizer: Any, *, use_cuda: bool) -> torch.nn.Module:
     """The seed model named by ``cfg.model`` (HF path/name, ``smollm2``, or ``tiny-llama`` for smoke runs)."""
     from transformers import AutoModelForCausalLM
@@ -39,6 +48,11 @@ def load_training_model(cfg: Any, tokenizer: Any, *, use_cuda: bool) -> torch.nn
 
     m = cfg.model
     attn = attn_implementation(m.attn_implementation, use_cuda)
+    if "flash" in attn and _multi_token_scale(cfg, tokenizer):
+        # the trie-node tokens of a multi-token scale need a tree mask, which flash-attention's kernels do not take
+        log.warning("data.scale %s has multi-token values: training attention %s -> sdpa (tree mask)",
+                    cfg.data.scale, attn)
+        attn = "sdpa"
     if cfg.training.packing:
         from tract_dist.models.packed_attention import packed_implementation
 

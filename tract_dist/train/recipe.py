@@ -119,12 +119,14 @@ class TrainRecipe:
         samples become this rank's micro-batches."""
         from tract_dist.data.assets import load_tokenizer
         from tract_dist.train.batching import BatchLayout
-        from tract_dist.train.data import StepPlan, encoded_lengths, global_batch_size, load_encoded, load_score_tokens
+        from tract_dist.train.data import (StepPlan, encoded_lengths, global_batch_size, load_encoded,
+                                           load_score_sequences, load_score_tokens)
 
         t = self.cfg.training
         self.tokenizer = load_tokenizer(self.cfg.model.tokenizer or _tokenizer_source(self.cfg))
         self.data = load_encoded(self.run_dir)
         self.score_tokens = load_score_tokens(self.run_dir)
+        self.score_sequences = load_score_sequences(self.run_dir)  # a multi-token scale's value tokens, else None
         self.n_ce = self.data["n_ce"]
         self.lengths = encoded_lengths(self.data)
         resumed = self.resume_from
@@ -154,7 +156,8 @@ class TrainRecipe:
         # Alive for the recipe's life: while it exists, from_pretrained/from_config build under zero.Init.
         self._hf_ds = HfDeepSpeedConfig(ds_config) if t.zero_stage == 3 else None
         self.model = load_training_model(cfg, self.tokenizer, use_cuda=self.use_cuda)
-        loss_options = CoTRaftLossOptions.from_config(cfg.loss, self.score_tokens.token_ids, self.score_tokens.scores)
+        loss_options = CoTRaftLossOptions.from_config(cfg.loss, self.score_tokens.token_ids, self.score_tokens.scores,
+                                                      score_sequences=self.score_sequences)
         wrapper = CotRaftCausalLM(self.model, loss_options)
         self.strategy.prepare(wrapper, ds_config, lr_lambda(t.lr_scheduler, self.steps.total_steps, t.warmup_ratio))
         self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in wrapper.parameters())
