@@ -70,6 +70,10 @@ class TrainOutputs(StageOutputs):
     mlflow_model_id: str | None = None  # the export's MLflow logged model (absent from older records)
 
     def paths(self) -> list[str]:
+        from tract_dist.storage import is_uri
+
+        if is_uri(self.model) and self.run_dir:  # published on a URI root: its source, the run's own export
+            return [str(Path(self.run_dir) / "export" / self.model.rstrip("/").rsplit("/", 1)[-1])]
         return [self.model]
 
 

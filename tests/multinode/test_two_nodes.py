@@ -125,3 +125,69 @@ def test_two_workers_one_per_node_on_s3_then_each_node_fetches_the_export(cluste
     assert not node2["sees_head_local"] and head["sees_head_local"]  # the isolation the test relies on
     assert head["sha"] == node2["sha"] == local_manifest["files"]["model.safetensors"]["sha256"]
     assert head["tensors"] == node2["tensors"] > 0
+
+
+@pytest.mark.timeout(1500)
+def test_submit_quickstart_pipeline_across_nodes_on_s3(cluster):
+    """``tract-dist submit`` of configs/quickstart.yaml (method tract: stage 1, generation, stage-2 data, stage
+    2, evaluation) on the two nodes with ``cluster.storage_path`` on S3: the tiny seed model instead of SmolLM2
+    (CPU budget), one training worker per node, two generation/evaluation replicas fetching the exports."""
+    storage = f"s3://{BUCKET}/pipe"
+    over = {"model.name_or_path": "tiny-llama", "model.tokenizer": "smollm2", "model.dtype": "float32",
+            "data.max_length": 768, "generation.max_new_tokens": 8, "generation.batch_size": 8,
+            "evaluation.batch_size": 8, "pipeline.output_dir": str(cluster.shared / "pipeline"),
+            "tracking.tracking_uri": f"sqlite:///{cluster.shared}/mlflow-pipe.db",
+            "cluster.storage_path": storage, "cluster.resources_per_worker": {RESOURCE: 1}}
+    r = _cli(cluster, "submit", "--address", cluster.dashboard, "--wait", str(REPO / "configs" / "quickstart.yaml"),
+             *[f"{k}={json.dumps(v)}" for k, v in over.items()], timeout=1400)
+    assert r.returncode == 0, (r.stdout[-6000:], r.stderr[-3000:])
+    (pdir,) = (cluster.shared / "pipeline").glob("pipeline-tract-*")
+    stages = json.loads((pdir / "state.json").read_text())["stages"]
+    assert {"train_stage1", "generate", "build_stage2", "train_stage2"} <= set(stages), sorted(stages)
+    assert sum(name.startswith("evaluate") for name in stages) >= 2, sorted(stages)
+    for name in ("train_stage1", "train_stage2"):  # handed over through S3
+        assert stages[name]["outputs"]["model"].startswith(f"{storage}/{pdir.name}/"), stages[name]
+    assert stages["generate"]["outputs"]["ok"] > 0
+
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=cluster.s3_env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
+                      aws_secret_access_key="testing", region_name="us-east-1")
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"pipe/{pdir.name}/")["Contents"]]
+    assert sum(k.endswith("export/model/tract-manifest.json") for k in keys) == 2  # stage 1 and stage 2
+
+
+@pytest.mark.timeout(1200)
+def test_losing_the_second_node_mid_run_resumes_from_s3_on_the_head(cluster, quickstart_data):
+    """Elastic (min_workers=1): SIGKILL the second node's raylet and workers after a checkpoint reached S3; Ray
+    Train restarts the group on the head alone from that checkpoint (DeepSpeed's universal format), and the run
+    finishes there. Runs last: the second node stays dead."""
+    import boto3
+
+    storage = f"s3://{BUCKET}/elastic"
+    args = _train_args(cluster, quickstart_data, storage, steps=4)
+    cfg_path = Path(args[-1])
+    cfg = json.loads(cfg_path.read_text())
+    cfg["training"].update(save_steps=1, global_batch_size=2)
+    cfg["cluster"].update(min_workers=1, max_failures=2, elastic_resize_interval_s=3600)
+    cfg_path.write_text(json.dumps(cfg))
+    args[2] = "elastic"  # --run-name
+    proc = subprocess.Popen([sys.executable, "-m", "tract_dist.cli", *args], env=cluster.driver_env(), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    s3 = boto3.client("s3", endpoint_url=cluster.s3_env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
+                      aws_secret_access_key="testing", region_name="us-east-1")
+    import time
+
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        objs = s3.list_objects_v2(Bucket=BUCKET, Prefix="elastic/elastic/").get("Contents", [])
+        if any(o["Key"].endswith("manifest_rank1.json") for o in objs):  # a two-rank checkpoint is on S3
+            break
+        time.sleep(2)
+    assert proc.poll() is None, proc.stdout.read()[-4000:]
+    cluster.kill_node2()
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-6000:]
+    info = json.loads((cluster.shared / "runs" / "elastic" / "train_result.json").read_text())
+    assert info["world_size"] == 1 and info["resumed_from_world_size"] == 2 and info["start_step"] >= 1
+    assert info["steps"] == 4 and info["export_uri"] == f"{storage}/elastic/export"
