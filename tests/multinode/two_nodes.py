@@ -4,7 +4,8 @@ S3-compatible server on 127.0.0.1: the multi-node test bed of tests/multinode (i
 - The head: ``ray start --head`` bound to 127.0.0.1 (as tests/test_submit.py starts it, dashboard included for
   the Jobs API and Ray Train's State API polling).
 - The second node: ``ray start --address=...`` run under ``unshare --mount --propagation private`` with a
-  tmpfs mounted over ``<base>/local``: in its mount namespace that folder is an empty, private one, so every
+  tmpfs mounted over ``<base>/local`` and one over the head's Ray temp dir (a session folder of its own, as on
+  another machine): in its mount namespace that folder is an empty, private one, so every
   process of that node (raylet, workers, their children) sees neither the head's files there nor its writes
   there from the head. ``<base>/shared`` stays one folder for both: the stand-in for an NFS mount.
 - Storage: ``moto_server`` (moto's server mode, a real HTTP S3 API) on 127.0.0.1; pyarrow's S3FileSystem and
@@ -72,7 +73,8 @@ class Cluster:
         """Environment of a driver on the head's machine (the head's cache, the cluster's address, loopback)."""
         from tract_dist.runtime.ray_cluster import local_ray_env
 
-        return {**os.environ, **self.s3_env, **local_ray_env(), "RAY_ADDRESS": self.gcs, "TRACT_DIST_CACHE": str(self.local / "head"),
+        return {**os.environ, **self.s3_env, **local_ray_env(), "RAY_ADDRESS": self.gcs,
+                "TRACT_DIST_CACHE": str(self.local / "head"),
                 "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
     def kill_node2(self) -> None:
@@ -92,8 +94,8 @@ def _wait(pred, what: str, timeout: float, procs: list[subprocess.Popen]) -> Non
         time.sleep(1)
 
 
-def _node_ports() -> list[str]:
-    lo = 23000 + (os.getpid() % 200) * 40  # worker port ranges of their own: the suite's Ray uses the default
+def _node_ports() -> tuple[list[str], int]:
+    lo = 20000 + (os.getpid() % 100) * 120  # worker port ranges of their own: the suite's Ray uses the default
     ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
              f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
              f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}"]
@@ -144,19 +146,25 @@ def two_node_cluster(base: Path, *, cpus_per_node: int = 2) -> Iterator[Cluster]
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--num-cpus={cpus_per_node}",
              f"--resources={json.dumps({RESOURCE: 1})}", f"--temp-dir={tmp}", "--include-dashboard=true",
              "--object-store-memory=150000000", "--disable-usage-stats", f"--ray-client-server-port={_free_port()}",
-             f"--min-worker-port={lo}", f"--max-worker-port={lo + 19}", *ports],
+             f"--min-worker-port={lo}", f"--max-worker-port={lo + 59}", *ports],
             env=head_env, stdout=log, stderr=log, start_new_session=True))
         address = f"127.0.0.1:{gcs}"
         ports2, _ = _node_ports()
         # The second node: its own mount namespace, a private tmpfs over <base>/local (then its cache inside it).
         node2_env = {**base_env, **local_ray_env(), "TRACT_DIST_CACHE": str(base / "local" / "node2")}
-        script = ('mount -t tmpfs -o size=1g tract-node2 "$0" && mkdir -p "$0/node2" && cd "$0/node2" && exec "$@"')
+        # Its Ray temp dir is private too: two nodes sharing one session folder share runtime_resources/, where
+        # each node's runtime-env agent unpacks (and garbage-collects) a job's working_dir: seen deleting the
+        # head's copy under a running job.
+        tmp.mkdir(parents=True, exist_ok=True)
+        script = ('mount -t tmpfs -o size=1g tract-node2 "$0" && mount -t tmpfs -o size=2g tract-node2-ray "$1" && '
+                  'mkdir -p "$0/node2" && cd "$0/node2" && shift && exec "$@"')
         node2 = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(base / "local"),
-             sys.executable, "-m", "tests.multinode.node_start", "start", f"--address={address}", "--block", "--node-ip-address=127.0.0.1",
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(base / "local"), str(tmp),
+             sys.executable, "-m", "tests.multinode.node_start", "start", f"--address={address}", "--block",
+             "--node-ip-address=127.0.0.1",
              f"--num-cpus={cpus_per_node}", f"--resources={json.dumps({RESOURCE: 1})}",
              "--object-store-memory=150000000", "--disable-usage-stats",
-             f"--min-worker-port={lo + 20}", f"--max-worker-port={lo + 39}", *ports2],
+             f"--min-worker-port={lo + 60}", f"--max-worker-port={lo + 119}", *ports2],
             env=node2_env, stdout=log, stderr=log, start_new_session=True)
         procs.append(node2)
 

@@ -122,11 +122,10 @@ def generation_settings(cfg: Any, model_path: str, backend: str, sampling: Sampl
     tokens' probabilities, from which selection reads ŷ the way the stage-1 judge does (folders made before the
     read-out existed keep their fingerprint; their records carry none)."""
     from tract_dist.fsutil import content_fingerprint
-
     from tract_dist.storage import local_copy
 
-    settings = {"model": str(model_path), "model_sha256": content_fingerprint(local_copy(model_path) or ""),
-                "backend": backend,
+    local = local_copy(str(model_path)) or str(model_path)  # a URI: this node's verified copy is what is hashed
+    settings = {"model": str(model_path), "model_sha256": content_fingerprint(local), "backend": backend,
                 "sampling": sampling.as_dict(), "seed": cfg.generation.seed, "max_length": inference_max_length(cfg),
                 "system_prompt": cfg.data.system_prompt, "scale": cfg.data.scale}
     if cfg.data.enable_thinking:  # only when on: folders generated before the switch existed keep their identity

@@ -308,7 +308,8 @@ class TrainRecipe:
         if self.rank == 0:
             flush(self.handle)  # metrics buffered through a tracking outage get their last chance here
             atomic_write_json(self.run_dir / "train_result.json", {
-                "export_dir": str(export_dir), "export_uri": export_uri, "steps": self.steps.total_steps, "start_step": self.start_step,
+                "export_dir": str(export_dir), "export_uri": export_uri, "steps": self.steps.total_steps,
+                "start_step": self.start_step,
                 "params_total": self.n_params, "peak_rss_gb": peak_rss, "params_per_rank": self.params_per_rank,
                 "world_size": self.world, "resumed_from_world_size": self.resumed_world,
                 "global_batch": self.steps.global_batch, "final_metrics": self.metrics,
