@@ -463,7 +463,11 @@ class ClusterSection(_Section):
     resources_per_worker: dict[str, float] = Field(
         {}, description="extra Ray resources per training worker (name: amount), e.g. {my_resource: 1}")
     storage_path: str = Field(
-        "runs/ray", description="Ray Train's storage (its checkpoints and run state): a local folder or a URI")
+        "runs/ray", description="the storage stages hand data through: Ray Train's checkpoints and, on a URI "
+                                "(s3://, gs://; credentials from each node's environment), the training exports "
+                                "(with a content manifest, fetched by each node into its local cache). A local "
+                                "folder (the default: one machine) must be one every node mounts when the cluster "
+                                "has several nodes (checked at launch); a pipeline uses <pipeline>/ray unless set")
     max_failures: int = Field(
         0, ge=0, le=10_000, description="times Ray Train restarts a failed worker group from the last checkpoint "
                                         "before the run fails; 0: none")

@@ -70,6 +70,10 @@ class TrainOutputs(StageOutputs):
     mlflow_model_id: str | None = None  # the export's MLflow logged model (absent from older records)
 
     def paths(self) -> list[str]:
+        from tract_dist.storage import is_uri
+
+        if is_uri(self.model) and self.run_dir:  # published on a URI root: its source, the run's own export
+            return [str(Path(self.run_dir) / "export" / self.model.rstrip("/").rsplit("/", 1)[-1])]
         return [self.model]
 
 
@@ -193,9 +197,19 @@ def stage_config(cfg: Config, pdir: Path, *, train_path: str | None = None, trai
     if train_path is not None:
         d["data"].update(train_path=train_path, train_format=train_format, max_examples=None, skip_invalid=False)
     d["training"]["output_dir"] = str(pdir)
-    d["cluster"]["storage_path"] = str(pdir / "ray")
+    d["cluster"]["storage_path"] = pipeline_storage(cfg, pdir)
     d["tracking"]["run_name"] = None
     return Config.model_validate(d)
+
+
+def pipeline_storage(cfg: Config, pdir: Path) -> str:
+    """Ray Train's storage for the pipeline's runs: ``<pipeline>/ray`` on one machine (the default
+    ``cluster.storage_path``), else ``<cluster.storage_path>/<pipeline name>`` (a URI or a shared mount)."""
+    from tract_dist.storage import join
+
+    sp = cfg.cluster.storage_path
+    default = type(cfg.cluster).model_fields["storage_path"].default
+    return str(pdir / "ray") if sp == default else join(sp, pdir.name)
 
 
 @dataclass
@@ -506,6 +520,10 @@ def _run_locked(cfg: Config, name: str, pdir: Path, *, config_path: str | None, 
     _check_selection(stages, _walk(stages, state, selected, summary, dry=True)[1], selected)
     if cfg.cluster.address or address or os.environ.get("RAY_ADDRESS") or _needs_ray(cfg):
         init_ray_from_config(cfg, address)
+        from tract_dist.runtime.storage_check import check_shared_storage
+
+        # Before any stage: on several nodes every folder a stage hands data through must be shared.
+        check_shared_storage({"cluster.storage_path": pipeline_storage(cfg, pdir), "pipeline.output_dir": str(pdir)})
 
     tr = cfg.tracking
     model_tag = cfg.model.name_or_path
@@ -573,6 +591,10 @@ def _train(cfg: Config, run_name: str, ctx: _Context, model_stage: str) -> Train
     model = str(r.export_dir / "model")
     if not (r.export_dir / "model").is_dir() and (r.export_dir / "adapter").is_dir():
         model = str(r.export_dir / "adapter")  # LoRA without merge_on_export: served unmerged by both backends
+    if r.export_uri:  # on a URI storage root: the published copy, which every node's replicas fetch and check
+        from tract_dist.storage import join
+
+        model = join(r.export_uri, Path(model).name)
     return TrainOutputs(model=model, run_dir=str(r.run_dir), mlflow_run_id=r.mlflow_run_id,
                         summary=f"{r.data_summary['encode_encoded']} examples", mlflow_model_id=r.mlflow_model_id)
 

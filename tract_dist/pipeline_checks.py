@@ -72,7 +72,9 @@ def check_model_source(name: str, key: str = "model.name_or_path") -> None:
     from tract_dist.data.assets import ALIASES, MODEL_ALIASES
     from tract_dist.train.model_init import RANDOM_ALIASES, TINY_ALIAS
 
-    if name in ALIASES + (TINY_ALIAS, *RANDOM_ALIASES):
+    from tract_dist.storage import is_uri
+
+    if name in ALIASES + (TINY_ALIAS, *RANDOM_ALIASES) or is_uri(name):  # a URI: fetched (and checked) by each node
         return
     p = Path(name).expanduser()
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1  # hub ids: "name" or "org/name"

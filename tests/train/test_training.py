@@ -40,6 +40,9 @@ def _cfg(tmp: Path, data: Path, **over):
 def _export_state(run_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
+    from tract_dist.storage import verify_manifest
+
+    verify_manifest(run_dir / "export" / "model")  # the exporter's content check (#27) matches what it wrote
     return load_file(str(run_dir / "export" / "model" / "model.safetensors"))
 
 

@@ -42,15 +42,15 @@ def predict(cfg: Any, model_path: str, examples: list[JudgeExample], *, show_pro
 
     from tract_dist.judge.judge import judge_kwargs
 
-    from tract_dist.models.loading import materialize_alias
     from tract_dist.runtime.backend import spec_from_config
+    from tract_dist.storage import for_replicas, local_copy
 
     e = cfg.evaluation
     spec = PoolSpec.from_config(cfg, use_ray=e.ray, batch_size=e.batch_size, replicas=cfg.generation.num_replicas,
                                 gpus_per_replica=e.tensor_parallel_size)
-    kw = judge_kwargs(cfg, model_path)
+    kw = judge_kwargs(cfg, local_copy(model_path))  # a URI: this node's verified copy, read by the driver
     kw["sampling"] = kw["sampling"].as_dict()
-    engine = spec_from_config(cfg, "evaluation", materialize_alias(model_path), backend, batch_size=e.batch_size,
+    engine = spec_from_config(cfg, "evaluation", for_replicas(model_path), backend, batch_size=e.batch_size,
                               torch_threads=spec.torch_threads())
     worker_kwargs = {"engine": engine.as_dict(), "judge_kwargs": kw, "n_cots": e.num_cots, "mode": e.mode}
     rows = [{"id": ex.id, "example": json.dumps(ex.to_dict(), ensure_ascii=False)} for ex in examples]
@@ -144,7 +144,10 @@ def _evaluate(cfg: Any, model_path: str | None, out: Path, parent_run: Any, show
     e, t = cfg.evaluation, cfg.tracking
     choice = choose_backend(cfg, "evaluation")  # before any replica starts
     model_path = model_path or cfg.model.name_or_path
-    rail = resolve_rail_normalize(e.rail_normalize, model_path)  # the export's training choice unless set
+    from tract_dist.storage import local_copy
+
+    local = local_copy(model_path)  # a URI: this node's verified copy, for what the driver reads itself
+    rail = resolve_rail_normalize(e.rail_normalize, local)  # the export's training choice unless set
     scale = parse_scale(cfg.data.scale)
     results: dict[str, Any] = {}
     with start_run(t.tracking_uri, t.experiment, t.run_name or "evaluate", enabled=t.enabled, parent=parent_run,
@@ -158,7 +161,7 @@ def _evaluate(cfg: Any, model_path: str | None, out: Path, parent_run: Any, show
         # model its metrics are filed under, so the Models tab shows each export's results per benchmark.
         from tract_dist.tracking.models import link_model_input
 
-        model_id = link_model_input(run, model_path) if Path(str(model_path)).is_dir() else None
+        model_id = link_model_input(run, local) if Path(str(local)).is_dir() else None
         for spec in e.benchmarks:
             examples = load_benchmark(spec, scale, cfg.data.skip_invalid)
             dataset = examples_dataset(spec.name, spec.path, examples, EVALUATION)

@@ -22,7 +22,6 @@ from tract_dist.data.schema import JudgeExample
 from tract_dist.data.score_tokens import parse_scale
 from tract_dist.generate.shards import ShardStore, cot_uid, retryable
 from tract_dist.generate.worker import CotWorker
-from tract_dist.models.loading import materialize_alias
 from tract_dist.runtime.pool import PoolSpec, ensure_ray, map_rows
 from tract_dist.runtime.sampling import SamplingParams, example_seed
 
@@ -123,8 +122,10 @@ def generation_settings(cfg: Any, model_path: str, backend: str, sampling: Sampl
     tokens' probabilities, from which selection reads ŷ the way the stage-1 judge does (folders made before the
     read-out existed keep their fingerprint; their records carry none)."""
     from tract_dist.fsutil import content_fingerprint
+    from tract_dist.storage import local_copy
 
-    settings = {"model": str(model_path), "model_sha256": content_fingerprint(model_path), "backend": backend,
+    local = local_copy(str(model_path)) or str(model_path)  # a URI: this node's verified copy is what is hashed
+    settings = {"model": str(model_path), "model_sha256": content_fingerprint(local), "backend": backend,
                 "sampling": sampling.as_dict(), "seed": cfg.generation.seed, "max_length": inference_max_length(cfg),
                 "system_prompt": cfg.data.system_prompt, "scale": cfg.data.scale}
     if cfg.data.enable_thinking:  # only when on: folders generated before the switch existed keep their identity
@@ -168,6 +169,7 @@ def generate_cots(cfg: Any, model_path: str | None, out_dir: str | Path | None =
 
 def _generate_locked(cfg: Any, model_path: str, out: Path, examples: list[JudgeExample], backend: Any,
                      parent_run: Any, show_progress: bool, fingerprint: str | None) -> dict[str, Any]:
+    from tract_dist.storage import for_replicas, local_copy
     from tract_dist.tracking import log_artifact, log_metrics, log_params, start_run
 
     g = cfg.generation
@@ -198,18 +200,19 @@ def _generate_locked(cfg: Any, model_path: str, out: Path, examples: list[JudgeE
                          "backend": backend.backend, "backend_reason": backend.reason,
                          "tensor_parallel_size": g.tensor_parallel_size,
                          **{f"sampling.{k}": v for k, v in sampling.as_dict().items()}})
-        if Path(model_path).is_dir():  # the stage-1 export's logged model is this run's input
+        local = local_copy(model_path)  # a URI: this node's verified copy, for what the driver reads itself
+        if Path(local).is_dir():  # the stage-1 export's logged model is this run's input
             from tract_dist.tracking.models import link_model_input
 
-            link_model_input(run, model_path)
+            link_model_input(run, local)
         if spec.use_ray and todo:
             ensure_ray(spec)  # before the progress bar: Ray's start-up line is not drawn into it
         progress = _Progress(len(todo), show_progress)
         step = 0
         try:
             # An alias with GGUF weights is converted once here, not by every replica at once.
-            kwargs = worker_kwargs(cfg, materialize_alias(str(model_path)), backend.backend, sampling, spec,
-                                   judge_rail_normalize(cfg, model_path))
+            kwargs = worker_kwargs(cfg, for_replicas(str(model_path)), backend.backend, sampling, spec,
+                                   judge_rail_normalize(cfg, local))
             while todo:
                 buffer: list[dict[str, Any]] = []
                 try:

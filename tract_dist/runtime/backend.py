@@ -72,6 +72,12 @@ def resolve_backend(requested: str, key: str, *, gpu: bool) -> BackendChoice:
 def build_engine(spec: EngineSpec) -> InferenceEngine:
     """The engine for ``spec``: the cached one when it is the same engine, else a new one (the old one of that
     backend is freed first). One slot per backend, so an HF reference and a vLLM engine can live side by side."""
+    from dataclasses import replace
+
+    from tract_dist.storage import local_copy
+
+    # A model on shared storage (a URI) is fetched into this node's verified cache: vLLM and HF load from disk.
+    spec = replace(spec, model_path=local_copy(spec.model_path), tokenizer=local_copy(spec.tokenizer))
     key = spec.key()
     slot = _CACHE.get(spec.backend)
     if slot is not None and slot[0] == key:

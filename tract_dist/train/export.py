@@ -4,7 +4,8 @@
 every rank calls it, rank 0 receives the dict). Rank 0 then writes safetensors + config + tokenizer into a
 temporary folder (named after its writer, ``fsutil.temp_path``), fsyncs it and renames it into place
 (``fsutil.publish_dir``), so neither a crash nor a power loss leaves a half-written export. For LoRA the
-adapter is written with PEFT, and the merged model (W + alpha/r * B @ A) beside it when asked.
+adapter is written with PEFT, and the merged model (W + alpha/r * B @ A) beside it when asked. Each folder gets
+a manifest (every file's size and SHA-256) that a node fetching it from shared storage checks.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from tract_dist.export_record import write_export_record
 from tract_dist.fsutil import is_stale_temp, publish_dir, temp_path
+from tract_dist.storage import write_manifest
 
 _WRAPPER_PREFIX = "lm."  # CotRaftCausalLM keeps the HF model as .lm
 
@@ -127,3 +129,6 @@ def _write_export(sd: dict[str, torch.Tensor], model: Any, tokenizer: Any, cfg: 
     else:
         save_hf_dir(sd, model.config, tokenizer, tmp / "model", getattr(model, "generation_config", None))
     write_export_record(tmp, cfg)  # the loss's score read-out, which evaluation.rail_normalize unset follows
+    for name in ("model", "adapter"):  # last: each loadable folder's content check (sizes + SHA-256), which a
+        if (tmp / name).is_dir():       # node fetching it from shared storage verifies (tract_dist/storage.py)
+            write_manifest(tmp / name)

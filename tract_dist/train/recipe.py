@@ -304,17 +304,33 @@ class TrainRecipe:
         export_dir = Path(self.plan.export_dir or self.run_dir / "export")
         t0 = time.perf_counter()
         export_model(self.strategy.engine, self.model, self.tokenizer, self.cfg, export_dir, self.rank)
+        export_uri = self._publish_export(export_dir) if self.rank == 0 else None
         self.strategy.barrier()
         self.timings["export"] = time.perf_counter() - t0
         peak_rss = self.strategy.max_float(_peak_rss_gb())
         if self.rank == 0:
             flush(self.handle)  # metrics buffered through a tracking outage get their last chance here
             atomic_write_json(self.run_dir / "train_result.json", {
-                "export_dir": str(export_dir), "steps": self.steps.total_steps, "start_step": self.start_step,
+                "export_dir": str(export_dir), "export_uri": export_uri, "steps": self.steps.total_steps,
+                "start_step": self.start_step,
                 "params_total": self.n_params, "peak_rss_gb": peak_rss, "params_per_rank": self.params_per_rank,
                 "world_size": self.world, "resumed_from_world_size": self.resumed_world,
                 "global_batch": self.steps.global_batch, "final_metrics": self.metrics,
                 "timings_s": {k: round(v, 3) for k, v in self.timings.items()}})
+
+    def _publish_export(self, export_dir: Path) -> str | None:
+        """On a URI storage root (``cluster.storage_path``), upload the export's folders with their manifests
+        to ``<root>/<run>/export``: this node's disk is not another node's (tract_dist/storage.py)."""
+        from tract_dist.storage import is_uri, join, upload_dir
+
+        root = self.cfg.cluster.storage_path
+        if not is_uri(root):
+            return None
+        uri = join(root, self.run_dir.name, "export")
+        for name in ("model", "adapter"):
+            if (export_dir / name).is_dir():
+                upload_dir(export_dir / name, join(uri, name))
+        return uri
 
     def _hook_context(self, step: int, checkpoint: str | None = None, ids: tuple[str, ...] = ()) -> HookContext:
         return HookContext(step=step, rank=self.rank, world_size=self.world, run_dir=self.run_dir,

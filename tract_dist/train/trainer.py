@@ -43,6 +43,7 @@ class TrainResult:
     tracking_uri: str
     data_summary: dict[str, Any]
     mlflow_model_id: str | None = None  # the export's MLflow logged model (None: not logged)
+    export_uri: str | None = None  # the export published on a URI storage root (cluster.storage_path), else None
 
 
 def run_fingerprint(cfg: Config, recipe: str = "train") -> str:
@@ -156,6 +157,9 @@ def _run_locked(cfg: Config, name: str, run_dir: Path, *, config_path: str | Non
     from tract_dist import console
 
     fp = run_fingerprint(cfg, recipe)
+    if launcher == "ray" and (address or cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
+        # A cluster first (a local Ray is one node, started later): unshared storage is refused before any work.
+        _connect_and_check(cfg, address, run_dir)
     check_resume(cfg, name, run_dir, fp, fresh=fresh)  # --fresh moves the old folder aside: logs go in the new
     run_dir.mkdir(parents=True, exist_ok=True)
     # A quiet console (a pipeline's stage keeps the pipeline's): library chatter to RUN_DIR/logs/driver.log.
@@ -219,7 +223,10 @@ def _prepare_and_fit(cfg: Config, name: str, run_dir: Path, fp: str, *, config_p
         t_fit, t_log = time.perf_counter() - t_fit, time.perf_counter()
         model_id = _log_outcome(handle, cfg, run_dir, model_name)
         _record_driver_timings(run_dir, fit=t_fit, log_model=time.perf_counter() - t_log)
-    return TrainResult(name, run_dir, run_dir / "export", ckpt, handle.run_id, handle.tracking_uri, summary, model_id)
+    result = run_dir / "train_result.json"
+    export_uri = read_json(result, "the training result").get("export_uri") if result.exists() else None
+    return TrainResult(name, run_dir, run_dir / "export", ckpt, handle.run_id, handle.tracking_uri, summary, model_id,
+                       export_uri)
 
 
 def _record_driver_timings(run_dir: Path, **seconds: float) -> None:
@@ -332,24 +339,39 @@ def _fit_with_ray(cfg: Config, loop: WorkerPlan, name: str, address: str | None)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from tract_dist.storage import ray_storage, storage_uri
     from tract_dist.train.worker import train_worker
 
-    init_ray_from_config(cfg, address)
+    init_ray_from_config(cfg, address)  # connected already by _connect_and_check: a no-op
     check_placement(cfg)
     c = cfg.cluster
-    storage = str(Path(c.storage_path).resolve()) if "://" not in c.storage_path else c.storage_path
+    storage, storage_fs = ray_storage(c.storage_path)  # a URI's filesystem: credentials from the environment
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=loop.to_dict(),  # a dict: Ray Train validates its train_loop_config as one
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
         scaling_config=scaling_config(cfg),
-        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=c.max_failures),
+        run_config=RunConfig(name=name, storage_path=storage, storage_filesystem=storage_fs,
+                             failure_config=FailureConfig(max_failures=c.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.training.num_to_keep)),
     )
     result = trainer.fit()
     if result.error:
         raise result.error
-    return result.checkpoint.path if result.checkpoint else ""
+    if not result.checkpoint:
+        return ""
+    return storage_uri(c.storage_path, result.checkpoint.path)
+
+
+def _connect_and_check(cfg: Config, address: str | None, run_dir: Path) -> None:
+    """Join (or start) Ray, then refuse what the cluster cannot run: too few resources, or on several nodes a
+    local storage or run folder that not every node sees (``cluster.storage_path``: runtime/storage_check.py)."""
+    from tract_dist.runtime.storage_check import check_shared_storage
+
+    init_ray_from_config(cfg, address)
+    check_placement(cfg)
+    check_shared_storage({"cluster.storage_path": cfg.cluster.storage_path,
+                          "training.output_dir": str(run_dir.parent)})
 
 
 def scaling_config(cfg: Config) -> Any:
