@@ -1,13 +1,9 @@
-"""CoT generation on vLLM: a 2-replica Ray Data pool gives the in-process CoTs; SIGKILL mid-run, then resume
-to exactly one output per CoT, the resumed CoTs equal to an uninterrupted run's."""
+"""CoT generation on vLLM: a 2-replica Ray Data pool gives the in-process CoTs, each with its RAIL read-out.
+The SIGKILL-then-resume check on vLLM is ``benchmarks/generate/check_vllm_kill_resume.py`` (two more engine starts
+than the suite's budget keeps; the suite kills and resumes the same shard logic on HF: tests/generate/test_gen_kill.py)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections import Counter
 
 import pytest
@@ -77,29 +73,3 @@ def test_two_vllm_replicas_through_ray_data(clean_run, ray_local, quickstart_dat
     assert _cots(tmp_path / "ray") == clean_run  # per-request seeds: the same CoTs whichever replica ran them
 
 
-@pytest.mark.timeout(400)
-def test_sigkill_midway_then_resume(clean_run, quickstart_data, tmp_path):
-    out = tmp_path / "out"
-    cfg_file = tmp_path / "gen.yaml"
-    cfg_file.write_text("model:\n  name_or_path: x\n")
-    overrides = _overrides(quickstart_data, 4)
-    cmd = [sys.executable, "-m", "tract_dist.cli", "generate", str(cfg_file), "--output-dir", str(out),
-           "--no-progress", *overrides]
-    # its own session: the kill takes the job's whole process group (the CLI and vLLM's engine core)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while not list(out.glob("part-*.jsonl")) and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.02)
-        assert proc.poll() is None, "the job ended before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    at_kill = len(list(out.glob("part-*.jsonl")))
-    assert 1 <= at_kill < 4, "the kill did not land midway"
-    summary = generate_cots(load_config(cfg_file, overrides), None, out, show_progress=False)
-    assert summary["missing"] == summary["duplicates"] == 0 and summary["committed"] == 8
-    assert 0 < summary["this_run"]["generated_this_run"] < 8
-    assert _cots(out) == clean_run
