@@ -19,7 +19,7 @@ Vicuna Bench prompt (~700 tokens) and a 40-token CoT that is one prefill instead
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import StoppingCriteria
@@ -135,21 +135,9 @@ class HFEngine:
 
         A sequence that extends a prompt of the last ``generate`` call is read from that prompt's cached keys and
         values (only its new tokens are computed); the others in batches of ``batch_size``."""
-        results: list[list[float] | None] = [None] * len(sequences)
-        rest: list[int] = []
-        for i, seq in enumerate(sequences):
-            cached = self._cached_prefix(seq)
-            if cached is None:
-                rest.append(i)
-            else:
-                results[i] = score_after_prefix(self.model, cached[0], seq[cached[1]:], cached[1], token_ids)
-        for c in self._chunks(len(rest)):
-            rows = rest[c]
-            for i, probs in zip(rows, score_token_probs(self.model, [sequences[j] for j in rows], token_ids,
-                                                        pad_id=self.pad_id)):
-                results[i] = probs
-        self._prefixes, self._prefix_bytes = {}, 0  # read out: the memory goes back now
-        return results  # type: ignore[return-value]
+        return self._read_each(
+            sequences, lambda kv, new, start: score_after_prefix(self.model, kv, new, start, token_ids),
+            lambda seqs: score_token_probs(self.model, seqs, token_ids, pad_id=self.pad_id))
 
     def score_trie_probs(self, sequences: list[list[int]], nodes: list[list[int]],
                          token_ids: list[int]) -> list[list[list[float]]]:
@@ -165,21 +153,29 @@ class HFEngine:
         if len(nodes) == 1 or not _takes_custom_mask(self.model):
             flat = self.score_probs([s + n for s in sequences for n in nodes], token_ids)
             return [flat[i * len(nodes):(i + 1) * len(nodes)] for i in range(len(sequences))]
-        results: list[list[list[float]] | None] = [None] * len(sequences)
+        return self._read_each(
+            sequences, lambda kv, new, start: trie_after_prefix(self.model, kv, new, start, nodes, token_ids),
+            lambda seqs: trie_token_probs(self.model, seqs, nodes, token_ids, pad_id=self.pad_id))
+
+    def _read_each(self, sequences: list[list[int]], on_cached: Callable[[Any, list[int], int], Any],
+                   on_batch: Callable[[list[list[int]]], list[Any]]) -> list[Any]:
+        """One read-out per sequence: from the last ``generate`` call's cached prompt keys/values when the sequence
+        extends one (``on_cached(cache, new_ids, start)``: only the new tokens are computed), the others in
+        batches of ``batch_size`` (``on_batch``); then the cache's memory goes back."""
+        results: list[Any] = [None] * len(sequences)
         rest: list[int] = []
         for i, seq in enumerate(sequences):
             cached = self._cached_prefix(seq)
             if cached is None:
                 rest.append(i)
             else:
-                results[i] = trie_after_prefix(self.model, cached[0], seq[cached[1]:], cached[1], nodes, token_ids)
+                results[i] = on_cached(cached[0], seq[cached[1]:], cached[1])
         for c in self._chunks(len(rest)):
             rows = rest[c]
-            for i, probs in zip(rows, trie_token_probs(self.model, [sequences[j] for j in rows], nodes, token_ids,
-                                                       pad_id=self.pad_id)):
-                results[i] = probs
+            for i, out in zip(rows, on_batch([sequences[j] for j in rows])):
+                results[i] = out
         self._prefixes, self._prefix_bytes = {}, 0
-        return results  # type: ignore[return-value]
+        return results
 
     def _cached_prefix(self, seq: list[int]) -> tuple[Any, int] | None:
         """(cache, length) of a kept prompt that ``seq`` extends by at least one token."""
