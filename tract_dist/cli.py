@@ -9,24 +9,9 @@ import sys
 from typing import Any, Callable
 
 from tract_dist.config import ConfigError, dump_config, load_config
-from tract_dist.errors import TractError, UsageError  # noqa: F401 - UsageError stays importable from here
-
-
-def add_plan_check_arg(p: argparse.ArgumentParser) -> None:
-    """``--no-plan-check`` of the commands that plan a run before starting it (train, pipeline, submit)."""
-    p.add_argument("--no-plan-check", action="store_true",
-                   help="start without checking the plan (tract-dist plan): per-GPU memory against the device's")
-
-
-def run_plan_check(args: argparse.Namespace, cfg: Any, command: str, *, local: bool = True) -> None:
-    """The plan check before a run starts (tract_dist.plan.check), unless ``--no-plan-check``; ``local``: the
-    run uses this machine (not a submitted job), so a CPU run is checked against its memory."""
-    if getattr(args, "no_plan_check", False):
-        return
-    from tract_dist.plan.check import plan_check
-
-    for line in plan_check(cfg, command, local=local):
-        print(line, file=sys.stderr, flush=True)
+from tract_dist.cli_args import (add_plan_check_arg, int_arg, max_length_arg, non_negative_arg,  # noqa: F401
+                                 positive_arg, run_plan_check, safe_name_arg, scale_arg)
+from tract_dist.errors import RunFailure, TractError, UsageError  # noqa: F401 - UsageError stays importable here
 
 
 def _add_config_args(p: argparse.ArgumentParser, *, required: bool) -> None:
@@ -117,58 +102,6 @@ _STAGE_COMMANDS = (
 )
 
 
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-
-
-def _non_negative(text: str) -> int:
-    v = _int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
-
-
-def _positive(text: str) -> int:
-    v = _int(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
-    return v
-
-
-def max_length_arg(text: str) -> int:
-    """``--max-length``: the same bounds as ``data.max_length``."""
-    v = _int(text)
-    if not 64 <= v <= 1 << 24:
-        raise argparse.ArgumentTypeError(f"must be between 64 and {1 << 24} tokens, got {v}")
-    return v
-
-
-def scale_arg(text: str) -> str:
-    """``--scale``: MIN-MAX, checked here so that a typo is a usage error, not a traceback."""
-    from tract_dist.data.score_tokens import ScaleError, parse_scale
-
-    try:
-        parse_scale(text)
-    except ScaleError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
-
-
-def safe_name_arg(text: str) -> str:
-    """``--run-name`` / ``--name``: one folder name (letters, digits, . _ -), never a path."""
-    import re
-
-    from tract_dist.config import SAFE_NAME
-
-    if not re.match(SAFE_NAME, text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a safe name: use 1-128 letters, digits, '.', '_' or "
-                                         "'-', starting with a letter or digit (it names a folder)")
-    return text
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tract-dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -197,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--format", required=True, choices=["feedback-collection", "prometheus-eval", "jsonl"])
     p.add_argument("--output", "-o", required=True, help="the JSONL file to write (replaced atomically)")
-    p.add_argument("--offset", type=_non_negative, default=0, help="first record to convert (0-based)")
-    p.add_argument("--max-examples", type=_positive, help="records to convert from --offset (default: all)")
+    p.add_argument("--offset", type=non_negative_arg, default=0, help="first record to convert (0-based)")
+    p.add_argument("--max-examples", type=positive_arg, help="records to convert from --offset (default: all)")
     p.add_argument("--scale", type=scale_arg, default="1-5")
     p.add_argument("--skip-invalid", action="store_true", help="skip (and report) malformed records")
     p.add_argument("--compact", action="store_true", help="one-line JSON")
@@ -243,30 +176,6 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise Terminated(128 + signum)
 
 
-def _handled_errors() -> tuple[type[BaseException], ...]:
-    from tract_dist.data.assets import AssetError
-    from tract_dist.data.schema import DataError
-    from tract_dist.data.score_tokens import ScaleError, ScoreTokenError
-    from tract_dist.fsutil import CorruptStateError, LockHeldError
-    from tract_dist.train.data import EmptyDatasetError
-
-    from tract_dist.generate.shards import StaleGenerationError
-    from tract_dist.submit import SubmitError
-    from tract_dist.train.session import StaleResumeError
-
-    return (ConfigError, DataError, ScoreTokenError, ScaleError, AssetError, TractError, EmptyDatasetError,
-            LockHeldError, CorruptStateError, StaleResumeError, StaleGenerationError, SubmitError)
-
-
-def _run_errors() -> tuple[type[BaseException], ...]:
-    """Failures of a run (not of its input) that carry their own explanation: a message and exit 1."""
-    from tract_dist.train.session import CheckpointError
-    from tract_dist.train.trainer import WorkerFailedError
-    from tract_dist.train.worker import NonFiniteLossError
-
-    return (NonFiniteLossError, CheckpointError, WorkerFailedError)
-
-
 # Errors about a path the user named (a config, --output, a data file): a message and exit 2, not a traceback.
 _PATH_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
@@ -303,14 +212,13 @@ def _main(argv: list[str] | None) -> int:
         from tract_dist import console
 
         console.set_verbose(True)  # through the environment: Ray workers and subprocesses inherit it
-    handled = _handled_errors()
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except handled as e:
+    except TractError as e:  # bad input or usage: the message says what to change
         print(f"tract-dist: error: {e}", file=sys.stderr)
         return 2
-    except _run_errors() as e:
+    except RunFailure as e:  # the run failed (not its input), with its own explanation
         print(f"tract-dist: error: {e}", file=sys.stderr)
         return 1
     except _PATH_ERRORS as e:

@@ -14,10 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from tract_dist.data.prompts import ABS_SYSTEM_PROMPT
 from tract_dist.data.score_tokens import MAX_SCALE_VALUES
+from tract_dist.errors import TractError
 from tract_dist.protocol import STOP_STRINGS
 
 
-class ConfigError(ValueError):
+class ConfigError(TractError, ValueError):
     """Invalid configuration; the message names the source and the dotted key."""
 
 

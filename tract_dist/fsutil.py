@@ -30,11 +30,13 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from tract_dist.errors import TractError
+
 _HOST = socket.gethostname()
 _HOST_TAG = re.sub(r"[^A-Za-z0-9-]", "-", _HOST) or "host"  # no dots: temp names are parsed from the right
 
 
-class LockHeldError(RuntimeError):
+class LockHeldError(TractError, RuntimeError):
     """Another process holds the lock of a folder this command must write alone."""
 
     def __init__(self, what: str, path: Path, holder: dict[str, Any] | None):
@@ -251,7 +253,7 @@ def decode_utf8(data: bytes) -> str:
                            "latin-1 / Windows-1252 file? save it as UTF-8") from None
 
 
-class CorruptStateError(RuntimeError):
+class CorruptStateError(TractError, RuntimeError):
     """A state file this project wrote cannot be read back; the message names it."""
 
 

@@ -25,6 +25,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from tract_dist.errors import TractError
 from tract_dist.fsutil import _cache_dir, atomic_write_json, publish_dir_once
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ MANIFEST = "tract-manifest.json"
 _CHUNK = 16 << 20  # hash in 16 MiB reads: a multi-GB safetensors file never sits in memory whole
 
 
-class StorageError(RuntimeError):
+class StorageError(TractError, RuntimeError):
     """A published folder is missing, unfinished, or its content does not match its manifest."""
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tract_dist.errors import TractError
+
 # Never uploaded with the working directory (gitignore patterns, relative to it): secrets first, then bulk.
 SECRET_EXCLUDES = [
     ".env", ".env.*", ".envrc", "*.env", ".netrc", "_netrc", ".git-credentials", ".pypirc", ".npmrc",
@@ -38,7 +40,7 @@ DEFAULT_MAX_UPLOAD_MB = 50
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
-class SubmitError(ValueError):
+class SubmitError(TractError, ValueError):
     """The job cannot be submitted as asked (too big an upload, a cluster that refuses the token)."""
 
 

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from tract_dist.errors import TractError
 from tract_dist.fsutil import publish_dir_once
 
 # Mistral-7B-Instruct-v0.2's chat template (system text, if any, is prepended to the first user turn).
@@ -82,7 +83,7 @@ MODEL_ALIASES = ("smollm2",)  # the aliases with weights; the others are tokeniz
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class AssetError(FileNotFoundError):
+class AssetError(TractError, FileNotFoundError):
     """An offline asset is missing; the message says which package provides it."""
 
 

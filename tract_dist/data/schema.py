@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from tract_dist.errors import TractError
 
-class DataError(ValueError):
+
+class DataError(TractError, ValueError):
     """Bad input data; the message names the file, the record index and the field."""
 
     def __init__(self, path: str, message: str, index: int | None = None, field_name: str | None = None):

@@ -14,16 +14,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from tract_dist.errors import TractError
 from tract_dist.protocol import SCORE_PHRASE
 
 _CONTEXT = "The response is clear. " + SCORE_PHRASE + " {k}"
 
 
-class ScoreTokenError(ValueError):
+class ScoreTokenError(TractError, ValueError):
     """A score value is not a single token in the scoring context."""
 
 
-class ScaleError(ValueError):
+class ScaleError(TractError, ValueError):
     """A scale that is not ``MIN-MAX`` with 0 <= MIN < MAX and at most MAX_SCALE_VALUES values."""
 
 

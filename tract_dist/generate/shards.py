@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from tract_dist.data.schema import DataError
+from tract_dist.errors import TractError
 from tract_dist.fsutil import (CorruptStateError, atomic_create_bytes, atomic_write_json, atomic_write_jsonl,
                                is_stale_temp)
 
@@ -33,7 +34,7 @@ SUMMARY = "summary.json"
 _LEGACY_OPTIONAL = ("model_sha256", "fingerprint")
 
 
-class StaleGenerationError(RuntimeError):
+class StaleGenerationError(TractError, RuntimeError):
     """The folder holds CoTs made with other settings than this run's."""
 
 

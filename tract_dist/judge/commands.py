@@ -16,9 +16,9 @@ def register(sub: Any, add_config_args: Callable[..., None]) -> None:
     p = sub.add_parser("judge", help="judge inputs with CoT-RAIL (or the decode / score-only baselines)")
     p.add_argument("--model", help="HF folder (e.g. a TRACT export), hub name or alias; default model.name_or_path")
     p.add_argument("--mode", choices=["cot_rail", "decode", "rail"], help="default evaluation.mode")
-    from tract_dist.cli import _positive
+    from tract_dist.cli_args import positive_arg
 
-    p.add_argument("--n-cots", type=_positive, help="CoTs per input (greedy for 1); default evaluation.num_cots")
+    p.add_argument("--n-cots", type=positive_arg, help="CoTs per input (greedy for 1); default evaluation.num_cots")
     p.add_argument("--instruction")
     p.add_argument("--response")
     p.add_argument("--criteria")

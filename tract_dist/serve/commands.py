@@ -12,9 +12,9 @@ from tract_dist import jsontext
 
 
 def _port(text: str) -> int:
-    from tract_dist.cli import _int
+    from tract_dist.cli_args import int_arg
 
-    v = _int(text)
+    v = int_arg(text)
     if not 1 <= v <= 65535:
         raise argparse.ArgumentTypeError(f"must be a TCP port (1-65535), got {v}")
     return v
@@ -31,9 +31,9 @@ def _seconds(text: str) -> float:
 
 
 def _count(text: str) -> int:
-    from tract_dist.cli import _int
+    from tract_dist.cli_args import int_arg
 
-    v = _int(text)
+    v = int_arg(text)
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
     return v
@@ -41,7 +41,7 @@ def _count(text: str) -> int:
 
 def _replicas(args: argparse.Namespace) -> tuple[int, tuple[int, int] | None]:
     """``--replicas N`` (fixed) or ``--min-replicas A --max-replicas B`` (autoscaled), never both."""
-    from tract_dist.cli import UsageError
+    from tract_dist.errors import UsageError
 
     lo, hi = args.min_replicas, args.max_replicas
     if lo is None and hi is None:
@@ -57,16 +57,16 @@ def _replicas(args: argparse.Namespace) -> tuple[int, tuple[int, int] | None]:
 
 
 def register(sub: Any, add_config_args: Callable[..., None]) -> None:
-    from tract_dist.cli import _positive, safe_name_arg
+    from tract_dist.cli_args import positive_arg, safe_name_arg
 
     p = sub.add_parser("serve", help="serve a judge over HTTP (Ray Serve): /v1/judge, OpenAI /v1/chat/completions, "
                                      "OpenRLHF /get_reward")
     p.add_argument("model", help="HF folder (e.g. a TRACT export), hub name or alias (smollm2)")
-    p.add_argument("--replicas", type=_positive, default=None,
+    p.add_argument("--replicas", type=positive_arg, default=None,
                    help="judge replicas, fixed (one per GPU on a GPU cluster; default 1)")
     p.add_argument("--min-replicas", type=_count, help="autoscaling: at least this many replicas (0: scale to zero; "
                                                        "the first request then waits for a model to load)")
-    p.add_argument("--max-replicas", type=_positive, help="autoscaling: at most this many replicas (Serve adds one "
+    p.add_argument("--max-replicas", type=positive_arg, help="autoscaling: at most this many replicas (Serve adds one "
                                                           "when each holds more than a batch of requests)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_port, default=8000)
@@ -74,12 +74,12 @@ def register(sub: Any, add_config_args: Callable[..., None]) -> None:
     p.add_argument("--api-key-env", metavar="VAR", help="require the API key held by this environment variable")
     p.add_argument("--backend", choices=["hf", "vllm", "auto"], help="inference engine; default evaluation.backend")
     p.add_argument("--model-id", help="the name clients send as 'model'; default: the folder's name")
-    p.add_argument("--max-batch-size", type=_positive, default=16, help="inputs per batched judge call (1: off)")
+    p.add_argument("--max-batch-size", type=positive_arg, default=16, help="inputs per batched judge call (1: off)")
     p.add_argument("--batch-wait-timeout-s", type=_seconds, default=0.01,
                    help="how long a call waits for others to batch with")
     p.add_argument("--request-timeout-s", type=_seconds, default=120.0, help="per-request deadline (then 504)")
     p.add_argument("--cpus-per-replica", type=float, default=1.0)
-    p.add_argument("--max-body-bytes", type=_positive, default=None, help="largest request body (default 4 MiB)")
+    p.add_argument("--max-body-bytes", type=positive_arg, default=None, help="largest request body (default 4 MiB)")
     p.add_argument("--rubric", help="JSON file {criteria, score_descriptions}: /get_reward's rubric when a label "
                                     "gives none")
     from tract_dist.serve.templates import ALIASES, CHOICES
@@ -94,7 +94,7 @@ def register(sub: Any, add_config_args: Callable[..., None]) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from tract_dist.cli import UsageError
+    from tract_dist.errors import UsageError
     from tract_dist.config import load_config
     from tract_dist.pipeline_checks import check_model_source
     from tract_dist.serve.app import ServeOptions, default_model_id, run_server
@@ -134,7 +134,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _read_rubric(path: str) -> dict[str, Any]:
-    from tract_dist.cli import UsageError
+    from tract_dist.errors import UsageError
 
     try:
         obj = jsontext.loads(Path(path).read_text(encoding="utf-8"))  # deep nesting: a JSONDecodeError too

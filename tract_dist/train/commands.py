@@ -11,7 +11,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from tract_dist.train.trainer import run_training
 
     cfg = load_config(args.config, args.overrides)
-    from tract_dist.cli import run_plan_check
+    from tract_dist.cli_args import run_plan_check
 
     run_plan_check(args, cfg, "train")
 
@@ -37,14 +37,14 @@ def register(sub: Any, add_config_args: Callable[..., None]) -> None:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--launcher", choices=["ray", "torchrun", "inline"],
                    help="ray, torchrun (no Ray needed) or inline (one process); default: cluster.launcher (ray)")
-    from tract_dist.cli import safe_name_arg
+    from tract_dist.cli_args import safe_name_arg
 
     p.add_argument("--run-name", type=safe_name_arg,
                    help="name of the run (default: train-<config fingerprint>; same name resumes)")
     p.add_argument("--fresh", action="store_true",
                    help="if the run folder holds a run of another configuration, move it aside and start afresh "
                         "(default: refuse, naming both fingerprints)")
-    from tract_dist.cli import add_plan_check_arg
+    from tract_dist.cli_args import add_plan_check_arg
 
     add_plan_check_arg(p)
     add_config_args(p, required=True)
@@ -66,7 +66,7 @@ def _cmd_train_real(args: argparse.Namespace) -> int:
 
 
 def register_real(sub: Any, add_config_args: Callable[..., None]) -> None:
-    from tract_dist.cli import safe_name_arg
+    from tract_dist.cli_args import safe_name_arg
 
     p = sub.add_parser("train-real", help="REAL after TRACT: RL on the judge's own sampled CoTs, rewarded by "
                                           "-(yhat - y)^2, plus the regression term (Ray + DeepSpeed ZeRO-3, LoRA)")

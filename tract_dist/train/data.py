@@ -19,13 +19,14 @@ from typing import Any
 import torch
 
 from tract_dist.data.encode import IGNORE_INDEX, EncodeOptions, encode_examples
+from tract_dist.errors import TractError
 from tract_dist.fsutil import atomic_write_json
 from tract_dist.data.formats import read_examples
 from tract_dist.data.score_scale import derive_score_scale
 from tract_dist.data.score_tokens import ScoreTokens, derive_score_tokens, parse_scale
 
 
-class EmptyDatasetError(ValueError):
+class EmptyDatasetError(TractError, ValueError):
     """No example survived reading and encoding; training cannot start."""
 
 

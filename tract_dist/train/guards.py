@@ -12,10 +12,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tract_dist.errors import RunFailure
+
 NONFINITE = "nonfinite.json"
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunFailure, RuntimeError):
     """The all-reduced loss or the gradient norm of a step is NaN or infinite; training stopped before saving."""
 
 

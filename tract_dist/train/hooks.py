@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from tract_dist.errors import TractError
+
 STEP_BEGIN = "step_begin"
 """Before the first forward of step ``ctx.step`` (1-based, as in metrics.jsonl and checkpoint names)."""
 CHECKPOINT_WRITTEN = "checkpoint_written"
@@ -56,7 +58,7 @@ class HookContext:
     ids: tuple[str, ...] = ()  # the record ids of the micro-batch (MICRO_BATCH)
 
 
-class HookError(ValueError):
+class HookError(TractError, ValueError):
     """A hook named in the plan cannot be imported."""
 
 

@@ -31,17 +31,18 @@ from typing import Any, Iterator
 
 import torch.distributed as dist
 
+from tract_dist.errors import RunFailure, TractError
 from tract_dist.fsutil import atomic_write_json, atomic_write_text, publish_dir
 
 _DONE = "COMPLETE"
 PINNED = "PINNED"
 
 
-class StaleResumeError(RuntimeError):
+class StaleResumeError(TractError, RuntimeError):
     """A checkpoint (or run folder) was made with another configuration than the one resuming it."""
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RunFailure, RuntimeError):
     """A checkpoint could not be written or read back; the message names the checkpoint (and file)."""
 
 

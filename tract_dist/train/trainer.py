@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tract_dist.config import Config, ConfigError
+from tract_dist.errors import RunFailure
 from tract_dist.fsutil import atomic_write_json, atomic_write_text, exclusive_lock, file_fingerprint, read_json
 from tract_dist.pipeline_checks import fingerprint, preflight
 from tract_dist.runtime.ray_cluster import check_placement, init_ray_from_config
@@ -389,7 +390,7 @@ def scaling_config(cfg: Config) -> Any:
                          resources_per_worker=resources, elastic_resize_monitor_interval_s=c.elastic_resize_interval_s)
 
 
-class WorkerFailedError(RuntimeError):
+class WorkerFailedError(RunFailure, RuntimeError):
     """The torchrun workers exited with an error (their output above says which)."""
 
 
