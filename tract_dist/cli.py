@@ -9,8 +9,8 @@ import sys
 from typing import Any, Callable
 
 from tract_dist.config import ConfigError, dump_config, load_config
-from tract_dist.cli_args import (add_plan_check_arg, int_arg, max_length_arg, non_negative_arg,  # noqa: F401
-                                 positive_arg, run_plan_check, safe_name_arg, scale_arg)
+from tract_dist.cli_args import (int_arg, max_length_arg, non_negative_arg, positive_arg,  # noqa: F401
+                                 safe_name_arg, scale_arg)
 from tract_dist.errors import RunFailure, TractError, UsageError  # noqa: F401 - UsageError stays importable here
 
 

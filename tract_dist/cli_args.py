@@ -1,12 +1,9 @@
-"""The command line's argument helpers: argparse types that refuse a bad value as a usage error (exit 2, before
-any work), and the plan check the commands that start a run share. Apart from ``cli`` so that a stage's
-``commands`` module, which ``cli`` loads, never imports ``cli`` back."""
+"""The command line's argparse types: a bad value is a usage error (exit 2, before any work). Apart from ``cli``
+so that a stage's ``commands`` module, which ``cli`` loads, never imports ``cli`` back."""
 
 from __future__ import annotations
 
 import argparse
-import sys
-from typing import Any
 
 
 def int_arg(text: str) -> int:
@@ -59,20 +56,3 @@ def safe_name_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a safe name: use 1-128 letters, digits, '.', '_' or "
                                          "'-', starting with a letter or digit (it names a folder)")
     return text
-
-
-def add_plan_check_arg(p: argparse.ArgumentParser) -> None:
-    """``--no-plan-check`` of the commands that plan a run before starting it (train, pipeline, submit)."""
-    p.add_argument("--no-plan-check", action="store_true",
-                   help="start without checking the plan (tract-dist plan): per-GPU memory against the device's")
-
-
-def run_plan_check(args: argparse.Namespace, cfg: Any, command: str, *, local: bool = True) -> None:
-    """The plan check before a run starts (tract_dist.plan.check), unless ``--no-plan-check``; ``local``: the
-    run uses this machine (not a submitted job), so a CPU run is checked against its memory."""
-    if getattr(args, "no_plan_check", False):
-        return
-    from tract_dist.plan.check import plan_check
-
-    for line in plan_check(cfg, command, local=local):
-        print(line, file=sys.stderr, flush=True)

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from tract_dist.cli_args import run_plan_check
+    from tract_dist.plan.commands import run_plan_check
     from tract_dist.config import load_config
     from tract_dist.submit import job_logs, submit_pipeline, wait_for
 
@@ -45,7 +45,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if not args.plan:
-        from tract_dist.cli_args import run_plan_check
+        from tract_dist.plan.commands import run_plan_check
 
         run_plan_check(args, cfg, "pipeline")
     if args.plan:
@@ -77,7 +77,7 @@ def register(sub: Any, add_config_args: Callable[..., None]) -> None:
     p.add_argument("--plan", action="store_true",
                    help="print each stage's status (up to date, to run, not selected, waiting) and fingerprint; "
                         "run nothing")
-    from tract_dist.cli_args import add_plan_check_arg
+    from tract_dist.plan.commands import add_plan_check_arg
 
     add_plan_check_arg(p)
     add_config_args(p, required=True)

@@ -4,7 +4,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any, Callable
+
+
+def add_plan_check_arg(p: argparse.ArgumentParser) -> None:
+    """``--no-plan-check`` of the commands that plan a run before starting it (train, pipeline, submit)."""
+    p.add_argument("--no-plan-check", action="store_true",
+                   help="start without checking the plan (tract-dist plan): per-GPU memory against the device's")
+
+
+def run_plan_check(args: argparse.Namespace, cfg: Any, command: str, *, local: bool = True) -> None:
+    """The plan check before a run starts (tract_dist.plan.check), unless ``--no-plan-check``; ``local``: the
+    run uses this machine (not a submitted job), so a CPU run is checked against its memory."""
+    if getattr(args, "no_plan_check", False):
+        return
+    from tract_dist.plan.check import plan_check
+
+    for line in plan_check(cfg, command, local=local):
+        print(line, file=sys.stderr, flush=True)
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from tract_dist.train.trainer import run_training
 
     cfg = load_config(args.config, args.overrides)
-    from tract_dist.cli_args import run_plan_check
+    from tract_dist.plan.commands import run_plan_check
 
     run_plan_check(args, cfg, "train")
 
@@ -44,7 +44,7 @@ def register(sub: Any, add_config_args: Callable[..., None]) -> None:
     p.add_argument("--fresh", action="store_true",
                    help="if the run folder holds a run of another configuration, move it aside and start afresh "
                         "(default: refuse, naming both fingerprints)")
-    from tract_dist.cli_args import add_plan_check_arg
+    from tract_dist.plan.commands import add_plan_check_arg
 
     add_plan_check_arg(p)
     add_config_args(p, required=True)
