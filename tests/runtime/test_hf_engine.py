@@ -36,6 +36,27 @@ def test_batched_greedy_equals_one_by_one(engine, prompts):
     assert all(g.new_tokens == 8 and g.finish_reason == "length" for g in batched)
 
 
+def test_cpu_row_prefill_matches_the_padded_batch_prefill(engine, prompts, monkeypatch):
+    """On CPU a batch of prompts of unequal length is prefilled one row at a time (the causal kernel, no mask)
+    into one left-padded cache; decoding from it gives what transformers' padded batch prefill gives."""
+    used = []
+    shipped = Engine._prefill_rows
+
+    def spy(self, ps, width):
+        out = shipped(self, ps, width)
+        used.append(out is not None)
+        return out
+
+    params = SamplingParams(temperature=0.0, max_new_tokens=8)
+    monkeypatch.setattr(Engine, "_prefill_rows", spy)
+    rows = engine.generate(prompts, [0, 0, 0], params)
+    assert used == [True]
+    monkeypatch.setattr(Engine, "_prefill_rows", lambda self, ps, width: None)
+    padded = engine.generate(prompts, [0, 0, 0], params)
+    assert [g.text for g in rows] == [g.text for g in padded]
+    assert [g.new_tokens for g in rows] == [g.new_tokens for g in padded]
+
+
 def test_sampling_is_reproducible_per_row(engine, prompts):
     params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=8)
     a = engine.generate(prompts, [5, 6, 7], params)
