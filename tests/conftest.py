@@ -95,9 +95,10 @@ class _Tokenizers(dict):
     """The offline aliases' tokenizers, each loaded on first use (a few seconds each on the 2-core machine)."""
 
     def __missing__(self, name):
-        from tract_dist.data.assets import ALIASES, load_tokenizer
+        from tract_dist.aliases import TOKENIZER_ALIASES
+        from tract_dist.data.assets import load_tokenizer
 
-        if name not in ALIASES:
+        if name not in TOKENIZER_ALIASES:
             raise KeyError(name)
         self[name] = load_tokenizer(name)
         return self[name]

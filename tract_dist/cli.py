@@ -96,7 +96,7 @@ _STAGE_COMMANDS = (
     "tract_dist.generate.commands",
     "tract_dist.judge.commands",
     "tract_dist.evaluate.commands",
-    "tract_dist.pipeline_commands",
+    "tract_dist.pipeline.commands",
     "tract_dist.serve.commands",
     "tract_dist.plan.commands",
 )

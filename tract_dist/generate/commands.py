@@ -28,7 +28,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     examples = load_training_examples(cfg)
-    from tract_dist.pipeline_checks import check_model_source
+    from tract_dist.aliases import check_model_source
 
     if args.model:
         check_model_source(args.model, "--model")

@@ -10,7 +10,6 @@ throughput) -> MLflow. One invocation per output folder at a time (a lock beside
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -121,7 +120,7 @@ def generation_settings(cfg: Any, model_path: str, backend: str, sampling: Sampl
     pipeline stage's, or a hash of these settings. How ŷ is read is not among them: every record keeps the score
     tokens' probabilities, from which selection reads ŷ the way the stage-1 judge does (folders made before the
     read-out existed keep their fingerprint; their records carry none)."""
-    from tract_dist.fsutil import content_fingerprint
+    from tract_dist.identity import content_fingerprint, json_digest
     from tract_dist.storage import local_copy
 
     local = local_copy(str(model_path)) or str(model_path)  # a URI: this node's verified copy is what is hashed
@@ -131,8 +130,7 @@ def generation_settings(cfg: Any, model_path: str, backend: str, sampling: Sampl
     if cfg.data.enable_thinking:  # only when on: folders generated before the switch existed keep their identity
         settings["enable_thinking"] = True
     ident = {k: v for k, v in settings.items() if k != "model" or settings["model_sha256"] is None}
-    settings["fingerprint"] = fingerprint or hashlib.sha256(
-        json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    settings["fingerprint"] = fingerprint or json_digest(ident, 12)
     return settings
 
 

@@ -105,9 +105,10 @@ def _lora_rank_slot(rank: int) -> int:
 
 def _tokenizer_dir(name: str) -> str:
     """A folder vLLM can load for ``model.tokenizer``: offline aliases are saved as tokenizer folders first."""
-    from tract_dist.data.assets import ALIASES, alias_tokenizer_dir
+    from tract_dist.aliases import TOKENIZER_ALIASES
+    from tract_dist.data.assets import alias_tokenizer_dir
 
-    return str(alias_tokenizer_dir(name)) if name in ALIASES else name
+    return str(alias_tokenizer_dir(name)) if name in TOKENIZER_ALIASES else name
 
 
 class VLLMEngine:

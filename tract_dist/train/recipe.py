@@ -408,8 +408,8 @@ def packed_row_tokens(cfg: Config) -> int | None:
 
 
 def _tokenizer_source(cfg: Config) -> str:
-    from tract_dist.train.model_init import RANDOM_ALIASES, TINY_ALIAS
+    from tract_dist.aliases import is_random_model
 
-    if cfg.model.name_or_path == TINY_ALIAS or cfg.model.name_or_path in RANDOM_ALIASES:
+    if is_random_model(cfg.model.name_or_path):
         raise ValueError(f"model.tokenizer must be set for {cfg.model.name_or_path}")
     return cfg.model.name_or_path

@@ -20,12 +20,13 @@ from typing import Any
 
 from tract_dist.config import Config, ConfigError
 from tract_dist.errors import RunFailure
-from tract_dist.fsutil import atomic_write_json, atomic_write_text, exclusive_lock, file_fingerprint, read_json
-from tract_dist.pipeline_checks import fingerprint, preflight
+from tract_dist.fsutil import atomic_write_json, atomic_write_text, exclusive_lock, read_json
+from tract_dist.identity import file_fingerprint, fingerprint, hashed_section
 from tract_dist.runtime.ray_cluster import check_placement, init_ray_from_config
 from tract_dist.tracking import RunHandle, log_artifact, log_params, redact_text, start_run
 from tract_dist.train.hooks import installed_hooks
 from tract_dist.train.plan import WorkerPlan
+from tract_dist.train.preflight import preflight
 from tract_dist.train.session import StaleResumeError
 
 WHERE_REAL_RUNS = ("rollout_workers", "rollout_cpus", "rollout_gpus", "rollout_threads", "rollout_batch_size")
@@ -51,8 +52,6 @@ def run_fingerprint(cfg: Config, recipe: str = "train") -> str:
     """What a training run's checkpoints belong to: the config's fingerprint and the training file's content
     (and for REAL its ``real.*`` settings)."""
     if recipe == "real":
-        from tract_dist.pipeline_checks import hashed_section
-
         real = {k: v for k, v in hashed_section(cfg, "real").items() if k not in WHERE_REAL_RUNS}
         return fingerprint(cfg, file_fingerprint(cfg.data.train_path or ""), "real", json.dumps(real, sort_keys=True))
     return fingerprint(cfg, file_fingerprint(cfg.data.train_path or ""))

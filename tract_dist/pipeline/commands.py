@@ -1,4 +1,4 @@
-"""``tract-dist pipeline``, ``compare``, ``submit`` and ``job {status,logs,stop}``."""
+"""``tract-dist pipeline``, ``compare``, ``submit`` and ``job {status,logs,stop}``: the pipeline's entry points."""
 
 from __future__ import annotations
 
