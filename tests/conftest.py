@@ -228,3 +228,13 @@ def _no_leftover_zero3_context():
 
     unset_hf_deepspeed_config()
     yield
+
+
+@pytest.fixture(autouse=True)
+def _console_attached():
+    """Each test stands where an entry point stands (``tract-dist``'s main attaches the same handler): the
+    library's console lines, which it logs, reach the terminal that capsys / capfd read."""
+    from tract_dist import console
+
+    with console.attached():
+        yield

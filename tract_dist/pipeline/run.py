@@ -8,11 +8,13 @@ this module's logger; the entry point puts those lines on the console.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Callable
 
 from tract_dist import console
+from tract_dist.console import CONSOLE, CONSOLE_ERR
 from tract_dist.config import Config
 from tract_dist.fsutil import exclusive_lock
 from tract_dist.identity import fingerprint
@@ -20,9 +22,12 @@ from tract_dist.pipeline.engine import StageEvent, StagePlan, StageState, check_
 from tract_dist.pipeline.inputs import check_data_files, check_stage1_export
 from tract_dist.pipeline.report import PipelineSummary, roll_up, write_results
 from tract_dist.pipeline.stages import StageContext, build_stages, pipeline_storage
+from tract_dist.runtime.ray_logging import session_logs
 from tract_dist.tracking import log_artifact, log_params, start_run
 from tract_dist.train.preflight import preflight
 
+
+log = logging.getLogger(__name__)
 
 SELECTION_KEY = "pipeline.stages"
 
@@ -57,17 +62,22 @@ def run_pipeline(cfg: Config, *, config_path: str | None = None, address: str | 
 
 
 def stage_progress(log_dir: Path) -> Callable[[StageEvent], None]:
-    """The engine's events as the pipeline's console lines: a start and a finish line per stage; a failure with
-    where its full log is."""
+    """The engine's events as the pipeline's console lines: a start and a finish line per stage (how long it
+    took, where its output is); a failing stage's error and where the full output is (the error itself
+    propagates as before)."""
     def report(e: StageEvent) -> None:
         if e.kind == "skipped":
-            console.line(f"[pipeline] {e.stage}: up to date, skipped")
+            log.info("[pipeline] %s: up to date, skipped", e.stage, extra=CONSOLE)
         elif e.kind == "running":
-            console.line(f"[pipeline] {e.stage}: running")
+            log.info("[pipeline] %s: running", e.stage, extra=CONSOLE)
         elif e.kind == "done":
-            console.stage_done(e.stage, e.seconds, list(e.paths))
+            where = f" -> {e.paths[0]}" if e.paths else ""
+            log.info("[pipeline] %s: done in %.0f s%s", e.stage, e.seconds, where, extra=CONSOLE)
         elif e.error is not None:
-            console.stage_failed(e.stage, e.seconds, e.error, log_dir)
+            stopped = isinstance(e.error, (KeyboardInterrupt, SystemExit))  # Ctrl-C, SIGTERM (cli.Terminated)
+            what = "interrupted" if stopped else f"failed: {type(e.error).__name__}: {str(e.error)[:500]}"
+            logs = "" if console.is_verbose() else f"; full log: {log_dir} (and {session_logs()} for Ray's own)"
+            log.error("[pipeline] %s: %s after %.0f s%s", e.stage, what, e.seconds, logs, extra=CONSOLE_ERR)
     return report
 
 

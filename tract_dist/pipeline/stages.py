@@ -18,17 +18,20 @@ runs a subset (one stage per process, say), using the others' recorded outputs.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tract_dist import console
+from tract_dist.console import CONSOLE
 from tract_dist.config import Config
 from tract_dist.identity import content_fingerprint, file_fingerprint, fingerprint, hashed_section, selection_key
 from tract_dist.pipeline.engine import Stage, StageOutputs
 from tract_dist.pipeline.inputs import check_real_init, check_stage1_export
 from tract_dist.pipeline.methods import EVAL_MODES
 from tract_dist.tracking import RunHandle, log_params, set_tags, start_run
+
+log = logging.getLogger(__name__)
 
 
 # ---- what each stage returns (recorded in state.json as a plain mapping) --------------------------------------
@@ -331,7 +334,7 @@ def _build_stage2(cfg: Config, stage1_model: str, gen_dir: Path, out: Path, ctx:
         sel = stats["selection"]
         log_metrics(run, {f"select.{k}": float(v) for k, v in sel.items() if isinstance(v, (int, float))
                           and not isinstance(v, bool)} | {"written": float(stats["written"])})
-    console.line(f"[stage2] {summary_line(sel)}")
+    log.info(f"[stage2] {summary_line(sel)}", extra=CONSOLE)
     return Stage2DataOutputs.from_record(  # type: ignore[return-value]
         {**stats, "path": str(out), "summary": f"{stats.get('written', '?')} examples"})
 
