@@ -15,8 +15,7 @@ The names below are importable from the package itself; they load on first use, 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from tract_dist.lazy import lazy_exports
 
 _EXPORTS = {
     "run_pipeline": "run", "plan_pipeline": "run", "pipeline_dir": "run",
@@ -26,11 +25,4 @@ _EXPORTS = {
     "EVAL_MODES": "methods", "PipelineSummary": "report",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value  # once: later lookups (and monkeypatching) see a plain attribute
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)

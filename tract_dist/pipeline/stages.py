@@ -234,11 +234,7 @@ def _train_real(cfg: Config, init_model: str, run_name: str, ctx: StageContext) 
     r = run_real(cfg, init_model, run_name=run_name, parent=ctx.parent, address=ctx.address,
                  launcher=cfg.cluster.launcher, fresh=ctx.fresh, display_name="real-train",
                  model_name=f"real-{pipeline}" if pipeline else run_name)
-    if r.mlflow_run_id:
-        set_tags(RunHandle(r.tracking_uri, r.mlflow_run_id), {**ctx.tags, "model_stage": "real"})
-    model = str(r.export_dir / "model")
-    if not (r.export_dir / "model").is_dir() and (r.export_dir / "adapter").is_dir():
-        model = str(r.export_dir / "adapter")
+    model = _tagged_export(r, ctx, "real")
     final = {}
     result = Path(r.run_dir) / "train_result.json"
     if result.exists():
@@ -289,17 +285,24 @@ def _train(cfg: Config, run_name: str, ctx: StageContext, model_stage: str) -> T
     r = run_training(cfg, run_name=run_name, parent=ctx.parent, address=ctx.address, stage="train",
                      launcher=cfg.cluster.launcher, fresh=ctx.fresh, display_name=f"{model_stage}-train",
                      model_name=f"{model_stage}-{pipeline}" if pipeline else run_name)
-    if r.mlflow_run_id:
-        set_tags(RunHandle(r.tracking_uri, r.mlflow_run_id), {**ctx.tags, "model_stage": model_stage})
-    model = str(r.export_dir / "model")
-    if not (r.export_dir / "model").is_dir() and (r.export_dir / "adapter").is_dir():
-        model = str(r.export_dir / "adapter")  # LoRA without merge_on_export: served unmerged by both backends
+    model = _tagged_export(r, ctx, model_stage)
     if r.export_uri:  # on a URI storage root: the published copy, which every node's replicas fetch and check
         from tract_dist.storage import join
 
         model = join(r.export_uri, Path(model).name)
     return TrainOutputs(model=model, run_dir=str(r.run_dir), mlflow_run_id=r.mlflow_run_id,
                         summary=f"{r.data_summary['encode_encoded']} examples", mlflow_model_id=r.mlflow_model_id)
+
+
+def _tagged_export(r: Any, ctx: StageContext, model_stage: str) -> str:
+    """A finished training stage's run tagged with the pipeline's tags and its stage; its loadable export: the
+    model, or the LoRA adapter without merge_on_export (served unmerged by both backends)."""
+    if r.mlflow_run_id:
+        set_tags(RunHandle(r.tracking_uri, r.mlflow_run_id), {**ctx.tags, "model_stage": model_stage})
+    model = r.export_dir / "model"
+    if not model.is_dir() and (r.export_dir / "adapter").is_dir():
+        model = r.export_dir / "adapter"
+    return str(model)
 
 
 def _generate(cfg: Config, model: str, out: Path, ctx: StageContext, fp: str) -> GenerateOutputs:
