@@ -69,19 +69,20 @@ def set_verbose(on: bool) -> None:
 
 
 # Library code logs (``logging.getLogger(__name__)``); only the entry points own the terminal. A record meant for
-# the terminal carries ``extra=CONSOLE`` (stdout) or ``extra=CONSOLE_ERR`` (stderr); the entry point of each process
-# (the command line, a worker's entry function, a Ray actor's constructor) calls :func:`attach` once, which puts
-# those lines on the terminal through :func:`line` / :func:`error`.
-CONSOLE = {"console": "out"}
-CONSOLE_ERR = {"console": "err"}
+# the user carries one of these as ``extra``; the entry point of each process (the command line, a worker's entry
+# function, a Ray actor's constructor) calls :func:`attach` once, which writes those lines, as they are, to:
+CONSOLE = {"console": "out"}  # this process's stdout (a driver's: the terminal)
+CONSOLE_ERR = {"console": "err"}  # this process's stderr
+TERMINAL = {"console": "terminal"}  # the terminal's stdout, also from a worker whose output goes to a log (line)
+TERMINAL_ERR = {"console": "terminal-err"}  # the terminal's stderr, likewise (error)
 PACKAGE_LOGGER = "tract_dist"
 
 
 class ConsoleHandler(logging.Handler):
     """The package logger's one handler while an entry point owns the terminal: the project's console lines
-    (records with ``extra=CONSOLE`` / ``CONSOLE_ERR``) on the terminal as they are (no level or logger name), and
-    nowhere else; every other record goes on to the root logger's handlers as if it had propagated, at the
-    level it would have had (so warnings reach whatever showed them before: a log file, or stderr)."""
+    (records with ``extra=CONSOLE`` / ``CONSOLE_ERR`` / ``TERMINAL`` / ``TERMINAL_ERR``) written as they are (no
+    level or logger name), and nowhere else; every other record goes on to the root logger's handlers as if it
+    had propagated, at the level it would have had (so warnings reach whatever showed them before)."""
 
     def __init__(self, floor: int) -> None:
         super().__init__()
@@ -95,7 +96,13 @@ class ConsoleHandler(logging.Handler):
                 root.handle(record)
             return
         try:
-            (error if where == "err" else line)(record.getMessage())
+            msg = record.getMessage()
+            if where in ("terminal", "terminal-err"):
+                (error if where == "terminal-err" else line)(msg)
+            else:
+                stream = sys.stderr if where == "err" else sys.stdout
+                stream.write(msg + "\n")
+                stream.flush()
         except Exception:  # noqa: BLE001 - logging's contract: a handler never raises into the caller
             self.handleError(record)
 

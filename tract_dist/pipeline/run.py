@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from tract_dist import console
-from tract_dist.console import CONSOLE, CONSOLE_ERR
+from tract_dist.console import CONSOLE, TERMINAL_ERR
 from tract_dist.config import Config
 from tract_dist.fsutil import exclusive_lock
 from tract_dist.identity import fingerprint
@@ -77,7 +77,7 @@ def stage_progress(log_dir: Path) -> Callable[[StageEvent], None]:
             stopped = isinstance(e.error, (KeyboardInterrupt, SystemExit))  # Ctrl-C, SIGTERM (cli.Terminated)
             what = "interrupted" if stopped else f"failed: {type(e.error).__name__}: {str(e.error)[:500]}"
             logs = "" if console.is_verbose() else f"; full log: {log_dir} (and {session_logs()} for Ray's own)"
-            log.error("[pipeline] %s: %s after %.0f s%s", e.stage, what, e.seconds, logs, extra=CONSOLE_ERR)
+            log.error("[pipeline] %s: %s after %.0f s%s", e.stage, what, e.seconds, logs, extra=TERMINAL_ERR)
     return report
 
 

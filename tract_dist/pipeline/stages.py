@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tract_dist.console import CONSOLE
+from tract_dist.console import TERMINAL
 from tract_dist.config import Config
 from tract_dist.identity import content_fingerprint, file_fingerprint, fingerprint, hashed_section, selection_key
 from tract_dist.pipeline.engine import Stage, StageOutputs
@@ -337,7 +337,7 @@ def _build_stage2(cfg: Config, stage1_model: str, gen_dir: Path, out: Path, ctx:
         sel = stats["selection"]
         log_metrics(run, {f"select.{k}": float(v) for k, v in sel.items() if isinstance(v, (int, float))
                           and not isinstance(v, bool)} | {"written": float(stats["written"])})
-    log.info(f"[stage2] {summary_line(sel)}", extra=CONSOLE)
+    log.info(f"[stage2] {summary_line(sel)}", extra=TERMINAL)
     return Stage2DataOutputs.from_record(  # type: ignore[return-value]
         {**stats, "path": str(out), "summary": f"{stats.get('written', '?')} examples"})
 

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 
 from tract_dist.config import Config
-from tract_dist.console import CONSOLE, CONSOLE_ERR
+from tract_dist.console import TERMINAL, TERMINAL_ERR
 from tract_dist.fsutil import atomic_write_json
 from tract_dist.tracking import RunHandle, log_metrics
 from tract_dist.train.guards import nonfinite_values, refuse_known_nonfinite, stop_nonfinite
@@ -81,7 +81,7 @@ class TrainRecipe:
         self._setup_more(timed)
         self.timings["setup"] = time.perf_counter() - t0
         if self.rank == 0:
-            log.info(self._setup_line(), extra=CONSOLE)
+            log.info(self._setup_line(), extra=TERMINAL)
 
     def _check_resume(self, resume: Any) -> None:
         """Refuse a checkpoint this recipe cannot continue (TRACT's continues any world size)."""
@@ -267,7 +267,7 @@ class TrainRecipe:
         if to_tracking:
             log_metrics(self.handle, metrics, step=done)
             log.info(f"[train] step {done}/{self.steps.total_steps} " + " ".join(
-                f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"), extra=CONSOLE)
+                f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"), extra=TERMINAL)
 
     # ---- checkpoint -----------------------------------------------------------------------------
     def save_checkpoint(self, step: int, metrics: dict[str, Any]) -> None:
@@ -379,7 +379,7 @@ def _restore_rng(path: Path, rank: int) -> None:
     if not path.exists():
         if rank == 0:  # another world size wrote this checkpoint: the model and data position are still exact
             log.warning(f"[train] warning: {path.name} is not in the checkpoint; this rank's RNG starts from the "
-                        "seed", extra=CONSOLE_ERR)
+                        "seed", extra=TERMINAL_ERR)
         return
     state = torch.load(path, weights_only=True)
     torch.set_rng_state(state["torch"])

@@ -32,7 +32,7 @@ from typing import Any, Iterator
 
 import torch.distributed as dist
 
-from tract_dist.console import CONSOLE_ERR
+from tract_dist.console import TERMINAL_ERR
 from tract_dist.errors import RunFailure, TractError
 from tract_dist.fsutil import atomic_write_json, atomic_write_text, publish_dir
 
@@ -51,7 +51,7 @@ class CheckpointError(RunFailure, RuntimeError):
 
 
 def _warn(msg: str) -> None:
-    log.warning(f"[train] warning: {msg}", extra=CONSOLE_ERR)
+    log.warning(f"[train] warning: {msg}", extra=TERMINAL_ERR)
 
 
 def write_manifest(ckpt: str | Path, rank: int, step: int, fingerprint: str | None) -> None:
