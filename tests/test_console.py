@@ -272,3 +272,40 @@ def test_handlers_a_library_adds_during_the_run_are_quieted_too(tmp_path, capfd,
     finally:
         serve_logger.removeHandler(handler)
         serve_logger.setLevel(old_level)
+
+
+def test_library_lines_reach_the_terminal_only_through_an_entry_points_handler(capsys, monkeypatch):
+    """Library code logs; ``console.attach`` (what ``tract-dist`` and each worker's entry point call) writes the
+    records marked as console lines, unchanged, where the print or console call they replace wrote (#30); other
+    records go where they went before: to the root's handlers at the root's level, else (no handler at all) a
+    warning to stderr as Python's last resort showed it."""
+    lib = logging.getLogger("tract_dist.some.module")
+    pkg = logging.getLogger(console.PACKAGE_LOGGER)
+    root = logging.getLogger()
+    monkeypatch.setattr(pkg, "handlers", [])  # this test's own entry point (the autouse fixture's) taken away
+    monkeypatch.setattr(pkg, "propagate", True)
+    pkg.setLevel(logging.NOTSET)  # as a process starts (the fixture puts its level back afterwards)
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    monkeypatch.setattr(root, "handlers", [Keep()])
+    monkeypatch.setattr(root, "level", logging.WARNING)
+    lib.info("[x] line", extra=console.CONSOLE)
+    assert capsys.readouterr() == ("", "") and seen == []  # a library on its own is silent
+    with console.attached():
+        lib.info("[x] line", extra=console.CONSOLE)
+        lib.info("[x] error line", extra=console.CONSOLE_ERR)
+        lib.info("[x] terminal line", extra=console.TERMINAL)
+        lib.error("[x] terminal error", extra=console.TERMINAL_ERR)
+        lib.info("library chatter")  # below the root's level: dropped, as before
+        lib.warning("a library warning")  # to the root's handlers, as before
+        monkeypatch.setattr(root, "handlers", [])
+        lib.warning("no handler anywhere")
+    cap = capsys.readouterr()
+    assert cap.out == "[x] line\n[x] terminal line\n"
+    assert cap.err == "[x] error line\n[x] terminal error\nno handler anywhere\n"
+    assert seen == ["a library warning"]  # the console lines went to the terminal only
+    assert pkg.handlers == [] and pkg.propagate and pkg.level == logging.NOTSET  # attached() put it back
