@@ -95,9 +95,10 @@ class _Tokenizers(dict):
     """The offline aliases' tokenizers, each loaded on first use (a few seconds each on the 2-core machine)."""
 
     def __missing__(self, name):
-        from tract_dist.data.assets import ALIASES, load_tokenizer
+        from tract_dist.aliases import TOKENIZER_ALIASES
+        from tract_dist.data.assets import load_tokenizer
 
-        if name not in ALIASES:
+        if name not in TOKENIZER_ALIASES:
             raise KeyError(name)
         self[name] = load_tokenizer(name)
         return self[name]
@@ -227,3 +228,13 @@ def _no_leftover_zero3_context():
 
     unset_hf_deepspeed_config()
     yield
+
+
+@pytest.fixture(autouse=True)
+def _console_attached():
+    """Each test stands where an entry point stands (``tract-dist``'s main attaches the same handler): the
+    library's console lines, which it logs, reach the terminal that capsys / capfd read."""
+    from tract_dist import console
+
+    with console.attached():
+        yield

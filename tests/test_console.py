@@ -14,6 +14,7 @@ import warnings
 import pytest
 
 from tract_dist import console
+from tract_dist.runtime import ray_logging
 
 
 @pytest.fixture
@@ -98,12 +99,12 @@ def test_quiet_driver_logs_library_info_and_warnings_once(tmp_path, capfd, quiet
 
 def test_ray_options_follow_verbosity(monkeypatch, tmp_path, quiet):
     monkeypatch.setenv(console.LOG_DIR_ENV, str(tmp_path))
-    init, env = console.ray_init_options(local=True)
+    init, env = ray_logging.init_options(local=True)
     assert init == {"logging_level": logging.WARNING}
-    assert env == {"worker_process_setup_hook": console.RAY_WORKER_SETUP_HOOK}
-    assert console.ray_init_options(local=False)[1] == {}  # a remote cluster's workers cannot write our folder
+    assert env == {"worker_process_setup_hook": ray_logging.RAY_WORKER_SETUP_HOOK}
+    assert ray_logging.init_options(local=False)[1] == {}  # a remote cluster's workers cannot write our folder
     monkeypatch.setenv(console.VERBOSE_ENV, "1")
-    assert console.ray_init_options(local=True) == ({}, {})
+    assert ray_logging.init_options(local=True) == ({}, {})
 
 
 def test_cli_verbose_flag_sets_the_environment(monkeypatch, tmp_path, capsys):
@@ -131,10 +132,10 @@ def test_quiet_run_keeps_ray_data_info_off_the_console_through_its_logging_confi
         return [h.level for h in logging.getLogger("ray.data").handlers if type(h).__name__ == "PlainRayHandler"]
 
     configure_logging()  # as importing ray.data does
-    console.quiet_ray_data()  # outside a quiet run: nothing
+    ray_logging.quiet_ray_data()  # outside a quiet run: nothing
     assert "RAY_DATA_LOGGING_CONFIG" not in console.os.environ and console_levels() == [logging.INFO]
     with console.quiet_run(tmp_path / "logs"):
-        console.quiet_ray_data()
+        ray_logging.quiet_ray_data()
         assert console_levels() == [logging.ERROR]
         configure_logging()  # what Ray Data's workers do per dataset: the same file
         assert console_levels() == [logging.ERROR]
@@ -234,11 +235,11 @@ def test_ray_forwards_worker_lines_without_the_pid_prefix_when_quiet(quiet, monk
         job_logging_config = None
 
     before = ray_constants.RAY_DISABLE_WORKER_LOG_PREFIX
-    with console.ray_worker_lines_unprefixed():
+    with ray_logging.worker_lines_unprefixed():
         assert _should_ignore_worker_log_prefix(Worker()) is True
     assert ray_constants.RAY_DISABLE_WORKER_LOG_PREFIX == before
     monkeypatch.setenv(console.VERBOSE_ENV, "1")
-    with console.ray_worker_lines_unprefixed():
+    with ray_logging.worker_lines_unprefixed():
         assert ray_constants.RAY_DISABLE_WORKER_LOG_PREFIX == before
 
 
@@ -271,3 +272,40 @@ def test_handlers_a_library_adds_during_the_run_are_quieted_too(tmp_path, capfd,
     finally:
         serve_logger.removeHandler(handler)
         serve_logger.setLevel(old_level)
+
+
+def test_library_lines_reach_the_terminal_only_through_an_entry_points_handler(capsys, monkeypatch):
+    """Library code logs; ``console.attach`` (what ``tract-dist`` and each worker's entry point call) writes the
+    records marked as console lines, unchanged, where the print or console call they replace wrote (#30); other
+    records go where they went before: to the root's handlers at the root's level, else (no handler at all) a
+    warning to stderr as Python's last resort showed it."""
+    lib = logging.getLogger("tract_dist.some.module")
+    pkg = logging.getLogger(console.PACKAGE_LOGGER)
+    root = logging.getLogger()
+    monkeypatch.setattr(pkg, "handlers", [])  # this test's own entry point (the autouse fixture's) taken away
+    monkeypatch.setattr(pkg, "propagate", True)
+    pkg.setLevel(logging.NOTSET)  # as a process starts (the fixture puts its level back afterwards)
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    monkeypatch.setattr(root, "handlers", [Keep()])
+    monkeypatch.setattr(root, "level", logging.WARNING)
+    lib.info("[x] line", extra=console.CONSOLE)
+    assert capsys.readouterr() == ("", "") and seen == []  # a library on its own is silent
+    with console.attached():
+        lib.info("[x] line", extra=console.CONSOLE)
+        lib.info("[x] error line", extra=console.CONSOLE_ERR)
+        lib.info("[x] terminal line", extra=console.TERMINAL)
+        lib.error("[x] terminal error", extra=console.TERMINAL_ERR)
+        lib.info("library chatter")  # below the root's level: dropped, as before
+        lib.warning("a library warning")  # to the root's handlers, as before
+        monkeypatch.setattr(root, "handlers", [])
+        lib.warning("no handler anywhere")
+    cap = capsys.readouterr()
+    assert cap.out == "[x] line\n[x] terminal line\n"
+    assert cap.err == "[x] error line\n[x] terminal error\nno handler anywhere\n"
+    assert seen == ["a library warning"]  # the console lines went to the terminal only
+    assert pkg.handlers == [] and pkg.propagate and pkg.level == logging.NOTSET  # attached() put it back

@@ -1,5 +1,6 @@
 """One error tree (#30): every user-facing error class of the library derives from ``TractError`` (exit 2) or
-``RunFailure`` (exit 1), the CLI maps those two bases, and no module the CLI loads imports the CLI back."""
+``RunFailure`` (exit 1), the CLI maps those two bases, and no module the CLI loads imports the CLI back. One
+terminal: only the entry points print; the library logs."""
 
 from __future__ import annotations
 
@@ -62,6 +63,30 @@ def test_no_module_but_the_cli_imports_the_cli():
                     node, ast.Import) and any(a.name == "tract_dist.cli" for a in node.names):
                 users.append(str(path.relative_to(PKG)))
     assert not users, users
+
+
+# The modules that own the terminal: the command line, each stage's commands, and console.py (how a line reaches it).
+ENTRY_POINTS = ("cli.py", "commands.py", "console.py")
+_TERMINAL_WRITES = ("print", "sys.stdout.write", "sys.stderr.write", "sys.__stdout__.write", "sys.__stderr__.write")
+
+
+def _terminal_writes(tree: ast.AST) -> list[tuple[int, str]]:
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
+    return [(n.lineno, ast.unparse(n.func)) for n in calls if ast.unparse(n.func) in _TERMINAL_WRITES]
+
+
+def test_only_entry_points_print_the_library_logs():
+    """A print (or a write to sys.stdout / sys.stderr) in a library module fails here: log through
+    ``logging.getLogger(__name__)``, with ``extra=console.CONSOLE`` for a line meant for the terminal."""
+    assert _terminal_writes(ast.parse("import sys\nprint(1)\nsys.stderr.write('x')\n")) == [
+        (2, "print"), (3, "sys.stderr.write")]  # the scan finds them (so the check below can fail)
+    found = []
+    for path in sorted(PKG.rglob("*.py")):
+        if path.name in ENTRY_POINTS:
+            continue
+        found += [f"{path.relative_to(PKG)}:{line}: {call}" for line, call in _terminal_writes(ast.parse(
+            path.read_text()))]
+    assert not found, found
 
 
 @pytest.mark.parametrize("raised,code", [("config", 2), ("asset", 2), ("stale", 2), ("checkpoint", 1),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tract_dist import fsutil
+from tract_dist import fsutil, identity
 
 HOLD = r"""
 import sys, time
@@ -111,12 +111,12 @@ def test_content_fingerprint_follows_the_weights_not_the_path(tmp_path, monkeypa
     model.mkdir()
     (model / "config.json").write_text("{}")
     (model / "model.safetensors").write_bytes(b"\x00" * 1000)
-    first = fsutil.content_fingerprint(model)
-    assert first == fsutil.content_fingerprint(model)  # cached, same answer
+    first = identity.content_fingerprint(model)
+    assert first == identity.content_fingerprint(model)  # cached, same answer
     (model / "model.safetensors").write_bytes(b"\x01" * 1000)  # retrained in place: same path, new weights
     os.utime(model / "model.safetensors", ns=(time.time_ns() + 10**9,) * 2)
-    assert fsutil.content_fingerprint(model) != first
-    assert fsutil.content_fingerprint("org/hub-model") is None
+    assert identity.content_fingerprint(model) != first
+    assert identity.content_fingerprint("org/hub-model") is None
 
 
 def test_durable_writes_fsync_and_cache_writes_do_not(tmp_path, monkeypatch):

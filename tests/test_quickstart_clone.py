@@ -32,8 +32,9 @@ from tract_dist.data.assets import load_tokenizer
 from tract_dist.data.score_tokens import parse_scale
 from tract_dist.evaluate.runner import load_benchmark
 from tract_dist.generate.pipeline import load_training_examples
-from tract_dist.fsutil import file_fingerprint
-from tract_dist.pipeline_checks import check_data_files, preflight
+from tract_dist.identity import file_fingerprint
+from tract_dist.pipeline.inputs import check_data_files
+from tract_dist.train.preflight import preflight
 from tract_dist.train.data import prepare_dataset
 
 cfg = load_config(sys.argv[1])
@@ -123,7 +124,7 @@ def test_quickstart_data_resolves_and_reads_in_a_lonely_clone(lonely_clone, tmp_
     assert got["encoded"] == 8 and got["dropped"] == 0
     # Stage fingerprints hash the data file's content (file_fingerprint falls back to the path string for a
     # missing file), and the config holds only relative paths: the same pipeline name wherever a clone lives.
-    from tract_dist.fsutil import file_fingerprint
+    from tract_dist.identity import file_fingerprint
 
     assert got["data_fp"] == file_fingerprint(str(REPO / paths[0])) != paths[0]
 
@@ -143,7 +144,7 @@ def test_a_missing_data_file_stops_the_pipeline_before_any_stage(lonely_clone):
 
 def test_check_data_files_names_the_key_and_skips_hub_sets(quickstart_data, tmp_path, monkeypatch):
     from tract_dist.config import ConfigError, load_config
-    from tract_dist.pipeline import check_data_files
+    from tract_dist.pipeline.inputs import check_data_files
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "d").mkdir()

@@ -96,7 +96,7 @@ _STAGE_COMMANDS = (
     "tract_dist.generate.commands",
     "tract_dist.judge.commands",
     "tract_dist.evaluate.commands",
-    "tract_dist.pipeline_commands",
+    "tract_dist.pipeline.commands",
     "tract_dist.serve.commands",
     "tract_dist.plan.commands",
 )
@@ -208,9 +208,10 @@ def _main(argv: list[str] | None) -> int:
 
     # The runs' Source column: the command and its config, e.g. "tract-dist pipeline configs/quickstart.yaml".
     set_source(" ".join(["tract-dist", *(a for a in (argv if argv is not None else sys.argv[1:])[:2])]))
-    if getattr(args, "verbose", False):
-        from tract_dist import console
+    from tract_dist import console
 
+    console.attach()  # the entry point owns the terminal: the library's console lines (logged) show here
+    if getattr(args, "verbose", False):
         console.set_verbose(True)  # through the environment: Ray workers and subprocesses inherit it
     func: Callable[[argparse.Namespace], int] = args.func
     try:

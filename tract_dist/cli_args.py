@@ -1,5 +1,6 @@
-"""The command line's argparse types: a bad value is a usage error (exit 2, before any work). Apart from ``cli``
-so that a stage's ``commands`` module, which ``cli`` loads, never imports ``cli`` back."""
+"""The command line's argparse types (a bad value is a usage error: exit 2, before any work) and the options
+several commands share. Apart from ``cli`` so that a stage's ``commands`` module, which ``cli`` loads, never
+imports ``cli`` back."""
 
 from __future__ import annotations
 
@@ -56,3 +57,14 @@ def safe_name_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a safe name: use 1-128 letters, digits, '.', '_' or "
                                          "'-', starting with a letter or digit (it names a folder)")
     return text
+
+
+def add_ray_address_arg(p: argparse.ArgumentParser) -> None:
+    """``--address``: the Ray cluster a run connects to (train, train-real, pipeline)."""
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+
+
+def add_fresh_arg(p: argparse.ArgumentParser, what: str) -> None:
+    """``--fresh``: what a run does with a folder made with other settings (``what``); without it, refused."""
+    p.add_argument("--fresh", action="store_true", help=f"{what} (default: refuse, naming both fingerprints)")
+

@@ -28,9 +28,10 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
+from tract_dist.envvars import temporary_env
+
 VERBOSE_ENV = "TRACT_DIST_VERBOSE"
 LOG_DIR_ENV = "TRACT_DIST_LOG_DIR"  # the run folder's logs/, for Ray workers started while it is set
-RAY_WORKER_SETUP_HOOK = "tract_dist.console.setup_ray_worker"
 DRIVER_LOG = "driver.log"
 RAY_WORKERS_LOG = "ray-workers.log"
 
@@ -65,6 +66,71 @@ def is_verbose() -> bool:
 def set_verbose(on: bool) -> None:
     """``--verbose``: through the environment, so that Ray workers and subprocesses see it too."""
     os.environ[VERBOSE_ENV] = "1" if on else "0"
+
+
+# Library code logs (``logging.getLogger(__name__)``); only the entry points own the terminal. A record meant for
+# the user carries one of these as ``extra``; the entry point of each process (the command line, a worker's entry
+# function, a Ray actor's constructor) calls :func:`attach` once, which writes those lines, as they are, to:
+CONSOLE = {"console": "out"}  # this process's stdout (a driver's: the terminal)
+CONSOLE_ERR = {"console": "err"}  # this process's stderr
+TERMINAL = {"console": "terminal"}  # the terminal's stdout, also from a worker whose output goes to a log (line)
+TERMINAL_ERR = {"console": "terminal-err"}  # the terminal's stderr, likewise (error)
+PACKAGE_LOGGER = "tract_dist"
+
+
+class ConsoleHandler(logging.Handler):
+    """The package logger's one handler while an entry point owns the terminal: the project's console lines
+    (records with ``extra=CONSOLE`` / ``CONSOLE_ERR`` / ``TERMINAL`` / ``TERMINAL_ERR``) written as they are (no
+    level or logger name), and nowhere else; every other record goes on to the root logger's handlers as if it
+    had propagated, at the level it would have had (so warnings reach whatever showed them before)."""
+
+    def __init__(self, floor: int) -> None:
+        super().__init__()
+        self.floor = floor  # the package logger's own level before attach (NOTSET: follow the root's)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        where = getattr(record, "console", None)
+        if where is None:
+            root = logging.getLogger()
+            if record.levelno >= (self.floor or root.level):
+                root.handle(record)
+            return
+        try:
+            msg = record.getMessage()
+            if where in ("terminal", "terminal-err"):
+                (error if where == "terminal-err" else line)(msg)
+            else:
+                stream = sys.stderr if where == "err" else sys.stdout
+                stream.write(msg + "\n")
+                stream.flush()
+        except Exception:  # noqa: BLE001 - logging's contract: a handler never raises into the caller
+            self.handleError(record)
+
+
+def attach() -> None:
+    """Entry points: the package's console lines on this process's terminal from now on (idempotent)."""
+    logger = logging.getLogger(PACKAGE_LOGGER)
+    if any(isinstance(h, ConsoleHandler) for h in logger.handlers):
+        return
+    logger.addHandler(ConsoleHandler(logger.level))
+    logger.setLevel(logging.INFO)  # the console lines are INFO; the root's WARNING would drop them
+    logger.propagate = False  # ConsoleHandler hands the other records to the root itself
+
+
+@contextlib.contextmanager
+def attached() -> Iterator[None]:
+    """:func:`attach` for a block (tests, a script that calls the library), then the logger as it was."""
+    logger = logging.getLogger(PACKAGE_LOGGER)
+    level, propagate, handlers = logger.level, logger.propagate, list(logger.handlers)
+    attach()
+    try:
+        yield
+    finally:
+        for h in logger.handlers[:]:
+            if h not in handlers:
+                logger.removeHandler(h)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def line(msg: str) -> None:
@@ -143,6 +209,7 @@ def setup_ray_worker() -> None:
     (Ray Train's controller and workers, Ray Data's actors) writes its output to the run folder's
     ``logs/ray-workers.log``; the project's console lines still reach the driver (``log_to_driver``)."""
     global _console_fd, _console_err_fd
+    attach()
     log_dir = os.environ.get(LOG_DIR_ENV)
     if is_verbose() or not log_dir or _console_fd is not None:
         return
@@ -164,7 +231,9 @@ def quiet_run(log_dir: Path) -> Iterator[None]:
         return
     log_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
-        stack.callback(_restore_ray_data_logging)  # last: once RAY_DATA_LOGGING_CONFIG is unset again
+        from tract_dist.runtime.ray_logging import restore_ray_data_logging
+
+        stack.callback(restore_ray_data_logging)  # last: once RAY_DATA_LOGGING_CONFIG is unset again
         env = {k: v for k, v in _QUIET_ENV.items() if k not in os.environ}
         if "VLLM_LOGGING_CONFIG_PATH" not in os.environ:  # vLLM's documented logging config: every process
             env["VLLM_LOGGING_CONFIG_PATH"] = str(_write_vllm_logging_config(log_dir))  # (driver, engine core,
@@ -265,18 +334,27 @@ _active_env: dict[str, str | None] | None = None  # a quiet run's previous value
 @contextlib.contextmanager
 def _env(values: dict[str, str]) -> Iterator[None]:
     global _active_env
-    old: dict[str, str | None] = {k: os.environ.get(k) for k in values}
-    outer, _active_env = _active_env, old
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        _active_env = outer
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with temporary_env(values) as saved:
+        outer, _active_env = _active_env, saved
+        try:
+            yield
+        finally:
+            _active_env = outer
+
+
+def in_quiet_run() -> bool:
+    """Inside :func:`quiet_run` (in this process)."""
+    return _active_env is not None
+
+
+def set_for_run(name: str, value: str) -> bool:
+    """Set an environment variable for the rest of the quiet run (unset or restored when it ends); False, and
+    nothing set, outside a quiet run."""
+    if _active_env is None:
+        return False
+    _active_env.setdefault(name, os.environ.get(name))
+    os.environ[name] = value
+    return True
 
 
 _requiet: Any = None  # the quiet run's logger quieting, for handlers libraries add later (quiet_new_loggers)
@@ -379,88 +457,3 @@ def _quiet_progress_bars() -> Iterator[None]:
     finally:
         for f in reversed(undo):
             f()
-
-
-def quiet_ray_data() -> None:
-    """Ray Data's console lines ("Starting execution of Dataset ...", "Progress bars disabled") at ERROR for the
-    rest of a quiet run; they stay in Ray's session ``logs/ray-data/``. Through Ray Data's documented
-    ``RAY_DATA_LOGGING_CONFIG`` (a file in the run's logs/), applied now and read again by Ray Data's workers;
-    Ray Data's default is applied again when the run ends. Called by ``init_ray`` (Ray is imported by then); a
-    no-op outside a quiet run."""
-    log_dir = os.environ.get(LOG_DIR_ENV)
-    if is_verbose() or not log_dir or _RAY_DATA_CONFIG_ENV in os.environ or _active_env is None:
-        return
-    import copy
-
-    import yaml
-    from ray.data._internal import logging as ray_data_logging
-
-    config = copy.deepcopy(ray_data_logging.DEFAULT_CONFIG)
-    config["handlers"]["console"]["level"] = "ERROR"
-    path = Path(log_dir) / "ray-data-logging.yaml"
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    _active_env[_RAY_DATA_CONFIG_ENV] = None  # quiet_run's _env unsets it on exit
-    os.environ[_RAY_DATA_CONFIG_ENV] = str(path)
-    ray_data_logging.configure_logging()  # the driver configures Ray Data's loggers only when importing it
-
-
-_RAY_DATA_CONFIG_ENV = "RAY_DATA_LOGGING_CONFIG"
-
-
-def _restore_ray_data_logging() -> None:
-    if "ray.data._internal.logging" in sys.modules and _RAY_DATA_CONFIG_ENV not in os.environ:
-        sys.modules["ray.data._internal.logging"].configure_logging()
-
-
-@contextlib.contextmanager
-def ray_worker_lines_unprefixed() -> Iterator[None]:
-    """Around ``ray.init`` in a quiet run: the workers' lines that reach the driver (only the project's console
-    lines do: the rest is in the log) print as they are, without Ray's colour-coded ``(pid=...)`` prefix.
-    Ray decides it once, when it connects, from ``RAY_DISABLE_WORKER_LOG_PREFIX`` (read when ray is imported,
-    which may have happened before: the constant is set for the call, then restored)."""
-    if is_verbose():
-        yield
-        return
-    from ray._private import ray_constants
-
-    old = ray_constants.RAY_DISABLE_WORKER_LOG_PREFIX
-    ray_constants.RAY_DISABLE_WORKER_LOG_PREFIX = True
-    try:
-        yield
-    finally:
-        ray_constants.RAY_DISABLE_WORKER_LOG_PREFIX = old
-
-
-def ray_init_options(local: bool) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(``ray.init`` options, ``runtime_env`` entries) of a quiet run: Ray's INFO lines ("Started a local Ray
-    instance") off the terminal, and for a local cluster every worker process's output into the run folder's
-    log through the setup hook (a remote cluster's workers cannot write the driver's folder: their output
-    stays in that cluster's logs)."""
-    if is_verbose():
-        return {}, {}
-    hook = {"worker_process_setup_hook": RAY_WORKER_SETUP_HOOK} if local and os.environ.get(LOG_DIR_ENV) else {}
-    return {"logging_level": logging.WARNING}, hook
-
-
-def ray_session_logs() -> str:
-    """Where Ray keeps its own session logs (named once on the console by a quiet run)."""
-    try:
-        import ray
-
-        return str(Path(ray._private.worker._global_node.get_session_dir_path()) / "logs")
-    except Exception:  # noqa: BLE001 - only a hint
-        return "/tmp/ray/session_latest/logs"
-
-
-def stage_done(name: str, seconds: float, outputs: list[str]) -> None:
-    """The line that closes a pipeline stage: how long it took and where its output is."""
-    where = f" -> {outputs[0]}" if outputs else ""
-    print(f"[pipeline] {name}: done in {seconds:.0f} s{where}", flush=True)
-
-
-def stage_failed(name: str, seconds: float, exc: BaseException, log_dir: Path) -> None:
-    """A failing stage: its error and where the full output is (the error itself propagates as before)."""
-    stopped = isinstance(exc, (KeyboardInterrupt, SystemExit))  # Ctrl-C, SIGTERM (cli.Terminated)
-    what = "interrupted" if stopped else f"failed: {type(exc).__name__}: {str(exc)[:500]}"
-    logs = "" if is_verbose() else f"; full log: {log_dir} (and {ray_session_logs()} for Ray's own)"
-    error(f"[pipeline] {name}: {what} after {seconds:.0f} s{logs}")

@@ -10,9 +10,13 @@ Pure Python (``json`` only): training writes it, the judge reads it, neither pul
 
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
 from typing import Any
+
+from tract_dist.console import CONSOLE_ERR
+
+log = logging.getLogger(__name__)
 
 RECORD_NAME = "tract_training.json"
 """File name of the record inside each exported model folder."""
@@ -69,9 +73,9 @@ def resolve_rail_normalize(configured: bool | None, model_path: str | Path) -> b
         if key not in _warned:
             _warned.add(key)
             how = {True: "renormalised over the score tokens", False: "from the full-vocabulary softmax"}
-            sys.stderr.write(
+            log.warning(
                 f"[judge] warning: evaluation.rail_normalize={str(configured).lower()} but {path} records that the "
                 f"model was trained with loss.rail_normalize={str(recorded).lower()}: ŷ is read "
                 f"{how[configured]}, not as trained ({how[recorded]}); unset evaluation.rail_normalize to "
-                f"follow the export\n")
+                f"follow the export", extra=CONSOLE_ERR)
     return configured

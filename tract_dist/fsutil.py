@@ -257,59 +257,9 @@ class CorruptStateError(TractError, RuntimeError):
     """A state file this project wrote cannot be read back; the message names it."""
 
 
-def file_fingerprint(path: str) -> str:
-    """Content hash of a local file (first 64 MiB + size), or the name itself for hub datasets."""
-    import hashlib
-
-    p = Path(path)
-    if not p.is_file():
-        return path
-    h = hashlib.sha256(str(p.stat().st_size).encode())
-    with open(p, "rb") as f:
-        h.update(f.read(64 << 20))
-    return h.hexdigest()[:16]
-
-
 def _cache_dir() -> Path:
+    """The project's cache root (``TRACT_DIST_CACHE``): content hashes, node-local copies of published folders."""
     return Path(os.environ.get("TRACT_DIST_CACHE", Path.home() / ".cache" / "tract-dist"))
-
-
-def content_fingerprint(path: str | Path) -> str | None:
-    """SHA-256 over every file of a local model folder (relative name + full content), or of one file; None
-    when ``path`` is not local (a hub name or alias: the name is its identity).
-
-    Hashing a multi-GB model takes a while, so each file's digest is cached by (path, size, mtime) under
-    ``TRACT_DIST_CACHE``: a model rewritten in place (same path, new weights) gets a new hash."""
-    import hashlib
-
-    p = Path(path)
-    if not p.exists():
-        return None
-    files = [p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file() and not x.name.startswith("."))
-    cache_file = _cache_dir() / "content-hashes.json"
-    try:
-        cache = json.loads(cache_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        cache = {}
-    total = hashlib.sha256()
-    changed = False
-    for f in files:
-        st = f.stat()
-        key = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-        digest = cache.get(key)
-        if digest is None:
-            h = hashlib.sha256()
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(16 << 20), b""):
-                    h.update(chunk)
-            digest = cache[key] = h.hexdigest()
-            changed = True
-        total.update(f"{f.relative_to(p) if p.is_dir() else f.name}\0{digest}\n".encode())
-    if changed:
-        with contextlib.suppress(OSError):
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(cache_file, cache, indent=None, durable=False)  # unreadable: rehashed
-    return total.hexdigest()
 
 
 def lock_path(folder: str | Path) -> Path:

@@ -27,11 +27,11 @@ from typing import Any
 
 from tract_dist.errors import TractError
 from tract_dist.fsutil import _cache_dir, atomic_write_json, publish_dir_once
+from tract_dist.identity import file_sha256
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "tract-manifest.json"
-_CHUNK = 16 << 20  # hash in 16 MiB reads: a multi-GB safetensors file never sits in memory whole
 
 
 class StorageError(TractError, RuntimeError):
@@ -79,14 +79,6 @@ def ray_storage(storage_path: str) -> tuple[str, Any]:
     return inner, fs
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
@@ -96,7 +88,7 @@ def write_manifest(folder: str | Path) -> dict[str, Any]:
     this before publishing, so every export carries its own content check)."""
     folder = Path(folder)
     manifest = {"version": 1, "files": {p.relative_to(folder).as_posix(): {"size": p.stat().st_size,
-                                                                          "sha256": _sha256(p)}
+                                                                          "sha256": file_sha256(p)}
                                         for p in _files(folder)}}
     atomic_write_json(folder / MANIFEST, manifest, sort_keys=True)
     return manifest
@@ -124,7 +116,7 @@ def verify_manifest(folder: str | Path, where: str | None = None) -> dict[str, A
         size = p.stat().st_size
         if size != want["size"]:
             raise StorageError(f"{where}: {name} has {size} bytes, its {MANIFEST} says {want['size']}")
-        if _sha256(p) != want["sha256"]:
+        if file_sha256(p) != want["sha256"]:
             raise StorageError(f"{where}: {name} does not match the SHA-256 in its {MANIFEST}")
     return manifest
 

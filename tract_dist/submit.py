@@ -13,14 +13,17 @@ cluster's token when one is configured (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PAT
 
 from __future__ import annotations
 
+import logging
 import shlex
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tract_dist.console import CONSOLE_ERR
 from tract_dist.errors import TractError
+
+log = logging.getLogger(__name__)
 
 # Never uploaded with the working directory (gitignore patterns, relative to it): secrets first, then bulk.
 SECRET_EXCLUDES = [
@@ -125,7 +128,7 @@ def submit_pipeline(address: str, config: str, overrides: list[str] | tuple[str,
     if working_dir:
         patterns = WORKING_DIR_EXCLUDES + list(excludes or [])
         plan = plan_upload(working_dir, patterns)
-        print(f"[submit] working_dir upload: {plan.describe()}", file=sys.stderr, flush=True)  # stdout: the job id
+        log.info(f"[submit] working_dir upload: {plan.describe()}", extra=CONSOLE_ERR)  # stdout: the job id
         if plan.total_bytes > max_upload_mb * 2**20 and not force:
             biggest = sorted(plan.files, key=lambda p: p.stat().st_size, reverse=True)[:5]
             listed = ", ".join(f"{p.relative_to(plan.root)} ({p.stat().st_size / 2**20:.1f} MiB)" for p in biggest)

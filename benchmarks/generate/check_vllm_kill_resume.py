@@ -42,6 +42,9 @@ def _cots(out: Path) -> dict[str, str]:
 
 
 def main() -> int:
+    from tract_dist import console
+
+    console.attach()  # an entry point: the library's console lines (logged) on this terminal
     from tract_dist.config import load_config
     from tract_dist.generate.pipeline import generate_cots
     from tract_dist.runtime.backend import vllm_status

@@ -348,6 +348,9 @@ def write(out: Path, report: dict[str, Any], table: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tract_dist import console
+
+    console.attach()  # an entry point: the library's console lines (logged) on this terminal
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output stem (.json and .md)")
     ap.add_argument("--layers", action="store_true", help="per-layer saved bytes instead of whole runs")

@@ -38,6 +38,9 @@ def slope(ys: list[float]) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tract_dist import console
+
+    console.attach()  # an entry point: the library's console lines (logged) on this terminal
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--init", default=None, help="the export to start from (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--rounds", type=int, default=32)

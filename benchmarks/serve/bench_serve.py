@@ -79,6 +79,9 @@ async def measure(url: str, inputs: list[dict], concurrency: int, mode: str) -> 
 
 
 def main() -> int:
+    from tract_dist import console
+
+    console.attach()  # an entry point: the library's console lines (logged) on this terminal
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2", help="alias, HF folder, or 'tiny' (a random tiny Llama)")
     p.add_argument("--requests", default="8,16,32", help="requests at 1, 4 and 16 clients")

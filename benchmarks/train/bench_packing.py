@@ -222,7 +222,8 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn
     from tract_dist.data.assets import load_tokenizer
     from tract_dist.models import build_tiny_model, tiny_llama_config
     from tract_dist.models.loading import materialize_alias
-    from tract_dist.train.model_init import RANDOM_ALIASES, attn_implementation
+    from tract_dist.aliases import RANDOM_ALIASES
+    from tract_dist.train.model_init import attn_implementation
 
     attn = args.attn or attn_implementation(None, device.type == "cuda")
     tokenizer = load_tokenizer("llama3" if args.model == "random-1b" else "smollm2")

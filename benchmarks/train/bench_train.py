@@ -73,6 +73,9 @@ def run_variant(impl: str, p: dict, data: str, work: Path) -> dict:
 
 
 def main() -> None:
+    from tract_dist import console
+
+    console.attach()  # an entry point: the library's console lines (logged) on this terminal
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu-tiny")
     ap.add_argument("--data", default=os.environ.get("TRACT_SHARED_DATA", str(REPO.parent / "shared" / "data"))

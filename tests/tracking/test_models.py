@@ -18,7 +18,7 @@ def test_export_logged_linked_registered_and_never_copied_twice(tiny_export, tmp
     import mlflow.artifacts
     from mlflow.tracking import MlflowClient
 
-    from tract_dist.fsutil import content_fingerprint
+    from tract_dist.identity import content_fingerprint
     from tract_dist.tracking.mlflow_run import log_metrics, start_run
     from tract_dist.tracking.models import link_model_input, log_model_folder
 

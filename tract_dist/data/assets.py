@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from tract_dist.aliases import TOKENIZER_ALIASES
 from tract_dist.errors import TractError
 from tract_dist.fsutil import publish_dir_once
 
@@ -78,8 +79,6 @@ _LLAMA31_SPECIALS = [
     "<|eot_id|>", "<|python_tag|>",
 ] + [f"<|reserved_special_token_{i}|>" for i in range(2, 247)]
 
-ALIASES = ("mistral", "llama3", "qwen3", "smollm2")
-MODEL_ALIASES = ("smollm2",)  # the aliases with weights; the others are tokenizers only
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -167,7 +166,7 @@ _BUILDERS = {"mistral": _build_mistral, "llama3": _build_llama3, "qwen3": _build
 def alias_tokenizer_dir(name: str) -> Path:
     """The cached tokenizer folder of an alias (built on first use): for loaders that take a folder (vLLM)."""
     if name not in _BUILDERS:
-        raise AssetError(f"'{name}' is not a tokenizer alias ({', '.join(ALIASES)})")
+        raise AssetError(f"'{name}' is not a tokenizer alias ({', '.join(TOKENIZER_ALIASES)})")
     cached = _cache_dir() / "tokenizers" / f"{name}-{_BUILD_VERSION}"
     if not (cached / "tokenizer_config.json").exists():
         publish_dir_once(cached, _BUILDERS[name]().save_pretrained)  # built by two processes: the first wins
@@ -197,6 +196,6 @@ def model_source(name_or_path: str) -> tuple[str, dict[str, Any]]:
     """(path, extra from_pretrained kwargs) for a model alias or name; only ``smollm2`` has weights offline."""
     if name_or_path == "smollm2":
         return str(smollm2_dir()), {"gguf_file": SMOLLM2_GGUF}
-    if name_or_path in ALIASES:
+    if name_or_path in TOKENIZER_ALIASES:
         raise AssetError(f"alias '{name_or_path}' provides a tokenizer only, no weights")
     return name_or_path, {}

@@ -20,7 +20,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from tract_dist.config import load_config
     from tract_dist.evaluate.runner import evaluate_model
 
-    from tract_dist.pipeline_checks import check_model_source
+    from tract_dist.aliases import check_model_source
 
     cfg = load_config(args.config, args.overrides)
     check_model_source(args.model or cfg.model.name_or_path, "--model" if args.model else "model.name_or_path")

@@ -9,12 +9,14 @@ as a dataset input (digest over the examples scored).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
 from typing import Any
 
 from tract_dist import jsontext
+from tract_dist.console import CONSOLE
 from tract_dist.data.formats import read_examples
 from tract_dist.data.schema import DataError, JudgeExample
 from tract_dist.data.score_tokens import parse_scale
@@ -24,13 +26,15 @@ from tract_dist.evaluate.worker import JudgeWorker
 from tract_dist.fsutil import atomic_write_json, atomic_write_jsonl
 from tract_dist.runtime.pool import PoolSpec, ensure_ray, map_rows
 
+log = logging.getLogger(__name__)
+
 
 def load_benchmark(spec: Any, scale: tuple[int, int], skip_invalid: bool = False) -> list[JudgeExample]:
     """A benchmark's examples: a local file or ``hf:NAME`` (prometheus-eval label = mean of gpt4_score)."""
     res = read_examples(spec.path, spec.format, scale=scale, skip_invalid=skip_invalid, require_feedback=False,
                         limit=spec.max_examples, split=spec.split, offset=spec.offset)
     if res.invalid:
-        print(f"evaluate: {spec.name}: skipped {len(res.invalid)} invalid records of {spec.path}")
+        log.info(f"evaluate: {spec.name}: skipped {len(res.invalid)} invalid records of {spec.path}", extra=CONSOLE)
     return res.examples
 
 

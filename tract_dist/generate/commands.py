@@ -6,6 +6,8 @@ import argparse
 import json
 from typing import Any, Callable
 
+from tract_dist.cli_args import add_fresh_arg
+
 
 def register(sub: Any, add_config_args: Callable[..., None]) -> None:
     p = sub.add_parser("generate", help="generate CoTs for the training prompts (Ray Data actor pool; resumable)")
@@ -14,9 +16,7 @@ def register(sub: Any, add_config_args: Callable[..., None]) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--stage2-out", help="also build the stage-2 training JSONL here from the generations, selected "
                                         "by generation.select")
-    p.add_argument("--fresh", action="store_true",
-                   help="if the output folder holds CoTs made with other settings, move it aside and start afresh "
-                        "(default: refuse, naming both fingerprints)")
+    add_fresh_arg(p, "if the output folder holds CoTs made with other settings, move it aside and start afresh")
     add_config_args(p, required=True)
     p.set_defaults(func=_cmd_generate)
 
@@ -28,7 +28,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     examples = load_training_examples(cfg)
-    from tract_dist.pipeline_checks import check_model_source
+    from tract_dist.aliases import check_model_source
 
     if args.model:
         check_model_source(args.model, "--model")

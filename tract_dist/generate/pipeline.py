@@ -10,13 +10,14 @@ throughput) -> MLflow. One invocation per output folder at a time (a lock beside
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
 
+from tract_dist.console import CONSOLE
 from tract_dist.data.formats import read_examples
 from tract_dist.data.schema import JudgeExample
 from tract_dist.data.score_tokens import parse_scale
@@ -24,6 +25,8 @@ from tract_dist.generate.shards import ShardStore, cot_uid, retryable
 from tract_dist.generate.worker import CotWorker
 from tract_dist.runtime.pool import PoolSpec, ensure_ray, map_rows
 from tract_dist.runtime.sampling import SamplingParams, example_seed
+
+log = logging.getLogger(__name__)
 
 
 def load_training_examples(cfg: Any) -> list[JudgeExample]:
@@ -36,7 +39,7 @@ def load_training_examples(cfg: Any) -> list[JudgeExample]:
     result = read_examples(d.train_path, d.train_format, scale=parse_scale(d.scale), skip_invalid=d.skip_invalid,
                            require_feedback=False, limit=d.max_examples, split=d.split)
     if result.invalid:
-        print(f"generate: skipped {len(result.invalid)} invalid records of {d.train_path}")
+        log.info(f"generate: skipped {len(result.invalid)} invalid records of {d.train_path}", extra=CONSOLE)
     return result.examples
 
 
@@ -121,7 +124,7 @@ def generation_settings(cfg: Any, model_path: str, backend: str, sampling: Sampl
     pipeline stage's, or a hash of these settings. How ŷ is read is not among them: every record keeps the score
     tokens' probabilities, from which selection reads ŷ the way the stage-1 judge does (folders made before the
     read-out existed keep their fingerprint; their records carry none)."""
-    from tract_dist.fsutil import content_fingerprint
+    from tract_dist.identity import content_fingerprint, json_digest
     from tract_dist.storage import local_copy
 
     local = local_copy(str(model_path)) or str(model_path)  # a URI: this node's verified copy is what is hashed
@@ -131,8 +134,7 @@ def generation_settings(cfg: Any, model_path: str, backend: str, sampling: Sampl
     if cfg.data.enable_thinking:  # only when on: folders generated before the switch existed keep their identity
         settings["enable_thinking"] = True
     ident = {k: v for k, v in settings.items() if k != "model" or settings["model_sha256"] is None}
-    settings["fingerprint"] = fingerprint or hashlib.sha256(
-        json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    settings["fingerprint"] = fingerprint or json_digest(ident, 12)
     return settings
 
 
@@ -159,7 +161,7 @@ def generate_cots(cfg: Any, model_path: str | None, out_dir: str | Path | None =
         if fresh and out.exists():
             moved = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
             os.replace(out, moved)
-            print(f"generate: --fresh: moved {out} to {moved}")
+            log.info(f"generate: --fresh: moved {out} to {moved}", extra=CONSOLE)
         # A quiet console (a pipeline's stage keeps the pipeline's): library chatter to OUT/logs/driver.log.
         with console.quiet_run(out / "logs"):
             backend = choose_backend(cfg, "generation")  # before any replica starts: a bad choice is a config error
@@ -187,7 +189,7 @@ def _generate_locked(cfg: Any, model_path: str, out: Path, examples: list[JudgeE
             for r in rows if r["uid"] not in resolved]
     retrying = sum(1 for r in todo if r["attempt"] > 1)
     if retrying:
-        print(f"generate: retrying {retrying} CoTs that failed with an error before")
+        log.info(f"generate: retrying {retrying} CoTs that failed with an error before", extra=CONSOLE)
     spec = PoolSpec.from_config(cfg, use_ray=g.ray, batch_size=g.batch_size, replicas=g.num_replicas,
                                 gpus_per_replica=g.tensor_parallel_size)
 
@@ -232,7 +234,7 @@ def _generate_locked(cfg: Any, model_path: str, out: Path, examples: list[JudgeE
                           if retryable(r) and r["attempts"] < g.max_attempts}
                 todo = [{**r, "attempt": failed[r["uid"]]["attempts"] + 1} for r in rows if r["uid"] in failed]
                 if todo:
-                    print(f"generate: retrying {len(todo)} CoTs that failed with an error")
+                    log.info(f"generate: retrying {len(todo)} CoTs that failed with an error", extra=CONSOLE)
         finally:
             progress.bar.close()
         summary = store.finalize(expected, {"this_run": progress.stats(), "output_dir": str(out),

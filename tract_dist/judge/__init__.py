@@ -5,20 +5,12 @@ Names are imported lazily so that ``tract-dist`` (which imports ``judge.commands
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from tract_dist.lazy import lazy_exports
 
 _EXPORTS = {
-    "MODES": "tract_dist.judge.judge", "Judge": "tract_dist.judge.judge", "JudgeResult": "tract_dist.judge.judge",
-    "as_example": "tract_dist.judge.judge", "judge_kwargs": "tract_dist.judge.judge",
-    "parse_decoded_score": "tract_dist.judge.parsing",
-    "RailReadout": "tract_dist.judge.rail", "score_distribution": "tract_dist.judge.rail",
-    "readouts": "tract_dist.judge.rail",
+    "MODES": "judge", "Judge": "judge", "JudgeResult": "judge", "as_example": "judge", "judge_kwargs": "judge",
+    "parse_decoded_score": "parsing",
+    "RailReadout": "rail", "score_distribution": "rail", "readouts": "rail",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'tract_dist.judge' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

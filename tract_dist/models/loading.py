@@ -126,9 +126,10 @@ def load_causal_lm(name_or_path: str, *, dtype: str | torch.dtype = "auto", devi
 
 def load_tokenizer_for(name_or_path: str, tokenizer: str | None = None, trust_remote_code: bool = False) -> Any:
     """The tokenizer of a model: ``tokenizer`` if given, else the model folder's own (aliases via assets)."""
-    from tract_dist.data.assets import ALIASES, load_tokenizer
+    from tract_dist.aliases import TOKENIZER_ALIASES
+    from tract_dist.data.assets import load_tokenizer
 
     name = tokenizer or name_or_path
-    if name in ALIASES:
+    if name in TOKENIZER_ALIASES:
         return load_tokenizer(name)
     return load_tokenizer(name, trust_remote_code=trust_remote_code)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from tract_dist.pipeline.methods import EVAL_MODES
 from tract_dist.plan.compute import decode_rate, prefill_seconds, train_step_flops
 from tract_dist.plan.hardware import GIB, Accelerator, accelerator
 from tract_dist.plan.memory import (
@@ -284,9 +285,6 @@ def _generation_stage(ctx: _Context) -> StagePlan:
                          replicas=replicas)
 
 
-# The pipeline's inference modes per method (tract_dist.pipeline.EVAL_MODES, without importing the pipeline).
-PIPELINE_EVAL_MODES = {"tract": ("cot_rail",), "cot_raft": ("cot_rail",), "ce_cot": ("decode", "cot_rail"),
-                       "raft": ("rail",), "real": ("cot_rail",)}
 
 
 def _runs_tract_stages(cfg: Any) -> bool:
@@ -311,7 +309,7 @@ def _evaluation_stage(ctx: _Context, *, pipeline: bool) -> StagePlan | None:
         else:
             records += max(0, min(n - bench.offset, bench.max_examples or n))
     method = cfg.pipeline.method
-    modes = PIPELINE_EVAL_MODES[method] if pipeline else (e.mode,)
+    modes = EVAL_MODES[method] if pipeline else (e.mode,)
     models = 2 if pipeline and method == "tract" and cfg.pipeline.evaluate_stage1 else 1
     if pipeline and method == "real":  # REAL's model, plus TRACT's stage 2 (and stage 1) when they run first
         models = 1 + (_runs_tract_stages(cfg) * (1 + cfg.pipeline.evaluate_stage1))

@@ -87,11 +87,11 @@ def resolve_config(cfg: Any) -> tuple[Any, str]:
     name is a hub id outside the table and the hub is reachable. Raises :class:`PlanUnavailable`."""
     from transformers import AutoConfig
 
+    from tract_dist.aliases import RANDOM_ALIASES, is_random_model
     from tract_dist.plan.known import known_config
-    from tract_dist.train.model_init import RANDOM_ALIASES, TINY_ALIAS
 
     name = cfg.model.name_or_path
-    if name == TINY_ALIAS or name in RANDOM_ALIASES:
+    if is_random_model(name):
         from tract_dist.data.assets import load_tokenizer
         from tract_dist.models.tiny import tiny_llama_config
 
@@ -108,7 +108,7 @@ def resolve_config(cfg: Any) -> tuple[Any, str]:
     if fields is not None:
         model_type = fields.pop("model_type")
         return AutoConfig.for_model(model_type, **fields), f"built-in table ({name}; tract_dist/plan/known.py)"
-    from tract_dist.pipeline_checks import check_model_source
+    from tract_dist.aliases import check_model_source
 
     check_model_source(name)  # a missing local path, or offline: the run's own ConfigError, before any hub access
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1":

@@ -52,12 +52,14 @@ class RolloutWorker:
     model built like the trainer's) or vLLM (the base model; each round's adapter a new ``LoRARequest``)."""
 
     def __init__(self, config: dict[str, Any], model_path: str, threads: int | None = None) -> None:
+        from tract_dist import console
         from tract_dist.config import Config
         from tract_dist.data.encode import EncodeOptions
         from tract_dist.data.score_tokens import derive_score_tokens, parse_scale
         from tract_dist.models.loading import load_causal_lm, load_tokenizer_for, materialize_alias
         from tract_dist.runtime.backend import resolve_backend
 
+        console.attach()  # a rollout actor is its process's entry point: the project's console lines reach it
         if threads and not torch.cuda.is_available():
             torch.set_num_threads(threads)
         cfg = Config.model_validate(config)

@@ -17,7 +17,7 @@ def real_stage_config(cfg: Config, init_model: str) -> Config:
     """The REAL stage's config: starts from ``init_model`` (an HF export), with LoRA (the adapter is handed to the
     engines each round) or full fine-tuning (every weight is, HF engines only; no KL term: its reference policy
     would be a second full model copy)."""
-    from tract_dist.pipeline_checks import check_model_source
+    from tract_dist.aliases import check_model_source
 
     r, t = cfg.real, cfg.training
     check_model_source(init_model, "pipeline.real_init (train-real --init)")

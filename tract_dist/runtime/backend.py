@@ -17,10 +17,14 @@ from __future__ import annotations
 import gc
 import importlib
 import importlib.util
+import logging
 from dataclasses import dataclass
 from typing import Any
 
+from tract_dist.console import CONSOLE_ERR
 from tract_dist.runtime.engine import EngineSpec, InferenceEngine
+
+log = logging.getLogger(__name__)
 
 _VLLM_STATUS: tuple[bool, str] | None = None
 _CACHE: dict[str, tuple[tuple[Any, ...], Any]] = {}  # backend -> (spec key, engine)
@@ -122,8 +126,6 @@ def release_engine(backend: str | None = None) -> None:
 
 def choose_backend(cfg: Any, section: str) -> BackendChoice:
     """Resolve ``{section}.backend`` of a config (section: generation or evaluation) and log the choice."""
-    import sys
-
     import torch
 
     requested = getattr(cfg, section).backend
@@ -135,7 +137,7 @@ def choose_backend(cfg: Any, section: str) -> BackendChoice:
 
         raise ConfigError(f"{section}.tensor_parallel_size: {tp} needs the vllm backend "
                           f"({section}.backend resolved to {choice.backend}: {choice.reason})")
-    print(f"[{section}] {choice.log_line(f'{section}.backend', requested)}", file=sys.stderr, flush=True)
+    log.info(f"[{section}] {choice.log_line(f'{section}.backend', requested)}", extra=CONSOLE_ERR)
     return choice
 
 

@@ -94,6 +94,12 @@ class RowBatchWorker:
     their engine in ``__init__`` and implement :meth:`run_rows` and :meth:`failed`.
     """
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> "RowBatchWorker":
+        from tract_dist import console
+
+        console.attach()  # a pool actor is its process's entry point: the project's console lines on its terminal
+        return super().__new__(cls)
+
     def run_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Result rows for ``rows`` (one each; errors a row can be blamed for alone are results, not raises)."""
         raise NotImplementedError

@@ -19,12 +19,16 @@ Security of a local Ray (Ray 2.60):
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from typing import TYPE_CHECKING
+
+from tract_dist.console import CONSOLE, CONSOLE_ERR
 
 if TYPE_CHECKING:
     from tract_dist.config import Config
+
+log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 _SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -44,9 +48,9 @@ def _bind_to_loopback() -> None:
 
 def _warn_if_auth_disabled() -> None:
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
-        sys.stderr.write("[ray] warning: RAY_AUTH_MODE=disabled: this Ray cluster accepts requests without a "
-                         "token (anyone who can reach its ports can run code as you); unset it to keep token "
-                         "authentication on\n")
+        log.warning("[ray] warning: RAY_AUTH_MODE=disabled: this Ray cluster accepts requests without a token "
+                    "(anyone who can reach its ports can run code as you); unset it to keep token authentication "
+                    "on", extra=CONSOLE_ERR)
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, need_cpus: float = 0,
@@ -56,34 +60,35 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, need_cp
     import ray
 
     from tract_dist import console
+    from tract_dist.runtime import ray_logging
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    console.quiet_ray_data()  # also when a cluster was started earlier (the test suite's)
+    ray_logging.quiet_ray_data()  # also when a cluster was started earlier (the test suite's)
     if ray.is_initialized():
         return
     _warn_if_auth_disabled()
     address = address or os.environ.get("RAY_ADDRESS")
     # Quiet (no --verbose): Ray's INFO lines off the terminal; a local cluster's workers log to the run folder.
-    init_opts, env_extra = console.ray_init_options(local=not address)
+    init_opts, env_extra = ray_logging.init_options(local=not address)
     runtime_env = {**({"env_vars": dict(env_vars)} if env_vars else {}), **env_extra} or None
     if address:
         # Inside a submitted job the job's runtime env already applies; merge ours into it.
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
-        with console.ray_worker_lines_unprefixed():
+        with ray_logging.worker_lines_unprefixed():
             ray.init(address=address, runtime_env=runtime_env, **init_opts)
         return
     import math
 
     _bind_to_loopback()
     cpus = max(num_cpus or 0, math.ceil(need_cpus) + 1, 4)
-    with console.ray_worker_lines_unprefixed():
+    with ray_logging.worker_lines_unprefixed():
         ctx = ray.init(num_cpus=cpus, object_store_memory=object_store_memory_mb << 20, include_dashboard=True,
                        dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK, runtime_env=runtime_env,
                        log_to_driver=log_to_driver, **init_opts)
     if init_opts:  # Ray's own start-up line was INFO: one line instead, naming where the output goes
-        print(f"[ray] local Ray started (dashboard http://{getattr(ctx, 'dashboard_url', '') or '-'}); worker output: "
-              f"{os.environ.get(console.LOG_DIR_ENV, console.ray_session_logs())}, Ray's own logs: "
-              f"{console.ray_session_logs()}", flush=True)
+        log.info(f"[ray] local Ray started (dashboard http://{getattr(ctx, 'dashboard_url', '') or '-'}); worker output: "
+                 f"{os.environ.get(console.LOG_DIR_ENV, ray_logging.session_logs())}, Ray's own logs: "
+                 f"{ray_logging.session_logs()}", extra=CONSOLE)
 
 
 def init_ray_from_config(cfg: "Config", address: str | None = None) -> None:

@@ -27,29 +27,15 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Any, Iterator
+from typing import Any
 
+from tract_dist.envvars import temporary_env
 from tract_dist.runtime.deadline import StopSignal, fired
 from tract_dist.runtime.engine import EngineSpec, Generation
 from tract_dist.runtime.sampling import SamplingParams
 
 _CPU_KV_CACHE_GB = 1.0
 _LORA_ID = 1  # one adapter per engine: the model being served
-
-
-@contextlib.contextmanager
-def _env(values: dict[str, str]) -> Iterator[None]:
-    """Set environment variables while the engine core process is spawned (it inherits them), then restore."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _on_gpu() -> bool:
@@ -105,9 +91,10 @@ def _lora_rank_slot(rank: int) -> int:
 
 def _tokenizer_dir(name: str) -> str:
     """A folder vLLM can load for ``model.tokenizer``: offline aliases are saved as tokenizer folders first."""
-    from tract_dist.data.assets import ALIASES, alias_tokenizer_dir
+    from tract_dist.aliases import TOKENIZER_ALIASES
+    from tract_dist.data.assets import alias_tokenizer_dir
 
-    return str(alias_tokenizer_dir(name)) if name in ALIASES else name
+    return str(alias_tokenizer_dir(name)) if name in TOKENIZER_ALIASES else name
 
 
 class VLLMEngine:
@@ -131,7 +118,7 @@ class VLLMEngine:
         kw = engine_kwargs(spec, gpu)
         # The engine core process inherits this process's file descriptors: in a quiet run they are the run's log
         # (console.py), so its warnings, Triton's and the C++ lines go there for the engine's life.
-        with _env(env):
+        with temporary_env(env):  # while the engine core process is spawned (it inherits them)
             self.llm = LLM(**kw)
         base = adapter_base(spec.model_path)
         self.lora_request = None

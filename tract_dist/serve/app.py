@@ -9,13 +9,16 @@ SIGTERM, then shuts the application and Serve down.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tract_dist.console import CONSOLE_ERR
 from tract_dist.serve.schemas import MAX_BODY_BYTES
+
+log = logging.getLogger(__name__)
 
 APP_NAME = "tract-judge"
 DEFAULT_PORT = 8000
@@ -108,7 +111,7 @@ def run_server(cfg: Any, model_path: str, opts: ServeOptions, *, host: str, port
     log_dir = serve_log_dir(cfg, opts)
     with console.quiet_run(log_dir):
         if not console.is_verbose():
-            print(f"[serve] Ray, Serve and replica output: {log_dir}", file=sys.stderr, flush=True)
+            log.info(f"[serve] Ray, Serve and replica output: {log_dir}", extra=CONSOLE_ERR)
         return _run_server(cfg, model_path, opts, host=host, port=port, address=address, tracking=tracking,
                            registered_name=registered_name)
 
@@ -144,16 +147,16 @@ def _run_server(cfg: Any, model_path: str, opts: ServeOptions, *, host: str, por
         console.quiet_new_loggers()
         where = f"http://{host}:{port}"
         auth = "an API key is required" if opts.api_key else "no API key (loopback only is the safe default)"
-        print(f"[serve] {opts.model_id} on {where} ({opts.describe_replicas()}, {auth}); POST /v1/judge, "
-              f"/v1/chat/completions, /get_reward (also under /rail, /cot_rail, /decode); GET /health, /v1/models. "
-              f"Ctrl-C stops.", file=sys.stderr, flush=True)
+        log.info(f"[serve] {opts.model_id} on {where} ({opts.describe_replicas()}, {auth}); POST /v1/judge, "
+                 f"/v1/chat/completions, /get_reward (also under /rail, /cot_rail, /decode); GET /health, /v1/models. "
+                 f"Ctrl-C stops.", extra=CONSOLE_ERR)
         info = serve.get_deployment_handle("JudgeModel", APP_NAME).describe.remote().result(timeout_s=120)
-        print(budget_statement(info, opts.request_timeout_s), file=sys.stderr, flush=True)
+        log.info(budget_statement(info, opts.request_timeout_s), extra=CONSOLE_ERR)
         if tracking:
             _log_served_model(cfg, model_path, opts, where, registered_name)
         while not stop.wait(1.0):
             pass
-        print("[serve] shutting down", file=sys.stderr, flush=True)
+        log.info("[serve] shutting down", extra=CONSOLE_ERR)
     finally:
         _mute_ray_errors_on_shutdown()
         try:
@@ -218,6 +221,5 @@ def _log_served_model(cfg: Any, model_path: str, opts: ServeOptions, where: str,
         logged = log_model_folder(handle, model_path, name=model_name("served", opts.model_id),
                                   registered_model_name=name, role="input")
         if logged is not None:
-            print(f"[serve] model logged to MLflow: {logged.model_uri}"
-                  + (f" (registered {logged.registered_name} v{logged.version})" if logged.version else ""),
-                  file=sys.stderr, flush=True)
+            log.info(f"[serve] model logged to MLflow: {logged.model_uri}"
+                     + (f" (registered {logged.registered_name} v{logged.version})" if logged.version else ""), extra=CONSOLE_ERR)

@@ -96,7 +96,7 @@ def register(sub: Any, add_config_args: Callable[..., None]) -> None:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from tract_dist.errors import UsageError
     from tract_dist.config import load_config
-    from tract_dist.pipeline_checks import check_model_source
+    from tract_dist.aliases import check_model_source
     from tract_dist.serve.app import ServeOptions, default_model_id, run_server
 
     replicas, autoscale = _replicas(args)

@@ -25,8 +25,8 @@ generation cannot finish before its deadline instead of running it into a 504.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
-import sys
 import time
 from collections import Counter, deque
 from dataclasses import replace
@@ -34,8 +34,11 @@ from typing import Any
 
 from ray import serve
 
+from tract_dist.console import CONSOLE_ERR, attach
 from tract_dist.runtime.deadline import StopSignal
 from tract_dist.serve.templates import judge_template
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH_SIZE = 16
 """Calls per ``score_batch``: on a CPU a RAIL forward pass of 16 prompts still fits a few hundred MiB of
@@ -57,6 +60,7 @@ class JudgeModel:
                  max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_S):
         import torch
 
+        attach()  # a replica is its process's entry point: the project's console lines on its stderr, as before
         if torch_threads:
             torch.set_num_threads(torch_threads)
         from tract_dist.judge import Judge
@@ -79,10 +83,9 @@ class JudgeModel:
         self.running_rows = 0  # inputs in the batch the worker thread is running now
         self.counts: Counter[str] = Counter()  # calls, cancelled, and failures by kind (deadline, ...)
         self.recent_stops: deque[str] = deque(maxlen=64)  # the last stopped inputs' failure messages
-        print(f"[serve] judge replica pid {os.getpid()} ready: {model_path} on {self.backend}, batches of up to "
-              f"{max_batch_size} within {batch_wait_timeout_s * 1000:g} ms; generation budget {budget} new tokens "
-              f"per CoT ({self.budget_source}), one decode step {self.decode_step_s * 1000:.1f} ms measured",
-              file=sys.stderr, flush=True)
+        log.info(f"[serve] judge replica pid {os.getpid()} ready: {model_path} on {self.backend}, batches of up to "
+                 f"{max_batch_size} within {batch_wait_timeout_s * 1000:g} ms; generation budget {budget} new tokens "
+                 f"per CoT ({self.budget_source}), one decode step {self.decode_step_s * 1000:.1f} ms measured", extra=CONSOLE_ERR)
 
     def _probe_decode_step(self) -> float:
         """Seconds per decode step of one sequence, measured now (a warm-up run, which also builds the

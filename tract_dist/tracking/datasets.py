@@ -11,7 +11,6 @@ logged through an ``MlflowClient`` bound to the run's URI like every other track
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,18 +44,13 @@ class DatasetRecord:
         return "local", json.dumps({"uri": uri})
 
 
-def content_digest(*parts: Any) -> str:
-    """Ten hex digits of SHA-256 over ``parts`` as JSON (MLflow recommends digests of about that length)."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
 def file_dataset(name: str, path: str, records: int, context: str, *, selection: dict[str, Any] | None = None,
                  profile: dict[str, Any] | None = None) -> DatasetRecord:
     """A data file (or ``hf:NAME``) used with ``records`` examples; ``selection``: what picked them (limit,
     offset, split), part of the digest."""
-    from tract_dist.fsutil import file_fingerprint
+    from tract_dist.identity import file_fingerprint, json_digest
 
-    digest = content_digest(file_fingerprint(path), selection or {}, records)
+    digest = json_digest((file_fingerprint(path), selection or {}, records), 10)
     return DatasetRecord(name, path, digest, int(records), context, dict(profile or {}))
 
 
@@ -64,13 +58,10 @@ def examples_dataset(name: str, path: str, examples: Iterable[Any], context: str
                      profile: dict[str, Any] | None = None) -> DatasetRecord:
     """A dataset digested over the examples themselves (``to_dict()`` of each, in order): a benchmark's
     digest names exactly the records scored, whatever file, split or limit they came from."""
-    h = hashlib.sha256()
-    n = 0
-    for ex in examples:
-        h.update(json.dumps(ex.to_dict(), sort_keys=True, ensure_ascii=False, default=str).encode())
-        h.update(b"\n")
-        n += 1
-    return DatasetRecord(name, path, h.hexdigest()[:10], n, context, dict(profile or {}))
+    from tract_dist.identity import examples_digest
+
+    digest, n = examples_digest(examples)
+    return DatasetRecord(name, path, digest, n, context, dict(profile or {}))
 
 
 def _entity(rec: DatasetRecord) -> Any:

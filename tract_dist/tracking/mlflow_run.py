@@ -13,12 +13,17 @@ counted warning; credentials in tracking URIs are redacted from params, tags and
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
+
+from tract_dist.console import CONSOLE_ERR
+
+log = logging.getLogger(__name__)
 
 _MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 
@@ -105,8 +110,7 @@ def _client(uri: str) -> Any:
 
 
 def _warn(msg: str) -> None:
-    sys.stderr.write(f"[tracking] warning: {msg}\n")
-    sys.stderr.flush()
+    log.warning(f"[tracking] warning: {msg}", extra=CONSOLE_ERR)
 
 
 @dataclass

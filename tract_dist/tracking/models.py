@@ -81,7 +81,7 @@ def log_model_folder(handle: RunHandle, folder: str | Path, *, name: str | None 
     the store already holds is linked, not stored again. Registers it when ``registered_model_name`` is given."""
     if not handle.enabled:
         return None
-    from tract_dist.fsutil import content_fingerprint
+    from tract_dist.identity import content_fingerprint
 
     src = Path(folder)
     try:
@@ -124,7 +124,7 @@ def link_model_input(handle: RunHandle, folder: str | Path) -> str | None:
     returns its id, so the run's metrics can be logged against it (None: not in the store, or untracked)."""
     if not handle.enabled:
         return None
-    from tract_dist.fsutil import content_fingerprint
+    from tract_dist.identity import content_fingerprint
 
     try:
         model = find_logged_model(handle, content_fingerprint(folder))

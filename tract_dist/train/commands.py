@@ -34,16 +34,15 @@ def _print_outputs(tag: str, r: Any) -> int:
 
 def register(sub: Any, add_config_args: Callable[..., None]) -> None:
     p = sub.add_parser("train", help="run one CoT-RAFT training stage (Ray Train + DeepSpeed ZeRO-3)")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    from tract_dist.cli_args import add_fresh_arg, add_ray_address_arg, safe_name_arg
+
+    add_ray_address_arg(p)
     p.add_argument("--launcher", choices=["ray", "torchrun", "inline"],
                    help="ray, torchrun (no Ray needed) or inline (one process); default: cluster.launcher (ray)")
-    from tract_dist.cli_args import safe_name_arg
 
     p.add_argument("--run-name", type=safe_name_arg,
                    help="name of the run (default: train-<config fingerprint>; same name resumes)")
-    p.add_argument("--fresh", action="store_true",
-                   help="if the run folder holds a run of another configuration, move it aside and start afresh "
-                        "(default: refuse, naming both fingerprints)")
+    add_fresh_arg(p, "if the run folder holds a run of another configuration, move it aside and start afresh")
     from tract_dist.plan.commands import add_plan_check_arg
 
     add_plan_check_arg(p)
@@ -66,12 +65,12 @@ def _cmd_train_real(args: argparse.Namespace) -> int:
 
 
 def register_real(sub: Any, add_config_args: Callable[..., None]) -> None:
-    from tract_dist.cli_args import safe_name_arg
+    from tract_dist.cli_args import add_ray_address_arg, safe_name_arg
 
     p = sub.add_parser("train-real", help="REAL after TRACT: RL on the judge's own sampled CoTs, rewarded by "
                                           "-(yhat - y)^2, plus the regression term (Ray + DeepSpeed ZeRO-3, LoRA)")
     p.add_argument("--init", help="the export REAL starts from (default: pipeline.real_init)")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    add_ray_address_arg(p)
     p.add_argument("--launcher", choices=["ray", "torchrun", "inline"],
                    help="ray (rollout engines as Ray actors), torchrun or inline (engine in-process)")
     p.add_argument("--run-name", type=safe_name_arg,

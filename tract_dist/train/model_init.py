@@ -11,13 +11,10 @@ from typing import Any
 
 import torch
 
+from tract_dist.aliases import RANDOM_ALIASES, is_random_model
+
 log = logging.getLogger(__name__)
 
-TINY_ALIAS = "tiny-llama"
-# Randomly initialised Llama-3-shaped models for throughput benchmarks (no weights to download).
-RANDOM_ALIASES = {
-    "random-llama-1b": dict(hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, intermediate_size=8192),
-}
 
 
 def attn_implementation(requested: str | None, use_cuda: bool) -> str:
@@ -57,7 +54,7 @@ def load_training_model(cfg: Any, tokenizer: Any, *, use_cuda: bool) -> torch.nn
         from tract_dist.models.packed_attention import packed_implementation
 
         attn = packed_implementation(attn)  # sdpa per example of a packed row, not over the row's whole square
-    if m.name_or_path == TINY_ALIAS or m.name_or_path in RANDOM_ALIASES:
+    if is_random_model(m.name_or_path):
         from tract_dist.models.tiny import build_tiny_model, tiny_llama_config
 
         shape = RANDOM_ALIASES.get(m.name_or_path, {})

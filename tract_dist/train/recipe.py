@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 
 from tract_dist.config import Config
+from tract_dist.console import TERMINAL, TERMINAL_ERR
 from tract_dist.fsutil import atomic_write_json
 from tract_dist.tracking import RunHandle, log_metrics
 from tract_dist.train.guards import nonfinite_values, refuse_known_nonfinite, stop_nonfinite
@@ -29,6 +30,8 @@ from tract_dist.train.hooks import CHECKPOINT_WRITTEN, MICRO_BATCH, STEP_BEGIN, 
 from tract_dist.train.plan import WorkerPlan
 from tract_dist.train.stats import StepAccumulator, ThroughputWindow, step_metrics
 from tract_dist.train.strategy import DeepSpeedStrategy
+
+log = logging.getLogger(__name__)
 
 
 class TrainRecipe:
@@ -78,7 +81,7 @@ class TrainRecipe:
         self._setup_more(timed)
         self.timings["setup"] = time.perf_counter() - t0
         if self.rank == 0:
-            _console(self._setup_line())
+            log.info(self._setup_line(), extra=TERMINAL)
 
     def _check_resume(self, resume: Any) -> None:
         """Refuse a checkpoint this recipe cannot continue (TRACT's continues any world size)."""
@@ -263,8 +266,8 @@ class TrainRecipe:
             f.write(json.dumps({"step": done, **metrics}) + "\n")
         if to_tracking:
             log_metrics(self.handle, metrics, step=done)
-            _console(f"[train] step {done}/{self.steps.total_steps} " + " ".join(
-                f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
+            log.info(f"[train] step {done}/{self.steps.total_steps} " + " ".join(
+                f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"), extra=TERMINAL)
 
     # ---- checkpoint -----------------------------------------------------------------------------
     def save_checkpoint(self, step: int, metrics: dict[str, Any]) -> None:
@@ -349,13 +352,6 @@ def run_recipe(plan: WorkerPlan) -> None:
     recipe.cleanup()
 
 
-def _console(msg: str) -> None:
-    """One progress line on the terminal (also while the worker's output goes to its log: console.line)."""
-    from tract_dist import console
-
-    console.line(msg)
-
-
 def _quiet_ray_train_reports() -> None:
     """Ray Train V2 logs every ``report`` of every rank at INFO under a file-path logger name."""
     try:
@@ -382,10 +378,8 @@ def _rng_state() -> dict[str, Any]:
 def _restore_rng(path: Path, rank: int) -> None:
     if not path.exists():
         if rank == 0:  # another world size wrote this checkpoint: the model and data position are still exact
-            from tract_dist import console
-
-            console.error(f"[train] warning: {path.name} is not in the checkpoint; this rank's RNG starts from the "
-                          "seed")
+            log.warning(f"[train] warning: {path.name} is not in the checkpoint; this rank's RNG starts from the "
+                        "seed", extra=TERMINAL_ERR)
         return
     state = torch.load(path, weights_only=True)
     torch.set_rng_state(state["torch"])
@@ -408,8 +402,8 @@ def packed_row_tokens(cfg: Config) -> int | None:
 
 
 def _tokenizer_source(cfg: Config) -> str:
-    from tract_dist.train.model_init import RANDOM_ALIASES, TINY_ALIAS
+    from tract_dist.aliases import is_random_model
 
-    if cfg.model.name_or_path == TINY_ALIAS or cfg.model.name_or_path in RANDOM_ALIASES:
+    if is_random_model(cfg.model.name_or_path):
         raise ValueError(f"model.tokenizer must be set for {cfg.model.name_or_path}")
     return cfg.model.name_or_path

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,8 +32,11 @@ from typing import Any, Iterator
 
 import torch.distributed as dist
 
+from tract_dist.console import TERMINAL_ERR
 from tract_dist.errors import RunFailure, TractError
 from tract_dist.fsutil import atomic_write_json, atomic_write_text, publish_dir
+
+log = logging.getLogger(__name__)
 
 _DONE = "COMPLETE"
 PINNED = "PINNED"
@@ -47,10 +51,7 @@ class CheckpointError(RunFailure, RuntimeError):
 
 
 def _warn(msg: str) -> None:
-    """On the terminal's stderr, also while a worker's own output goes to its log (console.error)."""
-    from tract_dist import console
-
-    console.error(f"[train] warning: {msg}")
+    log.warning(f"[train] warning: {msg}", extra=TERMINAL_ERR)
 
 
 def write_manifest(ckpt: str | Path, rank: int, step: int, fingerprint: str | None) -> None:

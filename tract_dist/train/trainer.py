@@ -8,6 +8,7 @@ for debugging). All three call the same :func:`tract_dist.train.worker.train_wor
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -19,14 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from tract_dist.config import Config, ConfigError
+from tract_dist.console import CONSOLE
 from tract_dist.errors import RunFailure
-from tract_dist.fsutil import atomic_write_json, atomic_write_text, exclusive_lock, file_fingerprint, read_json
-from tract_dist.pipeline_checks import fingerprint, preflight
+from tract_dist.fsutil import atomic_write_json, atomic_write_text, exclusive_lock, read_json
+from tract_dist.identity import file_fingerprint, fingerprint, hashed_section
 from tract_dist.runtime.ray_cluster import check_placement, init_ray_from_config
 from tract_dist.tracking import RunHandle, log_artifact, log_params, redact_text, start_run
 from tract_dist.train.hooks import installed_hooks
 from tract_dist.train.plan import WorkerPlan
+from tract_dist.train.preflight import preflight
 from tract_dist.train.session import StaleResumeError
+
+log = logging.getLogger(__name__)
 
 WHERE_REAL_RUNS = ("rollout_workers", "rollout_cpus", "rollout_gpus", "rollout_threads", "rollout_batch_size")
 """``real.*`` keys that place the rollouts without changing a sample (per-row seeded sampling): not fingerprinted."""
@@ -51,8 +56,6 @@ def run_fingerprint(cfg: Config, recipe: str = "train") -> str:
     """What a training run's checkpoints belong to: the config's fingerprint and the training file's content
     (and for REAL its ``real.*`` settings)."""
     if recipe == "real":
-        from tract_dist.pipeline_checks import hashed_section
-
         real = {k: v for k, v in hashed_section(cfg, "real").items() if k not in WHERE_REAL_RUNS}
         return fingerprint(cfg, file_fingerprint(cfg.data.train_path or ""), "real", json.dumps(real, sort_keys=True))
     return fingerprint(cfg, file_fingerprint(cfg.data.train_path or ""))
@@ -135,10 +138,10 @@ def check_resume(cfg: Config, name: str, run_dir: Path, fp: str, *, fresh: bool)
     if fresh:
         for path in (run_dir, storage):
             if path is not None and (moved := _move_aside(path)) is not None:
-                print(f"[train] --fresh: moved {path} to {moved}", flush=True)
+                log.info(f"[train] --fresh: moved {path} to {moved}", extra=CONSOLE)
         if storage is None:
-            print(f"[train] --fresh: Ray storage {cfg.cluster.storage_path} is remote; its checkpoints of {name} "
-                  "are refused by fingerprint, not moved", flush=True)
+            log.info(f"[train] --fresh: Ray storage {cfg.cluster.storage_path} is remote; its checkpoints of {name} "
+                     "are refused by fingerprint, not moved", extra=CONSOLE)
         return
     if old is not None and old != fp:
         raise StaleResumeError(
@@ -187,8 +190,8 @@ def _prepare_and_fit(cfg: Config, name: str, run_dir: Path, fp: str, *, config_p
     # Recorded only once the input is valid: an invocation refused for bad input (then fixed) owns nothing yet.
     if not (run_dir / RUN_RECORD).exists():
         atomic_write_json(run_dir / RUN_RECORD, {"fingerprint": fp, "name": name, "created": time.time()})
-    print(f"[train] data: {summary['records']} records, {summary['valid']} valid, {summary['invalid']} invalid, "
-          f"{summary['encode_truncated']} truncated, {summary['encode_dropped']} dropped", flush=True)
+    log.info(f"[train] data: {summary['records']} records, {summary['valid']} valid, {summary['invalid']} invalid, "
+             f"{summary['encode_truncated']} truncated, {summary['encode_dropped']} dropped", extra=CONSOLE)
 
     id_file = run_dir / "mlflow_run_id"
     previous = id_file.read_text().strip() if id_file.exists() else None

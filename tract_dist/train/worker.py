@@ -28,6 +28,7 @@ def train_worker(plan: WorkerPlan | Mapping[str, Any]) -> None:
     from tract_dist import console
     from tract_dist.train.recipe import run_recipe
 
+    console.attach()  # a worker process's entry point: the project's console lines (e.g. tracking warnings)
     plan = WorkerPlan.coerce(plan)
     if plan.launcher == "inline":
         run_recipe(plan)

@@ -1,4 +1,4 @@
-"""``tract-dist pipeline``, ``compare``, ``submit`` and ``job {status,logs,stop}``."""
+"""``tract-dist pipeline``, ``compare``, ``submit`` and ``job {status,logs,stop}``: the pipeline's entry points."""
 
 from __future__ import annotations
 
@@ -66,14 +66,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def register(sub: Any, add_config_args: Callable[..., None]) -> None:
     p = sub.add_parser("pipeline", help="stage 1 -> CoT generation -> stage 2 -> evaluation, resumable")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    from tract_dist.cli_args import safe_name_arg
+    from tract_dist.cli_args import add_fresh_arg, add_ray_address_arg, safe_name_arg
 
+    add_ray_address_arg(p)
     p.add_argument("--name", type=safe_name_arg,
                    help="pipeline name (default: pipeline-<config fingerprint>; same name resumes)")
-    p.add_argument("--fresh", action="store_true",
-                   help="a stage whose outputs were made with other settings is moved aside and redone "
-                        "(default: refuse, naming both fingerprints)")
+    add_fresh_arg(p, "a stage whose outputs were made with other settings is moved aside and redone")
     p.add_argument("--plan", action="store_true",
                    help="print each stage's status (up to date, to run, not selected, waiting) and fingerprint; "
                         "run nothing")
