@@ -86,10 +86,11 @@ EOF
 build=$!
 warm_ok=1
 DS_ACCELERATOR=cpu python - >"$warm_log" 2>&1 <<'EOF' || warm_ok=0
-from tract_dist.data.assets import ALIASES, load_tokenizer
+from tract_dist.aliases import TOKENIZER_ALIASES
+from tract_dist.data.assets import load_tokenizer
 from tract_dist.models.loading import materialize_alias
 
-for name in ALIASES:
+for name in TOKENIZER_ALIASES:
     load_tokenizer(name)
 materialize_alias("smollm2")
 EOF
