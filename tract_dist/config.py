@@ -70,13 +70,26 @@ class ModelSection(_Section):
     lora: LoraSection = Field(LoraSection(), description="LoRA adapters instead of full fine-tuning")
 
 
+PAIRWISE_TRAIN_FORMATS = ("preference-collection", "prometheus-eval-pairwise", "pairs-jsonl")
+PAIRWISE_BENCHMARK_FORMATS = PAIRWISE_TRAIN_FORMATS + ("vicuna-pairs",)
+"""Layouts of relative-grading data (data/pair_formats.py); a benchmark in one of them is a relative benchmark."""
+
+
 class DataSection(_Section):
     train_path: str | None = Field(
         None, description="training data (also generation's prompts): a local JSON / JSONL / Parquet file or "
                           "hf:NAME (a hub dataset); required by train, generate and pipeline")
-    train_format: Literal["feedback-collection", "prometheus-eval", "jsonl"] = Field(
+    task: Literal["absolute", "relative"] = Field(
+        "absolute", description="what the judge is trained to do: absolute grading (one response, a score on "
+                                "data.scale, ŷ = Σ v·p(v)) or relative grading (two responses, '[RESULT] A' or 'B'; "
+                                "p(A) renormalised over the verdict tokens, regressed on the preference y: "
+                                "data/relative.py); relative needs a pairwise train_format")
+    train_format: Literal["feedback-collection", "prometheus-eval", "jsonl", "preference-collection",
+                          "prometheus-eval-pairwise", "pairs-jsonl"] = Field(
         "feedback-collection", description="record layout of train_path: Feedback Collection (the paper's training "
-                                           "set), prometheus-eval benchmark JSON, or the project's JSONL")
+                                           "set), prometheus-eval benchmark JSON, or the project's JSONL (absolute "
+                                           "task); the Preference Collection, prometheus-eval's pairwise files or "
+                                           "the project's pairs JSONL (relative task: data/pair_formats.py)")
     split: str = Field("train", description="dataset split read from an hf:NAME train_path (ignored for files)")
     max_length: int = Field(
         3000, ge=64, le=1 << 24, description="tokens per sequence, 64-16M: a training sequence (prompt + CoT + score "
@@ -305,8 +318,16 @@ class BenchmarkSpec(_Section):
         pattern=SAFE_NAME, description="the benchmark's name (required, unique): its folder under the evaluation "
                                        "output and the prefix of its MLflow metrics; letters, digits, . _ -")
     path: str = Field(description="the benchmark data (required): a local JSON / JSONL / Parquet file or hf:NAME")
-    format: Literal["feedback-collection", "prometheus-eval", "jsonl"] = Field(
-        "prometheus-eval", description="record layout of path (prometheus-eval: its label is the mean of gpt4_score)")
+    format: Literal["feedback-collection", "prometheus-eval", "jsonl", "preference-collection",
+                    "prometheus-eval-pairwise", "pairs-jsonl", "vicuna-pairs"] = Field(
+        "prometheus-eval", description="record layout of path (prometheus-eval: its label is the mean of "
+                                       "gpt4_score). The pairwise layouts (preference-collection, "
+                                       "prometheus-eval-pairwise, pairs-jsonl; vicuna-pairs: a prometheus-eval "
+                                       "absolute file paired by gold-score difference >= min_gap) make it a "
+                                       "relative benchmark: accuracy and the position-swap agreement")
+    min_gap: float = Field(
+        1.0, gt=0, le=100, description="vicuna-pairs: the least difference of two responses' gold scores that "
+                                       "makes them a pair (1.0: a clear preference)")
     split: str = Field("test", description="dataset split read from an hf:NAME path (ignored for files)")
     max_examples: int | None = Field(None, gt=0, description="judge only the first N records after offset; None: all")
     offset: int = Field(
@@ -567,6 +588,12 @@ class Config(_Section):
             if t.global_batch_size < c.num_workers:
                 raise ValueError(f"training.global_batch_size ({t.global_batch_size}) is smaller than "
                                  f"cluster.num_workers ({c.num_workers}): some worker would have no sample")
+        pairwise = self.data.train_format in PAIRWISE_TRAIN_FORMATS
+        if self.data.task == "relative" and not pairwise:
+            raise ValueError(f"data.task relative trains on pairs: data.train_format must be one of "
+                             f"{', '.join(PAIRWISE_TRAIN_FORMATS)}, got {self.data.train_format}")
+        if self.data.task == "absolute" and pairwise:
+            raise ValueError(f"data.train_format {self.data.train_format} holds pairs: set data.task: relative")
         names = [b.name for b in self.evaluation.benchmarks]
         if len(set(names)) != len(names):
             raise ValueError(f"evaluation.benchmarks: names must be unique (they name output folders), got {names}")

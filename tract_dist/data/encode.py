@@ -14,6 +14,8 @@ counted.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -84,7 +86,12 @@ def chat_messages(user_text: str, system_prompt: str | None) -> list[dict[str, s
 
 def prompt_ids(tokenizer: Any, ex: JudgeExample, opts: EncodeOptions) -> list[int]:
     """The Prometheus prompt rendered through the model's chat template, ending at the assistant turn."""
-    user = render_prompt(ex, *opts.scale)
+    return chat_prompt_ids(tokenizer, render_prompt(ex, *opts.scale), opts)
+
+
+def chat_prompt_ids(tokenizer: Any, user: str, opts: EncodeOptions) -> list[int]:
+    """A user turn (any Prometheus layout: absolute or relative) through the chat template, ending at the
+    assistant turn; without a template the system text, then the prompt, with the tokenizer's own specials."""
     if getattr(tokenizer, "chat_template", None):
         # enable_thinking reaches templates that have the switch (Qwen3); the others ignore the extra variable.
         text = tokenizer.apply_chat_template(chat_messages(user, opts.system_prompt), tokenize=False,
@@ -114,14 +121,22 @@ def _shorten(tokenizer: Any, text: str, remove: int) -> str | None:
     return tokenizer.decode(ids[:keep]).rstrip()
 
 
-def fit_prompt(tokenizer: Any, ex: JudgeExample, budget: int, opts: EncodeOptions) -> tuple[list[int], bool]:
-    """Prompt ids within ``budget`` tokens, shortening the response then the instruction; raises DroppedExample."""
-    ids = prompt_ids(tokenizer, ex, opts)
+_ABSOLUTE_CUT_ORDER = ("response", "reference_answer", "instruction")
+
+
+def fit_prompt(tokenizer: Any, ex: Any, budget: int, opts: EncodeOptions, *,
+               render: Callable[[Any], list[int]] | None = None,
+               cut_order: tuple[str, ...] = _ABSOLUTE_CUT_ORDER) -> tuple[list[int], bool]:
+    """Prompt ids within ``budget`` tokens, shortening the fields of ``cut_order`` in turn (the response, then
+    the reference answer, then the instruction); raises DroppedExample. ``ex`` is a dataclass with those
+    fields (a JudgeExample; ``render`` gives the ids of another layout, e.g. a relative-grading pair's)."""
+    render = render or (lambda e: prompt_ids(tokenizer, e, opts))
+    ids = render(ex)
     if len(ids) <= budget:
         return ids, False
     if opts.truncation == "drop":
         raise DroppedExample("too_long")
-    for fld in ("response", "reference_answer", "instruction"):
+    for fld in cut_order:
         if not getattr(ex, fld):
             continue
         for _ in range(4):  # re-tokenising the shortened text can shift a few tokens; retry with the new excess
@@ -129,8 +144,8 @@ def fit_prompt(tokenizer: Any, ex: JudgeExample, budget: int, opts: EncodeOption
             shorter = _shorten(tokenizer, getattr(ex, fld), excess + 2)
             if shorter is None:
                 break
-            ex = JudgeExample(**{**ex.to_dict(), fld: shorter})
-            ids = prompt_ids(tokenizer, ex, opts)
+            ex = dataclasses.replace(ex, **{fld: shorter})
+            ids = render(ex)
             if len(ids) <= budget:
                 return ids, True
     raise DroppedExample("prompt_cannot_fit")

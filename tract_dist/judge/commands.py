@@ -27,7 +27,18 @@ def register(sub: Any, add_config_args: Callable[..., None]) -> None:
     p.add_argument("--reference-answer")
     p.add_argument("--json", dest="json_input", help="one input as a JSON object, or a .json file holding one")
     p.add_argument("--file", help="a data file to judge (see --format)")
-    p.add_argument("--format", default="jsonl", choices=["jsonl", "prometheus-eval", "feedback-collection"])
+    p.add_argument("--format", default="jsonl",
+                   choices=["jsonl", "prometheus-eval", "feedback-collection", "preference-collection",
+                            "prometheus-eval-pairwise", "pairs-jsonl"],
+                   help="the --file's layout (relative task: jsonl means pairs-jsonl, labels optional)")
+    p.add_argument("--task", choices=["absolute", "relative"],
+                   help="absolute (one response, a score) or relative (two responses, p(A) and a verdict); "
+                        "default data.task")
+    p.add_argument("--response-a", help="relative task: the first response")
+    p.add_argument("--response-b", help="relative task: the second response")
+    p.add_argument("--rubric", help="relative task: the evaluation criteria")
+    p.add_argument("--swap", action="store_true",
+                   help="relative task: judge each pair in both orders as well (position-swap check)")
     p.add_argument("--output", help="write JSONL results here instead of stdout")
     add_config_args(p, required=False)
     p.set_defaults(func=_cmd_judge)
@@ -45,20 +56,7 @@ def _inputs(args: argparse.Namespace, scale: tuple[int, int]) -> list[Any]:
     if args.file:
         return read_examples(args.file, args.format, scale=scale, require_feedback=False).examples
     if args.json_input:
-        text = args.json_input
-        if not text.lstrip().startswith("{"):
-            path = Path(text)
-            if not path.is_file():
-                raise UsageError(f"--json: {text} is neither a JSON object nor a file")
-            text = path.read_text(encoding="utf-8")
-        try:
-            obj = jsontext.loads(text)
-        except json.JSONDecodeError as e:  # deep nesting too (jsontext)
-            raise UsageError(f"--json: not valid JSON: {e}") from None
-        if not isinstance(obj, dict):
-            raise UsageError("--json: expected one JSON object with instruction, response, criteria, "
-                             "score_descriptions")
-        return [obj]
+        return [_json_object(args.json_input, "instruction, response, criteria, score_descriptions")]
     want = scale[1] - scale[0] + 1
     if not (args.instruction and args.response and args.criteria) or len(args.score_descriptions or []) != want:
         raise UsageError(f"--instruction, --response, --criteria and {want} --score-description flags are required")
@@ -66,11 +64,13 @@ def _inputs(args: argparse.Namespace, scale: tuple[int, int]) -> list[Any]:
              "score_descriptions": args.score_descriptions, "reference_answer": args.reference_answer}]
 
 
-def _read_jsonl_inputs(path: str) -> list[Any]:
-    """Judge inputs from JSONL (the project's fields; id and score optional); errors name file and line."""
+def _read_jsonl_inputs(path: str, convert: Callable[[Any, int], Any] | None = None) -> list[Any]:
+    """Judge inputs from JSONL (the project's fields; id and score optional); errors name file and line.
+    ``convert`` (default ``judge.as_example``) checks one object."""
     from tract_dist.data.schema import DataError
     from tract_dist.judge.judge import as_example
 
+    as_example = convert or as_example
     p = Path(path)
     if not p.is_file():
         raise DataError(path, "file not found")
@@ -85,6 +85,44 @@ def _read_jsonl_inputs(path: str) -> list[Any]:
     return out
 
 
+def _pair_inputs(args: argparse.Namespace) -> list[Any]:
+    """Relative-grading inputs: a pairwise file, one JSON object, or the flags; labels optional."""
+    from tract_dist.data.pair_formats import read_pairs
+    from tract_dist.judge.relative import as_pair
+
+    given = [bool(args.file), bool(args.json_input), bool(args.instruction or args.response_a or args.response_b)]
+    if sum(given) != 1:
+        raise UsageError("give exactly one of --file, --json, or --instruction/--response-a/--response-b/--rubric")
+    if args.file:
+        if args.format in ("jsonl", "pairs-jsonl"):  # unlabeled pairs allowed
+            return _read_jsonl_inputs(args.file, as_pair)
+        if args.format not in ("preference-collection", "prometheus-eval-pairwise"):
+            raise UsageError(f"--format {args.format} holds single responses; --task relative reads "
+                             "preference-collection, prometheus-eval-pairwise or pairs-jsonl")
+        return read_pairs(args.file, args.format, require_feedback=False)[0]
+    if args.json_input:
+        return [_json_object(args.json_input, "instruction, response_a, response_b, rubric")]
+    if not (args.instruction and args.response_a and args.response_b and args.rubric):
+        raise UsageError("--instruction, --response-a, --response-b and --rubric are required")
+    return [{"instruction": args.instruction, "response_a": args.response_a, "response_b": args.response_b,
+             "rubric": args.rubric, "reference_answer": args.reference_answer}]
+
+
+def _json_object(text: str, fields: str) -> dict[str, Any]:
+    if not text.lstrip().startswith("{"):
+        path = Path(text)
+        if not path.is_file():
+            raise UsageError(f"--json: {text} is neither a JSON object nor a file")
+        text = path.read_text(encoding="utf-8")
+    try:
+        obj = jsontext.loads(text)
+    except json.JSONDecodeError as e:  # deep nesting too (jsontext)
+        raise UsageError(f"--json: not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise UsageError(f"--json: expected one JSON object with {fields}")
+    return obj
+
+
 def _cmd_judge(args: argparse.Namespace) -> int:
     from tract_dist.config import load_config
     from tract_dist.data.score_tokens import parse_scale
@@ -94,6 +132,10 @@ def _cmd_judge(args: argparse.Namespace) -> int:
         raise UsageError("give --model (or a config with model.name_or_path)")
     cfg = load_config(args.config, args.overrides,
                       base=None if args.config else {"model": {"name_or_path": args.model}})
+    if (args.task or getattr(cfg.data, "task", "absolute")) == "relative":
+        return _judge_pairs(args, cfg)
+    if args.response_a or args.response_b or args.rubric or args.swap:
+        raise UsageError("--response-a, --response-b, --rubric and --swap belong to --task relative")
     inputs = _inputs(args, parse_scale(cfg.data.scale))
     try:
         exs = [as_example(x, i) for i, x in enumerate(inputs)]
@@ -120,4 +162,40 @@ def _cmd_judge(args: argparse.Namespace) -> int:
     failed = sum(r.score is None for r in results)
     if failed:
         print(f"judge: {failed} of {len(results)} inputs have no score (see 'failure')", file=sys.stderr)
+    return 0
+
+
+def _judge_pairs(args: argparse.Namespace, cfg: Any) -> int:
+    """``--task relative``: p(A) and the verdict per pair (and the swapped order's with ``--swap``), JSONL."""
+    from tract_dist import console
+    from tract_dist.judge.relative import PairJudge, as_pair, debiased
+
+    inputs = _pair_inputs(args)
+    try:
+        pairs = [as_pair(x, i) for i, x in enumerate(inputs)]
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    from tract_dist.pipeline_checks import check_model_source
+
+    check_model_source(args.model or cfg.model.name_or_path, "--model" if args.model else "model.name_or_path")
+    mode = args.mode or cfg.evaluation.mode
+    n_cots = args.n_cots or cfg.evaluation.num_cots
+    if n_cots == "auto":
+        n_cots = 1  # adaptive CoT counts are absolute grading's (a standard error of ŷ); one comparison here
+    with console.quiet_run(Path(cfg.training.output_dir) / "judge" / "logs"):
+        judge = PairJudge.from_config(cfg, args.model)
+        results = judge.grade_batch(pairs, n_cots=n_cots, mode=mode, swap=args.swap)
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        for p, r in zip(pairs, results):
+            row = {"id": p.id, **r.to_dict()}
+            if args.swap:
+                row["p_a_debiased"] = debiased(r)
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    finally:
+        if args.output:
+            out.close()
+    failed = sum(r.p_a is None for r in results)
+    if failed:
+        print(f"judge: {failed} of {len(results)} pairs have no verdict (see 'failure')", file=sys.stderr)
     return 0
