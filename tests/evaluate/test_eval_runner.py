@@ -21,12 +21,17 @@ def _cfg(model, data_path, tmp_path, *extra):
     ])
 
 
-def test_evaluate_in_process_logs_everything(tiny_export, quickstart_data, quickstart_examples, tmp_path, monkeypatch):
+def test_evaluate_in_process_logs_everything(tiny_export, quickstart_data, quickstart_examples, vicuna_path, tmp_path,
+                                             monkeypatch):
+    """An absolute benchmark and a relative one (#29: Vicuna paired by gold-score difference) in one run."""
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # mlflow.set_tracking_uri exports it process-wide
-    res = evaluate_model(_cfg(tiny_export, quickstart_data, tmp_path), None, tmp_path / "eval", show_progress=False)
+    both = (f"evaluation.benchmarks=[{{name: vicuna, path: '{quickstart_data}', format: jsonl, max_examples: 6}}, "
+            f"{{name: pairs, path: '{vicuna_path}', format: vicuna-pairs, max_examples: 2}}]")
+    res = evaluate_model(_cfg(tiny_export, quickstart_data, tmp_path, both), None, tmp_path / "eval",
+                         show_progress=False)
     preds = load_predictions(tmp_path / "eval" / "vicuna" / "predictions.jsonl")
     assert [p["id"] for p in preds] == [e.id for e in quickstart_examples[:6]]
     assert [p["gold"] for p in preds] == [e.score for e in quickstart_examples[:6]]
@@ -39,6 +44,18 @@ def test_evaluate_in_process_logs_everything(tiny_export, quickstart_data, quick
     assert run.data.metrics["vicuna.rmse"] == pytest.approx(o["rmse"])
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluate/vicuna")}
     assert arts == {"evaluate/vicuna/predictions.jsonl", "evaluate/vicuna/metrics.json", "evaluate/vicuna/scatter.png"}
+    from tract_dist.data.pair_formats import read_vicuna_pairs
+    from tract_dist.evaluate.pairwise import evaluate_pair_predictions
+
+    pairs = read_vicuna_pairs(vicuna_path)[:2]
+    got = load_predictions(tmp_path / "eval" / "pairs" / "predictions.jsonl")
+    assert [p["id"] for p in got] == [x.id for x in pairs] and [p["gold"] for p in got] == [1.0, 0.0]
+    assert all(0 < p["prediction"] < 1 and 0 < p["swapped"] < 1 and len(p["detail"]["swapped"]["cots"]) == 1
+               for p in got)
+    pm = res["pairs"]["overall"]
+    assert pm == evaluate_pair_predictions(got)["overall"] and pm["n"] == 2
+    for key in ("accuracy", "position_agreement", "accuracy_debiased", "position_bias"):
+        assert run.data.metrics[f"pairs.{key}"] == pytest.approx(pm[key])
 
 
 @pytest.mark.slow

@@ -378,3 +378,52 @@ def test_work_that_cannot_meet_the_deadline_is_refused_naming_the_options():
     assert "for 3 CoT(s) or more" in e.value.message and "(n_cots auto)" in budget_statement(auto, 20)
     assert "serve.max_new_tokens=200" in line  # half of the 20 s deadline at 50 ms a step
     assert "warning" not in budget_statement(info, 120)
+
+
+def test_pairwise_inputs_chat_prompts_and_reward_labels():
+    """Relative grading (#29 item 3) without a server: /v1/judge bodies holding pairs (alone or mixed with single
+    responses; errors name the pair's field), the chat prompt prometheus-eval's relative_grade sends parsed back
+    into the pair, the completion text its parser reads, and OpenRLHF labels asking for a pairwise reward."""
+    from types import SimpleNamespace
+
+    from prometheus_eval.parser import parse_output
+    from prometheus_eval.prompts import RELATIVE_PROMPT
+
+    from tract_dist.serve.prompting import chat_to_pair, pair_completion_text, pair_from_label
+    from tract_dist.serve.schemas import PairInput
+
+    pair = {"instruction": "i", "response_a": "a", "response_b": "b", "rubric": "Which is kinder?"}
+    req = JudgeRequest.model_validate({"inputs": [pair, {"instruction": "i", "response": "r", **RUBRIC}],
+                                       "swap": True})
+    assert [type(x) for x in req.all_inputs()] == [PairInput, JudgeInput] and req.swap
+    assert req.all_inputs()[0].fields(0) == {"id": "0", "reference_answer": None, **pair}
+    for body, where in (({"input": {k: v for k, v in pair.items() if k != "response_b"}}, "input.response_b"),
+                        ({"inputs": [dict(pair, respones="x")]}, "inputs.0.respones"),
+                        ({"input": pair, "swap": "yes"}, "swap")):
+        with pytest.raises(ValidationError) as e:
+            JudgeRequest.model_validate(body)
+        assert describe_errors(e.value)[1] == where, describe_errors(e.value)
+
+    text = RELATIVE_PROMPT.format(instruction="i", response_A="a", response_B="b", rubric="Which is kinder?",
+                                  reference_answer="ref")  # prometheus-eval's own template (its PyPI wording)
+    msgs = [SimpleNamespace(role="system", text=lambda: "sys"), SimpleNamespace(role="user", text=lambda: text)]
+    assert chat_to_pair(msgs) == {"instruction": "i", "response_a": "a", "response_b": "b",
+                                  "reference_answer": "ref", "rubric": "Which is kinder?"}
+    absolute = [SimpleNamespace(role="user", text=lambda: "###Task Description:\nrate one response")]
+    assert chat_to_pair(absolute) is None  # left to the absolute-grading parser
+    broken = [SimpleNamespace(role="user", text=lambda: text.replace("###Score Rubric:", "###Rubric:"))]
+    with pytest.raises(RequestError, match="'###Score Rubric:' missing"):
+        chat_to_pair(broken)
+    for p_a, verdict in ((0.8, "A"), (0.2, "B"), (0.5, "A")):
+        out = pair_completion_text({"p_a": p_a, "cots": ["Feedback: A is kinder. [RESULT] B"]})
+        assert out == f"A is kinder. [RESULT] {verdict}" and parse_output(out, mode="relative")[1] == verdict
+
+    label = json.dumps({"compare_to": "baseline answer", "criteria": "Is it kind?"})
+    assert pair_from_label(label, None, 0) == {"compare_to": "baseline answer", "rubric": "Is it kind?",
+                                               "reference_answer": None}
+    assert pair_from_label({"compare_to": "x"}, RUBRIC, 0)["rubric"] == RUBRIC["criteria"]  # the server's --rubric
+    assert pair_from_label(json.dumps(RUBRIC), None, 0) is None  # an absolute-grading label
+    for bad, where in (({"compare_to": ""}, "labels.0.compare_to"), ({"compare_to": "x"}, "no rubric"),
+                       ({"compare_to": "x", "rubric": "r", "score": 3}, "unknown key")):
+        with pytest.raises(RequestError, match=where):
+            pair_from_label(bad, None, 0)

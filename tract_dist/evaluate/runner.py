@@ -22,11 +22,37 @@ from tract_dist.data.schema import DataError, JudgeExample
 from tract_dist.data.score_tokens import parse_scale
 from tract_dist.evaluate.metrics import evaluate_predictions, flat_metrics
 from tract_dist.evaluate.plots import scatter_plot
-from tract_dist.evaluate.worker import JudgeWorker
+from tract_dist.evaluate.worker import JudgeWorker, PairWorker
 from tract_dist.fsutil import atomic_write_json, atomic_write_jsonl
 from tract_dist.runtime.pool import PoolSpec, ensure_ray, map_rows
 
 log = logging.getLogger(__name__)
+
+
+def is_relative(spec: Any) -> bool:
+    """A benchmark of pairs (accuracy and the position-swap check) rather than of single responses."""
+    from tract_dist.config import PAIRWISE_BENCHMARK_FORMATS
+
+    return spec.format in PAIRWISE_BENCHMARK_FORMATS
+
+
+def load_pair_benchmark(spec: Any, skip_invalid: bool = False) -> list[Any]:
+    """A relative benchmark's pairs (``vicuna-pairs``: an absolute prometheus-eval file paired by gold-score
+    difference, ``data.pair_formats.read_vicuna_pairs``), then ``offset`` / ``max_examples``."""
+    import logging
+
+    from tract_dist.data.pair_formats import read_pairs, read_vicuna_pairs
+
+    if spec.format == "vicuna-pairs":
+        pairs = read_vicuna_pairs(spec.path, min_gap=spec.min_gap)
+    else:
+        pairs, invalid = read_pairs(spec.path, spec.format, skip_invalid=skip_invalid, require_feedback=False,
+                                    split=spec.split)
+        if invalid:
+            logging.getLogger(__name__).warning("evaluate: %s: skipped %d invalid records of %s", spec.name,
+                                                len(invalid), spec.path)
+    end = None if spec.max_examples is None else spec.offset + spec.max_examples
+    return pairs[spec.offset:end]
 
 
 def load_benchmark(spec: Any, scale: tuple[int, int], skip_invalid: bool = False) -> list[JudgeExample]:
@@ -38,10 +64,10 @@ def load_benchmark(spec: Any, scale: tuple[int, int], skip_invalid: bool = False
     return res.examples
 
 
-def predict(cfg: Any, model_path: str, examples: list[JudgeExample], *, show_progress: bool = True,
-            desc: str = "evaluate", backend: str = "hf") -> list[dict[str, Any]]:
+def predict(cfg: Any, model_path: str, examples: list[Any], *, show_progress: bool = True,
+            desc: str = "evaluate", backend: str = "hf", relative: bool = False) -> list[dict[str, Any]]:
     """Prediction rows for ``examples`` (input order) through the judge pool (Ray Data or in-process) on
-    ``backend`` (resolved: hf or vllm)."""
+    ``backend`` (resolved: hf or vllm); ``relative``: ``examples`` are pairs, judged in both orders."""
     from tqdm.auto import tqdm
 
     from tract_dist.judge.judge import judge_kwargs
@@ -57,17 +83,19 @@ def predict(cfg: Any, model_path: str, examples: list[JudgeExample], *, show_pro
     engine = spec_from_config(cfg, "evaluation", for_replicas(model_path), backend, batch_size=e.batch_size,
                               torch_threads=spec.torch_threads())
     worker_kwargs = {"engine": engine.as_dict(), "judge_kwargs": kw, "n_cots": e.num_cots, "mode": e.mode}
-    rows = [{"id": ex.id, "example": json.dumps(ex.to_dict(), ensure_ascii=False)} for ex in examples]
+    column, worker = ("pair", PairWorker) if relative else ("example", JudgeWorker)
+    rows = [{"id": ex.id, column: json.dumps(ex.to_dict(), ensure_ascii=False)} for ex in examples]
     got: dict[str, dict[str, Any]] = {}
     t0, first = time.perf_counter(), None
     if spec.use_ray and rows:
         ensure_ray(spec)  # before the progress bar: Ray's start-up line is not drawn into it
     with tqdm(total=len(rows), desc=desc, unit="ex", disable=not show_progress) as bar:
-        for batch in map_rows(rows, JudgeWorker, worker_kwargs, spec):
+        for batch in map_rows(rows, worker, worker_kwargs, spec):
             first = first if first is not None else time.perf_counter() - t0
             for p in batch:
-                pred = p["prediction"]
-                p["prediction"] = None if pred is None or (isinstance(pred, float) and math.isnan(pred)) else pred
+                for key in ("prediction", "swapped") if relative else ("prediction",):
+                    pred = p[key]
+                    p[key] = None if pred is None or (isinstance(pred, float) and math.isnan(pred)) else pred
                 p["detail"] = json.loads(p["detail"]) if p["detail"] else {}
                 got[p["id"]] = p
             bar.update(len(batch))
@@ -110,13 +138,17 @@ def load_predictions(path: str | Path) -> list[dict[str, Any]]:
 
 
 def report(records: list[dict[str, Any]], out_dir: str | Path, name: str,
-           scale: tuple[int, int] = (1, 5)) -> dict[str, Any]:
-    """Metrics (overall and per category) + metrics.json + scatter.png for one benchmark's predictions."""
+           scale: tuple[int, int] = (1, 5), relative: bool = False) -> dict[str, Any]:
+    """Metrics (overall and per category) + metrics.json + scatter.png for one benchmark's predictions; a
+    relative benchmark's are accuracy and the position-swap check (``evaluate.pairwise``), without a plot."""
+    from tract_dist.evaluate.pairwise import evaluate_pair_predictions
+
     out = Path(out_dir)
-    result = evaluate_predictions(records)
+    result = evaluate_pair_predictions(records) if relative else evaluate_predictions(records)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "metrics.json", result)  # a reader (compare, a rerun) never sees half of it
-    scatter_plot(records, out / "scatter.png", name, scale)
+    if not relative:
+        scatter_plot(records, out / "scatter.png", name, scale)
     return result
 
 
@@ -167,19 +199,21 @@ def _evaluate(cfg: Any, model_path: str | None, out: Path, parent_run: Any, show
 
         model_id = link_model_input(run, local) if Path(str(local)).is_dir() else None
         for spec in e.benchmarks:
-            examples = load_benchmark(spec, scale, cfg.data.skip_invalid)
+            relative = is_relative(spec)
+            examples = (load_pair_benchmark(spec, cfg.data.skip_invalid) if relative
+                        else load_benchmark(spec, scale, cfg.data.skip_invalid))
             dataset = examples_dataset(spec.name, spec.path, examples, EVALUATION)
             log_datasets(run, [dataset])
             records = predict(cfg, str(model_path), examples, show_progress=show_progress, desc=spec.name,
-                              backend=choice.backend)
+                              backend=choice.backend, relative=relative)
             bdir = out / spec.name
             write_predictions(records, bdir / "predictions.jsonl")
             atomic_write_json(bdir / "timing.json", dict(LAST_TIMING))
-            result = report(records, bdir, spec.name, scale)
+            result = report(records, bdir, spec.name, scale, relative=relative)
             results[spec.name] = result
             log_metrics(run, flat_metrics(spec.name, result), model_id=model_id,
                         dataset=(dataset.name, dataset.digest) if model_id else None)
-            for f in ("predictions.jsonl", "metrics.json", "scatter.png"):
+            for f in ("predictions.jsonl", "metrics.json") + (() if relative else ("scatter.png",)):
                 log_artifact(run, bdir / f, f"evaluate/{spec.name}")
         atomic_write_json(out / "summary.json", results)
     return results

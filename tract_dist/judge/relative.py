@@ -96,8 +96,12 @@ class PairJudge:
         self.tokenizer = judge.tokenizer
         self.scale = derive_verdict_scale(self.tokenizer)
         self.opts = replace(judge.opts, system_prompt=system_prompt)
-        self.sampling = judge.sampling
         self._bare = verdict_prompt_ids(self.tokenizer, "", self.scale)
+
+    @property
+    def sampling(self) -> Any:
+        """The judge's sampling parameters (a server may replace them: its own generation budget)."""
+        return self.judge.sampling
 
     @classmethod
     def from_config(cls, cfg: Any, model_path: str | None = None, device: str | None = None) -> "PairJudge":

@@ -46,9 +46,10 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from tract_dist.serve.prompting import RequestError, chat_to_fields, completion_text, rubric_from_label
+from tract_dist.serve.prompting import (RequestError, chat_to_fields, chat_to_pair, completion_text,
+                                        pair_completion_text, pair_from_label, rubric_from_label)
 from tract_dist.serve.schemas import (MAX_BODY_BYTES, MAX_HEADER_BYTES, ChatCompletionRequest, JudgeInput,
-                                      JudgeRequest, RewardRequest, describe_errors)
+                                      JudgeRequest, PairInput, RewardRequest, describe_errors)
 from tract_dist.serve.templates import ChatTemplate, split_query
 
 logger = logging.getLogger(__name__)
@@ -171,6 +172,20 @@ def _judgement(input_id: str | None, r: dict[str, Any]) -> dict[str, Any]:
     return {"id": input_id, **out} if input_id is not None else out
 
 
+def _pair_judgement(input_id: str | None, r: dict[str, Any]) -> dict[str, Any]:
+    """The answer for one pair: p(A) (renormalised over the verdict tokens), the verdict, per-comparison p(A)
+    and comparisons, any failure; with the swap check the swapped order's answer and the debiased p(A)."""
+    out = {"p_a": r.get("p_a"), "verdict": r.get("verdict"), "per_cot": r.get("per_cot") or [],
+           "cots": r.get("cots") or [], "mass": r.get("mass"), "mode": r.get("mode"), "failure": r.get("failure"),
+           "truncated": bool(r.get("truncated")), "unparseable": r.get("unparseable", 0)}
+    sw = r.get("swapped")
+    if sw is not None:
+        out["swapped"] = _pair_judgement(None, sw)
+        ok = r.get("p_a") is not None and sw.get("p_a") is not None
+        out["p_a_debiased"] = (r["p_a"] + 1.0 - sw["p_a"]) / 2.0 if ok else None
+    return {"id": input_id, **out} if input_id is not None else out
+
+
 def _credentials(request: Request) -> list[str]:
     """Every non-empty key the request offers: x-api-key, a Bearer token, or HTTP Basic's password (its user
     name when the password is empty: ``http://KEY@host``). An empty header offers nothing, so it vetoes nothing."""
@@ -219,7 +234,8 @@ def _work_bound(info: dict[str, Any], mode: str, n_cots: int | str, n_inputs: in
 
 
 def _reward_calls(req: RewardRequest, info: dict[str, Any], settings: IngressSettings) -> list[dict[str, Any]]:
-    """Each query split into (instruction, response) and given its rubric (run in a worker thread)."""
+    """Each query split into (instruction, response) and given its rubric (run in a worker thread); a label
+    with ``compare_to`` makes it a pair (``task``: relative, judged in both orders)."""
     judge_t = ChatTemplate.from_dict(info["template"]) if info.get("template") else None
     template = req.policy_template or settings.policy_template
     lo, hi = info["scale"]
@@ -227,6 +243,12 @@ def _reward_calls(req: RewardRequest, info: dict[str, Any], settings: IngressSet
     for i, q in enumerate(req.query):
         try:
             ins, resp = split_query(q, req.prompts[i] if req.prompts else None, i, template=template, judge=judge_t)
+            pair = pair_from_label(req.labels[i] if req.labels else None, settings.default_rubric, i)
+            if pair is not None:
+                p = PairInput(instruction=ins, response_a=resp, response_b=pair["compare_to"], rubric=pair["rubric"],
+                              reference_answer=pair["reference_answer"])
+                fields.append({"task": "relative", "swap": True, **p.fields(i)})
+                continue
             rubric = rubric_from_label(req.labels[i] if req.labels else None, settings.default_rubric, i)
             x = JudgeInput(instruction=ins, response=resp, **rubric)
         except RequestError as e:
@@ -343,8 +365,9 @@ class JudgeServer:
                     t.exception()  # retrieved: a failure already answered is not logged again at collection
 
     @staticmethod
-    def _call_for(fields: dict[str, Any], mode: Any, n_cots: Any, seed: Any) -> dict[str, Any]:
-        return {"fields": fields, "mode": mode, "n_cots": n_cots, "seed": seed}
+    def _call_for(fields: dict[str, Any], mode: Any, n_cots: Any, seed: Any, task: str = "absolute",
+                  swap: bool = False) -> dict[str, Any]:
+        return {"fields": fields, "mode": mode, "n_cots": n_cots, "seed": seed, "task": task, "swap": swap}
 
     @staticmethod
     def _mode(body_mode: str | None, path_mode: str | None) -> str | None:
@@ -412,17 +435,23 @@ class JudgeServer:
         key = "input" if req.input is not None else "inputs"
         inputs = req.all_inputs()
         self._check_scale(inputs, info, ["input"] if key == "input" else [f"inputs.{i}" for i in range(len(inputs))])
-        self._check_work(info, mode, req.n_cots, len(inputs), deadline)
-        calls = [self._call_for(x.fields(i), mode, req.n_cots, req.seed) for i, x in enumerate(inputs)]
+        n_pairs = sum(isinstance(x, PairInput) for x in inputs)
+        self._check_work(info, mode, req.n_cots, len(inputs) + (n_pairs if req.swap else 0), deadline)
+        calls = [self._call_for(x.fields(i), mode, req.n_cots, req.seed, "relative", req.swap)
+                 if isinstance(x, PairInput) else self._call_for(x.fields(i), mode, req.n_cots, req.seed)
+                 for i, x in enumerate(inputs)]
         results = await self._judge_all(calls, deadline)
-        out = [_judgement(c["fields"]["id"], r) for c, r in zip(calls, results)]
+        out = [(_pair_judgement if c["task"] == "relative" else _judgement)(c["fields"]["id"], r)
+               for c, r in zip(calls, results)]
         return JSONResponse({"model": self.settings.model_id,
                              **({"result": out[0]} if key == "input" else {"results": out})})
 
     @staticmethod
-    def _check_scale(inputs: list[JudgeInput], info: dict[str, Any], paths: list[str]) -> None:
+    def _check_scale(inputs: list[JudgeInput | PairInput], info: dict[str, Any], paths: list[str]) -> None:
         lo, hi = info["scale"]
         for x, path in zip(inputs, paths):
+            if isinstance(x, PairInput):  # a pair's verdict is A or B whatever the scale
+                continue
             if len(x.score_descriptions or []) != hi - lo + 1:
                 raise ApiError(422, f"{path}.score_descriptions: {len(x.score_descriptions or [])} descriptions; "
                                     f"this judge scores {lo}-{hi} ({hi - lo + 1} descriptions)",
@@ -447,22 +476,26 @@ class JudgeServer:
         info = await self._info()
         scale = tuple(info["scale"])
         try:
-            fields = await asyncio.to_thread(chat_to_fields, req.messages, scale)
+            pair = await asyncio.to_thread(chat_to_pair, req.messages)
+            fields = pair if pair is not None else await asyncio.to_thread(chat_to_fields, req.messages, scale)
         except RequestError as e:
             raise ApiError(422, str(e), param=e.field) from None
         fields["id"] = "0"
         self._check_work(info, mode, req.n_cots, 1, deadline)
-        result = (await self._judge_all([self._call_for(fields, mode, req.n_cots, req.seed)], deadline))[0]
-        if result.get("score") is None:
-            raise ApiError(422, f"the judge produced no score: {result.get('failure')}", kind="judge_error",
-                           code="no_score")
+        task = "relative" if pair is not None else "absolute"
+        call = self._call_for(fields, mode, req.n_cots, req.seed, task)
+        result = (await self._judge_all([call], deadline))[0]
+        if result.get("p_a" if pair is not None else "score") is None:
+            raise ApiError(422, f"the judge produced no {'verdict' if pair is not None else 'score'}: "
+                                f"{result.get('failure')}", kind="judge_error", code="no_score")
+        content = pair_completion_text(result) if pair is not None else completion_text(result, scale)
         return JSONResponse({
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": self.settings.model_id,
             "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                         "message": {"role": "assistant", "content": completion_text(result, scale)}}],
+                         "message": {"role": "assistant", "content": content}}],
             "usage": None,
-            "tract": _judgement(None, result),
+            "tract": _pair_judgement(None, result) if pair is not None else _judgement(None, result),
         })
 
     @api.post("/get_reward")
@@ -480,15 +513,20 @@ class JudgeServer:
         mode = self._mode(req.mode, path_mode)
         info = await self._info()
         fields = await asyncio.to_thread(_reward_calls, req, info, self.settings)
-        self._check_work(info, mode, req.n_cots, len(fields), deadline)
-        results = await self._judge_all([self._call_for(f, mode, req.n_cots, req.seed) for f in fields], deadline)
-        bad = [i for i, r in enumerate(results) if r.get("score") is None]
+        pairs = [f.pop("task", None) == "relative" and bool(f.pop("swap")) for f in fields]
+        self._check_work(info, mode, req.n_cots, len(fields) + sum(pairs), deadline)
+        calls = [self._call_for(f, mode, req.n_cots, req.seed, "relative", True) if p
+                 else self._call_for(f, mode, req.n_cots, req.seed) for f, p in zip(fields, pairs)]
+        results = await self._judge_all(calls, deadline)
+        details = [_pair_judgement(None, r) if p else _judgement(None, r) for r, p in zip(results, pairs)]
+        bad = [i for i, (d, p) in enumerate(zip(details, pairs)) if d.get("p_a_debiased" if p else "score") is None]
         if bad:
             i = bad[0]
             raise ApiError(422, f"query.{i}: the judge produced no score: {results[i].get('failure')} "
                                 f"({len(bad)} of {len(results)} queries)", param=f"query.{i}", kind="judge_error",
                            code="no_score")
         lo, hi = info["scale"]
-        scores = [r["score"] for r in results]
-        return JSONResponse({"rewards": scores, "scores": [(s - lo) / (hi - lo) for s in scores],
-                             "details": [_judgement(None, r) for r in results]})
+        # a pair's reward is the debiased p(the policy's response is better), already in [0, 1]
+        rewards = [d["p_a_debiased"] if p else d["score"] for d, p in zip(details, pairs)]
+        scores = [r if p else (r - lo) / (hi - lo) for r, p in zip(rewards, pairs)]
+        return JSONResponse({"rewards": rewards, "scores": scores, "details": details})

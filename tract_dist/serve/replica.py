@@ -69,6 +69,9 @@ class JudgeModel:
         budget = cfg.serve.max_new_tokens or cfg.generation.max_new_tokens
         self.budget_source = "serve.max_new_tokens" if cfg.serve.max_new_tokens else "generation.max_new_tokens"
         self.judge.sampling = replace(self.judge.sampling, max_new_tokens=budget)
+        from tract_dist.judge.relative import PairJudge
+
+        self.pair_judge = PairJudge(self.judge)  # relative grading on the same engine (data/relative.py)
         self.scale = tuple(self.judge.scale)
         self.template = judge_template(self.judge.tokenizer)
         self.defaults = {"mode": cfg.evaluation.mode, "n_cots": cfg.evaluation.num_cots, "seed": cfg.generation.seed}
@@ -151,20 +154,26 @@ class JudgeModel:
 
     def _score_groups(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out: list[dict[str, Any] | None] = [None] * len(calls)
-        groups: dict[tuple[str, int, int], list[int]] = {}
+        groups: dict[tuple[Any, ...], list[int]] = {}
         for i, c in enumerate(calls):
             key = tuple(c.get(k) if c.get(k) is not None else self.defaults[k] for k in ("mode", "n_cots", "seed"))
-            groups.setdefault(key, []).append(i)  # type: ignore[arg-type]
-        for (mode, n_cots, seed), idxs in groups.items():
+            groups.setdefault(key + (c.get("task", "absolute"), bool(c.get("swap"))), []).append(i)
+        for (mode, n_cots, seed, task, swap), idxs in groups.items():
             self.judge.seed = seed  # the base of every CoT's sampling seed (Judge reads it per call)
             try:
-                results = self.judge.score_batch([calls[i]["fields"] for i in idxs], n_cots=n_cots, mode=mode,
-                                                 stops=[calls[i].get("stop") for i in idxs])
+                stops = [calls[i].get("stop") for i in idxs]
+                if task == "relative":  # one comparison when the default count is adaptive (absolute's ŷ error)
+                    results = self.pair_judge.grade_batch([calls[i]["fields"] for i in idxs], mode=mode, swap=swap,
+                                                          n_cots=1 if n_cots == "auto" else n_cots, stops=stops)
+                else:
+                    results = self.judge.score_batch([calls[i]["fields"] for i in idxs], n_cots=n_cots, mode=mode,
+                                                     stops=stops)
                 for i, r in zip(idxs, results):
                     out[i] = r.to_dict()
             except Exception as e:  # noqa: BLE001 - answered per input; the replica and the batch go on
                 for i in idxs:
-                    out[i] = {"score": None, "mode": mode, "failure": f"error: {type(e).__name__}: {e}"[:500]}
+                    out[i] = {"score": None, "p_a": None, "mode": mode,
+                              "failure": f"error: {type(e).__name__}: {e}"[:500]}
         for o in out:
             why = (o or {}).get("failure") or ""
             kind = why.split(":", 1)[0]

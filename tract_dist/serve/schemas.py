@@ -9,9 +9,10 @@ switches are strict: ``"seed": "5"``, ``"n_cots": true`` or ``"n_cots": 2.0`` ar
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, Tag, ValidationError,
+                      model_validator)
 
 MAX_TEXT_CHARS = 100_000
 """Longest instruction, response or reference answer: far above any benchmark record (Feedback Collection's
@@ -91,14 +92,45 @@ class JudgeInput(BaseModel):
                 "score_descriptions": list(self.score_descriptions or []), "reference_answer": self.reference_answer}
 
 
-class JudgeRequest(_Strict):
-    """``POST /v1/judge``: ``input`` (one) or ``inputs`` (a list), plus options."""
+class PairInput(_Strict):
+    """One relative-grading input: two responses to one instruction and the evaluation criteria (prometheus-eval's
+    ``relative_grade`` fields; ``data.relative.PairExample``)."""
 
-    input: JudgeInput | None = None
-    inputs: list[JudgeInput] | None = Field(None, min_length=1, max_length=MAX_INPUTS)
+    id: str | None = Field(None, max_length=256, description="echoed back; also seeds the input's sampled CoTs")
+    instruction: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    response_a: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    response_b: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    rubric: str = Field(min_length=1, max_length=MAX_RUBRIC_CHARS)
+    reference_answer: str | None = Field(None, max_length=MAX_TEXT_CHARS)
+
+    def fields(self, index: int) -> dict[str, Any]:
+        """The dict :func:`tract_dist.judge.relative.as_pair` accepts."""
+        return {"id": self.id if self.id is not None else str(index), "instruction": self.instruction,
+                "response_a": self.response_a, "response_b": self.response_b, "rubric": self.rubric,
+                "reference_answer": self.reference_answer}
+
+
+def _input_kind(v: Any) -> str:
+    """An input with ``response_a`` or ``response_b`` is a pair; anything else a single response."""
+    keys = v.keys() if isinstance(v, dict) else vars(v) if hasattr(v, "__dict__") else ()
+    return "pair" if "response_a" in keys or "response_b" in keys else "single"
+
+
+AnyInput = Annotated[Annotated[JudgeInput, Tag("single")] | Annotated[PairInput, Tag("pair")],
+                     Discriminator(_input_kind)]
+
+
+class JudgeRequest(_Strict):
+    """``POST /v1/judge``: ``input`` (one) or ``inputs`` (a list), plus options. An input is absolute grading
+    (``response``, ``criteria``, ``score_descriptions``) or relative grading (``response_a``, ``response_b``,
+    ``rubric``); one request may mix both."""
+
+    input: AnyInput | None = None
+    inputs: list[AnyInput] | None = Field(None, min_length=1, max_length=MAX_INPUTS)
     mode: Mode | None = Field(None, description="default: evaluation.mode of the server's config")
     n_cots: StrictInt | None = Field(None, ge=1, le=MAX_N_COTS, description="default: evaluation.num_cots")
     seed: StrictInt | None = Field(None, ge=0, le=2**32 - 1, description="default: generation.seed")
+    swap: StrictBool = Field(False, description="pairs: judge each in both orders as well (position-swap check)")
 
     @model_validator(mode="after")
     def _one_of(self) -> "JudgeRequest":
@@ -106,7 +138,7 @@ class JudgeRequest(_Strict):
             raise ValueError("give exactly one of input (one object) or inputs (a list)")
         return self
 
-    def all_inputs(self) -> list[JudgeInput]:
+    def all_inputs(self) -> list[JudgeInput | PairInput]:
         return [self.input] if self.input is not None else list(self.inputs or [])
 
 
@@ -195,11 +227,14 @@ class RewardRequest(BaseModel):
         return self
 
 
+_NOT_IN_PATHS = ("__root__", "single", "pair")  # the input kinds' tags (``AnyInput``) are not fields
+
+
 def describe_errors(e: ValidationError) -> tuple[str, str | None]:
     """(message naming every bad field, the first field's dotted path) for a pydantic error."""
     parts, first = [], None
     for err in e.errors(include_url=False)[:10]:
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "__root__")
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x not in _NOT_IN_PATHS)
         msg = err.get("msg", "invalid").removeprefix("Value error, ")
         if first is None and loc:
             first = loc
