@@ -323,11 +323,8 @@ class BenchmarkSpec(_Section):
         "prometheus-eval", description="record layout of path (prometheus-eval: its label is the mean of "
                                        "gpt4_score). The pairwise layouts (preference-collection, "
                                        "prometheus-eval-pairwise, pairs-jsonl; vicuna-pairs: a prometheus-eval "
-                                       "absolute file paired by gold-score difference >= min_gap) make it a "
+                                       "absolute file paired by gold-score difference >= 1) make it a "
                                        "relative benchmark: accuracy and the position-swap agreement")
-    min_gap: float = Field(
-        1.0, gt=0, le=100, description="vicuna-pairs: the least difference of two responses' gold scores that "
-                                       "makes them a pair (1.0: a clear preference)")
     split: str = Field("test", description="dataset split read from an hf:NAME path (ignored for files)")
     max_examples: int | None = Field(None, gt=0, description="judge only the first N records after offset; None: all")
     offset: int = Field(

@@ -460,3 +460,55 @@ def test_load_with_a_replica_killed(server, tiny_export, quickstart_examples):
         assert res["id"] == rid and res["failure"] is None
         assert abs(res["score"] - ref[x["id"]]) <= 1e-5, (rid, res["score"], ref[x["id"]])
     assert sum(s == 200 for s in statuses.values()) >= 190  # a dead replica's calls are retried on the other
+
+
+def test_relative_grading_judge_chat_litellm_and_pairwise_reward(server, auth, inputs, monkeypatch):
+    """Relative grading (#29 item 3) on the served SmolLM2, in rail (the verdict read right after the prompt):
+    /v1/judge with a pair judged in both orders (p(A) renormalised over the verdict tokens, the swapped order's
+    p(A) the one a pair with A and B exchanged gets); the openai SDK with prometheus-eval's relative prompt (the
+    verdict in the text, p(A) in the tract field, equal to /v1/judge's); prometheus-eval's relative_grade
+    through LiteLLM (its parser reads the verdict); OpenRLHF's reward request asking for a pairwise reward (the
+    debiased p(A) of the policy's response against the label's compare_to). A malformed pair is a 422 naming
+    the field."""
+    import openai
+    from prometheus_eval import PrometheusEval
+    from prometheus_eval.litellm import LiteLLM
+    from prometheus_eval.prompts import RELATIVE_PROMPT_WO_REF
+
+    from tract_dist.data.relative import REL_SYSTEM_PROMPT, PairExample, render_relative_prompt
+
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    a, b = inputs[0], inputs[1]
+    pair = {"id": "p", "instruction": a["instruction"], "response_a": a["response"], "response_b": b["response"],
+            "rubric": a["criteria"]}
+    flipped = dict(pair, id="q", response_a=pair["response_b"], response_b=pair["response_a"])
+    r = _post(server, "/v1/judge", {"inputs": [pair, flipped], "mode": "rail", "swap": True}, auth)
+    assert r.status_code == 200, r.text
+    res, flip = r.json()["results"]
+    assert res["failure"] is None and res["mode"] == "rail" and 0 < res["p_a"] < 1 and 0 < res["mass"] <= 1
+    assert res["verdict"] == ("A" if res["p_a"] > 0.5 else "B")
+    assert abs(res["swapped"]["p_a"] - flip["p_a"]) <= 1e-5 and abs(flip["swapped"]["p_a"] - res["p_a"]) <= 1e-5
+    assert res["p_a_debiased"] == pytest.approx((res["p_a"] + 1 - res["swapped"]["p_a"]) / 2)
+
+    prompt = render_relative_prompt(PairExample(preference=math.nan, **pair))
+    client = openai.OpenAI(base_url=server + "/v1", api_key=API_KEY, max_retries=0)
+    out = client.chat.completions.create(model=SMOL_ID, extra_body={"mode": "rail"}, messages=[
+        {"role": "system", "content": REL_SYSTEM_PROMPT}, {"role": "user", "content": prompt}])
+    tract = out.model_extra["tract"]
+    assert abs(tract["p_a"] - res["p_a"]) <= 1e-5 and out.choices[0].message.content == f"[RESULT] {res['verdict']}"
+
+    judge = PrometheusEval(model=LiteLLM(f"openai/{SMOL_ID}", api_base=server + "/rail/v1"),
+                           relative_grade_template=RELATIVE_PROMPT_WO_REF)
+    feedback, verdict = judge.single_relative_grade(instruction=pair["instruction"], response_A=pair["response_a"],
+                                                    response_B=pair["response_b"], rubric=pair["rubric"])
+    assert verdict == res["verdict"] and feedback.endswith(f"[RESULT] {verdict}")
+
+    query = f"<|im_start|>user\n{pair['instruction']}<|im_end|>\n<|im_start|>assistant\n{pair['response_a']}"
+    label = json.dumps({"compare_to": pair["response_b"], "rubric": pair["rubric"]})
+    r = _post(server, "/rail/get_reward", {"query": [query], "labels": [label]}, auth)
+    assert r.status_code == 200, r.text
+    assert abs(r.json()["rewards"][0] - res["p_a_debiased"]) <= 1e-5 and r.json()["scores"] == r.json()["rewards"]
+
+    bad = _post(server, "/v1/judge", {"input": {k: v for k, v in pair.items() if k != "rubric"}}, auth)
+    assert bad.status_code == 422 and "input.rubric" in bad.json()["error"]["message"], bad.text

@@ -34,6 +34,9 @@ from tract_dist.data.relative import PairExample, check_preference, normalize_re
 from tract_dist.data.schema import DataError, JudgeExample
 
 PAIR_FORMATS = ("preference-collection", "prometheus-eval-pairwise", "pairs-jsonl")
+VICUNA_MIN_GAP = 1.0
+"""The least gold-score difference that makes two Vicuna responses a pair (the ``vicuna-pairs`` benchmark): one
+point of GPT-4's 1-5 mean scores, a clear preference rather than grading noise."""
 
 
 def _verdict(rec: dict[str, Any], key: str) -> float:
@@ -174,7 +177,7 @@ def pairs_from_absolute(examples: list[JudgeExample], *, min_gap: float = 1.0) -
     return pairs
 
 
-def read_vicuna_pairs(path: str | Path, *, min_gap: float = 1.0) -> list[PairExample]:
+def read_vicuna_pairs(path: str | Path, *, min_gap: float = VICUNA_MIN_GAP) -> list[PairExample]:
     """The Vicuna Bench (prometheus-eval's ``vicuna_eval.json``) as pairs by gold-score difference."""
     exs = read_examples(str(path), "prometheus-eval", require_feedback=False).examples
     return pairs_from_absolute(exs, min_gap=min_gap)

@@ -99,6 +99,15 @@ class PairExample:
         return cls(**{f.name: d.get(f.name) for f in fields(cls)})
 
 
+def relative_system_prompt(absolute: str | None) -> str | None:
+    """The system prompt of relative grading for a config's ``data.system_prompt``: Prometheus' own
+    ``REL_SYSTEM_PROMPT`` where the absolute default (``ABS_SYSTEM_PROMPT``) stands, else the configured one
+    (None: none, as the official training data has)."""
+    from tract_dist.data.prompts import ABS_SYSTEM_PROMPT
+
+    return REL_SYSTEM_PROMPT if absolute == ABS_SYSTEM_PROMPT else absolute
+
+
 def render_relative_prompt(pair: PairExample) -> str:
     """The user turn of prometheus-eval's RELATIVE_PROMPT (reference answer given) or RELATIVE_PROMPT_WO_REF."""
     has_ref = pair.reference_answer is not None and pair.reference_answer != ""

@@ -44,7 +44,7 @@ def load_pair_benchmark(spec: Any, skip_invalid: bool = False) -> list[Any]:
     from tract_dist.data.pair_formats import read_pairs, read_vicuna_pairs
 
     if spec.format == "vicuna-pairs":
-        pairs = read_vicuna_pairs(spec.path, min_gap=spec.min_gap)
+        pairs = read_vicuna_pairs(spec.path)
     else:
         pairs, invalid = read_pairs(spec.path, spec.format, skip_invalid=skip_invalid, require_feedback=False,
                                     split=spec.split)

@@ -36,6 +36,12 @@ def load_training_examples(cfg: Any) -> list[JudgeExample]:
         from tract_dist.config import ConfigError
 
         raise ConfigError("data.train_path: required to generate CoTs")
+    if d.task == "relative":
+        from tract_dist.config import ConfigError
+
+        raise ConfigError("data.task relative: stage-1 generation and the stage-2 builder write absolute-grading "
+                          "CoTs only so far; train a relative judge with tract-dist train or pipeline.method "
+                          "cot_raft, ce_cot or raft")
     result = read_examples(d.train_path, d.train_format, scale=parse_scale(d.scale), skip_invalid=d.skip_invalid,
                            require_feedback=False, limit=d.max_examples, split=d.split)
     if result.invalid:

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from tract_dist.data.encode import DroppedExample
-from tract_dist.data.relative import (REL_SYSTEM_PROMPT, PairExample, check_preference, derive_verdict_scale,
-                                      fit_pair_prompt, parse_decoded_verdict, verdict_prompt_ids)
+from tract_dist.data.relative import (PairExample, check_preference, derive_verdict_scale, fit_pair_prompt,
+                                      parse_decoded_verdict, relative_system_prompt, verdict_prompt_ids)
 from tract_dist.judge.rail import scale_readouts
 from tract_dist.runtime.deadline import StopSignal
 from tract_dist.runtime.engine import extract_cot
@@ -85,12 +85,15 @@ def as_pair(pair_or_fields: PairExample | dict[str, Any], index: int = 0) -> Pai
 class PairJudge:
     """Relative grading with a judge's engine, tokenizer, sampling and length options.
 
-    ``PairJudge(judge)`` shares the engine with absolute grading (one model serves both); the verdict tokens come
+    ``PairJudge(judge)`` shares the engine with absolute grading (one model serves both) and its system prompt
+    (``REL_SYSTEM_PROMPT`` in place of the absolute default: ``relative_system_prompt``); the verdict tokens come
     from the tokenizer (``derive_verdict_scale``), and the read-out is always renormalised over {A, B}."""
 
-    def __init__(self, judge: Any, system_prompt: str | None = REL_SYSTEM_PROMPT):
+    def __init__(self, judge: Any, system_prompt: str | None | Literal["follow"] = "follow"):
         from dataclasses import replace
 
+        if system_prompt == "follow":  # the judge's configured prompt, Prometheus' relative one for the default
+            system_prompt = relative_system_prompt(judge.opts.system_prompt)
         self.judge = judge
         self.engine = judge.engine
         self.tokenizer = judge.tokenizer

@@ -31,8 +31,11 @@ from typing import Any, Iterator
 from tract_dist.tracking.datasets import copy_dataset_inputs
 from tract_dist.tracking.mlflow_run import RunHandle, _client, _failed, _warn, log_metrics, log_params
 
-HEADLINE = ("pearson", "spearman", "kendall", "rmse", "n", "failed")
-"""The overall metrics shown per stage, benchmark and inference mode (n: scored, failed: no usable score)."""
+HEADLINE = ("pearson", "spearman", "kendall", "rmse", "n", "failed", "accuracy", "position_agreement",
+            "accuracy_debiased")
+"""The overall metrics shown per stage, benchmark and inference mode (n: scored, failed: no usable score).
+Absolute benchmarks report the correlations and RMSE, relative ones (pairs) accuracy and the position-swap
+agreement (``evaluate.pairwise``); a metric a benchmark lacks is left out."""
 STAGE_TAG = "model_stage"  # stage1 / stage2: set on the pipeline's training and evaluation runs
 CHARTS = "charts"
 

@@ -21,7 +21,7 @@ import torch
 from tract_dist.data.encode import IGNORE_INDEX, EncodeOptions, encode_examples
 from tract_dist.errors import TractError
 from tract_dist.fsutil import atomic_write_json
-from tract_dist.data.formats import read_examples
+from tract_dist.data.formats import ReadResult, read_examples
 from tract_dist.data.score_scale import derive_score_scale
 from tract_dist.data.score_tokens import ScoreTokens, derive_score_tokens, parse_scale
 
@@ -41,15 +41,19 @@ def prepare_dataset(cfg: Any, tokenizer: Any, out_dir: str | Path) -> dict[str, 
     if not d.train_path:
         raise EmptyDatasetError("data.train_path is not set: point it at a training file (or hf:NAME)")
     scale = parse_scale(d.scale)
-    full = derive_score_scale(tokenizer, scale)  # any scale; one token per value keeps the score-token form
-    st: Any = derive_score_tokens(tokenizer, scale) if full.single_token else full
-    read = read_examples(d.train_path, d.train_format, scale=scale, skip_invalid=d.skip_invalid,
-                         limit=d.max_examples, split=d.split, require_feedback=d.use_cot)
-    opts = EncodeOptions(max_length=d.max_length, truncation=d.truncation, system_prompt=d.system_prompt,
-                         scale=scale, use_cot=d.use_cot, enable_thinking=d.enable_thinking)
-    encoded, stats = encode_examples(tokenizer, read.examples, st, opts)
+    if d.task == "relative":
+        encoded, stats, full, st, read = _encode_pairs(cfg, tokenizer)
+    else:
+        full = derive_score_scale(tokenizer, scale)  # any scale; one token per value keeps the score-token form
+        st = derive_score_tokens(tokenizer, scale) if full.single_token else full
+        read = read_examples(d.train_path, d.train_format, scale=scale, skip_invalid=d.skip_invalid,
+                             limit=d.max_examples, split=d.split, require_feedback=d.use_cot)
+        opts = EncodeOptions(max_length=d.max_length, truncation=d.truncation, system_prompt=d.system_prompt,
+                             scale=scale, use_cot=d.use_cot, enable_thinking=d.enable_thinking)
+        encoded, stats = encode_examples(tokenizer, read.examples, st, opts)
     summary = {**read.summary(), **{f"encode_{k}": v for k, v in stats.as_dict().items()},
-               "score_token_ids": st.token_ids if full.single_token else [], "scores": full.scores}
+               "score_token_ids": st.token_ids if full.single_token else [], "scores": full.scores,
+               "task": d.task}
     if not full.single_token:  # each value's tokens (the loss's score_sequences; load_score_sequences)
         summary["score_sequences"] = [list(q) for q in full.sequences]
     if not encoded:
@@ -70,6 +74,40 @@ def prepare_dataset(cfg: Any, tokenizer: Any, out_dir: str | Path) -> dict[str, 
     datasets.Dataset.from_list(rows).save_to_disk(str(out / "encoded"))
     atomic_write_json(out / "data_summary.json", summary)
     return summary
+
+
+def _encode_pairs(cfg: Any, tokenizer: Any) -> tuple[list[Any], Any, Any, ScoreTokens, Any]:
+    """A relative-grading data set: pairs read (``data.pair_formats``) and encoded as ``{feedback} [RESULT] A|B``
+    with the verdict position as the score position and y as the score (``data.relative.encode_pair``); the
+    score tokens are the verdict tokens, values A = 1, B = 0 (the loss renormalises over them: p(A))."""
+    from tract_dist.data.encode import DroppedExample, EncodeStats
+    from tract_dist.data.pair_formats import read_pairs
+    from tract_dist.data.relative import derive_verdict_scale, encode_pair, relative_system_prompt
+
+    d = cfg.data
+    verdicts = derive_verdict_scale(tokenizer)
+    pairs, invalid = read_pairs(d.train_path, d.train_format, skip_invalid=d.skip_invalid, limit=d.max_examples,
+                                split=d.split, require_feedback=d.use_cot)
+    opts = EncodeOptions(max_length=d.max_length, truncation=d.truncation,
+                         system_prompt=relative_system_prompt(d.system_prompt), use_cot=d.use_cot,
+                         enable_thinking=d.enable_thinking)
+    stats = EncodeStats(examples=len(pairs))
+    encoded = []
+    for p in pairs:
+        try:
+            enc = encode_pair(tokenizer, p, verdicts, opts)
+        except DroppedExample as e:
+            stats.dropped += 1
+            stats.drop_reasons[str(e)] = stats.drop_reasons.get(str(e), 0) + 1
+            continue
+        stats.truncated += enc.truncated
+        encoded.append(enc)
+    stats.encoded = len(encoded)
+
+    st = ScoreTokens(scores=list(verdicts.scores), token_ids=[q[0] for q in verdicts.sequences])
+    read = ReadResult(path=d.train_path, format=d.train_format, records=len(pairs) + len(invalid), examples=pairs,
+                      invalid=invalid)
+    return encoded, stats, verdicts, st, read
 
 
 def load_encoded(out_dir: str | Path) -> Any:

@@ -159,8 +159,11 @@ class TrainRecipe:
         # Alive for the recipe's life: while it exists, from_pretrained/from_config build under zero.Init.
         self._hf_ds = HfDeepSpeedConfig(ds_config) if t.zero_stage == 3 else None
         self.model = load_training_model(cfg, self.tokenizer, use_cuda=self.use_cuda)
+        # relative grading (data.task): p(A) is the verdict distribution renormalised over {A, B} (data/relative.py)
         loss_options = CoTRaftLossOptions.from_config(cfg.loss, self.score_tokens.token_ids, self.score_tokens.scores,
-                                                      score_sequences=self.score_sequences)
+                                                      score_sequences=self.score_sequences,
+                                                      rail_normalize=cfg.loss.rail_normalize
+                                                      or cfg.data.task == "relative")
         wrapper = CotRaftCausalLM(self.model, loss_options)
         self.strategy.prepare(wrapper, ds_config, lr_lambda(t.lr_scheduler, self.steps.total_steps, t.warmup_ratio))
         self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in wrapper.parameters())
