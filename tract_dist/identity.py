@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 # Keys added after pipelines were made, hashed only once set away from their default (which computes what the
 # configs before them computed), so the folders made before them keep their fingerprints and resume.
 LATER_KEYS: dict[str, dict[str, object]] = {
-    "data": {"enable_thinking": False},
+    "data": {"enable_thinking": False, "task": "absolute"},
     "loss": {"lam_warmup_steps": 0},
     "generation": {"max_length": None},
     "evaluation": {"cot_se_target": 0.1, "max_cots": 8, "sample_single_cot": False},

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tract_dist.console import TERMINAL
-from tract_dist.config import Config
+from tract_dist.config import Config, ConfigError
 from tract_dist.identity import content_fingerprint, file_fingerprint, fingerprint, hashed_section, selection_key
 from tract_dist.pipeline.engine import Stage, StageOutputs
 from tract_dist.pipeline.inputs import check_real_init, check_stage1_export
@@ -138,6 +138,9 @@ def build_stages(cfg: Config, pdir: Path, name: str, ctx: StageContext | None = 
     pipeline folder made so far (state.json keys; run and generation folders are named after them)."""
     ctx = ctx or StageContext()
     method = cfg.pipeline.method
+    if cfg.data.task == "relative" and method in ("tract", "real"):  # generation writes absolute-grading CoTs
+        raise ConfigError(f"pipeline.method: {method} generates stage-2 CoTs, which are absolute-grading only so "
+                          "far; with data.task relative use cot_raft, ce_cot or raft")
     data_fp = file_fingerprint(cfg.data.train_path or "")
     if method == "real" and cfg.pipeline.real_init is not None:
         return _real_stages(cfg, pdir, name, ctx, None, [])
@@ -356,8 +359,8 @@ def _evaluate(cfg: Config, model: str, bench: Any, mode: str, out: Path, parent:
     res = evaluate_model(ecfg, model, out, parent_run=parent, tags=tags)
     metrics = res[bench.name]
     overall = metrics["overall"]
-    summary = " ".join(f"{k}={overall[k]:.3f}" for k in ("pearson", "spearman", "kendall", "rmse")
-                       if overall.get(k) is not None)
+    summary = " ".join(f"{k}={overall[k]:.3f}" for k in ("pearson", "spearman", "kendall", "rmse", "accuracy",
+                                                         "position_agreement") if overall.get(k) is not None)
     if cfg.evaluation.num_cots == "auto" and overall.get("cots_mean") is not None:
         summary += f" cots_mean={overall['cots_mean']:.2f}"
     return EvalOutputs(metrics=metrics, summary=f"{summary} (n={overall.get('n')}, failed={overall.get('failed')})",
