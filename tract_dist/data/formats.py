@@ -329,6 +329,11 @@ def read_examples(source: str, fmt: str, *, scale: tuple[int, int] = (1, 5), ski
 
     Record indices in errors are positions in the file, whatever the offset."""
     if fmt not in _CONVERTERS:
+        from tract_dist.data.pair_formats import PAIR_FORMATS
+
+        if fmt in PAIR_FORMATS:  # a TractError (exit 2), not a traceback, where a command reads single responses
+            raise DataError(source, f"format {fmt} holds pairs (relative grading, data/pair_formats.py); this step "
+                                    f"reads single responses: {', '.join(FORMATS)}")
         raise ValueError(f"unknown data format {fmt!r}; choose one of {', '.join(FORMATS)}")
     convert = _CONVERTERS[fmt]
     lo, hi = scale
