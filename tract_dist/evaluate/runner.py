@@ -39,8 +39,6 @@ def is_relative(spec: Any) -> bool:
 def load_pair_benchmark(spec: Any, skip_invalid: bool = False) -> list[Any]:
     """A relative benchmark's pairs (``vicuna-pairs``: an absolute prometheus-eval file paired by gold-score
     difference, ``data.pair_formats.read_vicuna_pairs``), then ``offset`` / ``max_examples``."""
-    import logging
-
     from tract_dist.data.pair_formats import read_pairs, read_vicuna_pairs
 
     if spec.format == "vicuna-pairs":
@@ -49,8 +47,7 @@ def load_pair_benchmark(spec: Any, skip_invalid: bool = False) -> list[Any]:
         pairs, invalid = read_pairs(spec.path, spec.format, skip_invalid=skip_invalid, require_feedback=False,
                                     split=spec.split)
         if invalid:
-            logging.getLogger(__name__).warning("evaluate: %s: skipped %d invalid records of %s", spec.name,
-                                                len(invalid), spec.path)
+            log.info(f"evaluate: {spec.name}: skipped {len(invalid)} invalid records of {spec.path}", extra=CONSOLE)
     end = None if spec.max_examples is None else spec.offset + spec.max_examples
     return pairs[spec.offset:end]
 

@@ -175,7 +175,7 @@ def _judge_pairs(args: argparse.Namespace, cfg: Any) -> int:
         pairs = [as_pair(x, i) for i, x in enumerate(inputs)]
     except ValueError as e:
         raise UsageError(str(e)) from None
-    from tract_dist.pipeline_checks import check_model_source
+    from tract_dist.aliases import check_model_source
 
     check_model_source(args.model or cfg.model.name_or_path, "--model" if args.model else "model.name_or_path")
     mode = args.mode or cfg.evaluation.mode
