@@ -221,6 +221,8 @@ def test_relative_pipeline_end_to_end(tmp_path, quickstart_examples, vicuna_path
     difference in both orders; the evaluation run and the pipeline's run carry accuracy and position agreement.
     The training pairs are the quickstart's responses paired by gold score with a templated comparison as
     feedback (the test checks the plumbing, not a judge's quality). The tract method is refused for pairs."""
+    from dataclasses import replace
+
     from mlflow.tracking import MlflowClient
 
     from tract_dist.config import ConfigError
@@ -228,8 +230,9 @@ def test_relative_pipeline_end_to_end(tmp_path, quickstart_examples, vicuna_path
     from tract_dist.pipeline import run_pipeline
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    pairs = pairs_from_absolute(quickstart_examples, min_gap=0.5)[:4]
-    assert len(pairs) == 4
+    made = pairs_from_absolute(quickstart_examples, min_gap=0.5)
+    pairs = made + [replace(p.swapped(), id=f"{p.id}-swapped") for p in made]  # both orders: y = 1 and 0
+    assert len(pairs) >= 4  # data.max_examples=4 of them train
     train = tmp_path / "pairs.jsonl"
     train.write_text("".join(json.dumps({**p.to_dict(), "feedback": "Response A and Response B differ in detail."})
                              + "\n" for p in pairs))
