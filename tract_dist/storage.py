@@ -12,6 +12,12 @@ an upload writes it last (its presence means the upload finished), a fetch verif
 before the cached copy is published, and the cache entry is keyed by the manifest's own hash, so a new export
 at the same URI is fetched again rather than served stale.
 
+The pipeline's other hand-overs (CoT shards, ``stage2.jsonl``, evaluation outputs) are small files the driver
+writes; on a URI root it keeps its local folder as the working copy and mirrors it under
+``<root>/<pipeline>/`` (:func:`mirror_of`): a committed shard is uploaded as it is committed (a single PUT: a
+reader sees the whole object or none), a rerun first fetches the shards the URI has and the folder lacks
+(:func:`sync_missing`), so generation resumes from what is on the URI, whichever node its driver runs on.
+
 Credentials come only from the environment of each node (pyarrow reads ``AWS_ACCESS_KEY_ID`` /
 ``AWS_SECRET_ACCESS_KEY`` / ``AWS_ENDPOINT_URL`` / ``AWS_REGION`` or an instance role, like boto3); nothing
 here writes, logs or uploads them, and a URI with a user:password part is refused.
@@ -23,7 +29,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tract_dist.errors import TractError
 from tract_dist.fsutil import _cache_dir, atomic_write_json, publish_dir_once
@@ -191,6 +197,74 @@ def local_copy(path: str | None) -> str | None:
     if path is None or not is_uri(path):
         return path
     return str(fetch_dir(path))
+
+
+def mirror_of(root: str, *parts: str) -> str | None:
+    """Where a hand-over folder or file is mirrored: ``root/parts`` when ``root`` is a URI; None for a local root
+    (one machine or a shared mount: the local folder is the hand-over itself)."""
+    return join(root, *parts) if is_uri(root) else None
+
+
+def _listing(fs: Any, inner: str) -> dict[str, int]:
+    """Relative name -> size of every file under ``inner`` (nothing when it does not exist)."""
+    import pyarrow.fs
+
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(inner, recursive=True, allow_not_found=True))
+    return {i.path[len(inner.rstrip("/")) + 1:]: i.size for i in infos if i.type == pyarrow.fs.FileType.File}
+
+
+def put_file(local: str | Path, dest: str) -> None:
+    """Upload (or copy) one local file to ``dest``, replacing what is there: one PUT on object stores."""
+    import pyarrow.fs
+
+    fs, inner = filesystem(dest)
+    if not is_uri(dest):
+        fs.create_dir(str(Path(inner).parent), recursive=True)
+    pyarrow.fs.copy_files(str(local), inner, source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def push_dir(local: str | Path, dest: str, include: Callable[[str], bool] = lambda name: True) -> int:
+    """Upload every file of ``local`` whose relative name ``include`` accepts to ``dest``, replacing what is
+    there (outputs a rerun rewrites: evaluation predictions, a generation summary); returns how many."""
+    local = Path(local)
+    names = [p.relative_to(local).as_posix() for p in sorted(local.rglob("*")) if p.is_file()]
+    names = [n for n in names if include(n)]
+    for n in names:
+        put_file(local / n, join(dest, n))
+    return len(names)
+
+
+def sync_missing(local: str | Path, remote: str, include: Callable[[str], bool]) -> tuple[int, int]:
+    """Make ``local`` and ``remote`` hold the same set of immutable files (committed shards): fetch what only
+    the remote has, upload what only the local folder has (a commit whose upload was cut short); returns
+    (fetched, uploaded). A name both hold with different sizes is two writers' work under one name: refused."""
+    import pyarrow.fs
+
+    local = Path(local)
+    local.mkdir(parents=True, exist_ok=True)
+    fs, inner = filesystem(remote)
+    there = {n: size for n, size in _listing(fs, inner).items() if include(n)}
+    here = {p.relative_to(local).as_posix(): p.stat().st_size for p in local.rglob("*") if p.is_file()}
+    here = {n: size for n, size in here.items() if include(n)}
+    clash = sorted(n for n in set(here) & set(there) if here[n] != there[n])
+    if clash:
+        raise StorageError(f"{join(remote, clash[0])} has {there[clash[0]]} bytes but {local / clash[0]} has "
+                           f"{here[clash[0]]}: two writers committed different files under one name ({len(clash)} "
+                           "such); keep one copy and remove the other")
+    dst = pyarrow.fs.LocalFileSystem()
+    fetched = sorted(set(there) - set(here))
+    for n in fetched:
+        final = local / n
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{final.name}.fetch.tmp")  # a reader of the folder never sees half a file
+        pyarrow.fs.copy_files(f"{inner}/{n}", str(tmp), source_filesystem=fs, destination_filesystem=dst)
+        tmp.replace(final)
+    uploaded = sorted(set(here) - set(there))
+    for n in uploaded:
+        put_file(local / n, join(remote, n))
+    if fetched or uploaded:
+        log.info("synced %s with %s: %d fetched, %d uploaded", local, remote, len(fetched), len(uploaded))
+    return len(fetched), len(uploaded)
 
 
 def storage_uri(storage_path: str, inner: str) -> str:

@@ -151,10 +151,12 @@ def report(records: list[dict[str, Any]], out_dir: str | Path, name: str,
 
 def evaluate_model(cfg: Any, model_path: str | None, out_dir: str | Path | None = None,
                    parent_run: Any = None, *, show_progress: bool = True,
-                   tags: dict[str, str] | None = None) -> dict[str, Any]:
+                   tags: dict[str, str] | None = None, mirror: str | None = None) -> dict[str, Any]:
     """Evaluate ``model_path`` on every ``evaluation.benchmarks`` entry; returns ``{benchmark: metrics}``.
 
-    ``tags`` are added to the MLflow run (the pipeline tags method, model, stage and benchmark for compare)."""
+    ``tags`` are added to the MLflow run (the pipeline tags method, model, stage and benchmark for compare).
+    ``mirror`` (a URI, :func:`tract_dist.storage.mirror_of`): where the outputs (not the logs) are uploaded once
+    written, replacing an earlier evaluation's."""
     from tract_dist import console
     from tract_dist.config import ConfigError
 
@@ -164,7 +166,12 @@ def evaluate_model(cfg: Any, model_path: str | None, out_dir: str | Path | None 
     out = Path(out_dir or e.output_dir or Path(cfg.training.output_dir) / "evaluate")
     # A quiet console (a pipeline's stage keeps the pipeline's): library chatter to OUT/logs/driver.log.
     with console.quiet_run(out / "logs"):
-        return _evaluate(cfg, model_path, out, parent_run, show_progress, tags)
+        results = _evaluate(cfg, model_path, out, parent_run, show_progress, tags)
+    if mirror:
+        from tract_dist.storage import push_dir
+
+        push_dir(out, mirror, lambda name: not name.startswith("logs/"))
+    return results
 
 
 def _evaluate(cfg: Any, model_path: str | None, out: Path, parent_run: Any, show_progress: bool,
@@ -172,6 +179,7 @@ def _evaluate(cfg: Any, model_path: str | None, out: Path, parent_run: Any, show
     from tract_dist.export_record import resolve_rail_normalize
     from tract_dist.runtime.backend import choose_backend
     from tract_dist.tracking import log_artifact, log_metrics, log_params, start_run
+    from tract_dist.tracking.mlflow_run import artifact_root
     from tract_dist.tracking.datasets import EVALUATION, examples_dataset, log_datasets
 
     e, t = cfg.evaluation, cfg.tracking
@@ -184,7 +192,7 @@ def _evaluate(cfg: Any, model_path: str | None, out: Path, parent_run: Any, show
     scale = parse_scale(cfg.data.scale)
     results: dict[str, Any] = {}
     with start_run(t.tracking_uri, t.experiment, t.run_name or "evaluate", enabled=t.enabled, parent=parent_run,
-                   tags={**(tags or {}), "stage": "evaluate"}) as run:
+                   tags={**(tags or {}), "stage": "evaluate"}, artifact_root=artifact_root(cfg)) as run:
         log_params(run, {"model_path": model_path, "mode": e.mode, "num_cots": e.num_cots,
                          **({"cot_se_target": e.cot_se_target, "max_cots": e.max_cots} if e.num_cots == "auto" else {}),
                          "rail_normalize": rail, "use_ray": e.ray, "backend": choice.backend,

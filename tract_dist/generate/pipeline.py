@@ -146,13 +146,17 @@ def generation_settings(cfg: Any, model_path: str, backend: str, sampling: Sampl
 
 def generate_cots(cfg: Any, model_path: str | None, out_dir: str | Path | None = None, *,
                   examples: list[JudgeExample] | None = None, parent_run: Any = None,
-                  show_progress: bool = True, fingerprint: str | None = None, fresh: bool = False) -> dict[str, Any]:
+                  show_progress: bool = True, fingerprint: str | None = None, fresh: bool = False,
+                  mirror: str | None = None) -> dict[str, Any]:
     """Generate ``generation.num_cots`` CoTs per training example into sharded JSONL; resume what is missing.
 
     ``model_path`` is the stage-1 export (an HF folder or alias; None: ``model.name_or_path``). Returns the
     summary also written to ``out_dir/summary.json``: expected/ok/failed counts, failure reasons, duplicates
     and missing (both 0 on a complete run), throughput of this run. A folder holding CoTs made with other
-    settings is refused naming both fingerprints, or with ``fresh`` moved aside first.
+    settings is refused naming both fingerprints, or with ``fresh`` moved aside first. ``mirror`` (a URI,
+    :func:`tract_dist.storage.mirror_of`): the folder's copy on shared storage; the shards it has and the local
+    folder lacks are fetched before resuming, each new shard is uploaded as it is committed, the settings,
+    failures and summary when written.
     """
     from tract_dist.fsutil import exclusive_lock
     from tract_dist.runtime.backend import choose_backend
@@ -168,17 +172,36 @@ def generate_cots(cfg: Any, model_path: str | None, out_dir: str | Path | None =
             moved = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
             os.replace(out, moved)
             log.info(f"generate: --fresh: moved {out} to {moved}", extra=CONSOLE)
+        if fresh and mirror:  # else the next sync would fetch the old shards back (the local copy is kept above)
+            from tract_dist.storage import filesystem
+
+            fs, inner = filesystem(mirror)
+            fs.delete_dir_contents(inner, missing_dir_ok=True)
+            log.info(f"generate: --fresh: removed the old shards from {mirror}", extra=CONSOLE)
         # A quiet console (a pipeline's stage keeps the pipeline's): library chatter to OUT/logs/driver.log.
         with console.quiet_run(out / "logs"):
             backend = choose_backend(cfg, "generation")  # before any replica starts: a bad choice is a config error
             return _generate_locked(cfg, str(model_path), out, examples, backend, parent_run, show_progress,
-                                    fingerprint)
+                                    fingerprint, mirror)
+
+
+def _mirrored(name: str) -> bool:
+    """What of a generation folder is mirrored as immutable: committed shards and the settings they were made with
+    (not logs, temporary files or the summary a rerun rewrites)."""
+    from fnmatch import fnmatchcase
+
+    from tract_dist.generate.shards import SETTINGS, SHARD_GLOB
+
+    return name == SETTINGS or ("/" not in name and fnmatchcase(name, SHARD_GLOB))
 
 
 def _generate_locked(cfg: Any, model_path: str, out: Path, examples: list[JudgeExample], backend: Any,
-                     parent_run: Any, show_progress: bool, fingerprint: str | None) -> dict[str, Any]:
-    from tract_dist.storage import for_replicas, local_copy
+                     parent_run: Any, show_progress: bool, fingerprint: str | None,
+                     mirror: str | None = None) -> dict[str, Any]:
+    from tract_dist.generate.shards import FAILURES, SETTINGS, SUMMARY
+    from tract_dist.storage import for_replicas, join, local_copy, push_dir, put_file
     from tract_dist.tracking import log_artifact, log_metrics, log_params, start_run
+    from tract_dist.tracking.mlflow_run import artifact_root
 
     g = cfg.generation
     sampling = SamplingParams.from_config(g)
@@ -187,7 +210,15 @@ def _generate_locked(cfg: Any, model_path: str, out: Path, examples: list[JudgeE
 
     store = ShardStore(out)
     store.remove_stale()
+    if mirror:  # resume from what the shared copy holds, whichever node wrote it
+        from tract_dist.storage import sync_missing
+
+        fetched, uploaded = sync_missing(out, mirror, _mirrored)
+        if fetched or uploaded:
+            log.info(f"generate: {fetched} files fetched from {mirror}, {uploaded} uploaded to it", extra=CONSOLE)
     store.check_settings(generation_settings(cfg, model_path, backend.backend, sampling, fingerprint))
+    if mirror:
+        put_file(out / SETTINGS, join(mirror, SETTINGS))
     state = store.latest()
     resolved = store.resolved_uids(g.max_attempts)
     done = resolved
@@ -199,9 +230,14 @@ def _generate_locked(cfg: Any, model_path: str, out: Path, examples: list[JudgeE
     spec = PoolSpec.from_config(cfg, use_ray=g.ray, batch_size=g.batch_size, replicas=g.num_replicas,
                                 gpus_per_replica=g.tensor_parallel_size)
 
+    def commit(records: list[dict[str, Any]]) -> None:
+        shard = store.write_shard(records)
+        if mirror:  # after the local commit: a shard on the URI is always a whole, committed one
+            put_file(shard, join(mirror, shard.name))
+
     t = cfg.tracking
     with start_run(t.tracking_uri, t.experiment, t.run_name or "generate", enabled=t.enabled, parent=parent_run,
-                   tags={"stage": "generate"}) as run:
+                   tags={"stage": "generate"}, artifact_root=artifact_root(cfg)) as run:
         log_params(run, {"model_path": model_path, "output_dir": str(out), "examples": len(examples),
                          "num_cots": g.num_cots, "already_done": len(done), "to_generate": len(todo),
                          "use_ray": spec.use_ray, "replicas": spec.replicas, "batch_size": spec.batch_size,
@@ -228,13 +264,13 @@ def _generate_locked(cfg: Any, model_path: str, out: Path, examples: list[JudgeE
                         buffer += records
                         progress.update(records)
                         while len(buffer) >= g.shard_size:
-                            store.write_shard(buffer[:g.shard_size])
+                            commit(buffer[:g.shard_size])
                             buffer = buffer[g.shard_size:]
                             step += 1
                             log_metrics(run, progress.stats(), step=step)
                 finally:
                     if buffer:  # whole records only: committing them on an exception loses and duplicates nothing
-                        store.write_shard(buffer)
+                        commit(buffer)
                 # Rows that raised get another pass (up to max_attempts in all, across runs).
                 failed = {r["uid"]: r for r in store.latest().values()
                           if retryable(r) and r["attempts"] < g.max_attempts}
@@ -247,7 +283,9 @@ def _generate_locked(cfg: Any, model_path: str, out: Path, examples: list[JudgeE
                                             "backend": backend.backend}, max_attempts=g.max_attempts)
         log_metrics(run, {"ok": summary["ok"], "failed": summary["failed"], "missing": summary["missing"],
                           "duplicates": summary["duplicates"], **progress.stats()}, step=step + 1)
-        for name in ("summary.json", "failures.jsonl", "settings.json"):
+        if mirror:
+            push_dir(out, mirror, lambda n: n in (SUMMARY, FAILURES))
+        for name in (SUMMARY, FAILURES, SETTINGS):
             log_artifact(run, out / name, "generate")
     return summary
 

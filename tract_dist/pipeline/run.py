@@ -84,6 +84,7 @@ def stage_progress(log_dir: Path) -> Callable[[StageEvent], None]:
 def _run_locked(cfg: Config, name: str, pdir: Path, *, config_path: str | None, address: str | None,
                 fresh: bool) -> PipelineSummary:
     from tract_dist.runtime.ray_cluster import init_ray_from_config
+    from tract_dist.tracking.mlflow_run import artifact_root
 
     method = cfg.pipeline.method
     pdir.mkdir(parents=True, exist_ok=True)
@@ -104,7 +105,8 @@ def _run_locked(cfg: Config, name: str, pdir: Path, *, config_path: str | None, 
     tr = cfg.tracking
     model_tag = cfg.model.name_or_path
     with start_run(tr.tracking_uri, tr.experiment, name, enabled=tr.enabled, run_id=state.data.get("parent_run_id"),
-                   tags={"stage": "pipeline", "method": method, "model": model_tag}) as parent:
+                   tags={"stage": "pipeline", "method": method, "model": model_tag},
+                   artifact_root=artifact_root(cfg)) as parent:
         if parent.run_id and parent.run_id != state.data.get("parent_run_id"):  # new, or the old one was deleted
             state.data["parent_run_id"] = parent.run_id
             state.save()

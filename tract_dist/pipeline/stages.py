@@ -167,7 +167,8 @@ def build_stages(cfg: Config, pdir: Path, name: str, ctx: StageContext | None = 
         gen: Stage[GenerateOutputs] = Stage(
             "generate", (s1,),
             key=lambda f: ("generate", f.fp(s1), hashed_section(cfg, "generation"), hashed_section(cfg, "data")),
-            run=lambda f, fp: _generate(cfg, f.out(s1).model, pdir / f"generate-{fp[:8]}", ctx, fp),
+            run=lambda f, fp: _generate(cfg, f.out(s1).model, pdir / f"generate-{fp[:8]}", ctx, fp,
+                                        _mirror(cfg, pdir, f"generate-{fp[:8]}")),
             outputs=GenerateOutputs)
         # ---- stage-2 dataset: the self-generated CoTs with the gold scores ---------------------------------
         s2_path = pdir / "stage2.jsonl"
@@ -308,11 +309,18 @@ def _tagged_export(r: Any, ctx: StageContext, model_stage: str) -> str:
     return str(model)
 
 
-def _generate(cfg: Config, model: str, out: Path, ctx: StageContext, fp: str) -> GenerateOutputs:
+def _mirror(cfg: Config, pdir: Path, *parts: str) -> str | None:
+    """A hand-over's copy on a URI ``cluster.storage_path``: ``<storage_path>/<pipeline>/<parts>`` (storage.py)."""
+    from tract_dist.storage import mirror_of
+
+    return mirror_of(pipeline_storage(cfg, pdir), *parts)
+
+
+def _generate(cfg: Config, model: str, out: Path, ctx: StageContext, fp: str, mirror: str | None) -> GenerateOutputs:
     from tract_dist.generate.pipeline import generate_cots
 
     named = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"run_name": "stage1-generate"})})
-    s = generate_cots(named, model, out, parent_run=ctx.parent, fingerprint=fp, fresh=ctx.fresh)
+    s = generate_cots(named, model, out, parent_run=ctx.parent, fingerprint=fp, fresh=ctx.fresh, mirror=mirror)
     if s.get("missing"):
         raise RuntimeError(f"generation left {s['missing']} CoTs missing in {out}; rerun the pipeline to resume")
     return GenerateOutputs(dir=str(out), ok=s.get("ok"), failed=s.get("failed"),
@@ -340,6 +348,10 @@ def _build_stage2(cfg: Config, stage1_model: str, gen_dir: Path, out: Path, ctx:
         sel = stats["selection"]
         log_metrics(run, {f"select.{k}": float(v) for k, v in sel.items() if isinstance(v, (int, float))
                           and not isinstance(v, bool)} | {"written": float(stats["written"])})
+    if (mirror := _mirror(cfg, out.parent, out.name)) is not None:
+        from tract_dist.storage import put_file
+
+        put_file(out, mirror)
     log.info(f"[stage2] {summary_line(sel)}", extra=TERMINAL)
     return Stage2DataOutputs.from_record(  # type: ignore[return-value]
         {**stats, "path": str(out), "summary": f"{stats.get('written', '?')} examples"})
@@ -356,7 +368,8 @@ def _evaluate(cfg: Config, model: str, bench: Any, mode: str, out: Path, parent:
     several = len(EVAL_MODES[cfg.pipeline.method]) > 1
     d["tracking"]["run_name"] = f"eval-{tags['model_stage']}-{bench.name}" + (f"-{mode}" if several else "")
     ecfg = Config.model_validate(d)
-    res = evaluate_model(ecfg, model, out, parent_run=parent, tags=tags)
+    res = evaluate_model(ecfg, model, out, parent_run=parent, tags=tags,
+                         mirror=_mirror(cfg, out.parent.parent, "evaluate", out.name))
     metrics = res[bench.name]
     overall = metrics["overall"]
     summary = " ".join(f"{k}={overall[k]:.3f}" for k in ("pearson", "spearman", "kendall", "rmse", "accuracy",

@@ -57,9 +57,20 @@ MODEL_TRAINING_KIND = "custom_model_development"
 the runs, with their metrics, datasets and models."""
 
 
-def ensure_experiment(tracking_uri: str, name: str) -> str:
-    """Experiment id, created with an explicit artifact location next to a local store, as a model-training
-    experiment (an existing one without a kind gets it; a kind someone chose is kept)."""
+def artifact_root(cfg: Any) -> str | None:
+    """Where a new experiment keeps its artifacts when ``cluster.storage_path`` is a URI:
+    ``<storage_path>/mlflow/<experiment>`` (MLflow writes s3:// through boto3, gs:// through google-cloud-storage,
+    with the driver's credentials from its environment); None otherwise (the store's own default)."""
+    from tract_dist.storage import mirror_of
+
+    return mirror_of(cfg.cluster.storage_path, "mlflow", cfg.tracking.experiment)
+
+
+def ensure_experiment(tracking_uri: str, name: str, artifact_location: str | None = None) -> str:
+    """Experiment id, created as a model-training experiment with an explicit artifact location:
+    ``artifact_location`` when given (:func:`artifact_root`), else next to a local store (an existing
+    experiment keeps its location, which MLflow cannot change: a local one where a URI is asked for is logged; an
+    existing one without a kind gets it; a kind someone chose is kept)."""
     # A client bound to the URI, not mlflow.set_tracking_uri: that also sets MLFLOW_TRACKING_URI for the
     # whole process, which would then override every later config's URI (resolve_uri lets the variable win).
     client = _client(tracking_uri)
@@ -67,9 +78,17 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
     if exp is not None:
         if EXPERIMENT_KIND_TAG not in exp.tags:
             client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+        from tract_dist.storage import is_uri
+
+        if artifact_location and is_uri(artifact_location) and not is_uri(exp.artifact_location):
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "MLflow experiment %s keeps its artifacts in %s (set when it was created), not in %s; use another "
+                "tracking.experiment to have them under cluster.storage_path", name, exp.artifact_location,
+                artifact_location)
         return exp.experiment_id
-    artifact_location = None
-    if tracking_uri.startswith("sqlite:///"):
+    if artifact_location is None and tracking_uri.startswith("sqlite:///"):
         artifact_location = (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts" / name).resolve().as_uri()
     return client.create_experiment(name, artifact_location=artifact_location,
                                     tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
@@ -152,8 +171,9 @@ def _missing_run(e: BaseException) -> bool:
 @contextlib.contextmanager
 def start_run(tracking_uri: str, experiment: str, run_name: str | None = None, *, enabled: bool = True,
               parent: RunHandle | None = None, tags: dict[str, str] | None = None,
-              run_id: str | None = None) -> Iterator[RunHandle]:
+              run_id: str | None = None, artifact_root: str | None = None) -> Iterator[RunHandle]:
     """Create (or reopen ``run_id``) a run; ends it FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED (an error).
+    ``artifact_root``: the artifact location of the experiment if this call creates it (:func:`artifact_root`).
 
     Tracking never fails the work it observes: a store that cannot be reached gives a warning and a disabled
     handle (the body runs untracked); a ``run_id`` the store no longer has starts a new run, with a warning."""
@@ -162,7 +182,7 @@ def start_run(tracking_uri: str, experiment: str, run_name: str | None = None, *
         return
     uri = resolve_uri(tracking_uri)
     try:
-        exp_id = ensure_experiment(uri, experiment)
+        exp_id = ensure_experiment(uri, experiment, artifact_root)
         client = _client(uri)
         if run_id is not None:
             try:

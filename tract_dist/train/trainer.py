@@ -179,6 +179,8 @@ def _prepare_and_fit(cfg: Config, name: str, run_dir: Path, fp: str, *, config_p
     from tract_dist.data.assets import load_tokenizer
     from tract_dist.train.data import prepare_dataset
 
+    from tract_dist.tracking.mlflow_run import artifact_root
+
     tok_name = cfg.model.tokenizer or cfg.model.name_or_path
     summary = prepare_dataset(cfg, load_tokenizer(tok_name), run_dir)
     if recipe != "real":  # REAL's batch is its own round of samples (checked by real.stage)
@@ -197,7 +199,7 @@ def _prepare_and_fit(cfg: Config, name: str, run_dir: Path, fp: str, *, config_p
     previous = id_file.read_text().strip() if id_file.exists() else None
     tr = cfg.tracking
     with start_run(tr.tracking_uri, tr.experiment, display_name, enabled=tr.enabled, parent=parent, run_id=previous,
-                   tags={"stage": stage, "tract.run_dir": str(run_dir)}) as handle:
+                   tags={"stage": stage, "tract.run_dir": str(run_dir)}, artifact_root=artifact_root(cfg)) as handle:
         if handle.run_id:
             atomic_write_text(id_file, handle.run_id)
             if handle.run_id != previous:  # a new run (first invocation, or the old one was deleted)
