@@ -73,18 +73,17 @@ def test_generation_mirrors_shards_and_resumes_from_the_uri(s3, tiny_export, qui
     mirror = f"s3://{BUCKET}/pipe/generate-0"
     first = pipeline.generate_cots(cfg, tiny_export, tmp_path / "a", show_progress=False, mirror=mirror)
     assert first["ok"] + first["failed"] == 2 and first["this_run"]["generated_this_run"] == 2
-    on_s3 = keys(s3, BUCKET, "pipe/generate-0/")
-    assert [k for k in on_s3 if "/part-" in k] == ["pipe/generate-0/part-00000.jsonl", "pipe/generate-0/part-00001.jsonl"]
-    assert {"pipe/generate-0/settings.json", "pipe/generate-0/summary.json", "pipe/generate-0/failures.jsonl"} <= set(on_s3)
-    assert not any("/logs/" in k for k in on_s3)
+    on_s3 = [k.removeprefix("pipe/generate-0/") for k in keys(s3, BUCKET, "pipe/generate-0/")]
+    assert sorted(on_s3) == ["failures.jsonl", "part-00000.jsonl", "part-00001.jsonl", "settings.json",
+                             "summary.json"]  # no logs, no temporary files
+    by_uid = lambda recs: sorted(recs, key=lambda r: r["uid"])  # noqa: E731
+    written = by_uid(read_generated(tmp_path / "a"))
+    assert json.loads((tmp_path / "a" / "settings.json").read_text())["fingerprint"]
 
     shutil.rmtree(tmp_path / "a")
     again = pipeline.generate_cots(cfg, tiny_export, tmp_path / "b", show_progress=False, mirror=mirror)
-    assert again["this_run"]["generated_this_run"] == 0 and again["missing"] == 0
-    assert sorted(read_generated(tmp_path / "b"), key=lambda r: r["uid"]) == sorted(
-        (json.loads(line) for k in ("part-00000.jsonl", "part-00001.jsonl")
-         for line in (tmp_path / "b" / k).read_text().splitlines()), key=lambda r: r["uid"])
-    assert again["ok"] == first["ok"]
+    assert again["this_run"]["generated_this_run"] == 0 and again["missing"] == 0 and again["ok"] == first["ok"]
+    assert by_uid(read_generated(tmp_path / "b")) == written
 
 
 def test_mlflow_artifacts_under_a_uri_storage_path(s3, migrated_mlflow_db, tmp_path):
@@ -94,10 +93,11 @@ def test_mlflow_artifacts_under_a_uri_storage_path(s3, migrated_mlflow_db, tmp_p
     from tract_dist.tracking import log_artifact, start_run
     from tract_dist.tracking.mlflow_run import STATS, artifact_root
 
-    cfg = load_config(None, ["model.name_or_path=tiny-llama", f"cluster.storage_path=s3://{BUCKET}/store", "tracking.experiment=on-s3",
-                             f"tracking.tracking_uri={migrated_mlflow_db}"])
+    cfg = load_config(None, ["model.name_or_path=tiny-llama", f"cluster.storage_path=s3://{BUCKET}/store",
+                             "tracking.experiment=on-s3", f"tracking.tracking_uri={migrated_mlflow_db}"])
     assert artifact_root(cfg) == f"s3://{BUCKET}/store/mlflow/on-s3"
-    assert artifact_root(load_config(None, ["model.name_or_path=tiny-llama"])) is None  # a local storage path: the store's own default
+    # A local storage path: the store's own default location.
+    assert artifact_root(load_config(None, ["model.name_or_path=tiny-llama"])) is None
     f = tmp_path / "results.json"
     f.write_text('{"pearson": 0.5}')
     failed = STATS.failed_calls

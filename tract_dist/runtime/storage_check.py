@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from pathlib import Path
+from typing import Any
 
 from tract_dist.storage import is_uri
 
@@ -23,6 +24,13 @@ def _reads_token(path: str) -> str | None:
     try:
         return Path(path).read_text(encoding="utf-8")
     except OSError:
+        return None
+
+
+def _answer(ray: Any, ref: Any) -> str | None:
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError:
         return None
 
 
@@ -40,7 +48,10 @@ def unshared_nodes(folder: str, nodes: list[dict]) -> list[dict]:
         probe = ray.remote(num_cpus=0, max_retries=0)(_reads_token)
         refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
                 .remote(str(marker)) for n in nodes]
-        seen = ray.get(refs, timeout=_MARKER_TIMEOUT_S)
+        # A node that dies (or cannot start a worker) before its probe answers cannot be shown to share the
+        # folder: it counts as blind rather than stopping the check with Ray's own error.
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=_MARKER_TIMEOUT_S)
+        seen = [_answer(ray, ref) if ref in ready else None for ref in refs]
     finally:
         with contextlib.suppress(OSError):
             marker.unlink()

@@ -348,22 +348,37 @@ def _fit_with_ray(cfg: Config, loop: WorkerPlan, name: str, address: str | None)
     from tract_dist.storage import ray_storage, storage_uri
     from tract_dist.train.worker import train_worker
 
+    import ray
+    from ray.train import TrainingFailedError
+
+    from tract_dist.runtime.node_loss import alive_nodes, failure_config, node_lost_error
+
     init_ray_from_config(cfg, address)  # connected already by _connect_and_check: a no-op
     check_placement(cfg)
     c = cfg.cluster
     storage, storage_fs = ray_storage(c.storage_path)  # a URI's filesystem: credentials from the environment
+    nodes = alive_nodes(ray.nodes())  # to name a node lost during the run (runtime/node_loss.py)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=loop.to_dict(),  # a dict: Ray Train validates its train_loop_config as one
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(name=name, storage_path=storage, storage_filesystem=storage_fs,
-                             failure_config=FailureConfig(max_failures=c.max_failures),
+                             failure_config=FailureConfig(**failure_config(c.max_failures, c.min_workers is not None,
+                                                                           len(nodes))),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.training.num_to_keep)),
     )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    try:
+        result = trainer.fit()
+        error = result.error
+    except TrainingFailedError as e:
+        error = e
+    if error:
+        lost = None if c.min_workers is not None else node_lost_error(
+            nodes, error, num_workers=c.num_workers, storage=c.storage_path, list_nodes=ray.nodes)
+        if lost is not None:
+            raise lost from error
+        raise error
     if not result.checkpoint:
         return ""
     return storage_uri(c.storage_path, result.checkpoint.path)
