@@ -85,6 +85,28 @@ def test_unshared_storage_is_refused_before_any_stage(cluster, quickstart_data):
     assert not (cluster.shared / "runs" / "two-nodes" / "train_result.json").exists()  # nothing trained
 
 
+@pytest.mark.timeout(300)
+def test_replicas_are_spread_one_per_node(cluster):
+    """The generation / evaluation pool (runtime/pool.py map_rows, Ray's SPREAD) puts its two replicas on the
+    two nodes, not both on the first one with room."""
+    script = textwrap.dedent("""
+        import json
+        from tract_dist.runtime.pool import PoolSpec, map_rows
+        from tests.multinode.replica_probe import NodeOfReplica
+        spec = PoolSpec(use_ray=True, replicas=2, batch_size=1, address="auto", cpus_per_replica=1)
+        rows = []
+        for batch in map_rows([{"i": i} for i in range(8)], NodeOfReplica, {}, spec):
+            rows += batch
+        print("RESULT " + json.dumps(sorted({r["node"] for r in rows})), len(rows))
+        """)
+    r = subprocess.run([sys.executable, "-c", script], env=cluster.driver_env(), cwd=REPO, capture_output=True,
+                       text=True, timeout=280)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = next(x for x in r.stdout.splitlines() if x.startswith("RESULT "))
+    nodes, n = json.loads(line[len("RESULT "):line.rindex("]") + 1]), int(line.rsplit(" ", 1)[1])
+    assert n == 8 and len(nodes) == 2, line
+
+
 @pytest.mark.timeout(900)
 def test_two_workers_one_per_node_on_s3_then_each_node_fetches_the_export(cluster, quickstart_data):
     """ZeRO-3 over two nodes (one worker each: one RESOURCE per node), checkpoints and export on S3; then each
@@ -153,8 +175,61 @@ def test_submit_quickstart_pipeline_across_nodes_on_s3(cluster):
 
     s3 = boto3.client("s3", endpoint_url=cluster.s3_env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
                       aws_secret_access_key="testing", region_name="us-east-1")
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"pipe/{pdir.name}/")["Contents"]]
-    assert sum(k.endswith("export/model/tract-manifest.json") for k in keys) == 2  # stage 1 and stage 2
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="pipe/")
+    keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+    mine = [k[len(f"pipe/{pdir.name}/"):] for k in keys if k.startswith(f"pipe/{pdir.name}/")]
+    assert sum(k.endswith("export/model/tract-manifest.json") for k in mine) == 2  # stage 1 and stage 2
+    # The driver's hand-overs mirrored under the same root: every committed CoT shard, the stage-2 data, each
+    # evaluation's outputs, and MLflow's artifacts (the experiment was created with cluster.storage_path a URI).
+    gen = Path(stages["generate"]["outputs"]["dir"])
+    shards = sorted(p.name for p in gen.glob("part-*.jsonl"))
+    assert shards and sorted(k.rsplit("/", 1)[1] for k in mine if k.startswith(f"{gen.name}/part-")) == shards
+    assert "stage2.jsonl" in mine
+    s2 = s3.get_object(Bucket=BUCKET, Key=f"pipe/{pdir.name}/stage2.jsonl")["Body"].read()
+    assert s2 == (pdir / "stage2.jsonl").read_bytes()
+    evals = [k for k in mine if k.startswith("evaluate/") and k.endswith("/predictions.jsonl")]
+    assert len(evals) == sum(name.startswith("evaluate") for name in stages), mine
+    assert any(k.startswith("pipe/mlflow/tract-dist/") for k in keys), [k for k in keys if "mlflow" in k][:5]
+
+
+@pytest.mark.timeout(900)
+def test_a_fixed_size_run_that_loses_a_node_fails_naming_it(cluster, quickstart_data):
+    """Without cluster.min_workers the run needs both workers: SIGKILL the second node after a two-rank
+    checkpoint reached S3, and the run stops with exit 1 naming the lost node and the two ways on (no traceback,
+    no endless wait). The second node is started again for the tests after it."""
+    import time
+
+    import boto3
+
+    storage = f"s3://{BUCKET}/fixed"
+    args = _train_args(cluster, quickstart_data, storage, steps=20)
+    cfg_path = Path(args[-1])
+    cfg = json.loads(cfg_path.read_text())
+    cfg["training"].update(save_steps=1)
+    cfg_path.write_text(json.dumps(cfg))
+    args[2] = "fixed"  # --run-name
+    node2_id = _on_each_node(cluster, "def probe():\n    return ray.get_runtime_context().get_node_id()\n")[1]
+    proc = subprocess.Popen([sys.executable, "-m", "tract_dist.cli", *args], env=cluster.driver_env(), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    s3 = boto3.client("s3", endpoint_url=cluster.s3_env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
+                      aws_secret_access_key="testing", region_name="us-east-1")
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        objs = s3.list_objects_v2(Bucket=BUCKET, Prefix="fixed/fixed/").get("Contents", [])
+        if any(o["Key"].endswith("manifest_rank1.json") for o in objs):
+            break
+        time.sleep(2)
+    assert proc.poll() is None, proc.stdout.read()[-4000:]
+    cluster.kill_node2()
+    try:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 1, out[-6000:]
+        last = [x for x in out.splitlines() if x.strip()][-1]  # the CLI's one error line (RunFailure: exit 1)
+        assert last.startswith("tract-dist: error: training lost 1 of its 2 nodes: 127.0.0.1 (node "
+                               f"{node2_id[:12]})"), out[-4000:]
+        assert "cluster.min_workers" in last and storage in last
+    finally:
+        cluster.restart_node2()
 
 
 @pytest.mark.timeout(1200)

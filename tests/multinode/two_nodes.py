@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 BUCKET = "tract-multinode"
 RESOURCE = "tract_node_slot"  # one per node: a training worker asking for it is placed one per node
@@ -60,6 +60,7 @@ class Cluster:
     s3_env: dict[str, str]
     procs: list[subprocess.Popen] = field(default_factory=list)
     node2: subprocess.Popen | None = None
+    start_node2: Callable[[], subprocess.Popen] | None = None
 
     @property
     def shared(self) -> Path:
@@ -83,6 +84,20 @@ class Cluster:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.node2.pid, signal.SIGKILL)
             self.node2.wait(30)
+
+    def restart_node2(self) -> None:
+        """Start a new second node (a fresh private namespace and tmpfs) after :meth:`kill_node2`."""
+        assert self.start_node2 is not None
+        self.node2 = self.start_node2()
+        self.procs.append(self.node2)
+        _wait(lambda: self.alive_nodes() >= 2, "the restarted second node", 180, [self.node2])
+
+    def alive_nodes(self) -> int:
+        """Alive nodes as the GCS reports them (``ray.nodes()`` from a driver of its own)."""
+        r = subprocess.run([sys.executable, "-c", "import ray; ray.init(log_to_driver=False); "
+                            "print('ALIVE', sum(bool(n['Alive']) for n in ray.nodes()))"],
+                           env=self.driver_env(), capture_output=True, text=True, timeout=120)
+        return int(next((x.split()[1] for x in r.stdout.splitlines() if x.startswith("ALIVE ")), 0))
 
 
 def _wait(pred, what: str, timeout: float, procs: list[subprocess.Popen]) -> None:
@@ -158,14 +173,17 @@ def two_node_cluster(base: Path, *, cpus_per_node: int = 2) -> Iterator[Cluster]
         tmp.mkdir(parents=True, exist_ok=True)
         script = ('mount -t tmpfs -o size=1g tract-node2 "$0" && mount -t tmpfs -o size=2g tract-node2-ray "$1" && '
                   'mkdir -p "$0/node2" && cd "$0/node2" && shift && exec "$@"')
-        node2 = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(base / "local"), str(tmp),
-             sys.executable, "-m", "tests.multinode.node_start", "start", f"--address={address}", "--block",
-             "--node-ip-address=127.0.0.1",
-             f"--num-cpus={cpus_per_node}", f"--resources={json.dumps({RESOURCE: 1})}",
-             "--object-store-memory=150000000", "--disable-usage-stats",
-             f"--min-worker-port={lo + 60}", f"--max-worker-port={lo + 119}", *ports2],
-            env=node2_env, stdout=log, stderr=log, start_new_session=True)
+        def start_node2() -> subprocess.Popen:
+            return subprocess.Popen(
+                ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(base / "local"), str(tmp),
+                 sys.executable, "-m", "tests.multinode.node_start", "start", f"--address={address}", "--block",
+                 "--node-ip-address=127.0.0.1",
+                 f"--num-cpus={cpus_per_node}", f"--resources={json.dumps({RESOURCE: 1})}",
+                 "--object-store-memory=150000000", "--disable-usage-stats",
+                 f"--min-worker-port={lo + 60}", f"--max-worker-port={lo + 119}", *ports2],
+                env=node2_env, stdout=log, stderr=log, start_new_session=True)
+
+        node2 = start_node2()
         procs.append(node2)
 
         def two_alive() -> bool:
@@ -173,7 +191,7 @@ def two_node_cluster(base: Path, *, cpus_per_node: int = 2) -> Iterator[Cluster]
                                text=True, timeout=60)
             return r.returncode == 0 and r.stdout.count(" node_") >= 2 and "Pending:\n (no pending nodes)" in r.stdout
         _wait(two_alive, "the two-node Ray cluster", 180, procs)
-        yield Cluster(base, address, f"http://127.0.0.1:{dash}", s3_env, procs, node2)
+        yield Cluster(base, address, f"http://127.0.0.1:{dash}", s3_env, procs, node2, start_node2)
     finally:
         for p in reversed(procs):
             with contextlib.suppress(ProcessLookupError):

@@ -7,7 +7,9 @@ generates the CoTs and reads the score from the *same* engine (so the read-out r
 batch that fails is retried row by row into failure records, and the HF backend has to run the same way; a
 ``ray.data.llm`` processor is one vLLM request per row and its own engine per stage. The worker is a class ``Worker(**kwargs)`` whose ``__call__(batch)`` maps a dict of
 columns to a dict of columns; Ray Data instantiates it once per actor (``ActorPoolStrategy``), the in-process
-path once. Results stream back as they finish (no ordering), so the caller can commit output incrementally.
+path once. Results stream back as they finish (no ordering), so the caller can commit output incrementally. On a
+cluster of several nodes the replicas are spread over the nodes (Ray's ``SPREAD`` strategy: one per node
+while every node has room, best effort beyond), so each node loads its own copy of the model.
 """
 
 from __future__ import annotations
@@ -122,6 +124,9 @@ class RowBatchWorker:
         return _columns(out)
 
 
+SPREAD = "SPREAD"  # Ray's spread scheduling strategy for the replica actors (see map_rows)
+
+
 def map_rows(rows: list[dict[str, Any]], worker_cls: type, worker_kwargs: dict[str, Any],
              spec: PoolSpec) -> Iterator[list[dict[str, Any]]]:
     """Yield lists of result rows as batches finish. Every input row yields exactly one result row."""
@@ -143,7 +148,11 @@ def map_rows(rows: list[dict[str, Any]], worker_cls: type, worker_kwargs: dict[s
     resources: dict[str, Any] = {"num_cpus": spec.cpus_per_replica}
     if spec.use_gpu:
         resources["num_gpus"] = spec.gpus_per_replica  # Ray sets CUDA_VISIBLE_DEVICES to the replica's GPUs
+    # SPREAD: the replicas go to different nodes while nodes with room remain (one per node on a cluster of
+    # ``replicas`` nodes, each fetching the export into its own cache), not packed onto the first node that
+    # fits them. Ray Data's own default today, spelled out: its DataContext default is deprecated.
     ds = ds.map_batches(worker_cls, fn_constructor_kwargs=worker_kwargs, batch_size=spec.batch_size,
-                        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=spec.replicas), **resources)
+                        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=spec.replicas),
+                        scheduling_strategy=SPREAD, **resources)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         yield rows_of(batch)
