@@ -484,9 +484,12 @@ class ClusterSection(_Section):
     storage_path: str = Field(
         "runs/ray", description="the storage stages hand data through: Ray Train's checkpoints and, on a URI "
                                 "(s3://, gs://; credentials from each node's environment), the training exports "
-                                "(with a content manifest, fetched by each node into its local cache). A local "
-                                "folder (the default: one machine) must be one every node mounts when the cluster "
-                                "has several nodes (checked at launch); a pipeline uses <pipeline>/ray unless set")
+                                "(with a content manifest, fetched by each node into its local cache), a "
+                                "pipeline's CoT shards, stage-2 data and evaluation outputs (mirrored under "
+                                "<storage_path>/<pipeline>/) and a new MLflow experiment's artifacts "
+                                "(<storage_path>/mlflow/<experiment>). A local folder (the default: one machine) "
+                                "must be one every node mounts when the cluster has several nodes (checked at "
+                                "launch); a pipeline uses <pipeline>/ray unless set")
     max_failures: int = Field(
         0, ge=0, le=10_000, description="times Ray Train restarts a failed worker group from the last checkpoint "
                                         "before the run fails; 0: none")
