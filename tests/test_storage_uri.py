@@ -1,11 +1,13 @@
 """The URI hand-overs of issue #27 against a real S3 API (moto's server on 127.0.0.1, tests/s3_server.py): the
-mirror of a generation folder (shards uploaded as committed, resume from what the URI holds), an evaluation's
-outputs, and MLflow artifacts under ``cluster.storage_path``. A second node and Ray Train on S3: tests/multinode."""
+two-way sync of immutable files, MLflow artifacts under ``cluster.storage_path``, and a pipeline whose
+generation shards (uploaded as committed, resumed from what the URI holds), stage-2 data and evaluation
+outputs land on the URI. A second node and Ray Train on S3: tests/multinode."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from s3_server import keys, moto_server_path, s3_server
@@ -58,34 +60,6 @@ def test_sync_fetches_and_uploads_what_one_side_lacks(s3, tmp_path):
     assert storage.mirror_of("/local/root", "x") is None and storage.mirror_of("s3://b/p", "x", "y") == "s3://b/p/x/y"
 
 
-def test_generation_mirrors_shards_and_resumes_from_the_uri(s3, tiny_export, quickstart_data, tmp_path):
-    """Shards reach the URI as they are committed; a driver with an empty folder (another node, a lost disk)
-    resumes from the URI: it generates nothing again and ends with the same records."""
-    from tract_dist.config import load_config
-    from tract_dist.generate import pipeline
-    from tract_dist.generate.shards import read_generated
-
-    cfg = load_config(None, [  # tests/generate/gen_helpers.py's small in-process config, two prompts
-        f"model.name_or_path={tiny_export}", f"data.train_path={quickstart_data}", "data.train_format=jsonl",
-        "data.max_length=640", "data.max_examples=2", "generation.max_new_tokens=2", "generation.num_cots=1",
-        "generation.batch_size=2", "generation.shard_size=1", "generation.ray=false",
-        "tracking.enabled=false"])
-    mirror = f"s3://{BUCKET}/pipe/generate-0"
-    first = pipeline.generate_cots(cfg, tiny_export, tmp_path / "a", show_progress=False, mirror=mirror)
-    assert first["ok"] + first["failed"] == 2 and first["this_run"]["generated_this_run"] == 2
-    on_s3 = [k.removeprefix("pipe/generate-0/") for k in keys(s3, BUCKET, "pipe/generate-0/")]
-    assert sorted(on_s3) == ["failures.jsonl", "part-00000.jsonl", "part-00001.jsonl", "settings.json",
-                             "summary.json"]  # no logs, no temporary files
-    by_uid = lambda recs: sorted(recs, key=lambda r: r["uid"])  # noqa: E731
-    written = by_uid(read_generated(tmp_path / "a"))
-    assert json.loads((tmp_path / "a" / "settings.json").read_text())["fingerprint"]
-
-    shutil.rmtree(tmp_path / "a")
-    again = pipeline.generate_cots(cfg, tiny_export, tmp_path / "b", show_progress=False, mirror=mirror)
-    assert again["this_run"]["generated_this_run"] == 0 and again["missing"] == 0 and again["ok"] == first["ok"]
-    assert by_uid(read_generated(tmp_path / "b")) == written
-
-
 def test_mlflow_artifacts_under_a_uri_storage_path(s3, migrated_mlflow_db, tmp_path):
     """With cluster.storage_path on a URI a new experiment keeps its artifacts at <storage_path>/mlflow/<name>
     (MLflow's S3 store through boto3, the endpoint from AWS_ENDPOINT_URL)."""
@@ -106,3 +80,50 @@ def test_mlflow_artifacts_under_a_uri_storage_path(s3, migrated_mlflow_db, tmp_p
     assert STATS.failed_calls == failed
     got = [k for k in keys(s3, BUCKET, "store/mlflow/on-s3/") if k.endswith("pipeline/results.json")]
     assert len(got) == 1 and run.run_id in got[0]
+
+
+@pytest.mark.timeout(300)
+def test_pipeline_hands_over_through_the_uri(s3, tiny_export, quickstart_data, migrated_mlflow_db, tmp_path):
+    """A pipeline with cluster.storage_path on S3 from a given stage-1 export (no training: CI's budget):
+    generation's shards, stage2.jsonl and the evaluation's outputs land under <storage_path>/<pipeline>/, the
+    experiment's artifacts under <storage_path>/mlflow/<experiment>/; a driver that lost its generation folder
+    resumes from the URI."""
+    from tract_dist.config import load_config
+    from tract_dist.generate.shards import read_generated
+    from tract_dist.pipeline import run_pipeline
+
+    bench = {"name": "vicuna", "path": str(quickstart_data), "format": "jsonl", "max_examples": 2}
+    over = {"model.name_or_path": tiny_export, "data.train_path": str(quickstart_data),
+            "data.train_format": "jsonl", "data.max_examples": 2, "data.max_length": 640,
+            "pipeline.method": "tract", "pipeline.output_dir": str(tmp_path / "pipe"),
+            "pipeline.stage1_export": tiny_export, "pipeline.evaluate_stage1": True,
+            "pipeline.stages": ["stage1_export", "generate", "build_stage2", "evaluate_stage1_*"],
+            "generation.ray": False, "generation.max_new_tokens": 2, "generation.num_cots": 1,
+            "evaluation.ray": False, "evaluation.benchmarks": [bench], "evaluation.num_cots": 1,
+            "cluster.launcher": "inline", "cluster.storage_path": f"s3://{BUCKET}/pipes",
+            "tracking.tracking_uri": migrated_mlflow_db, "tracking.experiment": "pipes"}
+    cfg = load_config(None, [f"{k}={json.dumps(v)}" for k, v in over.items()])
+    s = run_pipeline(cfg, name="p")
+    assert [k for k, v in s.stages.items() if v["status"] == "ran"] == [
+        "stage1_export", "generate", "build_stage2", "evaluate_stage1_vicuna_cot_rail"]
+    pdir = tmp_path / "pipe" / "p"
+    on_s3 = [k.removeprefix("pipes/p/") for k in keys(s3, BUCKET, "pipes/p/")]
+    gen = Path(s.stages["generate"]["outputs"]["dir"]).name
+    assert sorted(k for k in on_s3 if k.startswith(f"{gen}/part-")) == sorted(
+        f"{gen}/{p.name}" for p in (pdir / gen).glob("part-*.jsonl"))
+    assert "stage2.jsonl" in on_s3
+    evals = sorted(k for k in on_s3 if k.startswith("evaluate/"))
+    assert "evaluate/stage1-vicuna-cot_rail/vicuna/predictions.jsonl" in evals and not any("/logs/" in k for k in evals)
+    assert any(k.endswith("pipeline/results.json") for k in keys(s3, BUCKET, "pipes/mlflow/pipes/"))
+
+    # The driver's generation folder is lost (another node's driver, a lost disk): the rerun fetches the
+    # shards from the URI and generates nothing again; the stages after it stay up to date.
+    written = sorted(read_generated(pdir / gen), key=lambda r: r["uid"])
+    shutil.rmtree(pdir / gen)
+    again = run_pipeline(cfg, name="p")
+    assert {k: v["status"] for k, v in again.stages.items()} == {
+        "stage1_export": "skipped", "generate": "ran", "build_stage2": "skipped",
+        "evaluate_stage1_vicuna_cot_rail": "skipped"}
+    summary = json.loads((pdir / gen / "summary.json").read_text())
+    assert summary["this_run"]["generated_this_run"] == 0 and summary["missing"] == 0
+    assert sorted(read_generated(pdir / gen), key=lambda r: r["uid"]) == written
