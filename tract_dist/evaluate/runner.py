@@ -179,8 +179,8 @@ def _evaluate(cfg: Any, model_path: str | None, out: Path, parent_run: Any, show
     from tract_dist.export_record import resolve_rail_normalize
     from tract_dist.runtime.backend import choose_backend
     from tract_dist.tracking import log_artifact, log_metrics, log_params, start_run
-    from tract_dist.tracking.mlflow_run import artifact_root
     from tract_dist.tracking.datasets import EVALUATION, examples_dataset, log_datasets
+    from tract_dist.tracking.mlflow_run import artifact_root
 
     e, t = cfg.evaluation, cfg.tracking
     choice = choose_backend(cfg, "evaluation")  # before any replica starts

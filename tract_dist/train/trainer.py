@@ -177,9 +177,8 @@ def _prepare_and_fit(cfg: Config, name: str, run_dir: Path, fp: str, *, config_p
                      address: str | None, parent: RunHandle | None, stage: str, display_name: str,
                      model_name: str, recipe: str = "train") -> TrainResult:
     from tract_dist.data.assets import load_tokenizer
-    from tract_dist.train.data import prepare_dataset
-
     from tract_dist.tracking.mlflow_run import artifact_root
+    from tract_dist.train.data import prepare_dataset
 
     tok_name = cfg.model.tokenizer or cfg.model.name_or_path
     summary = prepare_dataset(cfg, load_tokenizer(tok_name), run_dir)
@@ -342,16 +341,13 @@ def _pin_ray_checkpoint(storage: Path | None, run_dir: Path, info: dict[str, Any
 
 
 def _fit_with_ray(cfg: Config, loop: WorkerPlan, name: str, address: str | None) -> str:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from tract_dist.runtime.node_loss import alive_nodes, failure_config, node_lost_error
     from tract_dist.storage import ray_storage, storage_uri
     from tract_dist.train.worker import train_worker
-
-    import ray
-    from ray.train import TrainingFailedError
-
-    from tract_dist.runtime.node_loss import alive_nodes, failure_config, node_lost_error
 
     init_ray_from_config(cfg, address)  # connected already by _connect_and_check: a no-op
     check_placement(cfg)
