@@ -93,7 +93,7 @@ def test_replicas_are_spread_one_per_node(cluster):
         import json
         from tract_dist.runtime.pool import PoolSpec, map_rows
         from tests.multinode.replica_probe import NodeOfReplica
-        spec = PoolSpec(use_ray=True, replicas=2, batch_size=1, address="auto", cpus_per_replica=1)
+        spec = PoolSpec(use_ray=True, replicas=2, batch_size=1, cpus_per_replica=1)  # RAY_ADDRESS: the cluster
         rows = []
         for batch in map_rows([{"i": i} for i in range(8)], NodeOfReplica, {}, spec):
             rows += batch
