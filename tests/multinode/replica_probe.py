@@ -14,5 +14,5 @@ class NodeOfReplica:
         self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
-        time.sleep(0.3)  # both replicas get rows, whichever starts first
+        time.sleep(0.3)  # rows last long enough for both replicas to start, on a loaded machine too
         return {"i": list(batch["i"]), "node": [self.node] * len(batch["i"])}

@@ -90,21 +90,27 @@ def test_replicas_are_spread_one_per_node(cluster):
     """The generation / evaluation pool (runtime/pool.py map_rows, Ray's SPREAD) puts its two replicas on the
     two nodes, not both on the first one with room."""
     script = textwrap.dedent("""
-        import json
+        import json, ray
+        from ray.util.state import list_actors
         from tract_dist.runtime.pool import PoolSpec, map_rows
         from tests.multinode.replica_probe import NodeOfReplica
         spec = PoolSpec(use_ray=True, replicas=2, batch_size=1, cpus_per_replica=1)  # RAY_ADDRESS: the cluster
         rows = []
-        for batch in map_rows([{"i": i} for i in range(8)], NodeOfReplica, {}, spec):
+        for batch in map_rows([{"i": i} for i in range(24)], NodeOfReplica, {}, spec):
             rows += batch
-        print("RESULT " + json.dumps(sorted({r["node"] for r in rows})), len(rows))
+        # Where Ray placed each replica (a replica that started after the rows ran out still has its node).
+        job = ray.get_runtime_context().get_job_id()
+        placed = [a.node_id for a in list_actors(filters=[("job_id", "=", job)], limit=1000, detail=True)
+                  if "NodeOfReplica" in a.class_name]
+        print("RESULT " + json.dumps({"rows": len(rows), "placed": placed,
+                                      "worked": sorted({r["node"] for r in rows})}))
         """)
     r = subprocess.run([sys.executable, "-c", script], env=cluster.driver_env(), cwd=REPO, capture_output=True,
                        text=True, timeout=280)
     assert r.returncode == 0, r.stderr[-3000:]
-    line = next(x for x in r.stdout.splitlines() if x.startswith("RESULT "))
-    nodes, n = json.loads(line[len("RESULT "):line.rindex("]") + 1]), int(line.rsplit(" ", 1)[1])
-    assert n == 8 and len(nodes) == 2, line
+    got = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT "):])
+    assert got["rows"] == 24 and len(got["placed"]) == 2, got
+    assert len(set(got["placed"])) == 2, got  # one replica per node, not both on the head
 
 
 @pytest.mark.timeout(900)
