@@ -20,9 +20,11 @@ START_ATTEMPTS_AFTER_LOSS = 5
 """Worker-group starts a fixed-size run on several nodes makes before it fails: each waits Ray Train's start
 timeout (``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``, 60 s by default), so a node has about five minutes to come
 back (a restarted VM, an autoscaler's replacement) before the run stops with the lost node's name."""
-_DEATH_NOTICE_S = 60.0
-"""How long the driver waits for the GCS to mark a node dead after its workers vanished (its health check
-declares a node dead after about 15-30 s without heartbeats)."""
+_DEATH_NOTICE_S = 45.0
+"""How long a failed fixed-size run on several nodes waits for the GCS to mark a lost node dead before it
+reports Ray Train's own error: the health check declares a node dead after about 15-30 s without heartbeats,
+while the surviving ranks fail at once (gloo: "Connection closed by peer"), so the first error Ray Train
+reports is often theirs, an exception of the training code, not the dead node's."""
 
 
 class NodeLostError(RunFailure, RuntimeError):
@@ -52,23 +54,13 @@ def failure_config(max_failures: int, elastic: bool, nodes: int) -> dict[str, in
     return {"max_failures": max_failures, "controller_failure_limit": START_ATTEMPTS_AFTER_LOSS}
 
 
-def worker_or_placement_loss(error: BaseException) -> bool:
-    """Whether a Ray Train failure can be a lost node: a worker actor that died, or a worker group that could
-    not be started again (not an exception the training code raised, which never waits here)."""
-    from ray.exceptions import RayActorError
-
-    failures = getattr(error, "worker_failures", None)
-    if failures is not None:
-        return any(isinstance(e, RayActorError) for e in failures.values())
-    return getattr(error, "controller_failure", None) is not None
-
-
 def node_lost_error(before: dict[str, dict[str, Any]], error: BaseException, *, num_workers: int, storage: str,
                     list_nodes: Callable[[], list[dict[str, Any]]],
                     wait_s: float = _DEATH_NOTICE_S) -> NodeLostError | None:
     """The :class:`NodeLostError` for ``error`` when a node of ``before`` is gone (polled up to ``wait_s``, the
-    GCS declares a node dead some seconds after its raylet stops), else None."""
-    if len(before) < 2 or not worker_or_placement_loss(error):
+    GCS declares a node dead some seconds after its raylet stops), else None. Any failure is checked, not only
+    a dead worker actor: the ranks left on live nodes usually fail first, with a collective's error."""
+    if len(before) < 2:
         return None
     deadline = time.monotonic() + wait_s
     while True:
@@ -84,4 +76,12 @@ def node_lost_error(before: dict[str, dict[str, Any]], error: BaseException, *, 
         f"cluster.num_workers={num_workers} workers (no cluster.min_workers), which the remaining nodes cannot "
         f"place. The last checkpoint is in {storage}: rerun the same command when the cluster has room again to "
         f"resume from it, or set cluster.min_workers (with training.global_batch_size) to continue on fewer "
-        f"workers. Ray Train's error: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
+        f"workers. Ray Train's error: {_headline(error)}")
+
+
+def _headline(error: BaseException) -> str:
+    """The first line of the underlying failure (a worker's, or the controller's), not Ray Train's wrapper."""
+    failures = getattr(error, "worker_failures", None) or {}
+    inner = next(iter(failures.values()), None) or getattr(error, "controller_failure", None) or error
+    lines = [x.strip() for x in str(inner).splitlines() if x.strip()]
+    return (lines[0] if lines else type(inner).__name__)[:300]
