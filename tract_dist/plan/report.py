@@ -162,13 +162,13 @@ def dtype_bytes(cfg: Any, on_gpu: bool, *, training: bool) -> int:
 
 
 def _train_setup(ctx: _Context) -> TrainSetup:
-    from tract_dist.train.ds_config import build_ds_config
+    from tract_dist.train.strategy import build_ds_config
 
     cfg = ctx.cfg
     rows, seq = micro_batch_shape(cfg)
     b = dtype_bytes(cfg, ctx.on_gpu, training=True)
     try:
-        ds = build_ds_config(cfg, cfg.cluster.num_workers, bf16=b == 2, gpu=ctx.on_gpu)
+        ds = build_ds_config(cfg.training, cfg.cluster.num_workers, bf16=b == 2, gpu=ctx.on_gpu)
     except FileNotFoundError:
         ds = {}
     tile = cfg.loss.tile_mib * 2**20 if cfg.loss.tile_mib else None

@@ -130,17 +130,13 @@ def build_meta(config: Any) -> Any:
     """The causal LM of ``config`` on the meta device: real modules and shapes, no storage."""
     import torch
     from transformers import AutoModelForCausalLM
-    from transformers.integrations import deepspeed as hf_deepspeed
 
-    # While an HfDeepSpeedConfig lives in this process (an in-process training run keeps one), transformers builds
-    # every model under deepspeed.zero.Init and initialises it by copying data: not possible on the meta device.
-    live = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed._hf_deepspeed_config_weak_ref = None
-    try:
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = live
+    from tract_dist.train.strategy import outside_zero3
+
+    # While ZeRO-3's switch is on in this process (an in-process training run keeps it), transformers builds every
+    # model under ZeRO's partitioned init and initialises it by copying data: not possible on the meta device.
+    with outside_zero3(), torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
 def model_shape(config: Any, *, name: str, source: str, model: Any = None) -> ModelShape:

@@ -1,8 +1,8 @@
 """Export a trained model as a Hugging Face directory, consolidated from the ZeRO-3 shards.
 
-``_zero3_consolidated_16bit_state_dict`` is DeepSpeed's own all-gather of a partitioned model (a collective:
-every rank calls it, rank 0 receives the dict). Rank 0 then writes safetensors + config + tokenizer into a
-temporary folder (named after its writer, ``fsutil.temp_path``), fsyncs it and renames it into place
+The strategy gathers the whole state dict onto rank 0 (DeepSpeed's own all-gather of a partitioned model, a
+collective: :meth:`tract_dist.train.strategy.DeepSpeedStrategy.consolidated_state_dict`). Rank 0 then writes
+safetensors + config + tokenizer into a temporary folder (named after its writer, ``fsutil.temp_path``), fsyncs it and renames it into place
 (``fsutil.publish_dir``), so neither a crash nor a power loss leaves a half-written export. For LoRA the
 adapter is written with PEFT, and the merged model (W + alpha/r * B @ A) beside it when asked. Each folder gets
 a manifest (every file's size and SHA-256) that a node fetching it from shared storage checks.
@@ -20,20 +20,6 @@ import torch
 from tract_dist.export_record import write_export_record
 from tract_dist.fsutil import is_stale_temp, publish_dir, temp_path
 from tract_dist.storage import write_manifest
-
-_WRAPPER_PREFIX = "lm."  # CotRaftCausalLM keeps the HF model as .lm
-
-
-def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
-    """Full state dict of the wrapped HF model on rank 0 (None elsewhere). Collective under ZeRO-3."""
-    if engine.zero_optimization_partition_weights():
-        sd = engine._zero3_consolidated_16bit_state_dict()
-    else:
-        sd = engine.module.state_dict() if engine.global_rank == 0 else None
-    if sd is None:
-        return None
-    return {k[len(_WRAPPER_PREFIX):]: v.detach().cpu().contiguous() for k, v in sd.items()
-            if k.startswith(_WRAPPER_PREFIX)}
 
 
 def save_hf_dir(state_dict: dict[str, torch.Tensor], config: Any, tokenizer: Any, out: Path,
@@ -87,10 +73,11 @@ def merge_lora(state_dict: dict[str, torch.Tensor], peft_config: Any,
     return merged
 
 
-def export_model(engine: Any, model: Any, tokenizer: Any, cfg: Any, out_dir: Path, rank: int) -> None:
+def export_model(sd: dict[str, torch.Tensor] | None, model: Any, tokenizer: Any, cfg: Any, out_dir: Path,
+                 rank: int) -> None:
     """Write ``out_dir/model`` (full HF model; merged for LoRA when ``merge_on_export``) and, for LoRA,
-    ``out_dir/adapter``. Collective: every rank must call it."""
-    sd = consolidated_state_dict(engine)
+    ``out_dir/adapter`` on rank 0, from ``sd``: the whole model's state dict rank 0 received
+    (:meth:`~tract_dist.train.strategy.DeepSpeedStrategy.consolidated_state_dict`; None on the other ranks)."""
     if rank != 0:
         return
     assert sd is not None

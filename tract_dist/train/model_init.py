@@ -1,7 +1,7 @@
 """Build the model a training worker fine-tunes: partitioned at load time under ZeRO-3, LoRA optional.
 
-Under ZeRO-3 the caller keeps an ``HfDeepSpeedConfig`` alive while this runs, so ``from_pretrained`` /
-``from_config`` enter ``deepspeed.zero.Init`` and no rank ever materialises the whole model.
+Under ZeRO-3 the strategy keeps its ZeRO-3 switch on while this runs (``DeepSpeedStrategy.partition_at_load``), so ``from_pretrained`` /
+``from_config`` enter DeepSpeed's ``zero.Init`` and no rank ever materialises the whole model.
 """
 
 from __future__ import annotations

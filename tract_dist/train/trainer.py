@@ -293,16 +293,10 @@ def log_config_artifact(handle: RunHandle, config_path: str) -> None:
 def _raise_nonfinite(cfg: Config, name: str, run_dir: Path, invocation: str, error: BaseException) -> None:
     """If the workers stopped on a non-finite step in this invocation, raise one clear error (whatever the
     launcher wrapped it in) and pin the last good Ray checkpoint with hard links, out of num_to_keep's reach."""
-    from tract_dist.train.worker import NONFINITE, NonFiniteLossError
+    from tract_dist.train.guards import NonFiniteLossError, read_nonfinite
 
-    path = run_dir / NONFINITE
-    if not path.exists():
-        return
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    if info.get("invocation") != invocation:
+    info = read_nonfinite(run_dir, invocation)
+    if info is None:
         return
     msg = info.get("message", "non-finite training values")
     if info.get("launcher") == "ray":
