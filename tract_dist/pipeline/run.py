@@ -95,7 +95,7 @@ def _run_locked(cfg: Config, name: str, pdir: Path, *, config_path: str | None, 
     check_selection(stages, walk(stages, state, selected, key=SELECTION_KEY, dry=True).plan, selected,
                     SELECTION_KEY)
     if cfg.cluster.address or address or os.environ.get("RAY_ADDRESS") or _needs_ray(cfg):
-        init_ray_from_config(cfg, address)
+        init_ray_from_config(cfg.cluster, address)
         from tract_dist.runtime.storage_check import check_shared_storage
 
         # Before any stage: on several nodes every folder a stage hands data through must be shared.

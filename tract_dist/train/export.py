@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,9 +21,15 @@ from tract_dist.export_record import write_export_record
 from tract_dist.fsutil import is_stale_temp, publish_dir, temp_path
 from tract_dist.storage import write_manifest
 
+if TYPE_CHECKING:
+    from peft import LoraConfig
+    from transformers import GenerationConfig, PretrainedConfig
 
-def save_hf_dir(state_dict: dict[str, torch.Tensor], config: Any, tokenizer: Any, out: Path,
-                generation_config: Any = None) -> None:
+    from tract_dist.config import Config
+
+
+def save_hf_dir(state_dict: dict[str, torch.Tensor], config: PretrainedConfig, tokenizer: Any, out: Path,
+                generation_config: GenerationConfig | None = None) -> None:
     from safetensors.torch import save_file
 
     from tract_dist.models.loading import drop_gguf_quantization
@@ -51,7 +57,7 @@ def save_hf_dir(state_dict: dict[str, torch.Tensor], config: Any, tokenizer: Any
     tokenizer.save_pretrained(out)
 
 
-def merge_lora(state_dict: dict[str, torch.Tensor], peft_config: Any,
+def merge_lora(state_dict: dict[str, torch.Tensor], peft_config: LoraConfig,
                adapter: str = "default") -> dict[str, torch.Tensor]:
     """Base-model state dict with every LoRA delta folded in: W + (alpha / r) * B @ A."""
     if getattr(peft_config, "use_rslora", False) or getattr(peft_config, "use_dora", False):
@@ -73,7 +79,7 @@ def merge_lora(state_dict: dict[str, torch.Tensor], peft_config: Any,
     return merged
 
 
-def export_model(sd: dict[str, torch.Tensor] | None, model: Any, tokenizer: Any, cfg: Any, out_dir: Path,
+def export_model(sd: dict[str, torch.Tensor] | None, model: Any, tokenizer: Any, cfg: Config, out_dir: Path,
                  rank: int) -> None:
     """Write ``out_dir/model`` (full HF model; merged for LoRA when ``merge_on_export``) and, for LoRA,
     ``out_dir/adapter`` on rank 0, from ``sd``: the whole model's state dict rank 0 received
@@ -100,7 +106,7 @@ def _remove_stale_temps(out_dir: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_export(sd: dict[str, torch.Tensor], model: Any, tokenizer: Any, cfg: Any, tmp: Path) -> None:
+def _write_export(sd: dict[str, torch.Tensor], model: Any, tokenizer: Any, cfg: Config, tmp: Path) -> None:
     peft_config = getattr(model, "peft_config", None)
     if peft_config:
         from peft import get_peft_model_state_dict
@@ -115,7 +121,7 @@ def _write_export(sd: dict[str, torch.Tensor], model: Any, tokenizer: Any, cfg: 
                         getattr(base, "generation_config", None))
     else:
         save_hf_dir(sd, model.config, tokenizer, tmp / "model", getattr(model, "generation_config", None))
-    write_export_record(tmp, cfg)  # the loss's score read-out, which evaluation.rail_normalize unset follows
+    write_export_record(tmp, cfg.loss)  # the loss's score read-out, which evaluation.rail_normalize unset follows
     for name in ("model", "adapter"):  # last: each loadable folder's content check (sizes + SHA-256), which a
         if (tmp / name).is_dir():       # node fetching it from shared storage verifies (tract_dist/storage.py)
             write_manifest(tmp / name)

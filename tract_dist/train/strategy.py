@@ -274,7 +274,7 @@ class DeepSpeedStrategy:
     def load(self, folder: str, tag: str | None = None) -> dict[str, Any]:
         """Restore model, optimizer and scheduler from ``folder`` (its ``latest`` tag, or ``tag``); return its
         client state. A universal checkpoint (:meth:`to_universal`) needs an engine prepared with
-        ``checkpoint.load_universal`` (:func:`tract_dist.train.ds_config.build_ds_config`)."""
+        ``checkpoint.load_universal`` (:func:`build_ds_config`)."""
         _, client = self.engine.load_checkpoint(folder, tag=tag, load_module_strict=True)
         if client is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {folder}" + (f" (tag {tag})" if tag else ""))

@@ -340,8 +340,8 @@ def _fit_with_ray(cfg: Config, loop: WorkerPlan, name: str, address: str | None)
     from tract_dist.storage import ray_storage, storage_uri
     from tract_dist.train.worker import train_worker
 
-    init_ray_from_config(cfg, address)  # connected already by _connect_and_check: a no-op
-    check_placement(cfg)
+    init_ray_from_config(cfg.cluster, address)  # connected already by _connect_and_check: a no-op
+    check_placement(cfg.cluster)
     c = cfg.cluster
     storage, storage_fs = ray_storage(c.storage_path)  # a URI's filesystem: credentials from the environment
     trainer = TorchTrainer(
@@ -366,8 +366,8 @@ def _connect_and_check(cfg: Config, address: str | None, run_dir: Path) -> None:
     local storage or run folder that not every node sees (``cluster.storage_path``: runtime/storage_check.py)."""
     from tract_dist.runtime.storage_check import check_shared_storage
 
-    init_ray_from_config(cfg, address)
-    check_placement(cfg)
+    init_ray_from_config(cfg.cluster, address)
+    check_placement(cfg.cluster)
     check_shared_storage({"cluster.storage_path": cfg.cluster.storage_path,
                           "training.output_dir": str(run_dir.parent)})
 
