@@ -262,7 +262,7 @@ class RealRecipe(TrainRecipe):
             norm = self.strategy.grad_norm()
             norms.append(norm if norm is not None else float("nan"))
         t_upd = time.perf_counter() - t1
-        stats = acc.reduce()
+        stats = acc.reduce(self.strategy.sum_)
         self.strategy.sum_(extra)
         surrogate, kl, clipped, ratio_dev, toks, gap = extra.tolist()
         u = r.updates_per_round

@@ -241,7 +241,7 @@ class TrainRecipe:
             self.strategy.step()
             if not micro.filler:
                 acc.add(out, batch)
-        stats = acc.reduce()
+        stats = acc.reduce(self.strategy.sum_)
         self.window.add(stats.tokens, time.perf_counter() - t0)
         norm = self.strategy.grad_norm()
         checked = {"loss": stats.loss, "ce": stats.ce, "mse": stats.mse}
