@@ -15,13 +15,17 @@ round's prompts and CoTs with the same seeds, from the same weights.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Callable
 
 import torch
 
+from tract_dist.console import TERMINAL
 from tract_dist.train.hooks import STEP_BEGIN
-from tract_dist.train.recipe import TrainRecipe, _console
+from tract_dist.train.recipe import TrainRecipe
+
+log = logging.getLogger(__name__)
 
 
 GATHER_ELEMENTS = 1 << 28
@@ -66,8 +70,8 @@ class RealRecipe(TrainRecipe):
             f.write(json.dumps({"step": done, **metrics}) + "\n")
         if to_tracking:
             log_metrics(self.handle, metrics, step=done)
-            _console(f"[real] round {done}/{self.steps.total_steps} " + " ".join(
-                f"{k}={metrics[k]:.4g}" for k in self.CONSOLE if k in metrics))
+            log.info(f"[real] round {done}/{self.steps.total_steps} " + " ".join(
+                f"{k}={metrics[k]:.4g}" for k in self.CONSOLE if k in metrics), extra=TERMINAL)
 
     # ---- data: prompts, not encoded CoTs ----------------------------------------------------------
     def _setup_data(self) -> None:
