@@ -85,9 +85,9 @@ def test_paper_configs_hold_the_official_settings(family, batch, epochs, lam):
     from tract_dist.generate.pipeline import inference_max_length
     from tract_dist.judge.judge import judge_kwargs
 
-    judge = judge_kwargs(cfg)  # what evaluation and serving build their judge with
+    judge = judge_kwargs(cfg.data, cfg.generation, cfg.evaluation, rail_normalize=False)  # evaluation's and serving's
     assert (judge["system_prompt"], judge["max_length"], judge["sample_single_cot"]) == (None, 4900, True)
-    assert inference_max_length(cfg) == 4900 and judge["sampling"].repetition_penalty == 1.03
+    assert inference_max_length(cfg.generation, cfg.data) == 4900 and judge["sampling"].repetition_penalty == 1.03
     faster = load_config(REPO_CONFIGS / f"paper-{family}-packed.yaml").flat()
     differs = {k for k, v in cfg.flat().items() if faster[k] != v}
     assert differs == {"training.packing", "training.max_tokens_per_micro_batch", "training.global_batch_size"}

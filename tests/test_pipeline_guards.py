@@ -205,12 +205,12 @@ def test_threads_per_replica_reaches_the_inference_pool(tmp_path, quickstart_dat
 
     for use_ray in (False, True):
         cfg = _cfg(tmp_path, quickstart_data, **{"cluster.threads_per_replica": 1})
-        assert pool.PoolSpec.from_config(cfg, use_ray=use_ray, batch_size=2).torch_threads() == 1
+        assert pool.PoolSpec.from_cluster(cfg.cluster, use_ray=use_ray, batch_size=2).torch_threads() == 1
     for cores, workers, use_ray, expected in ((8, 2, True, 4), (8, 3, True, 2), (1, 2, True, 1), (8, 2, False, 8),
                                               (2, 1, True, 2)):
         monkeypatch.setattr(pool.os, "cpu_count", lambda c=cores: c)
-        spec = pool.PoolSpec.from_config(_cfg(tmp_path, quickstart_data, **{"cluster.num_workers": workers}),
-                                         use_ray=use_ray, batch_size=2)
+        spec = pool.PoolSpec.from_cluster(_cfg(tmp_path, quickstart_data, **{"cluster.num_workers": workers}).cluster,
+                                          use_ray=use_ray, batch_size=2)
         assert spec.torch_threads() == expected, (cores, workers, use_ray)
 
 

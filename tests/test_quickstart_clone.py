@@ -40,7 +40,7 @@ from tract_dist.train.data import prepare_dataset
 cfg = load_config(sys.argv[1])
 preflight(cfg)
 files = check_data_files(cfg)
-train = load_training_examples(cfg)
+train = load_training_examples(cfg.data)
 bench = {b.name: [[e.id, e.score] for e in load_benchmark(b, parse_scale(cfg.data.scale))]
          for b in cfg.evaluation.benchmarks}
 enc = prepare_dataset(cfg, load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path), sys.argv[2])

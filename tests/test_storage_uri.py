@@ -69,13 +69,14 @@ def test_mlflow_artifacts_under_a_uri_storage_path(s3, migrated_mlflow_db, tmp_p
 
     cfg = load_config(None, ["model.name_or_path=tiny-llama", f"cluster.storage_path=s3://{BUCKET}/store",
                              "tracking.experiment=on-s3", f"tracking.tracking_uri={migrated_mlflow_db}"])
-    assert artifact_root(cfg) == f"s3://{BUCKET}/store/mlflow/on-s3"
+    assert artifact_root(cfg.cluster, cfg.tracking) == f"s3://{BUCKET}/store/mlflow/on-s3"
     # A local storage path: the store's own default location.
-    assert artifact_root(load_config(None, ["model.name_or_path=tiny-llama"])) is None
+    local = load_config(None, ["model.name_or_path=tiny-llama"])
+    assert artifact_root(local.cluster, local.tracking) is None
     f = tmp_path / "results.json"
     f.write_text('{"pearson": 0.5}')
     failed = STATS.failed_calls
-    with start_run(migrated_mlflow_db, "on-s3", "r", artifact_root=artifact_root(cfg)) as run:
+    with start_run(migrated_mlflow_db, "on-s3", "r", artifact_root=artifact_root(cfg.cluster, cfg.tracking)) as run:
         log_artifact(run, f, "pipeline")
     assert STATS.failed_calls == failed
     got = [k for k in keys(s3, BUCKET, "store/mlflow/on-s3/") if k.endswith("pipeline/results.json")]

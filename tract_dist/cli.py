@@ -90,7 +90,7 @@ def _optional_config(args: argparse.Namespace) -> Any:
 
 
 # Each stage contributes its subcommands through ``register(subparsers, add_config_args)`` in these modules;
-# they import their heavy dependencies (torch, ray, deepspeed) inside the command functions only.
+# they import their heavy dependencies (torch, Ray, DeepSpeed) inside the command functions only.
 _STAGE_COMMANDS = (
     "tract_dist.train.commands",
     "tract_dist.generate.commands",

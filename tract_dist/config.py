@@ -599,6 +599,17 @@ class Config(_Section):
             raise ValueError(f"evaluation.benchmarks: names must be unique (they name output folders), got {names}")
         return self
 
+    def derive(self, **sections: dict[str, Any]) -> "Config":
+        """A stage's config: this one with some keys of some sections replaced, e.g. ``cfg.derive(loss={"lam":
+        0.0})``. Each named section is ``model_copy(update=...)``'d and the others are shared, so nothing is
+        dumped to dicts and validated again; the values come from a validated config or from the code deriving
+        the stage."""
+        unknown = set(sections) - set(type(self).model_fields)
+        if unknown:
+            raise KeyError(f"Config.derive: no section {sorted(unknown)}")
+        return self.model_copy(update={name: getattr(self, name).model_copy(update=update)
+                                       for name, update in sections.items()})
+
     def flat(self) -> dict[str, Any]:
         """Dotted key -> value, for MLflow params and fingerprints."""
         return flatten(self.model_dump())

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tract_dist.config import LossSection
 
 from tract_dist.console import CONSOLE_ERR
 
@@ -26,18 +29,17 @@ _EXPORT_FOLDERS = ("model", "adapter")  # the loadable folders train/export.py w
 _warned: set[tuple[str, bool, bool]] = set()  # (record, configured, recorded): one warning per process
 
 
-def training_record(cfg: Any) -> dict[str, Any]:
+def training_record(loss: LossSection) -> dict[str, Any]:
     """The training choices an evaluation must repeat (the loss's read-out) plus the objective's weights."""
-    loss = cfg.loss
     return {"format": _FORMAT, "loss": {"rail_normalize": bool(loss.rail_normalize), "lam": float(loss.lam),
                                         "ce_on_score_token": bool(loss.ce_on_score_token)}}
 
 
-def write_export_record(export_dir: str | Path, cfg: Any) -> None:
+def write_export_record(export_dir: str | Path, loss: LossSection) -> None:
     """Write the record into every loadable folder of an export being written (``model``, ``adapter``)."""
     import json
 
-    text = json.dumps(training_record(cfg), indent=2) + "\n"
+    text = json.dumps(training_record(loss), indent=2) + "\n"
     for name in _EXPORT_FOLDERS:
         folder = Path(export_dir) / name
         if folder.is_dir():

@@ -46,7 +46,7 @@ def main() -> int:
 
     console.attach()  # an entry point: the library's console lines (logged) on this terminal
     from tract_dist.config import load_config
-    from tract_dist.generate.pipeline import generate_cots
+    from tract_dist.generate.pipeline import GenerateSpec, generate_cots
     from tract_dist.runtime.backend import vllm_status
 
     ok, detail = vllm_status()
@@ -55,7 +55,7 @@ def main() -> int:
         return 2
     tmp = Path(tempfile.mkdtemp(prefix="vllm-kill-"))
     t0 = time.perf_counter()
-    clean = generate_cots(load_config(None, _overrides(4)), None, tmp / "clean", show_progress=False)
+    clean = generate_cots(GenerateSpec.of(load_config(None, _overrides(4))), None, tmp / "clean", show_progress=False)
     assert clean["backend"] == "vllm" and clean["ok"] + clean["failed"] == 8, clean
     clean_run = _cots(tmp / "clean")
 
@@ -78,7 +78,7 @@ def main() -> int:
             os.killpg(proc.pid, signal.SIGKILL)
     at_kill = len(list(out.glob("part-*.jsonl")))
     assert 1 <= at_kill < 4, f"the kill did not land midway ({at_kill} of 4 shards)"
-    summary = generate_cots(load_config(cfg_file, _overrides(4)), None, out, show_progress=False)
+    summary = generate_cots(GenerateSpec.of(load_config(cfg_file, _overrides(4))), None, out, show_progress=False)
     assert summary["missing"] == summary["duplicates"] == 0 and summary["committed"] == 8, summary
     assert 0 < summary["this_run"]["generated_this_run"] < 8, summary["this_run"]
     assert _cots(out) == clean_run, "the resumed CoTs differ from the uninterrupted run's"

@@ -117,7 +117,7 @@ def run_case(name: str, overrides: list[str], workdir: Path, max_length: int) ->
     from tract_dist.plan.report import plan_run
     from tract_dist.plan.shape import build_meta, lora_shape, model_shape, resolve_config
     from tract_dist.train import recipe as recipe_mod
-    from tract_dist.train.ds_config import build_ds_config
+    from tract_dist.train.strategy import build_ds_config
     from tract_dist.train.trainer import run_training
 
     cfg = load_config(None, [
@@ -170,7 +170,7 @@ def run_case(name: str, overrides: list[str], workdir: Path, max_length: int) ->
     finally:
         recipe_mod.run_recipe = original
     assert shape.params == seen["n_params"] - (lora.trainable if lora else 0), (shape.params, seen["n_params"])
-    buffers = ZeroBuffers.from_ds_config(build_ds_config(cfg, 1, bf16=False, gpu=False))
+    buffers = ZeroBuffers.from_ds_config(build_ds_config(cfg.training, 1, bf16=False, gpu=False))
     setup = TrainSetup(world=1, zero_stage=3, param_bytes=4, on_cuda=False, rows=2, seq_len=seen["seq_len"],
                        padded=seen["padded"],
                        checkpointing=cfg.model.gradient_checkpointing, loss_rows=seen["loss_rows"], buffers=buffers)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tract_dist.config import load_config
-from tract_dist.evaluate.runner import evaluate_model, load_predictions
+from tract_dist.evaluate.runner import EvaluateSpec, evaluate_model, load_predictions
 
 pytestmark = [pytest.mark.usefixtures("migrated_mlflow_db")]
 
@@ -30,7 +30,7 @@ def test_evaluate_in_process_logs_everything(tiny_export, quickstart_data, quick
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # mlflow.set_tracking_uri exports it process-wide
     both = (f"evaluation.benchmarks=[{{name: vicuna, path: '{quickstart_data}', format: jsonl, max_examples: 6}}, "
             f"{{name: pairs, path: '{vicuna_path}', format: vicuna-pairs, max_examples: 2}}]")
-    res = evaluate_model(_cfg(tiny_export, quickstart_data, tmp_path, both), None, tmp_path / "eval",
+    res = evaluate_model(EvaluateSpec.of(_cfg(tiny_export, quickstart_data, tmp_path, both)), None, tmp_path / "eval",
                          show_progress=False)
     preds = load_predictions(tmp_path / "eval" / "vicuna" / "predictions.jsonl")
     assert [p["id"] for p in preds] == [e.id for e in quickstart_examples[:6]]
@@ -61,11 +61,13 @@ def test_evaluate_in_process_logs_everything(tiny_export, quickstart_data, quick
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_evaluate_on_ray_pool_matches_in_process(ray_local, tiny_export, quickstart_data, tmp_path):
-    local = evaluate_model(_cfg(tiny_export, quickstart_data, tmp_path, "evaluation.mode=rail", "tracking.enabled=false"),
+    local = evaluate_model(EvaluateSpec.of(_cfg(tiny_export, quickstart_data, tmp_path, "evaluation.mode=rail",
+                                                "tracking.enabled=false")),
                            None, tmp_path / "local", show_progress=False)
-    on_ray = evaluate_model(_cfg(tiny_export, quickstart_data, tmp_path, "evaluation.mode=rail", "evaluation.ray=true",
-                                 "generation.num_replicas=2", "cluster.cpus_per_worker=0.5",
-                                 "tracking.enabled=false"), None, tmp_path / "ray", show_progress=False)
+    on_ray = evaluate_model(EvaluateSpec.of(_cfg(tiny_export, quickstart_data, tmp_path, "evaluation.mode=rail",
+                                                 "evaluation.ray=true", "generation.num_replicas=2",
+                                                 "cluster.cpus_per_worker=0.5", "tracking.enabled=false")),
+                            None, tmp_path / "ray", show_progress=False)
     a = load_predictions(tmp_path / "local" / "vicuna" / "predictions.jsonl")
     b = load_predictions(tmp_path / "ray" / "vicuna" / "predictions.jsonl")
     assert [p["id"] for p in a] == [p["id"] for p in b]

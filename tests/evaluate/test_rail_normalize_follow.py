@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tract_dist.config import load_config
-from tract_dist.evaluate.runner import evaluate_model, load_predictions
+from tract_dist.evaluate.runner import EvaluateSpec, evaluate_model, load_predictions
 from tract_dist.export_record import RECORD_NAME, resolve_rail_normalize, write_export_record
 from tract_dist.fsutil import CorruptStateError
 
@@ -26,7 +26,8 @@ def exports(tiny_export, tmp_path_factory):
         export = tmp_path_factory.mktemp(f"export-{choice}")
         shutil.copytree(tiny_export, export / "model")
         if choice is not None:
-            write_export_record(export, load_config(None, ["model.name_or_path=m", f"loss.rail_normalize={choice}"]))
+            cfg = load_config(None, ["model.name_or_path=m", f"loss.rail_normalize={choice}"])
+            write_export_record(export, cfg.loss)
         out[choice] = str(export / "model")
     return out
 
@@ -39,7 +40,7 @@ def _cfg(data_path, tmp_path, *extra):
 
 
 def _predictions(cfg, model, tmp_path):
-    evaluate_model(cfg, model, tmp_path / "eval", show_progress=False)
+    evaluate_model(EvaluateSpec.of(cfg), model, tmp_path / "eval", show_progress=False)
     return load_predictions(tmp_path / "eval" / "vic" / "predictions.jsonl")
 
 
@@ -57,8 +58,18 @@ def test_the_writer_records_the_loss_choice(exports):
 
 
 @pytest.mark.parametrize("recorded", [True, False])
-def test_unset_follows_the_recorded_choice(exports, quickstart_data, tmp_path, capsys, recorded):
+def test_unset_follows_the_recorded_choice(exports, quickstart_data, tmp_path, capsys, monkeypatch, recorded):
+    import tract_dist.export_record as export_record
+
+    calls = []
+
+    def counted(configured, model_path):
+        calls.append((configured, str(model_path)))
+        return resolve_rail_normalize(configured, model_path)
+
+    monkeypatch.setattr(export_record, "resolve_rail_normalize", counted)
     preds = _predictions(_cfg(quickstart_data, tmp_path), exports[recorded], tmp_path)
+    assert calls == [(None, exports[recorded])]  # resolved once per evaluation, then handed to every judge
     assert len(preds) == 4
     for p in preds:
         raw, normalised = _readouts(p)

@@ -27,6 +27,10 @@ def _cfg(model, data, tmp, *extra):
                       *extra)
 
 
+def _spec(model, data, tmp, *extra):
+    return pipeline.GenerateSpec.of(_cfg(model, data, tmp, *extra))
+
+
 def test_failed_generations_are_retried_on_a_rerun(tiny_export, quickstart_data, tmp_path, monkeypatch):
     real = Engine.generate
     broken = {"on": True}
@@ -38,11 +42,11 @@ def test_failed_generations_are_retried_on_a_rerun(tiny_export, quickstart_data,
 
     monkeypatch.setattr(Engine, "generate", flaky)
     out = tmp_path / "out"
-    s = pipeline.generate_cots(_cfg(tiny_export, quickstart_data, tmp_path, "generation.max_attempts=1"),
+    s = pipeline.generate_cots(_spec(tiny_export, quickstart_data, tmp_path, "generation.max_attempts=1"),
                                tiny_export, out, show_progress=False)
     assert s["ok"] == 0 and s["failed"] == 3 and s["failed_final"] == 3  # out of attempts for this run
     broken["on"] = False
-    s = pipeline.generate_cots(_cfg(tiny_export, quickstart_data, tmp_path, "generation.max_attempts=2"),
+    s = pipeline.generate_cots(_spec(tiny_export, quickstart_data, tmp_path, "generation.max_attempts=2"),
                                tiny_export, out, show_progress=False)
     assert s["ok"] == 3 and s["failed"] == 0 and s["retried"] == 3 and s["missing"] == 0
     assert s["this_run"]["generated_this_run"] == 3
@@ -51,7 +55,7 @@ def test_failed_generations_are_retried_on_a_rerun(tiny_export, quickstart_data,
         by_uid.setdefault(r["uid"], []).append((r["attempt"], r["status"]))
     assert all(v == [(1, "failed"), (2, "ok")] for v in by_uid.values())
     # a third run has nothing left to do
-    s = pipeline.generate_cots(_cfg(tiny_export, quickstart_data, tmp_path, "generation.max_attempts=5"),
+    s = pipeline.generate_cots(_spec(tiny_export, quickstart_data, tmp_path, "generation.max_attempts=5"),
                                tiny_export, out, show_progress=False)
     assert s["this_run"]["generated_this_run"] == 0
 
@@ -97,7 +101,7 @@ def test_model_retrained_in_place_is_refused_by_content_hash(tiny_export, quicks
     shutil.copytree(tiny_export, model)
     cfg = _cfg(str(model), quickstart_data, tmp_path)
     out = tmp_path / "out"
-    pipeline.generate_cots(cfg, str(model), out, show_progress=False)
+    pipeline.generate_cots(pipeline.GenerateSpec.of(cfg), str(model), out, show_progress=False)
     before = json.loads((out / "settings.json").read_text())
     weights = next(model.glob("*.safetensors"))
     data = bytearray(weights.read_bytes())
@@ -106,18 +110,18 @@ def test_model_retrained_in_place_is_refused_by_content_hash(tiny_export, quicks
     st = weights.stat()
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a coarse clock must not hide the rewrite
     with pytest.raises(StaleGenerationError) as ei:
-        pipeline.generate_cots(cfg, str(model), out, show_progress=False)
+        pipeline.generate_cots(pipeline.GenerateSpec.of(cfg), str(model), out, show_progress=False)
     msg = str(ei.value)
     assert "model_sha256" in msg and before["fingerprint"] in msg and before["model_sha256"] in msg
 
 
 def test_fresh_moves_the_old_cots_aside(tiny_export, quickstart_data, tmp_path):
     out = tmp_path / "out"
-    pipeline.generate_cots(_cfg(tiny_export, quickstart_data, tmp_path), tiny_export, out, show_progress=False)
+    pipeline.generate_cots(_spec(tiny_export, quickstart_data, tmp_path), tiny_export, out, show_progress=False)
     cfg = _cfg(tiny_export, quickstart_data, tmp_path, "generation.temperature=0.5")
     with pytest.raises(StaleGenerationError):
-        pipeline.generate_cots(cfg, tiny_export, out, show_progress=False)
-    s = pipeline.generate_cots(cfg, tiny_export, out, show_progress=False, fresh=True)
+        pipeline.generate_cots(pipeline.GenerateSpec.of(cfg), tiny_export, out, show_progress=False)
+    s = pipeline.generate_cots(pipeline.GenerateSpec.of(cfg), tiny_export, out, show_progress=False, fresh=True)
     assert s["ok"] + s["failed"] == 3 and s["this_run"]["generated_this_run"] == 3
     old = [p for p in tmp_path.iterdir() if p.name.startswith("out.replaced-")]
     assert len(old) == 1 and len(read_generated(old[0])) == 3
@@ -126,21 +130,21 @@ def test_fresh_moves_the_old_cots_aside(tiny_export, quickstart_data, tmp_path):
 def test_corrupt_settings_and_shards_are_named(tiny_export, quickstart_data, tmp_path):
     out = tmp_path / "out"
     cfg = _cfg(tiny_export, quickstart_data, tmp_path)
-    pipeline.generate_cots(cfg, tiny_export, out, show_progress=False)
+    pipeline.generate_cots(pipeline.GenerateSpec.of(cfg), tiny_export, out, show_progress=False)
     shard = sorted(out.glob("part-*.jsonl"))[0]
     good = shard.read_text()
     shard.write_text("{broken\n" + good)  # damaged after it was committed
     with pytest.raises(DataError, match=rf"{shard.name}, record 0: line 1 of a committed shard is not valid JSON"):
-        pipeline.generate_cots(cfg, tiny_export, out, show_progress=False)
+        pipeline.generate_cots(pipeline.GenerateSpec.of(cfg), tiny_export, out, show_progress=False)
     shard.write_text(good)
     (out / "settings.json").write_text('{"model": ')
     with pytest.raises(CorruptStateError, match=r"settings\.json: the generation settings are corrupt"):
-        pipeline.generate_cots(cfg, tiny_export, out, show_progress=False)
+        pipeline.generate_cots(pipeline.GenerateSpec.of(cfg), tiny_export, out, show_progress=False)
 
 
 def test_second_invocation_on_a_generation_folder_is_refused(tiny_export, quickstart_data, tmp_path):
     out = tmp_path / "out"
     with exclusive_lock(out, "generation folder"):
         with pytest.raises(LockHeldError, match=f"generation folder {out} is in use by pid {os.getpid()}"):
-            pipeline.generate_cots(_cfg(tiny_export, quickstart_data, tmp_path), tiny_export, out,
+            pipeline.generate_cots(_spec(tiny_export, quickstart_data, tmp_path), tiny_export, out,
                                    show_progress=False)

@@ -42,9 +42,9 @@ def test_sigkill_midway_then_resume(tiny_export, quickstart_data, tmp_path):
     assert 1 <= len(shards_at_kill) < 12, "the kill did not land midway"
 
     from tract_dist.config import load_config
-    from tract_dist.generate.pipeline import generate_cots
+    from tract_dist.generate.pipeline import GenerateSpec, generate_cots
 
-    summary = generate_cots(load_config(cfg_file, overrides), tiny_export, out, show_progress=False)
+    summary = generate_cots(GenerateSpec.of(load_config(cfg_file, overrides)), tiny_export, out, show_progress=False)
     counts = Counter(r["uid"] for r in read_generated(out))
     assert set(counts) == {f"{i}#cot{j}" for i in range(12) for j in range(2)}
     assert set(counts.values()) == {1}

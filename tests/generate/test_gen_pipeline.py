@@ -28,7 +28,7 @@ def _by_uid(out_dir) -> dict[str, dict]:
 def clean_run(tiny_export, quickstart_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("clean")
     cfg = gen_config(tiny_export, quickstart_data, tmp)
-    summary = pipeline.generate_cots(cfg, tiny_export, tmp / "out", show_progress=False)
+    summary = pipeline.generate_cots(pipeline.GenerateSpec.of(cfg), tiny_export, tmp / "out", show_progress=False)
     return cfg, tmp / "out", summary
 
 
@@ -76,7 +76,7 @@ def test_each_cot_carries_its_rail_readout(clean_run, tiny_export, quickstart_ex
 def test_rerun_of_a_complete_folder_generates_nothing(clean_run, tiny_export):
     cfg, out, _ = clean_run
     before = sorted(p.name for p in out.glob("part-*.jsonl"))
-    summary = pipeline.generate_cots(cfg, tiny_export, out, show_progress=False)
+    summary = pipeline.generate_cots(pipeline.GenerateSpec.of(cfg), tiny_export, out, show_progress=False)
     assert summary["this_run"]["generated_this_run"] == 0
     assert sorted(p.name for p in out.glob("part-*.jsonl")) == before
 
@@ -93,11 +93,11 @@ def test_interrupted_run_resumes_to_the_same_output(clean_run, tiny_export, quic
 
     monkeypatch.setattr(pipeline, "map_rows", dies_after_two_batches)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.generate_cots(cfg, tiny_export, tmp_path / "out", show_progress=False)
+        pipeline.generate_cots(pipeline.GenerateSpec.of(cfg), tiny_export, tmp_path / "out", show_progress=False)
     partial = _by_uid(tmp_path / "out")
     assert len(partial) == 6  # the two finished batches were committed, nothing else
     monkeypatch.setattr(pipeline, "map_rows", real_map)
-    summary = pipeline.generate_cots(cfg, tiny_export, tmp_path / "out", show_progress=False)
+    summary = pipeline.generate_cots(pipeline.GenerateSpec.of(cfg), tiny_export, tmp_path / "out", show_progress=False)
     assert summary["this_run"]["generated_this_run"] == 4
     resumed = _by_uid(tmp_path / "out")
     clean = _by_uid(clean_out)
@@ -123,7 +123,7 @@ def test_failures_are_recorded_with_reasons(tiny_export, quickstart_data, tmp_pa
 
     bad_seeds = {"boom": example_seed(0, "1", 0), "empty": example_seed(0, "2", 0)}
     monkeypatch.setattr(Engine, "generate", flaky)
-    summary = pipeline.generate_cots(cfg, tiny_export, tmp_path / "out", show_progress=False)
+    summary = pipeline.generate_cots(pipeline.GenerateSpec.of(cfg), tiny_export, tmp_path / "out", show_progress=False)
     # The error is retried until generation.max_attempts (3) tries in all; the empty CoT is final at once
     # (its seed gives the same text every time): 4 records + 2 retries.
     assert summary["committed"] == 6 and summary["ok"] == 2 and summary["failed"] == 2
@@ -137,7 +137,7 @@ def test_failures_are_recorded_with_reasons(tiny_export, quickstart_data, tmp_pa
 
     from tract_dist.generate.pipeline import load_training_examples
 
-    stats = build_stage2_dataset(tmp_path / "out", load_training_examples(cfg), tmp_path / "stage2.jsonl")
+    stats = build_stage2_dataset(tmp_path / "out", load_training_examples(cfg.data), tmp_path / "stage2.jsonl")
     assert stats["written"] == 2 and stats["examples_without_cot"] == 2
     assert sorted(stats["examples_without_cot_ids"]) == ["1", "2"]
     assert stats["unusable_reasons"] == {"generation_failed: empty_cot": 1,
@@ -148,7 +148,7 @@ def test_settings_change_is_refused(clean_run, tiny_export, quickstart_data):
     _, out, _ = clean_run
     cfg = gen_config(tiny_export, quickstart_data, out.parent, "generation.temperature=0.5")
     with pytest.raises(StaleGenerationError, match="temperature") as ei:
-        pipeline.generate_cots(cfg, tiny_export, out, show_progress=False)
+        pipeline.generate_cots(pipeline.GenerateSpec.of(cfg), tiny_export, out, show_progress=False)
     old = json.loads((out / "settings.json").read_text())["fingerprint"]
     assert f"fingerprint {old}; this run's is " in str(ei.value) and "--fresh" in str(ei.value)
 

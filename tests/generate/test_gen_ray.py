@@ -20,7 +20,8 @@ def test_ray_pool_matches_in_process(ray_local, tiny_export, quickstart_data, tm
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     ray_cfg = gen_config(tiny_export, quickstart_data, tmp_path, "generation.ray=true", "generation.num_replicas=2",
                          "cluster.cpus_per_worker=0.5", "data.max_length=470")
-    summary = pipeline.generate_cots(ray_cfg, tiny_export, tmp_path / "ray", show_progress=False)
+    summary = pipeline.generate_cots(pipeline.GenerateSpec.of(ray_cfg), tiny_export, tmp_path / "ray",
+                                     show_progress=False)
     assert summary["ok"] + summary["failed"] == 10 and summary["missing"] == summary["duplicates"] == 0
     recs = read_generated(tmp_path / "ray")
     assert len(recs) == 10 and any(r["truncated"] for r in recs)
@@ -28,7 +29,7 @@ def test_ray_pool_matches_in_process(ray_local, tiny_export, quickstart_data, tm
         assert r["prompt_tokens"] <= 470 - 6 and r["new_tokens"] >= 1
         assert r["status"] == "ok" or r["reason"] == "empty_cot", r
     local_cfg = gen_config(tiny_export, quickstart_data, tmp_path, "data.max_length=470")
-    pipeline.generate_cots(local_cfg, tiny_export, tmp_path / "local", show_progress=False)
+    pipeline.generate_cots(pipeline.GenerateSpec.of(local_cfg), tiny_export, tmp_path / "local", show_progress=False)
     by_ray = {r["uid"]: r["cot"] for r in recs}
     by_local = {r["uid"]: r["cot"] for r in read_generated(tmp_path / "local")}
     assert by_ray == by_local  # same seeds per example, whichever replica and batch an example lands in

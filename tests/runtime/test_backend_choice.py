@@ -32,13 +32,13 @@ def test_auto_falls_back_to_hf_without_vllm(no_vllm):
 
 
 def test_vllm_requested_without_vllm_is_a_config_error(no_vllm, quickstart_data, tmp_path):
-    from tract_dist.generate.pipeline import generate_cots
+    from tract_dist.generate.pipeline import GenerateSpec, generate_cots
 
     cfg = load_config(None, ["model.name_or_path=smollm2", f"data.train_path={quickstart_data}",
                              "data.train_format=jsonl", "generation.ray=false", "tracking.enabled=false",
                              "generation.backend=vllm"])
     with pytest.raises(ConfigError, match=r"generation\.backend: vllm requested but vllm is not installed"):
-        generate_cots(cfg, None, tmp_path / "out")
+        generate_cots(GenerateSpec.of(cfg), None, tmp_path / "out")
     assert not (tmp_path / "out" / "settings.json").exists()  # refused before anything was written
 
 
@@ -56,7 +56,7 @@ def test_cli_exit_2_names_the_key(no_vllm, tmp_path, capsys):
 def test_tensor_parallel_needs_vllm():
     cfg = load_config(None, ["model.name_or_path=x", "generation.backend=hf", "generation.tensor_parallel_size=2"])
     with pytest.raises(ConfigError, match=r"generation\.tensor_parallel_size: 2 needs the vllm backend"):
-        backend.choose_backend(cfg, "generation")
+        backend.choose_backend(cfg.generation, "generation", use_gpu=cfg.cluster.use_gpu)
 
 
 def test_vllm_engine_arguments(tmp_path):

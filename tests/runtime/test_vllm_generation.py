@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from tract_dist.config import load_config
-from tract_dist.generate.pipeline import generate_cots
+from tract_dist.generate.pipeline import GenerateSpec, generate_cots
 from tract_dist.generate.shards import read_generated
 
 pytestmark = [pytest.mark.slow]
@@ -33,7 +33,8 @@ def _cots(out):
 def clean_out(vllm_engine, quickstart_data, tmp_path_factory):
     """An uninterrupted in-process vLLM run (it reuses the session engine: same spec); its folder."""
     out = tmp_path_factory.mktemp("vllm_clean") / "out"
-    summary = generate_cots(load_config(None, _overrides(quickstart_data, 4)), None, out, show_progress=False)
+    summary = generate_cots(GenerateSpec.of(load_config(None, _overrides(quickstart_data, 4))), None, out,
+                            show_progress=False)
     assert summary["backend"] == "vllm" and summary["ok"] + summary["failed"] == 8
     return out
 
@@ -66,7 +67,7 @@ def test_vllm_readout_of_each_cot_equals_hf(clean_out, hf_engine, quickstart_exa
 def test_two_vllm_replicas_through_ray_data(clean_run, ray_local, quickstart_data, tmp_path):
     cfg = load_config(None, _overrides(quickstart_data, 4, "generation.ray=true", "generation.num_replicas=2",
                                        "cluster.cpus_per_worker=0.5"))
-    summary = generate_cots(cfg, None, tmp_path / "ray", show_progress=False)
+    summary = generate_cots(GenerateSpec.of(cfg), None, tmp_path / "ray", show_progress=False)
     assert summary["missing"] == summary["duplicates"] == 0 and summary["committed"] == 8
     batches = {(r["batch_end_time"], r["batch_seconds"]) for r in read_generated(tmp_path / "ray")}
     assert len(batches) == 4  # four batches of two, spread over the replicas

@@ -104,8 +104,8 @@ def test_ray_trainer_keeps_num_to_keep_checkpoints(tmp_path, monkeypatch):
             raise RuntimeError("stop here")
 
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", FakeTrainer)
-    monkeypatch.setattr(trainer, "init_ray_from_config", lambda cfg, address: None)
-    monkeypatch.setattr(trainer, "check_placement", lambda cfg: None)
+    monkeypatch.setattr(trainer, "init_ray_from_config", lambda cluster, address: None)
+    monkeypatch.setattr(trainer, "check_placement", lambda cluster: None)
     cfg = load_config(None, ["training.num_to_keep=5", f"cluster.storage_path={tmp_path}"],
                       base={"model": {"name_or_path": "tiny-llama"}})
     with pytest.raises(RuntimeError, match="stop here"):

@@ -60,16 +60,16 @@ def test_user_deepspeed_json_gets_auto_values_filled():
     from pathlib import Path
 
     from tract_dist.config import load_config
-    from tract_dist.train.ds_config import build_ds_config
+    from tract_dist.train.strategy import build_ds_config
 
     repo = Path(__file__).resolve().parents[2]
     cfg = load_config(repo / "configs" / "paper-mistral-7b.yaml")
-    ds = build_ds_config(cfg, world_size=8, bf16=True, gpu=True)
+    ds = build_ds_config(cfg.training, world_size=8, bf16=True, gpu=True)
     assert ds["train_batch_size"] == 8 * 1 * 8 and ds["gradient_accumulation_steps"] == 1
     assert ds["optimizer"]["params"]["lr"] == 1e-5 and ds["optimizer"]["params"]["weight_decay"] == 0.0
     assert ds["zero_optimization"]["reduce_bucket_size"] == 50_000_000 and ds["gradient_clipping"] == 1.0
     assert "auto" not in str(ds) and "checkpoint" not in ds
-    universal = build_ds_config(cfg, world_size=8, bf16=True, gpu=True, load_universal=True)
+    universal = build_ds_config(cfg.training, world_size=8, bf16=True, gpu=True, load_universal=True)
     assert universal["checkpoint"] == {"load_universal": True}  # resuming a checkpoint of another world size
 
 

@@ -339,7 +339,7 @@ def test_bad_input_fails_before_workers_start(work, quickstart_data, ray_local, 
     with pytest.raises(ConfigError, match="global batch of 64 samples .* exceeds the 16 training examples"):
         run_training(_cfg(work, quickstart_data, **{"training.micro_batch_size": 16}), run_name="x")
     with pytest.raises(ConfigError, match=r"cluster.num_workers=9 cannot be placed \(CPU: need 9"):
-        check_placement(_cfg(work, quickstart_data, **{"cluster.num_workers": 9}))
+        check_placement(_cfg(work, quickstart_data, **{"cluster.num_workers": 9}).cluster)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "a", "instruction": "i"}) + "\n")
     with pytest.raises(EmptyDatasetError, match=r"bad.jsonl: no trainable example: 1 records, 1 invalid"):

@@ -18,12 +18,12 @@ def register(sub: Any, add_config_args: Callable[..., None]) -> None:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from tract_dist.config import load_config
-    from tract_dist.evaluate.runner import evaluate_model
+    from tract_dist.evaluate.runner import EvaluateSpec, evaluate_model
 
     from tract_dist.aliases import check_model_source
 
     cfg = load_config(args.config, args.overrides)
     check_model_source(args.model or cfg.model.name_or_path, "--model" if args.model else "model.name_or_path")
-    results = evaluate_model(cfg, args.model, args.output_dir, show_progress=not args.no_progress)
+    results = evaluate_model(EvaluateSpec.of(cfg), args.model, args.output_dir, show_progress=not args.no_progress)
     print(json.dumps({name: r["overall"] for name, r in results.items()}, indent=2))
     return 0

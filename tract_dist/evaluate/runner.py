@@ -22,6 +22,7 @@ from tract_dist.data.schema import DataError, JudgeExample
 from tract_dist.data.score_tokens import parse_scale
 from tract_dist.evaluate.metrics import evaluate_predictions, flat_metrics
 from tract_dist.evaluate.plots import scatter_plot
+from tract_dist.evaluate.spec import EvaluateSpec
 from tract_dist.evaluate.worker import JudgeWorker, PairWorker
 from tract_dist.fsutil import atomic_write_json, atomic_write_jsonl
 from tract_dist.runtime.pool import PoolSpec, ensure_ray, map_rows
@@ -61,24 +62,26 @@ def load_benchmark(spec: Any, scale: tuple[int, int], skip_invalid: bool = False
     return res.examples
 
 
-def predict(cfg: Any, model_path: str, examples: list[Any], *, show_progress: bool = True,
-            desc: str = "evaluate", backend: str = "hf", relative: bool = False) -> list[dict[str, Any]]:
+def predict(ev: EvaluateSpec, model_path: str, examples: list[Any], *, rail_normalize: bool,
+            show_progress: bool = True, desc: str = "evaluate", backend: str = "hf",
+            relative: bool = False) -> list[dict[str, Any]]:
     """Prediction rows for ``examples`` (input order) through the judge pool (Ray Data or in-process) on
-    ``backend`` (resolved: hf or vllm); ``relative``: ``examples`` are pairs, judged in both orders."""
+    ``backend`` (resolved: hf or vllm), reading ŷ as ``rail_normalize`` says (resolved once by the caller);
+    ``relative``: ``examples`` are pairs, judged in both orders."""
     from tqdm.auto import tqdm
 
     from tract_dist.judge.judge import judge_kwargs
+    from tract_dist.runtime.backend import engine_spec
+    from tract_dist.storage import for_replicas
 
-    from tract_dist.runtime.backend import spec_from_config
-    from tract_dist.storage import for_replicas, local_copy
-
-    e = cfg.evaluation
-    spec = PoolSpec.from_config(cfg, use_ray=e.ray, batch_size=e.batch_size, replicas=cfg.generation.num_replicas,
-                                gpus_per_replica=e.tensor_parallel_size)
-    kw = judge_kwargs(cfg, local_copy(model_path))  # a URI: this node's verified copy, read by the driver
+    e = ev.evaluation
+    spec = PoolSpec.from_cluster(ev.cluster, use_ray=e.ray, batch_size=e.batch_size,
+                                 replicas=ev.generation.num_replicas, gpus_per_replica=e.tensor_parallel_size)
+    kw = judge_kwargs(ev.data, ev.generation, e, rail_normalize=rail_normalize)
     kw["sampling"] = kw["sampling"].as_dict()
-    engine = spec_from_config(cfg, "evaluation", for_replicas(model_path), backend, batch_size=e.batch_size,
-                              torch_threads=spec.torch_threads())
+    engine = engine_spec(ev.model, ev.generation.vllm, for_replicas(model_path), backend,
+                         tensor_parallel_size=e.tensor_parallel_size, batch_size=e.batch_size,
+                         torch_threads=spec.torch_threads())
     worker_kwargs = {"engine": engine.as_dict(), "judge_kwargs": kw, "n_cots": e.num_cots, "mode": e.mode}
     column, worker = ("pair", PairWorker) if relative else ("example", JudgeWorker)
     rows = [{"id": ex.id, column: json.dumps(ex.to_dict(), ensure_ascii=False)} for ex in examples]
@@ -149,24 +152,25 @@ def report(records: list[dict[str, Any]], out_dir: str | Path, name: str,
     return result
 
 
-def evaluate_model(cfg: Any, model_path: str | None, out_dir: str | Path | None = None,
+def evaluate_model(ev: EvaluateSpec, model_path: str | None, out_dir: str | Path | None = None,
                    parent_run: Any = None, *, show_progress: bool = True,
                    tags: dict[str, str] | None = None, mirror: str | None = None) -> dict[str, Any]:
     """Evaluate ``model_path`` on every ``evaluation.benchmarks`` entry; returns ``{benchmark: metrics}``.
 
-    ``tags`` are added to the MLflow run (the pipeline tags method, model, stage and benchmark for compare).
-    ``mirror`` (a URI, :func:`tract_dist.storage.mirror_of`): where the outputs (not the logs) are uploaded once
-    written, replacing an earlier evaluation's."""
+    ``ev``: the config's sections evaluation reads (``EvaluateSpec.of(cfg)``). ``tags`` are added to the MLflow
+    run (the pipeline tags method, model, stage and benchmark for compare). ``mirror`` (a URI,
+    :func:`tract_dist.storage.mirror_of`): where the outputs (not the logs) are uploaded once written, replacing
+    an earlier evaluation's."""
     from tract_dist import console
     from tract_dist.config import ConfigError
 
-    e = cfg.evaluation
+    e = ev.evaluation
     if not e.benchmarks:
         raise ConfigError("evaluation.benchmarks: no benchmark to evaluate on")
-    out = Path(out_dir or e.output_dir or Path(cfg.training.output_dir) / "evaluate")
+    out = Path(out_dir or ev.default_output_dir)
     # A quiet console (a pipeline's stage keeps the pipeline's): library chatter to OUT/logs/driver.log.
     with console.quiet_run(out / "logs"):
-        results = _evaluate(cfg, model_path, out, parent_run, show_progress, tags)
+        results = _evaluate(ev, model_path, out, parent_run, show_progress, tags)
     if mirror:
         from tract_dist.storage import push_dir
 
@@ -174,25 +178,25 @@ def evaluate_model(cfg: Any, model_path: str | None, out_dir: str | Path | None 
     return results
 
 
-def _evaluate(cfg: Any, model_path: str | None, out: Path, parent_run: Any, show_progress: bool,
+def _evaluate(ev: EvaluateSpec, model_path: str | None, out: Path, parent_run: Any, show_progress: bool,
               tags: dict[str, str] | None) -> dict[str, Any]:
     from tract_dist.export_record import resolve_rail_normalize
     from tract_dist.runtime.backend import choose_backend
+    from tract_dist.storage import local_copy
     from tract_dist.tracking import log_artifact, log_metrics, log_params, start_run
     from tract_dist.tracking.datasets import EVALUATION, examples_dataset, log_datasets
     from tract_dist.tracking.mlflow_run import artifact_root
 
-    e, t = cfg.evaluation, cfg.tracking
-    choice = choose_backend(cfg, "evaluation")  # before any replica starts
-    model_path = model_path or cfg.model.name_or_path
-    from tract_dist.storage import local_copy
-
+    e, t = ev.evaluation, ev.tracking
+    choice = choose_backend(e, "evaluation", use_gpu=ev.cluster.use_gpu)  # before any replica starts
+    model_path = model_path or ev.model.name_or_path
     local = local_copy(model_path)  # a URI: this node's verified copy, for what the driver reads itself
-    rail = resolve_rail_normalize(e.rail_normalize, local)  # the export's training choice unless set
-    scale = parse_scale(cfg.data.scale)
+    # Resolved once, here: the export's training choice unless set (every benchmark's judge reads ŷ so).
+    rail = resolve_rail_normalize(e.rail_normalize, local)
+    scale = parse_scale(ev.data.scale)
     results: dict[str, Any] = {}
     with start_run(t.tracking_uri, t.experiment, t.run_name or "evaluate", enabled=t.enabled, parent=parent_run,
-                   tags={**(tags or {}), "stage": "evaluate"}, artifact_root=artifact_root(cfg)) as run:
+                   tags={**(tags or {}), "stage": "evaluate"}, artifact_root=artifact_root(ev.cluster, ev.tracking)) as run:
         log_params(run, {"model_path": model_path, "mode": e.mode, "num_cots": e.num_cots,
                          **({"cot_se_target": e.cot_se_target, "max_cots": e.max_cots} if e.num_cots == "auto" else {}),
                          "rail_normalize": rail, "use_ray": e.ray, "backend": choice.backend,
@@ -205,12 +209,12 @@ def _evaluate(cfg: Any, model_path: str | None, out: Path, parent_run: Any, show
         model_id = link_model_input(run, local) if Path(str(local)).is_dir() else None
         for spec in e.benchmarks:
             relative = is_relative(spec)
-            examples = (load_pair_benchmark(spec, cfg.data.skip_invalid) if relative
-                        else load_benchmark(spec, scale, cfg.data.skip_invalid))
+            examples = (load_pair_benchmark(spec, ev.data.skip_invalid) if relative
+                        else load_benchmark(spec, scale, ev.data.skip_invalid))
             dataset = examples_dataset(spec.name, spec.path, examples, EVALUATION)
             log_datasets(run, [dataset])
-            records = predict(cfg, str(model_path), examples, show_progress=show_progress, desc=spec.name,
-                              backend=choice.backend, relative=relative)
+            records = predict(ev, str(model_path), examples, rail_normalize=rail, show_progress=show_progress,
+                              desc=spec.name, backend=choice.backend, relative=relative)
             bdir = out / spec.name
             write_predictions(records, bdir / "predictions.jsonl")
             atomic_write_json(bdir / "timing.json", dict(LAST_TIMING))

@@ -23,17 +23,17 @@ def register(sub: Any, add_config_args: Callable[..., None]) -> None:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from tract_dist.config import load_config
-    from tract_dist.generate.pipeline import generate_cots, load_training_examples
+    from tract_dist.generate.pipeline import GenerateSpec, generate_cots, load_training_examples
     from tract_dist.generate.stage2 import build_stage2_dataset
 
     cfg = load_config(args.config, args.overrides)
-    examples = load_training_examples(cfg)
+    examples = load_training_examples(cfg.data)
     from tract_dist.aliases import check_model_source
 
     if args.model:
         check_model_source(args.model, "--model")
-    summary = generate_cots(cfg, args.model, args.output_dir, examples=examples, show_progress=not args.no_progress,
-                            fresh=args.fresh)
+    summary = generate_cots(GenerateSpec.of(cfg), args.model, args.output_dir, examples=examples,
+                            show_progress=not args.no_progress, fresh=args.fresh)
     out = {"generate": summary}
     if args.stage2_out:
         from tract_dist.data.score_tokens import parse_scale
@@ -45,7 +45,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         out["stage2"] = build_stage2_dataset(summary["output_dir"], examples, args.stage2_out,
                                              SelectionSpec.from_config(cfg.generation),
                                              score_values=list(range(lo, hi + 1)),
-                                             rail_normalize=judge_rail_normalize(cfg, model))
+                                             rail_normalize=judge_rail_normalize(cfg.evaluation, model))
         print(f"stage2: {summary_line(out['stage2']['selection'])}")
     print(json.dumps(out, indent=2))
     return 0

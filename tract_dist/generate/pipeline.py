@@ -15,23 +15,30 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tract_dist.console import CONSOLE
 from tract_dist.data.formats import read_examples
 from tract_dist.data.schema import JudgeExample
 from tract_dist.data.score_tokens import parse_scale
 from tract_dist.generate.shards import ShardStore, cot_uid, retryable
+from tract_dist.generate.spec import GenerateSpec, inference_max_length
 from tract_dist.generate.worker import CotWorker
 from tract_dist.runtime.pool import PoolSpec, ensure_ray, map_rows
 from tract_dist.runtime.sampling import SamplingParams, example_seed
 
+if TYPE_CHECKING:
+    from tract_dist.config import DataSection, EvaluationSection
+
 log = logging.getLogger(__name__)
 
 
-def load_training_examples(cfg: Any) -> list[JudgeExample]:
+__all__ = ["GenerateSpec", "generate_cots", "generation_settings", "inference_max_length", "judge_rail_normalize",
+           "load_training_examples", "work_rows", "worker_kwargs"]
+
+
+def load_training_examples(d: DataSection) -> list[JudgeExample]:
     """The prompts to generate for: ``data.train_path`` in ``data.train_format`` (feedback not required)."""
-    d = cfg.data
     if not d.train_path:
         from tract_dist.config import ConfigError
 
@@ -60,17 +67,17 @@ def work_rows(examples: list[JudgeExample], num_cots: int, seed: int) -> list[di
     return rows
 
 
-def worker_kwargs(cfg: Any, model_path: str, backend: str, sampling: SamplingParams,
+def worker_kwargs(gen: GenerateSpec, model_path: str, backend: str, sampling: SamplingParams,
                   spec: PoolSpec, rail_normalize: bool = False) -> dict[str, Any]:
     """Constructor arguments for a replica (plain data: they are pickled to every Ray actor)."""
-    from tract_dist.runtime.backend import spec_from_config
+    from tract_dist.runtime.backend import engine_spec
 
-    d = cfg.data
-    engine = spec_from_config(cfg, "generation", model_path, backend, batch_size=spec.batch_size,
-                              torch_threads=spec.torch_threads())
+    d, g = gen.data, gen.generation
+    engine = engine_spec(gen.model, g.vllm, model_path, backend, tensor_parallel_size=g.tensor_parallel_size,
+                         batch_size=spec.batch_size, torch_threads=spec.torch_threads())
     return {
         "engine": engine.as_dict(),
-        "encode_opts": {"max_length": inference_max_length(cfg), "truncation": d.truncation,
+        "encode_opts": {"max_length": gen.max_length, "truncation": d.truncation,
                         "system_prompt": d.system_prompt,
                         "scale": list(parse_scale(d.scale)), "enable_thinking": d.enable_thinking},
         "sampling": sampling.as_dict(),
@@ -115,15 +122,15 @@ class _Progress:
         return out
 
 
-def judge_rail_normalize(cfg: Any, model_path: str) -> bool:
+def judge_rail_normalize(evaluation: EvaluationSection, model_path: str) -> bool:
     """How each CoT's ŷ is read: as the stage-1 model's judge reads it (``evaluation.rail_normalize``, or what
     its export records training used), so selection compares with y* the number that model's judge gives."""
     from tract_dist.export_record import resolve_rail_normalize
 
-    return resolve_rail_normalize(cfg.evaluation.rail_normalize, model_path)
+    return resolve_rail_normalize(evaluation.rail_normalize, model_path)
 
 
-def generation_settings(cfg: Any, model_path: str, backend: str, sampling: SamplingParams,
+def generation_settings(gen: GenerateSpec, model_path: str, backend: str, sampling: SamplingParams,
                         fingerprint: str | None = None) -> dict[str, Any]:
     """What the CoTs of a folder depend on. The model is identified by the content hash of its files (a
     retrained model at the same path is another model), the path kept for people; ``fingerprint`` is the
@@ -135,22 +142,23 @@ def generation_settings(cfg: Any, model_path: str, backend: str, sampling: Sampl
 
     local = local_copy(str(model_path)) or str(model_path)  # a URI: this node's verified copy is what is hashed
     settings = {"model": str(model_path), "model_sha256": content_fingerprint(local), "backend": backend,
-                "sampling": sampling.as_dict(), "seed": cfg.generation.seed, "max_length": inference_max_length(cfg),
-                "system_prompt": cfg.data.system_prompt, "scale": cfg.data.scale}
-    if cfg.data.enable_thinking:  # only when on: folders generated before the switch existed keep their identity
+                "sampling": sampling.as_dict(), "seed": gen.generation.seed, "max_length": gen.max_length,
+                "system_prompt": gen.data.system_prompt, "scale": gen.data.scale}
+    if gen.data.enable_thinking:  # only when on: folders generated before the switch existed keep their identity
         settings["enable_thinking"] = True
     ident = {k: v for k, v in settings.items() if k != "model" or settings["model_sha256"] is None}
     settings["fingerprint"] = fingerprint or json_digest(ident, 12)
     return settings
 
 
-def generate_cots(cfg: Any, model_path: str | None, out_dir: str | Path | None = None, *,
+def generate_cots(gen: GenerateSpec, model_path: str | None, out_dir: str | Path | None = None, *,
                   examples: list[JudgeExample] | None = None, parent_run: Any = None,
                   show_progress: bool = True, fingerprint: str | None = None, fresh: bool = False,
                   mirror: str | None = None) -> dict[str, Any]:
     """Generate ``generation.num_cots`` CoTs per training example into sharded JSONL; resume what is missing.
 
-    ``model_path`` is the stage-1 export (an HF folder or alias; None: ``model.name_or_path``). Returns the
+    ``gen``: the config's sections generation reads (``GenerateSpec.of(cfg)``). ``model_path`` is the stage-1
+    export (an HF folder or alias; None: ``model.name_or_path``). Returns the
     summary also written to ``out_dir/summary.json``: expected/ok/failed counts, failure reasons, duplicates
     and missing (both 0 on a complete run), throughput of this run. A folder holding CoTs made with other
     settings is refused naming both fingerprints, or with ``fresh`` moved aside first. ``mirror`` (a URI,
@@ -163,10 +171,9 @@ def generate_cots(cfg: Any, model_path: str | None, out_dir: str | Path | None =
 
     from tract_dist import console
 
-    g = cfg.generation
-    model_path = model_path or cfg.model.name_or_path
-    out = Path(out_dir or g.output_dir or Path(cfg.training.output_dir) / "generate")
-    examples = examples if examples is not None else load_training_examples(cfg)
+    model_path = model_path or gen.model.name_or_path
+    out = Path(out_dir or gen.default_output_dir)
+    examples = examples if examples is not None else load_training_examples(gen.data)
     with exclusive_lock(out, "generation folder"):
         if fresh and out.exists():
             moved = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -180,8 +187,9 @@ def generate_cots(cfg: Any, model_path: str | None, out_dir: str | Path | None =
             log.info(f"generate: --fresh: removed the old shards from {mirror}", extra=CONSOLE)
         # A quiet console (a pipeline's stage keeps the pipeline's): library chatter to OUT/logs/driver.log.
         with console.quiet_run(out / "logs"):
-            backend = choose_backend(cfg, "generation")  # before any replica starts: a bad choice is a config error
-            return _generate_locked(cfg, str(model_path), out, examples, backend, parent_run, show_progress,
+            # before any replica starts: a bad choice is a config error
+            backend = choose_backend(gen.generation, "generation", use_gpu=gen.cluster.use_gpu)
+            return _generate_locked(gen, str(model_path), out, examples, backend, parent_run, show_progress,
                                     fingerprint, mirror)
 
 
@@ -195,15 +203,16 @@ def _mirrored(name: str) -> bool:
     return name == SETTINGS or ("/" not in name and fnmatchcase(name, SHARD_GLOB))
 
 
-def _generate_locked(cfg: Any, model_path: str, out: Path, examples: list[JudgeExample], backend: Any,
+def _generate_locked(gen: GenerateSpec, model_path: str, out: Path, examples: list[JudgeExample], backend: Any,
                      parent_run: Any, show_progress: bool, fingerprint: str | None,
                      mirror: str | None = None) -> dict[str, Any]:
+    from tract_dist.export_record import resolve_rail_normalize
     from tract_dist.generate.shards import FAILURES, SETTINGS, SUMMARY
     from tract_dist.storage import for_replicas, join, local_copy, push_dir, put_file
     from tract_dist.tracking import log_artifact, log_metrics, log_params, start_run
     from tract_dist.tracking.mlflow_run import artifact_root
 
-    g = cfg.generation
+    g = gen.generation
     sampling = SamplingParams.from_config(g)
     rows = work_rows(examples, g.num_cots, g.seed)
     expected = {r["uid"] for r in rows}
@@ -216,7 +225,7 @@ def _generate_locked(cfg: Any, model_path: str, out: Path, examples: list[JudgeE
         fetched, uploaded = sync_missing(out, mirror, _mirrored)
         if fetched or uploaded:
             log.info(f"generate: {fetched} files fetched from {mirror}, {uploaded} uploaded to it", extra=CONSOLE)
-    store.check_settings(generation_settings(cfg, model_path, backend.backend, sampling, fingerprint))
+    store.check_settings(generation_settings(gen, model_path, backend.backend, sampling, fingerprint))
     if mirror:
         put_file(out / SETTINGS, join(mirror, SETTINGS))
     state = store.latest()
@@ -227,17 +236,17 @@ def _generate_locked(cfg: Any, model_path: str, out: Path, examples: list[JudgeE
     retrying = sum(1 for r in todo if r["attempt"] > 1)
     if retrying:
         log.info(f"generate: retrying {retrying} CoTs that failed with an error before", extra=CONSOLE)
-    spec = PoolSpec.from_config(cfg, use_ray=g.ray, batch_size=g.batch_size, replicas=g.num_replicas,
-                                gpus_per_replica=g.tensor_parallel_size)
+    spec = PoolSpec.from_cluster(gen.cluster, use_ray=g.ray, batch_size=g.batch_size, replicas=g.num_replicas,
+                                 gpus_per_replica=g.tensor_parallel_size)
 
     def commit(records: list[dict[str, Any]]) -> None:
         shard = store.write_shard(records)
         if mirror:  # after the local commit: a shard on the URI is always a whole, committed one
             put_file(shard, join(mirror, shard.name))
 
-    t = cfg.tracking
+    t = gen.tracking
     with start_run(t.tracking_uri, t.experiment, t.run_name or "generate", enabled=t.enabled, parent=parent_run,
-                   tags={"stage": "generate"}, artifact_root=artifact_root(cfg)) as run:
+                   tags={"stage": "generate"}, artifact_root=artifact_root(gen.cluster, gen.tracking)) as run:
         log_params(run, {"model_path": model_path, "output_dir": str(out), "examples": len(examples),
                          "num_cots": g.num_cots, "already_done": len(done), "to_generate": len(todo),
                          "use_ray": spec.use_ray, "replicas": spec.replicas, "batch_size": spec.batch_size,
@@ -255,8 +264,8 @@ def _generate_locked(cfg: Any, model_path: str, out: Path, examples: list[JudgeE
         step = 0
         try:
             # An alias with GGUF weights is converted once here, not by every replica at once.
-            kwargs = worker_kwargs(cfg, for_replicas(str(model_path)), backend.backend, sampling, spec,
-                                   judge_rail_normalize(cfg, local))
+            kwargs = worker_kwargs(gen, for_replicas(str(model_path)), backend.backend, sampling, spec,
+                                   resolve_rail_normalize(gen.rail_normalize, local))
             while todo:
                 buffer: list[dict[str, Any]] = []
                 try:
@@ -289,8 +298,3 @@ def _generate_locked(cfg: Any, model_path: str, out: Path, examples: list[JudgeE
             log_artifact(run, out / name, "generate")
     return summary
 
-
-def inference_max_length(cfg: Any) -> int:
-    """Tokens of an inference sequence (generation and judging): ``generation.max_length``, else the training
-    cutoff ``data.max_length``."""
-    return cfg.generation.max_length or cfg.data.max_length

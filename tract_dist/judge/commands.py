@@ -6,10 +6,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from tract_dist import jsontext
 from tract_dist.errors import UsageError
+
+if TYPE_CHECKING:
+    from tract_dist.config import Config
 
 
 def register(sub: Any, add_config_args: Callable[..., None]) -> None:
@@ -165,7 +168,7 @@ def _cmd_judge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _judge_pairs(args: argparse.Namespace, cfg: Any) -> int:
+def _judge_pairs(args: argparse.Namespace, cfg: Config) -> int:
     """``--task relative``: p(A) and the verdict per pair (and the swapped order's with ``--swap``), JSONL."""
     from tract_dist import console
     from tract_dist.judge.relative import PairJudge, as_pair, debiased

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from tract_dist.data.encode import DroppedExample, EncodeOptions, fit_prompt
 from tract_dist.data.prompts import ABS_SYSTEM_PROMPT
@@ -33,6 +33,9 @@ from tract_dist.protocol import SCORE_PHRASE, STOP_STRINGS
 from tract_dist.runtime.deadline import StopSignal, fired
 from tract_dist.runtime.engine import EngineSpec, Generation, InferenceEngine, VllmOptions, extract_cot
 from tract_dist.runtime.sampling import SamplingParams, example_seed
+
+if TYPE_CHECKING:
+    from tract_dist.config import Config, DataSection, EvaluationSection, GenerationSection
 
 Mode = Literal["cot_rail", "decode", "rail"]
 NCots = int | Literal["auto"]
@@ -137,18 +140,23 @@ class Judge:
         return cls(engine=build_engine(spec), **kwargs)
 
     @classmethod
-    def from_config(cls, cfg: Any, model_path: str | None = None, device: str | None = None) -> "Judge":
+    def from_config(cls, cfg: Config, model_path: str | None = None, device: str | None = None) -> "Judge":
         """A judge with the config's model options, ``evaluation.backend``, prompt layout, sampling and
-        evaluation settings."""
+        evaluation settings; ŷ is read as ``evaluation.rail_normalize`` says, unset: as the export at
+        ``model_path`` (default ``model.name_or_path``) records its training read it (resolved once, here)."""
         from dataclasses import replace as dc_replace
 
+        from tract_dist.export_record import resolve_rail_normalize
         from tract_dist.models.loading import materialize_alias
-        from tract_dist.runtime.backend import build_engine, choose_backend, spec_from_config
+        from tract_dist.runtime.backend import build_engine, choose_backend, engine_spec
 
-        choice = choose_backend(cfg, "evaluation")
-        spec = spec_from_config(cfg, "evaluation", materialize_alias(model_path or cfg.model.name_or_path),
-                                choice.backend, batch_size=cfg.evaluation.batch_size)
-        return cls(engine=build_engine(dc_replace(spec, device=device)), **judge_kwargs(cfg, model_path))
+        e = cfg.evaluation
+        choice = choose_backend(e, "evaluation", use_gpu=cfg.cluster.use_gpu)
+        spec = engine_spec(cfg.model, cfg.generation.vllm, materialize_alias(model_path or cfg.model.name_or_path),
+                           choice.backend, tensor_parallel_size=e.tensor_parallel_size, batch_size=e.batch_size)
+        rail = resolve_rail_normalize(e.rail_normalize, model_path or cfg.model.name_or_path)
+        return cls(engine=build_engine(dc_replace(spec, device=device)),
+                   **judge_kwargs(cfg.data, cfg.generation, e, rail_normalize=rail))
 
     # -- prompts ---------------------------------------------------------------------------------------
     def _prompt(self, ex: JudgeExample, reserve: int) -> tuple[list[int], bool]:
@@ -309,16 +317,15 @@ class Judge:
                                 for n, k in enumerate(self.score_scale.scores)}
 
 
-def judge_kwargs(cfg: Any, model_path: str | None = None) -> dict[str, Any]:
-    """Judge constructor options from a config (data, generation and evaluation sections) for the model at
-    ``model_path`` (default ``model.name_or_path``), whose export record ``evaluation.rail_normalize`` unset
-    follows (:mod:`tract_dist.export_record`); the engine is built separately from
-    ``runtime.backend.spec_from_config(cfg, "evaluation", ...)``."""
-    from tract_dist.export_record import resolve_rail_normalize
+def judge_kwargs(d: DataSection, g: GenerationSection, e: EvaluationSection, *,
+                 rail_normalize: bool) -> dict[str, Any]:
+    """Judge constructor options from the data, generation and evaluation sections; ``rail_normalize``: how ŷ
+    is read, resolved once by the caller (``evaluation.rail_normalize``, or unset the export's record:
+    :func:`tract_dist.export_record.resolve_rail_normalize`). The engine is built separately
+    (:func:`tract_dist.runtime.backend.engine_spec`)."""
+    from tract_dist.generate.spec import inference_max_length
 
-    d, g, e = cfg.data, cfg.generation, cfg.evaluation
-    rail = resolve_rail_normalize(e.rail_normalize, model_path or cfg.model.name_or_path)
-    return {"scale": d.scale, "system_prompt": d.system_prompt, "max_length": g.max_length or d.max_length,
-            "sampling": SamplingParams.from_config(g), "seed": g.seed, "rail_normalize": rail,
+    return {"scale": d.scale, "system_prompt": d.system_prompt, "max_length": inference_max_length(g, d),
+            "sampling": SamplingParams.from_config(g), "seed": g.seed, "rail_normalize": rail_normalize,
             "batch_size": e.batch_size, "cot_se_target": e.cot_se_target, "max_cots": e.max_cots,
             "sample_single_cot": e.sample_single_cot, "enable_thinking": d.enable_thinking}

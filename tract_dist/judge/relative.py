@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from tract_dist.data.encode import DroppedExample
 from tract_dist.data.relative import (PairExample, check_preference, derive_verdict_scale, fit_pair_prompt,
@@ -24,6 +24,9 @@ from tract_dist.data.relative import (PairExample, check_preference, derive_verd
 from tract_dist.judge.rail import scale_readouts
 from tract_dist.runtime.deadline import StopSignal
 from tract_dist.runtime.engine import extract_cot
+
+if TYPE_CHECKING:
+    from tract_dist.config import Config
 
 PairMode = Literal["cot_rail", "decode", "rail"]
 _SUFFIX_RESERVE = 16  # tokens kept free after the feedback for " [RESULT]"
@@ -107,7 +110,7 @@ class PairJudge:
         return self.judge.sampling
 
     @classmethod
-    def from_config(cls, cfg: Any, model_path: str | None = None, device: str | None = None) -> "PairJudge":
+    def from_config(cls, cfg: Config, model_path: str | None = None, device: str | None = None) -> "PairJudge":
         from tract_dist.judge.judge import Judge
 
         return cls(Judge.from_config(cfg, model_path, device))

@@ -159,7 +159,7 @@ class CotRaftHead(nn.Module):
 
     It exists for ZeRO-3: the lm_head weight/bias are registered as its external parameters, so
     DeepSpeed gathers them around this module's forward and backward (see :mod:`.zero3`). Hold it
-    as a submodule of the model given to ``deepspeed.initialize`` (as :class:`CotRaftCausalLM` does).
+    as a submodule of the model given to DeepSpeed's ``initialize`` (as :class:`CotRaftCausalLM` does).
     Build it after any vocabulary resize: it keeps the Parameter objects it was given. ``loss_fn``
     (default :func:`tract_dist.loss.cot_raft_loss_with_options`) has that function's signature.
     """
@@ -204,7 +204,7 @@ class CotRaftHead(nn.Module):
         if is_zero3_param(weight) and weight.data.numel() == 0:
             raise RuntimeError(
                 "lm_head weight is partitioned inside CotRaftHead.forward: the head must be a submodule of "
-                "the model passed to deepspeed.initialize (e.g. use CotRaftCausalLM)"
+                "the model passed to DeepSpeed's initialize (e.g. use CotRaftCausalLM)"
             )
         if token_logprobs:
             return rows_target_logprobs(hidden, weight, bias, targets)
@@ -308,7 +308,7 @@ def causal_lm_cot_raft_loss(
     weight, bias = lm_head_parameters(lm)
     if is_zero3_param(weight):
         raise RuntimeError(
-            "lm_head is a ZeRO-3 parameter: wrap the model in CotRaftCausalLM before deepspeed.initialize"
+            "lm_head is a ZeRO-3 parameter: wrap the model in CotRaftCausalLM before DeepSpeed's initialize"
         )
     head = CotRaftHead(weight, bias, options, loss_fn=loss_fn, zero3=False)
     return _loss_through_head(lm, head, batch, ce_denominator, mse_denominator, lam)
@@ -317,7 +317,7 @@ def causal_lm_cot_raft_loss(
 class CotRaftCausalLM(nn.Module):
     """A causal LM whose ``forward(**batch)`` returns the CoT-RAFT loss (:class:`CotRaftOutput`).
 
-    The module to hand to ``deepspeed.initialize`` (build it before, so ZeRO-3 hooks its loss head):
+    The module to hand to DeepSpeed's ``initialize`` (build it before, so ZeRO-3 hooks its loss head):
     the decoder's submodule hooks gather and release the layers, the :class:`CotRaftHead` hooks the
     lm_head weight, and the root hooks (ZeRO-3 step reset, parameter trace) run on every
     ``engine(**batch)``. Loss settings are fixed at construction; the denominators, which change per

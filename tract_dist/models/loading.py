@@ -12,13 +12,16 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tract_dist.models import cpu_attention
 from tract_dist.data.assets import model_source
 from tract_dist.fsutil import publish_dir_once
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 _ALIAS_CACHE_VERSION = "v2"  # v2: config.json without the GGUF quantization_config (vLLM loads it)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -62,7 +65,7 @@ def choose_attn_implementation(requested: str | None = None, device: str | torch
     return "sdpa"
 
 
-def drop_gguf_quantization(config: Any) -> None:
+def drop_gguf_quantization(config: PretrainedConfig) -> None:
     """Remove a GGUF ``quantization_config`` from ``config`` (and its ``text_config``), in place.
 
     transformers dequantises GGUF weights when it loads them, so a model loaded from GGUF holds plain tensors

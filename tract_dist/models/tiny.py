@@ -56,7 +56,7 @@ def build_tiny_model(
     small perturbation around 1 so that their gradients are non-trivial.
 
     With a live ``HfDeepSpeedConfig`` for ZeRO-3 the model is born partitioned (``from_config`` enters
-    ``deepspeed.zero.Init``) and the weights are written one gathered parameter at a time, so no rank
+    DeepSpeed's ``zero.Init``) and the weights are written one gathered parameter at a time, so no rank
     ever holds the whole model; every rank must call this then. ``dtype`` must stay float32 in that
     case (DeepSpeed's config decides the training dtype).
     """
@@ -73,12 +73,12 @@ def build_tiny_model(
 
 @torch.no_grad()
 def _fill_deterministic_zero3_(model: torch.nn.Module, *, seed: int) -> None:
-    import deepspeed
+    from tract_dist.train.strategy import gathered
 
     values = deterministic_state_dict(model, seed=seed)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     for name, param in model.named_parameters():
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):  # rank 0 writes, then broadcast
+        with gathered([param], modifier_rank=0):  # rank 0 writes, then broadcast
             if rank == 0:
                 param.data.copy_(values[name].to(param.dtype))
 

@@ -21,7 +21,7 @@ lm_head module, so no hook of the lm_head fires. Findings for DeepSpeed 0.19.8 /
 
 So the loss runs inside a small module (:class:`tract_dist.models.cot_raft.CotRaftHead`) that owns no
 parameters but registers the lm_head weight/bias as external parameters, and that module must be
-part of the model given to ``deepspeed.initialize`` (its hooks are installed there). The cost is
+part of the model given to DeepSpeed's ``initialize`` (its hooks are installed there). The cost is
 ZeRO-3's usual one for an lm_head: one all-gather of the weight in forward and one in backward,
 each held only while the loss runs.
 """
@@ -41,18 +41,14 @@ def is_zero3_param(param: torch.Tensor | None) -> bool:
 def register_external_params(module: torch.nn.Module, params: Iterable[torch.nn.Parameter | None]) -> None:
     """Make ``module``'s ZeRO-3 hooks gather ``params`` around its forward and backward.
 
-    Safe to call before ``deepspeed.initialize`` (even on a model that DeepSpeed converts to ZeRO-3
-    there: registration is by Parameter identity) and a no-op where DeepSpeed is not installed (no
-    ZeRO-3 can partition the model there; e.g. a GPU machine running plain PyTorch).
+    Safe to call before DeepSpeed's ``initialize`` (even on a model that DeepSpeed converts to ZeRO-3 there:
+    registration is by Parameter identity) and a no-op where DeepSpeed is not installed (no ZeRO-3 can partition
+    the model there; e.g. a GPU machine running plain PyTorch). The DeepSpeed call itself is the strategy's
+    (:func:`tract_dist.train.strategy.register_external_params`), the one module that imports DeepSpeed.
     """
-    try:
-        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
-    except ImportError:
-        return
+    from tract_dist.train.strategy import register_external_params as register
 
-    for param in params:
-        if param is not None:
-            register_external_parameter(module, param)
+    register(module, params)
 
 
 def external_param_ids(module: torch.nn.Module) -> set[int]:

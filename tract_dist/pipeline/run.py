@@ -96,7 +96,7 @@ def _run_locked(cfg: Config, name: str, pdir: Path, *, config_path: str | None, 
     check_selection(stages, walk(stages, state, selected, key=SELECTION_KEY, dry=True).plan, selected,
                     SELECTION_KEY)
     if cfg.cluster.address or address or os.environ.get("RAY_ADDRESS") or _needs_ray(cfg):
-        init_ray_from_config(cfg, address)
+        init_ray_from_config(cfg.cluster, address)
         from tract_dist.runtime.storage_check import check_shared_storage
 
         # Before any stage: on several nodes every folder a stage hands data through must be shared.
@@ -106,7 +106,7 @@ def _run_locked(cfg: Config, name: str, pdir: Path, *, config_path: str | None, 
     model_tag = cfg.model.name_or_path
     with start_run(tr.tracking_uri, tr.experiment, name, enabled=tr.enabled, run_id=state.data.get("parent_run_id"),
                    tags={"stage": "pipeline", "method": method, "model": model_tag},
-                   artifact_root=artifact_root(cfg)) as parent:
+                   artifact_root=artifact_root(cfg.cluster, cfg.tracking)) as parent:
         if parent.run_id and parent.run_id != state.data.get("parent_run_id"):  # new, or the old one was deleted
             state.data["parent_run_id"] = parent.run_id
             state.save()

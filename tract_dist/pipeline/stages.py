@@ -97,18 +97,13 @@ class EvalOutputs(StageOutputs):
 def stage_config(cfg: Config, pdir: Path, *, train_path: str | None = None, train_format: str | None = None,
                  stage: str = "stage1") -> Config:
     """The config a training stage runs with: the method's loss/data switches, outputs under ``pdir``."""
-    d = cfg.model_dump()
     method = cfg.pipeline.method
-    if method == "ce_cot":
-        d["loss"].update(lam=0.0, ce_on_score_token=True)
-    if method == "raft":
-        d["data"]["use_cot"] = False
+    loss = {"lam": 0.0, "ce_on_score_token": True} if method == "ce_cot" else {}
+    data: dict[str, Any] = {"use_cot": False} if method == "raft" else {}
     if train_path is not None:
-        d["data"].update(train_path=train_path, train_format=train_format, max_examples=None, skip_invalid=False)
-    d["training"]["output_dir"] = str(pdir)
-    d["cluster"]["storage_path"] = pipeline_storage(cfg, pdir)
-    d["tracking"]["run_name"] = None
-    return Config.model_validate(d)
+        data.update(train_path=train_path, train_format=train_format, max_examples=None, skip_invalid=False)
+    return cfg.derive(loss=loss, data=data, training={"output_dir": str(pdir)},
+                      cluster={"storage_path": pipeline_storage(cfg, pdir)}, tracking={"run_name": None})
 
 
 def pipeline_storage(cfg: Config, pdir: Path) -> str:
@@ -317,10 +312,11 @@ def _mirror(cfg: Config, pdir: Path, *parts: str) -> str | None:
 
 
 def _generate(cfg: Config, model: str, out: Path, ctx: StageContext, fp: str, mirror: str | None) -> GenerateOutputs:
-    from tract_dist.generate.pipeline import generate_cots
+    from tract_dist.generate.pipeline import GenerateSpec, generate_cots
 
     named = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"run_name": "stage1-generate"})})
-    s = generate_cots(named, model, out, parent_run=ctx.parent, fingerprint=fp, fresh=ctx.fresh, mirror=mirror)
+    s = generate_cots(GenerateSpec.of(named), model, out, parent_run=ctx.parent, fingerprint=fp, fresh=ctx.fresh,
+                      mirror=mirror)
     if s.get("missing"):
         raise RuntimeError(f"generation left {s['missing']} CoTs missing in {out}; rerun the pipeline to resume")
     return GenerateOutputs(dir=str(out), ok=s.get("ok"), failed=s.get("failed"),
@@ -342,9 +338,9 @@ def _build_stage2(cfg: Config, stage1_model: str, gen_dir: Path, out: Path, ctx:
     with start_run(t.tracking_uri, t.experiment, "stage2-data", enabled=t.enabled, parent=ctx.parent,
                    tags={**ctx.tags, "stage": "build_stage2"}) as run:
         log_params(run, {f"select.{k}": v for k, v in spec.as_dict().items()} | {"num_cots": cfg.generation.num_cots})
-        stats = build_stage2_dataset(gen_dir, load_training_examples(cfg), out, spec,
+        stats = build_stage2_dataset(gen_dir, load_training_examples(cfg.data), out, spec,
                                      score_values=list(range(lo, hi + 1)),
-                                     rail_normalize=judge_rail_normalize(cfg, stage1_model))
+                                     rail_normalize=judge_rail_normalize(cfg.evaluation, stage1_model))
         sel = stats["selection"]
         log_metrics(run, {f"select.{k}": float(v) for k, v in sel.items() if isinstance(v, (int, float))
                           and not isinstance(v, bool)} | {"written": float(stats["written"])})
@@ -359,16 +355,15 @@ def _build_stage2(cfg: Config, stage1_model: str, gen_dir: Path, out: Path, ctx:
 
 def _evaluate(cfg: Config, model: str, bench: Any, mode: str, out: Path, parent: RunHandle | None,
               tags: dict[str, str]) -> EvalOutputs:
-    from tract_dist.evaluate.runner import evaluate_model
+    from tract_dist.evaluate.runner import EvaluateSpec, evaluate_model
 
-    d = cfg.model_dump()
-    d["evaluation"].update(benchmarks=[bench.model_dump()], mode=mode, output_dir=str(out))
     # Short and distinct in the runs table: eval-stage2-vicuna (the inference mode only when the method
     # evaluates in more than one, as ce_cot does).
     several = len(EVAL_MODES[cfg.pipeline.method]) > 1
-    d["tracking"]["run_name"] = f"eval-{tags['model_stage']}-{bench.name}" + (f"-{mode}" if several else "")
-    ecfg = Config.model_validate(d)
-    res = evaluate_model(ecfg, model, out, parent_run=parent, tags=tags,
+    run_name = f"eval-{tags['model_stage']}-{bench.name}" + (f"-{mode}" if several else "")
+    ecfg = cfg.derive(evaluation={"benchmarks": [bench], "mode": mode, "output_dir": str(out)},
+                      tracking={"run_name": run_name})
+    res = evaluate_model(EvaluateSpec.of(ecfg), model, out, parent_run=parent, tags=tags,
                          mirror=_mirror(cfg, out.parent.parent, "evaluate", out.name))
     metrics = res[bench.name]
     overall = metrics["overall"]

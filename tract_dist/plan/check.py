@@ -9,10 +9,13 @@ memory. A model whose config cannot be read without a download is not checked (a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tract_dist.errors import TractError
 from tract_dist.plan.hardware import GIB
+
+if TYPE_CHECKING:
+    from tract_dist.config import Config
 
 #: Which stage kinds each command runs (``submit`` follows the command it submits).
 COMMAND_KINDS = {"train": ("train",), "pipeline": ("pipeline_train", "generate", "pipeline_evaluate"),
@@ -31,7 +34,7 @@ def _advice(stage_name: str) -> str:
             "generation.vllm.max_num_seqs")
 
 
-def plan_check(cfg: Any, command: str = "train", *, local: bool = True) -> list[str]:
+def plan_check(cfg: Config, command: str = "train", *, local: bool = True) -> list[str]:
     """Plan ``cfg`` for ``command``'s stages; raise :class:`PlanRefused` when a stage will not fit (unless
     ``plan.check`` is warn). Returns the lines for the user (warnings for tight stages, else one summary line):
     the entry point prints them. A CPU run is checked against this machine's memory only when it runs here

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from tract_dist.config import Config
 
 
 def add_plan_check_arg(p: argparse.ArgumentParser) -> None:
@@ -14,7 +17,7 @@ def add_plan_check_arg(p: argparse.ArgumentParser) -> None:
                    help="start without checking the plan (tract-dist plan): per-GPU memory against the device's")
 
 
-def run_plan_check(args: argparse.Namespace, cfg: Any, command: str, *, local: bool = True) -> None:
+def run_plan_check(args: argparse.Namespace, cfg: Config, command: str, *, local: bool = True) -> None:
     """The plan check before a run starts (tract_dist.plan.check), unless ``--no-plan-check``; ``local``: the
     run uses this machine (not a submitted job), so a CPU run is checked against its memory."""
     if getattr(args, "no_plan_check", False):

@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from tract_dist.pipeline.methods import EVAL_MODES
 from tract_dist.plan.compute import decode_rate, prefill_seconds, train_step_flops
@@ -27,6 +27,9 @@ from tract_dist.plan.memory import (
     training_memory,
 )
 from tract_dist.plan.shape import LoraShape, ModelShape
+
+if TYPE_CHECKING:
+    from tract_dist.config import Config
 
 FITS, TIGHT, NO_FIT, UNCHECKED = "fits", "tight", "does not fit", "not checked"
 
@@ -91,7 +94,7 @@ class RunPlan:
 
 @dataclass(frozen=True)
 class _Context:
-    cfg: Any
+    cfg: Config
     shape: ModelShape
     lora: LoraShape | None
     acc: Accelerator | None  # None: a CPU run
@@ -106,7 +109,7 @@ class _Context:
         return self.acc.memory_gib * GIB if self.acc else None
 
 
-def micro_batch_shape(cfg: Any) -> tuple[int, int]:
+def micro_batch_shape(cfg: Config) -> tuple[int, int]:
     """(rows, tokens per row) of one training micro-batch. Padded rows are as long as the longest sequence, at
     most data.max_length; packed micro-batches (``training.packing`` with ``max_tokens_per_micro_batch``, where the
     trainer has them) are one row of that budget."""
@@ -116,7 +119,7 @@ def micro_batch_shape(cfg: Any) -> tuple[int, int]:
     return t.micro_batch_size, cfg.data.max_length
 
 
-def global_batch(cfg: Any) -> int:
+def global_batch(cfg: Config) -> int:
     t = cfg.training
     return getattr(t, "global_batch_size", None) or (
         t.micro_batch_size * t.gradient_accumulation_steps * cfg.cluster.num_workers)
@@ -144,7 +147,7 @@ def count_records(path: str | None) -> int | None:
     return None
 
 
-def count_examples(cfg: Any) -> int | None:
+def count_examples(cfg: Config) -> int | None:
     """plan.examples, else the training file's records, capped by data.max_examples."""
     n = cfg.plan.examples if cfg.plan.examples is not None else count_records(cfg.data.train_path)
     if cfg.data.max_examples is not None:
@@ -152,7 +155,7 @@ def count_examples(cfg: Any) -> int | None:
     return n
 
 
-def dtype_bytes(cfg: Any, on_gpu: bool, *, training: bool) -> int:
+def dtype_bytes(cfg: Config, on_gpu: bool, *, training: bool) -> int:
     """Bytes per weight and activation element: model.dtype as the runtime resolves it (auto: bf16 on GPU, fp32
     on CPU). Training runs DeepSpeed bf16 only for bfloat16 (float16 trains in fp32, as the recipe does)."""
     dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
@@ -162,13 +165,13 @@ def dtype_bytes(cfg: Any, on_gpu: bool, *, training: bool) -> int:
 
 
 def _train_setup(ctx: _Context) -> TrainSetup:
-    from tract_dist.train.ds_config import build_ds_config
+    from tract_dist.train.strategy import build_ds_config
 
     cfg = ctx.cfg
     rows, seq = micro_batch_shape(cfg)
     b = dtype_bytes(cfg, ctx.on_gpu, training=True)
     try:
-        ds = build_ds_config(cfg, cfg.cluster.num_workers, bf16=b == 2, gpu=ctx.on_gpu)
+        ds = build_ds_config(cfg.training, cfg.cluster.num_workers, bf16=b == 2, gpu=ctx.on_gpu)
     except FileNotFoundError:
         ds = {}
     tile = cfg.loss.tile_mib * 2**20 if cfg.loss.tile_mib else None
@@ -287,7 +290,7 @@ def _generation_stage(ctx: _Context) -> StagePlan:
 
 
 
-def _runs_tract_stages(cfg: Any) -> bool:
+def _runs_tract_stages(cfg: Config) -> bool:
     """TRACT's stage 1, generation and stage 2 run for ``tract``, and for ``real`` unless ``pipeline.real_init``
     names the export REAL starts from."""
     return cfg.pipeline.method == "tract" or (cfg.pipeline.method == "real" and cfg.pipeline.real_init is None)
@@ -364,7 +367,7 @@ STAGE_BUILDERS: dict[str, Callable[[_Context], list[StagePlan]]] = {
 ``generate`` and ``pipeline_evaluate`` (:data:`tract_dist.plan.check.COMMAND_KINDS`)."""
 
 
-def _selected(cfg: Any, stages: list[StagePlan]) -> list[StagePlan]:
+def _selected(cfg: Config, stages: list[StagePlan]) -> list[StagePlan]:
     """The stages ``pipeline.stages`` selects (its fnmatch patterns; the plan's ``evaluate`` stands for every
     ``evaluate_*`` stage of the pipeline)."""
     import fnmatch
@@ -378,7 +381,7 @@ def _selected(cfg: Any, stages: list[StagePlan]) -> list[StagePlan]:
 
 # ---- the plan ----------------------------------------------------------------------------------------------
 
-def plan_run(cfg: Any, *, kinds: tuple[str, ...] = ("pipeline_train", "generate", "pipeline_evaluate")) -> RunPlan:
+def plan_run(cfg: Config, *, kinds: tuple[str, ...] = ("pipeline_train", "generate", "pipeline_evaluate")) -> RunPlan:
     """The plan of ``cfg`` for the stage kinds asked (``train`` for a training run; default: the pipeline), from the
     model's config alone (meta device). Raises :class:`~tract_dist.plan.shape.PlanUnavailable` when the model's
     config cannot be had without a download."""
@@ -398,7 +401,7 @@ def plan_run(cfg: Any, *, kinds: tuple[str, ...] = ("pipeline_train", "generate"
     return RunPlan(shape, lora, device, acc, stages, _assumptions(cfg, acc))
 
 
-def _assumptions(cfg: Any, acc: Accelerator | None) -> list[str]:
+def _assumptions(cfg: Config, acc: Accelerator | None) -> list[str]:
     p = cfg.plan
     out = []
     if acc is not None:

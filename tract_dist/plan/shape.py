@@ -14,9 +14,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tract_dist.errors import TractError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from tract_dist.config import Config, LoraSection
 
 
 class PlanUnavailable(TractError):
@@ -82,7 +87,7 @@ class LoraShape:
     experts_adapted: bool  # PEFT >= 0.18 all-linear also wraps MoE experts' 3D weights
 
 
-def resolve_config(cfg: Any) -> tuple[Any, str]:
+def resolve_config(cfg: Config) -> tuple[Any, str]:
     """(transformers config, where it came from) for ``cfg.model.name_or_path``, without any download unless the
     name is a hub id outside the table and the hub is reachable. Raises :class:`PlanUnavailable`."""
     from transformers import AutoConfig
@@ -122,28 +127,24 @@ def resolve_config(cfg: Any) -> tuple[Any, str]:
                               ) from None
 
 
-def _text_config(config: Any) -> Any:
+def _text_config(config: PretrainedConfig) -> Any:
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def build_meta(config: Any) -> Any:
+def build_meta(config: PretrainedConfig) -> Any:
     """The causal LM of ``config`` on the meta device: real modules and shapes, no storage."""
     import torch
     from transformers import AutoModelForCausalLM
-    from transformers.integrations import deepspeed as hf_deepspeed
 
-    # While an HfDeepSpeedConfig lives in this process (an in-process training run keeps one), transformers builds
-    # every model under deepspeed.zero.Init and initialises it by copying data: not possible on the meta device.
-    live = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed._hf_deepspeed_config_weak_ref = None
-    try:
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = live
+    from tract_dist.train.strategy import outside_zero3
+
+    # While ZeRO-3's switch is on in this process (an in-process training run keeps it), transformers builds every
+    # model under ZeRO's partitioned init and initialises it by copying data: not possible on the meta device.
+    with outside_zero3(), torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
-def model_shape(config: Any, *, name: str, source: str, model: Any = None) -> ModelShape:
+def model_shape(config: PretrainedConfig, *, name: str, source: str, model: Any = None) -> ModelShape:
     """The :class:`ModelShape` of ``config`` (``model``: its meta build, if the caller already has one)."""
     model = model if model is not None else build_meta(config)
     tc = _text_config(config)
@@ -169,7 +170,7 @@ def model_shape(config: Any, *, name: str, source: str, model: Any = None) -> Mo
         expert_params=expert_params)
 
 
-def lora_shape(model: Any, lora: Any, config: Any = None) -> LoraShape:
+def lora_shape(model: Any, lora: LoraSection, config: PretrainedConfig | None = None) -> LoraShape:
     """Apply PEFT's LoRA (``lora``: the config's ``model.lora`` section) to a meta-device ``model`` and read off
     what it adds; the adapters are created on the meta device too, so a 70B model costs no memory.
 
@@ -184,7 +185,7 @@ def lora_shape(model: Any, lora: Any, config: Any = None) -> LoraShape:
     return _apply_lora(model, lora)
 
 
-def _with_layers(config: Any, n: int) -> Any:
+def _with_layers(config: PretrainedConfig, n: int) -> Any:
     """A copy of ``config`` with ``n`` decoder layers (per-layer lists cut to match)."""
     import copy
 
@@ -208,7 +209,7 @@ def _homogeneous_layers(model: Any) -> bool:
     return len({tuple(sorted(v)) for v in layers.values()}) == 1
 
 
-def _apply_lora(model: Any, lora: Any) -> LoraShape:
+def _apply_lora(model: Any, lora: LoraSection) -> LoraShape:
     import torch
     from peft import LoraConfig, get_peft_model
 

@@ -15,15 +15,17 @@ round's prompts and CoTs with the same seeds, from the same weights.
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import time
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 
+from tract_dist.console import TERMINAL
 from tract_dist.train.hooks import STEP_BEGIN
-from tract_dist.train.recipe import TrainRecipe, _console
+from tract_dist.train.recipe import TrainRecipe
+
+log = logging.getLogger(__name__)
 
 
 GATHER_ELEMENTS = 1 << 28
@@ -38,7 +40,7 @@ class RealRecipe(TrainRecipe):
                "grad_norm", "cot_tokens_mean", "rollout_samples_per_s", "update_samples_per_s")
     """The metrics of the console line (every metric goes to metrics.jsonl and MLflow)."""
 
-    def _check_resume(self, resume: Any) -> None:
+    def _check_resume(self, resume: str | None) -> None:
         from tract_dist.train.session import CheckpointError
 
         self.resumed_world = self.resume_from.world_size if self.resume_from is not None else None
@@ -68,8 +70,8 @@ class RealRecipe(TrainRecipe):
             f.write(json.dumps({"step": done, **metrics}) + "\n")
         if to_tracking:
             log_metrics(self.handle, metrics, step=done)
-            _console(f"[real] round {done}/{self.steps.total_steps} " + " ".join(
-                f"{k}={metrics[k]:.4g}" for k in self.CONSOLE if k in metrics))
+            log.info(f"[real] round {done}/{self.steps.total_steps} " + " ".join(
+                f"{k}={metrics[k]:.4g}" for k in self.CONSOLE if k in metrics), extra=TERMINAL)
 
     # ---- data: prompts, not encoded CoTs ----------------------------------------------------------
     def _setup_data(self) -> None:
@@ -112,25 +114,22 @@ class RealRecipe(TrainRecipe):
         self.n_ce = None
 
     def _setup_model(self) -> None:
-        from transformers.integrations import HfDeepSpeedConfig
-
         from tract_dist.loss.options import CoTRaftLossOptions
         from tract_dist.models import CotRaftCausalLM
-        from tract_dist.train.ds_config import build_ds_config
         from tract_dist.train.model_init import load_training_model, training_dtype
         from tract_dist.train.schedule import lr_lambda
+        from tract_dist.train.strategy import build_ds_config, parameter_counts
 
         cfg, t, r = self.cfg, self.cfg.training, self.cfg.real
         bf16 = training_dtype(cfg.model.dtype, self.use_cuda) == torch.bfloat16
-        ds_config = build_ds_config(cfg, self.world, bf16=bf16, gpu=self.use_cuda)
-        self._hf_ds = HfDeepSpeedConfig(ds_config) if t.zero_stage == 3 else None
+        ds_config = build_ds_config(t, self.world, bf16=bf16, gpu=self.use_cuda)
+        self.strategy.partition_at_load(ds_config)
         self.model = load_training_model(cfg, self.tokenizer, use_cuda=self.use_cuda)
         loss_options = CoTRaftLossOptions.from_config(cfg.loss, self.score_tokens.token_ids, self.score_tokens.scores)
         wrapper = CotRaftCausalLM(self.model, loss_options)
         self.strategy.prepare(wrapper, ds_config,
                               lr_lambda(t.lr_scheduler, r.steps * r.updates_per_round, t.warmup_ratio))
-        self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in wrapper.parameters())
-        self.local_params = sum(getattr(p, "ds_tensor", p).numel() for p in wrapper.parameters())
+        self.n_params, self.local_params = parameter_counts(wrapper)
         self.params_per_rank = self.strategy.all_gather_int(self.local_params)
 
     def _setup_rollouts(self) -> None:
@@ -157,19 +156,18 @@ class RealRecipe(TrainRecipe):
             return self._full_state()
         from peft import get_peft_model_state_dict
 
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        gather: Any = contextlib.nullcontext()
-        if self.cfg.training.zero_stage == 3:
-            import deepspeed
+        from tract_dist.train.strategy import gathered
 
-            gather = deepspeed.zero.GatheredParameters(trainable)
-        with gather:
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        with gathered(trainable, zero3=self.strategy.zero3):
             if self.rank != 0:
                 return None
             return {k: v.detach().to("cpu", torch.float32).clone()
                     for k, v in get_peft_model_state_dict(self.model).items()}
 
     def _full_state(self) -> dict[str, torch.Tensor] | None:
+        from tract_dist.train.strategy import gathered
+
         named = list(self.model.named_parameters())  # tied weights once, as the engine's named_parameters
         groups, group, size = [], [], 0
         for n, p in named:
@@ -182,12 +180,7 @@ class RealRecipe(TrainRecipe):
         groups.append(group)
         out: dict[str, torch.Tensor] = {}
         for group in groups:
-            gather: Any = contextlib.nullcontext()
-            if self.cfg.training.zero_stage == 3:
-                import deepspeed
-
-                gather = deepspeed.zero.GatheredParameters([p for _, p in group])
-            with gather:
+            with gathered([p for _, p in group], zero3=self.strategy.zero3):
                 if self.rank == 0:
                     out.update({n: p.detach().to("cpu").clone() for n, p in group})
         return out if self.rank == 0 else None
@@ -212,8 +205,7 @@ class RealRecipe(TrainRecipe):
                      "seeds": [example_seed(r.seed, f"{self.examples[i].id}\x1fround{step}", s) for s in range(r.k)]}
                     for j, i in enumerate(self.steps.step_indices(step).tolist())]
             box = list(self.pool.rollout(jobs))
-        if self.world > 1:
-            dist.broadcast_object_list(box, src=0)
+        box = self.strategy.broadcast_objects(box, src=0)
         return box[0], box[1]
 
     def train_step(self, step: int) -> dict[str, float]:
@@ -257,10 +249,10 @@ class RealRecipe(TrainRecipe):
                 cur = ref = None
                 if off_policy or r.beta > 0:
                     with torch.no_grad():
-                        cur = self.strategy.engine.module(**batch, token_logprobs=True)
+                        cur = self.strategy.module(**batch, token_logprobs=True)
                 if r.beta > 0:
                     with torch.no_grad(), self.model.disable_adapter():
-                        ref = self.strategy.engine.module(**batch, token_logprobs=True)
+                        ref = self.strategy.module(**batch, token_logprobs=True)
                 tw = surrogate_token_weights(a.to(self.strategy.device), mask, logp=cur,
                                              old_logp=old.to(self.strategy.device) if off_policy else None,
                                              ref_logp=ref, clip_eps=r.clip_eps, beta=r.beta)
@@ -274,9 +266,8 @@ class RealRecipe(TrainRecipe):
             norm = self.strategy.grad_norm()
             norms.append(norm if norm is not None else float("nan"))
         t_upd = time.perf_counter() - t1
-        stats = acc.reduce()
-        if dist.is_initialized():
-            dist.all_reduce(extra)
+        stats = acc.reduce(self.strategy.sum_)
+        self.strategy.sum_(extra)
         surrogate, kl, clipped, ratio_dev, toks, gap = extra.tolist()
         u = r.updates_per_round
         t2 = time.perf_counter()

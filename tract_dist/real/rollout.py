@@ -24,27 +24,13 @@ import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from tract_dist.real.batch import RealEncoder, RealSample
 
 log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def _outside_zero3() -> Iterator[None]:
-    """Build a whole (unpartitioned) model even in a process whose trainer keeps transformers' ZeRO-3 switch on
-    (the in-process engine of the torchrun / inline launchers): the switch is a module-level weak reference."""
-    from transformers.integrations import deepspeed as hf_ds
-
-    saved = hf_ds._hf_deepspeed_config_weak_ref
-    hf_ds._hf_deepspeed_config_weak_ref = None
-    try:
-        yield
-    finally:
-        hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
 class RolloutWorker:
@@ -80,8 +66,9 @@ class RolloutWorker:
         if self.backend == "hf":
             from tract_dist.runtime.hf_engine import HFEngine
             from tract_dist.train.model_init import wrap_lora
+            from tract_dist.train.strategy import outside_zero3
 
-            with _outside_zero3():
+            with outside_zero3():  # a whole engine model even beside the in-process trainer's ZeRO-3 switch
                 model = load_causal_lm(model_path, dtype=r.rollout_dtype,
                                        attn_implementation=cfg.model.attn_implementation)
                 if cfg.model.lora.enabled:

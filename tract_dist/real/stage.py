@@ -36,12 +36,10 @@ def real_stage_config(cfg: Config, init_model: str) -> Config:
         raise ConfigError(f"real: a round's {n} samples (real.prompts_per_step {r.prompts_per_step} x real.k {r.k}) "
                           f"must divide into cluster.num_workers {world} x training.micro_batch_size "
                           f"{t.micro_batch_size}")
-    d = cfg.model_dump()
-    d["model"]["name_or_path"] = init_model
-    d["training"].update(learning_rate=r.learning_rate, max_steps=r.steps,
-                         gradient_accumulation_steps=n // (world * t.micro_batch_size))
-    d["data"]["use_cot"] = False  # the stage reads prompts and gold scores; a CoT in the file is not needed
-    return Config.model_validate(d)
+    return cfg.derive(model={"name_or_path": init_model},
+                      training={"learning_rate": r.learning_rate, "max_steps": r.steps,
+                                "gradient_accumulation_steps": n // (world * t.micro_batch_size)},
+                      data={"use_cot": False})  # the stage reads prompts and gold scores; a CoT is not needed
 
 
 def run_real(cfg: Config, init_model: str, **kwargs: Any) -> Any:

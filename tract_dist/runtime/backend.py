@@ -19,10 +19,13 @@ import importlib
 import importlib.util
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tract_dist.console import CONSOLE_ERR
 from tract_dist.runtime.engine import EngineSpec, InferenceEngine
+
+if TYPE_CHECKING:
+    from tract_dist.config import EvaluationSection, GenerationSection, ModelSection, VllmSection
 
 log = logging.getLogger(__name__)
 
@@ -124,14 +127,16 @@ def release_engine(backend: str | None = None) -> None:
         pass
 
 
-def choose_backend(cfg: Any, section: str) -> BackendChoice:
-    """Resolve ``{section}.backend`` of a config (section: generation or evaluation) and log the choice."""
+def choose_backend(settings: GenerationSection | EvaluationSection, section: str, *,
+                   use_gpu: bool) -> BackendChoice:
+    """Resolve ``{section}.backend`` (``settings``: the generation or evaluation section, ``section`` its name for
+    messages; ``use_gpu``: ``cluster.use_gpu``) and log the choice."""
     import torch
 
-    requested = getattr(cfg, section).backend
-    gpu = bool(cfg.cluster.use_gpu) or torch.cuda.is_available()
+    requested = settings.backend
+    gpu = bool(use_gpu) or torch.cuda.is_available()
     choice = resolve_backend(requested, f"{section}.backend", gpu=gpu)
-    tp = getattr(cfg, section).tensor_parallel_size
+    tp = settings.tensor_parallel_size
     if tp > 1 and choice.backend != "vllm":
         from tract_dist.config import ConfigError
 
@@ -141,18 +146,17 @@ def choose_backend(cfg: Any, section: str) -> BackendChoice:
     return choice
 
 
-def spec_from_config(cfg: Any, section: str, model_path: str, backend: str, *, batch_size: int,
-                     torch_threads: int | None = None) -> EngineSpec:
-    """The engine recipe for ``model_path`` from a config: model options, ``{section}.tensor_parallel_size`` and
-    the engine settings of ``generation.vllm`` (one place for them: generation and evaluation share the engine)."""
+def engine_spec(model: ModelSection, vllm: VllmSection, model_path: str, backend: str, *,
+                tensor_parallel_size: int, batch_size: int, torch_threads: int | None = None) -> EngineSpec:
+    """The engine recipe for ``model_path``: the ``model`` section's loading options, the section's
+    ``tensor_parallel_size`` and the engine settings of ``generation.vllm`` (``vllm``: one place for them,
+    generation and evaluation share the engine)."""
     from dataclasses import fields
 
     from tract_dist.runtime.engine import VllmOptions
 
-    m = cfg.model
-    v = cfg.generation.vllm
-    return EngineSpec(backend=backend, model_path=model_path, tokenizer=m.tokenizer, dtype=m.dtype,
-                      attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code,
-                      tensor_parallel_size=getattr(cfg, section).tensor_parallel_size, batch_size=batch_size,
+    return EngineSpec(backend=backend, model_path=model_path, tokenizer=model.tokenizer, dtype=model.dtype,
+                      attn_implementation=model.attn_implementation, trust_remote_code=model.trust_remote_code,
+                      tensor_parallel_size=tensor_parallel_size, batch_size=batch_size,
                       torch_threads=torch_threads,
-                      vllm=VllmOptions(**{f.name: getattr(v, f.name) for f in fields(VllmOptions)}))
+                      vllm=VllmOptions(**{f.name: getattr(vllm, f.name) for f in fields(VllmOptions)}))

@@ -17,9 +17,12 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from tract_dist.config import ClusterSection
 
 
 @dataclass(frozen=True)
@@ -38,9 +41,9 @@ class PoolSpec:
     gpus_per_replica: int = 1  # with use_gpu: a tensor-parallel replica holds tensor_parallel_size GPUs
 
     @classmethod
-    def from_config(cls, cfg: Any, *, use_ray: bool, batch_size: int, replicas: int | None = None,
-                    gpus_per_replica: int = 1) -> "PoolSpec":
-        c = cfg.cluster
+    def from_cluster(cls, c: ClusterSection, *, use_ray: bool, batch_size: int, replicas: int | None = None,
+                     gpus_per_replica: int = 1) -> "PoolSpec":
+        """The pool of a stage from the ``cluster`` section (``replicas`` unset: ``cluster.num_workers``)."""
         return cls(use_ray=use_ray, replicas=replicas or c.num_workers, batch_size=batch_size, use_gpu=c.use_gpu,
                    cpus_per_replica=c.cpus_per_worker, address=c.address, local_num_cpus=c.local_num_cpus,
                    object_store_memory_mb=c.object_store_memory_mb, gpus_per_replica=gpus_per_replica,

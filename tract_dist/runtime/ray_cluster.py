@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from tract_dist.console import CONSOLE, CONSOLE_ERR
 
 if TYPE_CHECKING:
-    from tract_dist.config import Config
+    from tract_dist.config import ClusterSection
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +91,13 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, need_cp
                  f"{ray_logging.session_logs()}", extra=CONSOLE)
 
 
-def init_ray_from_config(cfg: "Config", address: str | None = None) -> None:
-    """:func:`init_ray` for a pipeline or training run: ``address`` / ``cluster.address`` / RAY_ADDRESS, or a
-    local Ray with twice this machine's cores as logical CPUs (``cluster.local_num_cpus`` overrides).
+def init_ray_from_config(c: ClusterSection, address: str | None = None) -> None:
+    """:func:`init_ray` for a pipeline or training run from its ``cluster`` section: ``address`` /
+    ``cluster.address`` / RAY_ADDRESS, or a local Ray with twice this machine's cores as logical CPUs
+    (``cluster.local_num_cpus`` overrides).
 
     The workers' environment: DeepSpeed's accelerator, Ray Train's fast health check (STACK-NOTES: 31-37 s ->
     14-16 s per fit on 2 cores), quiet tokenizers, and on CPU one OpenMP thread per reserved CPU."""
-    c = cfg.cluster
     env = {"DS_ACCELERATOR": "cuda" if c.use_gpu else "cpu", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
            "TOKENIZERS_PARALLELISM": "false"}
     if not c.use_gpu:
@@ -107,13 +107,13 @@ def init_ray_from_config(cfg: "Config", address: str | None = None) -> None:
              env_vars=env)
 
 
-def check_placement(cfg: "Config") -> None:
-    """Refuse a training run the connected cluster cannot place (Ray Train would wait for the resources instead of failing)."""
+def check_placement(c: ClusterSection) -> None:
+    """Refuse a training run (its ``cluster`` section) the connected cluster cannot place (Ray Train would wait
+    for the resources instead of failing)."""
     import ray
 
     from tract_dist.config import ConfigError
 
-    c = cfg.cluster
     n = c.min_workers or c.num_workers  # an elastic run starts with what fits, at least min_workers
     key = "cluster.min_workers" if c.min_workers else "cluster.num_workers"
     have = ray.cluster_resources()

@@ -13,10 +13,13 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tract_dist.console import CONSOLE_ERR
 from tract_dist.serve.schemas import MAX_BODY_BYTES
+
+if TYPE_CHECKING:
+    from tract_dist.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +64,7 @@ def default_model_id(model_path: str) -> str:
     return model_path.replace("/", "-")
 
 
-def build_app(cfg: Any, model_path: str, opts: ServeOptions) -> Any:
+def build_app(cfg: Config, model_path: str, opts: ServeOptions) -> Any:
     """The Serve application: the JudgeServer ingress bound to ``opts.replicas`` JudgeModel replicas (or
     between ``opts.autoscale``'s bounds)."""
     from tract_dist.serve.ingress import IngressSettings, JudgeServer
@@ -92,7 +95,7 @@ def start_http(host: str, port: int, request_timeout_s: float) -> None:
                               "request_timeout_s": request_timeout_s + 30})
 
 
-def deploy(cfg: Any, model_path: str, opts: ServeOptions, *, host: str, port: int) -> Any:
+def deploy(cfg: Config, model_path: str, opts: ServeOptions, *, host: str, port: int) -> Any:
     """Start the proxy and deploy; returns the ingress handle once every replica is up."""
     from ray import serve
 
@@ -100,7 +103,7 @@ def deploy(cfg: Any, model_path: str, opts: ServeOptions, *, host: str, port: in
     return serve.run(build_app(cfg, model_path, opts), name=APP_NAME, route_prefix="/")
 
 
-def run_server(cfg: Any, model_path: str, opts: ServeOptions, *, host: str, port: int, address: str | None,
+def run_server(cfg: Config, model_path: str, opts: ServeOptions, *, host: str, port: int, address: str | None,
                tracking: bool, registered_name: str | None = None) -> int:
     """``tract-dist serve``: connect to (or start) Ray, deploy, log the model, wait for Ctrl-C, shut down.
 
@@ -116,7 +119,7 @@ def run_server(cfg: Any, model_path: str, opts: ServeOptions, *, host: str, port
                            registered_name=registered_name)
 
 
-def serve_log_dir(cfg: Any, opts: ServeOptions) -> Path:
+def serve_log_dir(cfg: Config, opts: ServeOptions) -> Path:
     """Where a server's library output goes: ``training.output_dir``/serve/<model id>/logs (the id made a plain
     folder name: --model-id is the user's)."""
     from tract_dist.tracking.models import model_name
@@ -124,7 +127,7 @@ def serve_log_dir(cfg: Any, opts: ServeOptions) -> Path:
     return Path(cfg.training.output_dir).resolve() / "serve" / model_name(opts.model_id) / "logs"
 
 
-def _run_server(cfg: Any, model_path: str, opts: ServeOptions, *, host: str, port: int, address: str | None,
+def _run_server(cfg: Config, model_path: str, opts: ServeOptions, *, host: str, port: int, address: str | None,
                 tracking: bool, registered_name: str | None) -> int:
     import signal
     import threading
@@ -201,7 +204,7 @@ def _mute_ray_errors_on_shutdown() -> None:
         pass
 
 
-def _log_served_model(cfg: Any, model_path: str, opts: ServeOptions, where: str, name: str | None) -> None:
+def _log_served_model(cfg: Config, model_path: str, opts: ServeOptions, where: str, name: str | None) -> None:
     """The export being served, as an MLflow model in a run named after the model id (tracking observes:
     a failure is a warning)."""
     from tract_dist.tracking.mlflow_run import log_params, set_tags, start_run

@@ -30,13 +30,16 @@ import os
 import time
 from collections import Counter, deque
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray import serve
 
 from tract_dist.console import CONSOLE_ERR, attach
 from tract_dist.runtime.deadline import StopSignal
 from tract_dist.serve.templates import judge_template
+
+if TYPE_CHECKING:
+    from tract_dist.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,7 @@ class JudgeModel:
     """The replica's state: the judge, its scale and chat template, the serving budget and decode speed, and
     what is running now (for ``activity``)."""
 
-    def __init__(self, cfg: Any, model_path: str, *, torch_threads: int | None = None,
+    def __init__(self, cfg: Config, model_path: str, *, torch_threads: int | None = None,
                  max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_S):
         import torch
 

@@ -19,9 +19,12 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from tract_dist.console import CONSOLE_ERR
+
+if TYPE_CHECKING:
+    from tract_dist.config import ClusterSection, TrackingSection
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,7 @@ class RunHandle:
         return self.run_id is not None
 
 
+
 def resolve_uri(uri: str) -> str:
     """``MLFLOW_TRACKING_URI`` wins over the config; a relative sqlite path is made absolute (workers' cwd differs)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or uri
@@ -57,13 +61,13 @@ MODEL_TRAINING_KIND = "custom_model_development"
 the runs, with their metrics, datasets and models."""
 
 
-def artifact_root(cfg: Any) -> str | None:
+def artifact_root(cluster: "ClusterSection", tracking: "TrackingSection") -> str | None:
     """Where a new experiment keeps its artifacts when ``cluster.storage_path`` is a URI:
     ``<storage_path>/mlflow/<experiment>`` (MLflow writes s3:// through boto3, gs:// through google-cloud-storage,
     with the driver's credentials from its environment); None otherwise (the store's own default)."""
     from tract_dist.storage import mirror_of
 
-    return mirror_of(cfg.cluster.storage_path, "mlflow", cfg.tracking.experiment)
+    return mirror_of(cluster.storage_path, "mlflow", tracking.experiment)
 
 
 def ensure_experiment(tracking_uri: str, name: str, artifact_location: str | None = None) -> str:

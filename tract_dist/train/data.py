@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,12 +25,15 @@ from tract_dist.data.formats import ReadResult, read_examples
 from tract_dist.data.score_scale import derive_score_scale
 from tract_dist.data.score_tokens import ScoreTokens, derive_score_tokens, parse_scale
 
+if TYPE_CHECKING:
+    from tract_dist.config import Config
+
 
 class EmptyDatasetError(TractError, ValueError):
     """No example survived reading and encoding; training cannot start."""
 
 
-def prepare_dataset(cfg: Any, tokenizer: Any, out_dir: str | Path) -> dict[str, Any]:
+def prepare_dataset(cfg: Config, tokenizer: Any, out_dir: str | Path) -> dict[str, Any]:
     """Read, validate and encode ``cfg.data.train_path``; save it to ``out_dir``; return the summary.
 
     Raises EmptyDatasetError (naming the file and what happened to its records) when nothing is left.
@@ -76,7 +79,7 @@ def prepare_dataset(cfg: Any, tokenizer: Any, out_dir: str | Path) -> dict[str, 
     return summary
 
 
-def _encode_pairs(cfg: Any, tokenizer: Any) -> tuple[list[Any], Any, Any, ScoreTokens, Any]:
+def _encode_pairs(cfg: Config, tokenizer: Any) -> tuple[list[Any], Any, Any, ScoreTokens, Any]:
     """A relative-grading data set: pairs read (``data.pair_formats``) and encoded as ``{feedback} [RESULT] A|B``
     with the verdict position as the score position and y as the score (``data.relative.encode_pair``); the
     score tokens are the verdict tokens, values A = 1, B = 0 (the loss renormalises over them: p(A))."""

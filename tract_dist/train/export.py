@@ -1,8 +1,8 @@
 """Export a trained model as a Hugging Face directory, consolidated from the ZeRO-3 shards.
 
-``_zero3_consolidated_16bit_state_dict`` is DeepSpeed's own all-gather of a partitioned model (a collective:
-every rank calls it, rank 0 receives the dict). Rank 0 then writes safetensors + config + tokenizer into a
-temporary folder (named after its writer, ``fsutil.temp_path``), fsyncs it and renames it into place
+The strategy gathers the whole state dict onto rank 0 (DeepSpeed's own all-gather of a partitioned model, a
+collective: :meth:`tract_dist.train.strategy.DeepSpeedStrategy.consolidated_state_dict`). Rank 0 then writes
+safetensors + config + tokenizer into a temporary folder (named after its writer, ``fsutil.temp_path``), fsyncs it and renames it into place
 (``fsutil.publish_dir``), so neither a crash nor a power loss leaves a half-written export. For LoRA the
 adapter is written with PEFT, and the merged model (W + alpha/r * B @ A) beside it when asked. Each folder gets
 a manifest (every file's size and SHA-256) that a node fetching it from shared storage checks.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,23 +21,15 @@ from tract_dist.export_record import write_export_record
 from tract_dist.fsutil import is_stale_temp, publish_dir, temp_path
 from tract_dist.storage import write_manifest
 
-_WRAPPER_PREFIX = "lm."  # CotRaftCausalLM keeps the HF model as .lm
+if TYPE_CHECKING:
+    from peft import LoraConfig
+    from transformers import GenerationConfig, PretrainedConfig
+
+    from tract_dist.config import Config
 
 
-def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
-    """Full state dict of the wrapped HF model on rank 0 (None elsewhere). Collective under ZeRO-3."""
-    if engine.zero_optimization_partition_weights():
-        sd = engine._zero3_consolidated_16bit_state_dict()
-    else:
-        sd = engine.module.state_dict() if engine.global_rank == 0 else None
-    if sd is None:
-        return None
-    return {k[len(_WRAPPER_PREFIX):]: v.detach().cpu().contiguous() for k, v in sd.items()
-            if k.startswith(_WRAPPER_PREFIX)}
-
-
-def save_hf_dir(state_dict: dict[str, torch.Tensor], config: Any, tokenizer: Any, out: Path,
-                generation_config: Any = None) -> None:
+def save_hf_dir(state_dict: dict[str, torch.Tensor], config: PretrainedConfig, tokenizer: Any, out: Path,
+                generation_config: GenerationConfig | None = None) -> None:
     from safetensors.torch import save_file
 
     from tract_dist.models.loading import drop_gguf_quantization
@@ -65,7 +57,7 @@ def save_hf_dir(state_dict: dict[str, torch.Tensor], config: Any, tokenizer: Any
     tokenizer.save_pretrained(out)
 
 
-def merge_lora(state_dict: dict[str, torch.Tensor], peft_config: Any,
+def merge_lora(state_dict: dict[str, torch.Tensor], peft_config: LoraConfig,
                adapter: str = "default") -> dict[str, torch.Tensor]:
     """Base-model state dict with every LoRA delta folded in: W + (alpha / r) * B @ A."""
     if getattr(peft_config, "use_rslora", False) or getattr(peft_config, "use_dora", False):
@@ -87,10 +79,11 @@ def merge_lora(state_dict: dict[str, torch.Tensor], peft_config: Any,
     return merged
 
 
-def export_model(engine: Any, model: Any, tokenizer: Any, cfg: Any, out_dir: Path, rank: int) -> None:
+def export_model(sd: dict[str, torch.Tensor] | None, model: Any, tokenizer: Any, cfg: Config, out_dir: Path,
+                 rank: int) -> None:
     """Write ``out_dir/model`` (full HF model; merged for LoRA when ``merge_on_export``) and, for LoRA,
-    ``out_dir/adapter``. Collective: every rank must call it."""
-    sd = consolidated_state_dict(engine)
+    ``out_dir/adapter`` on rank 0, from ``sd``: the whole model's state dict rank 0 received
+    (:meth:`~tract_dist.train.strategy.DeepSpeedStrategy.consolidated_state_dict`; None on the other ranks)."""
     if rank != 0:
         return
     assert sd is not None
@@ -113,7 +106,7 @@ def _remove_stale_temps(out_dir: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_export(sd: dict[str, torch.Tensor], model: Any, tokenizer: Any, cfg: Any, tmp: Path) -> None:
+def _write_export(sd: dict[str, torch.Tensor], model: Any, tokenizer: Any, cfg: Config, tmp: Path) -> None:
     peft_config = getattr(model, "peft_config", None)
     if peft_config:
         from peft import get_peft_model_state_dict
@@ -128,7 +121,7 @@ def _write_export(sd: dict[str, torch.Tensor], model: Any, tokenizer: Any, cfg: 
                         getattr(base, "generation_config", None))
     else:
         save_hf_dir(sd, model.config, tokenizer, tmp / "model", getattr(model, "generation_config", None))
-    write_export_record(tmp, cfg)  # the loss's score read-out, which evaluation.rail_normalize unset follows
+    write_export_record(tmp, cfg.loss)  # the loss's score read-out, which evaluation.rail_normalize unset follows
     for name in ("model", "adapter"):  # last: each loadable folder's content check (sizes + SHA-256), which a
         if (tmp / name).is_dir():       # node fetching it from shared storage verifies (tract_dist/storage.py)
             write_manifest(tmp / name)

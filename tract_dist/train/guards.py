@@ -1,8 +1,9 @@
 """The non-finite stop: a NaN or infinite step ends the run before any save, naming what to look at.
 
 Every rank holds the same all-reduced step statistics and global gradient norm, so every rank reaches the
-same decision at the same step without communicating. The driver (trainer) reads ``RUN_DIR/nonfinite.json``
-to raise one clear error whatever the launcher wrapped it in.
+same decision at the same step without communicating. Rank 0 writes ``RUN_DIR/nonfinite.json``; the driver
+(trainer), and a worker Ray Train restarts, read it back through :func:`read_nonfinite`, the one reader, to raise
+one clear error whatever the launcher wrapped it in.
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tract_dist.errors import RunFailure
+
+if TYPE_CHECKING:
+    from tract_dist.train.session import TrainingSession
 
 NONFINITE = "nonfinite.json"
 
@@ -25,7 +29,7 @@ def nonfinite_values(checked: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in checked.items() if not math.isfinite(v)}
 
 
-def stop_nonfinite(step: int, bad: dict[str, float], ids: list[str], session: Any, run_dir: Path, rank: int,
+def stop_nonfinite(step: int, bad: dict[str, float], ids: list[str], session: TrainingSession, run_dir: Path, rank: int,
                    invocation: str | None) -> None:
     """Stop the run at a non-finite step: no checkpoint of it (or later) is written; the last good checkpoint
     is pinned so that no later save prunes it; rank 0 records what happened in ``RUN_DIR/nonfinite.json``."""
@@ -51,15 +55,24 @@ def stop_nonfinite(step: int, bad: dict[str, float], ids: list[str], session: An
     raise NonFiniteLossError(msg)
 
 
-def refuse_known_nonfinite(run_dir: Path, invocation: str | None) -> None:
-    """A worker restarted by Ray Train within the same invocation after a non-finite stop would only meet the
-    same NaN again (the data and weights are deterministic): fail at once instead of burning the retries."""
-    path = run_dir / NONFINITE
+def read_nonfinite(run_dir: Path, invocation: str | None) -> dict[str, Any] | None:
+    """The non-finite stop recorded in ``RUN_DIR/nonfinite.json`` by this invocation, or None (no record, an
+    unreadable one, or another invocation's: a rerun after lowering the learning rate must not fail on it)."""
+    path = Path(run_dir) / NONFINITE
     if invocation is None or not path.exists():
-        return
+        return None
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return
-    if info.get("invocation") == invocation:
+        return None
+    if not isinstance(info, dict) or info.get("invocation") != invocation:
+        return None
+    return info
+
+
+def refuse_known_nonfinite(run_dir: Path, invocation: str | None) -> None:
+    """A worker restarted by Ray Train within the same invocation after a non-finite stop would only meet the
+    same NaN again (the data and weights are deterministic): fail at once instead of burning the retries."""
+    info = read_nonfinite(run_dir, invocation)
+    if info is not None:
         raise NonFiniteLossError(info.get("message", "non-finite training values (see nonfinite.json)"))

@@ -1,20 +1,22 @@
 """Build the model a training worker fine-tunes: partitioned at load time under ZeRO-3, LoRA optional.
 
-Under ZeRO-3 the caller keeps an ``HfDeepSpeedConfig`` alive while this runs, so ``from_pretrained`` /
-``from_config`` enter ``deepspeed.zero.Init`` and no rank ever materialises the whole model.
+Under ZeRO-3 the strategy keeps its ZeRO-3 switch on while this runs (``DeepSpeedStrategy.partition_at_load``), so ``from_pretrained`` /
+``from_config`` enter DeepSpeed's ``zero.Init`` and no rank ever materialises the whole model.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tract_dist.aliases import RANDOM_ALIASES, is_random_model
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from tract_dist.config import Config, LoraSection
 
+log = logging.getLogger(__name__)
 
 
 def attn_implementation(requested: str | None, use_cuda: bool) -> str:
@@ -31,13 +33,13 @@ def training_dtype(setting: str, use_cuda: bool) -> torch.dtype:
     return resolve_dtype(setting, "cuda" if use_cuda else "cpu")
 
 
-def _multi_token_scale(cfg: Any, tokenizer: Any) -> bool:
+def _multi_token_scale(cfg: Config, tokenizer: Any) -> bool:
     from tract_dist.data.score_scale import derive_score_scale
 
     return not derive_score_scale(tokenizer, cfg.data.scale).single_token
 
 
-def load_training_model(cfg: Any, tokenizer: Any, *, use_cuda: bool) -> torch.nn.Module:
+def load_training_model(cfg: Config, tokenizer: Any, *, use_cuda: bool) -> torch.nn.Module:
     """The seed model named by ``cfg.model`` (HF path/name, ``smollm2``, or ``tiny-llama`` for smoke runs)."""
     from transformers import AutoModelForCausalLM
 
@@ -88,7 +90,7 @@ def load_training_model(cfg: Any, tokenizer: Any, *, use_cuda: bool) -> torch.nn
     return model
 
 
-def wrap_lora(model: torch.nn.Module, lora: Any) -> torch.nn.Module:
+def wrap_lora(model: torch.nn.Module, lora: LoraSection) -> torch.nn.Module:
     """PEFT LoRA on ``model`` from ``model.lora`` (REAL's rollout engines build the same wrapper)."""
     from peft import LoraConfig, get_peft_model
 

@@ -17,7 +17,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -30,6 +30,9 @@ from tract_dist.train.hooks import CHECKPOINT_WRITTEN, MICRO_BATCH, STEP_BEGIN, 
 from tract_dist.train.plan import WorkerPlan
 from tract_dist.train.stats import StepAccumulator, ThroughputWindow, step_metrics
 from tract_dist.train.strategy import DeepSpeedStrategy
+
+if TYPE_CHECKING:
+    from tract_dist.train.session import TrainingSession
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +86,7 @@ class TrainRecipe:
         if self.rank == 0:
             log.info(self._setup_line(), extra=TERMINAL)
 
-    def _check_resume(self, resume: Any) -> None:
+    def _check_resume(self, resume: str | None) -> None:
         """Refuse a checkpoint this recipe cannot continue (TRACT's continues any world size)."""
 
     def _setup_more(self, timed: Callable[..., None]) -> None:
@@ -108,7 +111,7 @@ class TrainRecipe:
         self.strategy.setup_distributed()
         self.rank, self.world = self.strategy.rank, self.strategy.world_size
         t = self.cfg.training
-        self.session = (RaySession(self.plan.fingerprint) if self.plan.launcher == "ray"
+        self.session: TrainingSession = (RaySession(self.plan.fingerprint) if self.plan.launcher == "ray"
                         else LocalSession(self.run_dir / "checkpoints", keep=t.num_to_keep,
                                           fingerprint=self.plan.fingerprint))
         self.hooks = Hooks(self.plan.hooks)
@@ -143,21 +146,18 @@ class TrainRecipe:
 
     def _setup_model(self) -> None:
         """The seed model (partitioned at load under ZeRO-3), the loss wrapper, the engine and the schedule."""
-        from transformers.integrations import HfDeepSpeedConfig
-
         from tract_dist.loss.options import CoTRaftLossOptions
         from tract_dist.models import CotRaftCausalLM
-        from tract_dist.train.ds_config import build_ds_config
         from tract_dist.train.model_init import load_training_model, training_dtype
         from tract_dist.train.resume import needs_universal
         from tract_dist.train.schedule import lr_lambda
+        from tract_dist.train.strategy import build_ds_config, parameter_counts
 
         cfg, t = self.cfg, self.cfg.training
         bf16 = training_dtype(cfg.model.dtype, self.use_cuda) == torch.bfloat16
-        ds_config = build_ds_config(cfg, self.world, bf16=bf16, gpu=self.use_cuda,
+        ds_config = build_ds_config(t, self.world, bf16=bf16, gpu=self.use_cuda,
                                     load_universal=needs_universal(self.resume_from, self.world))
-        # Alive for the recipe's life: while it exists, from_pretrained/from_config build under zero.Init.
-        self._hf_ds = HfDeepSpeedConfig(ds_config) if t.zero_stage == 3 else None
+        self.strategy.partition_at_load(ds_config)  # ZeRO-3: from_pretrained/from_config build under zero.Init
         self.model = load_training_model(cfg, self.tokenizer, use_cuda=self.use_cuda)
         # relative grading (data.task): p(A) is the verdict distribution renormalised over {A, B} (data/relative.py)
         loss_options = CoTRaftLossOptions.from_config(cfg.loss, self.score_tokens.token_ids, self.score_tokens.scores,
@@ -166,8 +166,7 @@ class TrainRecipe:
                                                       or cfg.data.task == "relative")
         wrapper = CotRaftCausalLM(self.model, loss_options)
         self.strategy.prepare(wrapper, ds_config, lr_lambda(t.lr_scheduler, self.steps.total_steps, t.warmup_ratio))
-        self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in wrapper.parameters())
-        self.local_params = sum(getattr(p, "ds_tensor", p).numel() for p in wrapper.parameters())
+        self.n_params, self.local_params = parameter_counts(wrapper)
         self.params_per_rank = self.strategy.all_gather_int(self.local_params)
 
     def _resume(self, resume: str | None) -> None:
@@ -242,7 +241,7 @@ class TrainRecipe:
             self.strategy.step()
             if not micro.filler:
                 acc.add(out, batch)
-        stats = acc.reduce()
+        stats = acc.reduce(self.strategy.sum_)
         self.window.add(stats.tokens, time.perf_counter() - t0)
         norm = self.strategy.grad_norm()
         checked = {"loss": stats.loss, "ce": stats.ce, "mse": stats.mse}
@@ -309,7 +308,8 @@ class TrainRecipe:
 
         export_dir = Path(self.plan.export_dir or self.run_dir / "export")
         t0 = time.perf_counter()
-        export_model(self.strategy.engine, self.model, self.tokenizer, self.cfg, export_dir, self.rank)
+        export_model(self.strategy.consolidated_state_dict(), self.model, self.tokenizer, self.cfg, export_dir,
+                     self.rank)
         export_uri = self._publish_export(export_dir) if self.rank == 0 else None
         self.strategy.barrier()
         self.timings["export"] = time.perf_counter() - t0

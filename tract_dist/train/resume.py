@@ -19,9 +19,12 @@ import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from tract_dist.fsutil import atomic_write_json
+
+if TYPE_CHECKING:
+    from tract_dist.train.strategy import DeepSpeedStrategy
 
 STATE_FILE = "train_state.json"
 UNIVERSAL_DIR = "universal"  # under the run folder: shared by the ranks, like the encoded data
@@ -86,7 +89,7 @@ def needs_universal(state: CheckpointState | None, world_size: int) -> bool:
 
 
 @contextlib.contextmanager
-def universal_copy(strategy: Any, ckpt: str | Path, state: CheckpointState,
+def universal_copy(strategy: DeepSpeedStrategy, ckpt: str | Path, state: CheckpointState,
                    run_dir: str | Path) -> Iterator[tuple[str, str]]:
     """Rank 0 converts checkpoint ``ckpt`` into ``RUN_DIR/universal/<tag>-from-<W>``; every rank gets
     ``(folder, tag)`` to load from, and the copy is removed once every rank has loaded it. A failed conversion is

@@ -28,7 +28,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import torch.distributed as dist
 
@@ -48,6 +48,33 @@ class StaleResumeError(TractError, RuntimeError):
 
 class CheckpointError(RunFailure, RuntimeError):
     """A checkpoint could not be written or read back; the message names the checkpoint (and file)."""
+
+
+class TrainingSession(Protocol):
+    """What a recipe asks of the launcher it runs under (:class:`LocalSession`, :class:`RaySession`): where metrics
+    are reported and checkpoints kept. A save is ``begin`` -> every rank writes -> ``commit`` (or ``abort``)."""
+
+    launcher: str  # "local" or "ray": named in the non-finite stop's message and record
+    fingerprint: str | None  # the run's configuration digest, recorded in and checked against every checkpoint
+    last_good: str | None  # the newest checkpoint this run can rely on (resumed or written), for error messages
+
+    def report(self, metrics: dict[str, Any]) -> None:
+        """Metrics of a step without a checkpoint."""
+
+    def begin(self, step: int) -> str:
+        """The folder every rank writes the checkpoint of ``step`` into (every rank calls it)."""
+
+    def abort(self) -> None:
+        """Remove the pending checkpoint: some rank failed to write it (every rank calls it)."""
+
+    def commit(self, ckpt: str, step: int, metrics: dict[str, Any]) -> None:
+        """Publish ``ckpt`` once every rank wrote it (every rank calls it)."""
+
+    def pin(self, ckpt: str, reason: str) -> None:
+        """Keep ``ckpt`` out of reach of later pruning (the last good one before a non-finite stop)."""
+
+    def resume_dir(self) -> contextlib.AbstractContextManager[str | None]:
+        """The verified checkpoint folder to resume from while the context lasts, or None to start afresh."""
 
 
 def _warn(msg: str) -> None:

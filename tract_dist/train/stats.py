@@ -8,10 +8,9 @@ the console) are defined here and nowhere else.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 
 # Dense bf16 peak of common cards, for MFU (FLOP/s per GPU).
 _PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -47,11 +46,10 @@ class StepAccumulator:
                   "slots": torch.tensor(batch["input_ids"].numel(), device=self._sums.device)}
         self._sums += torch.stack([values[k] for k in _FIELDS]).double()
 
-    def reduce(self) -> StepStats:
-        """Sum over ranks (a collective: every rank calls it) and read on the host."""
-        if dist.is_initialized():
-            dist.all_reduce(self._sums)
-        return StepStats(*self._sums.tolist())
+    def reduce(self, sum_over_ranks: Callable[[torch.Tensor], torch.Tensor]) -> StepStats:
+        """Sum over ranks with the strategy's collective (``DeepSpeedStrategy.sum_``: every rank calls it) and
+        read on the host."""
+        return StepStats(*sum_over_ranks(self._sums).tolist())
 
 
 def _abs_err_sum(yhat: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:

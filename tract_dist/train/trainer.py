@@ -198,7 +198,7 @@ def _prepare_and_fit(cfg: Config, name: str, run_dir: Path, fp: str, *, config_p
     previous = id_file.read_text().strip() if id_file.exists() else None
     tr = cfg.tracking
     with start_run(tr.tracking_uri, tr.experiment, display_name, enabled=tr.enabled, parent=parent, run_id=previous,
-                   tags={"stage": stage, "tract.run_dir": str(run_dir)}, artifact_root=artifact_root(cfg)) as handle:
+                   tags={"stage": stage, "tract.run_dir": str(run_dir)}, artifact_root=artifact_root(cfg.cluster, cfg.tracking)) as handle:
         if handle.run_id:
             atomic_write_text(id_file, handle.run_id)
             if handle.run_id != previous:  # a new run (first invocation, or the old one was deleted)
@@ -294,16 +294,10 @@ def log_config_artifact(handle: RunHandle, config_path: str) -> None:
 def _raise_nonfinite(cfg: Config, name: str, run_dir: Path, invocation: str, error: BaseException) -> None:
     """If the workers stopped on a non-finite step in this invocation, raise one clear error (whatever the
     launcher wrapped it in) and pin the last good Ray checkpoint with hard links, out of num_to_keep's reach."""
-    from tract_dist.train.worker import NONFINITE, NonFiniteLossError
+    from tract_dist.train.guards import NonFiniteLossError, read_nonfinite
 
-    path = run_dir / NONFINITE
-    if not path.exists():
-        return
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    if info.get("invocation") != invocation:
+    info = read_nonfinite(run_dir, invocation)
+    if info is None:
         return
     msg = info.get("message", "non-finite training values")
     if info.get("launcher") == "ray":
@@ -349,8 +343,8 @@ def _fit_with_ray(cfg: Config, loop: WorkerPlan, name: str, address: str | None)
     from tract_dist.storage import ray_storage, storage_uri
     from tract_dist.train.worker import train_worker
 
-    init_ray_from_config(cfg, address)  # connected already by _connect_and_check: a no-op
-    check_placement(cfg)
+    init_ray_from_config(cfg.cluster, address)  # connected already by _connect_and_check: a no-op
+    check_placement(cfg.cluster)
     c = cfg.cluster
     storage, storage_fs = ray_storage(c.storage_path)  # a URI's filesystem: credentials from the environment
     nodes = alive_nodes(ray.nodes())  # to name a node lost during the run (runtime/node_loss.py)
@@ -385,8 +379,8 @@ def _connect_and_check(cfg: Config, address: str | None, run_dir: Path) -> None:
     local storage or run folder that not every node sees (``cluster.storage_path``: runtime/storage_check.py)."""
     from tract_dist.runtime.storage_check import check_shared_storage
 
-    init_ray_from_config(cfg, address)
-    check_placement(cfg)
+    init_ray_from_config(cfg.cluster, address)
+    check_placement(cfg.cluster)
     check_shared_storage({"cluster.storage_path": cfg.cluster.storage_path,
                           "training.output_dir": str(run_dir.parent)})
 
