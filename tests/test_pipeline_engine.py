@@ -115,4 +115,4 @@ def test_the_engine_knows_no_tract_stage_and_prints_nothing():
         assert name not in strings.lower(), name
     assert not [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "print"]
     assert not [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and
-                n.module.startswith(("tract_dist.pipeline.stages", "tract_dist.train", "tract_dist.tracking"))]
+                n.module.startswith(("tract_dist.pipeline.tract", "tract_dist.train", "tract_dist.tracking"))]

@@ -2,7 +2,7 @@
 
 - :mod:`~tract_dist.pipeline.engine`: a generic engine for resumable stages (fingerprints, ``state.json``,
   selection, progress events); it knows no TRACT stage and prints nothing.
-- :mod:`~tract_dist.pipeline.stages`: the TRACT stage list (:func:`build_stages`) and each stage's body.
+- :mod:`~tract_dist.pipeline.tract`: the TRACT stage list (:func:`build_stages`) and each stage's body.
 - :mod:`~tract_dist.pipeline.methods`: the methods and the inference modes they are evaluated in.
 - :mod:`~tract_dist.pipeline.inputs`: what the pipeline reads, checked before any stage.
 - :mod:`~tract_dist.pipeline.run`: :func:`run_pipeline` and :func:`plan_pipeline` (lock, Ray, MLflow parent run).
@@ -19,8 +19,8 @@ from tract_dist.lazy import lazy_exports
 
 _EXPORTS = {
     "run_pipeline": "run", "plan_pipeline": "run", "pipeline_dir": "run",
-    "build_stages": "stages", "stage_config": "stages", "pipeline_storage": "stages", "StageContext": "stages",
-    "TrainOutputs": "stages", "GenerateOutputs": "stages", "Stage2DataOutputs": "stages", "EvalOutputs": "stages",
+    "build_stages": "tract", "stage_config": "tract", "pipeline_storage": "tract", "StageContext": "tract",
+    "TrainOutputs": "tract", "GenerateOutputs": "tract", "Stage2DataOutputs": "tract", "EvalOutputs": "tract",
     "Stage": "engine", "StageOutputs": "engine", "StagePlan": "engine", "StageEvent": "engine",
     "EVAL_MODES": "methods", "PipelineSummary": "report",
 }

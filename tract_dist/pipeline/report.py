@@ -10,7 +10,7 @@ from typing import Any
 from tract_dist.config import Config
 from tract_dist.fsutil import atomic_write_json
 from tract_dist.pipeline.engine import Finished, Stage
-from tract_dist.pipeline.stages import EvalOutputs, stage_config
+from tract_dist.pipeline.tract import EvalOutputs, stage_config
 from tract_dist.tracking import RunHandle, log_artifact
 
 

@@ -1,5 +1,5 @@
 """Running (or planning) the TRACT pipeline: its folder and lock, the Ray start-up when a stage needs it, the
-MLflow parent run, the engine's walk over :func:`~tract_dist.pipeline.stages.build_stages`, the report.
+MLflow parent run, the engine's walk over :func:`~tract_dist.pipeline.tract.build_stages`, the report.
 
 One invocation per pipeline at a time (a lock beside its folder). One MLflow parent run per pipeline, a child
 run per stage and per benchmark. Each stage's progress is logged (``[pipeline] NAME: running`` ...) through
@@ -21,7 +21,7 @@ from tract_dist.identity import fingerprint
 from tract_dist.pipeline.engine import StageEvent, StagePlan, StageState, check_selection, selector, walk
 from tract_dist.pipeline.inputs import check_data_files, check_stage1_export
 from tract_dist.pipeline.report import PipelineSummary, roll_up, write_results
-from tract_dist.pipeline.stages import StageContext, build_stages, pipeline_storage
+from tract_dist.pipeline.tract import StageContext, build_stages, pipeline_storage
 from tract_dist.runtime.ray_logging import session_logs
 from tract_dist.tracking import log_artifact, log_params, start_run
 from tract_dist.train.preflight import preflight
