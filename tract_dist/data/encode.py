@@ -196,14 +196,17 @@ def encode_example(tokenizer: Any, ex: JudgeExample, st: ScoreTokens | ScoreScal
                    score_token_id=score_id, score=float(ex.score), truncated=truncated, weight=ex.weight)
 
 
-def encode_examples(tokenizer: Any, examples: list[JudgeExample], st: ScoreTokens | ScoreScale,
-                    opts: EncodeOptions) -> tuple[list[Encoded], EncodeStats]:
-    """Encode many examples; dropped ones are counted by reason, truncated ones are counted and flagged."""
+def encode_examples(tokenizer: Any, examples: list[Any], st: ScoreTokens | ScoreScale, opts: EncodeOptions,
+                    encode: Callable[..., Encoded] | None = None) -> tuple[list[Encoded], EncodeStats]:
+    """Encode many examples; dropped ones are counted by reason, truncated ones are counted and flagged.
+    ``encode(tokenizer, example, st, opts)``: :func:`encode_example` by default (relative grading passes its
+    pair encoder, ``data.relative.encode_pair``)."""
+    encode = encode or encode_example
     stats = EncodeStats(examples=len(examples))
     out = []
     for ex in examples:
         try:
-            enc = encode_example(tokenizer, ex, st, opts)
+            enc = encode(tokenizer, ex, st, opts)
         except DroppedExample as e:
             stats.dropped += 1
             stats.drop_reasons[str(e)] = stats.drop_reasons.get(str(e), 0) + 1

@@ -16,8 +16,9 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from tract_dist import jsontext
 from tract_dist.data.prompts import normalize_feedback, parse_prompt
@@ -322,6 +323,29 @@ def _json_array(path: Path, text: str) -> list[dict[str, Any]]:
         pos = skip_ws(pos + 1)
 
 
+def convert_records(source: str, records: Iterable[tuple[int, dict[str, Any]]],
+                    convert: Callable[[dict[str, Any], int], Any],
+                    skip_invalid: bool) -> tuple[list[Any], list[InvalidRecord]]:
+    """``convert(record, index)`` over ``(index, record)`` pairs, ids unique: the valid items and an account of
+    the invalid records (the first raised as a :class:`DataError` naming file, record and field unless
+    ``skip_invalid``). Single-response and pairwise readers share it."""
+    items: list[Any] = []
+    invalid: list[InvalidRecord] = []
+    seen: set[str] = set()
+    for i, rec in records:
+        try:
+            item = convert(rec, i)
+            if item.id in seen:
+                raise _RecordError("id", f"duplicate id {item.id!r}")
+            seen.add(item.id)
+            items.append(item)
+        except _RecordError as e:
+            if not skip_invalid:
+                raise DataError(source, e.message, index=i, field_name=e.field) from None
+            invalid.append(InvalidRecord(i, e.field, e.message))
+    return items, invalid
+
+
 def read_examples(source: str, fmt: str, *, scale: tuple[int, int] = (1, 5), skip_invalid: bool = False,
                   require_feedback: bool = True, limit: int | None = None, split: str = "train",
                   offset: int = 0) -> ReadResult:
@@ -339,24 +363,8 @@ def read_examples(source: str, fmt: str, *, scale: tuple[int, int] = (1, 5), ski
     lo, hi = scale
     ds = load_records(source, split)
     end = len(ds) if limit is None else min(offset + limit, len(ds))
-    examples: list[JudgeExample] = []
-    invalid: list[InvalidRecord] = []
-    seen: set[str] = set()
-    for i, rec in enumerate(ds):
-        if i < offset:
-            continue
-        if i >= end:
-            break
-        try:
-            ex = convert(rec, i, lo, hi, require_feedback)
-            if ex.id in seen:
-                raise _RecordError("id", f"duplicate id {ex.id!r}")
-            seen.add(ex.id)
-            examples.append(ex)
-        except _RecordError as e:
-            if not skip_invalid:
-                raise DataError(source, e.message, index=i, field_name=e.field) from None
-            invalid.append(InvalidRecord(i, e.field, e.message))
+    examples, invalid = convert_records(source, islice(enumerate(ds), offset, end),
+                                        lambda rec, i: convert(rec, i, lo, hi, require_feedback), skip_invalid)
     return ReadResult(path=source, format=fmt, records=max(0, end - offset), examples=examples, invalid=invalid)
 
 

@@ -23,12 +23,12 @@ file is at hand.
 from __future__ import annotations
 
 import math
-from itertools import combinations
+from itertools import combinations, islice
 from pathlib import Path
 from typing import Any, Callable
 
 from tract_dist.data.formats import (InvalidRecord, _category, _feedback, _id, _RecordError, _str, _weight,
-                                     load_records, read_examples)
+                                     convert_records, load_records, read_examples)
 from tract_dist.data.prompts import parse_prompt
 from tract_dist.data.relative import PairExample, check_preference, normalize_relative_feedback
 from tract_dist.data.schema import DataError, JudgeExample
@@ -136,23 +136,10 @@ def read_pairs(source: str, fmt: str, *, skip_invalid: bool = False, require_fee
     if fmt not in _CONVERTERS:
         raise DataError(source, f"unknown pairwise format {fmt!r}; choose one of {', '.join(PAIR_FORMATS)}")
     convert = _CONVERTERS[fmt]
-    pairs: list[PairExample] = []
-    invalid: list[InvalidRecord] = []
-    seen: set[str] = set()
-    for i, rec in enumerate(load_records(source, split)):
-        if limit is not None and i >= limit:
-            break
-        try:
-            p = convert(rec, i, require_feedback)
-            if p.id in seen:
-                raise _RecordError("id", f"duplicate id {p.id!r}")
-            seen.add(p.id)
-            pairs.append(p)
-        except _RecordError as e:
-            if not skip_invalid:
-                raise DataError(source, e.message, index=i, field_name=e.field) from None
-            invalid.append(InvalidRecord(i, e.field, e.message))
-    return pairs, invalid
+    records = enumerate(load_records(source, split))
+    if limit is not None:
+        records = islice(records, limit)
+    return convert_records(source, records, lambda rec, i: convert(rec, i, require_feedback), skip_invalid)
 
 
 def pairs_from_absolute(examples: list[JudgeExample], *, min_gap: float = 1.0) -> list[PairExample]:

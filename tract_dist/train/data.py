@@ -83,7 +83,6 @@ def _encode_pairs(cfg: Config, tokenizer: Any) -> tuple[list[Any], Any, Any, Sco
     """A relative-grading data set: pairs read (``data.pair_formats``) and encoded as ``{feedback} [RESULT] A|B``
     with the verdict position as the score position and y as the score (``data.relative.encode_pair``); the
     score tokens are the verdict tokens, values A = 1, B = 0 (the loss renormalises over them: p(A))."""
-    from tract_dist.data.encode import DroppedExample, EncodeStats
     from tract_dist.data.pair_formats import read_pairs
     from tract_dist.data.relative import derive_verdict_scale, encode_pair, relative_system_prompt
 
@@ -94,18 +93,7 @@ def _encode_pairs(cfg: Config, tokenizer: Any) -> tuple[list[Any], Any, Any, Sco
     opts = EncodeOptions(max_length=d.max_length, truncation=d.truncation,
                          system_prompt=relative_system_prompt(d.system_prompt), use_cot=d.use_cot,
                          enable_thinking=d.enable_thinking)
-    stats = EncodeStats(examples=len(pairs))
-    encoded = []
-    for p in pairs:
-        try:
-            enc = encode_pair(tokenizer, p, verdicts, opts)
-        except DroppedExample as e:
-            stats.dropped += 1
-            stats.drop_reasons[str(e)] = stats.drop_reasons.get(str(e), 0) + 1
-            continue
-        stats.truncated += enc.truncated
-        encoded.append(enc)
-    stats.encoded = len(encoded)
+    encoded, stats = encode_examples(tokenizer, pairs, verdicts, opts, encode=encode_pair)
 
     st = ScoreTokens(scores=list(verdicts.scores), token_ids=[q[0] for q in verdicts.sequences])
     read = ReadResult(path=d.train_path, format=d.train_format, records=len(pairs) + len(invalid), examples=pairs,
