@@ -74,6 +74,18 @@ def section_marker_counts(text: str) -> dict[str, int]:
     return {m: text.count(m) for m in SECTION_MARKERS}
 
 
+def check_section_counts(counts: dict[str, int], required: tuple[str, ...], kind: str) -> None:
+    """A prompt of ``kind`` grading can be split only when every ``required`` section marker is present and no
+    marker appears twice (an instruction or response that quotes one); ``ValueError`` naming the marker."""
+    for marker in required:
+        if counts[marker] == 0:
+            raise ValueError(f"not a Prometheus {kind}-grading prompt: section '{marker}' missing")
+    for marker, n in counts.items():
+        if n > 1:
+            raise ValueError(f"the prompt contains the section marker '{marker}' {n} times (an instruction or "
+                             "response quotes it), so it cannot be split into its fields unambiguously")
+
+
 def parse_prompt(text: str) -> dict[str, Any]:
     """Split a formatted Prometheus prompt back into its fields (the inverse of :func:`render_prompt`).
 
@@ -85,13 +97,7 @@ def parse_prompt(text: str) -> dict[str, Any]:
     Raises ``ValueError`` naming the section that is missing, repeated or out of the expected layout.
     """
     counts = section_marker_counts(text)
-    for marker in (_TASK, _INSTRUCTION, _RESPONSE, _RUBRICS, _FEEDBACK):
-        if counts[marker] == 0:
-            raise ValueError(f"not a Prometheus absolute-grading prompt: section '{marker}' missing")
-    for marker, n in counts.items():
-        if n > 1:
-            raise ValueError(f"the prompt contains the section marker '{marker}' {n} times (an instruction or "
-                             "response quotes it), so it cannot be split into its fields unambiguously")
+    check_section_counts(counts, (_TASK, _INSTRUCTION, _RESPONSE, _RUBRICS, _FEEDBACK), "absolute")
     bad = "not a Prometheus absolute-grading prompt: sections are out of the expected layout"
     i_ins, i_resp, i_rub, i_fb = (text.find(m) for m in (_INSTRUCTION, _RESPONSE, _RUBRICS, _FEEDBACK))
     i_ref = text.find(_REFERENCE)

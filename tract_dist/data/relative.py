@@ -23,6 +23,7 @@ import re
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from tract_dist.data.prompts import check_section_counts
 from tract_dist.data.score_scale import ScoreScale, split_at_value
 from tract_dist.data.score_tokens import ScoreTokenError
 from tract_dist.protocol import RESULT_MARKER
@@ -128,13 +129,8 @@ def parse_relative_prompt(text: str) -> dict[str, Any]:
     in the text (``str.find`` at headers counted first, as ``prompts.parse_prompt``). Raises ``ValueError``
     naming the section that is missing, repeated or out of place."""
     counts = {m: text.count(m) for m in REL_SECTION_MARKERS}
-    for m in (REL_SECTION_MARKERS[0], _INSTRUCTION, _RESP_A, _RESP_B, _RUBRIC, _FEEDBACK):
-        if counts[m] == 0:
-            raise ValueError(f"not a Prometheus relative-grading prompt: section '{m}' missing")
-    for m, n in counts.items():
-        if n > 1:
-            raise ValueError(f"the prompt contains the section marker '{m}' {n} times (an instruction or response "
-                             "quotes it), so it cannot be split into its fields unambiguously")
+    check_section_counts(counts, (REL_SECTION_MARKERS[0], _INSTRUCTION, _RESP_A, _RESP_B, _RUBRIC, _FEEDBACK),
+                         "relative")
     bad = "not a Prometheus relative-grading prompt: sections are out of the expected layout"
     pos = {m: text.find(m) for m in REL_SECTION_MARKERS}
     order = [m for m in REL_SECTION_MARKERS if pos[m] >= 0]
